@@ -1,0 +1,300 @@
+"""The config schema, loading of `configs/*.py`, command-line overrides and validation.
+
+Every field a run can set is declared in `base_config()` with its default and type;
+`configs/NAME.py:get_config(arg)` starts from it and changes values. Overrides
+(`--config.a.b=v`) may only set declared fields, parsed with the field's type.
+"""
+
+import ast
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from sparseformer.errors import UserError, closest_match
+
+FORMAT_VERSION = 1
+
+
+def base_config():
+  """All fields with their defaults: the schema every config file starts from."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init_from = ''  # a checkpoint (workdir, checkpoints dir or step dir): load model parameters only
+
+  c.model = ml_collections.ConfigDict()
+  m = c.model
+  m.vocab_size = 0  # 0: the tokenizer's size, padded up to a multiple of 128
+  m.d_model = 256
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 0  # 0: num_heads (multi-head); fewer: grouped-query attention
+  m.head_dim = 0  # 0: d_model // num_heads
+  m.mlp_dim = 0  # 0: 8/3 d_model rounded up to a multiple of 64 (SwiGLU)
+  m.tie_embeddings = True
+  m.norm_eps = 1e-6
+  m.init_std = 0.02
+  m.dtype = 'auto'  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
+  m.param_dtype = 'float32'
+  m.remat = 'none'  # none | full | dots (save matmul outputs)
+  m.rope = ml_collections.ConfigDict()
+  m.rope.theta = 10000.0
+  m.rope.scaling = 'none'  # none | linear (position interpolation); more in sparseformer.model.rope
+  m.rope.factor = 1.0
+  m.rope.original_seq_len = 0
+  m.attention = ml_collections.ConfigDict()
+  m.attention.kind = 'dense'  # the mechanism of every layer not named in layer_attention
+  m.layer_attention = ()  # optional: one mechanism name per layer
+
+  c.data = ml_collections.ConfigDict()
+  d = c.data
+  d.name = 'sparseformer_text/tinyshakespeare'  # a TFDS name; sparseformer_text/* are shipped
+  d.data_dir = ''  # '' -> $SPARSEFORMER_DATA_DIR or ~/.cache/sparseformer/tensorflow_datasets
+  d.text_key = 'text'
+  d.train_split = 'train'
+  d.eval_split = 'validation'
+  d.tokenizer = 'byte'  # byte | spm:/path/to/model
+  d.seq_len = 256
+
+  c.train = ml_collections.ConfigDict()
+  t = c.train
+  t.steps = 1000
+  t.global_batch_size = 32
+  t.grad_accum_steps = 1
+  t.lr = 3e-3
+  t.warmup_steps = 100
+  t.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+  t.weight_decay = 0.1
+  t.decay_embeddings = False
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.grad_clip = 1.0  # global norm; 0 disables
+  t.log_every = 10
+  t.eval_every = 0  # 0: only at the end
+  t.eval_batches = 0  # batches per evaluation during training; 0: the whole split
+
+  c.eval = ml_collections.ConfigDict()
+  e = c.eval
+  e.split = ''  # '' -> data.eval_split
+  e.seq_len = 0  # 0 -> data.seq_len
+  e.batch_size = 0  # 0 -> train.global_batch_size
+  e.max_batches = 0  # 0: the whole split
+  e.step = 0  # checkpoint step to evaluate; 0: the latest
+
+  c.checkpoint = ml_collections.ConfigDict()
+  k = c.checkpoint
+  k.every_steps = 500
+  k.keep = 3
+  k.async_save = True
+
+  c.mesh = ml_collections.ConfigDict()
+  ms = c.mesh
+  ms.data = -1  # -1: every device not used by the other axes
+  ms.fsdp = 1
+  ms.tensor = 1
+  ms.sequence = 1
+  # logical axis name -> mesh axes (a name not listed is replicated)
+  ms.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('length', 'sequence'),
+      ('embed', 'fsdp'),
+      ('vocab', 'tensor'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('mlp', 'tensor'),
+  )
+  return c
+
+
+# ---------------------------------------------------------------------------------------
+# Loading a config file
+
+
+def load_config_file(spec):
+  """`path/to/config.py[:arg]` -> ConfigDict from that file's get_config(arg)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise UserError(f'config file not found: {path}')
+  module_spec = importlib.util.spec_from_file_location('_sparseformer_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except UserError:
+    raise
+  except Exception as e:  # a broken config file is the user's to fix
+    raise UserError(f'cannot load config {path}: {type(e).__name__}: {e}') from e
+  if not hasattr(module, 'get_config'):
+    raise UserError(f'config file {path} defines no get_config(arg=None)')
+  cfg = module.get_config(arg or None)
+  check_schema(cfg, path)
+  return cfg
+
+
+def check_schema(cfg, origin):
+  """A config file may change values but not invent fields or change their types."""
+  base_fields = flatten(base_config())
+  cfg_fields = flatten(cfg)
+  for key in cfg_fields:
+    if key not in base_fields:
+      raise UserError(unknown_key_message(key, origin))
+  for key in base_fields:
+    if key not in cfg_fields:
+      raise UserError(f'{origin}: config lacks field {key!r}; start from sparseformer.config.base_config()')
+
+
+def flatten(cfg, prefix=''):
+  """ConfigDict -> {'a.b': value} for every leaf field."""
+  out = {}
+  for key, value in cfg.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flatten(value, name + '.'))
+    else:
+      out[name] = value
+  return out
+
+
+def unknown_key_message(key, origin):
+  hint = closest_match(key, flatten(base_config()))
+  suffix = f' (did you mean {hint!r}?)' if hint else ''
+  return f'{origin}: unknown config key {key!r}{suffix}'
+
+
+# ---------------------------------------------------------------------------------------
+# Overrides from the command line
+
+
+def apply_overrides(cfg, overrides):
+  """Sets `{'a.b': 'text'}` overrides, each parsed with the type of the field it sets."""
+  fields = flatten(cfg)
+  for key, text in overrides.items():
+    if key not in fields:
+      raise UserError(unknown_key_message(key, '--config'))
+    value = parse_value(key, text, fields[key])
+    *parents, leaf = key.split('.')
+    node = cfg
+    for part in parents:
+      node = node[part]
+    with node.ignore_type():
+      node[leaf] = value
+  return cfg
+
+
+def parse_value(key, text, current):
+  """Parses override text into the type of the field's current value."""
+  expected = type(current)
+  try:
+    if expected is bool:
+      lowered = text.strip().lower()
+      if lowered in ('true', '1', 'yes'):
+        return True
+      if lowered in ('false', '0', 'no'):
+        return False
+      raise ValueError
+    if expected is int:
+      return int(text)
+    if expected is float:
+      return float(text)
+    if expected is str:
+      return text
+    if expected is tuple:
+      value = ast.literal_eval(text) if text.strip() else ()
+      if isinstance(value, str):
+        value = (value,)
+      if not isinstance(value, (tuple, list)):
+        raise ValueError
+      return tuple(value)
+  except (ValueError, SyntaxError):
+    pass
+  raise UserError(f'--config.{key}: expected {expected.__name__}, got {text!r}')
+
+
+# ---------------------------------------------------------------------------------------
+# The resolved config in a workdir
+
+
+def to_json(cfg):
+  return json.dumps({'format_version': FORMAT_VERSION, 'config': cfg.to_dict()}, indent=2)
+
+
+def from_json(text, origin):
+  """Rebuilds a config written by `to_json`, typed by the schema (lists back to tuples)."""
+  payload = json.loads(text)
+  cfg = base_config()
+  saved = flatten(ml_collections.ConfigDict(payload['config']))
+  fields = flatten(cfg)
+  for key, value in saved.items():
+    if key not in fields:
+      raise UserError(unknown_key_message(key, origin))
+    if isinstance(fields[key], tuple):
+      value = to_tuple(value)
+    elif isinstance(fields[key], float) and isinstance(value, int):
+      value = float(value)
+    *parents, leaf = key.split('.')
+    node = cfg
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return cfg
+
+
+def to_tuple(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(to_tuple(v) for v in value)
+  return value
+
+
+# ---------------------------------------------------------------------------------------
+# Validation that needs no devices or data
+
+
+def validate(cfg):
+  """Raises UserError for values that cannot work, before anything runs."""
+  from sparseformer.model.attention import mechanism_names
+  m, t = cfg.model, cfg.train
+  require(m.num_layers > 0 and m.d_model > 0 and m.num_heads > 0, 'model sizes must be positive')
+  if m.head_dim == 0:
+    require(m.d_model % m.num_heads == 0,
+            f'model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim')
+  kv_heads = m.num_kv_heads or m.num_heads
+  require(m.num_heads % kv_heads == 0,
+          f'model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={kv_heads}')
+  require(m.dtype in ('auto', 'float32', 'bfloat16', 'float16'), f'model.dtype={m.dtype!r}: use auto, float32, bfloat16 or float16')
+  require(m.param_dtype in ('float32', 'bfloat16'), f'model.param_dtype={m.param_dtype!r}: use float32 or bfloat16')
+  require(m.remat in ('none', 'full', 'dots'), f'model.remat={m.remat!r}: use none, full or dots')
+  names = mechanism_names()
+  for where, kind in [('model.attention.kind', m.attention.kind)] + [
+      (f'model.layer_attention[{i}]', k) for i, k in enumerate(m.layer_attention)]:
+    if kind not in names:
+      hint = closest_match(kind, names)
+      raise UserError(f'{where}={kind!r} is not a mechanism' + (f' (did you mean {hint!r}?)' if hint else '')
+                      + f'; known: {", ".join(sorted(names))}')
+  if m.layer_attention:
+    require(len(m.layer_attention) == m.num_layers,
+            f'model.layer_attention has {len(m.layer_attention)} entries for {m.num_layers} layers')
+  require(cfg.data.seq_len > 0, 'data.seq_len must be positive')
+  require(t.steps > 0, 'train.steps must be positive')
+  require(t.global_batch_size > 0 and t.grad_accum_steps > 0, 'train batch sizes must be positive')
+  require(t.global_batch_size % t.grad_accum_steps == 0,
+          f'train.global_batch_size={t.global_batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}')
+  require(t.lr > 0, 'train.lr must be positive')
+  require(t.log_every > 0, 'train.log_every must be positive')
+  require(cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep > 0, 'checkpoint.every_steps and checkpoint.keep must be positive')
+  for axis in ('data', 'fsdp', 'tensor', 'sequence'):
+    size = cfg.mesh[axis]
+    require(size == -1 or size > 0, f'mesh.{axis}={size}: use a positive size or -1')
+
+
+def require(condition, message):
+  if not condition:
+    raise UserError(message)
+
+
+def eval_settings(cfg):
+  """The eval split, length and batch size, with 0/'' meaning 'as in training'."""
+  split = cfg.eval.split or cfg.data.eval_split
+  seq_len = cfg.eval.seq_len or cfg.data.seq_len
+  batch_size = cfg.eval.batch_size or cfg.train.global_batch_size
+  return split, seq_len, batch_size

@@ -1,0 +1,72 @@
+"""What every attention mechanism shares: its inputs, its outputs and the registry.
+
+A mechanism receives projected, rotated queries, keys and values and decides which keys
+each query sees. It returns the attended values and an `aux` dict of auxiliary losses
+(added to the training loss) and statistics (logged), never hidden globals.
+"""
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from sparseformer.errors import UserError, closest_match
+
+
+class MechanismState(nnx.Variable):
+  """Non-gradient state of a mechanism (k-means centroids, EMA counts): checkpointed,
+  updated inside the train step, never touched by the optimizer."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionContext:
+  """Per-token information every layer needs, computed once per forward pass."""
+  positions: jax.Array  # [B, T] position within the document
+  segment_ids: jax.Array  # [B, T] document id within the row; 0 is padding
+  cos: jax.Array  # [B, T, head_dim // 2] rotary angles
+  sin: jax.Array
+  rng: jax.Array | None = None  # this step's key (fold_in(seed, step)); mechanisms fold in their layer
+  logit_scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+  training: bool = dataclasses.field(default=False, metadata=dict(static=True))  # False: leave mechanism state alone
+
+
+def no_aux():
+  return {'losses': {}, 'stats': {}}
+
+
+class Mechanism(nnx.Module):
+  """Base class. Subclasses implement `__call__(q, k, v, ctx) -> (y, aux)` with
+  q [B, T, H, D], k and v [B, T, Hkv, D], y [B, T, H, D]."""
+
+  def __init__(self, dims, layer_index, rngs):
+    self.layer_index = layer_index
+    self.options = dims.attention
+
+  def __call__(self, q, k, v, ctx):
+    raise NotImplementedError
+
+
+_REGISTRY = {}
+
+
+def register(name):
+  """Class decorator: makes a mechanism selectable as `model.attention.kind=name`."""
+  def wrap(cls):
+    if name in _REGISTRY:
+      raise ValueError(f'mechanism {name!r} registered twice')
+    _REGISTRY[name] = cls
+    cls.name = name
+    return cls
+  return wrap
+
+
+def mechanism_names():
+  return tuple(_REGISTRY)
+
+
+def get_mechanism(name):
+  if name not in _REGISTRY:
+    hint = closest_match(name, _REGISTRY)
+    raise UserError(f'unknown attention mechanism {name!r}' + (f' (did you mean {hint!r}?)' if hint else ''))
+  return _REGISTRY[name]

@@ -1,0 +1,88 @@
+"""The decoder-only language model: embed -> N x [norm, attention, norm, MLP] -> logits."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparseformer.model import rope
+from sparseformer.model.attention import AttentionContext, get_mechanism
+from sparseformer.model.layers import Einsum, RMSNorm, SwiGLU, output_std, param
+
+
+class AttentionLayer(nnx.Module):
+  """Projections, rotary embedding and grouped-query layout shared by all mechanisms;
+  the mechanism only decides which keys each query sees."""
+
+  def __init__(self, dims, layer_index, rngs):
+    d, h, kv, hd = dims.d_model, dims.num_heads, dims.num_kv_heads, dims.head_dim
+    self.query = Einsum('btd,dhk->bthk', (d, h, hd), ('embed', 'heads', 'head_dim'), dims, rngs)
+    self.key = Einsum('btd,dhk->bthk', (d, kv, hd), ('embed', 'kv_heads', 'head_dim'), dims, rngs)
+    self.value = Einsum('btd,dhk->bthk', (d, kv, hd), ('embed', 'kv_heads', 'head_dim'), dims, rngs)
+    self.out = Einsum('bthk,hkd->btd', (h, hd, d), ('heads', 'head_dim', 'embed'), dims, rngs,
+                      std=output_std(dims))
+    mechanism_cls = get_mechanism(dims.layer_mechanisms[layer_index])
+    self.mechanism = mechanism_cls(dims, layer_index, rngs)
+
+  def __call__(self, x, ctx):
+    q = rope.apply_rotary(self.query(x), ctx.cos, ctx.sin)
+    k = rope.apply_rotary(self.key(x), ctx.cos, ctx.sin)
+    y, aux = self.mechanism(q, k, self.value(x), ctx)
+    return self.out(y), aux
+
+
+class Block(nnx.Module):
+
+  def __init__(self, dims, layer_index, rngs):
+    self.attention_norm = RMSNorm(dims, rngs)
+    self.attention = AttentionLayer(dims, layer_index, rngs)
+    self.mlp_norm = RMSNorm(dims, rngs)
+    self.mlp = SwiGLU(dims, rngs)
+
+  def __call__(self, x, ctx):
+    y, aux = self.attention(self.attention_norm(x), ctx)
+    x = x + y
+    return x + self.mlp(self.mlp_norm(x)), aux
+
+
+REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LanguageModel(nnx.Module):
+
+  def __init__(self, dims, rngs):
+    self.dims = dims
+    self.embedding = param(rngs, (dims.vocab_size, dims.d_model), ('vocab', 'embed'),
+                           dtype=dims.weight_dtype, std=dims.init_std)
+    self.blocks = nnx.List([Block(dims, i, rngs) for i in range(dims.num_layers)])
+    self.final_norm = RMSNorm(dims, rngs)
+    if not dims.tie_embeddings:
+      self.unembedding = param(rngs, (dims.d_model, dims.vocab_size), ('embed', 'vocab'),
+                               dtype=dims.weight_dtype, std=dims.init_std)
+
+  def __call__(self, tokens, positions, segment_ids, *, training=False, rng=None):
+    """logits [B, T, vocab] (float32) and aux {'losses': {...}, 'stats': {...}} per layer."""
+    dims = self.dims
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(dims.compute_dtype)
+    inv_freq, logit_scale = rope.inverse_frequencies(dims.head_dim, dims.rope)
+    cos, sin = rope.rotary_angles(positions, inv_freq)
+    ctx = AttentionContext(positions, segment_ids, cos, sin, rng, logit_scale, training)
+    aux = {'losses': {}, 'stats': {}}
+    for i, block in enumerate(self.blocks):
+      x, layer_aux = self._run_block(block, x, ctx)
+      for kind in ('losses', 'stats'):
+        aux[kind].update({f'layer{i}/{name}': value for name, value in layer_aux[kind].items()})
+    x = self.final_norm(x)
+    if dims.tie_embeddings:
+      logits = jnp.einsum('btd,vd->btv', x, self.embedding[...].astype(dims.compute_dtype))
+    else:
+      logits = jnp.einsum('btd,dv->btv', x, self.unembedding[...].astype(dims.compute_dtype))
+    return logits.astype(jnp.float32), aux
+
+  def _run_block(self, block, x, ctx):
+    if self.dims.remat == 'none':
+      return block(x, ctx)
+    policy = REMAT_POLICIES[self.dims.remat]
+    return nnx.remat(lambda b, x, c: b(x, c), policy=policy)(block, x, ctx)

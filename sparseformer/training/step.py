@@ -1,0 +1,75 @@
+"""The pure train step: one `jax.jit` over (state, batch) -> (state, metrics)."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sparseformer.model.attention import MechanismState
+
+
+def forward(graphdef, params, mechanism_state, batch, *, training, rng=None):
+  """Per-token NLL [B, T], the sum of auxiliary losses, stats, and the new mechanism state."""
+  model = nnx.merge(graphdef, params, mechanism_state)
+  logits, aux = model(batch['tokens'], batch['positions'], batch['segment_ids'], training=training, rng=rng)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  aux_loss = sum(aux['losses'].values(), jnp.zeros((), jnp.float32))
+  new_mechanism_state = nnx.state(model, MechanismState).to_pure_dict()
+  return nll * batch['loss_mask'], aux_loss, aux['stats'], new_mechanism_state
+
+
+def split_micro_batches(batch, count):
+  return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
+
+
+def make_train_step(graphdef, tx, schedule, grad_accum_steps):
+  """train_step(state, batch) -> (state, metrics). With accumulation, the gradient is that of
+  the token-weighted mean NLL over the whole batch, as without it."""
+
+  def train_step(state, batch):
+    step_rng = jax.random.fold_in(state['rng'], state['step'])
+    total_tokens = jnp.maximum(batch['loss_mask'].sum(), 1.0)
+    micro_batches = split_micro_batches(batch, grad_accum_steps)
+
+    def micro_step(carry, micro):
+      grads_sum, mechanism_state, index = carry
+
+      def objective(params):
+        nll, aux_loss, stats, new_mechanism_state = forward(
+            graphdef, params, mechanism_state, micro, training=True, rng=jax.random.fold_in(step_rng, index))
+        loss = nll.sum() / total_tokens + aux_loss / grad_accum_steps
+        return loss, (nll.sum(), aux_loss, stats, new_mechanism_state)
+
+      (_, (nll_sum, aux_loss, stats, new_mechanism_state)), grads = jax.value_and_grad(
+          objective, has_aux=True)(state['params'])
+      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+      return (grads_sum, new_mechanism_state, index + 1), (nll_sum, aux_loss, stats)
+
+    zeros = jax.tree.map(jnp.zeros_like, state['params'])
+    (grads, mechanism_state, _), (nll_sums, aux_losses, stats) = jax.lax.scan(
+        micro_step, (zeros, state['mechanism_state'], 0), micro_batches)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    new_state = {
+        'params': optax.apply_updates(state['params'], updates),
+        'mechanism_state': mechanism_state,
+        'opt_state': opt_state,
+        'step': state['step'] + 1,
+        'rng': state['rng'],
+    }
+    metrics = {
+        'loss': nll_sums.sum() / total_tokens,
+        'aux_loss': aux_losses.mean(),
+        'grad_norm': optax.global_norm(grads),
+        'learning_rate': schedule(state['step']),
+        'tokens': total_tokens,
+        **{name: value.mean() for name, value in stats.items()},
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, state_shardings, batch_sharding, mesh):
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
