@@ -127,7 +127,12 @@ def load_config_file(spec):
     raise UserError(f'cannot load config {path}: {type(e).__name__}: {e}') from e
   if not hasattr(module, 'get_config'):
     raise UserError(f'config file {path} defines no get_config(arg=None)')
-  cfg = module.get_config(arg or None)
+  try:
+    cfg = module.get_config(arg or None)
+  except UserError:
+    raise
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise UserError(f'{spec}: {e}') from e
   check_schema(cfg, path)
   return cfg
 

@@ -80,10 +80,15 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
 
+def path_name(path):
+  """'a/b/0/c' for a jax key path."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
 def flatten_paths(tree):
   """{'a/b/c': leaf} for a nested tree of dicts/lists."""
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): leaf for path, leaf in leaves}
+  return {path_name(path): leaf for path, leaf in leaves}
 
 
 def check_compatible(saved_shapes, abstract_tree, where):

@@ -16,7 +16,6 @@ from flax import nnx
 from sparseformer import sharding
 from sparseformer.model import LanguageModel
 from sparseformer.model.attention import MechanismState
-from sparseformer.training.optimizer import make_optimizer
 
 
 @dataclasses.dataclass
@@ -55,12 +54,20 @@ def model_shardings(spec):
           'mechanism_state': spec.shardings(spec.abstract_mechanism_state)}
 
 
-def init_model(spec, key):
-  """Fresh parameters and mechanism state, created sharded inside jit."""
-  def create(key):
-    _, params, mechanism_state = split_model(LanguageModel(spec.dims, nnx.Rngs(params=key)))
-    return {'params': params.to_pure_dict(), 'mechanism_state': mechanism_state.to_pure_dict()}
-  return jax.jit(create, out_shardings=model_shardings(spec))(key)
+def model_arrays(dims, key):
+  """{'params', 'mechanism_state'} of a freshly initialised model, as pure dicts."""
+  _, params, mechanism_state = split_model(LanguageModel(dims, nnx.Rngs(params=key)))
+  return {'params': params.to_pure_dict(), 'mechanism_state': mechanism_state.to_pure_dict()}
+
+
+def with_shardings(shapes, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def abstract_model_arrays(spec):
+  """The restore target of a checkpoint's model item."""
+  shapes = jax.eval_shape(lambda: model_arrays(spec.dims, jax.random.key(0)))
+  return with_shardings(shapes, model_shardings(spec))
 
 
 def state_shardings(spec, tx):
@@ -73,19 +80,19 @@ def state_shardings(spec, tx):
   return {**model, 'opt_state': opt, 'step': replicated, 'rng': replicated}
 
 
-def make_train_state(spec, train_cfg, seed):
-  tx, schedule = make_optimizer(train_cfg, spec.abstract_params)
-  shardings = state_shardings(spec, tx)
-  model = init_model(spec, jax.random.key(seed))
-
-  def create(model):
+def train_state_factory(spec, tx, seed):
+  def create():
+    model = model_arrays(spec.dims, jax.random.key(seed))
     return {**model, 'opt_state': tx.init(model['params']), 'step': jnp.zeros((), jnp.int32),
             'rng': jax.random.PRNGKey(seed)}
-  state = jax.jit(create, out_shardings=shardings)(model)
-  return state, tx, schedule, shardings
+  return create
 
 
-def abstract_train_state(shardings, state_example_fn):
+def make_train_state(spec, tx, shardings, seed):
+  """A fresh train state, created sharded inside jit (no unsharded copy on one device)."""
+  return jax.jit(train_state_factory(spec, tx, seed), out_shardings=shardings)()
+
+
+def abstract_train_state(spec, tx, shardings, seed):
   """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
-  shapes = jax.eval_shape(state_example_fn)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  return with_shardings(jax.eval_shape(train_state_factory(spec, tx, seed)), shardings)

@@ -1,0 +1,195 @@
+"""The training loop: resume or start, step, log, checkpoint, evaluate."""
+
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from sparseformer import config as config_lib
+from sparseformer import data
+from sparseformer.evaluation.evaluate import evaluate, format_summary, make_eval_batch_fn
+from sparseformer.training import metrics as metrics_lib
+from sparseformer.training.checkpoint import Checkpointer
+from sparseformer.training.init_from import load_init_from, plan_init_from
+from sparseformer.training.optimizer import make_optimizer
+from sparseformer.training.setup import prepare_run, process_info
+from sparseformer.training.state import abstract_train_state, make_train_state, state_shardings
+from sparseformer.training.step import jit_train_step, make_train_step
+
+
+class TrainingDiverged(Exception):
+  """The loss became NaN or infinite; the last checkpoint written before it is kept."""
+
+
+def finished_steps(checkpoint_dir):
+  """Steps with a complete checkpoint, found without creating anything. Orbax gives a
+  step directory its plain numeric name only once the step is fully written."""
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(checkpoint_dir)
+                if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n)))
+
+
+def train(cfg, workdir, log=print):
+  """Trains to cfg.train.steps, resuming from workdir if it holds a checkpoint."""
+  t = cfg.train
+  setup = prepare_run(cfg, seq_lens=[(cfg.data.seq_len, t.global_batch_size, t.grad_accum_steps)])
+  spec = setup.spec
+  tx, schedule = make_optimizer(t, spec.abstract_params)
+  shardings = state_shardings(spec, tx)
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  resume_step = (finished_steps(checkpoint_dir) or [None])[-1]
+  init_plan = None
+  if resume_step is None and cfg.init_from:
+    abstract_model = {'params': spec.abstract_params.to_pure_dict(),
+                      'mechanism_state': spec.abstract_mechanism_state.to_pure_dict()}
+    init_plan = plan_init_from(cfg.init_from, abstract_model)
+
+  # Everything that can be checked has been: from here on the workdir is written.
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+  state, data_state = start_state(cfg, spec, tx, shardings, checkpointer, resume_step, init_plan, log)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config_lib.to_json(cfg))
+
+  process_index, process_count = process_info()
+  iterator = data.train_iterator(cfg.data, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size,
+                                 seed=cfg.seed, process_index=process_index, process_count=process_count)
+  if data_state is not None:
+    iterator.set_state(data_state)
+  step_fn = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps),
+                           shardings, setup.batch_sharding, setup.mesh)
+  loop = TrainLoop(cfg, workdir, setup, checkpointer, iterator, step_fn, log)
+  try:
+    return loop.run(state)
+  finally:
+    loop.close()
+
+
+def start_state(cfg, spec, tx, shardings, checkpointer, resume_step, init_plan, log):
+  """(train state, data iterator state or None): resumed, fine-tuning start, or fresh."""
+  if resume_step is not None:
+    abstract = abstract_train_state(spec, tx, shardings, cfg.seed)
+    state, data_state = checkpointer.restore(resume_step, abstract)
+    log(f'resumed from step {resume_step} in {checkpointer.directory}')
+    return state, data_state
+  state = make_train_state(spec, tx, shardings, cfg.seed)
+  if init_plan is not None:
+    source, step, report = init_plan
+    model = load_init_from(source, step, {'params': state['params'], 'mechanism_state': state['mechanism_state']},
+                           {'params': shardings['params'], 'mechanism_state': shardings['mechanism_state']},
+                           shardings['step'])
+    state = {**state, **model}
+    log(f'init_from {source.directory}/{step}: loaded {len(report["loaded"])} arrays, '
+        f'initialised {len(report["initialised"])} fresh, skipped {len(report["skipped"])}')
+    for kind in ('initialised', 'skipped'):
+      for name in report[kind]:
+        log(f'  {kind}: {name}')
+  return state, None
+
+
+class TrainLoop:
+
+  def __init__(self, cfg, workdir, setup, checkpointer, iterator, step_fn, log):
+    self.cfg, self.workdir, self.setup = cfg, workdir, setup
+    self.checkpointer, self.iterator, self.step_fn, self.log = checkpointer, iterator, step_fn, log
+    self.stop_requested = False
+    self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self.is_main_process = jax.process_index() == 0
+    self.writer = None
+    self.progress = None
+    self.eval_fn = None
+    self.first_step_done = False
+    self.flops_per_token = metrics_lib.train_flops_per_token(setup.dims, cfg.data.seq_len)
+    self.peak_flops = metrics_lib.peak_flops_per_device()
+
+  def _on_sigterm(self, signum, frame):
+    self.stop_requested = True
+
+  def run(self, state):
+    cfg, t = self.cfg, self.cfg.train
+    step = int(jax.device_get(state['step']))
+    self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=step, enabled=self.is_main_process)
+    self.log(f'model: {self.setup.spec.param_count / 1e6:.2f}M parameters, {self.setup.dims.dtype} compute, '
+             f'mesh {dict(self.setup.mesh.shape)}; training steps {step} -> {t.steps}')
+    if step >= t.steps:
+      self.log(f'already trained to step {step}')
+      return self.evaluate(state, step)
+    self.progress = metrics_lib.Progress(t.steps, step, t.log_every)
+    self.log('compiling the train step (the first step takes longer) ...')
+    last_saved = self.checkpointer.latest_step()
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    last_time = time.perf_counter()
+    while step < t.steps:
+      batch = next(self.iterator)
+      data_state = self.iterator.get_state()
+      device_batch = {k: jax.make_array_from_process_local_data(self.setup.batch_sharding, v)
+                      for k, v in batch.items()}
+      state, metrics = self.step_fn(state, device_batch)
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      step_time, last_time = now - last_time, now
+      step += 1
+      if not math.isfinite(float(metrics['loss'])):
+        self.checkpointer.wait()
+        raise TrainingDiverged(f'non-finite loss ({float(metrics["loss"])}) at step {step}; '
+                               f'last good checkpoint: step {last_saved} in {self.checkpointer.directory}')
+      self.record(step, metrics, step_time, tokens_per_step)
+      if step % cfg.checkpoint.every_steps == 0 or step == t.steps or self.stop_requested:
+        last_saved = self.checkpointer.save(state, data_state, {'config': cfg.to_dict()})
+      if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+        self.evaluate(state, step)
+      if self.stop_requested:
+        self.checkpointer.wait()
+        self.log(f'SIGTERM: saved step {step} and stopped; relaunch with the same workdir to continue')
+        return None
+    self.checkpointer.wait()
+    self.progress.close()
+    self.progress = None
+    return self.evaluate(state, step)
+
+  def record(self, step, metrics, step_time, tokens_per_step):
+    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    scalars['perplexity'] = math.exp(min(scalars['loss'], 50.0))
+    scalars['step_time'] = step_time
+    scalars['tokens_per_second'] = tokens_per_step / step_time
+    if self.peak_flops:
+      scalars['mfu'] = self.flops_per_token * tokens_per_step / step_time / (self.peak_flops * jax.device_count())
+    if step == 1 or step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
+      self.writer.write(step, scalars, prefix='train/')
+    self.progress.update(step, {'loss': f'{scalars["loss"]:.4f}', 'lr': f'{scalars["learning_rate"]:.2e}',
+                                'tok/s': f'{scalars["tokens_per_second"]:.0f}'})
+    if not self.first_step_done:
+      self.first_step_done = True
+      self.progress.message(f'step {step} done in {step_time:.1f}s (compilation included)')
+
+  def evaluate(self, state, step):
+    cfg = self.cfg
+    split = cfg.data.eval_split
+    if self.eval_fn is None:
+      self.eval_fn = make_eval_batch_fn(self.setup.spec.graphdef, cfg.data.seq_len)
+    process_index, process_count = process_info()
+    batches = data.eval_batches(cfg.data, split=split, seq_len=cfg.data.seq_len,
+                                batch_size=cfg.train.global_batch_size // process_count,
+                                process_index=process_index, process_count=process_count,
+                                max_batches=cfg.train.eval_batches)
+    results = evaluate(self.eval_fn, state, batches, self.setup.tokenizer.token_bytes, self.setup.batch_sharding)
+    self.writer.write(step, {k: results[k] for k in ('nll', 'perplexity', 'bits_per_byte', 'nats_per_byte')},
+                      prefix=f'eval/{split}/')
+    message = f'step {step} ' + format_summary(split, results)
+    if self.progress is not None:
+      self.progress.message(message)
+    else:
+      self.log(message)
+    return results
+
+  def close(self):
+    signal.signal(signal.SIGTERM, self.previous_handler)
+    if self.progress is not None:
+      self.progress.close()
+    if self.writer is not None:
+      self.writer.close()
+    self.checkpointer.close()
