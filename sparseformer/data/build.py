@@ -1,0 +1,104 @@
+"""Preparing and opening TFDS datasets (ArrayRecord, read with tfds.data_source).
+
+The shipped `sparseformer_text/<config>` datasets are built on first use; any other
+name must already be prepared as ArrayRecord in the data dir (e.g. pg19).
+
+    python -m sparseformer.data.build --name=sparseformer_text/books [--data_dir=DIR]
+"""
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+
+from sparseformer.errors import UserError, closest_match
+
+SHIPPED = 'sparseformer_text'
+
+
+def data_dir_of(data_cfg):
+  """data.data_dir, else $SPARSEFORMER_DATA_DIR, else ~/.cache/sparseformer/tensorflow_datasets."""
+  return os.path.expanduser(data_cfg.data_dir or os.environ.get('SPARSEFORMER_DATA_DIR')
+                            or '~/.cache/sparseformer/tensorflow_datasets')
+
+
+def shipped_builder(name, data_dir):
+  """The Builder of a `sparseformer_text/<config>` name, or UserError naming the closest config."""
+  from sparseformer.data.sparseformer_text import Builder
+  config = name.split('/', 1)[1] if '/' in name else ''
+  configs = [c.name for c in Builder.BUILDER_CONFIGS]
+  if config not in configs:
+    hint = closest_match(config, configs)
+    raise UserError(f'data.name={name!r}: no such shipped dataset'
+                    + (f' (did you mean {SHIPPED}/{hint!r}?)' if hint else '') + f'; known: {configs}')
+  return Builder(config=config, data_dir=data_dir, file_format='array_record')
+
+
+def ensure_prepared(data_cfg):
+  """Builds a shipped dataset if needed; checks that any other dataset is prepared."""
+  name, data_dir = data_cfg.name, data_dir_of(data_cfg)
+  if name.split('/')[0] == SHIPPED:
+    builder = shipped_builder(name, data_dir)
+    if not builder.is_prepared():
+      print(f'preparing dataset {name} in {data_dir}', flush=True)
+      import tensorflow_datasets as tfds
+      tfds.disable_progress_bar()
+      try:
+        with contextlib.redirect_stderr(io.StringIO()):
+          builder.download_and_prepare(file_format='array_record')
+      except (FileNotFoundError, ValueError) as e:
+        raise UserError(f'cannot prepare {name}: {e}') from e
+    return builder.info
+  return user_dataset_info(name, data_dir)
+
+
+def user_dataset_info(name, data_dir):
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # TFDS raises several kinds for a name it cannot find
+    raise UserError(f'data.name={name!r}: no such TFDS dataset prepared in {data_dir} '
+                    f'({type(e).__name__}); prepare it as array_record or set data.data_dir') from e
+  if not builder.is_prepared():
+    raise UserError(f'data.name={name!r} is not prepared in {data_dir}; prepare it as array_record '
+                    'or set data.data_dir')
+  return builder.info
+
+
+def open_split(data_cfg, split):
+  """A random-access source (len, [i] -> dict) over one split; UserError for bad names."""
+  import tensorflow_datasets as tfds
+  info = ensure_prepared(data_cfg)
+  splits = list(info.splits.keys())
+  if split.split('[')[0] not in splits:
+    raise UserError(f'split {split!r} not in {data_cfg.name}; available: {splits}')
+  features = list(info.features.keys())
+  if data_cfg.text_key not in features:
+    raise UserError(f'data.text_key={data_cfg.text_key!r} not a feature of {data_cfg.name}; available: {features}')
+  source = tfds.data_source(data_cfg.name, data_dir=data_dir_of(data_cfg), split=split)
+  if len(source) == 0:
+    raise UserError(f'split {split!r} of {data_cfg.name} is empty')
+  return source
+
+
+def main(argv=None):
+  from sparseformer.data import default_data_config
+  parser = argparse.ArgumentParser(description='Prepare a shipped dataset as ArrayRecord.')
+  parser.add_argument('--name', default='sparseformer_text/tinyshakespeare')
+  parser.add_argument('--data_dir', default='')
+  args = parser.parse_args(argv)
+  data_cfg = default_data_config()
+  data_cfg.name, data_cfg.data_dir = args.name, args.data_dir
+  try:
+    info = ensure_prepared(data_cfg)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  counts = {split: info.splits[split].num_examples for split in info.splits}
+  print(f'{args.name} ready in {data_dir_of(data_cfg)}: {counts} documents')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
