@@ -7,11 +7,18 @@ from sparseformer.errors import UserError
 
 def run_command(command, argv=None):
   argv = sys.argv[1:] if argv is None else argv
+  quiet_libraries()
   try:
     return command(argv) or 0
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+
+
+def quiet_libraries():
+  """Orbax and TFDS log through absl at INFO/WARNING for routine events; keep errors."""
+  from absl import logging
+  logging.set_verbosity(logging.ERROR)
 
 
 def configure_jax():

@@ -36,7 +36,8 @@ def shipped_builder(name, data_dir):
 
 
 def ensure_prepared(data_cfg):
-  """Builds a shipped dataset if needed; checks that any other dataset is prepared."""
+  """The builder of data.name: shipped datasets are built if needed; any other dataset
+  must already be prepared (as ArrayRecord) in the data dir."""
   name, data_dir = data_cfg.name, data_dir_of(data_cfg)
   if name.split('/')[0] == SHIPPED:
     builder = shipped_builder(name, data_dir)
@@ -49,34 +50,42 @@ def ensure_prepared(data_cfg):
           builder.download_and_prepare(file_format='array_record')
       except (FileNotFoundError, ValueError) as e:
         raise UserError(f'cannot prepare {name}: {e}') from e
-    return builder.info
-  return user_dataset_info(name, data_dir)
+    return builder
+  return prepared_builder(name, data_dir)
 
 
-def user_dataset_info(name, data_dir):
+def version_key(text):
+  return tuple(int(p) if p.isdigit() else -1 for p in text.split('.'))
+
+
+def prepared_builder(name, data_dir):
+  """A user's prepared dataset, `name[/config][:version]`, read from its files only (no
+  TFDS registry lookup, so nothing is created and no TensorFlow code is reached)."""
   import tensorflow_datasets as tfds
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # TFDS raises several kinds for a name it cannot find
-    raise UserError(f'data.name={name!r}: no such TFDS dataset prepared in {data_dir} '
-                    f'({type(e).__name__}); prepare it as array_record or set data.data_dir') from e
-  if not builder.is_prepared():
-    raise UserError(f'data.name={name!r} is not prepared in {data_dir}; prepare it as array_record '
-                    'or set data.data_dir')
-  return builder.info
+  base, _, version = name.partition(':')
+  root = os.path.join(data_dir, *base.split('/'))
+  versions = [version] if version else sorted(os.listdir(root) if os.path.isdir(root) else [], key=version_key)
+  prepared = [v for v in versions if os.path.isfile(os.path.join(root, v, 'dataset_info.json'))]
+  if not prepared:
+    raise UserError(f'data.name={name!r} is not prepared in {data_dir} (no {root}/<version>/dataset_info.json); '
+                    'prepare it as array_record there or set data.data_dir')
+  return tfds.builder_from_directory(os.path.join(root, prepared[-1]))
 
 
 def open_split(data_cfg, split):
   """A random-access source (len, [i] -> dict) over one split; UserError for bad names."""
-  import tensorflow_datasets as tfds
-  info = ensure_prepared(data_cfg)
+  builder = ensure_prepared(data_cfg)
+  info = builder.info
   splits = list(info.splits.keys())
   if split.split('[')[0] not in splits:
     raise UserError(f'split {split!r} not in {data_cfg.name}; available: {splits}')
   features = list(info.features.keys())
   if data_cfg.text_key not in features:
     raise UserError(f'data.text_key={data_cfg.text_key!r} not a feature of {data_cfg.name}; available: {features}')
-  source = tfds.data_source(data_cfg.name, data_dir=data_dir_of(data_cfg), split=split)
+  try:
+    source = builder.as_data_source(split=split)
+  except Exception as e:  # e.g. a dataset prepared as tfrecord only
+    raise UserError(f'cannot read {data_cfg.name} split {split!r} as ArrayRecord: {e}') from e
   if len(source) == 0:
     raise UserError(f'split {split!r} of {data_cfg.name} is empty')
   return source
@@ -91,7 +100,7 @@ def main(argv=None):
   data_cfg = default_data_config()
   data_cfg.name, data_cfg.data_dir = args.name, args.data_dir
   try:
-    info = ensure_prepared(data_cfg)
+    info = ensure_prepared(data_cfg).info
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -14,9 +14,6 @@ import orbax.checkpoint as ocp
 
 from sparseformer.errors import UserError
 
-ITEMS = ('model', 'optimizer', 'data', 'meta')
-
-
 class Checkpointer:
 
   def __init__(self, directory, *, keep, async_save, read_only=False):
@@ -24,7 +21,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
         read_only=read_only, cleanup_tmp_directories=not read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    handlers = {'model': ocp.StandardCheckpointHandler(), 'optimizer': ocp.StandardCheckpointHandler(),
+                'data': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self):
     return self.manager.latest_step()

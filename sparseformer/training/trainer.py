@@ -20,6 +20,9 @@ from sparseformer.training.state import abstract_train_state, make_train_state, 
 from sparseformer.training.step import jit_train_step, make_train_step
 
 
+PAUSE_AFTER_STEP = int(os.environ.get('SPARSEFORMER_PAUSE_AFTER_STEP', '0'))
+
+
 class TrainingDiverged(Exception):
   """The loss became NaN or infinite; the last checkpoint written before it is kept."""
 
@@ -142,6 +145,8 @@ class TrainLoop:
         last_saved = self.checkpointer.save(state, data_state, {'config': cfg.to_dict()})
       if t.eval_every and step % t.eval_every == 0 and step < t.steps:
         self.evaluate(state, step)
+      if step == PAUSE_AFTER_STEP:
+        self.pause(step)
       if self.stop_requested:
         self.checkpointer.wait()
         self.log(f'SIGTERM: saved step {step} and stopped; relaunch with the same workdir to continue')
@@ -150,6 +155,13 @@ class TrainLoop:
     self.progress.close()
     self.progress = None
     return self.evaluate(state, step)
+
+  def pause(self, step):
+    """Fault-injection hook for tests: wait here (checkpoint written) to be killed."""
+    self.checkpointer.wait()
+    print(f'paused after step {step} (SPARSEFORMER_PAUSE_AFTER_STEP)', flush=True)
+    while True:
+      time.sleep(60)
 
   def record(self, step, metrics, step_time, tokens_per_step):
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
