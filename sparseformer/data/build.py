@@ -1,16 +1,13 @@
 """Preparing and opening TFDS datasets (ArrayRecord, read with tfds.data_source).
 
-The shipped `sparseformer_text/<config>` datasets are built on first use; any other
-name must already be prepared as ArrayRecord in the data dir (e.g. pg19).
-
-    python -m sparseformer.data.build --name=sparseformer_text/books [--data_dir=DIR]
+The shipped `sparseformer_text/<config>` datasets are built on first use (or ahead of
+time with `python -m sparseformer.cli.prepare_data`); any other name must already be
+prepared as ArrayRecord in the data dir (e.g. pg19).
 """
 
-import argparse
 import contextlib
 import io
 import os
-import sys
 
 from sparseformer.errors import UserError, closest_match
 
@@ -31,7 +28,7 @@ def shipped_builder(name, data_dir):
   if config not in configs:
     hint = closest_match(config, configs)
     raise UserError(f'data.name={name!r}: no such shipped dataset'
-                    + (f' (did you mean {SHIPPED}/{hint!r}?)' if hint else '') + f'; known: {configs}')
+                    + (f" (did you mean '{SHIPPED}/{hint}'?)" if hint else '') + f'; known: {configs}')
   return Builder(config=config, data_dir=data_dir, file_format='array_record')
 
 
@@ -46,7 +43,7 @@ def ensure_prepared(data_cfg):
       import tensorflow_datasets as tfds
       tfds.disable_progress_bar()
       try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
           builder.download_and_prepare(file_format='array_record')
       except (FileNotFoundError, ValueError) as e:
         raise UserError(f'cannot prepare {name}: {e}') from e
@@ -79,7 +76,7 @@ def open_split(data_cfg, split):
   splits = list(info.splits.keys())
   if split.split('[')[0] not in splits:
     raise UserError(f'split {split!r} not in {data_cfg.name}; available: {splits}')
-  features = list(info.features.keys())
+  features = sorted(info.features.keys())
   if data_cfg.text_key not in features:
     raise UserError(f'data.text_key={data_cfg.text_key!r} not a feature of {data_cfg.name}; available: {features}')
   try:
@@ -89,25 +86,3 @@ def open_split(data_cfg, split):
   if len(source) == 0:
     raise UserError(f'split {split!r} of {data_cfg.name} is empty')
   return source
-
-
-def main(argv=None):
-  from sparseformer.data import default_data_config
-  parser = argparse.ArgumentParser(description='Prepare a shipped dataset as ArrayRecord.')
-  parser.add_argument('--name', default='sparseformer_text/tinyshakespeare')
-  parser.add_argument('--data_dir', default='')
-  args = parser.parse_args(argv)
-  data_cfg = default_data_config()
-  data_cfg.name, data_cfg.data_dir = args.name, args.data_dir
-  try:
-    info = ensure_prepared(data_cfg).info
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  counts = {split: info.splits[split].num_examples for split in info.splits}
-  print(f'{args.name} ready in {data_dir_of(data_cfg)}: {counts} documents')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

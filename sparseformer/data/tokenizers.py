@@ -4,12 +4,10 @@ Both reserve ids 0, 1, 2 for pad, bos and eos, and know how many UTF-8 bytes eac
 stands for (`token_bytes`), which turns NLL per token into bits per byte.
 
 Train a SentencePiece model on a prepared dataset's train split:
-    python -m sparseformer.data.tokenizers --dataset=sparseformer_text/books --vocab_size=8192 --output=spm/books.model
+    python -m sparseformer.cli.train_tokenizer --dataset=sparseformer_text/books --vocab_size=8192 --output=spm/books.model
 """
 
-import argparse
 import os
-import sys
 
 import numpy as np
 
@@ -84,46 +82,11 @@ def train_sentencepiece(texts, output, vocab_size, model_type='bpe'):
   import sentencepiece
   prefix = output[:-len('.model')] if output.endswith('.model') else output
   os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-  sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
-      pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=3, byte_fallback=True,
-      character_coverage=1.0, max_sentence_length=1 << 16, split_digits=True,
-      train_extremely_large_corpus=False, minloglevel=2)
-  return prefix + '.model'
-
-
-def training_lines(source, text_key):
-  """Non-empty lines of every document (SentencePiece trains on sentences)."""
-  for index in range(len(source)):
-    text = source[index][text_key]
-    text = text.decode('utf-8') if isinstance(text, bytes) else text
-    for line in text.splitlines():
-      if line.strip():
-        yield line
-
-
-def main(argv=None):
-  from sparseformer.data.build import open_split
-  from sparseformer.data import default_data_config
-  parser = argparse.ArgumentParser(description='Train a SentencePiece tokenizer on a dataset\'s train split.')
-  parser.add_argument('--dataset', default='sparseformer_text/tinyshakespeare')
-  parser.add_argument('--data_dir', default='')
-  parser.add_argument('--text_key', default='text')
-  parser.add_argument('--vocab_size', type=int, default=8192)
-  parser.add_argument('--model_type', default='bpe', choices=('bpe', 'unigram'))
-  parser.add_argument('--output', required=True)
-  args = parser.parse_args(argv)
-  data_cfg = default_data_config()
-  data_cfg.name, data_cfg.data_dir, data_cfg.text_key = args.dataset, args.data_dir, args.text_key
   try:
-    source = open_split(data_cfg, data_cfg.train_split)
-    path = train_sentencepiece(training_lines(source, args.text_key), args.output, args.vocab_size, args.model_type)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(f'wrote {path}; use it with --config.data.tokenizer=spm:{path}')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
+        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=3, byte_fallback=True,
+        character_coverage=1.0, max_sentence_length=1 << 16, split_digits=True, minloglevel=2)
+  except RuntimeError as e:  # sentencepiece reports bad settings (vocab too small) this way
+    raise UserError(f'SentencePiece training failed: {str(e).splitlines()[0]}') from e
+  return prefix + '.model'

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 CORPORA = pathlib.Path(__file__).resolve().parent.parent / 'corpora'
 PASSAGE_BYTES = 4096
 VALIDATION_BOOKS = ('pg9198', 'pg20249')
-_START = re.compile(r'^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$', re.MULTILINE)
+_START = re.compile(r'^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG[^*]*\*\*\*', re.MULTILINE)
 _END = re.compile(r'^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$',
                   re.MULTILINE | re.IGNORECASE)
 
