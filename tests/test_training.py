@@ -175,3 +175,23 @@ def test_init_from_loads_parameters_only(tmp_path, data_dir):
       s, abstract_model_arrays(setup.spec))
   before, after = restore(source, 4), restore(target, 1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), before['params'], after['params'])
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resume_finishes(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  process = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'train.py'), *tiny_argv(workdir, data_dir, train__steps=100000,
+                                                                 checkpoint__every_steps=100000)],
+      env={**os.environ, 'PYTHONUNBUFFERED': '1'}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, cwd=ROOT)
+  for line in process.stdout:
+    if 'compilation included' in line:
+      break
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0]
+  assert process.returncode == 0, output
+  assert 'SIGTERM: saved step' in output
+  saved_step = int(output.split('SIGTERM: saved step ')[1].split()[0])
+  assert [int(s) for s in os.listdir(workdir / 'checkpoints')] == [saved_step]
+  resumed = run_script('train.py', tiny_argv(workdir, data_dir, train__steps=saved_step + 2))
+  assert resumed.returncode == 0 and f'resumed from step {saved_step}' in resumed.stdout, resumed.stderr

@@ -15,14 +15,16 @@ from sparseformer.data.build import open_split
 from sparseformer.data.tokenizers import train_sentencepiece
 
 
-def training_lines(source, text_key):
-  """Non-empty lines of every document (SentencePiece trains on sentences)."""
+def training_paragraphs(source, text_key):
+  """Blank-line-separated paragraphs of every document, newlines inside kept (SentencePiece
+  trains on 'sentences' of bounded length)."""
   for index in range(len(source)):
     text = source[index][text_key]
     text = text.decode('utf-8') if isinstance(text, bytes) else text
-    for line in text.splitlines():
-      if line.strip():
-        yield line
+    for paragraph in text.split('\n\n'):
+      if paragraph.strip():
+        yield paragraph[:1 << 15] + '\n\n'
+
 
 
 def train_tokenizer_command(argv):
@@ -37,7 +39,7 @@ def train_tokenizer_command(argv):
   data_cfg = default_data_config()
   data_cfg.name, data_cfg.data_dir, data_cfg.text_key = args.dataset, args.data_dir, args.text_key
   source = open_split(data_cfg, data_cfg.train_split)
-  path = train_sentencepiece(training_lines(source, args.text_key), args.output, args.vocab_size, args.model_type)
+  path = train_sentencepiece(training_paragraphs(source, args.text_key), args.output, args.vocab_size, args.model_type)
   print(f'wrote {path}; use it with --config.data.tokenizer=spm:{path}')
   return 0
 

@@ -86,7 +86,10 @@ def train_sentencepiece(texts, output, vocab_size, model_type='bpe'):
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
         pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=3, byte_fallback=True,
-        character_coverage=1.0, max_sentence_length=1 << 16, split_digits=True, minloglevel=2)
+        character_coverage=1.0, max_sentence_length=1 << 16, split_digits=True, minloglevel=2,
+        # Lossless: no normalisation, whitespace and newlines kept, so decode(encode(t)) == t.
+        normalization_rule_name='identity', remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True)
   except RuntimeError as e:  # sentencepiece reports bad settings (vocab too small) this way
     raise UserError(f'SentencePiece training failed: {str(e).splitlines()[0]}') from e
   return prefix + '.model'
