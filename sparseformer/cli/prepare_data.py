@@ -8,19 +8,18 @@ import sys
 
 from sparseformer.cli.main import run_command
 from sparseformer.data import default_data_config
-from sparseformer.data.build import data_dir_of, ensure_prepared
+from sparseformer.data.build import DEFAULT_DATA_DIR, data_dir_of, ensure_prepared, split_sizes
 
 
 def prepare_data_command(argv):
   parser = argparse.ArgumentParser(description='Prepare a shipped dataset as ArrayRecord.')
   parser.add_argument('--name', default='sparseformer_text/tinyshakespeare')
-  parser.add_argument('--data_dir', default='')
+  parser.add_argument('--data_dir', default='', help=f'default: $SPARSEFORMER_DATA_DIR or {DEFAULT_DATA_DIR}')
   args = parser.parse_args(argv)
   data_cfg = default_data_config()
   data_cfg.name, data_cfg.data_dir = args.name, args.data_dir
-  info = ensure_prepared(data_cfg).info
-  counts = {split: info.splits[split].num_examples for split in info.splits}
-  print(f'{args.name} ready in {data_dir_of(data_cfg)}: {counts} documents')
+  builder = ensure_prepared(data_cfg)
+  print(f'{args.name} ready in {data_dir_of(data_cfg)}: documents per split {split_sizes(builder)}')
   return 0
 
 

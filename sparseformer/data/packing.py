@@ -1,14 +1,18 @@
 """Packing documents into fixed-length rows, deterministically and resumably.
 
-A document is the token list t = [bos] + text + [eos]; it yields the training pairs
-(t[i], t[i+1]). A row holds `seq_len` pairs:
+A document is the token list t = [bos] + encode(text) + [eos]; it gives the training
+pairs (t[i], t[i+1]). A row holds `seq_len` pairs:
   - a document with at most seq_len pairs is never split: if it does not fit the space
     left in the row, the row is padded and the document starts the next one;
   - a longer document is split anyway: it fills the space left, then whole rows, and
     its tail continues like a new piece.
 Each piece has its own segment id (1, 2, ... within the row; 0 is padding) and
-positions restarting at 0. The iterator state is the parent's state before the
-partially consumed document plus how many of its pairs were emitted: no token buffers.
+positions restarting at 0. Padding: tokens = targets = pad, positions = segment_ids = 0,
+loss_mask = 0.
+
+The iterator state is {'parent': the parent's state before the document being consumed,
+'pairs_emitted': how many of its pairs are already in rows}: no token buffers, so it is
+small and JSON-serializable, and restoring it reproduces the following rows exactly.
 """
 
 import grain
@@ -18,6 +22,7 @@ FIELDS = ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')
 
 
 def empty_row(seq_len, pad_id):
+  """A row of padding only."""
   row = {name: np.zeros(seq_len, np.int32) for name in FIELDS}
   row['tokens'][:] = pad_id
   row['targets'][:] = pad_id
@@ -25,71 +30,82 @@ def empty_row(seq_len, pad_id):
   return row
 
 
+def write_piece(row, start, tokens, segment_id):
+  """Puts the pairs of `tokens` (len(tokens) - 1 of them) into row[start:]."""
+  end = start + len(tokens) - 1
+  row['tokens'][start:end] = tokens[:-1]
+  row['targets'][start:end] = tokens[1:]
+  row['positions'][start:end] = np.arange(end - start)
+  row['segment_ids'][start:end] = segment_id
+  row['loss_mask'][start:end] = 1.0
+
+
 class PackedRows(grain.IterDataset):
   """Rows of `seq_len` pairs from a parent dataset of token arrays (one per document)."""
 
   def __init__(self, parent, seq_len, pad_id):
     super().__init__(parent)
+    if seq_len <= 0:
+      raise ValueError(f'seq_len must be positive, got {seq_len}')
     self.seq_len, self.pad_id = seq_len, pad_id
 
   def __iter__(self):
-    return PackingIterator(self._parent.__iter__(), self.seq_len, self.pad_id)
+    return PackingIterator(iter(self._parent), self.seq_len, self.pad_id)
+
+  def __str__(self):
+    return f'PackedRows(seq_len={self.seq_len})'
 
 
 class PackingIterator(grain.DatasetIterator):
+  """Iterator of PackedRows; see the module docstring for its state."""
 
   def __init__(self, parent, seq_len, pad_id):
     super().__init__(parent)
-    self.seq_len, self.pad_id = seq_len, pad_id
-    self._doc = None  # tokens of the document being consumed
-    self._doc_parent_state = None  # parent state before that document was read
-    self._offset = 0  # pairs of it already emitted
-    self._resume_offset = 0
+    self._seq_len, self._pad_id = seq_len, pad_id
+    self._document = None  # token array of the document being consumed
+    self._document_state = None  # the parent's state before that document
+    # Pairs of the current document already in rows; while no document is loaded, the
+    # pairs to skip in the next one (non-zero only just after set_state).
+    self._pairs_emitted = 0
 
-  def _fetch_document(self):
-    """Next document with at least one pair; False when the parent is exhausted."""
-    while True:
+  def _load_document(self):
+    """Makes sure a document with pairs left is loaded; False once the parent is exhausted."""
+    while self._document is None:
       state = self._parent.get_state()
       try:
-        tokens = next(self._parent)
+        tokens = np.asarray(next(self._parent), np.int32)
       except StopIteration:
         return False
-      offset, self._resume_offset = self._resume_offset, 0
-      if len(tokens) - 1 > offset:
-        self._doc, self._doc_parent_state, self._offset = np.asarray(tokens, np.int32), state, offset
-        return True
+      if len(tokens) - 1 > self._pairs_emitted:
+        self._document, self._document_state = tokens, state
+      else:
+        self._pairs_emitted = 0
+    return True
 
   def __next__(self):
-    L = self.seq_len
-    row, filled, segment = empty_row(L, self.pad_id), 0, 0
-    while filled < L:
-      if self._doc is None and not self._fetch_document():
-        if filled == 0:
-          raise StopIteration
-        break
-      pairs_total = len(self._doc) - 1
-      pairs_left, space = pairs_total - self._offset, L - filled
-      if pairs_left > space and pairs_total <= L and self._offset == 0:
-        break  # a short document is never split: it starts the next row
+    row, filled, segment_id = empty_row(self._seq_len, self._pad_id), 0, 0
+    while filled < self._seq_len and self._load_document():
+      pairs = len(self._document) - 1
+      pairs_left, space = pairs - self._pairs_emitted, self._seq_len - filled
+      if pairs_left > space and pairs <= self._seq_len:
+        break  # a document that fits in a row is never split: it starts the next row
       count = min(pairs_left, space)
-      segment += 1
-      start = self._offset
-      row['tokens'][filled:filled + count] = self._doc[start:start + count]
-      row['targets'][filled:filled + count] = self._doc[start + 1:start + count + 1]
-      row['positions'][filled:filled + count] = np.arange(count)
-      row['segment_ids'][filled:filled + count] = segment
-      row['loss_mask'][filled:filled + count] = 1.0
+      segment_id += 1
+      start = self._pairs_emitted
+      write_piece(row, filled, self._document[start:start + count + 1], segment_id)
       filled += count
-      self._offset += count
-      if self._offset == pairs_total:
-        self._doc = None
+      self._pairs_emitted += count
+      if self._pairs_emitted == pairs:
+        self._document, self._pairs_emitted = None, 0
+    if filled == 0:
+      raise StopIteration
     return row
 
   def get_state(self):
-    if self._doc is None:
-      return {'parent': self._parent.get_state(), 'offset': self._resume_offset}
-    return {'parent': self._doc_parent_state, 'offset': self._offset}
+    parent_state = self._parent.get_state() if self._document is None else self._document_state
+    return {'parent': parent_state, 'pairs_emitted': self._pairs_emitted}
 
   def set_state(self, state):
     self._parent.set_state(state['parent'])
-    self._doc, self._resume_offset = None, state['offset']
+    self._document, self._document_state = None, None
+    self._pairs_emitted = state['pairs_emitted']

@@ -1,10 +1,20 @@
 """Batches for training and evaluation: TFDS ArrayRecord -> grain -> packed rows.
 
-Training: this process's documents (every process_count-th, from process_index), a
-seeded shuffle that changes every epoch, repeated forever, tokenized, packed, batched.
-The iterator's state (`get_state()`, a small JSON-able dict) is saved in checkpoints,
-so a resumed run reads exactly the batches an uninterrupted one would.
+Every batch is a dict of NumPy arrays [rows, seq_len]: tokens, targets, positions,
+segment_ids (int32) and loss_mask (float32); see packing.py for the packing rules.
+
+Training: process p of P reads the documents whose index i has i % P == p (a strided
+shard), shuffles them with a seeded shuffle that changes every epoch, repeats forever,
+tokenizes, packs and batches. The iterator's `get_state()` is a small JSON-able dict
+saved in checkpoints; `set_state()` on a fresh iterator resumes at exactly the next
+batch an uninterrupted run would have read.
+
+Evaluation: one ordered pass. Every process packs the whole split identically and
+takes its slice of each global batch of rows, so all processes yield the same number
+of batches (collectives stay in step) and every row is read exactly once.
 """
+
+import itertools
 
 import grain
 import numpy as np
@@ -14,12 +24,30 @@ from sparseformer.data.packing import FIELDS, PackedRows, empty_row
 from sparseformer.data.tokenizers import make_tokenizer
 from sparseformer.errors import UserError
 
+# Documents are tokenized ahead in a few threads; grain's default buffer (500) would
+# hold hundreds of megabytes of tokens for book-length documents.
+READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
+
 
 def document_tokens(tokenizer, text_key):
+  """example -> [bos] + encode(example[text_key]) + [eos] as int32 (text is bytes or str)."""
   def tokenize(example):
     ids = tokenizer.encode(example[text_key])
-    return np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32)
+    tokens = np.empty(len(ids) + 2, np.int32)
+    tokens[0], tokens[1:-1], tokens[-1] = tokenizer.bos_id, ids, tokenizer.eos_id
+    return tokens
   return tokenize
+
+
+def stack_rows(rows):
+  return {name: np.stack([row[name] for row in rows]) for name in FIELDS}
+
+
+def check_sizes(seq_len, batch_size, process_index, process_count):
+  if seq_len <= 0 or batch_size <= 0:
+    raise UserError(f'sequence length ({seq_len}) and batch size ({batch_size}) must be positive')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
 
 
 def local_batch_size(global_batch_size, process_count):
@@ -28,42 +56,51 @@ def local_batch_size(global_batch_size, process_count):
   return global_batch_size // process_count
 
 
-def documents(data_cfg, split, process_index, process_count):
-  source = open_split(data_cfg, split)
-  dataset = grain.MapDataset.source(source)
-  if process_count > 1:
-    if len(source) < process_count:
-      raise UserError(f'split {split!r} has {len(source)} documents for {process_count} processes')
-    dataset = dataset[process_index::process_count]
-  return dataset
+def shuffle_seed(seed):
+  """A 32-bit seed for grain's shuffle, mixed from the run's seed: grain shuffles epoch e
+  with seed + e, so unmixed, run seed s + 1 would replay the orders of seed s one epoch on."""
+  return int(np.random.SeedSequence(seed % 2**64).generate_state(1)[0])
 
 
-def stack(rows):
-  return {name: np.stack([row[name] for row in rows]) for name in FIELDS}
+def process_documents(source, split, process_index, process_count):
+  """This process's strided shard of a split's documents, as a grain MapDataset."""
+  if len(source) < process_count:
+    raise UserError(f'split {split!r} has {len(source)} documents, fewer than the {process_count} processes')
+  return grain.MapDataset.source(source)[process_index::process_count]
 
 
 def train_iterator(data_cfg, *, seq_len, global_batch_size, seed, process_index=0, process_count=1):
-  """An endless, checkpointable iterator of {tokens, targets, positions, segment_ids,
-  loss_mask}, each [global_batch_size // process_count, seq_len]."""
-  batch = local_batch_size(global_batch_size, process_count)
+  """An endless, checkpointable iterator (a grain DatasetIterator) of batches of
+  [global_batch_size // process_count, seq_len]."""
+  batch_size = local_batch_size(global_batch_size, process_count)
+  check_sizes(seq_len, batch_size, process_index, process_count)
   tokenizer = make_tokenizer(data_cfg.tokenizer)
-  dataset = (documents(data_cfg, data_cfg.train_split, process_index, process_count)
-             .shuffle(seed=seed).repeat().map(document_tokens(tokenizer, data_cfg.text_key)))
-  rows = PackedRows(dataset.to_iter_dataset(), seq_len, tokenizer.pad_id)
-  return iter(rows.batch(batch, batch_fn=stack))
+  split = data_cfg.train_split
+  documents = process_documents(open_split(data_cfg, split), split, process_index, process_count)
+  tokens = documents.shuffle(seed=shuffle_seed(seed)).repeat().map(document_tokens(tokenizer, data_cfg.text_key))
+  rows = PackedRows(tokens.to_iter_dataset(READ_OPTIONS), seq_len, tokenizer.pad_id)
+  return iter(rows.batch(batch_size, batch_fn=stack_rows))
 
 
 def eval_batches(data_cfg, *, split, seq_len, batch_size, process_index=0, process_count=1, max_batches=0):
-  """One ordered pass over a split; the last batch is completed with padding rows."""
+  """An iterator over one ordered pass of `split` in batches of [batch_size, seq_len]
+  (this process's share); the last batch is completed with padding rows (loss_mask 0).
+  max_batches > 0 stops after that many batches. Bad settings raise here, not later."""
+  check_sizes(seq_len, batch_size, process_index, process_count)
   tokenizer = make_tokenizer(data_cfg.tokenizer)
-  dataset = documents(data_cfg, split, process_index, process_count).map(
-      document_tokens(tokenizer, data_cfg.text_key))
-  rows = iter(PackedRows(dataset.to_iter_dataset(), seq_len, tokenizer.pad_id))
-  produced = 0
-  while not max_batches or produced < max_batches:
-    chunk = [row for _, row in zip(range(batch_size), rows)]
-    if not chunk:
+  source = open_split(data_cfg, split)
+  tokens = grain.MapDataset.source(source).map(document_tokens(tokenizer, data_cfg.text_key))
+  rows = iter(PackedRows(tokens.to_iter_dataset(READ_OPTIONS), seq_len, tokenizer.pad_id))
+  padding = empty_row(seq_len, tokenizer.pad_id)
+  return process_batches(rows, batch_size, process_index, process_count, max_batches, padding)
+
+
+def process_batches(rows, batch_size, process_index, process_count, max_batches, padding):
+  """Process p's rows [p * batch_size, (p + 1) * batch_size) of each global batch."""
+  global_rows = batch_size * process_count
+  for _ in itertools.count() if not max_batches else range(max_batches):
+    group = list(itertools.islice(rows, global_rows))
+    if not group:
       return
-    chunk += [empty_row(seq_len, tokenizer.pad_id)] * (batch_size - len(chunk))
-    yield stack(chunk)
-    produced += 1
+    mine = group[process_index * batch_size:(process_index + 1) * batch_size]
+    yield stack_rows(mine + [padding] * (batch_size - len(mine)))

@@ -4,38 +4,50 @@ Both reserve ids 0, 1, 2 for pad, bos and eos, and know how many UTF-8 bytes eac
 stands for (`token_bytes`), which turns NLL per token into bits per byte.
 
 Train a SentencePiece model on a prepared dataset's train split:
-    python -m sparseformer.cli.train_tokenizer --dataset=sparseformer_text/books --vocab_size=8192 --output=spm/books.model
+
+    python -m sparseformer.data.tokenizers --dataset=sparseformer_text/books \
+        --vocab_size=8192 --output=spm/books.model [--data_dir=DIR] [--model_type=bpe|unigram]
+
+It prints the spec to put in a config: --config.data.tokenizer=spm:spm/books.model
 """
 
+import argparse
 import os
+import re
+import sys
 
 import numpy as np
 
 from sparseformer.errors import UserError
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+SPECIALS = 3  # pad, bos, eos
+# SentencePiece drops training sentences longer than this many bytes.
+MAX_SENTENCE_BYTES = 1 << 16
 
 
 class ByteTokenizer:
   """UTF-8 bytes shifted past the three special ids: byte b is token b + 3."""
+
   spec = 'byte'
-  vocab_size = 256 + 3
+  vocab_size = 256 + SPECIALS
   pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
   def __init__(self):
-    self.token_bytes = np.concatenate([np.zeros(3, np.int32), np.ones(256, np.int32)])
+    self.token_bytes = np.concatenate([np.zeros(SPECIALS, np.int32), np.ones(256, np.int32)])
 
   def encode(self, text):
     raw = text.encode('utf-8') if isinstance(text, str) else bytes(text)
-    return np.frombuffer(raw, np.uint8).astype(np.int32) + 3
+    return np.frombuffer(raw, np.uint8).astype(np.int32) + SPECIALS
 
   def decode(self, ids):
     ids = np.asarray(ids)
-    return (ids[ids >= 3] - 3).astype(np.uint8).tobytes().decode('utf-8', errors='replace')
+    raw = (ids[ids >= SPECIALS] - SPECIALS).astype(np.uint8).tobytes()
+    return raw.decode('utf-8', errors='replace')
 
 
 class SentencePieceTokenizer:
-  """A SentencePiece model trained with pad=0, bos=1, eos=2 (see `train_sentencepiece`)."""
+  """A SentencePiece model with pad=0, bos=1, eos=2 (as `train_sentencepiece` makes)."""
 
   def __init__(self, model_path):
     import sentencepiece
@@ -50,19 +62,20 @@ class SentencePieceTokenizer:
     self.token_bytes = np.array([self._piece_bytes(i) for i in range(self.vocab_size)], np.int32)
 
   def _piece_bytes(self, token_id):
-    p = self.processor
-    if p.is_control(token_id) or p.is_unknown(token_id):
+    processor = self.processor
+    if processor.is_control(token_id) or processor.is_unknown(token_id):
       return 0
-    if p.is_byte(token_id):
+    if processor.is_byte(token_id):  # <0xAB> pieces of byte fallback
       return 1
-    return len(p.id_to_piece(token_id).replace('\u2581', ' ').encode('utf-8'))
+    return len(processor.id_to_piece(token_id).replace('\u2581', ' ').encode('utf-8'))
 
   def encode(self, text):
-    text = text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text
+    if isinstance(text, bytes):
+      text = text.decode('utf-8', errors='replace')
     return np.asarray(self.processor.encode(text), np.int32)
 
   def decode(self, ids):
-    return self.processor.decode([int(i) for i in ids if int(i) > EOS_ID])
+    return self.processor.decode([int(i) for i in ids if int(i) >= SPECIALS])
 
 
 def make_tokenizer(spec):
@@ -77,19 +90,78 @@ def make_tokenizer(spec):
   raise UserError(f'data.tokenizer={spec!r}: use byte or spm:/path/to/model')
 
 
-def train_sentencepiece(texts, output, vocab_size, model_type='bpe'):
-  """Trains a model on an iterator of strings; writes OUTPUT (and OUTPUT.vocab)."""
+def train_sentencepiece(texts, output, vocab_size, model_type='bpe', max_sentences=1_000_000):
+  """Trains a lossless model (decode(encode(t)) == t) on an iterator of strings; writes
+  OUTPUT (and OUTPUT.vocab) and returns the .model path."""
   import sentencepiece
   prefix = output[:-len('.model')] if output.endswith('.model') else output
   os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
   try:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
-        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=3, byte_fallback=True,
-        character_coverage=1.0, max_sentence_length=1 << 16, split_digits=True, minloglevel=2,
-        # Lossless: no normalisation, whitespace and newlines kept, so decode(encode(t)) == t.
+        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, byte_fallback=True,
+        character_coverage=1.0, max_sentence_length=MAX_SENTENCE_BYTES, split_digits=True, minloglevel=2,
+        # A random sample of this many sentences bounds memory on large datasets.
+        input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        # No normalisation; spaces and newlines kept as they are.
         normalization_rule_name='identity', remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True)
-  except RuntimeError as e:  # sentencepiece reports bad settings (vocab too small) this way
-    raise UserError(f'SentencePiece training failed: {str(e).splitlines()[0]}') from e
+  except RuntimeError as e:  # how sentencepiece reports bad settings
+    raise UserError(training_error_message(str(e), vocab_size)) from e
   return prefix + '.model'
+
+
+def training_error_message(error, vocab_size):
+  too_small = re.search(r'smaller than required_chars\. \d+ vs (\d+)', error)
+  if too_small:
+    return (f'vocab_size={vocab_size} is too small: the 256 byte pieces, 4 special pieces and the characters '
+            f'of this corpus need at least {too_small.group(1)}')
+  return f'SentencePiece training failed: {error.splitlines()[0]}'
+
+
+def cut_to_bytes(text, max_bytes):
+  """The longest prefix of text with at most max_bytes UTF-8 bytes."""
+  return text.encode('utf-8')[:max_bytes].decode('utf-8', errors='ignore')
+
+
+def training_paragraphs(source, text_key):
+  """Blank-line-separated paragraphs of every document, newlines inside kept:
+  SentencePiece trains on 'sentences' of bounded length."""
+  for index in range(len(source)):
+    text = source[index][text_key]
+    text = text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text
+    for paragraph in text.split('\n\n'):
+      if paragraph.strip():
+        yield cut_to_bytes(paragraph + '\n\n', MAX_SENTENCE_BYTES - 1)
+
+
+def train_from_dataset(data_cfg, output, vocab_size, model_type='bpe'):
+  """Trains on the train split of data_cfg's dataset; returns the tokenizer spec."""
+  from sparseformer.data.build import open_split
+  source = open_split(data_cfg, data_cfg.train_split)
+  return 'spm:' + train_sentencepiece(training_paragraphs(source, data_cfg.text_key), output, vocab_size, model_type)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description="Train a SentencePiece tokenizer on a dataset's train split.")
+  parser.add_argument('--dataset', default='sparseformer_text/tinyshakespeare')
+  parser.add_argument('--data_dir', default='')
+  parser.add_argument('--text_key', default='text')
+  parser.add_argument('--vocab_size', type=int, default=8192)
+  parser.add_argument('--model_type', default='bpe', choices=('bpe', 'unigram'))
+  parser.add_argument('--output', required=True, help='path of the .model file to write')
+  args = parser.parse_args(argv)
+  from sparseformer.data import default_data_config
+  data_cfg = default_data_config()
+  data_cfg.name, data_cfg.data_dir, data_cfg.text_key = args.dataset, args.data_dir, args.text_key
+  try:
+    spec = train_from_dataset(data_cfg, args.output, args.vocab_size, args.model_type)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'wrote {spec[len("spm:"):]}; use it with --config.data.tokenizer={spec}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,66 +1,93 @@
 """The shipped corpora as a TFDS dataset (ArrayRecord files, no TensorFlow needed).
 
 Configs:
-  tinyshakespeare  passages of about 4 KB cut at blank lines (speech boundaries);
-                   every 10th passage is validation.
-  books            Project Gutenberg books, one document each, licence header and footer
-                   removed; pg9198 and pg20249 are validation.
+  tinyshakespeare  passages of at most ~4 KB, cut only at blank lines (speech
+                   boundaries); passage i is validation when i % 10 == 9.
+  books            Project Gutenberg books, one whole document each, licence header
+                   and footer removed; pg9198 and pg20249 are validation.
+
+Features: `text` (the document) and `doc_id` (`tinyshakespeare-0042`, `pg9198`), which
+is also the example key. Examples are stored in corpus order (no TFDS shuffling): the
+training pipeline shuffles on its own, and evaluation reads in a predictable order.
 """
 
 import pathlib
 import re
 
-import numpy as np
 import tensorflow_datasets as tfds
 
+from sparseformer.errors import UserError
+
 CORPORA = pathlib.Path(__file__).resolve().parent.parent / 'corpora'
+SPLITS = ('train', 'validation')
 PASSAGE_BYTES = 4096
 VALIDATION_BOOKS = ('pg9198', 'pg20249')
-_START = re.compile(r'^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG[^*]*\*\*\*', re.MULTILINE)
-_END = re.compile(r'^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$',
+
+# One or more blank (or whitespace-only) lines after the end of a line.
+_BLANK_LINES = re.compile(r'\n(?:[ \t]*\n)+')
+# Some files wrap the title, so the closing *** of the START marker may be a line later.
+_START = re.compile(r'^\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG[^*]{0,400}\*\*\*[^\n]*$',
+                    re.MULTILINE | re.IGNORECASE)
+# Older files put an "End of the Project Gutenberg EBook of ..." line before the marker.
+_END = re.compile(r'^(?:\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg)',
                   re.MULTILINE | re.IGNORECASE)
 
 
 def read_text(path):
-  """UTF-8 if it decodes, else ISO-8859-1 (older Gutenberg files); line ends normalised."""
+  """The file as str: UTF-8 when it decodes as such, else ISO-8859-1 (older Gutenberg
+  files); a BOM is dropped and line ends are normalised to \\n."""
+  if not path.is_file():
+    raise UserError(f'corpus file {path} is missing')
   raw = path.read_bytes()
   try:
-    text = raw.decode('utf-8')
+    text = raw.decode('utf-8-sig')
   except UnicodeDecodeError:
     text = raw.decode('iso-8859-1')
-  return text.replace('\r\n', '\n').lstrip('\ufeff')
+  text = text.replace('\r\n', '\n').replace('\r', '\n')
+  if not text.strip():
+    raise UserError(f'corpus file {path} is empty')
+  return text
 
 
 def strip_gutenberg(text):
-  """The book between the START and END marker lines (the whole text if they are missing)."""
-  start, end = _START.search(text), _END.search(text)
-  body = text[start.end() if start else 0:end.start() if end else len(text)]
+  """The book between the START and END marker lines; the whole text if a marker is missing."""
+  start = _START.search(text)
+  body_start = start.end() if start else 0
+  end = _END.search(text, body_start)
+  body = text[body_start:end.start() if end else len(text)]
   return body.strip() + '\n'
 
 
 def passages(text, target_bytes=PASSAGE_BYTES):
-  """Consecutive blank-line-separated blocks joined until a passage reaches target_bytes."""
-  blocks = [b for b in re.split(r'\n\s*\n', text) if b.strip()]
-  current, size = [], 0
+  """Consecutive blank-line-separated blocks, grouped while a group stays within
+  target_bytes (a single longer block is a passage of its own). Each passage ends with
+  one newline; the blank lines between passages are dropped."""
+  blocks = [block.strip('\n') for block in _BLANK_LINES.split(text) if block.strip()]
+  group, size = [], 0
   for block in blocks:
-    current.append(block)
-    size += len(block.encode('utf-8')) + 2
-    if size >= target_bytes:
-      yield '\n\n'.join(current) + '\n'
-      current, size = [], 0
-  if current:
-    yield '\n\n'.join(current) + '\n'
+    block_bytes = len(block.encode('utf-8')) + 2  # with the separating blank line
+    if group and size + block_bytes > target_bytes:
+      yield '\n\n'.join(group) + '\n'
+      group, size = [], 0
+    group.append(block)
+    size += block_bytes
+  if group:
+    yield '\n\n'.join(group) + '\n'
 
 
-def tinyshakespeare_documents():
+def tinyshakespeare_documents(corpora=None):
   """[(doc_id, text, split)] of the tinyshakespeare config."""
-  texts = list(passages(read_text(CORPORA / 'tinyshakespeare.txt')))
-  return [(f'tinyshakespeare-{i:04d}', text, 'validation' if i % 10 == 9 else 'train') for i, text in enumerate(texts)]
+  path = (corpora or CORPORA) / 'tinyshakespeare.txt'
+  return [(f'{path.stem}-{index:04d}', text, 'validation' if index % 10 == 9 else 'train')
+          for index, text in enumerate(passages(read_text(path)))]
 
 
-def books_documents():
-  """[(doc_id, text, split)] of the books config."""
-  paths = sorted((CORPORA / 'books').glob('*.txt'))
+def books_documents(corpora=None):
+  """[(doc_id, text, split)] of the books config, one per book, in file name order."""
+  folder = (corpora or CORPORA) / 'books'
+  paths = sorted(folder.glob('*.txt'))
+  if not paths:
+    raise UserError(f'no books (*.txt) in {folder}')
   return [(path.stem, strip_gutenberg(read_text(path)), 'validation' if path.stem in VALIDATION_BOOKS else 'train')
           for path in paths]
 
@@ -68,31 +95,39 @@ def books_documents():
 DOCUMENTS = {'tinyshakespeare': tinyshakespeare_documents, 'books': books_documents}
 
 
+def documents_by_split(config_name):
+  """{split: [(doc_id, text)]} of a config; UserError if a split would be empty."""
+  documents = DOCUMENTS[config_name](CORPORA)
+  by_split = {split: [(doc_id, text) for doc_id, text, where in documents if where == split] for split in SPLITS}
+  for split, members in by_split.items():
+    if not members:
+      raise UserError(f'sparseformer_text/{config_name}: the corpus in {CORPORA} gives no {split} documents')
+  return by_split
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Shipped public-domain text, one example per document."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'tinyshakespeare passages and Project Gutenberg books.'}
+  RELEASE_NOTES = {'1.0.0': 'tinyshakespeare passages and 11 Project Gutenberg books.'}
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name='tinyshakespeare', description='tinyshakespeare in ~4 KB passages'),
+      tfds.core.BuilderConfig(name='tinyshakespeare', description='tinyshakespeare in passages of ~4 KB'),
       tfds.core.BuilderConfig(name='books', description='11 Project Gutenberg books, one document each'),
   ]
 
   def _info(self):
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({'text': tfds.features.Text(), 'doc_id': tfds.features.Text(),
-                                             'num_bytes': np.int64}),
+        features=tfds.features.FeaturesDict({'text': tfds.features.Text(), 'doc_id': tfds.features.Text()}),
         supervised_keys=None,
+        disable_shuffling=True,
         homepage='https://www.gutenberg.org',
     )
 
   def _split_generators(self, dl_manager):
-    documents = [d for d in DOCUMENTS[self.builder_config.name]() if d[1].strip()]
-    if not documents:
-      raise ValueError(f'the {self.builder_config.name} corpus files in {CORPORA} hold no text')
-    splits = sorted({split for _, _, split in documents})
-    return {split: self._generate_examples([d for d in documents if d[2] == split]) for split in splits}
+    del dl_manager  # the corpora ship with the package: nothing to download
+    by_split = documents_by_split(self.builder_config.name)
+    return {split: self._generate_examples(members) for split, members in by_split.items()}
 
   def _generate_examples(self, documents):
-    for doc_id, text, _ in documents:
-      yield doc_id, {'text': text, 'doc_id': doc_id, 'num_bytes': len(text.encode('utf-8'))}
+    for doc_id, text in documents:
+      yield doc_id, {'text': text, 'doc_id': doc_id}
