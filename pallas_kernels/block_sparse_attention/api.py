@@ -1,0 +1,114 @@
+"""block_sparse_attention: the one public function of this primitive.
+
+    out = block_sparse_attention(q, k, v, plan)                 # q [B,Tq,H,D], k/v [B,Tk,Hkv,D]
+    out, lse = block_sparse_attention(..., return_lse=True)     # lse [B,H,Tq], natural log
+    out = block_sparse_attention(..., key_bias=b)               # b [B,Hkv,Tk], gets a gradient
+
+`implementation`: None picks the best one available on this platform; a name fails fast
+with the reason it cannot run; a list is tried in order, with a warning naming why each
+skipped one could not run. The custom_vjp lives here and nowhere else.
+"""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_sparse_attention import reference
+
+
+class Implementation:
+  """A forward and a backward with the reference's signatures, and a check of whether they
+  can run here: `unavailable(q, k, v, plan)` returns None or the reason."""
+
+  def __init__(self, name, forward, backward, unavailable, platforms):
+    self.name, self.forward, self.backward = name, forward, backward
+    self.unavailable, self.platforms = unavailable, platforms
+
+
+IMPLEMENTATIONS = {
+    'reference': Implementation('reference', reference.forward, reference.backward,
+                                unavailable=lambda *args: None, platforms=('cpu', 'gpu', 'tpu')),
+}
+
+# Preference order per platform when implementation=None.
+PREFERENCE = {'gpu': ('mosaic_gpu', 'reference'), 'tpu': ('tpu', 'reference'), 'cpu': ('reference',)}
+
+
+def register_implementation(implementation):
+  IMPLEMENTATIONS[implementation.name] = implementation
+
+
+def _reason_unavailable(name, q, k, v, plan):
+  if name not in IMPLEMENTATIONS:
+    return f'unknown implementation {name!r}; registered: {sorted(IMPLEMENTATIONS)}'
+  implementation = IMPLEMENTATIONS[name]
+  platform = jax.default_backend()
+  if platform not in implementation.platforms:
+    return f'{name} runs on {"/".join(implementation.platforms)}, not {platform}'
+  return implementation.unavailable(q, k, v, plan)
+
+
+def select_implementation(implementation, q, k, v, plan):
+  if isinstance(implementation, str):
+    reason = _reason_unavailable(implementation, q, k, v, plan)
+    if reason:
+      raise ValueError(f'block_sparse_attention implementation {implementation!r} cannot run: {reason}')
+    return IMPLEMENTATIONS[implementation]
+  candidates = implementation or [n for n in PREFERENCE.get(jax.default_backend(), ('reference',))
+                                  if n in IMPLEMENTATIONS]
+  reasons = []
+  for name in candidates:
+    reason = _reason_unavailable(name, q, k, v, plan)
+    if reason is None:
+      if reasons and implementation:
+        warnings.warn(f'block_sparse_attention falls back to {name!r}: ' + '; '.join(reasons))
+      return IMPLEMENTATIONS[name]
+    reasons.append(f'{name}: {reason}')
+  raise ValueError('no block_sparse_attention implementation can run: ' + '; '.join(reasons))
+
+
+def check_shapes(q, k, v, key_bias, plan):
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f'expected q [B,Tq,H,D] and k, v [B,Tk,Hkv,D]; got {q.shape}, {k.shape}, {v.shape}')
+  b, tq, h, d = q.shape
+  _, tk, hkv, _ = k.shape
+  if h % hkv or k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f'q {q.shape} and k {k.shape}: batch and head_dim must agree and H % Hkv == 0')
+  if (tq, tk) != (plan.q_len, plan.kv_len):
+    raise ValueError(f'plan is for lengths ({plan.q_len}, {plan.kv_len}), inputs have ({tq}, {tk})')
+  if plan.kv_count.shape[0] != b or h % plan.plan_heads or (plan.plan_heads > hkv and plan.plan_heads != h):
+    raise ValueError(f'plan of shape {plan.kv_count.shape} (batch, plan heads, q blocks) does not fit '
+                     f'batch {b}, {h} query heads, {hkv} kv heads')
+  if key_bias is not None and key_bias.shape != (b, hkv, tk):
+    raise ValueError(f'key_bias must be [B, Hkv, Tk] = {(b, hkv, tk)}, got {key_bias.shape}')
+
+
+def block_sparse_attention(q, k, v, plan, *, scale=None, key_bias=None, implementation=None, return_lse=False):
+  check_shapes(q, k, v, key_bias, plan)
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  chosen = select_implementation(implementation, q, k, v, plan)
+  out, lse = _attention(chosen.name, scale, q, k, v, key_bias, plan)
+  return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(name, scale, q, k, v, key_bias, plan):
+  return IMPLEMENTATIONS[name].forward(q, k, v, key_bias, plan, scale)
+
+
+def _attention_fwd(name, scale, q, k, v, key_bias, plan):
+  out, lse = IMPLEMENTATIONS[name].forward(q, k, v, key_bias, plan, scale)
+  return (out, lse), (q, k, v, key_bias, plan, out, lse)
+
+
+def _attention_bwd(name, scale, residuals, cotangents):
+  q, k, v, key_bias, plan, out, lse = residuals
+  d_out, d_lse = cotangents
+  dq, dk, dv, d_bias = IMPLEMENTATIONS[name].backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse)
+  plan_cotangent = jax.tree.map(lambda x: None, plan)
+  return dq, dk, dv, d_bias, plan_cotangent
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

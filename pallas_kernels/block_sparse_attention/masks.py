@@ -1,0 +1,143 @@
+"""Mask functions over (query index, key index), known at trace time.
+
+Each mask answers two questions with the same rule: element by element (inside a
+kernel's partial block, from iotas) and block by block (is a [q0, q1) x [k0, k1) tile
+empty, partial or full?). Block answers are exact for each primitive and conservative
+for combinations: a tile called partial may turn out empty, never the reverse.
+
+Masks combine with `&` and `|`. Documents (segment ids) are data, not masks: the plan
+applies them on top (see plan.py).
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+class Mask:
+
+  def __and__(self, other):
+    return And((self, other))
+
+  def __or__(self, other):
+    return Or((self, other))
+
+  def elements(self, q_index, k_index):
+    """Bool array, broadcast of the two int arrays."""
+    raise NotImplementedError
+
+  def block_kind(self, q0, q1, k0, k1):
+    """EMPTY / PARTIAL / FULL for the tile [q0, q1) x [k0, k1) (int arrays, broadcast)."""
+    raise NotImplementedError
+
+
+def _kind(all_true, any_true):
+  return jnp.where(all_true, FULL, jnp.where(any_true, PARTIAL, EMPTY))
+
+
+@dataclasses.dataclass(frozen=True)
+class Full(Mask):
+  """Every key (bidirectional attention)."""
+
+  def elements(self, q_index, k_index):
+    return jnp.ones(jnp.broadcast_shapes(jnp.shape(q_index), jnp.shape(k_index)), bool)
+
+  def block_kind(self, q0, q1, k0, k1):
+    return jnp.full(jnp.broadcast_shapes(*map(jnp.shape, (q0, q1, k0, k1))), FULL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Causal(Mask):
+  """Keys at or before the query."""
+
+  def elements(self, q_index, k_index):
+    return k_index <= q_index
+
+  def block_kind(self, q0, q1, k0, k1):
+    return _kind(k1 - 1 <= q0, k0 <= q1 - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow(Mask):
+  """Keys at most `left` before and `right` after the query (the query itself included):
+  q - left <= k <= q + right. A causal window of w tokens is SlidingWindow(w - 1) & Causal()."""
+  left: int
+  right: int = 0
+
+  def elements(self, q_index, k_index):
+    return (k_index >= q_index - self.left) & (k_index <= q_index + self.right)
+
+  def block_kind(self, q0, q1, k0, k1):
+    lo_all, hi_all = (q1 - 1) - self.left, q0 + self.right  # bounds every query of the tile allows
+    lo_any, hi_any = q0 - self.left, (q1 - 1) + self.right  # bounds some query allows
+    return _kind((k0 >= lo_all) & (k1 - 1 <= hi_all), (k1 - 1 >= lo_any) & (k0 <= hi_any))
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunked(Mask):
+  """Block-local attention: query and key in the same chunk of `size` tokens."""
+  size: int
+
+  def elements(self, q_index, k_index):
+    return q_index // self.size == k_index // self.size
+
+  def block_kind(self, q0, q1, k0, k1):
+    c = self.size
+    same_single_chunk = (q0 // c == (q1 - 1) // c) & (k0 // c == (k1 - 1) // c) & (q0 // c == k0 // c)
+    overlap = ((q1 - 1) // c >= k0 // c) & ((k1 - 1) // c >= q0 // c)
+    return _kind(same_single_chunk, overlap)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalPrefix(Mask):
+  """The first `count` keys, seen by every query (attention sinks / global tokens)."""
+  count: int
+
+  def elements(self, q_index, k_index):
+    return k_index < self.count
+
+  def block_kind(self, q0, q1, k0, k1):
+    return _kind(k1 <= self.count, k0 < self.count) + 0 * q0
+
+
+@dataclasses.dataclass(frozen=True)
+class And(Mask):
+  parts: tuple
+
+  def elements(self, q_index, k_index):
+    out = self.parts[0].elements(q_index, k_index)
+    for part in self.parts[1:]:
+      out = out & part.elements(q_index, k_index)
+    return out
+
+  def block_kind(self, q0, q1, k0, k1):
+    kinds = [part.block_kind(q0, q1, k0, k1) for part in self.parts]
+    lowest = kinds[0]  # EMPTY < PARTIAL < FULL: the tile is as full as its emptiest part
+    for kind in kinds[1:]:
+      lowest = jnp.minimum(lowest, kind)
+    return lowest
+
+
+@dataclasses.dataclass(frozen=True)
+class Or(Mask):
+  parts: tuple
+
+  def elements(self, q_index, k_index):
+    out = self.parts[0].elements(q_index, k_index)
+    for part in self.parts[1:]:
+      out = out | part.elements(q_index, k_index)
+    return out
+
+  def block_kind(self, q0, q1, k0, k1):
+    kinds = [part.block_kind(q0, q1, k0, k1) for part in self.parts]
+    highest = kinds[0]  # the tile is as full as its fullest part
+    for kind in kinds[1:]:
+      highest = jnp.maximum(highest, kind)
+    return highest
+
+
+def causal_window(window):
+  """Causal attention to the last `window` tokens (the query included)."""
+  return Causal() & SlidingWindow(window - 1)

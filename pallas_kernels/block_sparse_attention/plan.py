@@ -1,0 +1,217 @@
+"""The block-sparse plan: which kv blocks each q block visits, and how.
+
+One plan serves every softmax-attention mechanism. Per (batch, plan head, q block) it
+holds the count and the indices of the kv blocks to visit, active ones first in
+ascending order, each tagged full (no element mask) or partial (the element mask is
+computed in the kernel from indices, segment ids and the plan's `mask`); and the same
+transposed (per kv block, the q blocks that visit it) for the dK/dV pass.
+
+Plan heads: 1 (shared by all heads), Hkv (one per GQA group) or H (one per query head);
+query head h uses plan head h // (H // plan_heads).
+
+Builders are jittable jnp working at block granularity (never an L x L array):
+  plan_from_mask          a mask function (causal, window, chunks, global prefix, ...)
+  plan_from_block_mask    a boolean [B, Hp, nQ, nK] choice of blocks (learned, routed)
+  plan_from_block_scores  top-k blocks per q block row of a score matrix
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL, PARTIAL, Causal, Mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockSparsePlan:
+  kv_count: jax.Array  # [B, Hp, nQ] int32: kv blocks each q block visits
+  kv_index: jax.Array  # [B, Hp, nQ, nK] int16/32: those blocks first (ascending), then the last repeated
+  kv_full: jax.Array  # [B, Hp, nQ, nK] int8: 1 where the block needs no element mask
+  q_count: jax.Array  # [B, Hp, nK] int32: q blocks that visit each kv block (dK/dV pass)
+  q_index: jax.Array  # [B, Hp, nK, nQ]
+  q_full: jax.Array  # [B, Hp, nK, nQ]
+  q_segment_ids: Any  # [B, Tq] int32 or None: documents; keys of other documents are masked
+  kv_segment_ids: Any  # [B, Tk] int32 or None
+  mask: Mask = dataclasses.field(metadata=dict(static=True))  # element rule inside partial blocks
+  q_len: int = dataclasses.field(metadata=dict(static=True))
+  kv_len: int = dataclasses.field(metadata=dict(static=True))
+  block_q: int = dataclasses.field(metadata=dict(static=True))
+  block_kv: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def num_q_blocks(self):
+    return self.kv_index.shape[2]
+
+  @property
+  def num_kv_blocks(self):
+    return self.kv_index.shape[3]
+
+  @property
+  def plan_heads(self):
+    return self.kv_index.shape[1]
+
+  def block_kinds(self):
+    """[B, Hp, nQ, nK] EMPTY/PARTIAL/FULL, rebuilt from the q-major lists (tests, rendering)."""
+    nk = self.num_kv_blocks
+    active = jnp.arange(nk) < self.kv_count[..., None]
+    kinds = jnp.where(active, jnp.where(self.kv_full == 1, FULL, PARTIAL), EMPTY)
+    out = jnp.zeros(self.kv_index.shape, jnp.int32)
+    b, h, i, _ = jnp.indices(self.kv_index.shape)
+    return out.at[b, h, i, self.kv_index.astype(jnp.int32)].max(kinds)
+
+  def element_mask(self, q_index, k_index, q_segment=None, k_segment=None):
+    """Bool mask inside a partial block: the mask function, the key length, and documents
+    (segment ids gathered at those indices by the caller). Every implementation uses it."""
+    allowed = self.mask.elements(q_index, k_index) & (k_index < self.kv_len) & (q_index < self.q_len)
+    if q_segment is not None:
+      allowed = allowed & (q_segment == k_segment)
+    return allowed
+
+
+def num_blocks(length, block):
+  return -(-length // block)
+
+
+def index_dtype(count):
+  return jnp.int16 if count < 2 ** 15 else jnp.int32
+
+
+def compact(kinds):
+  """Per row of [..., n] kinds: (count, indices active-first ascending, full flags)."""
+  n = kinds.shape[-1]
+  active = kinds != EMPTY
+  order = jnp.argsort(jnp.where(active, 0, 1) * n + jnp.arange(n), axis=-1)
+  count = active.sum(-1).astype(jnp.int32)
+  # Inactive slots repeat the last active index, so a pipeline that prefetches them moves no new data.
+  last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+  index = jnp.where(jnp.arange(n) < count[..., None], order, last)
+  full = (jnp.take_along_axis(kinds, index, axis=-1) == FULL) & (jnp.arange(n) < count[..., None])
+  return count, index.astype(index_dtype(n)), full.astype(jnp.int8)
+
+
+def segment_block_kinds(q_segment_ids, kv_segment_ids, block_q, block_kv):
+  """[B, nQ, nK]: EMPTY where the blocks share no document, FULL where both hold the
+  same single document, PARTIAL otherwise."""
+  def ranges(ids, block):
+    b, t = ids.shape
+    n = num_blocks(t, block)
+    padded = jnp.pad(ids, ((0, 0), (0, n * block - t)), mode='edge').reshape(b, n, block)
+    return padded.min(-1), padded.max(-1)
+  q_lo, q_hi = ranges(q_segment_ids, block_q)
+  k_lo, k_hi = ranges(kv_segment_ids, block_kv)
+  q_lo, q_hi = q_lo[:, :, None], q_hi[:, :, None]
+  k_lo, k_hi = k_lo[:, None, :], k_hi[:, None, :]
+  overlap = (q_lo <= k_hi) & (k_lo <= q_hi)
+  single = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+  return jnp.where(single, FULL, jnp.where(overlap, PARTIAL, EMPTY))
+
+
+def mask_block_kinds(mask, q_len, kv_len, block_q, block_kv):
+  """[nQ, nK] kinds of a mask function, with the ragged last blocks made partial."""
+  nq, nk = num_blocks(q_len, block_q), num_blocks(kv_len, block_kv)
+  q0 = (jnp.arange(nq) * block_q)[:, None]
+  k0 = (jnp.arange(nk) * block_kv)[None, :]
+  q1, k1 = jnp.minimum(q0 + block_q, q_len), jnp.minimum(k0 + block_kv, kv_len)
+  kinds = mask.block_kind(q0, q1, k0, k1)
+  ragged = (q1 - q0 < block_q) | (k1 - k0 < block_kv)  # kernels mask the padding there
+  return jnp.where(ragged & (kinds == FULL), PARTIAL, kinds)
+
+
+def from_kinds(kinds, mask, q_len, kv_len, block_q, block_kv, q_segment_ids=None, kv_segment_ids=None):
+  """A plan from a [B, Hp, nQ, nK] block classification."""
+  kv_count, kv_index, kv_full = compact(kinds)
+  q_count, q_index, q_full = compact(jnp.swapaxes(kinds, -1, -2))
+  return BlockSparsePlan(kv_count, kv_index, kv_full, q_count, q_index, q_full, q_segment_ids, kv_segment_ids,
+                         mask, q_len, kv_len, block_q, block_kv)
+
+
+def combined_kinds(mask, q_len, kv_len, block_q, block_kv, batch, q_segment_ids, kv_segment_ids):
+  """[B, 1, nQ, nK] kinds of a mask function and (if given) documents."""
+  kinds = mask_block_kinds(mask, q_len, kv_len, block_q, block_kv)[None, None]
+  kinds = jnp.broadcast_to(kinds, (batch, 1) + kinds.shape[2:])
+  if q_segment_ids is not None:
+    kinds = jnp.minimum(kinds, segment_block_kinds(q_segment_ids, kv_segment_ids, block_q, block_kv)[:, None])
+  return kinds
+
+
+def check_segments(q_segment_ids, kv_segment_ids, segment_ids):
+  if segment_ids is not None:
+    q_segment_ids = kv_segment_ids = segment_ids
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError('give both q_segment_ids and kv_segment_ids, or segment_ids, or neither')
+  cast = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
+  return cast(q_segment_ids), cast(kv_segment_ids)
+
+
+def plan_from_mask(mask, *, q_len, kv_len=None, block_q=128, block_kv=128, batch=1, segment_ids=None,
+                   q_segment_ids=None, kv_segment_ids=None):
+  """The plan of a mask function (shared by all heads), with documents if segment ids are given."""
+  kv_len = q_len if kv_len is None else kv_len
+  q_seg, kv_seg = check_segments(q_segment_ids, kv_segment_ids, segment_ids)
+  if q_seg is not None:
+    batch = q_seg.shape[0]
+  kinds = combined_kinds(mask, q_len, kv_len, block_q, block_kv, batch, q_seg, kv_seg)
+  return from_kinds(kinds, mask, q_len, kv_len, block_q, block_kv, q_seg, kv_seg)
+
+
+def plan_from_block_mask(block_mask, *, q_len, kv_len=None, block_q=128, block_kv=128, mask=Causal(),
+                         segment_ids=None, q_segment_ids=None, kv_segment_ids=None):
+  """The plan of a chosen set of blocks [B, Hp, nQ, nK] (bool). Inside the chosen blocks
+  `mask` (causal by default) and documents still apply element by element, so a chosen
+  block above the diagonal is dropped and a diagonal block is partial."""
+  kv_len = q_len if kv_len is None else kv_len
+  q_seg, kv_seg = check_segments(q_segment_ids, kv_segment_ids, segment_ids)
+  b = block_mask.shape[0]
+  kinds = combined_kinds(mask, q_len, kv_len, block_q, block_kv, b, q_seg, kv_seg)
+  kinds = jnp.where(block_mask, kinds, EMPTY)
+  return from_kinds(kinds, mask, q_len, kv_len, block_q, block_kv, q_seg, kv_seg)
+
+
+def plan_from_block_scores(scores, keep, *, q_len, kv_len=None, block_q=128, block_kv=128, mask=Causal(),
+                           keep_diagonal=True, keep_first=True, segment_ids=None, q_segment_ids=None,
+                           kv_segment_ids=None):
+  """Top-`keep` kv blocks per q block row of scores [B, Hp, nQ, nK], among the blocks the
+  mask allows, plus the diagonal and the first block when asked. Ties go to the lower index."""
+  kv_len = q_len if kv_len is None else kv_len
+  nq, nk = scores.shape[-2:]
+  allowed = mask_block_kinds(mask, q_len, kv_len, block_q, block_kv) != EMPTY
+  q_start = jnp.arange(nq)[:, None] * block_q
+  diagonal = (jnp.arange(nk)[None, :] * block_kv <= q_start + block_q - 1) & (
+      q_start < (jnp.arange(nk)[None, :] + 1) * block_kv)
+  forced = jnp.zeros((nq, nk), bool)
+  if keep_diagonal:
+    forced |= diagonal
+  if keep_first:
+    forced = forced.at[:, 0].set(True)
+  forced &= allowed
+  ranked = jnp.where(allowed, scores.astype(jnp.float32), -jnp.inf)
+  ranked = jnp.where(forced, jnp.inf, ranked)
+  # Stable ranking: position in a descending stable sort, ties broken by block index.
+  order = jnp.argsort(-ranked, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)
+  chosen = (rank < jnp.maximum(keep, forced.sum(-1, keepdims=True))) & allowed
+  return plan_from_block_mask(chosen, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, mask=mask,
+                              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, segment_ids=segment_ids)
+
+
+def density(plan):
+  """Fraction of (q block, kv block) tiles visited, per plan head."""
+  return plan.kv_count.sum(-1) / (plan.num_q_blocks * plan.num_kv_blocks)
+
+
+def dense_mask(plan, batch, plan_head):
+  """The [Tq, Tk] boolean mask a plan stands for (tests only: this is L x L)."""
+  kinds = np.asarray(plan.block_kinds()[batch, plan_head])
+  q = np.arange(plan.q_len)[:, None]
+  k = np.arange(plan.kv_len)[None, :]
+  visited = kinds[q // plan.block_q, k // plan.block_kv] != EMPTY
+  full = kinds[q // plan.block_q, k // plan.block_kv] == FULL
+  segments = (None, None)
+  if plan.q_segment_ids is not None:
+    segments = (np.asarray(plan.q_segment_ids[batch])[:, None], np.asarray(plan.kv_segment_ids[batch])[None, :])
+  element = np.asarray(plan.element_mask(jnp.asarray(q), jnp.asarray(k), *segments))
+  return visited & (full | element)
