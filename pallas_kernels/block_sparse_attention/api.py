@@ -10,49 +10,40 @@ skipped one could not run. The custom_vjp lives here and nowhere else.
 """
 
 import functools
+import importlib
 import warnings
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse_attention import reference
 
 
-class Implementation:
-  """A forward and a backward with the reference's signatures, and a check of whether they
-  can run here: `unavailable(q, k, v, plan)` returns None or the reason."""
-
-  def __init__(self, name, forward, backward, unavailable, platforms):
-    self.name, self.forward, self.backward = name, forward, backward
-    self.unavailable, self.platforms = unavailable, platforms
-
+# Kernel modules, each exposing IMPLEMENTATIONS (see implementation.py).
+KERNEL_MODULES = ('reference',)
 
 IMPLEMENTATIONS = {
-    'reference': Implementation('reference', reference.forward, reference.backward,
-                                unavailable=lambda *args: None, platforms=('cpu', 'gpu', 'tpu')),
+    implementation.name: implementation
+    for module in KERNEL_MODULES
+    for implementation in importlib.import_module(f'{__package__}.{module}').IMPLEMENTATIONS
 }
 
 # Preference order per platform when implementation=None.
 PREFERENCE = {'gpu': ('mosaic_gpu', 'reference'), 'tpu': ('tpu', 'reference'), 'cpu': ('reference',)}
 
 
-def register_implementation(implementation):
-  IMPLEMENTATIONS[implementation.name] = implementation
-
-
-def _reason_unavailable(name, q, k, v, plan):
+def _reason_unavailable(name, q, k, v, key_bias, plan):
   if name not in IMPLEMENTATIONS:
     return f'unknown implementation {name!r}; registered: {sorted(IMPLEMENTATIONS)}'
   implementation = IMPLEMENTATIONS[name]
   platform = jax.default_backend()
   if platform not in implementation.platforms:
     return f'{name} runs on {"/".join(implementation.platforms)}, not {platform}'
-  return implementation.unavailable(q, k, v, plan)
+  return implementation.unavailable(q, k, v, key_bias, plan)
 
 
-def select_implementation(implementation, q, k, v, plan):
+def select_implementation(implementation, q, k, v, key_bias, plan):
   if isinstance(implementation, str):
-    reason = _reason_unavailable(implementation, q, k, v, plan)
+    reason = _reason_unavailable(implementation, q, k, v, key_bias, plan)
     if reason:
       raise ValueError(f'block_sparse_attention implementation {implementation!r} cannot run: {reason}')
     return IMPLEMENTATIONS[implementation]
@@ -60,7 +51,7 @@ def select_implementation(implementation, q, k, v, plan):
                                   if n in IMPLEMENTATIONS]
   reasons = []
   for name in candidates:
-    reason = _reason_unavailable(name, q, k, v, plan)
+    reason = _reason_unavailable(name, q, k, v, key_bias, plan)
     if reason is None:
       if reasons and implementation:
         warnings.warn(f'block_sparse_attention falls back to {name!r}: ' + '; '.join(reasons))
@@ -88,7 +79,7 @@ def check_shapes(q, k, v, key_bias, plan):
 def block_sparse_attention(q, k, v, plan, *, scale=None, key_bias=None, implementation=None, return_lse=False):
   check_shapes(q, k, v, key_bias, plan)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-  chosen = select_implementation(implementation, q, k, v, plan)
+  chosen = select_implementation(implementation, q, k, v, key_bias, plan)
   out, lse = _attention(chosen.name, scale, q, k, v, key_bias, plan)
   return (out, lse) if return_lse else out
 

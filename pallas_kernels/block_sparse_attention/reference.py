@@ -9,6 +9,8 @@ float32. Fully masked rows give zero output, LSE = EMPTY_ROW_LSE and zero gradie
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_sparse_attention.implementation import Implementation
+
 EMPTY_ROW_LSE = -1e30  # finite: merging LSEs with logaddexp treats it as zero mass
 
 
@@ -176,3 +178,6 @@ def backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse):
   dv = unblock(dv, plan.kv_len, num_heads // group).transpose(0, 2, 1, 3).astype(v.dtype)
   d_bias = None if key_bias is None else unblock(dbias, plan.kv_len, num_heads // group).astype(key_bias.dtype)
   return dq, dk, dv, d_bias
+
+
+IMPLEMENTATIONS = (Implementation('reference', forward, backward),)
