@@ -1,0 +1,313 @@
+"""Block-sparse flash attention forward for Hopper (sm90) in Pallas Mosaic GPU.
+
+FA3 layout, one CTA per (q block, head, batch): block_q // 64 compute warpgroups of 64
+q rows each, plus one TMA producer warpgroup. The producer walks the plan's list for
+this q block, i in [0, kv_count), and TMA-loads kv block kv_index[i] into a ring of K/V
+SMEM stages; the consumers run QK^T and PV on wgmma (P from registers) with an online
+softmax in base 2. kv_full[i] picks the unmasked path or the masked one, whose mask is
+plan.element_mask on iotas (positions, segment ids, kv_len). Both compute warpgroups
+walk the same list, so the barrier protocol is the same for every count, 0 included.
+
+    out, lse = forward(q, k, v, key_bias, plan, scale)   # reference.forward's contract
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.block_sparse_attention import mosaic_gpu_common as common
+from pallas_kernels.block_sparse_attention.reference import EMPTY_ROW_LSE
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+M_INIT = -1e30  # finite running max (base 2): fully masked steps give p = exp2(-inf) = 0, never NaN
+MAX_STAGES = 4
+ROWS = common.WARPGROUP_ROWS
+WGMMA = plgpu.Layout.WGMMA
+WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
+WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)
+
+
+def num_stages(block_q, block_kv, head_dim, itemsize):
+  """K/V ring depth that fits the SMEM budget (at most MAX_STAGES), or 0 if 2 do not fit."""
+  fixed = block_q * head_dim * itemsize + block_q * 4
+  per_stage = 2 * block_kv * head_dim * itemsize
+  return min(MAX_STAGES, (common.SMEM_BUDGET_BYTES - fixed) // per_stage) if fixed + 2 * per_stage <= \
+      common.SMEM_BUDGET_BYTES else 0
+
+
+def unavailable(q, k, v, key_bias, plan, *, interpret=False):
+  reason = common.common_unavailable(q, k, v, key_bias, plan, interpret)
+  if reason:
+    return reason
+  if plan.block_q not in (64, 128):
+    return f'block_q must be 64 or 128, got {plan.block_q}'
+  if plan.block_kv not in (64, 128):
+    return f'block_kv must be 64 or 128, got {plan.block_kv}'
+  if not num_stages(plan.block_q, plan.block_kv, q.shape[-1], q.dtype.itemsize):
+    return f'head_dim {q.shape[-1]} with block_kv {plan.block_kv} does not fit in shared memory'
+  return None
+
+
+class _Ids(NamedTuple):
+  """Where this warpgroup works: batch, query head, kv head, warpgroup, first q row."""
+  b: jax.Array
+  head: jax.Array
+  kv_head: jax.Array
+  wg: jax.Array
+  q_base: jax.Array
+
+
+class _Refs:
+  """The kernel's refs by name (optional inputs are None)."""
+
+  def __init__(self, names, refs):
+    for name, ref in zip(names, refs):
+      setattr(self, name, ref)
+
+
+def _softmax_step(s, carry, dtype):
+  """Online softmax update in base 2: (p in dtype, rescaled acc, m, l)."""
+  acc, m, l = carry
+  m_new = jnp.maximum(m, s.max(axis=1))
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+  acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+  l = l * alpha + p.sum(axis=1)
+  return p.astype(dtype), acc, m_new, l
+
+
+class _Kernel:
+  """Static configuration and the warpgroup bodies of one kernel instance."""
+
+  def __init__(self, plan, shapes, scale, dtype, has_bias, has_segments, interpret):
+    self.plan = plan
+    self.interpret = interpret
+    (self.batch, self.q_len, self.num_heads, self.head_dim), self.num_kv_heads = shapes
+    self.plan_heads = plan.plan_heads
+    self.block_q, self.block_kv = plan.block_q, plan.block_kv
+    self.compute_wgs = plan.block_q // ROWS
+    self.stages = num_stages(plan.block_q, plan.block_kv, self.head_dim, jnp.dtype(dtype).itemsize)
+    self.scale_log2 = scale * LOG2E
+    self.dtype = dtype
+    self.has_bias, self.has_segments = has_bias, has_segments
+
+  # Consumer (compute warpgroup) -------------------------------------------------------
+
+  def _element_mask(self, r, b, q_base, kv_block):
+    shape = (ROWS, self.block_kv)
+    q_idx = q_base + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=WGMMA)
+    k_base = kv_block * self.block_kv
+    k_idx = k_base + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=WGMMA)
+    q_seg = k_seg = None
+    if self.has_segments:
+      q_row = plgpu.load(r.q_seg.at[b, pl.ds(q_base, ROWS)], layout=WGMMA_ROW, optimized=False)
+      k_row = plgpu.load(r.kv_seg.at[b, pl.ds(k_base, self.block_kv)], layout=WGMMA_COL, optimized=False)
+      q_seg = lax.broadcast_in_dim(q_row, shape, [0])
+      k_seg = lax.broadcast_in_dim(k_row, shape, [1])
+    return self.plan.element_mask(q_idx, k_idx, q_seg, k_seg)
+
+  def _logits(self, r, scratch, ids, slot, kv_block, full, schedule):
+    """Scaled base-2 logits of one step, masked where the block is partial."""
+    b, _, kv_head, wg, q_base = ids
+    bias = None
+    if self.has_bias:
+      bias = plgpu.load(r.bias.at[b, kv_head, pl.ds(kv_block * self.block_kv, self.block_kv)],
+                        layout=WGMMA_COL, optimized=False)
+
+    def qk_product(acc_ref):
+      plgpu.wgmma(acc_ref, scratch.q.at[wg], scratch.k.at[slot].T)
+      schedule()
+      return acc_ref[...]
+
+    s = pl.run_scoped(qk_product, plgpu.ACC((ROWS, self.block_kv), jnp.float32))
+    plgpu.barrier_arrive(scratch.k_consumed.at[slot])
+    s = s * self.scale_log2
+    if bias is not None:
+      s = s + lax.broadcast_in_dim(bias * LOG2E, s.shape, [1])
+
+    def masked():
+      return jnp.where(self._element_mask(r, b, q_base, kv_block), s, -jnp.inf)
+
+    return lax.cond(full, lambda: s, masked)
+
+  def consumer(self, r, scratch, ids, count, steps_row):
+    b, head, _, wg, q_base = ids
+    dual = self.compute_wgs == 2
+
+    def schedule():
+      if dual:
+        plgpu.barrier_arrive(scratch.schedule)
+        plgpu.barrier_wait(scratch.schedule)
+
+    plgpu.set_max_registers(232 if dual else 240, action='increase')
+    plgpu.copy_gmem_to_smem(r.q.at[b, pl.ds(q_base, ROWS), head], scratch.q.at[wg],
+                            scratch.q_ready.at[wg])
+    acc = plgpu.layout_cast(jnp.zeros((ROWS, self.head_dim), jnp.float32), WGMMA)
+    m = plgpu.layout_cast(jnp.full((ROWS,), M_INIT, jnp.float32), WGMMA_ROW)
+    l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), WGMMA_ROW)
+    plgpu.barrier_wait(scratch.q_ready.at[wg])
+
+    @pl.when(count > 0)
+    def _():
+      plgpu.barrier_wait(scratch.k_ready.at[0])
+
+    if dual:
+      pl.when(wg == 1)(schedule)
+
+    def step(i, carry):
+      slot = lax.rem(i, self.stages)
+      packed = steps_row[i]
+      kv_block, full = packed // 2, (packed % 2) == 1
+      s = self._logits(r, scratch, ids, slot, kv_block, full, schedule)
+      p, acc, m, l = _softmax_step(s, carry, self.dtype)
+      if dual:
+        acc, m, l, p = lax.optimization_barrier((acc, m, l, p))
+        plgpu.barrier_arrive(scratch.schedule)
+      plgpu.barrier_wait(scratch.v_ready.at[slot])
+      if dual:
+        plgpu.barrier_wait(scratch.schedule)
+
+      def wait_next_k():
+        @pl.when(i + 1 < count)
+        def _():
+          plgpu.barrier_wait(scratch.k_ready.at[lax.rem(i + 1, self.stages)])
+
+      acc = self._pv_product(acc, p, scratch.v.at[slot], wait_next_k)
+      plgpu.barrier_arrive(scratch.v_consumed.at[slot])
+      return acc, m, l
+
+    acc, m, l = lax.fori_loop(0, count, step, (acc, m, l))
+    if dual:
+      pl.when(wg == 0)(schedule)
+    self._write_out(r, scratch, ids, acc, m, l)
+
+  def _pv_product(self, acc, p, v_tile, while_running):
+    """acc + p @ v_tile on wgmma with P from registers, `while_running` issued meanwhile.
+    GPU interpret mode has neither register-A wgmma nor run_state: there it is a jnp dot."""
+    if self.interpret:
+      while_running()
+      return acc + jnp.dot(p, v_tile[...], preferred_element_type=jnp.float32)
+
+    def product(acc_ref):
+      plgpu.wgmma(acc_ref, p, v_tile)
+      while_running()
+
+    return pl.run_state(product)(plgpu.ACC.init(acc))
+
+  def _write_out(self, r, scratch, ids, acc, m, l):
+    b, head, _, wg, q_base = ids
+    visible = l > 0
+    safe_l = jnp.where(visible, l, 1.0)
+    out = acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])
+    lse = jnp.where(visible, (m + jnp.log2(safe_l)) * LN2, EMPTY_ROW_LSE)
+    scratch.q[wg] = out.astype(self.dtype)  # the q tile is no longer read: reuse it for the output
+    scratch.lse[wg] = lse
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(scratch.q.at[wg], r.out.at[b, pl.ds(q_base, ROWS), head])
+    plgpu.copy_smem_to_gmem(scratch.lse.at[wg], r.lse.at[b, head, pl.ds(q_base, ROWS)])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  # Producer (TMA warpgroup) -----------------------------------------------------------
+
+  def producer(self, r, scratch, b, kv_head, count, steps_row):
+    plgpu.set_max_registers(40, action='decrease')
+
+    @pl.loop(0, count)
+    def _(i):
+      slot = lax.rem(i, self.stages)
+      rows = pl.ds((steps_row[i] // 2) * self.block_kv, self.block_kv)
+      refilling = i >= self.stages
+
+      @pl.when(refilling)
+      def _():
+        plgpu.barrier_wait(scratch.k_consumed.at[slot])
+
+      plgpu.copy_gmem_to_smem(r.k.at[b, rows, kv_head], scratch.k.at[slot], scratch.k_ready.at[slot])
+
+      @pl.when(refilling)
+      def _():
+        plgpu.barrier_wait(scratch.v_consumed.at[slot])
+
+      plgpu.copy_gmem_to_smem(r.v.at[b, rows, kv_head], scratch.v.at[slot], scratch.v_ready.at[slot])
+
+  # Entry ------------------------------------------------------------------------------
+
+  def body(self, names, *refs):
+    r = _Refs(names, refs[:len(names)])
+    scratch = _Refs(('q', 'k', 'v', 'lse', 'q_ready', 'k_ready', 'v_ready', 'k_consumed', 'v_consumed',
+                     'schedule'), refs[len(names):])
+    q_block, head, b = (lax.axis_index(axis) for axis in ('q_blocks', 'heads', 'batch'))
+    wg = lax.axis_index('wg')
+    kv_head = common.group_of(head, self.num_heads, self.num_kv_heads)
+    plan_head = common.group_of(head, self.num_heads, self.plan_heads)
+    count = r.kv_count[b, plan_head, q_block]
+    steps_row = r.steps.at[b, plan_head, q_block]
+    ids = _Ids(b, head, kv_head, wg, q_block * self.block_q + wg * ROWS)
+
+    @pl.when(wg < self.compute_wgs)
+    def _():
+      self.consumer(r, scratch, ids, count, steps_row)
+
+    @pl.when(wg == self.compute_wgs)
+    def _():
+      self.producer(r, scratch, b, kv_head, count, steps_row)
+
+  def scratch_types(self):
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    wgs, stages = self.compute_wgs, self.stages
+    kv_tile = (stages, self.block_kv, self.head_dim)
+    return (
+        plgpu.SMEM((wgs, ROWS, self.head_dim), self.dtype, transforms=tiled),
+        plgpu.SMEM(kv_tile, self.dtype, transforms=tiled),
+        plgpu.SMEM(kv_tile, self.dtype, transforms=tiled),
+        plgpu.SMEM((wgs, ROWS), jnp.float32),
+        plgpu.Barrier(num_barriers=wgs),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=wgs),
+    )
+
+
+def _grid_call(kernel, inputs, q_padded, interpret):
+  names = tuple(inputs)
+  b, t, h, d = q_padded.shape
+  out_types = (jax.ShapeDtypeStruct(q_padded.shape, q_padded.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32))
+  call = plgpu.kernel(
+      functools.partial(kernel.body, names + ('out', 'lse')),
+      out_type=out_types,
+      scratch_types=kernel.scratch_types(),
+      grid=(t // kernel.block_q, h, b),
+      grid_names=('q_blocks', 'heads', 'batch'),
+      num_threads=kernel.compute_wgs + 1,
+      thread_name='wg',
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )
+  return call(*inputs.values())
+
+
+def forward(q, k, v, key_bias, plan, scale, *, interpret=False):
+  """(out [B, Tq, H, D] in q.dtype, lse [B, H, Tq] float32 natural log), as reference.forward."""
+  reason = unavailable(q, k, v, key_bias, plan, interpret=interpret)
+  if reason:
+    raise ValueError(f'mosaic_gpu forward cannot run: {reason}')
+  q_p, k_p, v_p, bias_p, q_seg, kv_seg = common.padded_inputs(q, k, v, key_bias, plan)
+  inputs = dict(q=q_p, k=k_p, v=v_p, kv_count=plan.kv_count.astype(jnp.int32),
+                steps=common.packed_steps(plan.kv_index, plan.kv_full))
+  if bias_p is not None:
+    inputs['bias'] = bias_p
+  if q_seg is not None:
+    inputs.update(q_seg=q_seg, kv_seg=kv_seg)
+  kernel = _Kernel(plan, (q.shape, k.shape[2]), scale, q.dtype, bias_p is not None, q_seg is not None,
+                   interpret)
+  out, lse = _grid_call(kernel, inputs, q_p, interpret)
+  return out[:, :plan.q_len], lse[:, :, :plan.q_len]
