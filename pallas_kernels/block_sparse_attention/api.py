@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 
 # Kernel modules, each exposing IMPLEMENTATIONS (see implementation.py).
-KERNEL_MODULES = ('reference',)
+KERNEL_MODULES = ('reference', 'tpu')
 
 IMPLEMENTATIONS = {
     implementation.name: implementation

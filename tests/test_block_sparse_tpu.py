@@ -1,0 +1,122 @@
+"""The Mosaic TPU kernels of block-sparse attention (tpu.py), run in TPU interpret mode on
+CPU: outputs, LSE and every gradient against dense attention (through the public api) and
+against the reference's forward/backward. Interpret mode is slow, so the default cases are
+few and each covers several features; the wider sweeps are marked slow."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_block_sparse_attention import MASKS, check_against_dense, random_inputs
+
+from pallas_kernels.block_sparse_attention import masks, plan_from_block_mask, plan_from_mask, reference, tpu
+from pallas_kernels.block_sparse_attention.api import IMPLEMENTATIONS, select_implementation
+from pallas_kernels.block_sparse_attention.reference import EMPTY_ROW_LSE
+
+INTERPRET = 'tpu_interpret'
+
+
+def random_block_plan(seed, length, block_q, block_kv, plan_heads, density, documents, mask=masks.Causal()):
+  rng = np.random.default_rng(seed)
+  nq, nk = -(-length // block_q), -(-length // block_kv)
+  block_mask = rng.random((2, plan_heads, nq, nk)) < density
+  segments = None
+  if documents:
+    segments = np.cumsum(rng.random((2, length)) < 0.15, axis=1).astype(np.int32) + 1
+  return plan_from_block_mask(jnp.asarray(block_mask), q_len=length, block_q=block_q, block_kv=block_kv,
+                              mask=mask, segment_ids=segments)
+
+
+def test_causal_gqa_ragged_with_key_bias():
+  q, k, v, bias, d_out = random_inputs(0, 2, 21, 21, 4, 2, 16, jnp.float32, with_bias=True)
+  plan = plan_from_mask(MASKS['causal'], q_len=21, block_q=8, block_kv=8, batch=2)
+  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
+
+
+def test_documents_and_window_or_prefix_per_kv_head_plan():
+  """Segment ids, a window|prefix element rule, and a plan per kv head (Hp = Hkv)."""
+  q, k, v, bias, d_out = random_inputs(1, 2, 30, 30, 4, 2, 8, jnp.float32, with_bias=True)
+  plan = random_block_plan(1, 30, 8, 16, plan_heads=2, density=0.8, documents=True,
+                           mask=MASKS['window_or_prefix'])
+  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
+
+
+def test_per_query_head_random_plan_with_fully_masked_rows():
+  """Hp = H: the query heads of a GQA group walk different lists into the same dK/dV block."""
+  q, k, v, bias, d_out = random_inputs(2, 2, 24, 24, 4, 2, 8, jnp.float32, with_bias=True)
+  plan = random_block_plan(2, 24, 8, 8, plan_heads=4, density=0.5, documents=False)
+  assert (plan.kv_count == 0).any(), 'the case needs q blocks that see no key'
+  out, lse, (dq, _, _, _) = check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
+  empty = np.repeat(np.asarray(plan.kv_count == 0), 8, axis=-1)  # [B, H, Tq] for these shapes
+  assert (np.asarray(lse)[empty] == EMPTY_ROW_LSE).all()
+  rows = np.asarray(out).transpose(0, 2, 1, 3)[empty]
+  assert (rows == 0).all() and (np.asarray(dq).transpose(0, 2, 1, 3)[empty] == 0).all()
+
+
+def test_bfloat16_chunked_group_of_eight():
+  q, k, v, bias, d_out = random_inputs(3, 1, 32, 32, 8, 1, 16, jnp.bfloat16, with_bias=False)
+  plan = plan_from_mask(MASKS['chunked'], q_len=32, block_q=16, block_kv=8)
+  out, _, grads = check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.bfloat16, implementation=INTERPRET)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+
+
+def test_matches_reference_on_short_and_cross_lengths_with_lse_cotangent():
+  """A query length shorter than one block, Tq != Tk, and a nonzero d_lse, against reference.py."""
+  q, k, v, bias, d_out = random_inputs(4, 1, 5, 19, 4, 2, 8, jnp.float32, with_bias=True)
+  plan = plan_from_mask(masks.SlidingWindow(6, 2), q_len=5, kv_len=19, block_q=8, block_kv=8)
+  scale = 0.3
+  out, lse = tpu.forward(q, k, v, bias, plan, scale, interpret=True)
+  out_ref, lse_ref = reference.forward(q, k, v, bias, plan, scale)
+  np.testing.assert_allclose(out, out_ref, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(lse, lse_ref, rtol=2e-5, atol=2e-5)
+  d_lse = jax.random.normal(jax.random.key(5), lse.shape)
+  grads = tpu.backward(q, k, v, bias, plan, scale, out, lse, d_out, d_lse, interpret=True)
+  grads_ref = reference.backward(q, k, v, bias, plan, scale, out_ref, lse_ref, d_out, d_lse)
+  for name, got, want in zip(('dq', 'dk', 'dv', 'dbias'), grads, grads_ref):
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_tpu_needs_lane_sized_blocks_and_interpret_mode_does_not():
+  q, k, v, _, _ = random_inputs(0, 1, 16, 16, 2, 2, 8, jnp.float32, False)
+  small = plan_from_mask(masks.Causal(), q_len=16, block_q=8, block_kv=8)
+  assert 'multiples of 128' in IMPLEMENTATIONS['tpu'].unavailable(q, k, v, None, small)
+  large = plan_from_mask(masks.Causal(), q_len=16, block_q=128, block_kv=256)
+  assert IMPLEMENTATIONS['tpu'].unavailable(q, k, v, None, large) is None
+  assert select_implementation(INTERPRET, q, k, v, None, small).name == INTERPRET
+  if jax.default_backend() != 'tpu':
+    with pytest.raises(ValueError, match='runs on tpu'):
+      select_implementation('tpu', q, k, v, None, large)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mask_name', sorted(MASKS))
+@pytest.mark.parametrize('group', [1, 2, 4, 8])
+def test_mask_plans_match_dense(mask_name, group):
+  q, k, v, bias, d_out = random_inputs(0, 2, 21, 21, 8, 8 // group, 16, jnp.float32, with_bias=True)
+  plan = plan_from_mask(MASKS[mask_name], q_len=21, block_q=8, block_kv=4, batch=2)
+  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('seed', range(6))
+@pytest.mark.parametrize('plan_heads', ['one', 'kv_heads', 'heads'])
+def test_random_block_plans_match_dense(seed, plan_heads):
+  rng = np.random.default_rng(seed)
+  length = int(rng.integers(1, 40))
+  block_q, block_kv = (int(x) for x in rng.choice([8, 16, 32], 2))
+  group = int(rng.choice([1, 2, 4]))
+  h, hkv = 4, 4 // group
+  hp = {'one': 1, 'kv_heads': hkv, 'heads': h}[plan_heads]
+  with_bias = bool(seed % 2)
+  q, k, v, bias, d_out = random_inputs(seed, 2, length, length, h, hkv, 8, jnp.float32, with_bias)
+  plan = random_block_plan(seed, length, block_q, block_kv, hp, density=rng.random(), documents=seed % 3 == 0)
+  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('block', [64, 128])
+def test_bfloat16_large_blocks_window(block):
+  q, k, v, bias, d_out = random_inputs(6, 1, 200, 200, 2, 1, 32, jnp.bfloat16, with_bias=True)
+  plan = plan_from_mask(masks.causal_window(70), q_len=200, block_q=block, block_kv=block)
+  check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.bfloat16, implementation=INTERPRET)
