@@ -7,6 +7,7 @@ element mask cuts k >= kv_len and q >= q_len), then slice the outputs back.
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 WARPGROUP_ROWS = 64  # rows of one wgmma M tile: one compute warpgroup's share of a q block
 SMEM_BUDGET_BYTES = 200 * 1024  # of H100's 227 KiB, leaving room for barriers and reductions
@@ -44,9 +45,14 @@ def packed_steps(index, full):
   return index.astype(jnp.int32) * 2 + full.astype(jnp.int32)
 
 
+def unpack_step(packed):
+  """(kv block index, is full) of a packed_steps scalar."""
+  return lax.shift_right_logical(packed, 1), lax.bitwise_and(packed, 1) == 1
+
+
 def group_of(head, num_heads, num_groups):
   """The kv head or plan head a query head reads: head // (num_heads // num_groups)."""
-  return jax.lax.div(head, jnp.int32(num_heads // num_groups))
+  return lax.div(head, jnp.int32(num_heads // num_groups))
 
 
 def is_hopper_gpu():

@@ -146,7 +146,8 @@ class _Kernel:
         plgpu.barrier_arrive(scratch.schedule)
         plgpu.barrier_wait(scratch.schedule)
 
-    plgpu.set_max_registers(232 if dual else 240, action='increase')
+    if dual:  # 2 x 232 + 40 registers per thread fill the register file; one compute WG needs no split
+      plgpu.set_max_registers(232, action='increase')
     plgpu.copy_gmem_to_smem(r.q.at[b, pl.ds(q_base, ROWS), head], scratch.q.at[wg],
                             scratch.q_ready.at[wg])
     acc = plgpu.layout_cast(jnp.zeros((ROWS, self.head_dim), jnp.float32), WGMMA)
@@ -163,8 +164,7 @@ class _Kernel:
 
     def step(i, carry):
       slot = lax.rem(i, self.stages)
-      packed = steps_row[i]
-      kv_block, full = packed // 2, (packed % 2) == 1
+      kv_block, full = common.unpack_step(steps_row[i])
       s = self._logits(r, scratch, ids, slot, kv_block, full, schedule)
       p, acc, m, l = _softmax_step(s, carry, self.dtype)
       if dual:
@@ -217,12 +217,13 @@ class _Kernel:
   # Producer (TMA warpgroup) -----------------------------------------------------------
 
   def producer(self, r, scratch, b, kv_head, count, steps_row):
-    plgpu.set_max_registers(40, action='decrease')
+    if self.compute_wgs == 2:
+      plgpu.set_max_registers(40, action='decrease')
 
     @pl.loop(0, count)
     def _(i):
       slot = lax.rem(i, self.stages)
-      rows = pl.ds((steps_row[i] // 2) * self.block_kv, self.block_kv)
+      rows = pl.ds(common.unpack_step(steps_row[i])[0] * self.block_kv, self.block_kv)
       refilling = i >= self.stages
 
       @pl.when(refilling)
@@ -244,6 +245,7 @@ class _Kernel:
     scratch = _Refs(('q', 'k', 'v', 'lse', 'q_ready', 'k_ready', 'v_ready', 'k_consumed', 'v_consumed',
                      'schedule'), refs[len(names):])
     q_block, head, b = (lax.axis_index(axis) for axis in ('q_blocks', 'heads', 'batch'))
+    q_block = self.plan.num_q_blocks - 1 - q_block  # long rows of causal plans first: a shorter tail
     wg = lax.axis_index('wg')
     kv_head = common.group_of(head, self.num_heads, self.num_kv_heads)
     plan_head = common.group_of(head, self.num_heads, self.plan_heads)
