@@ -1,0 +1,81 @@
+"""benchmarks/attention.py on the CPU: the --quick smoke run end to end, and the pieces a
+wrong number would come from (FLOP count, FlexAttention's block lists, the window
+semantics handed to jax.nn.dot_product_attention, the WRONG mark)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import attention as bench
+from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL, PARTIAL
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_run_prints_one_table_and_writes_json(tmp_path):
+  out = tmp_path / 'attention.json'
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'attention.py'), '--quick', '--out',
+                           str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(re.findall(r'^S +mask +pass +impl', result.stdout, re.MULTILINE)) == 1  # one table
+  rows = json.loads(out.read_text())['rows']
+  by_key = {(r['mask'], r['direction'], r['implementation']): r for r in rows}
+  assert len(by_key) == 10  # (ours, xla) x (fwd, fwd+bwd) x 3 masks, no xla for random blocks
+  for row in rows:
+    assert row['ms'] > 0 and row['tflops'] > 0, row
+    assert row['err'] < 0.05 and 'WRONG' not in row['note'], row
+  ours = by_key[('causal', 'fwd', 'ours:reference')]
+  assert ours['vs_cudnn'] > 0 and ours['target'].startswith('cuDNN>=0.85:')
+  random_target = by_key[('random:0.1', 'fwd+bwd', 'ours:reference')]['target']
+  assert random_target.startswith('cuDNN>=0.7:') and random_target.endswith('Flex>1:n/a')  # torch is left out
+
+
+def test_flops_count_visited_tiles_of_every_head():
+  plan = bench.make_plan('causal', 1024, 128)
+  assert bench.visited_tiles(plan, 16) == 16 * 36
+  assert bench.forward_flops(plan, 16, 128) == 4 * 128 * 128 * 128 * 16 * 36
+
+
+def test_flex_block_lists_cover_the_plan_exactly():
+  for spec in ('causal', 'causal_window:300', 'random:0.3'):
+    plan = bench.make_plan(spec, 2048, 128)
+    partial_count, partial_index, full_count, full_index = bench.flex_block_lists(plan)
+    kinds = np.asarray(plan.block_kinds())
+    rebuilt = np.zeros_like(kinds)
+    for count, index, kind in ((partial_count, partial_index, PARTIAL), (full_count, full_index, FULL)):
+      assert count.dtype == index.dtype == np.int32
+      for row in range(kinds.shape[2]):
+        chosen = index[0, 0, row, :count[0, 0, row]]
+        assert (np.diff(chosen) > 0).all()
+        assert (rebuilt[0, 0, row, chosen] == EMPTY).all()  # partial and full lists are disjoint
+        rebuilt[0, 0, row, chosen] = kind
+    np.testing.assert_array_equal(rebuilt, kinds, err_msg=spec)
+
+
+def test_window_handed_to_dot_product_attention_is_the_plans_window():
+  length, window = 256, 100
+  plan = bench.make_plan(f'causal_window:{window}', length, 64)
+  keys = jax.random.split(jax.random.key(1), 4)
+  q, k, v, d_out = (jax.random.normal(key, (1, length, 2, 32), jnp.float32) for key in keys)
+  rows = bench.sample_rows(length, 64)
+  out_exact, _ = bench.exact_rows(q, k, v, d_out, plan, rows)
+  out = bench.dense_attend('xla', f'causal_window:{window}')(q, k, v)
+  np.testing.assert_allclose(np.asarray(out[:, rows]), out_exact, atol=2e-5)
+  wider = bench.dense_attend('xla', f'causal_window:{window + 1}')(q, k, v)
+  assert np.abs(np.asarray(wider[:, rows]) - out_exact).max() > 1e-3
+
+
+def test_a_wrong_output_is_marked():
+  exact_out = np.ones((1, 4, 2, 8), np.float32)
+  exact_dq = np.ones((1, 4, 2, 8), np.float32)
+  good = bench.Row(512, 'causal', 'fwd', 'ours:x', 1, 1.0)
+  bad = bench.Row(512, 'causal', 'fwd', 'ours:y', 1, 1.0)
+  bench.check_rows([(good, {'out': exact_out + 0.01}), (bad, {'out': exact_out * 1.5})], (exact_out, exact_dq))
+  assert 'WRONG' not in good.note and 'WRONG' in bad.note
+  assert np.isclose(bad.err, 0.5)
