@@ -6,7 +6,8 @@
 
 bf16, B=1, H=16, D=128 (no GQA), S in {8192, 32768}, forward and forward+backward, on
 three plans: dense causal, a causal window of 1024 keys (the query included), and a
-random 10% of the blocks below the diagonal plus the diagonal (seeded). Each row is one
+random 10% of the blocks below the diagonal plus the diagonal, drawn per head (seeded;
+plan_from_block_mask with 16 plan heads). Each row is one
 implementation on one (S, mask, pass):
   ours    `block_sparse_attention(..., implementation=NAME)` for each NAME of --implementations;
   cudnn   `jax.nn.dot_product_attention(is_causal=True, implementation='cudnn')`, with
@@ -97,8 +98,9 @@ def make_inputs(length, heads, head_dim, seed):
   return tuple(jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
 
 
-def make_plan(spec, length, block):
-  return plan_from_spec(spec, length, block, seed=0)
+def make_plan(spec, length, block, heads):
+  """One plan for all heads from a mask function; random blocks drawn per head."""
+  return plan_from_spec(spec, length, block, seed=0, heads=heads)
 
 
 def visited_tiles(plan, heads):
@@ -117,12 +119,12 @@ def sample_rows(length, block):
 # ---------------------------------------------------------------- the exact oracle
 
 def plan_row_mask(plan, rows):
-  """[R, S] bool: what the plan lets the sampled query rows see."""
-  kinds = plan.block_kinds()[0, 0]
+  """[1, Hp, R, S] bool: what the plan lets the sampled query rows see (B = 1)."""
+  kinds = plan.block_kinds()[0]
   q_index = jnp.asarray(rows)[:, None]
   k_index = jnp.arange(plan.kv_len)[None, :]
-  kind = kinds[q_index // plan.block_q, k_index // plan.block_kv]
-  return (kind != EMPTY) & ((kind == FULL) | plan.element_mask(q_index, k_index))
+  kind = kinds[:, q_index // plan.block_q, k_index // plan.block_kv]
+  return ((kind != EMPTY) & ((kind == FULL) | plan.element_mask(q_index, k_index)))[None]
 
 
 @functools.partial(jax.jit, static_argnums=(5,))
@@ -458,14 +460,14 @@ def parse_args(argv):
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--out', default=None, help='write the rows as JSON here')
   parser.add_argument('--quick', action='store_true',
-                      help='CPU smoke run: S=512, 2 heads, window 256, reference, XLA baseline, no torch')
+                      help='CPU smoke run: S=512, 2 heads, window 256, random 50%%, reference, XLA baseline, no torch')
   args = parser.parse_args(argv)
   quick = args.quick
   pick = lambda value, normal, smoke: value if value is not None else (smoke if quick else normal)
   args.implementations = pick(args.implementations, 'mosaic_gpu', 'reference')
   args.implementations = [] if args.implementations == 'none' else args.implementations.split(',')
   args.sizes = [int(s) for s in pick(args.sizes, '8192,32768', '512').split(',')]
-  args.masks = pick(args.masks, 'causal,causal_window:1024,random:0.1', 'causal,causal_window:256,random:0.1').split(',')
+  args.masks = pick(args.masks, 'causal,causal_window:1024,random:0.1', 'causal,causal_window:256,random:0.5').split(',')
   args.heads = pick(args.heads, 16, 2)
   args.iterations = pick(args.iterations, 20, 2)
   args.jax_baseline = pick(args.jax_baseline, 'cudnn', 'xla')
@@ -474,7 +476,7 @@ def parse_args(argv):
 
 
 def run_configuration(args, length, spec, torch, flex):
-  plan = make_plan(spec, length, args.block)
+  plan = make_plan(spec, length, args.block, args.heads)
   inputs = make_inputs(length, args.heads, args.head_dim, args.seed)
   flops, tiles = forward_flops(plan, args.heads, args.head_dim), visited_tiles(plan, args.heads)
   rows = sample_rows(length, args.block)

@@ -60,6 +60,9 @@ def test_specs_give_the_expected_densities():
   assert set(np.unique(below)) == {EMPTY, FULL} and 0.3 < (below == FULL).mean() < 0.7
   again = kind_grid(plan_from_spec('random:0.5', 2048, 128, seed=3))
   np.testing.assert_array_equal(random, again)
+  per_head = plan_from_spec('random:0.5', 2048, 128, seed=3, heads=2)
+  assert per_head.plan_heads == 2
+  assert (kind_grid(per_head, plan_head=0) != kind_grid(per_head, plan_head=1)).any()
   topk = plan_from_spec('topk:3', 1024, 128)
   assert int(topk.kv_count[0, 0].max()) == 3
   with pytest.raises(ValueError, match='unknown mask spec'):

@@ -73,23 +73,24 @@ def render_plan(plan, path, *, batch=0, plan_head=0, title=None):
     plt.close(figure)
 
 
-def random_causal_block_mask(num_q_blocks, num_kv_blocks, fraction, seed=0):
-  """[1, 1, nQ, nK] bool: each block below the diagonal kept with probability `fraction`,
-  the diagonal always (so every query sees itself)."""
+def random_causal_block_mask(num_q_blocks, num_kv_blocks, fraction, seed=0, heads=1):
+  """[1, heads, nQ, nK] bool: each block below the diagonal kept with probability
+  `fraction`, independently per head, the diagonal always (so every query sees itself)."""
   rows = np.arange(num_q_blocks)[:, None]
   cols = np.arange(num_kv_blocks)[None, :]
-  kept = np.random.default_rng(seed).random((num_q_blocks, num_kv_blocks)) < fraction
-  return ((kept & (cols < rows)) | (cols == rows))[None, None]
+  kept = np.random.default_rng(seed).random((1, heads, num_q_blocks, num_kv_blocks)) < fraction
+  return (kept & (cols < rows)) | (cols == rows)
 
 
-def random_topk_plan(keep, length, block, seed=0):
+def random_topk_plan(keep, length, block, seed=0, heads=1):
   num = num_blocks(length, block)
-  scores = np.random.default_rng(seed).random((1, 1, num, num)).astype(np.float32)
+  scores = np.random.default_rng(seed).random((1, heads, num, num)).astype(np.float32)
   return plan_from_block_scores(scores, keep, q_len=length, block_q=block, block_kv=block)
 
 
-def plan_from_spec(spec, length, block=128, seed=0):
-  """A causal-length plan (q_len = kv_len = length) from a spec such as 'causal_window:1024'."""
+def plan_from_spec(spec, length, block=128, seed=0, heads=1):
+  """A causal-length plan (q_len = kv_len = length) from a spec such as 'causal_window:1024'.
+  Mask functions give one plan for all heads; random and topk draw one per head (`heads`)."""
   name, _, argument = spec.partition(':')
   from_mask = lambda mask: plan_from_mask(mask, q_len=length, block_q=block, block_kv=block)
   if name == 'full':
@@ -102,10 +103,10 @@ def plan_from_spec(spec, length, block=128, seed=0):
     return from_mask(masks.Chunked(int(argument)) & masks.Causal())
   if name == 'random':
     num = num_blocks(length, block)
-    chosen = random_causal_block_mask(num, num, float(argument), seed)
+    chosen = random_causal_block_mask(num, num, float(argument), seed, heads)
     return plan_from_block_mask(chosen, q_len=length, block_q=block, block_kv=block)
   if name == 'topk':
-    return random_topk_plan(int(argument), length, block, seed)
+    return random_topk_plan(int(argument), length, block, seed, heads)
   raise ValueError(f'unknown mask spec {spec!r}: use full, causal, causal_window:W, chunked:C, '
                    'random:DENSITY or topk:K')
 
