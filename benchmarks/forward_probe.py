@@ -4,9 +4,10 @@
 
 B=1, H=16, D=128, bf16. Plans (blocks 128 x 128): dense causal, causal window of 1024,
 and a random plan keeping ~10 % of each row's causal blocks plus the diagonal (one list
-per head). Times are CUPTI kernel times per call (profiler.measure, median over the
-iterations, every kernel of the call summed: the plan packing is included). TFLOP/s
-count the tiles the kernel computes (4 * 128 * 128 * D per tile and head).
+per head), each under the grid and the persistent schedule. Times are CUPTI kernel times
+per call (profiler.measure, median over the iterations, every kernel of the call summed:
+the plan packing is included). TFLOP/s count the tiles the kernel computes
+(4 * 128 * 128 * D per tile and head).
 """
 
 import argparse
@@ -66,7 +67,11 @@ def main():
                         '--format=csv,noheader'], capture_output=True, text=True).stdout.strip())
   print(jax.devices()[0].device_kind, 'jax', jax.__version__)
   scale = D ** -0.5
-  ours = jax.jit(lambda q, k, v, plan: mosaic_gpu_forward.forward(q, k, v, None, plan, scale))
+  schedules = {
+      'grid': jax.jit(lambda q, k, v, plan: mosaic_gpu_forward.forward(q, k, v, None, plan, scale)),
+      'persistent': jax.jit(lambda q, k, v, plan: mosaic_gpu_forward.forward(q, k, v, None, plan, scale,
+                                                                             persistent=True)),
+  }
   cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation='cudnn', is_causal=True))
   rows = []
   for length in args.lengths:
@@ -74,18 +79,19 @@ def main():
     q, k, v = (jax.random.normal(key, (B, length, H, D), jnp.bfloat16) for key in keys)
     cudnn_ms = median_ms(cudnn, (q, k, v), args.iterations)
     causal_tflops = 2 * B * H * length * length * D / (cudnn_ms * 1e-3) / 1e12
-    rows.append((length, 'cudnn causal', 1.0, cudnn_ms, causal_tflops, 1.0, ''))
+    rows.append((length, 'cudnn causal', '', 1.0, cudnn_ms, causal_tflops, 1.0, ''))
     for name, plan in plans(length).items():
-      ms = median_ms(ours, (q, k, v, plan), args.iterations)
       density = float(jnp.mean(plan.kv_count)) / plan.num_kv_blocks
-      note = ''
-      if length <= args.check_up_to:
-        note = 'max|out-ref| %.3g max|lse-ref| %.3g' % check_against_reference(ours, plan, q, k, v, scale)
-      rows.append((length, name, density, ms, tile_tflops(plan, ms), cudnn_ms / ms, note))
-      print(rows[-1], flush=True)
-  print(f'\n{"S":>6} {"plan":<13} {"density":>7} {"ms":>8} {"TFLOP/s":>8} {"cudnn_ms/ms":>11}  check')
-  for length, name, density, ms, tflops, ratio, note in rows:
-    print(f'{length:>6} {name:<13} {density:>7.3f} {ms:>8.3f} {tflops:>8.1f} {ratio:>11.2f}  {note}')
+      for schedule, ours in schedules.items():
+        ms = median_ms(ours, (q, k, v, plan), args.iterations)
+        note = ''
+        if length <= args.check_up_to:
+          note = 'max|out-ref| %.3g max|lse-ref| %.3g' % check_against_reference(ours, plan, q, k, v, scale)
+        rows.append((length, name, schedule, density, ms, tile_tflops(plan, ms), cudnn_ms / ms, note))
+        print(rows[-1], flush=True)
+  print(f'\n{"S":>6} {"plan":<13} {"schedule":<10} {"density":>7} {"ms":>8} {"TFLOP/s":>8} {"cudnn_ms/ms":>11}  check')
+  for length, name, schedule, density, ms, tflops, ratio, note in rows:
+    print(f'{length:>6} {name:<13} {schedule:<10} {density:>7.3f} {ms:>8.3f} {tflops:>8.1f} {ratio:>11.2f}  {note}')
 
 
 if __name__ == '__main__':

@@ -21,12 +21,13 @@ OUT_TOLERANCE = {jnp.bfloat16: dict(rtol=2e-2, atol=2e-2), jnp.float16: dict(rto
 LSE_TOLERANCE = dict(rtol=1e-4, atol=2e-3)
 
 
-def check_forward(plan, q, k, v, bias, *, interpret, dense=True):
+def check_forward(plan, q, k, v, bias, *, interpret, persistent=False, dense=True):
   """Kernel output and LSE against reference.forward (and the dense oracle when asked)."""
   dtype = q.dtype.type
   scale = q.shape[-1] ** -0.5
   assert mosaic_gpu_forward.unavailable(q, k, v, bias, plan, interpret=interpret) is None
-  out, lse = jax.jit(lambda *a: mosaic_gpu_forward.forward(*a, plan, scale, interpret=interpret))(q, k, v, bias)
+  run = lambda *a: mosaic_gpu_forward.forward(*a, plan, scale, interpret=interpret, persistent=persistent)
+  out, lse = jax.jit(run)(q, k, v, bias)
   assert out.shape == q.shape and out.dtype == q.dtype
   assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32
   out_f32 = np.asarray(out, np.float32)
@@ -72,23 +73,25 @@ def test_mask_plans_interpret(name):
 
 
 def test_documents_and_per_head_random_plan_interpret():
-  """Segment ids, a per-query-head plan (Hp = H) with empty rows, batch 2, bias."""
+  """Segment ids, a per-query-head plan (Hp = H) with empty rows, batch 2, bias; the
+  persistent schedule (3 CTAs, 16 tiles: the ring runs on across tiles, some empty)."""
   rng = np.random.default_rng(1)
   b, t, h, hkv = 2, 256, 4, 2
   segments = documents(rng, b, t, 0.01)
   plan = random_plan(1, b, h, t, 128, 64, 0.4, segment_ids=segments)
   q, k, v, bias, _ = random_inputs(1, b, t, t, h, hkv, 64, jnp.bfloat16, True)
-  check_forward(plan, q, k, v, bias, interpret=True)
+  check_forward(plan, q, k, v, bias, interpret=True, persistent=True)
 
 
-def test_fully_masked_rows_interpret():
+@pytest.mark.parametrize('persistent', [False, True])
+def test_fully_masked_rows_interpret(persistent):
   """q block 0 sees nothing (kv_count 0: no pipeline step at all), q block 1 one block
   (fewer than the pipeline depth): zero output and EMPTY_ROW_LSE for the empty rows."""
   t = 256
   chosen = jnp.zeros((1, 1, 2, 4), bool).at[0, 0, 1, 3].set(True)
   plan = plan_from_block_mask(chosen, q_len=t, block_q=128, block_kv=64, mask=masks.Full())
   q, k, v, _, _ = random_inputs(2, 1, t, t, 2, 2, 64, jnp.bfloat16, False)
-  out, lse = check_forward(plan, q, k, v, None, interpret=True)
+  out, lse = check_forward(plan, q, k, v, None, interpret=True, persistent=persistent)
   assert (np.asarray(out[:, :128], np.float32) == 0).all()
   assert (np.asarray(lse[:, :, :128]) == EMPTY_ROW_LSE).all()
 
@@ -103,7 +106,7 @@ def test_random_plans_gqa_interpret(group, plan_heads):
   t = 192
   plan = random_plan(group * 10 + hp, 1, hp, t, 64, 64, 0.5)
   q, k, v, bias, _ = random_inputs(group, 1, t, t, h, hkv, 64, jnp.bfloat16, group % 2 == 0)
-  check_forward(plan, q, k, v, bias, interpret=True)
+  check_forward(plan, q, k, v, bias, interpret=True, persistent=plan_heads != 'kv')
 
 
 @pytest.mark.slow
@@ -151,7 +154,16 @@ def test_mask_plans_gpu(mask_name, blocks):
   dtype = jnp.float16 if mask_name == 'causal' else jnp.bfloat16
   q, k, v, bias, _ = random_inputs(4, 2, t, t, 8, 2, 128, dtype, mask_name == 'window')
   plan = plan_from_mask(GPU_MASKS[mask_name], q_len=t, block_q=blocks[0], block_kv=blocks[1], batch=2)
-  check_forward(plan, q, k, v, bias, interpret=False)
+  check_forward(plan, q, k, v, bias, interpret=False, persistent=blocks[0] != blocks[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('head_dim', [192, 256])
+def test_large_head_dims_gpu(head_dim):
+  t = 640
+  q, k, v, bias, _ = random_inputs(6, 1, t, t, 4, 2, head_dim, jnp.bfloat16, True)
+  plan = plan_from_mask(masks.causal_window(200), q_len=t, block_q=128, block_kv=64)
+  check_forward(plan, q, k, v, bias, interpret=False, persistent=True)
 
 
 @pytest.mark.gpu
@@ -165,16 +177,17 @@ def test_random_plans_documents_gqa_gpu(group, plan_heads):
   plan = random_plan(group + hp, 2, hp, t, 128, 64, 0.3, segment_ids=segments)
   head_dim = 64 if plan_heads == 'kv' else 128
   q, k, v, bias, _ = random_inputs(group, 2, t, t, h, hkv, head_dim, jnp.bfloat16, True)
-  check_forward(plan, q, k, v, bias, interpret=False)
+  check_forward(plan, q, k, v, bias, interpret=False, persistent=group % 2 == 0)
 
 
 @pytest.mark.gpu
-def test_fully_masked_rows_gpu():
+@pytest.mark.parametrize('persistent', [False, True])
+def test_fully_masked_rows_gpu(persistent):
   t = 1024
   chosen = jnp.zeros((1, 1, 8, 8), bool).at[0, 0, 4:, :].set(True).at[0, 0, 2, 0].set(True)
   plan = plan_from_block_mask(chosen, q_len=t, block_q=128, block_kv=128, mask=masks.Full())
   q, k, v, _, _ = random_inputs(5, 1, t, t, 4, 4, 128, jnp.bfloat16, False)
-  out, lse = check_forward(plan, q, k, v, None, interpret=False)
+  out, lse = check_forward(plan, q, k, v, None, interpret=False, persistent=persistent)
   empty = np.r_[0:256, 384:512]
   assert (np.asarray(out[:, empty], np.float32) == 0).all()
   assert (np.asarray(lse[:, :, empty]) == EMPTY_ROW_LSE).all()

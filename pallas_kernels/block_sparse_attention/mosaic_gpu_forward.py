@@ -1,12 +1,18 @@
 """Block-sparse flash attention forward for Hopper (sm90) in Pallas Mosaic GPU.
 
-FA3 layout, one CTA per (q block, head, batch): block_q // 64 compute warpgroups of 64
-q rows each, plus one TMA producer warpgroup. The producer walks the plan's list for
-this q block, i in [0, kv_count), and TMA-loads kv block kv_index[i] into a ring of K/V
-SMEM stages; the consumers run QK^T and PV on wgmma (P from registers) with an online
-softmax in base 2. kv_full[i] picks the unmasked path or the masked one, whose mask is
-plan.element_mask on iotas (positions, segment ids, kv_len). Both compute warpgroups
-walk the same list, so the barrier protocol is the same for every count, 0 included.
+FA3 layout: a CTA works on (batch, head, q block) tiles with block_q // 64 compute
+warpgroups of 64 q rows each, plus one TMA producer warpgroup. For each tile the
+producer walks the plan's list, i in [0, kv_count), and TMA-loads kv block kv_index[i]
+into a ring of K/V SMEM stages; the consumers run QK^T and PV on wgmma (P from
+registers) with an online softmax in base 2. kv_full[i] picks the unmasked path or the
+masked one, whose mask is plan.element_mask on iotas (positions, segment ids, kv_len).
+Both compute warpgroups walk the same list, so the barrier protocol is the same for
+every count, 0 included.
+
+Schedules: 'grid' launches one CTA per tile (the hardware hands tiles to free SMs);
+'persistent' launches one CTA per SM, each walking tiles in waves (longest q blocks
+first, alternate waves reversed so the totals even out), with the ring running on
+across tiles and the next tile's Q loaded while this tile's output is written.
 
     out, lse = forward(q, k, v, key_bias, plan, scale)   # reference.forward's contract
 """
@@ -32,11 +38,13 @@ ROWS = common.WARPGROUP_ROWS
 WGMMA = plgpu.Layout.WGMMA
 WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
 WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)
+INTERPRET_CTAS = 3  # persistent schedule in interpret mode: few CTAs, several tiles each
 
 
-def num_stages(block_q, block_kv, head_dim, itemsize):
-  """K/V ring depth that fits the SMEM budget (at most MAX_STAGES), or 0 if 2 do not fit."""
-  fixed = block_q * head_dim * itemsize + block_q * 4
+def num_stages(block_q, block_kv, head_dim, itemsize, persistent=False):
+  """K/V ring depth that fits the SMEM budget (at most MAX_STAGES), or 0 if 2 do not fit.
+  The persistent schedule keeps a separate output tile (the grid one reuses Q's)."""
+  fixed = (2 if persistent else 1) * block_q * head_dim * itemsize + block_q * 4
   per_stage = 2 * block_kv * head_dim * itemsize
   return min(MAX_STAGES, (common.SMEM_BUDGET_BYTES - fixed) // per_stage) if fixed + 2 * per_stage <= \
       common.SMEM_BUDGET_BYTES else 0
@@ -56,7 +64,7 @@ def unavailable(q, k, v, key_bias, plan, *, interpret=False):
 
 
 class _Ids(NamedTuple):
-  """Where this warpgroup works: batch, query head, kv head, warpgroup, first q row."""
+  """Where a compute warpgroup works: batch, query head, kv head, warpgroup, first q row."""
   b: jax.Array
   head: jax.Array
   kv_head: jax.Array
@@ -65,11 +73,43 @@ class _Ids(NamedTuple):
 
 
 class _Refs:
-  """The kernel's refs by name (optional inputs are None)."""
+  """The kernel's refs by name (optional inputs are absent)."""
 
   def __init__(self, names, refs):
     for name, ref in zip(names, refs):
       setattr(self, name, ref)
+
+
+class _Schedule:
+  """Which (batch, head, q block) tiles CTA `cta` works on, in order."""
+
+  def __init__(self, batch, num_heads, num_q_blocks, num_ctas):
+    self.batch, self.num_heads, self.num_q_blocks = batch, num_heads, num_q_blocks
+    self.num_tiles = batch * num_heads * num_q_blocks
+    self.num_ctas = min(num_ctas, self.num_tiles) if num_ctas else self.num_tiles
+    self.persistent = self.num_ctas < self.num_tiles
+
+  def _position(self, cta, wave):
+    """Place of a CTA in a wave: alternate waves run backwards, so that with tiles
+    sorted longest first no CTA gets the longest tile of every wave."""
+    return jnp.where(lax.rem(wave, 2) == 0, cta, self.num_ctas - 1 - cta)
+
+  def count(self, cta):
+    if not self.persistent:
+      return 1
+    full_waves, left = divmod(self.num_tiles, self.num_ctas)
+    return full_waves + (self._position(cta, full_waves) < left).astype(jnp.int32)
+
+  def tile(self, cta, j):
+    """(batch, head, q block) of the j-th tile of a CTA. Longest q blocks (of causal-like
+    plans) first; the grid schedule keeps one head's q blocks together for K/V reuse in L2."""
+    q_blocks, heads = self.num_q_blocks, self.num_heads
+    if not self.persistent:
+      q_block, rest = lax.rem(cta, q_blocks), lax.div(cta, q_blocks)
+      return lax.div(rest, heads), lax.rem(rest, heads), q_blocks - 1 - q_block
+    t = j * self.num_ctas + self._position(cta, j)
+    q_rank, rest = lax.div(t, heads * self.batch), lax.rem(t, heads * self.batch)
+    return lax.div(rest, heads), lax.rem(rest, heads), q_blocks - 1 - q_rank
 
 
 def _softmax_step(s, carry, dtype):
@@ -86,17 +126,24 @@ def _softmax_step(s, carry, dtype):
 class _Kernel:
   """Static configuration and the warpgroup bodies of one kernel instance."""
 
-  def __init__(self, plan, shapes, scale, dtype, has_bias, has_segments, interpret):
+  def __init__(self, plan, shapes, scale, dtype, options):
+    (self.batch, _, self.num_heads, self.head_dim), self.num_kv_heads = shapes
+    self.has_bias, self.has_segments, self.interpret, num_ctas = options
     self.plan = plan
-    self.interpret = interpret
-    (self.batch, self.q_len, self.num_heads, self.head_dim), self.num_kv_heads = shapes
-    self.plan_heads = plan.plan_heads
     self.block_q, self.block_kv = plan.block_q, plan.block_kv
     self.compute_wgs = plan.block_q // ROWS
-    self.stages = num_stages(plan.block_q, plan.block_kv, self.head_dim, jnp.dtype(dtype).itemsize)
+    self.schedule = _Schedule(self.batch, self.num_heads, plan.num_q_blocks, num_ctas)
+    self.stages = num_stages(plan.block_q, plan.block_kv, self.head_dim, jnp.dtype(dtype).itemsize,
+                             self.schedule.persistent)
     self.scale_log2 = scale * LOG2E
     self.dtype = dtype
-    self.has_bias, self.has_segments = has_bias, has_segments
+
+  def _tile_list(self, r, tile):
+    """(kv head, kv_count, packed steps row) of a tile."""
+    b, head, q_block = tile
+    plan_head = common.group_of(head, self.num_heads, self.plan.plan_heads)
+    count = r.kv_count[b, plan_head, q_block]
+    return common.group_of(head, self.num_heads, self.num_kv_heads), count, r.steps.at[b, plan_head, q_block]
 
   # Consumer (compute warpgroup) -------------------------------------------------------
 
@@ -115,14 +162,13 @@ class _Kernel:
 
   def _logits(self, r, scratch, ids, slot, kv_block, full, schedule):
     """Scaled base-2 logits of one step, masked where the block is partial."""
-    b, _, kv_head, wg, q_base = ids
     bias = None
     if self.has_bias:
-      bias = plgpu.load(r.bias.at[b, kv_head, pl.ds(kv_block * self.block_kv, self.block_kv)],
+      bias = plgpu.load(r.bias.at[ids.b, ids.kv_head, pl.ds(kv_block * self.block_kv, self.block_kv)],
                         layout=WGMMA_COL, optimized=False)
 
     def qk_product(acc_ref):
-      plgpu.wgmma(acc_ref, scratch.q.at[wg], scratch.k.at[slot].T)
+      plgpu.wgmma(acc_ref, scratch.q.at[ids.wg], scratch.k.at[slot].T)
       schedule()
       return acc_ref[...]
 
@@ -133,60 +179,9 @@ class _Kernel:
       s = s + lax.broadcast_in_dim(bias * LOG2E, s.shape, [1])
 
     def masked():
-      return jnp.where(self._element_mask(r, b, q_base, kv_block), s, -jnp.inf)
+      return jnp.where(self._element_mask(r, ids.b, ids.q_base, kv_block), s, -jnp.inf)
 
     return lax.cond(full, lambda: s, masked)
-
-  def consumer(self, r, scratch, ids, count, steps_row):
-    b, head, _, wg, q_base = ids
-    dual = self.compute_wgs == 2
-
-    def schedule():
-      if dual:
-        plgpu.barrier_arrive(scratch.schedule)
-        plgpu.barrier_wait(scratch.schedule)
-
-    if dual:  # 2 x 232 + 40 registers per thread fill the register file; one compute WG needs no split
-      plgpu.set_max_registers(232, action='increase')
-    plgpu.copy_gmem_to_smem(r.q.at[b, pl.ds(q_base, ROWS), head], scratch.q.at[wg],
-                            scratch.q_ready.at[wg])
-    acc = plgpu.layout_cast(jnp.zeros((ROWS, self.head_dim), jnp.float32), WGMMA)
-    m = plgpu.layout_cast(jnp.full((ROWS,), M_INIT, jnp.float32), WGMMA_ROW)
-    l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), WGMMA_ROW)
-    plgpu.barrier_wait(scratch.q_ready.at[wg])
-
-    @pl.when(count > 0)
-    def _():
-      plgpu.barrier_wait(scratch.k_ready.at[0])
-
-    if dual:
-      pl.when(wg == 1)(schedule)
-
-    def step(i, carry):
-      slot = lax.rem(i, self.stages)
-      kv_block, full = common.unpack_step(steps_row[i])
-      s = self._logits(r, scratch, ids, slot, kv_block, full, schedule)
-      p, acc, m, l = _softmax_step(s, carry, self.dtype)
-      if dual:
-        acc, m, l, p = lax.optimization_barrier((acc, m, l, p))
-        plgpu.barrier_arrive(scratch.schedule)
-      plgpu.barrier_wait(scratch.v_ready.at[slot])
-      if dual:
-        plgpu.barrier_wait(scratch.schedule)
-
-      def wait_next_k():
-        @pl.when(i + 1 < count)
-        def _():
-          plgpu.barrier_wait(scratch.k_ready.at[lax.rem(i + 1, self.stages)])
-
-      acc = self._pv_product(acc, p, scratch.v.at[slot], wait_next_k)
-      plgpu.barrier_arrive(scratch.v_consumed.at[slot])
-      return acc, m, l
-
-    acc, m, l = lax.fori_loop(0, count, step, (acc, m, l))
-    if dual:
-      pl.when(wg == 0)(schedule)
-    self._write_out(r, scratch, ids, acc, m, l)
 
   def _pv_product(self, acc, p, v_tile, while_running):
     """acc + p @ v_tile on wgmma with P from registers, `while_running` issued meanwhile.
@@ -201,74 +196,153 @@ class _Kernel:
 
     return pl.run_state(product)(plgpu.ACC.init(acc))
 
+  def _attend(self, r, scratch, ids, count, steps_row, base, schedule):
+    """(acc, m, l) of one tile; `base` counts the ring steps of earlier tiles."""
+    dual = self.compute_wgs == 2
+    acc = plgpu.layout_cast(jnp.zeros((ROWS, self.head_dim), jnp.float32), WGMMA)
+    m = plgpu.layout_cast(jnp.full((ROWS,), M_INIT, jnp.float32), WGMMA_ROW)
+    l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), WGMMA_ROW)
+    plgpu.barrier_wait(scratch.q_ready.at[ids.wg])
+
+    @pl.when(count > 0)
+    def _():
+      plgpu.barrier_wait(scratch.k_ready.at[lax.rem(base, self.stages)])
+
+    if dual:
+      pl.when(ids.wg == 1)(schedule)
+
+    def step(i, carry):
+      slot = lax.rem(base + i, self.stages)
+      kv_block, full = common.unpack_step(steps_row[i])
+      s = self._logits(r, scratch, ids, slot, kv_block, full, schedule)
+      p, acc, m, l = _softmax_step(s, carry, self.dtype)
+      if dual:
+        acc, m, l, p = lax.optimization_barrier((acc, m, l, p))
+        plgpu.barrier_arrive(scratch.schedule)
+      plgpu.barrier_wait(scratch.v_ready.at[slot])
+      if dual:
+        plgpu.barrier_wait(scratch.schedule)
+
+      def wait_next_k():
+        @pl.when(i + 1 < count)
+        def _():
+          plgpu.barrier_wait(scratch.k_ready.at[lax.rem(base + i + 1, self.stages)])
+
+      acc = self._pv_product(acc, p, scratch.v.at[slot], wait_next_k)
+      plgpu.barrier_arrive(scratch.v_consumed.at[slot])
+      return acc, m, l
+
+    acc, m, l = lax.fori_loop(0, count, step, (acc, m, l))
+    if dual:
+      pl.when(ids.wg == 0)(schedule)
+    return acc, m, l
+
+  def _load_q(self, r, scratch, tile, wg):
+    b, head, q_block = tile
+    rows = pl.ds(q_block * self.block_q + wg * ROWS, ROWS)
+    plgpu.copy_gmem_to_smem(r.q.at[b, rows, head], scratch.q.at[wg], scratch.q_ready.at[wg])
+
   def _write_out(self, r, scratch, ids, acc, m, l):
-    b, head, _, wg, q_base = ids
     visible = l > 0
     safe_l = jnp.where(visible, l, 1.0)
     out = acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])
     lse = jnp.where(visible, (m + jnp.log2(safe_l)) * LN2, EMPTY_ROW_LSE)
-    scratch.q[wg] = out.astype(self.dtype)  # the q tile is no longer read: reuse it for the output
-    scratch.lse[wg] = lse
+    out_tile = scratch.o if self.schedule.persistent else scratch.q  # grid: Q is no longer read
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's output has left SMEM
+    out_tile[ids.wg] = out.astype(self.dtype)
+    scratch.lse[ids.wg] = lse
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(scratch.q.at[wg], r.out.at[b, pl.ds(q_base, ROWS), head])
-    plgpu.copy_smem_to_gmem(scratch.lse.at[wg], r.lse.at[b, head, pl.ds(q_base, ROWS)])
+    plgpu.copy_smem_to_gmem(out_tile.at[ids.wg], r.out.at[ids.b, pl.ds(ids.q_base, ROWS), ids.head])
+    plgpu.copy_smem_to_gmem(scratch.lse.at[ids.wg], r.lse.at[ids.b, ids.head, pl.ds(ids.q_base, ROWS)])
+
+  def consumer(self, r, scratch, cta, wg):
+    dual = self.compute_wgs == 2
+
+    def schedule():
+      if dual:
+        plgpu.barrier_arrive(scratch.schedule)
+        plgpu.barrier_wait(scratch.schedule)
+
+    if dual:  # 2 x 232 + 40 registers per thread fill the register file; one compute WG needs no split
+      plgpu.set_max_registers(232, action='increase')
+    num_tiles = self.schedule.count(cta)
+    self._load_q(r, scratch, self.schedule.tile(cta, 0), wg)
+
+    def tile_body(j, base):
+      tile = self.schedule.tile(cta, j)
+      kv_head, count, steps_row = self._tile_list(r, tile)
+      ids = _Ids(tile[0], tile[1], kv_head, wg, tile[2] * self.block_q + wg * ROWS)
+      acc, m, l = self._attend(r, scratch, ids, count, steps_row, base, schedule)
+      if self.schedule.persistent:  # the last QK product has read Q: fetch the next tile's
+        @pl.when(j + 1 < num_tiles)
+        def _():
+          self._load_q(r, scratch, self.schedule.tile(cta, j + 1), wg)
+      self._write_out(r, scratch, ids, acc, m, l)
+      return base + count
+
+    if self.schedule.persistent:
+      lax.fori_loop(0, num_tiles, tile_body, jnp.int32(0))
+    else:
+      tile_body(0, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   # Producer (TMA warpgroup) -----------------------------------------------------------
 
-  def producer(self, r, scratch, b, kv_head, count, steps_row):
+  def producer(self, r, scratch, cta):
     if self.compute_wgs == 2:
       plgpu.set_max_registers(40, action='decrease')
 
-    @pl.loop(0, count)
-    def _(i):
-      slot = lax.rem(i, self.stages)
-      rows = pl.ds(common.unpack_step(steps_row[i])[0] * self.block_kv, self.block_kv)
-      refilling = i >= self.stages
+    def tile_body(j, base):
+      tile = self.schedule.tile(cta, j)
+      kv_head, count, steps_row = self._tile_list(r, tile)
 
-      @pl.when(refilling)
-      def _():
-        plgpu.barrier_wait(scratch.k_consumed.at[slot])
+      @pl.loop(0, count)
+      def _(i):
+        slot = lax.rem(base + i, self.stages)
+        rows = pl.ds(common.unpack_step(steps_row[i])[0] * self.block_kv, self.block_kv)
+        refilling = base + i >= self.stages
 
-      plgpu.copy_gmem_to_smem(r.k.at[b, rows, kv_head], scratch.k.at[slot], scratch.k_ready.at[slot])
+        @pl.when(refilling)
+        def _():
+          plgpu.barrier_wait(scratch.k_consumed.at[slot])
 
-      @pl.when(refilling)
-      def _():
-        plgpu.barrier_wait(scratch.v_consumed.at[slot])
+        plgpu.copy_gmem_to_smem(r.k.at[tile[0], rows, kv_head], scratch.k.at[slot], scratch.k_ready.at[slot])
 
-      plgpu.copy_gmem_to_smem(r.v.at[b, rows, kv_head], scratch.v.at[slot], scratch.v_ready.at[slot])
+        @pl.when(refilling)
+        def _():
+          plgpu.barrier_wait(scratch.v_consumed.at[slot])
+
+        plgpu.copy_gmem_to_smem(r.v.at[tile[0], rows, kv_head], scratch.v.at[slot], scratch.v_ready.at[slot])
+
+      return base + count
+
+    lax.fori_loop(0, self.schedule.count(cta), tile_body, jnp.int32(0))
 
   # Entry ------------------------------------------------------------------------------
 
+  SCRATCH_NAMES = ('q', 'k', 'v', 'o', 'lse', 'q_ready', 'k_ready', 'v_ready', 'k_consumed', 'v_consumed',
+                   'schedule')
+
   def body(self, names, *refs):
     r = _Refs(names, refs[:len(names)])
-    scratch = _Refs(('q', 'k', 'v', 'lse', 'q_ready', 'k_ready', 'v_ready', 'k_consumed', 'v_consumed',
-                     'schedule'), refs[len(names):])
-    q_block, head, b = (lax.axis_index(axis) for axis in ('q_blocks', 'heads', 'batch'))
-    q_block = self.plan.num_q_blocks - 1 - q_block  # long rows of causal plans first: a shorter tail
-    wg = lax.axis_index('wg')
-    kv_head = common.group_of(head, self.num_heads, self.num_kv_heads)
-    plan_head = common.group_of(head, self.num_heads, self.plan_heads)
-    count = r.kv_count[b, plan_head, q_block]
-    steps_row = r.steps.at[b, plan_head, q_block]
-    ids = _Ids(b, head, kv_head, wg, q_block * self.block_q + wg * ROWS)
+    scratch = _Refs(self.SCRATCH_NAMES, refs[len(names):])
+    cta, wg = lax.axis_index('cta'), lax.axis_index('wg')
 
     @pl.when(wg < self.compute_wgs)
     def _():
-      self.consumer(r, scratch, ids, count, steps_row)
+      self.consumer(r, scratch, cta, wg)
 
     @pl.when(wg == self.compute_wgs)
     def _():
-      self.producer(r, scratch, b, kv_head, count, steps_row)
+      self.producer(r, scratch, cta)
 
   def scratch_types(self):
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     wgs, stages = self.compute_wgs, self.stages
-    kv_tile = (stages, self.block_kv, self.head_dim)
+    q_tile = plgpu.SMEM((wgs, ROWS, self.head_dim), self.dtype, transforms=tiled)
+    kv_tile = plgpu.SMEM((stages, self.block_kv, self.head_dim), self.dtype, transforms=tiled)
     return (
-        plgpu.SMEM((wgs, ROWS, self.head_dim), self.dtype, transforms=tiled),
-        plgpu.SMEM(kv_tile, self.dtype, transforms=tiled),
-        plgpu.SMEM(kv_tile, self.dtype, transforms=tiled),
+        q_tile, kv_tile, kv_tile, q_tile if self.schedule.persistent else None,
         plgpu.SMEM((wgs, ROWS), jnp.float32),
         plgpu.Barrier(num_barriers=wgs),
         plgpu.Barrier(num_barriers=stages),
@@ -279,16 +353,16 @@ class _Kernel:
     )
 
 
-def _grid_call(kernel, inputs, q_padded, interpret):
+def _kernel_call(kernel, inputs, q_padded, interpret):
   names = tuple(inputs)
-  b, t, h, d = q_padded.shape
+  b, t, h, _ = q_padded.shape
   out_types = (jax.ShapeDtypeStruct(q_padded.shape, q_padded.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32))
   call = plgpu.kernel(
       functools.partial(kernel.body, names + ('out', 'lse')),
       out_type=out_types,
       scratch_types=kernel.scratch_types(),
-      grid=(t // kernel.block_q, h, b),
-      grid_names=('q_blocks', 'heads', 'batch'),
+      grid=(kernel.schedule.num_ctas,),
+      grid_names=('cta',),
       num_threads=kernel.compute_wgs + 1,
       thread_name='wg',
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -297,8 +371,19 @@ def _grid_call(kernel, inputs, q_padded, interpret):
   return call(*inputs.values())
 
 
-def forward(q, k, v, key_bias, plan, scale, *, interpret=False):
-  """(out [B, Tq, H, D] in q.dtype, lse [B, H, Tq] float32 natural log), as reference.forward."""
+def _num_ctas(persistent, interpret, plan, head_dim, itemsize):
+  """CTAs of the persistent schedule (None: one per tile)."""
+  if not persistent or not num_stages(plan.block_q, plan.block_kv, head_dim, itemsize, persistent=True):
+    return None
+  if interpret:
+    return INTERPRET_CTAS
+  return getattr(jax.devices()[0], 'core_count', None)
+
+
+
+def forward(q, k, v, key_bias, plan, scale, *, interpret=False, persistent=False):
+  """(out [B, Tq, H, D] in q.dtype, lse [B, H, Tq] float32 natural log), as reference.forward.
+  `persistent`: one CTA per SM walking tiles (else one CTA per tile)."""
   reason = unavailable(q, k, v, key_bias, plan, interpret=interpret)
   if reason:
     raise ValueError(f'mosaic_gpu forward cannot run: {reason}')
@@ -309,7 +394,8 @@ def forward(q, k, v, key_bias, plan, scale, *, interpret=False):
     inputs['bias'] = bias_p
   if q_seg is not None:
     inputs.update(q_seg=q_seg, kv_seg=kv_seg)
-  kernel = _Kernel(plan, (q.shape, k.shape[2]), scale, q.dtype, bias_p is not None, q_seg is not None,
-                   interpret)
-  out, lse = _grid_call(kernel, inputs, q_p, interpret)
+  num_ctas = _num_ctas(persistent, interpret, plan, q.shape[-1], q.dtype.itemsize)
+  options = (bias_p is not None, q_seg is not None, interpret, num_ctas)
+  kernel = _Kernel(plan, (q.shape, k.shape[2]), scale, q.dtype, options)
+  out, lse = _kernel_call(kernel, inputs, q_p, interpret)
   return out[:, :plan.q_len], lse[:, :, :plan.q_len]
