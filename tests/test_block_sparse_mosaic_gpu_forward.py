@@ -56,8 +56,8 @@ def random_plan(seed, batch, plan_heads, length, block_q, block_kv, density, seg
 
 # Each case: (mask or plan builder, B, T, H, Hkv, D, dtype, block_q, block_kv, bias).
 INTERPRET_CASES = {
-    # ragged T = 200 (blocks 128/64), GQA 2, bias
-    'causal_ragged_gqa2_bias': (masks.Causal(), 1, 200, 4, 2, 64, jnp.bfloat16, 128, 64, True),
+    # ragged T = 330 (blocks 128/64), GQA 2, bias; up to 6 steps: the 4-stage ring wraps
+    'causal_ragged_gqa2_bias': (masks.Causal(), 1, 330, 4, 2, 64, jnp.bfloat16, 128, 64, True),
     # one compute warpgroup, f16, head_dim 128, window cuts inside blocks
     'window_bq64_f16_d128': (masks.causal_window(40), 1, 192, 2, 1, 128, jnp.float16, 64, 64, False),
     # block_kv 128 ring of 4 stages, GQA 8 (one kv head)

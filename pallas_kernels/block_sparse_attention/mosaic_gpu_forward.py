@@ -316,7 +316,15 @@ class _Kernel:
 
       return base + count
 
-    lax.fori_loop(0, self.schedule.count(cta), tile_body, jnp.int32(0))
+    total = lax.fori_loop(0, self.schedule.count(cta), tile_body, jnp.int32(0))
+
+    # Observe the last release of every slot, so that each barrier ends fully observed
+    # (GPU interpret mode checks this; on hardware it only delays this idle warpgroup).
+    @pl.loop(jnp.maximum(total - self.stages, 0), total)
+    def _(g):
+      slot = lax.rem(g, self.stages)
+      plgpu.barrier_wait(scratch.k_consumed.at[slot])
+      plgpu.barrier_wait(scratch.v_consumed.at[slot])
 
   # Entry ------------------------------------------------------------------------------
 
