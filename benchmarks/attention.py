@@ -91,6 +91,7 @@ class Row:
 
 # ---------------------------------------------------------------- inputs, plans, FLOPs
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def make_inputs(length, heads, head_dim, seed):
   """q, k, v, d_out [1, S, H, D] bf16, normal(0, 1), the same for a given seed."""
   keys = jax.random.split(jax.random.key(seed), 4)
@@ -161,6 +162,7 @@ def is_wrong(got, want):
 
 def measure_jax(fn, args, iterations):
   """(ms per call, first result). CUPTI kernel time if available, else back-to-back wall time."""
+  result = jax.block_until_ready(fn(*args))  # compiles; a failure here is the function's, not the timer's
   try:
     from jax.experimental.mosaic.gpu import profiler
     result, timings = profiler.measure(fn, iterations=iterations)(*args)
@@ -169,8 +171,7 @@ def measure_jax(fn, args, iterations):
       return float(np.median(per_call)), result
   except (ImportError, RuntimeError) as error:
     if jax.default_backend() == 'gpu':
-      print(f'  CUPTI timing unavailable ({error}); wall time instead', flush=True)
-  result = jax.block_until_ready(fn(*args))
+      print(f'  CUPTI timing unavailable ({str(error)[:200]}); wall time instead', flush=True)
   start = time.perf_counter()
   results = [fn(*args) for _ in range(iterations)]
   jax.block_until_ready(results)
@@ -510,7 +511,8 @@ def load_cudnn_first(args):
 def main(argv=None):
   args = parse_args(argv)
   print(f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}', flush=True)
-  load_cudnn_first(args)
+  if args.flex:
+    load_cudnn_first(args)
   torch, flex = load_flex(args)
   notes = [] if torch is not None else [flex]
   if torch is None:

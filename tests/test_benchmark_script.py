@@ -20,11 +20,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_run_prints_one_table_and_writes_json(tmp_path):
   out = tmp_path / 'attention.json'
-  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'attention.py'), '--quick', '--out',
-                           str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'attention.py'), '--quick',
+                           '--implementations', 'reference,no_such_kernel', '--out', str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   assert len(re.findall(r'^S +mask +pass +impl', result.stdout, re.MULTILINE)) == 1  # one table
   rows = json.loads(out.read_text())['rows']
+  missing = [r for r in rows if r['implementation'] == 'ours:no_such_kernel']
+  assert len(missing) == 6 and all('unknown implementation' in r['note'] for r in missing)
+  rows = [r for r in rows if r not in missing]
   by_key = {(r['mask'], r['direction'], r['implementation']): r for r in rows}
   assert len(by_key) == 10  # (ours, xla) x (fwd, fwd+bwd) x 3 masks, no xla for random blocks
   for row in rows:
