@@ -16,41 +16,49 @@ from pallas_kernels.block_sparse_attention.reference import EMPTY_ROW_LSE
 INTERPRET = 'tpu_interpret'
 
 
-def random_block_plan(seed, length, block_q, block_kv, plan_heads, density, documents, mask=masks.Causal()):
+def random_block_plan(seed, batch, length, block_q, block_kv, plan_heads, density, documents, mask=masks.Causal()):
   rng = np.random.default_rng(seed)
   nq, nk = -(-length // block_q), -(-length // block_kv)
-  block_mask = rng.random((2, plan_heads, nq, nk)) < density
+  block_mask = rng.random((batch, plan_heads, nq, nk)) < density
   segments = None
   if documents:
-    segments = np.cumsum(rng.random((2, length)) < 0.15, axis=1).astype(np.int32) + 1
+    segments = np.cumsum(rng.random((batch, length)) < 0.15, axis=1).astype(np.int32) + 1
   return plan_from_block_mask(jnp.asarray(block_mask), q_len=length, block_q=block_q, block_kv=block_kv,
                               mask=mask, segment_ids=segments)
 
 
-def test_causal_gqa_ragged_with_key_bias():
-  q, k, v, bias, d_out = random_inputs(0, 2, 21, 21, 4, 2, 16, jnp.float32, with_bias=True)
-  plan = plan_from_mask(MASKS['causal'], q_len=21, block_q=8, block_kv=8, batch=2)
+def check_against_reference(plan, q, k, v, bias, d_out, scale=0.3, tol=2e-5):
+  """tpu.forward/backward (interpret mode) against reference.forward/backward, with a nonzero d_lse."""
+  out, lse = tpu.forward(q, k, v, bias, plan, scale, interpret=True)
+  out_ref, lse_ref = jax.jit(reference.forward, static_argnums=5)(q, k, v, bias, plan, scale)
+  np.testing.assert_allclose(out, out_ref, rtol=tol, atol=tol)
+  np.testing.assert_allclose(lse, lse_ref, rtol=tol, atol=tol)
+  d_lse = jax.random.normal(jax.random.key(5), lse.shape)
+  grads = tpu.backward(q, k, v, bias, plan, scale, out, lse, d_out, d_lse, interpret=True)
+  grads_ref = jax.jit(reference.backward, static_argnums=5)(q, k, v, bias, plan, scale, out_ref, lse_ref, d_out,
+                                                            d_lse)
+  for name, got, want in zip(('dq', 'dk', 'dv', 'dbias'), grads, grads_ref):
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=name)
+  return out, lse, grads
+
+
+# Through the public api against dense attention. Most cases share B=2, T=22, H=4, D=8, so
+# the eager ops of the inputs, plans and dense oracle compile once.
+
+
+def test_causal_ragged_with_key_bias():
+  q, k, v, bias, d_out = random_inputs(0, 2, 22, 22, 4, 4, 8, jnp.float32, with_bias=True)
+  plan = plan_from_mask(MASKS['causal'], q_len=22, block_q=8, block_kv=8, batch=2)
   check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
 
 
 def test_documents_and_window_or_prefix_per_kv_head_plan():
-  """Segment ids, a window|prefix element rule, and a plan per kv head (Hp = Hkv)."""
-  q, k, v, bias, d_out = random_inputs(1, 2, 30, 30, 4, 2, 8, jnp.float32, with_bias=True)
-  plan = random_block_plan(1, 30, 8, 16, plan_heads=2, density=0.8, documents=True,
+  """Segment ids (differing per batch row), a window|prefix element rule, a plan per kv head (Hp = Hkv)."""
+  q, k, v, bias, d_out = random_inputs(1, 2, 22, 22, 4, 2, 8, jnp.float32, with_bias=True)
+  plan = random_block_plan(1, 2, 22, 8, 16, plan_heads=2, density=0.8, documents=True,
                            mask=MASKS['window_or_prefix'])
   check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
-
-
-def test_per_query_head_random_plan_with_fully_masked_rows():
-  """Hp = H: the query heads of a GQA group walk different lists into the same dK/dV block."""
-  q, k, v, bias, d_out = random_inputs(2, 2, 24, 24, 4, 2, 8, jnp.float32, with_bias=True)
-  plan = random_block_plan(2, 24, 8, 8, plan_heads=4, density=0.5, documents=False)
-  assert (plan.kv_count == 0).any(), 'the case needs q blocks that see no key'
-  out, lse, (dq, _, _, _) = check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
-  empty = np.repeat(np.asarray(plan.kv_count == 0), 8, axis=-1)  # [B, H, Tq] for these shapes
-  assert (np.asarray(lse)[empty] == EMPTY_ROW_LSE).all()
-  rows = np.asarray(out).transpose(0, 2, 1, 3)[empty]
-  assert (rows == 0).all() and (np.asarray(dq).transpose(0, 2, 1, 3)[empty] == 0).all()
 
 
 def test_bfloat16_chunked_group_of_eight():
@@ -60,28 +68,34 @@ def test_bfloat16_chunked_group_of_eight():
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
 
 
-def test_matches_reference_on_short_and_cross_lengths_with_lse_cotangent():
-  """A query length shorter than one block, Tq != Tk, and a nonzero d_lse, against reference.py."""
+# Directly against reference.py (cheaper than the dense oracle).
+
+
+def test_per_query_head_plan_with_fully_masked_rows_matches_reference():
+  """Hp = H: the 4 query heads of a GQA group walk different lists into the same dK/dV block;
+  q blocks with no key give zero output and gradient and LSE = EMPTY_ROW_LSE."""
+  q, k, v, bias, d_out = random_inputs(2, 2, 22, 22, 4, 1, 8, jnp.float32, with_bias=True)
+  plan = random_block_plan(2, 2, 22, 8, 8, plan_heads=4, density=0.5, documents=False)
+  assert (plan.kv_count == 0).any(), 'the case needs q blocks that see no key'
+  out, lse, (dq, _, _, _) = check_against_reference(plan, q, k, v, bias, d_out)
+  empty = np.repeat(np.asarray(plan.kv_count == 0), 8, axis=-1)[..., :22]  # [B, H, Tq] as Hp = H
+  assert (np.asarray(lse)[empty] == EMPTY_ROW_LSE).all()
+  assert (np.asarray(out).transpose(0, 2, 1, 3)[empty] == 0).all()
+  assert (np.asarray(dq).transpose(0, 2, 1, 3)[empty] == 0).all()
+
+
+def test_short_query_and_cross_lengths_match_reference():
+  """A query length shorter than one block and Tq != Tk."""
   q, k, v, bias, d_out = random_inputs(4, 1, 5, 19, 4, 2, 8, jnp.float32, with_bias=True)
   plan = plan_from_mask(masks.SlidingWindow(6, 2), q_len=5, kv_len=19, block_q=8, block_kv=8)
-  scale = 0.3
-  out, lse = tpu.forward(q, k, v, bias, plan, scale, interpret=True)
-  out_ref, lse_ref = reference.forward(q, k, v, bias, plan, scale)
-  np.testing.assert_allclose(out, out_ref, rtol=2e-5, atol=2e-5)
-  np.testing.assert_allclose(lse, lse_ref, rtol=2e-5, atol=2e-5)
-  d_lse = jax.random.normal(jax.random.key(5), lse.shape)
-  grads = tpu.backward(q, k, v, bias, plan, scale, out, lse, d_out, d_lse, interpret=True)
-  grads_ref = reference.backward(q, k, v, bias, plan, scale, out_ref, lse_ref, d_out, d_lse)
-  for name, got, want in zip(('dq', 'dk', 'dv', 'dbias'), grads, grads_ref):
-    assert got.shape == want.shape and got.dtype == want.dtype, name
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)
+  check_against_reference(plan, q, k, v, bias, d_out)
 
 
 def test_tpu_needs_lane_sized_blocks_and_interpret_mode_does_not():
-  q, k, v, _, _ = random_inputs(0, 1, 16, 16, 2, 2, 8, jnp.float32, False)
-  small = plan_from_mask(masks.Causal(), q_len=16, block_q=8, block_kv=8)
+  q, k, v, _, _ = random_inputs(0, 2, 22, 22, 4, 4, 8, jnp.float32, False)
+  small = plan_from_mask(masks.Causal(), q_len=22, block_q=8, block_kv=8, batch=2)
   assert 'multiples of 128' in IMPLEMENTATIONS['tpu'].unavailable(q, k, v, None, small)
-  large = plan_from_mask(masks.Causal(), q_len=16, block_q=128, block_kv=256)
+  large = plan_from_mask(masks.Causal(), q_len=22, block_q=128, block_kv=256, batch=2)
   assert IMPLEMENTATIONS['tpu'].unavailable(q, k, v, None, large) is None
   assert select_implementation(INTERPRET, q, k, v, None, small).name == INTERPRET
   if jax.default_backend() != 'tpu':
@@ -110,7 +124,7 @@ def test_random_block_plans_match_dense(seed, plan_heads):
   hp = {'one': 1, 'kv_heads': hkv, 'heads': h}[plan_heads]
   with_bias = bool(seed % 2)
   q, k, v, bias, d_out = random_inputs(seed, 2, length, length, h, hkv, 8, jnp.float32, with_bias)
-  plan = random_block_plan(seed, length, block_q, block_kv, hp, density=rng.random(), documents=seed % 3 == 0)
+  plan = random_block_plan(seed, 2, length, block_q, block_kv, hp, density=rng.random(), documents=seed % 3 == 0)
   check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
 
 

@@ -96,6 +96,16 @@ def _column(row_ref):
   return row_ref[0][:, None]
 
 
+def _lanes(column):
+  """[n, 1] -> [n, LANES]: per-row scalars kept lane-replicated in VMEM scratch, as Mosaic prefers."""
+  return jnp.broadcast_to(column, (column.shape[0], LANES))
+
+
+def _as_row(lane_replicated):
+  """[n, LANES] (equal lanes) -> [1, n], through a tile transpose rather than a reshape."""
+  return lane_replicated.T[:1, :]
+
+
 def _tile_visible(plan, q_start, k_start, shape, q_axis, q_segment, k_segment):
   """Bool [shape] element mask of a partial tile; q_axis says which axis holds queries."""
   q_index = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
@@ -148,12 +158,12 @@ def _forward_kernel(kv_count_ref, kv_index_ref, kv_full_ref, q_ref, k_ref, v_ref
     m_prev = m_ref[...]
     m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
     m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # a row that has seen no key yet
-    p = jnp.exp(s - m_safe)
+    p = jnp.exp(s - m_safe[:, :1])
     rescale = jnp.exp(m_prev - m_safe)
     m_ref[...] = m_next
     l_ref[...] = l_ref[...] * rescale + p.sum(axis=1, keepdims=True)
     pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], NN, preferred_element_type=jnp.float32)
-    acc_ref[...] = acc_ref[...] * rescale + pv
+    acc_ref[...] = acc_ref[...] * rescale[:, :1] + pv
 
   count = kv_count_ref[b, plan_head, i]
   _run_active(slot < count, kv_full_ref[b, plan_head, i, slot] == 1, body)
@@ -163,9 +173,8 @@ def _forward_kernel(kv_count_ref, kv_index_ref, kv_full_ref, q_ref, k_ref, v_ref
     l = l_ref[...]
     nonempty = l > 0
     safe_l = jnp.where(nonempty, l, 1.0)
-    out_ref[...] = jnp.where(nonempty, acc_ref[...] / safe_l, 0.0).astype(out_ref.dtype)
-    lse = jnp.where(nonempty, m_ref[...] + jnp.log(safe_l), EMPTY_ROW_LSE)
-    lse_ref[...] = lse.reshape(1, shape.block_q)
+    out_ref[...] = jnp.where(nonempty[:, :1], acc_ref[...] / safe_l[:, :1], 0.0).astype(out_ref.dtype)
+    lse_ref[...] = _as_row(jnp.where(nonempty, m_ref[...] + jnp.log(safe_l), EMPTY_ROW_LSE))
 
 
 def _q_major_maps(shape):
@@ -222,7 +231,8 @@ def forward(q, k, v, key_bias, plan, scale, *, interpret=False):
   out_specs = [pl.BlockSpec((None, None, bq, d), maps['q']), pl.BlockSpec((None, None, 1, bq), maps['q_row'])]
   out_shape = [jax.ShapeDtypeStruct(qh.shape, q.dtype),
                jax.ShapeDtypeStruct((shape.batch, shape.heads, 1, shape.padded_q_len), jnp.float32)]
-  scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, d), jnp.float32)]
+  scratch = [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+             pltpu.VMEM((bq, d), jnp.float32)]
   grid = (shape.batch, shape.heads, shape.num_q_blocks, shape.num_kv_blocks)
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, plan=_static_plan(plan), shape=shape, scale=scale),
@@ -339,7 +349,7 @@ def _dkv_kernel(q_count_ref, q_index_ref, q_full_ref, q_ref, k_ref, v_ref, do_re
     ds = p * (dp - delta_ref[...])
     dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, NN, preferred_element_type=jnp.float32)
     if dbias_acc is not None:
-      dbias_acc[...] += ds.sum(axis=1, keepdims=True)
+      dbias_acc[...] += _lanes(ds.sum(axis=1, keepdims=True))
 
   count = q_count_ref[b, plan_head, j]
   _run_active(slot < count, q_full_ref[b, plan_head, j, slot] == 1, body)
@@ -349,7 +359,7 @@ def _dkv_kernel(q_count_ref, q_index_ref, q_full_ref, q_ref, k_ref, v_ref, do_re
     dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
     if dbias_ref is not None:
-      dbias_ref[...] = dbias_acc[...].reshape(1, shape.block_kv)
+      dbias_ref[...] = _as_row(dbias_acc[...])
 
 
 def _kv_major_maps(shape):
@@ -389,7 +399,7 @@ def _backward_dkv(plan, shape, scale, interpret, qh, kh, vh, doh, lse, delta, bi
   out_shape = [jax.ShapeDtypeStruct(kh.shape, kh.dtype), jax.ShapeDtypeStruct(vh.shape, vh.dtype),
                None if bias is None else jax.ShapeDtypeStruct(bias.shape, jnp.float32)]
   scratch = [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32),
-             None if bias is None else pltpu.VMEM((bk, 1), jnp.float32)]
+             None if bias is None else pltpu.VMEM((bk, LANES), jnp.float32)]
   grid = (shape.batch, shape.kv_heads, shape.num_kv_blocks, shape.group, shape.num_q_blocks)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, plan=_static_plan(plan), shape=shape, scale=scale),
