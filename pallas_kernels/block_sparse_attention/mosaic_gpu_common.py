@@ -13,6 +13,7 @@ WARPGROUP_ROWS = 64  # rows of one wgmma M tile: one compute warpgroup's share o
 SMEM_BUDGET_BYTES = 200 * 1024  # of H100's 227 KiB, leaving room for barriers and reductions
 Q_SEGMENT_PAD = -1  # pad values that never match each other (element_mask also cuts padding)
 KV_SEGMENT_PAD = -2
+H100_SMS = 132
 
 
 def pad_axis(x, axis, multiple, value=0):
@@ -62,6 +63,13 @@ def is_hopper_gpu():
   except RuntimeError:
     return False
   return device.platform == 'gpu' and getattr(device, 'compute_capability', '') == '9.0'
+
+
+def sm_count():
+  """Streaming multiprocessors of the default GPU (H100 SXM's 132 elsewhere, e.g. when
+  lowering for CUDA on a CPU host)."""
+  device = jax.devices()[0]
+  return getattr(device, 'core_count', None) if device.platform == 'gpu' else H100_SMS
 
 
 def common_unavailable(q, k, v, key_bias, plan, interpret):

@@ -280,10 +280,9 @@ class _Kernel:
       self._write_out(r, scratch, ids, acc, m, l)
       return base + count
 
-    if self.schedule.persistent:
-      lax.fori_loop(0, num_tiles, tile_body, jnp.int32(0))
-    else:
-      tile_body(0, jnp.int32(0))
+    # A loop even for the grid schedule's single tile: the ring position stays a traced value
+    # (a constant captured by the PV run_state does not lower).
+    lax.fori_loop(0, num_tiles, tile_body, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   # Producer (TMA warpgroup) -----------------------------------------------------------
@@ -383,9 +382,7 @@ def _num_ctas(persistent, interpret, plan, head_dim, itemsize):
   """CTAs of the persistent schedule (None: one per tile)."""
   if not persistent or not num_stages(plan.block_q, plan.block_kv, head_dim, itemsize, persistent=True):
     return None
-  if interpret:
-    return INTERPRET_CTAS
-  return getattr(jax.devices()[0], 'core_count', None)
+  return INTERPRET_CTAS if interpret else common.sm_count()
 
 
 
