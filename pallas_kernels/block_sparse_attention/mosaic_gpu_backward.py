@@ -1,0 +1,444 @@
+"""Block-sparse flash attention backward on Hopper (Pallas Mosaic GPU, sm90).
+
+Two deterministic kernels, both warp-specialised pipelines (one TMA warpgroup feeding one
+or two compute warpgroups of 64 rows each) whose grid is the traced number of blocks to
+visit and whose BlockSpec index maps read the block index from the plan in GMEM:
+
+  dQ    q-major: per (batch, head, q block) walk the plan's kv list; P is recomputed from
+        the saved LSE, dS = P (dO V^T - delta), dQ += dS K.
+  dK/dV kv-major: per (batch, kv head, kv block) walk one merged list holding, for every
+        query head of the GQA group, that head's transposed plan list, so dK, dV (and the
+        key-bias gradient, the column sums of dS) accumulate over the group in registers.
+
+Logits work in base 2: s2 = (q.k) scale log2(e) + bias log2(e), P = exp2(s2 - lse log2(e)).
+Rows with no visible key carry LSE = +1e30 here, so their P underflows to 0 everywhere.
+Partial blocks build the element mask from iotas with `plan.element_mask`.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.block_sparse_attention.reference import EMPTY_ROW_LSE
+
+LOG2E = math.log2(math.e)
+ROWS = 64  # rows of a tile per compute warpgroup (one wgmma M)
+EMPTY_ROW_LSE2 = 1e30  # base-2 LSE given to rows with no visible key: exp2(s - 1e30) = 0
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def unavailable(q, k, v, key_bias, plan):
+  """None when these kernels can run on the inputs, else why not."""
+  if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    return f'needs bfloat16 or float16 q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}'
+  if q.shape[-1] not in (64, 128) or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+    return f'needs head_dim 64 or 128 for q, k and v, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}'
+  if plan.block_q not in (64, 128) or plan.block_kv not in (64, 128):
+    return f'needs block_q and block_kv in (64, 128), got {plan.block_q}, {plan.block_kv}'
+  if q.shape[2] % k.shape[2] or q.shape[2] % plan.plan_heads:
+    return 'query heads must be a multiple of the kv heads and of the plan heads'
+  if plan.plan_heads not in (1, k.shape[2], q.shape[2]):
+    return f'plan heads must be 1, Hkv or H, got {plan.plan_heads}'
+  return None
+
+
+def _pad_axis(x, axis, size, value=0):
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _pad_steps(x, steps):
+  """Lists [..., n] padded to at least `steps` slots by repeating the last, so that
+  pipeline steps past the list (there are at least `steps`) read valid indices."""
+  n = x.shape[-1]
+  if n >= steps:
+    return x
+  return jnp.concatenate([x, jnp.repeat(x[..., -1:], steps - n, axis=-1)], axis=-1)
+
+
+def _mask_tile(plan, q_index, k_index, q_segment, k_segment):
+  """Element mask of a partial tile; indices (and segment ids) are full-tile arrays."""
+  return plan.element_mask(q_index, k_index, q_segment, k_segment)
+
+
+def _row_vector(ref):
+  return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
+
+
+def _col_vector(ref):
+  return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0))
+
+
+def _tile_iota(shape, dimension):
+  return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
+
+
+def _masked_probabilities(plan, s2, lse2, full, active, q_index, k_index, q_segment, k_segment, lse_axis):
+  """P = exp2(s2 - lse2) on visible elements, 0 elsewhere. `lse_axis` is the tile axis of
+  the queries (1 for the transposed dK/dV tile); q_index/k_index are lazily built tiles."""
+  shape = s2.shape
+  lse_tile = lax.broadcast_in_dim(lse2, shape, [lse_axis])
+  p = jnp.exp2(s2 - lse_tile)
+
+  def masked(p):
+    visible = _mask_tile(plan, q_index(), k_index(), q_segment(), k_segment())
+    return jnp.where(visible & active, p, 0.0)
+
+  return lax.cond(full & active, lambda p: p, masked, p)
+
+
+def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias, has_segments, interpret):
+  """The dQ kernel body for plgpu.kernel; grid (q blocks, heads, batch)."""
+  bq, bk = plan.block_q, plan.block_kv
+  wgs = bq // ROWS
+
+  def kernel(*refs):
+    (kv_count_ref, kv_index_ref, kv_full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:9]
+    rest = list(refs[9:])
+    bias_ref = rest.pop(0) if has_bias else None
+    q_seg_ref, k_seg_ref = (rest.pop(0), rest.pop(0)) if has_segments else (None, None)
+    dq_ref, q_smem2, do_smem2, rows_smem2, seg_smem2, barriers = rest
+    q_block, head, batch = lax.axis_index('q_block'), lax.axis_index('heads'), lax.axis_index('batch')
+    wg = lax.axis_index('wg')
+    plan_head, kv_head = head // plan_group, head // group
+    count = kv_count_ref[batch, plan_head, q_block]
+    row0 = q_block * bq + wg * ROWS
+    q_smem, do_smem, rows_smem, seg_smem = q_smem2.at[wg], do_smem2.at[wg], rows_smem2.at[wg], seg_smem2.at[wg]
+    head_cols = pl.ds(head * head_dim, head_dim)
+    num_q_rows = q_ref.shape[1]
+
+    def compute_context(pipeline):
+      rows = pl.ds(row0, ROWS)
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head_cols], q_smem, barriers.at[wg * 5])
+      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head_cols], do_smem, barriers.at[wg * 5 + 1])
+      plgpu.copy_gmem_to_smem(lse_ref.at[batch, pl.ds(head * num_q_rows + row0, ROWS)], rows_smem.at[0],
+                              barriers.at[wg * 5 + 2])
+      plgpu.copy_gmem_to_smem(delta_ref.at[batch, pl.ds(head * num_q_rows + row0, ROWS)], rows_smem.at[1],
+                              barriers.at[wg * 5 + 3])
+      if has_segments:
+        plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], seg_smem, barriers.at[wg * 5 + 4])
+      for i in range(5 if has_segments else 4):
+        plgpu.barrier_wait(barriers.at[wg * 5 + i])
+      lse2, delta = _row_vector(rows_smem.at[0]), _row_vector(rows_smem.at[1])
+      q_seg = _row_vector(seg_smem) if has_segments else None
+      dq = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+      dq = pipeline((dq, lse2, delta, q_seg))[0]
+      q_smem[...] = (dq * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[batch, rows, head_cols])
+      plgpu.wait_smem_to_gmem(0)
+
+    def step(indices, k_smem, v_smem, *rest):
+      rest = list(rest)
+      bias_smem = rest.pop(0) if has_bias else None
+      k_seg_smem = rest.pop(0) if has_segments else None
+      (dq, lse2, delta, q_seg) = rest.pop()
+      consumed = rest
+      (i,) = indices
+      kv_block = kv_index_ref[batch, plan_head, q_block, i]
+      full = kv_full_ref[batch, plan_head, q_block, i] == 1
+
+      s2 = _matmul(q_smem, k_smem.transpose((1, 0)), (ROWS, bk)) * (scale * LOG2E)
+      if has_bias:
+        s2 = s2 + lax.broadcast_in_dim(_col_vector(bias_smem), s2.shape, [1])
+      shape = s2.shape
+      p = _masked_probabilities(
+          plan, s2, lse2, full, i < count,
+          lambda: _tile_iota(shape, 0) + row0,
+          lambda: _tile_iota(shape, 1) + kv_block * bk,
+          lambda: None if q_seg is None else lax.broadcast_in_dim(q_seg, shape, [0]),
+          lambda: None if k_seg_smem is None else lax.broadcast_in_dim(_col_vector(k_seg_smem), shape, [1]),
+          0)
+
+      dp = _matmul(do_smem, v_smem.transpose((1, 0)), shape)
+      ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
+      dq = _accumulate(dq, ds.astype(dtype), k_smem, interpret)
+      for barrier in consumed:
+        plgpu.barrier_arrive(barrier)
+      return (dq, lse2, delta, q_seg)
+
+    def kv_block_of(i):
+      return kv_index_ref[batch, plan_head, q_block, i]
+
+    tile_spec = functools.partial(plgpu.BlockSpec, block_shape=(bk, head_dim),
+                                  index_map=lambda i: (kv_block_of(i), kv_head),
+                                  transforms=_tile_transforms(dtype))
+    num_kv_blocks = k_ref.shape[1] // bk
+    in_specs = [tile_spec(), tile_spec()]
+    inputs = [k_ref.at[batch], v_ref.at[batch]]
+    if has_bias:
+      in_specs.append(plgpu.BlockSpec((bk,), lambda i: (kv_head * num_kv_blocks + kv_block_of(i),)))
+      inputs.append(bias_ref.at[batch])
+    if has_segments:
+      in_specs.append(plgpu.BlockSpec((bk,), lambda i: (kv_block_of(i),)))
+      inputs.append(k_seg_ref.at[batch])
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        step, grid=(jnp.maximum(count, stages),), max_concurrent_steps=stages, num_compute_wgs=wgs,
+        memory_registers=40, wg_axis='wg', manual_consumed_barriers=True, compute_context=compute_context,
+        in_specs=in_specs)
+    pipeline(*inputs)
+
+  return kernel
+
+
+def _matmul(a, b, shape):
+  """a @ b into a fresh float32 accumulator."""
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _accumulate(acc, a, b, interpret):
+  """acc + a @ b for `a` in registers, accumulated in place by the wgmma. The interpreter
+  has neither run_state nor register operands of wgmma, so there it is a plain dot."""
+  if interpret:
+    return acc + jnp.dot(a, b[...], preferred_element_type=jnp.float32)
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+  return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _tile_transforms(dtype):
+  del dtype
+  return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segments, interpret):
+  """The dK/dV kernel body for plgpu.kernel; grid (kv blocks, kv heads, batch)."""
+  bq, bk = plan.block_q, plan.block_kv
+  wgs = bk // ROWS
+
+  def kernel(*refs):
+    (count_ref, entry_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:9]
+    rest = list(refs[9:])
+    bias_ref = rest.pop(0) if has_bias else None
+    q_seg_ref, k_seg_ref = (rest.pop(0), rest.pop(0)) if has_segments else (None, None)
+    dk_ref, dv_ref = rest.pop(0), rest.pop(0)
+    dbias_ref = rest.pop(0) if has_bias else None
+    k_smem2, v_smem2, bias_smem2, seg_smem2, barriers = rest
+    kv_block, kv_head, batch = lax.axis_index('kv_block'), lax.axis_index('kv_heads'), lax.axis_index('batch')
+    wg = lax.axis_index('wg')
+    count = count_ref[batch, kv_head, kv_block]
+    row0 = kv_block * bk + wg * ROWS
+    k_smem, v_smem, bias_smem, seg_smem = k_smem2.at[wg], v_smem2.at[wg], bias_smem2.at[wg], seg_smem2.at[wg]
+    head_cols = pl.ds(kv_head * head_dim, head_dim)
+    num_kv_rows = k_ref.shape[1]
+    num_q_blocks = q_ref.shape[1] // bq
+
+    def compute_context(pipeline):
+      rows = pl.ds(row0, ROWS)
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, head_cols], k_smem, barriers.at[wg * 4])
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, head_cols], v_smem, barriers.at[wg * 4 + 1])
+      waits = [0, 1]
+      if has_bias:
+        plgpu.copy_gmem_to_smem(bias_ref.at[batch, pl.ds(kv_head * num_kv_rows + row0, ROWS)], bias_smem,
+                                barriers.at[wg * 4 + 2])
+        waits.append(2)
+      if has_segments:
+        plgpu.copy_gmem_to_smem(k_seg_ref.at[batch, rows], seg_smem, barriers.at[wg * 4 + 3])
+        waits.append(3)
+      for i in waits:
+        plgpu.barrier_wait(barriers.at[wg * 4 + i])
+      zeros = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+      bias2 = _row_vector(bias_smem) if has_bias else None
+      k_seg = _row_vector(seg_smem) if has_segments else None
+      dbias = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)) if has_bias else None
+      dk, dv, dbias, _, _ = pipeline((zeros, zeros, dbias, bias2, k_seg))
+      k_smem[...] = (dk * scale).astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      if has_bias:
+        bias_smem[...] = dbias
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[batch, rows, head_cols], commit_group=False)
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[batch, rows, head_cols], commit_group=False)
+      if has_bias:
+        plgpu.copy_smem_to_gmem(bias_smem, dbias_ref.at[batch, pl.ds(kv_head * num_kv_rows + row0, ROWS)],
+                                commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0)
+
+    def chunk(c, q_block, full, active, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, carry):
+      """One 64-query slice of the q block: the transposed tile [64 keys, 64 queries]."""
+      dk, dv, dbias, bias2, k_seg = carry
+      cols = pl.ds(c * ROWS, ROWS)
+      q_c, do_c = q_smem.at[cols], do_smem.at[cols]
+
+      s2 = _matmul(k_smem, q_c.transpose((1, 0)), (ROWS, ROWS)) * (scale * LOG2E)
+      shape = s2.shape
+      if has_bias:
+        s2 = s2 + lax.broadcast_in_dim(bias2, shape, [0])
+      p = _masked_probabilities(
+          plan, s2, _col_vector(lse_smem.at[cols]), full, active,
+          lambda: _tile_iota(shape, 1) + (q_block * bq + c * ROWS),
+          lambda: _tile_iota(shape, 0) + row0,
+          lambda: None if q_seg_smem is None else lax.broadcast_in_dim(_col_vector(q_seg_smem.at[cols]), shape, [1]),
+          lambda: None if k_seg is None else lax.broadcast_in_dim(k_seg, shape, [0]),
+          1)
+
+      dv = _accumulate(dv, p.astype(dtype), do_c, interpret)
+      dp = _matmul(v_smem, do_c.transpose((1, 0)), shape)
+      ds = p * (dp - lax.broadcast_in_dim(_col_vector(delta_smem.at[cols]), shape, [1]))
+      dk = _accumulate(dk, ds.astype(dtype), q_c, interpret)
+      if has_bias:
+        dbias = dbias + ds.sum(axis=1)
+      return dk, dv, dbias, bias2, k_seg
+
+    def step(indices, q_smem, do_smem, lse_smem, delta_smem, *rest):
+      rest = list(rest)
+      q_seg_smem = rest.pop(0) if has_segments else None
+      carry = rest.pop()
+      (i,) = indices
+      entry = entry_ref[batch, kv_head, kv_block, i]
+      full = full_ref[batch, kv_head, kv_block, i] == 1
+      q_block = entry % num_q_blocks
+      for c in range(bq // ROWS):
+        carry = chunk(c, q_block, full, i < count, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, carry)
+      for barrier in rest:
+        plgpu.barrier_arrive(barrier)
+      return carry
+
+    def entry_of(i):
+      return entry_ref[batch, kv_head, kv_block, i]
+
+    def q_tile_index(i):
+      entry = entry_of(i)
+      return (entry % num_q_blocks, kv_head * group + entry // num_q_blocks)
+
+    def row_index(i):  # lse/delta are [H * Tq]: head h, q block j is block h * nQ + j
+      return (kv_head * group * num_q_blocks + entry_of(i),)
+
+    tile_spec = functools.partial(plgpu.BlockSpec, block_shape=(bq, head_dim), index_map=q_tile_index,
+                                  transforms=_tile_transforms(dtype))
+    in_specs = [tile_spec(), tile_spec(), plgpu.BlockSpec((bq,), row_index), plgpu.BlockSpec((bq,), row_index)]
+    inputs = [q_ref.at[batch], do_ref.at[batch], lse_ref.at[batch], delta_ref.at[batch]]
+    if has_segments:
+      in_specs.append(plgpu.BlockSpec((bq,), lambda i: (entry_of(i) % num_q_blocks,)))
+      inputs.append(q_seg_ref.at[batch])
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        step, grid=(jnp.maximum(count, stages),), max_concurrent_steps=stages, num_compute_wgs=wgs,
+        memory_registers=40, wg_axis='wg', manual_consumed_barriers=True, compute_context=compute_context,
+        in_specs=in_specs)
+    pipeline(*inputs)
+
+  return kernel
+
+
+def _group_lists(plan, num_heads, num_kv_heads, steps):
+  """Per (batch, kv head, kv block): the q blocks to visit for every query head of the
+  group, as entries g * nQ + q_block (g: head within the group), active first, with
+  their full flags and count."""
+  group = num_heads // num_kv_heads
+  expand = lambda x: jnp.repeat(x, num_heads // plan.plan_heads, axis=1)
+  b, nk, nq = plan.q_count.shape[0], plan.num_kv_blocks, plan.num_q_blocks
+  count = expand(plan.q_count).reshape(b, num_kv_heads, group, nk)
+  index = expand(plan.q_index).astype(jnp.int32).reshape(b, num_kv_heads, group, nk, nq)
+  full = expand(plan.q_full).astype(jnp.int32).reshape(b, num_kv_heads, group, nk, nq)
+  if group == 1:
+    return count[:, :, 0], _pad_steps(index[:, :, 0], steps), _pad_steps(full[:, :, 0], steps)
+  entries = (index + (jnp.arange(group) * nq)[:, None, None]).transpose(0, 1, 3, 2, 4).reshape(b, num_kv_heads, nk, -1)
+  full = full.transpose(0, 1, 3, 2, 4).reshape(entries.shape)
+  active = (jnp.arange(nq) < count.transpose(0, 1, 3, 2)[..., None]).reshape(entries.shape)
+  order = jnp.argsort(jnp.where(active, 0, 1), axis=-1, stable=True)
+  total = active.sum(-1).astype(jnp.int32)
+  entries, full = jnp.take_along_axis(entries, order, -1), jnp.take_along_axis(full, order, -1)
+  last = jnp.take_along_axis(entries, jnp.maximum(total - 1, 0)[..., None], -1)
+  inactive = jnp.arange(entries.shape[-1]) >= total[..., None]
+  entries = jnp.where(inactive, last, entries)
+  full = jnp.where(inactive, 0, full)
+  return total, _pad_steps(entries, steps), _pad_steps(full, steps)
+
+
+def _prepare(q, k, v, key_bias, plan, out, lse, d_out, d_lse):
+  """Padded, flattened kernel operands: q/dO [B, Tq', H*D], k/v [B, Tk', Hkv*D],
+  base-2 lse and delta [B, H*Tq'], base-2 bias [B, Hkv*Tk'], padded segment ids."""
+  b, tq, h, d = q.shape
+  tk, hkv = k.shape[1], k.shape[2]
+  tq_pad, tk_pad = plan.num_q_blocks * plan.block_q, plan.num_kv_blocks * plan.block_kv
+  delta = jnp.einsum('bthd,bthd->bht', d_out.astype(jnp.float32), out.astype(jnp.float32))
+  if d_lse is not None:
+    delta = delta - d_lse.astype(jnp.float32)
+  lse2 = jnp.where(lse > EMPTY_ROW_LSE / 2, lse.astype(jnp.float32) * LOG2E, EMPTY_ROW_LSE2)
+  rows = lambda x: _pad_axis(x, 2, tq_pad).reshape(b, h * tq_pad)
+  tokens = lambda x, t: _pad_axis(x, 1, t).reshape(b, t, -1)
+  operands = dict(q=tokens(q, tq_pad), k=tokens(k, tk_pad), v=tokens(v, tk_pad),
+                  d_out=tokens(d_out.astype(q.dtype), tq_pad), lse=rows(lse2), delta=rows(delta))
+  if key_bias is not None:
+    operands['bias'] = _pad_axis(key_bias.astype(jnp.float32) * LOG2E, 2, tk_pad).reshape(b, hkv * tk_pad)
+  if plan.q_segment_ids is not None:
+    operands['q_seg'] = _pad_axis(plan.q_segment_ids, 1, tq_pad, -1)
+    operands['k_seg'] = _pad_axis(plan.kv_segment_ids, 1, tk_pad, -2)
+  return operands
+
+
+def _extras(operands):
+  return [operands[name] for name in ('bias', 'q_seg', 'k_seg') if name in operands]
+
+
+def _interpret_params(interpret):
+  return plgpu.InterpretGPUParams() if interpret else None
+
+
+def _dq(operands, plan, scale, shapes, stages, interpret):
+  b, h, hkv, d, dtype = shapes
+  wgs = plan.block_q // ROWS
+  has_bias, has_segments = 'bias' in operands, 'q_seg' in operands
+  kernel = _dq_kernel(plan, scale, dtype, d, h // hkv, h // plan.plan_heads, stages, has_bias, has_segments, interpret)
+  rows_scratch = plgpu.SMEM((wgs, 2, ROWS), jnp.float32)
+  tile_scratch = plgpu.SMEM((wgs, ROWS, d), dtype, transforms=_tile_transforms(dtype))
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct(operands['q'].shape, dtype),
+      scratch_types=[tile_scratch, tile_scratch, rows_scratch, plgpu.SMEM((wgs, ROWS), jnp.int32),
+                     plgpu.Barrier(num_barriers=5 * wgs)],
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      grid=(plan.num_q_blocks, h, b), grid_names=('q_block', 'heads', 'batch'), num_threads=wgs + 1,
+      thread_name='wg', interpret=_interpret_params(interpret), kernel_name='block_sparse_dq',
+  )(plan.kv_count, _pad_steps(plan.kv_index.astype(jnp.int32), stages),
+    _pad_steps(plan.kv_full.astype(jnp.int32), stages), operands['q'], operands['k'], operands['v'],
+    operands['d_out'], operands['lse'], operands['delta'], *_extras(operands))
+
+
+def _dkv(operands, plan, scale, shapes, stages, interpret):
+  b, h, hkv, d, dtype = shapes
+  wgs = plan.block_kv // ROWS
+  has_bias, has_segments = 'bias' in operands, 'q_seg' in operands
+  count, entries, full = _group_lists(plan, h, hkv, stages)
+  kernel = _dkv_kernel(plan, scale, dtype, d, h // hkv, stages, has_bias, has_segments, interpret)
+  tile = jax.ShapeDtypeStruct(operands['k'].shape, dtype)
+  out_type = [tile, tile] + ([jax.ShapeDtypeStruct(operands['bias'].shape, jnp.float32)] if has_bias else [])
+  tile_scratch = plgpu.SMEM((wgs, ROWS, d), dtype, transforms=_tile_transforms(dtype))
+  return plgpu.kernel(
+      kernel, out_type=out_type,
+      scratch_types=[tile_scratch, tile_scratch, plgpu.SMEM((wgs, ROWS), jnp.float32),
+                     plgpu.SMEM((wgs, ROWS), jnp.int32), plgpu.Barrier(num_barriers=4 * wgs)],
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      grid=(plan.num_kv_blocks, hkv, b), grid_names=('kv_block', 'kv_heads', 'batch'), num_threads=wgs + 1,
+      thread_name='wg', interpret=_interpret_params(interpret), kernel_name='block_sparse_dkv',
+  )(count, entries, full, operands['q'], operands['k'], operands['v'], operands['d_out'], operands['lse'],
+    operands['delta'], *_extras(operands))
+
+
+def backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse, *, interpret=False, stages=2):
+  """(dq, dk, dv, d_key_bias or None), as reference.backward."""
+  reason = unavailable(q, k, v, key_bias, plan)
+  if reason:
+    raise ValueError(reason)
+  b, tq, h, d = q.shape
+  tk, hkv = k.shape[1], k.shape[2]
+  operands = _prepare(q, k, v, key_bias, plan, out, lse, d_out, d_lse)
+  shapes = (b, h, hkv, d, q.dtype)
+  dq = _dq(operands, plan, scale, shapes, stages, interpret)
+  dkv = _dkv(operands, plan, scale, shapes, stages, interpret)
+  dq = dq.reshape(b, -1, h, d)[:, :tq]
+  dk, dv = (x.reshape(b, -1, hkv, d)[:, :tk] for x in dkv[:2])
+  d_bias = None
+  if key_bias is not None:
+    d_bias = dkv[2].reshape(b, hkv, -1)[:, :, :tk].astype(key_bias.dtype)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), d_bias

@@ -1,0 +1,211 @@
+"""The Mosaic GPU (sm90) block-sparse backward kernels against reference.backward and the
+dense float32 oracle: dq, dk, dv and d(key_bias) on mask plans, documents, random per-head
+block plans, GQA groups, ragged lengths, fully masked rows, bf16/f16 and head_dim 64/128.
+
+On CPU the kernels run in Mosaic GPU interpret mode on small shapes (the 64-row blocks,
+one compute warpgroup). 128-row blocks run two compute warpgroups, i.e. three interpreter
+threads, which can stall on a 2-core machine, so those CPU cases are `slow`. The `gpu`
+tests run the compiled kernels on a Hopper GPU with larger shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_block_sparse_attention import dense_attention, plan_dense_mask, random_inputs
+
+from pallas_kernels.block_sparse_attention import masks, plan_from_block_mask, plan_from_mask, reference
+from pallas_kernels.block_sparse_attention import mosaic_gpu_backward
+
+TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 1e-2}  # of the largest gradient entry
+
+MASKS = {
+    'causal': masks.Causal(),
+    'window': masks.causal_window(70),
+    'chunked': masks.Chunked(96) & masks.Causal(),
+    'bidirectional_window': masks.SlidingWindow(50, 30),
+}
+
+
+def on_gpu():
+  return jax.default_backend() == 'gpu'
+
+
+def documents(length, seed, batch=1):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(np.cumsum(rng.random((batch, length)) < 0.01, axis=1).astype(np.int32))
+
+
+def random_block_plan(seed, length, block_q, block_kv, plan_heads, density=0.4, batch=1, **kwargs):
+  nq, nk = -(-length // block_q), -(-length // block_kv)
+  chosen = jax.random.bernoulli(jax.random.key(seed), density, (batch, plan_heads, nq, nk))
+  return plan_from_block_mask(chosen, q_len=length, block_q=block_q, block_kv=block_kv, **kwargs)
+
+
+def dense_gradients(q, k, v, bias, plan, scale, d_out, d_lse):
+  """Gradients of the dense oracle for cotangents of the output and of the LSE."""
+  allowed = plan_dense_mask(plan, q.shape[2])
+  f32 = lambda x: None if x is None else x.astype(jnp.float32)
+  _, vjp = jax.vjp(lambda q, k, v, b: dense_attention(q, k, v, allowed, b, scale), *map(f32, (q, k, v, bias)))
+  return vjp((d_out, d_lse))
+
+
+def assert_close(got, want, tolerance, name):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert got.shape == want.shape, name
+  assert np.isfinite(got).all(), name
+  error = np.abs(got - want).max() / max(np.abs(want).max(), 1e-3)
+  assert error < tolerance, f'{name}: relative error {error}'
+
+
+def check(plan, q, k, v, bias, d_out, with_d_lse=True, interpret=None, dense=True):
+  """Our backward against reference.backward and (optionally) the dense oracle."""
+  interpret = not on_gpu() if interpret is None else interpret
+  assert mosaic_gpu_backward.unavailable(q, k, v, bias, plan) is None
+  scale = q.shape[-1] ** -0.5
+  out, lse = reference.forward(q, k, v, bias, plan, scale)
+  d_lse = jax.random.normal(jax.random.key(7), lse.shape) if with_d_lse else None
+  got = mosaic_gpu_backward.backward(q, k, v, bias, plan, scale, out, lse, d_out, d_lse, interpret=interpret)
+  want = reference.backward(q, k, v, bias, plan, scale, out, lse, d_out, d_lse)
+  tolerance = TOLERANCE[q.dtype.type]
+  for name, g, w, x in zip(('dq', 'dk', 'dv', 'dbias'), got, want, (q, k, v, bias)):
+    if x is None:
+      assert g is None
+      continue
+    assert g.dtype == x.dtype, name
+    assert_close(g, w, tolerance, name)
+  if dense:
+    oracle = dense_gradients(q, k, v, bias, plan, scale, d_out, jnp.zeros_like(lse) if d_lse is None else d_lse)
+    for name, g, w in zip(('dq', 'dk', 'dv', 'dbias'), got, oracle):
+      if w is not None:
+        assert_close(g, w, 2 * tolerance, f'{name} (dense)')
+  return got
+
+
+def test_causal_with_key_bias_and_gqa_pair():
+  q, k, v, bias, d_out = random_inputs(0, 1, 128, 128, 2, 1, 64, jnp.bfloat16, with_bias=True)
+  check(plan_from_mask(masks.Causal(), q_len=128, block_q=64, block_kv=64), q, k, v, bias, d_out)
+
+
+def test_window_with_documents_ragged_float16():
+  q, k, v, bias, d_out = random_inputs(1, 1, 200, 200, 4, 2, 64, jnp.float16, with_bias=False)
+  segments = jnp.asarray(np.repeat(np.arange(4), 50)[None].astype(np.int32))
+  plan = plan_from_mask(masks.causal_window(70), q_len=200, block_q=64, block_kv=64, segment_ids=segments)
+  check(plan, q, k, v, bias, d_out)
+
+
+def test_random_per_query_head_plan_group_of_four_head_dim_128():
+  q, k, v, bias, d_out = random_inputs(2, 1, 192, 192, 4, 1, 128, jnp.bfloat16, with_bias=True)
+  plan = random_block_plan(3, 192, 64, 64, plan_heads=4, mask=masks.Chunked(96) & masks.Causal())
+  check(plan, q, k, v, bias, d_out, with_d_lse=False)
+
+
+def test_fully_masked_rows_get_zero_gradients():
+  q, k, v, bias, d_out = random_inputs(3, 1, 128, 128, 2, 2, 64, jnp.bfloat16, with_bias=True)
+  chosen = jnp.zeros((1, 2, 2, 2), bool).at[:, 1, 1, :].set(True)  # plan head 0 sees nothing at all
+  plan = plan_from_block_mask(chosen, q_len=128, block_q=64, block_kv=64)
+  dq, dk, dv, dbias = check(plan, q, k, v, bias, d_out)
+  assert (dq[:, :, 0] == 0).all() and (dk[:, :, 0] == 0).all() and (dv[:, :, 0] == 0).all()
+  assert (dbias[:, 0] == 0).all() and (dq[:, :64, 1] == 0).all()
+
+
+def test_cross_attention_lengths_with_kv_head_plans():
+  q, k, v, bias, d_out = random_inputs(4, 1, 100, 150, 4, 2, 64, jnp.bfloat16, with_bias=True)
+  chosen = jax.random.bernoulli(jax.random.key(5), 0.6, (1, 2, 2, 3))
+  plan = plan_from_block_mask(chosen, q_len=100, kv_len=150, block_q=64, block_kv=64, mask=masks.Full())
+  check(plan, q, k, v, bias, d_out)
+
+
+def test_unavailable_names_what_is_unsupported():
+  q, k, v, _, _ = random_inputs(0, 1, 64, 64, 2, 1, 64, jnp.float32, with_bias=False)
+  plan = plan_from_mask(masks.Causal(), q_len=64, block_q=64, block_kv=64)
+  assert 'bfloat16' in mosaic_gpu_backward.unavailable(q, k, v, None, plan)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  assert mosaic_gpu_backward.unavailable(q, k, v, None, plan) is None
+  assert 'head_dim' in mosaic_gpu_backward.unavailable(q[..., :32], k[..., :32], v[..., :32], None, plan)
+  small_blocks = plan_from_mask(masks.Causal(), q_len=64, block_q=32, block_kv=64)
+  assert 'block_q' in mosaic_gpu_backward.unavailable(q, k, v, None, small_blocks)
+
+
+SLOW_CASES = [
+    # mask or plan, length, heads, kv heads, head_dim, block_q, block_kv, dtype, bias, documents
+    ('causal', 256, 4, 4, 64, 128, 128, jnp.bfloat16, True, False),
+    ('window', 200, 8, 1, 64, 128, 64, jnp.float16, True, True),
+    ('chunked', 256, 8, 4, 128, 64, 128, jnp.bfloat16, False, False),
+    ('random_1', 256, 4, 2, 64, 128, 128, jnp.bfloat16, True, True),
+    ('random_kv', 200, 8, 2, 64, 64, 64, jnp.bfloat16, True, False),
+    ('random_h', 256, 8, 8, 64, 128, 64, jnp.float16, True, False),
+]
+
+
+def build_plan(name, length, heads, kv_heads, block_q, block_kv, segments, seed=0, batch=1):
+  if name in MASKS:
+    return plan_from_mask(MASKS[name], q_len=length, block_q=block_q, block_kv=block_kv, segment_ids=segments,
+                          batch=batch)
+  plan_heads = {'random_1': 1, 'random_kv': kv_heads, 'random_h': heads}[name]
+  return random_block_plan(seed, length, block_q, block_kv, plan_heads, segment_ids=segments, batch=batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', SLOW_CASES, ids=[c[0] for c in SLOW_CASES])
+def test_larger_interpret_cases(case):
+  name, length, heads, kv_heads, head_dim, block_q, block_kv, dtype, with_bias, with_documents = case
+  q, k, v, bias, d_out = random_inputs(11, 1, length, length, heads, kv_heads, head_dim, dtype, with_bias)
+  plan = build_plan(name, length, heads, kv_heads, block_q, block_kv, documents(length, 3) if with_documents else None)
+  check(plan, q, k, v, bias, d_out)
+
+
+GPU_PLANS = sorted(MASKS) + ['random_1', 'random_kv', 'random_h']
+
+
+GPU_BLOCKS = [(64, 64), (128, 128), (128, 64), (64, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('plan_name', GPU_PLANS)
+@pytest.mark.parametrize('group', [1, 2, 4, 8])
+def test_gpu_plans_blocks_and_groups(plan_name, group):
+  length, heads = 1000, 8
+  blocks = GPU_BLOCKS[(GPU_PLANS.index(plan_name) + group) % len(GPU_BLOCKS)]
+  q, k, v, bias, d_out = random_inputs(group, 2, length, length, heads, heads // group, 128, jnp.bfloat16, True)
+  segments = documents(length, 1, batch=2) if group == 2 else None
+  plan = build_plan(plan_name, length, heads, heads // group, *blocks, segments, seed=group, batch=2)
+  check(plan, q, k, v, bias, d_out, interpret=False, dense=group != 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize('head_dim', [64, 128])
+def test_gpu_dtypes_and_head_dims(dtype, head_dim):
+  q, k, v, bias, d_out = random_inputs(5, 1, 2048, 2048, 4, 2, head_dim, dtype, with_bias=True)
+  plan = plan_from_mask(masks.causal_window(300), q_len=2048, block_q=128, block_kv=128,
+                        segment_ids=documents(2048, 2))
+  check(plan, q, k, v, bias, d_out, interpret=False)
+
+
+@pytest.mark.gpu
+def test_gpu_fully_masked_rows_and_no_bias():
+  q, k, v, _, d_out = random_inputs(6, 1, 512, 512, 4, 2, 128, jnp.bfloat16, with_bias=False)
+  chosen = jnp.zeros((1, 4, 4, 4), bool).at[:, :, 2:, :].set(True)
+  plan = plan_from_block_mask(chosen, q_len=512, block_q=128, block_kv=128)
+  dq, _, _, dbias = check(plan, q, k, v, None, d_out, interpret=False)
+  assert dbias is None and (dq[:, :256] == 0).all()
+
+
+LOWERING_CASES = [(64, 128, 64, False, False), (128, 64, 128, True, True)]
+
+
+@pytest.mark.parametrize('case', LOWERING_CASES, ids=lambda c: 'bq{}_bk{}_d{}_bias{}_docs{}'.format(*c))
+def test_lowers_for_cuda_on_any_host(case):
+  """Mosaic GPU lowering (layouts, transforms, pipeline) without a GPU; not ptxas."""
+  block_q, block_kv, head_dim, with_bias, with_documents = case
+  b, t, h, hkv = 2, 1000, 8, 2
+  segments = jnp.zeros((b, t), jnp.int32) if with_documents else None
+  plan = plan_from_mask(masks.Causal(), q_len=t, block_q=block_q, block_kv=block_kv, batch=b, segment_ids=segments)
+  q = jax.ShapeDtypeStruct((b, t, h, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, t, hkv, head_dim), jnp.bfloat16)
+  bias = jax.ShapeDtypeStruct((b, hkv, t), jnp.float32) if with_bias else None
+  lse = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
+  run = lambda q, k, v, bias, out, lse, d_out: mosaic_gpu_backward.backward(q, k, v, bias, plan, 0.1, out, lse,
+                                                                           d_out, lse)
+  lowered = jax.jit(run).trace(q, kv, kv, bias, q, lse, q).lower(lowering_platforms=('cuda',))
+  assert lowered.as_text().count('mosaic_gpu') >= 2
