@@ -1,7 +1,10 @@
 """The Mosaic TPU kernels of block-sparse attention (tpu.py), run in TPU interpret mode on
 CPU: outputs, LSE and every gradient against dense attention (through the public api) and
-against the reference's forward/backward. Interpret mode is slow, so the default cases are
-few and each covers several features; the wider sweeps are marked slow."""
+against the reference's forward/backward; and lowered to Mosaic for a TPU target. Interpret
+mode is slow, so the default cases are few and each covers several features; the wider
+sweeps are marked slow."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +65,8 @@ def test_documents_and_window_or_prefix_per_kv_head_plan():
 
 
 def test_bfloat16_chunked_group_of_eight():
-  q, k, v, bias, d_out = random_inputs(3, 1, 32, 32, 8, 1, 16, jnp.bfloat16, with_bias=False)
-  plan = plan_from_mask(MASKS['chunked'], q_len=32, block_q=16, block_kv=8)
+  q, k, v, bias, d_out = random_inputs(3, 1, 24, 24, 8, 1, 16, jnp.bfloat16, with_bias=False)
+  plan = plan_from_mask(MASKS['chunked'], q_len=24, block_q=16, block_kv=8)
   out, _, grads = check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.bfloat16, implementation=INTERPRET)
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
 
@@ -97,10 +100,31 @@ def test_tpu_needs_lane_sized_blocks_and_interpret_mode_does_not():
   assert 'multiples of 128' in IMPLEMENTATIONS['tpu'].unavailable(q, k, v, None, small)
   large = plan_from_mask(masks.Causal(), q_len=22, block_q=128, block_kv=256, batch=2)
   assert IMPLEMENTATIONS['tpu'].unavailable(q, k, v, None, large) is None
+  lists = (np.zeros((2, 8, 128), np.int32), np.zeros((2, 8, 128, 128), np.int16), np.zeros((2, 8, 128, 128), np.int8))
+  huge = dataclasses.replace(large, kv_count=lists[0], kv_index=lists[1], kv_full=lists[2])  # 786 KB of lists
+  assert 'SMEM' in IMPLEMENTATIONS['tpu'].unavailable(q, k, v, None, huge)
   assert select_implementation(INTERPRET, q, k, v, None, small).name == INTERPRET
   if jax.default_backend() != 'tpu':
     with pytest.raises(ValueError, match='runs on tpu'):
       select_implementation('tpu', q, k, v, None, large)
+
+
+def test_kernels_lower_to_mosaic_for_a_tpu_target():
+  """Lowering for a TPU v5e from this host: block shapes, SMEM lists and every op of the three
+  kernel bodies pass Pallas's Mosaic lowering (libtpu's own compile needs a TPU and is not run)."""
+  b, t, h, hkv, d = 1, 300, 4, 2, 128
+  q, out = jnp.zeros((b, t, h, d), jnp.bfloat16), jnp.zeros((b, t, h, d), jnp.bfloat16)
+  k = v = jnp.zeros((b, t, hkv, d), jnp.bfloat16)
+  bias, lse = jnp.zeros((b, hkv, t)), jnp.zeros((b, h, t))
+  plan = plan_from_mask(MASKS['window_or_prefix'], q_len=t, block_q=128, block_kv=128,
+                        segment_ids=jnp.ones((b, t), jnp.int32))
+  target = jax.sharding.AbstractDevice(device_kind='TPU v5e', num_cores=1, platform='tpu')
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ('x',), abstract_device=target)):
+    forward = jax.export.export(jax.jit(lambda *a: tpu.forward(*a, 0.1)), platforms=['tpu'])(q, k, v, bias, plan)
+    backward = jax.export.export(jax.jit(lambda q, k, v, bias, plan, out, lse: tpu.backward(
+        q, k, v, bias, plan, 0.1, out, lse, out, lse)), platforms=['tpu'])(q, k, v, bias, plan, out, lse)
+  assert forward.mlir_module().count('tpu_custom_call') == 1
+  assert backward.mlir_module().count('tpu_custom_call') == 2
 
 
 @pytest.mark.slow

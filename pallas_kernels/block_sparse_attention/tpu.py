@@ -25,10 +25,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse_attention.implementation import Implementation
+from pallas_kernels.block_sparse_attention.implementation import Implementation, always_available
 from pallas_kernels.block_sparse_attention.reference import EMPTY_ROW_LSE
 
 LANES = 128  # a real TPU needs blocks whose lane dimension is a multiple of this
+# One pass's lists (count, index, full) live in SMEM: 1 MiB per core from v4 on; half is left
+# for Mosaic's padding of multi-dimensional SMEM arrays and its own scalars.
+SMEM_BUDGET_BYTES = 512 * 1024
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 NN = (((1,), (0,)), ((), ()))  # a @ b
 
@@ -438,6 +441,10 @@ def backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse, *, interpre
 def _unavailable_on_tpu(q, k, v, key_bias, plan):
   if plan.block_q % LANES or plan.block_kv % LANES:
     return f'Mosaic TPU needs block_q and block_kv multiples of {LANES}, got {plan.block_q} and {plan.block_kv}'
+  list_bytes = sum(x.size * x.dtype.itemsize for x in (plan.kv_count, plan.kv_index, plan.kv_full))
+  if list_bytes > SMEM_BUDGET_BYTES:
+    return (f'the plan lists take {list_bytes} bytes of SMEM, over the {SMEM_BUDGET_BYTES} budget: '
+            'use larger blocks or fewer plan heads')
   return None
 
 
@@ -445,5 +452,6 @@ IMPLEMENTATIONS = (
     Implementation('tpu', functools.partial(forward, interpret=False), functools.partial(backward, interpret=False),
                    platforms=('tpu',), unavailable=_unavailable_on_tpu),
     Implementation('tpu_interpret', functools.partial(forward, interpret=True),
-                   functools.partial(backward, interpret=True), platforms=('cpu', 'gpu', 'tpu')),
+                   functools.partial(backward, interpret=True), platforms=('cpu', 'gpu', 'tpu'),
+                   unavailable=always_available),
 )
