@@ -46,8 +46,9 @@ def num_stages(block_q, block_kv, head_dim, itemsize, persistent=False):
   The persistent schedule keeps a separate output tile (the grid one reuses Q's)."""
   fixed = (2 if persistent else 1) * block_q * head_dim * itemsize + block_q * 4
   per_stage = 2 * block_kv * head_dim * itemsize
-  return min(MAX_STAGES, (common.SMEM_BUDGET_BYTES - fixed) // per_stage) if fixed + 2 * per_stage <= \
-      common.SMEM_BUDGET_BYTES else 0
+  if fixed + 2 * per_stage > common.SMEM_BUDGET_BYTES:
+    return 0
+  return min(MAX_STAGES, (common.SMEM_BUDGET_BYTES - fixed) // per_stage)
 
 
 def unavailable(q, k, v, key_bias, plan, *, interpret=False):
