@@ -201,7 +201,21 @@ def _optional_spec(array, spec):
   return None if array is None else spec
 
 
-def _q_major_side_specs(shape, maps, bias, q_seg, kv_seg):
+def _qkv_specs(shape, maps):
+  bq, bk, d = shape.block_q, shape.block_kv, shape.head_dim
+  return [pl.BlockSpec((None, None, bq, d), maps['q']), pl.BlockSpec((None, None, bk, d), maps['kv']),
+          pl.BlockSpec((None, None, bk, d), maps['kv'])]
+
+
+def _gradient_specs(shape, maps):
+  """dO, LSE and delta."""
+  bq, d = shape.block_q, shape.head_dim
+  return [pl.BlockSpec((None, None, bq, d), maps['q']), pl.BlockSpec((None, None, 1, bq), maps['q_row']),
+          pl.BlockSpec((None, None, 1, bq), maps['q_row'])]
+
+
+def _side_specs(shape, maps, bias, q_seg, kv_seg):
+  """Key bias and segment ids, None where absent."""
   return [
       _optional_spec(bias, pl.BlockSpec((None, None, 1, shape.block_kv), maps['bias'])),
       _optional_spec(q_seg, pl.BlockSpec((None, 1, shape.block_q), maps['q_seg'])),
@@ -220,17 +234,12 @@ def _padded_side_inputs(key_bias, plan, shape):
 def forward(q, k, v, key_bias, plan, scale, *, interpret=False):
   """(out [B, Tq, H, D] in q.dtype, lse [B, H, Tq] float32, natural log)."""
   shape = _shape_of(q, k, plan)
-  bq, bk, d = shape.block_q, shape.block_kv, shape.head_dim
+  bq, d = shape.block_q, shape.head_dim
   qh = _heads_major(q, shape.padded_q_len)
   kh, vh = _heads_major(k, shape.padded_kv_len), _heads_major(v, shape.padded_kv_len)
   bias, q_seg, kv_seg = _padded_side_inputs(key_bias, plan, shape)
   maps = _q_major_maps(shape)
-  in_specs = [
-      pl.BlockSpec((None, None, bq, d), maps['q']),
-      pl.BlockSpec((None, None, bk, d), maps['kv']),
-      pl.BlockSpec((None, None, bk, d), maps['kv']),
-      *_q_major_side_specs(shape, maps, bias, q_seg, kv_seg),
-  ]
+  in_specs = _qkv_specs(shape, maps) + _side_specs(shape, maps, bias, q_seg, kv_seg)
   out_specs = [pl.BlockSpec((None, None, bq, d), maps['q']), pl.BlockSpec((None, None, 1, bq), maps['q_row'])]
   out_shape = [jax.ShapeDtypeStruct(qh.shape, q.dtype),
                jax.ShapeDtypeStruct((shape.batch, shape.heads, 1, shape.padded_q_len), jnp.float32)]
@@ -294,17 +303,9 @@ def _dq_kernel(kv_count_ref, kv_index_ref, kv_full_ref, q_ref, k_ref, v_ref, do_
 
 
 def _backward_dq(plan, shape, scale, interpret, qh, kh, vh, doh, lse, delta, bias, q_seg, kv_seg):
-  bq, bk, d = shape.block_q, shape.block_kv, shape.head_dim
+  bq, d = shape.block_q, shape.head_dim
   maps = _q_major_maps(shape)
-  in_specs = [
-      pl.BlockSpec((None, None, bq, d), maps['q']),
-      pl.BlockSpec((None, None, bk, d), maps['kv']),
-      pl.BlockSpec((None, None, bk, d), maps['kv']),
-      pl.BlockSpec((None, None, bq, d), maps['q']),
-      pl.BlockSpec((None, None, 1, bq), maps['q_row']),
-      pl.BlockSpec((None, None, 1, bq), maps['q_row']),
-      *_q_major_side_specs(shape, maps, bias, q_seg, kv_seg),
-  ]
+  in_specs = _qkv_specs(shape, maps) + _gradient_specs(shape, maps) + _side_specs(shape, maps, bias, q_seg, kv_seg)
   grid = (shape.batch, shape.heads, shape.num_q_blocks, shape.num_kv_blocks)
   return pl.pallas_call(
       functools.partial(_dq_kernel, plan=_static_plan(plan), shape=shape, scale=scale),
@@ -384,19 +385,9 @@ def _kv_major_maps(shape):
 
 
 def _backward_dkv(plan, shape, scale, interpret, qh, kh, vh, doh, lse, delta, bias, q_seg, kv_seg):
-  bq, bk, d = shape.block_q, shape.block_kv, shape.head_dim
+  bk, d = shape.block_kv, shape.head_dim
   maps = _kv_major_maps(shape)
-  in_specs = [
-      pl.BlockSpec((None, None, bq, d), maps['q']),
-      pl.BlockSpec((None, None, bk, d), maps['kv']),
-      pl.BlockSpec((None, None, bk, d), maps['kv']),
-      pl.BlockSpec((None, None, bq, d), maps['q']),
-      pl.BlockSpec((None, None, 1, bq), maps['q_row']),
-      pl.BlockSpec((None, None, 1, bq), maps['q_row']),
-      _optional_spec(bias, pl.BlockSpec((None, None, 1, bk), maps['bias'])),
-      _optional_spec(q_seg, pl.BlockSpec((None, 1, bq), maps['q_seg'])),
-      _optional_spec(kv_seg, pl.BlockSpec((None, 1, bk), maps['kv_seg'])),
-  ]
+  in_specs = _qkv_specs(shape, maps) + _gradient_specs(shape, maps) + _side_specs(shape, maps, bias, q_seg, kv_seg)
   out_specs = [pl.BlockSpec((None, None, bk, d), maps['kv']), pl.BlockSpec((None, None, bk, d), maps['kv']),
                _optional_spec(bias, pl.BlockSpec((None, None, 1, bk), maps['bias']))]
   out_shape = [jax.ShapeDtypeStruct(kh.shape, kh.dtype), jax.ShapeDtypeStruct(vh.shape, vh.dtype),
