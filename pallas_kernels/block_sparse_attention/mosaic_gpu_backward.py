@@ -145,22 +145,24 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
       full = kv_full_ref[batch, plan_head, q_block, i] == 1
 
       s2 = _matmul(q_smem, k_smem.transpose((1, 0)), (ROWS, bk)) * (scale * LOG2E)
-      if has_bias:
-        s2 = s2 + lax.broadcast_in_dim(_col_vector(bias_smem), s2.shape, [1])
       shape = s2.shape
-      p = _masked_probabilities(
-          plan, s2, lse2, full, i < count,
-          lambda: _tile_iota(shape, 0) + row0,
-          lambda: _tile_iota(shape, 1) + kv_block * bk,
-          lambda: None if q_seg is None else lax.broadcast_in_dim(q_seg, shape, [0]),
-          lambda: None if k_seg_smem is None else lax.broadcast_in_dim(_col_vector(k_seg_smem), shape, [1]),
-          0)
 
-      dp = _matmul(do_smem, v_smem.transpose((1, 0)), shape)
+      def probabilities():
+        logits = s2 + lax.broadcast_in_dim(_col_vector(bias_smem), shape, [1]) if has_bias else s2
+        return _masked_probabilities(
+            plan, logits, lse2, full, i < count,
+            lambda: _tile_iota(shape, 0) + row0,
+            lambda: _tile_iota(shape, 1) + kv_block * bk,
+            lambda: None if q_seg is None else lax.broadcast_in_dim(q_seg, shape, [0]),
+            lambda: None if k_seg_smem is None else lax.broadcast_in_dim(_col_vector(k_seg_smem), shape, [1]),
+            0)
+
+      dp, p = _matmul_overlapped(do_smem, v_smem.transpose((1, 0)), shape, probabilities)
+      for barrier in consumed[1:]:  # all but K's
+        plgpu.barrier_arrive(barrier)
       ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
       dq = _accumulate(dq, ds.astype(dtype), k_smem, interpret)
-      for barrier in consumed:
-        plgpu.barrier_arrive(barrier)
+      plgpu.barrier_arrive(consumed[0])
       return (dq, lse2, delta, q_seg)
 
     def kv_block_of(i):
@@ -204,6 +206,26 @@ def _accumulate(acc, a, b, interpret):
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a, b)
   return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _matmul_overlapped(a, b, shape, work):
+  """(a @ b into a fresh float32 accumulator, work()), work computed while the wgmma runs."""
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    result = work()
+    return acc_ref[...], result
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _accumulate_pair(first, second, interpret):
+  """(acc + a @ b) for two (acc, a, b) with `a` in registers, both wgmmas in flight at once."""
+  if interpret:
+    return tuple(_accumulate(acc, a, b, True) for acc, a, b in (first, second))
+
+  def body(acc_refs):
+    for acc_ref, (_, a, b) in zip(acc_refs, (first, second)):
+      plgpu.wgmma(acc_ref, a, b)
+  return pl.run_state(body)((plgpu.ACC.init(first[0]), plgpu.ACC.init(second[0])))
 
 
 def _tile_transforms(dtype):
@@ -273,20 +295,21 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
 
       s2 = _matmul(k_smem, q_c.transpose((1, 0)), (ROWS, ROWS)) * (scale * LOG2E)
       shape = s2.shape
-      if has_bias:
-        s2 = s2 + lax.broadcast_in_dim(bias2, shape, [0])
-      p = _masked_probabilities(
-          plan, s2, _col_vector(lse_smem.at[cols]), full, active,
-          lambda: _tile_iota(shape, 1) + (q_block * bq + c * ROWS),
-          lambda: _tile_iota(shape, 0) + row0,
-          lambda: None if q_seg_smem is None else lax.broadcast_in_dim(_col_vector(q_seg_smem.at[cols]), shape, [1]),
-          lambda: None if k_seg is None else lax.broadcast_in_dim(k_seg, shape, [0]),
-          1)
 
-      dv = _accumulate(dv, p.astype(dtype), do_c, interpret)
-      dp = _matmul(v_smem, do_c.transpose((1, 0)), shape)
+      def probabilities():
+        logits = s2 + lax.broadcast_in_dim(bias2, shape, [0]) if has_bias else s2
+        return _masked_probabilities(
+            plan, logits, _col_vector(lse_smem.at[cols]), full, active,
+            lambda: _tile_iota(shape, 1) + (q_block * bq + c * ROWS),
+            lambda: _tile_iota(shape, 0) + row0,
+            lambda: None if q_seg_smem is None else lax.broadcast_in_dim(_col_vector(q_seg_smem.at[cols]), shape,
+                                                                          [1]),
+            lambda: None if k_seg is None else lax.broadcast_in_dim(k_seg, shape, [0]),
+            1)
+
+      dp, p = _matmul_overlapped(v_smem, do_c.transpose((1, 0)), shape, probabilities)
       ds = p * (dp - lax.broadcast_in_dim(_col_vector(delta_smem.at[cols]), shape, [1]))
-      dk = _accumulate(dk, ds.astype(dtype), q_c, interpret)
+      dv, dk = _accumulate_pair((dv, p.astype(dtype), do_c), (dk, ds.astype(dtype), q_c), interpret)
       if has_bias:
         dbias = dbias + ds.sum(axis=1)
       return dk, dv, dbias, bias2, k_seg
