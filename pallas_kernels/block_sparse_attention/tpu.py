@@ -12,8 +12,11 @@ blocks skip the element mask; partial ones compute it from iotas with plan.eleme
 
 Layouts: q/k/v/dO are moved heads-major [B, heads, T, D] and padded to whole blocks;
 per-row vectors (LSE, delta, key bias, segment ids) travel as [.., 1, T] rows and are
-turned into columns in the kernel where the tile orientation needs it. The dK/dV kernel
-works on transposed tiles [kv, q] (as splash does) so every matmul is NN or NT.
+turned into columns in the kernel where the tile orientation needs it. Per-row statistics
+(m, l, d(key_bias)) accumulate lane-replicated [n, 128] in VMEM and leave as rows through a
+tile transpose. The dK/dV kernel works on transposed tiles [kv, q] (as splash does) so every
+matmul is NN or NT. A real TPU needs block_q and block_kv multiples of 128 (`unavailable`
+says so); interpret mode takes any block size.
 """
 
 import dataclasses
