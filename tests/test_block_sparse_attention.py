@@ -66,8 +66,8 @@ def check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.float32, implement
     return jnp.sum(out * d_out) + jnp.sum(jnp.where(lse > -1e29, lse, 0.0) * 0.1), (out, lse)
 
   argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
-  (_, (out, lse)), grads = jax.value_and_grad(ours, argnums, has_aux=True)(q, k, v, bias)
-  (_, (out_ref, lse_ref)), grads_ref = jax.value_and_grad(oracle, argnums, has_aux=True)(q, k, v, bias)
+  (_, (out, lse)), grads = jax.jit(jax.value_and_grad(ours, argnums, has_aux=True))(q, k, v, bias)
+  (_, (out_ref, lse_ref)), grads_ref = jax.jit(jax.value_and_grad(oracle, argnums, has_aux=True))(q, k, v, bias)
   np.testing.assert_allclose(np.asarray(out, np.float32), out_ref, **tol)
   np.testing.assert_allclose(lse, lse_ref, **tol)
   for name, got, want in zip(('dq', 'dk', 'dv', 'dbias'), grads, grads_ref):
@@ -194,3 +194,12 @@ def test_bad_shapes_and_implementations_fail_fast():
     block_sparse_attention(q, k, v, plan, key_bias=jnp.zeros((1, 4, 16)))
   with pytest.warns(UserWarning, match='falls back to .reference.'):
     block_sparse_attention(q, k, v, plan, implementation=['nope', 'reference'])
+
+
+def test_a_batch_one_plan_serves_every_batch_row():
+  plan = plan_from_mask(masks.causal_window(9), q_len=40, block_q=8, block_kv=8)
+  q, k, v, bias, d_out = random_inputs(7, 3, 40, 40, 2, 1, 8, jnp.float32, with_bias=True)
+  check_against_dense(plan, q, k, v, bias, d_out)
+  documents = plan_from_mask(masks.Causal(), q_len=40, block_q=8, block_kv=8, segment_ids=jnp.ones((1, 40), jnp.int32))
+  with pytest.raises(ValueError, match='cannot serve batch 3'):
+    block_sparse_attention(q, k, v, documents)

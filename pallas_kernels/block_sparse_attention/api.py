@@ -4,6 +4,8 @@
     out, lse = block_sparse_attention(..., return_lse=True)     # lse [B,H,Tq], natural log
     out = block_sparse_attention(..., key_bias=b)               # b [B,Hkv,Tk], gets a gradient
 
+A plan built for batch 1 without segment ids serves every batch row.
+
 `implementation`: None picks the best one available on this platform; a name fails fast
 with the reason it cannot run; a list is tried in order, with a warning naming why each
 skipped one could not run. The custom_vjp lives here and nowhere else.
@@ -15,6 +17,8 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.block_sparse_attention.plan import broadcast_batch
 
 
 
@@ -69,7 +73,7 @@ def check_shapes(q, k, v, key_bias, plan):
     raise ValueError(f'q {q.shape} and k {k.shape}: batch and head_dim must agree and H % Hkv == 0')
   if (tq, tk) != (plan.q_len, plan.kv_len):
     raise ValueError(f'plan is for lengths ({plan.q_len}, {plan.kv_len}), inputs have ({tq}, {tk})')
-  if plan.kv_count.shape[0] != b or h % plan.plan_heads or (plan.plan_heads > hkv and plan.plan_heads != h):
+  if plan.kv_count.shape[0] not in (1, b) or h % plan.plan_heads or (plan.plan_heads > hkv and plan.plan_heads != h):
     raise ValueError(f'plan of shape {plan.kv_count.shape} (batch, plan heads, q blocks) does not fit '
                      f'batch {b}, {h} query heads, {hkv} kv heads')
   if key_bias is not None and key_bias.shape != (b, hkv, tk):
@@ -78,6 +82,7 @@ def check_shapes(q, k, v, key_bias, plan):
 
 def block_sparse_attention(q, k, v, plan, *, scale=None, key_bias=None, implementation=None, return_lse=False):
   check_shapes(q, k, v, key_bias, plan)
+  plan = broadcast_batch(plan, q.shape[0])
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   chosen = select_implementation(implementation, q, k, v, key_bias, plan)
   out, lse = _attention(chosen.name, scale, q, k, v, key_bias, plan)

@@ -72,6 +72,18 @@ class BlockSparsePlan:
     return allowed
 
 
+def broadcast_batch(plan, batch):
+  """A plan built for batch 1 (no segment ids) made to serve `batch` rows."""
+  if plan.kv_count.shape[0] == batch:
+    return plan
+  if plan.kv_count.shape[0] != 1 or plan.q_segment_ids is not None:
+    raise ValueError(f'a plan for batch {plan.kv_count.shape[0]} cannot serve batch {batch} '
+                     '(only a batch-1 plan without segment ids broadcasts)')
+  lists = ('kv_count', 'kv_index', 'kv_full', 'q_count', 'q_index', 'q_full')
+  return dataclasses.replace(plan, **{name: jnp.broadcast_to(getattr(plan, name), (batch,) + getattr(plan, name).shape[1:])
+                                      for name in lists})
+
+
 def num_blocks(length, block):
   return -(-length // block)
 
