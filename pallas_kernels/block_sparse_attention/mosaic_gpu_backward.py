@@ -104,7 +104,10 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
     bias_ref = rest.pop(0) if has_bias else None
     q_seg_ref, k_seg_ref = (rest.pop(0), rest.pop(0)) if has_segments else (None, None)
     dq_ref, q_smem2, do_smem2, rows_smem2, seg_smem2, barriers = rest
-    q_block, head, batch = lax.axis_index('q_block'), lax.axis_index('heads'), lax.axis_index('batch')
+    # Last q blocks first: under causal-like plans they have the longest lists, so the
+    # short ones fill the tail of the schedule.
+    q_block = plan.num_q_blocks - 1 - lax.axis_index('q_block')
+    head, batch = lax.axis_index('heads'), lax.axis_index('batch')
     wg = lax.axis_index('wg')
     plan_head, kv_head = head // plan_group, head // group
     count = kv_count_ref[batch, plan_head, q_block]
