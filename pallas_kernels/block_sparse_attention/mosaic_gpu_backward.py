@@ -79,10 +79,9 @@ def _tile_iota(shape, dimension):
   return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
 
-def _masked_probabilities(plan, s2, lse2, fast, active, q_index, k_index, q_segment, k_segment, lse_axis):
-  """P = exp2(s2 - lse2) on visible elements, 0 elsewhere; `fast` (an active full block)
-  skips the mask. `lse_axis` is the tile axis of the queries (1 for the transposed dK/dV
-  tile); q_index/k_index/segments are built lazily, on the masked path only."""
+def _masked_probabilities(plan, s2, lse2, full, active, q_index, k_index, q_segment, k_segment, lse_axis):
+  """P = exp2(s2 - lse2) on visible elements, 0 elsewhere. `lse_axis` is the tile axis of
+  the queries (1 for the transposed dK/dV tile); q_index/k_index are lazily built tiles."""
   shape = s2.shape
   lse_tile = lax.broadcast_in_dim(lse2, shape, [lse_axis])
   p = jnp.exp2(s2 - lse_tile)
@@ -91,7 +90,7 @@ def _masked_probabilities(plan, s2, lse2, fast, active, q_index, k_index, q_segm
     visible = _mask_tile(plan, q_index(), k_index(), q_segment(), k_segment())
     return jnp.where(visible & active, p, 0.0)
 
-  return lax.cond(fast != 0, lambda p: p, masked, p)
+  return lax.cond(full & active, lambda p: p, masked, p)
 
 
 def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias, has_segments, interpret):
@@ -132,7 +131,7 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
       lse2, delta = _row_vector(rows_smem.at[0]), _row_vector(rows_smem.at[1])
       q_seg = _row_vector(seg_smem) if has_segments else None
       dq = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-      dq = pipeline((dq, lse2, delta, q_seg, fast_step(0)))[0]
+      dq = pipeline((dq, lse2, delta, q_seg))[0]
       q_smem[...] = (dq * scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[batch, rows, head_cols])
@@ -142,10 +141,11 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
       rest = list(rest)
       bias_smem = rest.pop(0) if has_bias else None
       k_seg_smem = rest.pop(0) if has_segments else None
-      (dq, lse2, delta, q_seg, fast) = rest.pop()
+      (dq, lse2, delta, q_seg) = rest.pop()
       consumed = rest
       (i,) = indices
-      fast_next = fast_step(i + 1)  # read a step ahead: the GMEM latency hides behind this step
+      kv_block = kv_index_ref[batch, plan_head, q_block, i]
+      full = kv_full_ref[batch, plan_head, q_block, i] == 1
 
       s2 = _matmul(q_smem, k_smem.transpose((1, 0)), (ROWS, bk)) * (scale * LOG2E)
       shape = s2.shape
@@ -153,9 +153,9 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
       def probabilities():
         logits = s2 + lax.broadcast_in_dim(_col_vector(bias_smem), shape, [1]) if has_bias else s2
         return _masked_probabilities(
-            plan, logits, lse2, fast, i < count,
+            plan, logits, lse2, full, i < count,
             lambda: _tile_iota(shape, 0) + row0,
-            lambda: _tile_iota(shape, 1) + kv_block_of(i) * bk,
+            lambda: _tile_iota(shape, 1) + kv_block * bk,
             lambda: None if q_seg is None else lax.broadcast_in_dim(q_seg, shape, [0]),
             lambda: None if k_seg_smem is None else lax.broadcast_in_dim(_col_vector(k_seg_smem), shape, [1]),
             0)
@@ -166,15 +166,10 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
       ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
       dq = _accumulate(dq, ds.astype(dtype), k_smem, interpret)
       plgpu.barrier_arrive(consumed[0])
-      return (dq, lse2, delta, q_seg, fast_next)
+      return (dq, lse2, delta, q_seg)
 
     def kv_block_of(i):
       return kv_index_ref[batch, plan_head, q_block, i]
-
-    def fast_step(i):
-      """1 where step i visits a full block (no element mask), else 0."""
-      slot = jnp.minimum(i, kv_full_ref.shape[3] - 1)
-      return ((kv_full_ref[batch, plan_head, q_block, slot] == 1) & (i < count)).astype(jnp.int32)
 
     tile_spec = functools.partial(plgpu.BlockSpec, block_shape=(bk, head_dim),
                                   index_map=lambda i: (kv_block_of(i), kv_head),
@@ -281,7 +276,7 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
       bias2 = _row_vector(bias_smem) if has_bias else None
       k_seg = _row_vector(seg_smem) if has_segments else None
       dbias = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)) if has_bias else None
-      dk, dv, dbias, _, _, _ = pipeline((zeros, zeros, dbias, bias2, k_seg, fast_step(0)))
+      dk, dv, dbias, _, _ = pipeline((zeros, zeros, dbias, bias2, k_seg))
       k_smem[...] = (dk * scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
       if has_bias:
@@ -295,7 +290,7 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
       plgpu.commit_smem_to_gmem_group()
       plgpu.wait_smem_to_gmem(0)
 
-    def chunk(c, q_block, fast, active, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, carry):
+    def chunk(c, q_block, full, active, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, carry):
       """One 64-query slice of the q block: the transposed tile [64 keys, 64 queries]."""
       dk, dv, dbias, bias2, k_seg = carry
       cols = pl.ds(c * ROWS, ROWS)
@@ -307,8 +302,8 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
       def probabilities():
         logits = s2 + lax.broadcast_in_dim(bias2, shape, [0]) if has_bias else s2
         return _masked_probabilities(
-            plan, logits, _col_vector(lse_smem.at[cols]), fast, active,
-            lambda: _tile_iota(shape, 1) + (q_block() * bq + c * ROWS),
+            plan, logits, _col_vector(lse_smem.at[cols]), full, active,
+            lambda: _tile_iota(shape, 1) + (q_block * bq + c * ROWS),
             lambda: _tile_iota(shape, 0) + row0,
             lambda: None if q_seg_smem is None else lax.broadcast_in_dim(_col_vector(q_seg_smem.at[cols]), shape,
                                                                           [1]),
@@ -325,23 +320,19 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
     def step(indices, q_smem, do_smem, lse_smem, delta_smem, *rest):
       rest = list(rest)
       q_seg_smem = rest.pop(0) if has_segments else None
-      *carry, fast = rest.pop()
+      carry = rest.pop()
       (i,) = indices
-      fast_next = fast_step(i + 1)  # read a step ahead: the GMEM latency hides behind this step
-      q_block = lambda: entry_of(i) % num_q_blocks
+      entry = entry_ref[batch, kv_head, kv_block, i]
+      full = full_ref[batch, kv_head, kv_block, i] == 1
+      q_block = entry % num_q_blocks
       for c in range(bq // ROWS):
-        carry = chunk(c, q_block, fast, i < count, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, carry)
+        carry = chunk(c, q_block, full, i < count, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, carry)
       for barrier in rest:
         plgpu.barrier_arrive(barrier)
-      return (*carry, fast_next)
+      return carry
 
     def entry_of(i):
       return entry_ref[batch, kv_head, kv_block, i]
-
-    def fast_step(i):
-      """1 where step i visits a full block (no element mask), else 0."""
-      slot = jnp.minimum(i, full_ref.shape[3] - 1)
-      return ((full_ref[batch, kv_head, kv_block, slot] == 1) & (i < count)).astype(jnp.int32)
 
     def q_tile_index(i):
       entry = entry_of(i)
