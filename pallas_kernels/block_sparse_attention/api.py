@@ -23,7 +23,7 @@ from pallas_kernels.block_sparse_attention.plan import broadcast_batch
 
 
 # Kernel modules, each exposing IMPLEMENTATIONS (see implementation.py).
-KERNEL_MODULES = ('reference', 'tpu')
+KERNEL_MODULES = ('reference', 'tpu', 'mosaic_gpu')
 
 IMPLEMENTATIONS = {
     implementation.name: implementation
