@@ -62,11 +62,6 @@ def _pad_steps(x, steps):
   return jnp.concatenate([x, jnp.repeat(x[..., -1:], steps - n, axis=-1)], axis=-1)
 
 
-def _mask_tile(plan, q_index, k_index, q_segment, k_segment):
-  """Element mask of a partial tile; indices (and segment ids) are full-tile arrays."""
-  return plan.element_mask(q_index, k_index, q_segment, k_segment)
-
-
 def _row_vector(ref):
   return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
 
@@ -87,7 +82,7 @@ def _masked_probabilities(plan, s2, lse2, full, active, q_index, k_index, q_segm
   p = jnp.exp2(s2 - lse_tile)
 
   def masked(p):
-    visible = _mask_tile(plan, q_index(), k_index(), q_segment(), k_segment())
+    visible = plan.element_mask(q_index(), k_index(), q_segment(), k_segment())
     return jnp.where(visible & active, p, 0.0)
 
   return lax.cond(full & active, lambda p: p, masked, p)
@@ -173,7 +168,7 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
 
     tile_spec = functools.partial(plgpu.BlockSpec, block_shape=(bk, head_dim),
                                   index_map=lambda i: (kv_block_of(i), kv_head),
-                                  transforms=_tile_transforms(dtype))
+                                  transforms=_tile_transforms())
     num_kv_blocks = k_ref.shape[1] // bk
     in_specs = [tile_spec(), tile_spec()]
     inputs = [k_ref.at[batch], v_ref.at[batch]]
@@ -231,8 +226,8 @@ def _accumulate_pair(first, second, interpret):
   return pl.run_state(body)((plgpu.ACC.init(first[0]), plgpu.ACC.init(second[0])))
 
 
-def _tile_transforms(dtype):
-  del dtype
+def _tile_transforms():
+  """128-byte swizzled tiles: rows of 64 bf16/f16 elements, as wgmma reads them."""
   return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -342,7 +337,7 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
       return (kv_head * group * num_q_blocks + entry_of(i),)
 
     tile_spec = functools.partial(plgpu.BlockSpec, block_shape=(bq, head_dim), index_map=q_tile_index,
-                                  transforms=_tile_transforms(dtype))
+                                  transforms=_tile_transforms())
     in_specs = [tile_spec(), tile_spec(), plgpu.BlockSpec((bq,), row_index), plgpu.BlockSpec((bq,), row_index)]
     inputs = [q_ref.at[batch], do_ref.at[batch], lse_ref.at[batch], delta_ref.at[batch]]
     if has_segments:
@@ -418,7 +413,7 @@ def _dq(operands, plan, scale, shapes, stages, interpret):
   has_bias, has_segments = 'bias' in operands, 'q_seg' in operands
   kernel = _dq_kernel(plan, scale, dtype, d, h // hkv, h // plan.plan_heads, stages, has_bias, has_segments, interpret)
   rows_scratch = plgpu.SMEM((wgs, 2, ROWS), jnp.float32)
-  tile_scratch = plgpu.SMEM((wgs, ROWS, d), dtype, transforms=_tile_transforms(dtype))
+  tile_scratch = plgpu.SMEM((wgs, ROWS, d), dtype, transforms=_tile_transforms())
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct(operands['q'].shape, dtype),
       scratch_types=[tile_scratch, tile_scratch, rows_scratch, plgpu.SMEM((wgs, ROWS), jnp.int32),
@@ -439,7 +434,7 @@ def _dkv(operands, plan, scale, shapes, stages, interpret):
   kernel = _dkv_kernel(plan, scale, dtype, d, h // hkv, stages, has_bias, has_segments, interpret)
   tile = jax.ShapeDtypeStruct(operands['k'].shape, dtype)
   out_type = [tile, tile] + ([jax.ShapeDtypeStruct(operands['bias'].shape, jnp.float32)] if has_bias else [])
-  tile_scratch = plgpu.SMEM((wgs, ROWS, d), dtype, transforms=_tile_transforms(dtype))
+  tile_scratch = plgpu.SMEM((wgs, ROWS, d), dtype, transforms=_tile_transforms())
   return plgpu.kernel(
       kernel, out_type=out_type,
       scratch_types=[tile_scratch, tile_scratch, plgpu.SMEM((wgs, ROWS), jnp.float32),
