@@ -4,8 +4,9 @@ block plans, GQA groups, ragged lengths, fully masked rows, bf16/f16 and head_di
 
 On CPU the kernels run in Mosaic GPU interpret mode on small shapes (the 64-row blocks,
 one compute warpgroup). 128-row blocks run two compute warpgroups, i.e. three interpreter
-threads, which can stall on a 2-core machine, so those CPU cases are `slow`. The `gpu`
-tests run the compiled kernels on a Hopper GPU with larger shapes."""
+threads, which can stall on a 2-core machine (seen with 128x128 blocks, two kv heads and a
+key bias; the same cases pass on an H100), so those CPU cases are `slow`. The `gpu` tests
+run the compiled kernels on a Hopper GPU with larger shapes."""
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +132,7 @@ SLOW_CASES = [
     ('causal', 256, 4, 4, 64, 128, 128, jnp.bfloat16, True, False),
     ('window', 200, 8, 1, 64, 128, 64, jnp.float16, True, True),
     ('chunked', 256, 8, 4, 128, 64, 128, jnp.bfloat16, False, False),
-    ('random_1', 256, 4, 2, 64, 128, 128, jnp.bfloat16, True, False),
+    ('random_1', 256, 4, 2, 64, 64, 128, jnp.bfloat16, True, True),
     ('random_kv', 200, 8, 2, 64, 64, 64, jnp.bfloat16, True, False),
     ('random_h', 256, 8, 8, 64, 128, 64, jnp.float16, True, False),
 ]
