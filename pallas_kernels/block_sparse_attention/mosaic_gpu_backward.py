@@ -24,6 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.block_sparse_attention import mosaic_gpu_common as common
 from pallas_kernels.block_sparse_attention.reference import EMPTY_ROW_LSE
 
 LOG2E = math.log2(math.e)
@@ -45,12 +46,6 @@ def unavailable(q, k, v, key_bias, plan):
   if plan.plan_heads not in (1, k.shape[2], q.shape[2]):
     return f'plan heads must be 1, Hkv or H, got {plan.plan_heads}'
   return None
-
-
-def _pad_axis(x, axis, size, value=0):
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
 
 
 def _pad_steps(x, steps):
@@ -387,15 +382,16 @@ def _prepare(q, k, v, key_bias, plan, out, lse, d_out, d_lse):
   if d_lse is not None:
     delta = delta - d_lse.astype(jnp.float32)
   lse2 = jnp.where(lse > EMPTY_ROW_LSE / 2, lse.astype(jnp.float32) * LOG2E, EMPTY_ROW_LSE2)
-  rows = lambda x: _pad_axis(x, 2, tq_pad).reshape(b, h * tq_pad)
-  tokens = lambda x, t: _pad_axis(x, 1, t).reshape(b, t, -1)
-  operands = dict(q=tokens(q, tq_pad), k=tokens(k, tk_pad), v=tokens(v, tk_pad),
-                  d_out=tokens(d_out.astype(q.dtype), tq_pad), lse=rows(lse2), delta=rows(delta))
+  rows = lambda x: common.pad_axis(x, 2, plan.block_q).reshape(b, h * tq_pad)
+  queries = lambda x: common.pad_axis(x, 1, plan.block_q).reshape(b, tq_pad, -1)
+  keys = lambda x: common.pad_axis(x, 1, plan.block_kv).reshape(b, tk_pad, -1)
+  operands = dict(q=queries(q), k=keys(k), v=keys(v), d_out=queries(d_out.astype(q.dtype)), lse=rows(lse2),
+                  delta=rows(delta))
   if key_bias is not None:
-    operands['bias'] = _pad_axis(key_bias.astype(jnp.float32) * LOG2E, 2, tk_pad).reshape(b, hkv * tk_pad)
+    operands['bias'] = common.pad_axis(key_bias.astype(jnp.float32) * LOG2E, 2, plan.block_kv).reshape(b, hkv * tk_pad)
   if plan.q_segment_ids is not None:
-    operands['q_seg'] = _pad_axis(plan.q_segment_ids, 1, tq_pad, -1)
-    operands['k_seg'] = _pad_axis(plan.kv_segment_ids, 1, tk_pad, -2)
+    operands['q_seg'] = common.pad_axis(plan.q_segment_ids, 1, plan.block_q, common.Q_SEGMENT_PAD)
+    operands['k_seg'] = common.pad_axis(plan.kv_segment_ids, 1, plan.block_kv, common.KV_SEGMENT_PAD)
   return operands
 
 
