@@ -44,8 +44,9 @@ def base_config():
   m.rope.factor = 1.0
   m.rope.original_seq_len = 0
   m.attention = ml_collections.ConfigDict()
-  m.attention.kind = 'dense'  # the mechanism of every layer not named in layer_attention
-  m.layer_attention = ()  # optional: one mechanism name per layer
+  m.attention.kind = 'dense'  # the mechanism of every layer not named in layer_attention: name[:argument]
+  m.attention.block_size = 128  # block of the block-sparse plans (window, block_local, ...)
+  m.layer_attention = ()  # optional: one spec per layer, e.g. ('dense', 'window:256', 'block_local:512', 'dense')
 
   c.data = ml_collections.ConfigDict()
   d = c.data
@@ -257,7 +258,7 @@ def to_tuple(value):
 
 def validate(cfg):
   """Raises UserError for values that cannot work, before anything runs."""
-  from sparseformer.model.attention import mechanism_names
+  from sparseformer.model.attention import get_mechanism
   m, t = cfg.model, cfg.train
   require(m.num_layers > 0 and m.d_model > 0 and m.num_heads > 0, 'model sizes must be positive')
   if m.head_dim == 0:
@@ -269,13 +270,14 @@ def validate(cfg):
   require(m.dtype in ('auto', 'float32', 'bfloat16', 'float16'), f'model.dtype={m.dtype!r}: use auto, float32, bfloat16 or float16')
   require(m.param_dtype in ('float32', 'bfloat16'), f'model.param_dtype={m.param_dtype!r}: use float32 or bfloat16')
   require(m.remat in ('none', 'full', 'dots'), f'model.remat={m.remat!r}: use none, full or dots')
-  names = mechanism_names()
-  for where, kind in [('model.attention.kind', m.attention.kind)] + [
-      (f'model.layer_attention[{i}]', k) for i, k in enumerate(m.layer_attention)]:
-    if kind not in names:
-      hint = closest_match(kind, names)
-      raise UserError(f'{where}={kind!r} is not a mechanism' + (f' (did you mean {hint!r}?)' if hint else '')
-                      + f'; known: {", ".join(sorted(names))}')
+  for where, spec in [('model.attention.kind', m.attention.kind)] + [
+      (f'model.layer_attention[{i}]', spec) for i, spec in enumerate(m.layer_attention)]:
+    try:
+      get_mechanism(spec)
+    except UserError as e:
+      raise UserError(f'{where}: {e}') from None
+  require(m.attention.block_size in (64, 128, 256, 512),
+          f'model.attention.block_size={m.attention.block_size}: use 64 or 128 (GPU kernels), 256 or 512')
   if m.layer_attention:
     require(len(m.layer_attention) == m.num_layers,
             f'model.layer_attention has {len(m.layer_attention)} entries for {m.num_layers} layers')

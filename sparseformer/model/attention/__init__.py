@@ -1,8 +1,8 @@
 """Attention mechanisms, one file each, selected by name through the registry."""
 
 from sparseformer.model.attention.base import (AttentionContext, Mechanism, MechanismState, get_mechanism,
-                                               mechanism_names, no_aux, register)
-from sparseformer.model.attention import dense  # noqa: F401  (registers 'dense')
+                                               mechanism_names, no_aux, register, split_spec)
+from sparseformer.model.attention import dense, local  # noqa: F401  (register 'dense', 'window', 'block_local')
 
 __all__ = ['AttentionContext', 'Mechanism', 'MechanismState', 'get_mechanism', 'mechanism_names', 'no_aux',
-           'register']
+           'register', 'split_spec']

@@ -42,6 +42,12 @@ class Mechanism(nnx.Module):
   def __init__(self, dims, layer_index, rngs):
     self.layer_index = layer_index
     self.options = dims.attention
+    self.argument = split_spec(dims.layer_mechanisms[layer_index])[1]
+
+  @classmethod
+  def check_argument(cls, argument):
+    """The error message for a bad `name:argument` spec of this mechanism, or None."""
+    return None if argument is None else f'{cls.name} takes no argument'
 
   def __call__(self, q, k, v, ctx):
     raise NotImplementedError
@@ -65,8 +71,20 @@ def mechanism_names():
   return tuple(_REGISTRY)
 
 
-def get_mechanism(name):
+def split_spec(spec):
+  """A layer's mechanism spec, `name` or `name:argument` (e.g. `window:256`), as (name, argument or None)."""
+  name, _, argument = spec.partition(':')
+  return name, (argument or None)
+
+
+def get_mechanism(spec):
+  """The class of a spec's mechanism; UserError for an unknown name or a bad argument."""
+  name, argument = split_spec(spec)
   if name not in _REGISTRY:
     hint = closest_match(name, _REGISTRY)
-    raise UserError(f'unknown attention mechanism {name!r}' + (f' (did you mean {hint!r}?)' if hint else ''))
+    raise UserError(f'unknown attention mechanism {name!r}' + (f' (did you mean {hint!r}?)' if hint else '')
+                    + f'; known: {", ".join(sorted(_REGISTRY))}')
+  problem = _REGISTRY[name].check_argument(argument)
+  if problem:
+    raise UserError(f'attention spec {spec!r}: {problem}')
   return _REGISTRY[name]

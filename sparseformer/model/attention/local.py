@@ -1,0 +1,50 @@
+"""Short-range attention through the block-sparse kernels: a sliding window, or local
+blocks (MASFormer's sparse layers).
+
+    window:W        each query sees the last W tokens of its own document, itself included
+    block_local:C   each query sees the earlier tokens of its chunk of C tokens of the row
+                    (chunks are cut at multiples of C in the packed row), within its document
+
+Documents (segment ids) are part of the plan, so tiles that cross no shared document are
+skipped. The plan is built from the mask function at block granularity: no T x T mask.
+"""
+
+from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
+from sparseformer.model.attention.base import Mechanism, no_aux, register
+
+
+class LocalAttention(Mechanism):
+  """Base of the mechanisms that attend through a static mask function of positions."""
+
+  @classmethod
+  def check_argument(cls, argument):
+    if argument is None or not argument.isdigit() or int(argument) < 1:
+      return f'{cls.name} needs a positive size, e.g. {cls.name}:256'
+    return None
+
+  @property
+  def size(self):
+    return int(self.argument)
+
+  def mask(self):
+    raise NotImplementedError
+
+  def __call__(self, q, k, v, ctx):
+    block = self.options.block_size
+    plan = plan_from_mask(self.mask(), q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=ctx.segment_ids)
+    scale = ctx.logit_scale / q.shape[-1] ** 0.5
+    return block_sparse_attention(q, k, v, plan, scale=scale), no_aux()
+
+
+@register('window')
+class SlidingWindowAttention(LocalAttention):
+
+  def mask(self):
+    return masks.causal_window(self.size)
+
+
+@register('block_local')
+class BlockLocalAttention(LocalAttention):
+
+  def mask(self):
+    return masks.Chunked(self.size) & masks.Causal()
