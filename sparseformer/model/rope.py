@@ -4,6 +4,8 @@ A scaling scheme maps the base inverse frequencies to the ones used for a longer
 context and may ask for a temperature on the attention logits (YaRN does).
 """
 
+import math
+
 import jax.numpy as jnp
 
 from sparseformer.errors import UserError
@@ -23,10 +25,61 @@ def _no_scaling(inv_freq, rope_cfg):
   return inv_freq, 1.0
 
 
+def _factor(rope_cfg):
+  factor = rope_cfg.factor
+  if not factor >= 1:
+    raise UserError(f'model.rope.factor={factor} with model.rope.scaling={rope_cfg.scaling!r}: '
+                    'the context extension factor must be >= 1')
+  return factor
+
+
 @register_scaling('linear')
 def _linear_scaling(inv_freq, rope_cfg):
   """Position interpolation: positions are divided by `factor`."""
-  return inv_freq / rope_cfg.factor, 1.0
+  return inv_freq / _factor(rope_cfg), 1.0
+
+
+@register_scaling('ntk')
+def _ntk_scaling(inv_freq, rope_cfg):
+  """NTK-aware: theta becomes theta * factor ** (d / (d - 2)), d = head_dim.
+
+  The highest frequency is kept, the lowest is divided by exactly `factor`.
+  """
+  factor = _factor(rope_cfg)
+  d = 2 * inv_freq.shape[0]
+  if d <= 2:
+    return inv_freq, 1.0
+  # (theta * s ** (d / (d - 2))) ** (-2i / d) = theta ** (-2i / d) * s ** (-2i / (d - 2))
+  return inv_freq * factor ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / (d - 2)), 1.0
+
+
+YARN_BETA_FAST = 32.0
+YARN_BETA_SLOW = 1.0
+
+
+@register_scaling('yarn')
+def _yarn_scaling(inv_freq, rope_cfg):
+  """YaRN (Peng et al. 2023, arXiv 2309.00071), "NTK-by-parts" plus attention temperature.
+
+  With r = original_seq_len / wavelength (wavelength = 2 pi / inv_freq), the ramp
+  gamma = clip((r - beta_slow) / (beta_fast - beta_slow), 0, 1) blends
+  inv_freq' = (1 - gamma) * inv_freq / factor + gamma * inv_freq: frequencies that turn more
+  than beta_fast times over the original context keep their value, those that turn less than
+  beta_slow times are fully interpolated. The ramp is the paper's continuous one, over r,
+  not rounded to whole dimensions as some implementations do.
+
+  The paper scales both q and k by sqrt(1 / t) = 0.1 ln(factor) + 1; the model multiplies
+  q.k by the returned logit scale (on top of 1 / sqrt(head_dim)), so it is the square,
+  (0.1 ln(factor) + 1) ** 2.
+  """
+  factor = _factor(rope_cfg)
+  if rope_cfg.original_seq_len <= 0:
+    raise UserError(f'model.rope.scaling=\'yarn\' needs model.rope.original_seq_len (the context length '
+                    f'the checkpoint was trained at) > 0; got {rope_cfg.original_seq_len}')
+  ratio = rope_cfg.original_seq_len * inv_freq / (2 * math.pi)
+  gamma = jnp.clip((ratio - YARN_BETA_SLOW) / (YARN_BETA_FAST - YARN_BETA_SLOW), 0.0, 1.0)
+  scaled = (1 - gamma) * inv_freq / factor + gamma * inv_freq
+  return scaled, (0.1 * math.log(factor) + 1) ** 2
 
 
 def scaling_names():
