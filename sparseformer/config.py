@@ -45,6 +45,8 @@ def base_config():
   m.rope.original_seq_len = 0
   m.attention = ml_collections.ConfigDict()
   m.attention.kind = 'dense'  # the mechanism of every layer not named in layer_attention: name[:argument]
+  m.attention.full_layers = ''  # layers that use full_kind instead: bottom:N | top:N | every:K | 0,5,...
+  m.attention.full_kind = 'dense'
   m.attention.block_size = 128  # block of the block-sparse plans (window, block_local, ...)
   m.layer_attention = ()  # optional: one spec per layer, e.g. ('dense', 'window:256', 'block_local:512', 'dense')
 
@@ -270,7 +272,12 @@ def validate(cfg):
   require(m.dtype in ('auto', 'float32', 'bfloat16', 'float16'), f'model.dtype={m.dtype!r}: use auto, float32, bfloat16 or float16')
   require(m.param_dtype in ('float32', 'bfloat16'), f'model.param_dtype={m.param_dtype!r}: use float32 or bfloat16')
   require(m.remat in ('none', 'full', 'dots'), f'model.remat={m.remat!r}: use none, full or dots')
-  for where, spec in [('model.attention.kind', m.attention.kind)] + [
+  from sparseformer.model.dims import full_layer_indices
+  try:
+    full_layer_indices(m.attention.full_layers, m.num_layers)
+  except ValueError as e:
+    raise UserError(f'model.attention.full_layers={m.attention.full_layers!r}: {e}') from None
+  for where, spec in [('model.attention.kind', m.attention.kind), ('model.attention.full_kind', m.attention.full_kind)] + [
       (f'model.layer_attention[{i}]', spec) for i, spec in enumerate(m.layer_attention)]:
     try:
       get_mechanism(spec)

@@ -73,3 +73,25 @@ def test_mixed_span_model_trains(tmp_path, data_dir):
   assert result.returncode == 0, result.stderr[-2000:]
   losses = logged_losses(tmp_path / 'run')
   assert losses[12] < losses[1] - 0.5, losses
+
+
+@pytest.mark.parametrize('pattern,full', [('', ()), ('bottom:2', (0, 1)), ('top:1', (5,)), ('every:3', (2, 5)),
+                                          ('0,4', (0, 4))])
+def test_full_layer_patterns(pattern, full):
+  m = base_config().model
+  m.num_layers, m.attention.kind, m.attention.full_layers = 6, 'window:64', pattern
+  expected = tuple('dense' if i in full else 'window:64' for i in range(6))
+  assert resolve_dims(m, 259).layer_mechanisms == expected
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('full_layers', 'top:x', 'top needs a positive count'), ('full_layers', '7', r'lie in \[0, 4\)'),
+    ('full_layers', 'middle', 'bottom:N, top:N'), ('kind', 'window', 'needs a positive size'),
+    ('block_size', 100, 'use 64 or 128'),
+])
+def test_bad_attention_config_is_a_user_error(field, value, message):
+  from sparseformer import config as config_lib
+  cfg = base_config()
+  cfg.model.attention[field] = value
+  with pytest.raises(UserError, match=message):
+    config_lib.validate(cfg)

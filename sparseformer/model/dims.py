@@ -26,7 +26,7 @@ class ModelDims:
   remat: str
   rope: ml_collections.FrozenConfigDict
   attention: ml_collections.FrozenConfigDict  # options shared by every layer's mechanism
-  layer_mechanisms: tuple  # one mechanism name per layer
+  layer_mechanisms: tuple  # one mechanism spec (name[:argument]) per layer
 
   @property
   def compute_dtype(self):
@@ -42,6 +42,38 @@ class ModelDims:
     return self.num_heads // self.num_kv_heads
 
 
+def full_layer_indices(pattern, num_layers):
+  """The layers a `model.attention.full_layers` pattern names: '' (none), 'bottom:N',
+  'top:N', 'every:K' (layers K-1, 2K-1, ...), or explicit indices '0,5,11'.
+  ValueError for a pattern that does not parse or names a layer past num_layers."""
+  if not pattern:
+    return ()
+  kind, _, count = pattern.partition(':')
+  if kind in ('bottom', 'top', 'every'):
+    if not count.isdigit() or int(count) < 1:
+      raise ValueError(f'{kind} needs a positive count, e.g. {kind}:2')
+    n = int(count)
+    layers = {'bottom': range(min(n, num_layers)), 'top': range(max(num_layers - n, 0), num_layers),
+              'every': range(n - 1, num_layers, n)}[kind]
+    return tuple(layers)
+  try:
+    layers = tuple(sorted({int(part) for part in pattern.split(',')}))
+  except ValueError:
+    raise ValueError("use '', bottom:N, top:N, every:K or layer indices such as 0,5") from None
+  if layers[0] < 0 or layers[-1] >= num_layers:
+    raise ValueError(f'layer indices must lie in [0, {num_layers})')
+  return layers
+
+
+def layer_mechanism_specs(m):
+  """One mechanism spec per layer: model.layer_attention if given, else attention.kind
+  with attention.full_kind at the layers attention.full_layers names (MASFormer)."""
+  if m.layer_attention:
+    return tuple(m.layer_attention)
+  full = full_layer_indices(m.attention.full_layers, m.num_layers)
+  return tuple(m.attention.full_kind if i in full else m.attention.kind for i in range(m.num_layers))
+
+
 def round_up(n, multiple):
   return -(-n // multiple) * multiple
 
@@ -55,7 +87,7 @@ def resolve_dims(model_cfg, tokenizer_vocab_size, platform=None):
     raise UserError(f'model.vocab_size={vocab} is smaller than the tokenizer vocabulary ({tokenizer_vocab_size})')
   platform = platform or jax.default_backend()
   dtype = m.dtype if m.dtype != 'auto' else ('float32' if platform == 'cpu' else 'bfloat16')
-  layer_mechanisms = tuple(m.layer_attention) or (m.attention.kind,) * m.num_layers
+  layer_mechanisms = layer_mechanism_specs(m)
   return ModelDims(
       vocab_size=vocab,
       d_model=m.d_model,
