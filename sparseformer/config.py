@@ -40,9 +40,9 @@ def base_config():
   m.remat = 'none'  # none | full | dots (save matmul outputs)
   m.rope = ml_collections.ConfigDict()
   m.rope.theta = 10000.0
-  m.rope.scaling = 'none'  # none | linear (position interpolation); more in sparseformer.model.rope
+  m.rope.scaling = 'none'  # none | linear (position interpolation) | ntk | yarn (needs original_seq_len)
   m.rope.factor = 1.0
-  m.rope.original_seq_len = 0
+  m.rope.original_seq_len = 0  # the length the checkpoint was trained at (yarn)
   m.attention = ml_collections.ConfigDict()
   m.attention.kind = 'dense'  # the mechanism of every layer not named in layer_attention: name[:argument]
   m.attention.full_layers = ''  # layers that use full_kind instead: bottom:N | top:N | every:K | 0,5,...
@@ -138,6 +138,16 @@ def load_config_file(spec):
     raise UserError(f'{spec}: {e}') from e
   check_schema(cfg, path)
   return cfg
+
+
+def with_preset(cfg, arg, presets):
+  """cfg with the overrides {'a.b': 'text'} of preset `arg` applied (none for arg None);
+  ValueError naming the known presets for an unknown one. Config files use it for `file.py:preset`."""
+  if arg is None:
+    return cfg
+  if arg not in presets:
+    raise ValueError(f'unknown preset {arg!r}; known: {", ".join(sorted(presets))}')
+  return apply_overrides(cfg, presets[arg])
 
 
 def check_schema(cfg, origin):

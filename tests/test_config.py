@@ -13,11 +13,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, 'configs', 'default.py')
 
 
-def test_every_shipped_config_loads_and_validates():
+PRESETS = {'default.py': ['smoke'], 'masformer_small.py': ['window', 'dense'], 'long_finetune.py': ['window', 'dense']}
+
+
+def test_every_shipped_config_and_preset_loads_and_validates():
   for name in sorted(os.listdir(os.path.join(ROOT, 'configs'))):
     if name.endswith('.py') and not name.startswith('_'):
-      cfg = config_lib.load_config_file(os.path.join(ROOT, 'configs', name))
-      config_lib.validate(cfg)
+      for preset in [''] + [f':{p}' for p in PRESETS.get(name, [])]:
+        cfg = config_lib.load_config_file(os.path.join(ROOT, 'configs', name) + preset)
+        config_lib.validate(cfg)
+
+
+def test_unknown_preset_names_the_known_ones():
+  with pytest.raises(UserError, match='unknown preset .*known: dense, window'):
+    config_lib.load_config_file(os.path.join(ROOT, 'configs', 'masformer_small.py') + ':windw')
 
 
 def test_override_is_parsed_with_the_field_type():
