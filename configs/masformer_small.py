@@ -5,7 +5,8 @@ others (arXiv 2310.12442), the default model otherwise, at 256 tokens on tinysha
     python eval.py --workdir runs/masformer_small
 
 Presets after a colon: `:window` (every layer a window), `:dense` (every layer dense),
-for the comparison at equal steps. Expected on a 2-core CPU: see docs/results.md.
+for the comparison at equal steps. Expected on a 2-core CPU: about 5 minutes of training
+and validation NLL 1.58 nats/token (dense 1.60, all-window 1.59); see docs/results.md.
 """
 
 from sparseformer.config import base_config, with_preset
