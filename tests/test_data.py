@@ -349,7 +349,7 @@ def test_byte_tokenizer_round_trip_and_bytes_per_token():
 
 def test_sentencepiece_trained_by_the_cli(tmp_path, data_dir):
   output = tmp_path / 'spm' / 'tiny.model'
-  result = run_python('-m', 'sparseformer.data.tokenizers', '--dataset=sparseformer_text/tinyshakespeare',
+  result = run_python('-m', 'sparseformer.cli.train_tokenizer', '--dataset=sparseformer_text/tinyshakespeare',
                       f'--data_dir={data_dir}', '--vocab_size=400', f'--output={output}')
   assert result.returncode == 0, result.stderr
   assert f'spm:{output}' in result.stdout

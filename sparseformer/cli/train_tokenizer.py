@@ -11,20 +11,7 @@ import sys
 
 from sparseformer.cli.main import run_command
 from sparseformer.data import default_data_config
-from sparseformer.data.build import open_split
-from sparseformer.data.tokenizers import train_sentencepiece
-
-
-def training_paragraphs(source, text_key):
-  """Blank-line-separated paragraphs of every document, newlines inside kept (SentencePiece
-  trains on 'sentences' of bounded length)."""
-  for index in range(len(source)):
-    text = source[index][text_key]
-    text = text.decode('utf-8') if isinstance(text, bytes) else text
-    for paragraph in text.split('\n\n'):
-      if paragraph.strip():
-        yield paragraph[:1 << 15] + '\n\n'
-
+from sparseformer.data.tokenizers import train_from_dataset
 
 
 def train_tokenizer_command(argv):
@@ -34,13 +21,12 @@ def train_tokenizer_command(argv):
   parser.add_argument('--text_key', default='text')
   parser.add_argument('--vocab_size', type=int, default=8192)
   parser.add_argument('--model_type', default='bpe', choices=('bpe', 'unigram'))
-  parser.add_argument('--output', required=True)
+  parser.add_argument('--output', required=True, help='path of the .model file to write')
   args = parser.parse_args(argv)
   data_cfg = default_data_config()
   data_cfg.name, data_cfg.data_dir, data_cfg.text_key = args.dataset, args.data_dir, args.text_key
-  source = open_split(data_cfg, data_cfg.train_split)
-  path = train_sentencepiece(training_paragraphs(source, args.text_key), args.output, args.vocab_size, args.model_type)
-  print(f'wrote {path}; use it with --config.data.tokenizer=spm:{path}')
+  spec = train_from_dataset(data_cfg, args.output, args.vocab_size, args.model_type)
+  print(f'wrote {spec[len("spm:"):]}; use it with --config.data.tokenizer={spec}')
   return 0
 
 

@@ -5,16 +5,14 @@ stands for (`token_bytes`), which turns NLL per token into bits per byte.
 
 Train a SentencePiece model on a prepared dataset's train split:
 
-    python -m sparseformer.data.tokenizers --dataset=sparseformer_text/books \
+    python -m sparseformer.cli.train_tokenizer --dataset=sparseformer_text/books \
         --vocab_size=8192 --output=spm/books.model [--data_dir=DIR] [--model_type=bpe|unigram]
 
 It prints the spec to put in a config: --config.data.tokenizer=spm:spm/books.model
 """
 
-import argparse
 import os
 import re
-import sys
 
 import numpy as np
 
@@ -56,7 +54,7 @@ class SentencePieceTokenizer:
     ids = (self.processor.pad_id(), self.processor.bos_id(), self.processor.eos_id())
     if ids != (PAD_ID, BOS_ID, EOS_ID):
       raise UserError(f'{model_path}: pad/bos/eos ids are {ids}, expected (0, 1, 2); '
-                      'train it with python -m sparseformer.data.tokenizers')
+                      'train it with python -m sparseformer.cli.train_tokenizer')
     self.vocab_size = self.processor.get_piece_size()
     self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
     self.token_bytes = np.array([self._piece_bytes(i) for i in range(self.vocab_size)], np.int32)
@@ -140,28 +138,3 @@ def train_from_dataset(data_cfg, output, vocab_size, model_type='bpe'):
   from sparseformer.data.build import open_split
   source = open_split(data_cfg, data_cfg.train_split)
   return 'spm:' + train_sentencepiece(training_paragraphs(source, data_cfg.text_key), output, vocab_size, model_type)
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description="Train a SentencePiece tokenizer on a dataset's train split.")
-  parser.add_argument('--dataset', default='sparseformer_text/tinyshakespeare')
-  parser.add_argument('--data_dir', default='')
-  parser.add_argument('--text_key', default='text')
-  parser.add_argument('--vocab_size', type=int, default=8192)
-  parser.add_argument('--model_type', default='bpe', choices=('bpe', 'unigram'))
-  parser.add_argument('--output', required=True, help='path of the .model file to write')
-  args = parser.parse_args(argv)
-  from sparseformer.data import default_data_config
-  data_cfg = default_data_config()
-  data_cfg.name, data_cfg.data_dir, data_cfg.text_key = args.dataset, args.data_dir, args.text_key
-  try:
-    spec = train_from_dataset(data_cfg, args.output, args.vocab_size, args.model_type)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(f'wrote {spec[len("spm:"):]}; use it with --config.data.tokenizer={spec}')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
