@@ -10,6 +10,7 @@ applies them on top (see plan.py).
 """
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 
@@ -103,39 +104,25 @@ class GlobalPrefix(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class And(Mask):
+class _Combination(Mask):
+  """Parts folded element by element with `combine` and tile by tile with `fold_kinds`."""
   parts: tuple
 
   def elements(self, q_index, k_index):
-    out = self.parts[0].elements(q_index, k_index)
-    for part in self.parts[1:]:
-      out = out & part.elements(q_index, k_index)
-    return out
+    return functools.reduce(self.combine, (part.elements(q_index, k_index) for part in self.parts))
 
   def block_kind(self, q0, q1, k0, k1):
-    kinds = [part.block_kind(q0, q1, k0, k1) for part in self.parts]
-    lowest = kinds[0]  # EMPTY < PARTIAL < FULL: the tile is as full as its emptiest part
-    for kind in kinds[1:]:
-      lowest = jnp.minimum(lowest, kind)
-    return lowest
+    return functools.reduce(self.fold_kinds, (part.block_kind(q0, q1, k0, k1) for part in self.parts))
 
 
-@dataclasses.dataclass(frozen=True)
-class Or(Mask):
-  parts: tuple
+class And(_Combination):
+  combine = staticmethod(jnp.logical_and)
+  fold_kinds = staticmethod(jnp.minimum)  # EMPTY < PARTIAL < FULL: the tile is as full as its emptiest part
 
-  def elements(self, q_index, k_index):
-    out = self.parts[0].elements(q_index, k_index)
-    for part in self.parts[1:]:
-      out = out | part.elements(q_index, k_index)
-    return out
 
-  def block_kind(self, q0, q1, k0, k1):
-    kinds = [part.block_kind(q0, q1, k0, k1) for part in self.parts]
-    highest = kinds[0]  # the tile is as full as its fullest part
-    for kind in kinds[1:]:
-      highest = jnp.maximum(highest, kind)
-    return highest
+class Or(_Combination):
+  combine = staticmethod(jnp.logical_or)
+  fold_kinds = staticmethod(jnp.maximum)  # the tile is as full as its fullest part
 
 
 def causal_window(window):
