@@ -48,6 +48,7 @@ def base_config():
   m.attention.full_layers = ''  # layers that use full_kind instead: bottom:N | top:N | every:K | 0,5,...
   m.attention.full_kind = 'dense'
   m.attention.block_size = 128  # block of the block-sparse plans (window, block_local, ...)
+  m.attention.dense_backend = 'auto'  # dense layers on packed rows: auto | xla_mask | block_sparse
   m.layer_attention = ()  # optional: one spec per layer, e.g. ('dense', 'window:256', 'block_local:512', 'dense')
 
   c.data = ml_collections.ConfigDict()
@@ -295,6 +296,9 @@ def validate(cfg):
       raise UserError(f'{where}: {e}') from None
   require(m.attention.block_size in (64, 128, 256, 512),
           f'model.attention.block_size={m.attention.block_size}: use 64 or 128 (GPU kernels), 256 or 512')
+  from sparseformer.model.attention.dense import DENSE_BACKENDS
+  require(m.attention.dense_backend in DENSE_BACKENDS,
+          f'model.attention.dense_backend={m.attention.dense_backend!r}: use {", ".join(DENSE_BACKENDS)}')
   if m.layer_attention:
     require(len(m.layer_attention) == m.num_layers,
             f'model.layer_attention has {len(m.layer_attention)} entries for {m.num_layers} layers')

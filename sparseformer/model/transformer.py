@@ -63,7 +63,8 @@ class LanguageModel(nnx.Module):
                                dtype=dims.weight_dtype, std=dims.init_std)
 
   def __call__(self, tokens, positions, segment_ids, *, training=False, rng=None):
-    """logits [B, T, vocab] (float32) and aux {'losses': {...}, 'stats': {...}} per layer."""
+    """logits [B, T, vocab] (float32) and aux {'losses': {...}, 'stats': {...}} per layer.
+    segment_ids None: each row is one document starting at position 0 (no document masks)."""
     dims = self.dims
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(dims.compute_dtype)
     inv_freq, logit_scale = rope.inverse_frequencies(dims.head_dim, dims.rope)

@@ -23,7 +23,7 @@ class MechanismState(nnx.Variable):
 class AttentionContext:
   """Per-token information every layer needs, computed once per forward pass."""
   positions: jax.Array  # [B, T] position within the document
-  segment_ids: jax.Array  # [B, T] document id within the row; 0 is padding
+  segment_ids: jax.Array | None  # [B, T] document id within the row, 0 is padding; None: each row is one document
   cos: jax.Array  # [B, T, head_dim // 2] rotary angles
   sin: jax.Array
   rng: jax.Array | None = None  # this step's key (fold_in(seed, step)); mechanisms fold in their layer
