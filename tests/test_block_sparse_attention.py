@@ -138,6 +138,23 @@ def test_lengths_shorter_than_a_block_and_cross_attention_lengths():
                       q, k, v, bias, d_out)
 
 
+@pytest.mark.parametrize('name', sorted(MASKS))
+def test_max_row_blocks_bounds_every_list(name):
+  mask = MASKS[name]
+  expected_span = {'causal': None, 'full': None, 'window': 5, 'chunked': 6, 'window_or_prefix': 8,
+                   'bidirectional_window': 7}[name]
+  assert mask.key_span() == expected_span
+  for length, block_q, block_kv in [(37, 4, 4), (64, 8, 4), (50, 4, 8)]:
+    plan = plan_from_mask(mask, q_len=length, block_q=block_q, block_kv=block_kv)
+    bound = plan.max_row_blocks()
+    if expected_span is None:
+      assert bound is None
+    else:
+      assert int(plan.kv_count.max()) <= bound
+      if name == 'window':  # a sliding window reaches its bound (give or take the alignment)
+        assert bound <= int(plan.kv_count.max()) + 1
+
+
 @pytest.mark.parametrize('mask', list(MASKS.values()), ids=sorted(MASKS))
 def test_block_kinds_are_exact_for_primitives_and_safe_for_combinations(mask):
   """Every tile called FULL is all True and EMPTY all False in the element mask."""

@@ -33,6 +33,11 @@ class Mask:
     """EMPTY / PARTIAL / FULL for the tile [q0, q1) x [k0, k1) (int arrays, broadcast)."""
     raise NotImplementedError
 
+  def key_span(self):
+    """The most keys one query can see, or None when that grows with the length. Kernels
+    use it to pick a schedule for short rows (a static bound: documents only shrink it)."""
+    return None
+
 
 def _kind(all_true, any_true):
   return jnp.where(all_true, FULL, jnp.where(any_true, PARTIAL, EMPTY))
@@ -70,6 +75,9 @@ class SlidingWindow(Mask):
   def elements(self, q_index, k_index):
     return (k_index >= q_index - self.left) & (k_index <= q_index + self.right)
 
+  def key_span(self):
+    return self.left + self.right + 1
+
   def block_kind(self, q0, q1, k0, k1):
     lo_all, hi_all = (q1 - 1) - self.left, q0 + self.right  # bounds every query of the tile allows
     lo_any, hi_any = q0 - self.left, (q1 - 1) + self.right  # bounds some query allows
@@ -83,6 +91,9 @@ class Chunked(Mask):
 
   def elements(self, q_index, k_index):
     return q_index // self.size == k_index // self.size
+
+  def key_span(self):
+    return self.size
 
   def block_kind(self, q0, q1, k0, k1):
     c = self.size
@@ -98,6 +109,9 @@ class GlobalPrefix(Mask):
 
   def elements(self, q_index, k_index):
     return k_index < self.count
+
+  def key_span(self):
+    return self.count
 
   def block_kind(self, q0, q1, k0, k1):
     return _kind(k1 <= self.count, k0 < self.count) + 0 * q0
@@ -119,10 +133,18 @@ class And(_Combination):
   combine = staticmethod(jnp.logical_and)
   fold_kinds = staticmethod(jnp.minimum)  # EMPTY < PARTIAL < FULL: the tile is as full as its emptiest part
 
+  def key_span(self):
+    spans = [span for span in (part.key_span() for part in self.parts) if span is not None]
+    return min(spans) if spans else None
+
 
 class Or(_Combination):
   combine = staticmethod(jnp.logical_or)
   fold_kinds = staticmethod(jnp.maximum)  # the tile is as full as its fullest part
+
+  def key_span(self):
+    spans = [part.key_span() for part in self.parts]
+    return None if None in spans else sum(spans)
 
 
 def causal_window(window):

@@ -39,6 +39,7 @@ WGMMA = plgpu.Layout.WGMMA
 WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
 WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)
 INTERPRET_CTAS = 3  # persistent schedule in interpret mode: few CTAs, several tiles each
+SHORT_ROW_BLOCKS = 16  # lists bounded by this (windows, chunks) run the persistent schedule
 
 
 def num_stages(block_q, block_kv, head_dim, itemsize, persistent=False):
@@ -387,11 +388,19 @@ def _num_ctas(persistent, interpret, plan, head_dim, itemsize):
 
 
 
-def forward(q, k, v, key_bias, plan, scale, *, interpret=False, persistent=False):
+def uses_persistent_schedule(plan):
+  """The default schedule: persistent when the mask bounds every list to a few blocks.
+  On H100 (B=1, H=16, D=128) persistent was 5-10 % faster for causal windows of 1024 and
+  slower for long causal rows at 32k and for per-head random plans, whose uneven lists
+  its static tile order cannot balance (benchmarks/forward_probe.py)."""
+  bound = plan.max_row_blocks()
+  return bound is not None and bound <= SHORT_ROW_BLOCKS
+
+
+def forward(q, k, v, key_bias, plan, scale, *, interpret=False, persistent=None):
   """(out [B, Tq, H, D] in q.dtype, lse [B, H, Tq] float32 natural log), as reference.forward.
-  `persistent`: one CTA per SM walking tiles, else one CTA per tile. On H100 (B=1, H=16,
-  D=128) it was 5-10 % faster for causal windows of 1024 and slower for long causal rows
-  at 32k and for per-head random plans (benchmarks/forward_probe.py), hence off by default."""
+  `persistent`: one CTA per SM walking tiles (True), one CTA per tile (False), or the
+  choice of `uses_persistent_schedule` (None)."""
   reason = unavailable(q, k, v, key_bias, plan, interpret=interpret)
   if reason:
     raise ValueError(f'mosaic_gpu forward cannot run: {reason}')
@@ -402,6 +411,8 @@ def forward(q, k, v, key_bias, plan, scale, *, interpret=False, persistent=False
     inputs['bias'] = bias_p
   if q_seg is not None:
     inputs.update(q_seg=q_seg, kv_seg=kv_seg)
+  if persistent is None:
+    persistent = uses_persistent_schedule(plan)
   num_ctas = _num_ctas(persistent, interpret, plan, q.shape[-1], q.dtype.itemsize)
   options = (bias_p is not None, q_seg is not None, interpret, num_ctas)
   kernel = _Kernel(plan, (q.shape, k.shape[2]), scale, q.dtype, options)

@@ -54,6 +54,14 @@ class BlockSparsePlan:
   def plan_heads(self):
     return self.kv_index.shape[1]
 
+  def max_row_blocks(self):
+    """A static bound on the length of any q block's kv list (from the mask's key span),
+    or None when only the plan's data knows."""
+    span = self.mask.key_span()
+    if span is None:
+      return None
+    return min(self.num_kv_blocks, -(-(span + self.block_q - 1) // self.block_kv) + 1)
+
   def block_kinds(self):
     """[B, Hp, nQ, nK] EMPTY/PARTIAL/FULL, rebuilt from the q-major lists (tests, rendering)."""
     nk = self.num_kv_blocks
