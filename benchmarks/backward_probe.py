@@ -65,7 +65,8 @@ def cudnn_ms(q, k, v, plan_name):
   loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
   try:
     fwd_ms, _ = device_ms(fwd, q, k, v)
-    both_ms, _ = device_ms(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    both_ms, kernels = device_ms(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    print('   cudnn fwd+bwd kernels:', {name[:40]: round(t, 3) for name, t in kernels.items()}, flush=True)
   except Exception as error:
     print(f'cudnn {plan_name}: {type(error).__name__}: {str(error)[:200]}')
     return None, None
