@@ -86,3 +86,35 @@ def test_a_wrong_output_is_marked():
   bench.check_rows([(good, {'out': exact_out + 0.01}), (bad, {'out': exact_out * 1.5})], (exact_out, exact_dq))
   assert 'WRONG' not in good.note and 'WRONG' in bad.note
   assert np.isclose(bad.err, 0.5)
+
+
+def test_train_throughput_quick_run_has_both_variants(tmp_path):
+  out = tmp_path / 'throughput.json'
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'train_throughput.py'), '--quick',
+                           '--variants', 'dense,masformer', '--out', str(out)],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert len(re.findall(r'^variant +params +remat', result.stdout, re.MULTILINE)) == 1  # one table
+  report = json.loads(out.read_text())
+  rows = {r['variant']: r for r in report['rows']}
+  assert set(rows) == {'dense', 'masformer'}
+  assert rows['dense']['layers'] == 'dense dense' and rows['masformer']['layers'] == 'window:64 dense'
+  for row in rows.values():
+    for field in ('params', 'compile_s', 'step_ms', 'tokens_per_s', 'peak_gib', 'loss', 'vs_dense'):
+      assert np.isfinite(row[field]) and row[field] > 0, (field, row)
+    assert np.isclose(row['tokens_per_s'], 256 / (row['step_ms'] / 1e3))
+  assert rows['dense']['vs_dense'] == 1.0
+  assert report['summary'][0].startswith('target masformer >= 2.5x dense tokens/s: ')
+  assert all(t['fwd_bwd_ms'] > 0 for t in report['attention_layer'].values())
+
+
+def test_train_throughput_target_verdict():
+  from benchmarks import train_throughput
+  rows = [{'variant': 'dense', 'tokens_per_s': 100.0}, {'variant': 'masformer', 'tokens_per_s': 260.0}]
+  train_throughput.add_ratios(rows)
+  assert train_throughput.target_line(rows).endswith('2.60x, met')
+  rows[1]['tokens_per_s'] = 240.0
+  train_throughput.add_ratios(rows)
+  assert train_throughput.target_line(rows).endswith('2.40x, missed')
+  assert train_throughput.target_line(rows[:1]).endswith('not measured')
+  assert train_throughput.strip_option(['--quick', '--out', 'x.json', '--out=y'], '--out') == ['--quick']

@@ -1,0 +1,358 @@
+"""Training throughput: MASFormer against all-dense (cuDNN) attention, one full train step.
+
+    python3 benchmarks/train_throughput.py --out throughput.json          # 12 x 768, 32k, on the GPU
+    python3 benchmarks/train_throughput.py --quick                        # CPU smoke run
+
+The model comes from `base_config()` with the flags' sizes (the byte tokenizer's vocabulary
+unless --vocab-size, bf16 compute, float32 parameters) and the step is the project's own (`training.step.make_train_step`:
+forward, backward, gradient clipping, AdamW), jitted with the trainer's shardings. Rows are
+unpacked (segment ids None: one document per row), so dense layers run cuDNN flash
+attention on a GPU; window layers run the block-sparse kernels. Variants:
+  dense      every layer dense;
+  masformer  dense at the layers --full-layers names (every:6 of 12: layers 5 and 11),
+             window:--window elsewhere;
+  window     every layer window:--window.
+Each variant runs in its own subprocess, so peak memory (`peak_bytes_in_use` of the
+device; the process's max RSS on CPU, which has no device statistics) is its own. Step
+time: the median over --repeats of (wall time of --steps back-to-back steps with one wait
+at the end) / --steps, after --warmup steps. A variant that runs out of memory with
+--remat is retried once with --remat-fallback. A last subprocess times one attention layer
+alone (forward+backward of the mechanism at the model's shapes) to split the step into
+attention and the rest.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TARGET_RATIO = 2.5  # issue 5: MASFormer tokens/s >= 2.5 x all-dense
+VARIANTS = ('dense', 'masformer', 'window')
+OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory')
+RESULT_PREFIX = 'RESULT '
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--layers', type=int, default=12)
+  parser.add_argument('--d-model', type=int, default=768)
+  parser.add_argument('--heads', type=int, default=12)
+  parser.add_argument('--kv-heads', type=int, default=12)
+  parser.add_argument('--seq-len', type=int, default=32768)
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--window', type=int, default=1024)
+  parser.add_argument('--vocab-size', type=int, default=0, help='0: the byte tokenizer (padded to 384)')
+  parser.add_argument('--full-layers', default='every:6', help='MASFormer dense layers (model.attention.full_layers)')
+  parser.add_argument('--block-size', type=int, default=128)
+  parser.add_argument('--dtype', default='bfloat16')
+  parser.add_argument('--remat', default='none', choices=('none', 'dots', 'full'))
+  parser.add_argument('--remat-fallback', default='full', choices=('none', 'dots', 'full'))
+  parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--steps', type=int, default=10, help='back-to-back steps per timed repeat')
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--probe-calls', type=int, default=10, help='calls per attention-layer timing; 0 skips')
+  parser.add_argument('--child-timeout', type=float, default=240.0, help='seconds per variant subprocess')
+  parser.add_argument('--out', default=None, help='write the rows as JSON here')
+  parser.add_argument('--quick', action='store_true', help='tiny sizes for a CPU smoke run')
+  parser.add_argument('--child', default=None, help=argparse.SUPPRESS)  # a variant, or 'attention'
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.layers, args.d_model, args.heads, args.kv_heads, args.seq_len = 2, 64, 4, 4, 256
+    args.window, args.full_layers, args.block_size = 64, 'every:2', 64
+    args.steps, args.repeats, args.warmup, args.probe_calls = 2, 1, 1, 2
+  args.variants = [v for v in args.variants.split(',') if v]
+  unknown = set(args.variants) - set(VARIANTS)
+  if unknown:
+    parser.error(f'unknown variants {sorted(unknown)}; known: {", ".join(VARIANTS)}')
+  return args
+
+
+# ---------------------------------------------------------------------------------------
+# One variant, inside its own process
+
+
+def variant_config(args, variant, remat):
+  from sparseformer.config import base_config, validate
+  cfg = base_config()
+  m, t = cfg.model, cfg.train
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = args.layers, args.d_model, args.heads, args.kv_heads
+  m.dtype, m.remat, m.attention.block_size, m.vocab_size = args.dtype, remat, args.block_size, args.vocab_size
+  window = f'window:{args.window}'
+  m.attention.kind = 'dense' if variant == 'dense' else window
+  m.attention.full_layers = args.full_layers if variant == 'masformer' else ''
+  cfg.data.seq_len, t.global_batch_size, t.steps = args.seq_len, args.batch, 1000
+  validate(cfg)
+  return cfg
+
+
+def build_step(cfg):
+  """The jitted project train step, a fresh state and the model spec."""
+  from sparseformer import data, sharding
+  from sparseformer.model import resolve_dims
+  from sparseformer.training.optimizer import make_optimizer
+  from sparseformer.training.state import make_train_state, model_spec, state_shardings
+  from sparseformer.training.step import jit_train_step, make_train_step
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = tuple(cfg.mesh.rules)
+  tokenizer = data.make_tokenizer(cfg.data.tokenizer)
+  spec = model_spec(resolve_dims(cfg.model, tokenizer.vocab_size), mesh, rules)
+  tx, schedule = make_optimizer(cfg.train, spec.abstract_params)
+  shardings = state_shardings(spec, tx)
+  state = make_train_state(spec, tx, shardings, cfg.seed)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  step = jit_train_step(make_train_step(spec.graphdef, tx, schedule, 1), shardings, batch_sharding, mesh)
+  return step, state, spec, batch_sharding
+
+
+def random_batch(batch, seq_len, vocab, batch_sharding):
+  """Unpacked rows of random tokens: every row one document, so no segment ids."""
+  import jax
+  import jax.numpy as jnp
+  tokens = jax.random.randint(jax.random.key(0), (batch, seq_len + 1), 0, vocab, jnp.int32)
+  arrays = {'tokens': tokens[:, :-1], 'targets': tokens[:, 1:],
+            'positions': jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len)),
+            'loss_mask': jnp.ones((batch, seq_len), jnp.float32)}
+  return {**jax.device_put(arrays, batch_sharding), 'segment_ids': None}
+
+
+def peak_memory():
+  """(GiB, source): the device allocator's peak, else this process's max RSS."""
+  import jax
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return stats['peak_bytes_in_use'] / 2**30, 'device'
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 'host_rss'
+
+
+def timed_steps(step, state, batch, count):
+  """(seconds per step over `count` back-to-back steps, state, metrics)."""
+  import jax
+  start = time.perf_counter()
+  for _ in range(count):
+    state, metrics = step(state, batch)
+  jax.block_until_ready((state, metrics))
+  return (time.perf_counter() - start) / count, state, metrics
+
+
+def block_sparse_implementation(dims, args):
+  """The block-sparse implementation a window layer of this model runs, by name."""
+  import jax
+  from pallas_kernels.block_sparse_attention import masks, plan_from_mask
+  from pallas_kernels.block_sparse_attention.api import select_implementation
+  q = jax.ShapeDtypeStruct((args.batch, args.seq_len, dims.num_heads, dims.head_dim), dims.compute_dtype)
+  kv = jax.ShapeDtypeStruct((args.batch, args.seq_len, dims.num_kv_heads, dims.head_dim), dims.compute_dtype)
+  plan = plan_from_mask(masks.causal_window(args.window), q_len=args.seq_len, block_q=args.block_size,
+                        block_kv=args.block_size)
+  return select_implementation(None, q, kv, kv, None, plan).name
+
+
+def attention_kernels(dims, args):
+  """'dense=cudnn window=mosaic_gpu' style summary of what the layers run."""
+  from sparseformer.model.attention.dense import causal_implementation
+  kinds = {spec.partition(':')[0] for spec in dims.layer_mechanisms}
+  names = {'dense': lambda: causal_implementation(dims.compute_dtype),
+           'window': lambda: block_sparse_implementation(dims, args)}
+  return ' '.join(f'{kind}={names[kind]()}' for kind in sorted(kinds))
+
+
+def run_variant(args, variant, remat):
+  cfg = variant_config(args, variant, remat)
+  step, state, spec, batch_sharding = build_step(cfg)
+  batch = random_batch(args.batch, args.seq_len, spec.dims.vocab_size, batch_sharding)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  _, state, _ = timed_steps(compiled, state, batch, args.warmup)
+  per_step = []
+  for _ in range(args.repeats):
+    seconds, state, metrics = timed_steps(compiled, state, batch, args.steps)
+    per_step.append(seconds)
+  step_s = statistics.median(per_step)
+  peak_gib, memory_source = peak_memory()
+  return dict(variant=variant, layers=' '.join(spec.dims.layer_mechanisms), kernels=attention_kernels(spec.dims, args),
+              params=int(spec.param_count), remat=remat, compile_s=compile_s, step_ms=1e3 * step_s,
+              step_ms_repeats=[1e3 * s for s in per_step], tokens_per_s=args.batch * args.seq_len / step_s,
+              peak_gib=peak_gib, memory_source=memory_source, loss=float(metrics['loss']), note='')
+
+
+# ---------------------------------------------------------------------------------------
+# One attention layer alone
+
+
+def time_calls(fn, inputs, calls):
+  import jax
+  jax.block_until_ready(fn(*inputs))
+  start = time.perf_counter()
+  for _ in range(calls):
+    result = fn(*inputs)
+  jax.block_until_ready(result)
+  return 1e3 * (time.perf_counter() - start) / calls
+
+
+def attention_layer_times(args):
+  """{spec: {'fwd_ms', 'fwd_bwd_ms'}} of one mechanism call at the model's shapes."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from sparseformer.model import resolve_dims
+  from sparseformer.model.attention import AttentionContext, get_mechanism
+  cfg = variant_config(args, 'masformer', args.remat)
+  dims = resolve_dims(cfg.model, 259)
+  keys = jax.random.split(jax.random.key(1), 3)
+  shape = (args.batch, args.seq_len)
+  q = jax.random.normal(keys[0], shape + (dims.num_heads, dims.head_dim), dims.compute_dtype)
+  k, v = (jax.random.normal(key, shape + (dims.num_kv_heads, dims.head_dim), dims.compute_dtype) for key in keys[1:])
+  ctx = AttentionContext(jnp.zeros(shape, jnp.int32), None, None, None)
+  times = {}
+  for spec in ('dense', f'window:{args.window}'):
+    layer = get_mechanism(spec)(dims, 0, nnx.Rngs(0))
+    forward = jax.jit(lambda q, k, v, layer=layer: layer(q, k, v, ctx)[0])
+    loss = lambda q, k, v: forward(q, k, v).astype(jnp.float32).sum()
+    both = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    times[spec] = dict(fwd_ms=time_calls(forward, (q, k, v), args.probe_calls),
+                       fwd_bwd_ms=time_calls(both, (q, k, v), args.probe_calls))
+  return times
+
+
+def child_main(args):
+  if args.child == 'attention':
+    result = attention_layer_times(args)
+  else:
+    variant, _, remat = args.child.partition(':')
+    result = run_variant(args, variant, remat)
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The parent: one subprocess per variant, then the table
+
+
+def child_argv(argv, child):
+  return [sys.executable, os.path.abspath(__file__), *argv, '--child', child]
+
+
+def run_child(argv, child, timeout):
+  """(result dict or None, error text)."""
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), os.environ.get('PYTHONPATH')]))}
+  try:
+    done = subprocess.run(child_argv(argv, child), capture_output=True, text=True, timeout=timeout, env=env)
+  except subprocess.TimeoutExpired:
+    return None, f'timed out after {timeout:.0f} s'
+  for line in reversed(done.stdout.splitlines()):
+    if line.startswith(RESULT_PREFIX):
+      return json.loads(line[len(RESULT_PREFIX):]), ''
+  return None, (done.stderr.strip() or done.stdout.strip() or f'exit {done.returncode}')
+
+
+def measure_variant(argv, args, variant):
+  row, error = run_child(argv, f'{variant}:{args.remat}', args.child_timeout)
+  if row is None and any(marker in error for marker in OUT_OF_MEMORY) and args.remat_fallback != args.remat:
+    print(f'{variant}: out of memory with remat={args.remat}; retrying with remat={args.remat_fallback}', flush=True)
+    row, error = run_child(argv, f'{variant}:{args.remat_fallback}', args.child_timeout)
+  if row is None:
+    print(f'{variant} failed:\n{error[-3000:]}', flush=True)
+    last_line = error.strip().splitlines()[-1] if error.strip() else 'failed'
+    return dict(variant=variant, note=f'FAILED: {last_line[:200]}')
+  return row
+
+
+def add_ratios(rows):
+  dense = next((r for r in rows if r['variant'] == 'dense' and 'tokens_per_s' in r), None)
+  for row in rows:
+    if dense and 'tokens_per_s' in row:
+      row['vs_dense'] = row['tokens_per_s'] / dense['tokens_per_s']
+
+
+def target_line(rows):
+  ratio = next((r.get('vs_dense') for r in rows if r['variant'] == 'masformer'), None)
+  if ratio is None:
+    return f'target masformer >= {TARGET_RATIO}x dense tokens/s: not measured'
+  verdict = 'met' if ratio >= TARGET_RATIO else 'missed'
+  return f'target masformer >= {TARGET_RATIO}x dense tokens/s: {ratio:.2f}x, {verdict}'
+
+
+def format_table(rows):
+  header = f'{"variant":<10} {"params":>10} {"remat":>5} {"compile_s":>9} {"step_ms":>9} {"tokens/s":>10} ' \
+           f'{"peak_GiB":>8} {"loss":>6} {"vs_dense":>8}  kernels'
+  lines = [header]
+  for r in rows:
+    if 'tokens_per_s' not in r:
+      lines.append(f'{r["variant"]:<10} {r["note"]}')
+      continue
+    memory = f'{r["peak_gib"]:.2f}' + ('' if r['memory_source'] == 'device' else '*')
+    lines.append(f'{r["variant"]:<10} {r["params"]:>10,} {r["remat"]:>5} {r["compile_s"]:>9.1f} {r["step_ms"]:>9.1f} '
+                 f'{r["tokens_per_s"]:>10,.0f} {memory:>8} {r["loss"]:>6.3f} {r.get("vs_dense", float("nan")):>8.2f}'
+                 f'  {r["kernels"]}')
+  if any(r.get('memory_source') == 'host_rss' for r in rows):
+    lines.append('* process max RSS (no device memory statistics on this platform)')
+  return '\n'.join(lines)
+
+
+def attention_share_lines(times, rows, args):
+  """One attention layer's time, and the model's attention time against its step time."""
+  dense, window = times['dense']['fwd_bwd_ms'], times[f'window:{args.window}']['fwd_bwd_ms']
+  lines = [f'one attention layer, fwd / fwd+bwd ms: dense {times["dense"]["fwd_ms"]:.2f} / {dense:.2f}, '
+           f'window:{args.window} {times[f"window:{args.window}"]["fwd_ms"]:.2f} / {window:.2f}']
+  for row in rows:
+    if 'tokens_per_s' not in row:
+      continue
+    specs = row['layers'].split()
+    attention_ms = sum(dense if s == 'dense' else window for s in specs)
+    lines.append(f'{row["variant"]}: attention fwd+bwd {attention_ms:.1f} ms of a {row["step_ms"]:.1f} ms step '
+                 f'({100 * attention_ms / row["step_ms"]:.0f}%); rest {row["step_ms"] - attention_ms:.1f} ms')
+  return lines
+
+
+def write_json(path, args, rows, attention_times, summary):
+  meta = {k: v for k, v in vars(args).items() if k not in ('out', 'child')}
+  with open(path, 'w') as handle:
+    json.dump(dict(meta=meta, rows=rows, attention_layer=attention_times, summary=summary), handle, indent=1)
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
+  if args.child:
+    return child_main(args)
+  parent_argv = strip_option(argv, '--out')
+  rows = [measure_variant(parent_argv, args, variant) for variant in args.variants]
+  add_ratios(rows)
+  attention_times = None
+  if args.probe_calls:
+    attention_times, error = run_child(parent_argv, 'attention', args.child_timeout)
+    if attention_times is None:
+      print(f'attention layer timing failed:\n{error[-3000:]}', flush=True)
+  summary = [target_line(rows)] + (attention_share_lines(attention_times, rows, args) if attention_times else [])
+  print(f'\nB={args.batch} T={args.seq_len} layers={args.layers} d_model={args.d_model} heads={args.heads}/'
+        f'{args.kv_heads} vocab={args.vocab_size or "byte"} window={args.window} full_layers={args.full_layers} '
+        f'dtype={args.dtype} block={args.block_size}; step = median of {args.repeats} x {args.steps} back-to-back steps')
+  print(format_table(rows))
+  print('\n'.join(summary))
+  if args.out:
+    write_json(args.out, args, rows, attention_times, summary)
+  return 0 if all('tokens_per_s' in r for r in rows) else 1
+
+
+def strip_option(argv, name):
+  """argv without `name VALUE` / `name=VALUE`."""
+  out, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+    elif arg == name:
+      skip = True
+    elif not arg.startswith(name + '='):
+      out.append(arg)
+  return out
+
+
+if __name__ == '__main__':
+  sys.exit(main())
