@@ -4,8 +4,9 @@
     python3 benchmarks/train_throughput.py --quick                        # CPU smoke run
 
 The model comes from `base_config()` with the flags' sizes (the byte tokenizer's
-vocabulary unless --vocab-size, bf16 compute, float32 parameters) and the step is the project's own (`training.step.make_train_step`:
-forward, backward, gradient clipping, AdamW), jitted with the trainer's shardings. Rows are
+vocabulary unless --vocab-size, bf16 compute, float32 parameters) and the step is the
+project's own (`training.step.make_train_step`: forward, backward, gradient clipping,
+AdamW), jitted with the trainer's shardings. Rows are
 unpacked (segment ids None: one document per row), so dense layers run cuDNN flash
 attention on a GPU; window layers run the block-sparse kernels. Variants:
   dense      every layer dense;
@@ -334,7 +335,8 @@ def main(argv=None):
   summary = [target_line(rows)] + (attention_share_lines(attention_times, rows, args) if attention_times else [])
   print(f'\nB={args.batch} T={args.seq_len} layers={args.layers} d_model={args.d_model} heads={args.heads}/'
         f'{args.kv_heads} vocab={args.vocab_size or "byte"} window={args.window} '
-        f'full_layers={args.full_layers} dtype={args.dtype} block={args.block_size}; step = median of {args.repeats} x {args.steps} back-to-back steps')
+        f'full_layers={args.full_layers} dtype={args.dtype} block={args.block_size}; '
+        f'step = median of {args.repeats} x {args.steps} back-to-back steps')
   print(format_table(rows))
   print('\n'.join(summary))
   if args.out:
