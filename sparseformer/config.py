@@ -49,6 +49,19 @@ def base_config():
   m.attention.full_kind = 'dense'
   m.attention.block_size = 128  # block of the block-sparse plans (window, block_local, ...)
   m.attention.dense_backend = 'auto'  # dense layers on packed rows: auto | xla_mask | block_sparse
+  m.attention.gate = ml_collections.ConfigDict()  # the `gated` mechanism (SeerAttention), docs/gated_attention.md
+  g = m.attention.gate
+  g.width = 128  # gate width dg of the per-head maps and the block RoPE
+  g.q_pools = ('avg',)  # query pools per block, concatenated: avg | max | min
+  g.k_pools = ('max', 'min', 'avg')  # key pools per block, concatenated
+  g.selection = 'topk'  # topk: density of the causal blocks per row | threshold: softmax score > threshold
+  g.density = 0.2  # topk: fraction of the causal blocks kept (k = (1 - sqrt(1 - density)) * blocks per row)
+  g.threshold = 2e-3  # threshold: the least softmax gate score of a kept block
+  g.forward = 'sparse'  # training output: sparse (the gated plan) | dense (the base's dense attention: distillation)
+  g.eval_forward = 'sparse'  # evaluation output: sparse | dense
+  g.distill = True  # training: teacher map of the dense attention and gate_kl loss
+  g.loss_slice = 0.25  # query-block rows below this fraction of the blocks are left out of the KL
+  g.loss_scale = 10.0  # gate_kl = loss_scale x KL (element mean), per layer, summed over layers
   m.layer_attention = ()  # optional: one spec per layer, e.g. ('dense', 'window:256', 'block_local:512', 'dense')
 
   c.data = ml_collections.ConfigDict()
@@ -75,6 +88,8 @@ def base_config():
   t.b2 = 0.95
   t.eps = 1e-8
   t.grad_clip = 1.0  # global norm; 0 disables
+  t.trainable = ''  # regex over parameter paths (e.g. '/gate/'): only matches train; '' = all
+  t.lm_loss_weight = 1.0  # weight of the LM loss; 0 trains on the auxiliary losses alone (gate distillation)
   t.log_every = 10
   t.eval_every = 0  # 0: only at the end
   t.eval_batches = 0  # batches per evaluation during training; 0: the whole split
@@ -299,6 +314,9 @@ def validate(cfg):
   from sparseformer.model.attention.dense import DENSE_BACKENDS
   require(m.attention.dense_backend in DENSE_BACKENDS,
           f'model.attention.dense_backend={m.attention.dense_backend!r}: use {", ".join(DENSE_BACKENDS)}')
+  from sparseformer.model.attention.gated import gate_config_problem
+  gate_problem = gate_config_problem(m.attention.gate)
+  require(gate_problem is None, gate_problem)
   if m.layer_attention:
     require(len(m.layer_attention) == m.num_layers,
             f'model.layer_attention has {len(m.layer_attention)} entries for {m.num_layers} layers')
@@ -309,10 +327,21 @@ def validate(cfg):
           f'train.global_batch_size={t.global_batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}')
   require(t.lr > 0, 'train.lr must be positive')
   require(t.log_every > 0, 'train.log_every must be positive')
+  require(t.lm_loss_weight >= 0, f'train.lm_loss_weight={t.lm_loss_weight}: use a weight >= 0')
+  require(valid_regex(t.trainable), f'train.trainable={t.trainable!r} is not a valid regular expression')
   require(cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep > 0, 'checkpoint.every_steps and checkpoint.keep must be positive')
   for axis in ('data', 'fsdp', 'tensor', 'sequence'):
     size = cfg.mesh[axis]
     require(size == -1 or size > 0, f'mesh.{axis}={size}: use a positive size or -1')
+
+
+def valid_regex(pattern):
+  import re
+  try:
+    re.compile(pattern)
+  except re.error:
+    return False
+  return True
 
 
 def require(condition, message):

@@ -24,9 +24,13 @@ class AttentionLayer(nnx.Module):
     self.mechanism = mechanism_cls(dims, layer_index, rngs)
 
   def __call__(self, x, ctx):
-    q = rope.apply_rotary(self.query(x), ctx.cos, ctx.sin)
-    k = rope.apply_rotary(self.key(x), ctx.cos, ctx.sin)
-    y, aux = self.mechanism(q, k, self.value(x), ctx)
+    q_pre, k_pre = self.query(x), self.key(x)
+    q = rope.apply_rotary(q_pre, ctx.cos, ctx.sin)
+    k = rope.apply_rotary(k_pre, ctx.cos, ctx.sin)
+    if getattr(self.mechanism, 'needs_pre_rope', False):  # learned gates pool un-rotated q, k (SeerAttention)
+      y, aux = self.mechanism(q, k, self.value(x), ctx, pre_rope=(q_pre, k_pre))
+    else:
+      y, aux = self.mechanism(q, k, self.value(x), ctx)
     return self.out(y), aux
 
 

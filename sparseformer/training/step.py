@@ -22,9 +22,11 @@ def split_micro_batches(batch, count):
   return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
 
-def make_train_step(graphdef, tx, schedule, grad_accum_steps):
+def make_train_step(graphdef, tx, schedule, grad_accum_steps, lm_loss_weight=1.0):
   """train_step(state, batch) -> (state, metrics). With accumulation, the gradient is that of
-  the token-weighted mean NLL over the whole batch, as without it."""
+  the token-weighted mean NLL over the whole batch, as without it. The loss is
+  lm_loss_weight x NLL + the auxiliary losses; with weight 0 the NLL is left out of the
+  gradient altogether (gate distillation), and the 'loss' metric still reports it."""
 
   def train_step(state, batch):
     step_rng = jax.random.fold_in(state['rng'], state['step'])
@@ -37,7 +39,9 @@ def make_train_step(graphdef, tx, schedule, grad_accum_steps):
       def objective(params):
         nll, aux_loss, stats, new_mechanism_state = forward(
             graphdef, params, mechanism_state, micro, training=True, rng=jax.random.fold_in(step_rng, index))
-        loss = nll.sum() / total_tokens + aux_loss / grad_accum_steps
+        loss = aux_loss / grad_accum_steps
+        if lm_loss_weight:
+          loss = loss + lm_loss_weight * nll.sum() / total_tokens
         return loss, (nll.sum(), aux_loss, stats, new_mechanism_state)
 
       (_, (nll_sum, aux_loss, stats, new_mechanism_state)), grads = jax.value_and_grad(

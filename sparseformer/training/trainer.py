@@ -63,7 +63,7 @@ def train(cfg, workdir, log=print):
                                  seed=cfg.seed, process_index=process_index, process_count=process_count)
   if data_state is not None:
     iterator.set_state(data_state)
-  step_fn = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps),
+  step_fn = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight),
                            shardings, setup.batch_sharding, setup.mesh)
   loop = TrainLoop(cfg, workdir, setup, checkpointer, iterator, step_fn, log)
   try:
