@@ -37,6 +37,7 @@ TARGET_RATIO = 2.5  # issue 5: MASFormer tokens/s >= 2.5 x all-dense
 VARIANTS = ('dense', 'masformer', 'window')
 OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory')
 RESULT_PREFIX = 'RESULT '
+STARTED = time.perf_counter()
 
 
 def parse_args(argv):
@@ -163,18 +164,32 @@ def attention_kernels(dims, args):
   return ' '.join(f'{kind}={names[kind]()}' for kind in sorted(kinds))
 
 
+def progress(message):
+  """A timestamped line on stderr: the parent shows the last ones if this process times out."""
+  print(f'[{time.perf_counter() - STARTED:7.1f} s] {message}', file=sys.stderr, flush=True)
+
+
 def run_variant(args, variant, remat):
+  import jax
+  progress(f'{variant} remat={remat} on {jax.devices()[0].device_kind}')
   cfg = variant_config(args, variant, remat)
   step, state, spec, batch_sharding = build_step(cfg)
   batch = random_batch(args.batch, args.seq_len, spec.dims.vocab_size, batch_sharding)
+  jax.block_until_ready(state)
+  progress(f'state initialised; {spec.dims.layer_mechanisms}; compiling the step')
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  lowered = step.lower(state, batch)
+  progress(f'lowered in {time.perf_counter() - start:.1f} s')
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  _, state, _ = timed_steps(compiled, state, batch, args.warmup)
+  progress(f'compiled in {compile_s:.1f} s (lowering included)')
+  first_s, state, _ = timed_steps(compiled, state, batch, args.warmup)
+  progress(f'{args.warmup} warm-up steps, {1e3 * first_s:.1f} ms each')
   per_step = []
   for _ in range(args.repeats):
     seconds, state, metrics = timed_steps(compiled, state, batch, args.steps)
     per_step.append(seconds)
+    progress(f'{args.steps} steps, {1e3 * seconds:.1f} ms each')
   step_s = statistics.median(per_step)
   peak_gib, memory_source = peak_memory()
   return dict(variant=variant, layers=' '.join(spec.dims.layer_mechanisms), kernels=attention_kernels(spec.dims, args),
@@ -219,6 +234,7 @@ def attention_layer_times(args):
     both = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     times[spec] = dict(fwd_ms=time_calls(forward, (q, k, v), args.probe_calls),
                        fwd_bwd_ms=time_calls(both, (q, k, v), args.probe_calls))
+    progress(f'{spec}: {times[spec]}')
   return times
 
 
@@ -245,12 +261,19 @@ def run_child(argv, child, timeout):
       os.path.abspath(__file__))), os.environ.get('PYTHONPATH')]))}
   try:
     done = subprocess.run(child_argv(argv, child), capture_output=True, text=True, timeout=timeout, env=env)
-  except subprocess.TimeoutExpired:
-    return None, f'timed out after {timeout:.0f} s'
+  except subprocess.TimeoutExpired as expired:
+    return None, f'timed out after {timeout:.0f} s; its last lines:\n' + as_text(expired.stderr)[-1500:]
   for line in reversed(done.stdout.splitlines()):
     if line.startswith(RESULT_PREFIX):
       return json.loads(line[len(RESULT_PREFIX):]), ''
   return None, (done.stderr.strip() or done.stdout.strip() or f'exit {done.returncode}')
+
+
+def as_text(output):
+  """TimeoutExpired carries bytes (or None) whatever run()'s text= said."""
+  if isinstance(output, bytes):
+    return output.decode(errors='replace')
+  return output or ''
 
 
 def measure_variant(argv, args, variant):
@@ -260,8 +283,12 @@ def measure_variant(argv, args, variant):
     row, error = run_child(argv, f'{variant}:{args.remat_fallback}', args.child_timeout)
   if row is None:
     print(f'{variant} failed:\n{error[-3000:]}', flush=True)
-    last_line = error.strip().splitlines()[-1] if error.strip() else 'failed'
-    return dict(variant=variant, note=f'FAILED: {last_line[:200]}')
+    lines = error.strip().splitlines() or ['failed']
+    timed_out = lines[0].startswith('timed out')
+    summary = lines[0].partition(';')[0] if timed_out else lines[-1]
+    if timed_out and len(lines) > 1:
+      summary += ' (last: ' + lines[-1].strip() + ')'
+    return dict(variant=variant, note=f'FAILED: {summary[:240]}')
   print(f'{variant}: {json.dumps(row)}', flush=True)  # kept even if a later variant hangs
   return row
 
