@@ -88,7 +88,7 @@ def base_config():
   t.b2 = 0.95
   t.eps = 1e-8
   t.grad_clip = 1.0  # global norm; 0 disables
-  t.trainable = ''  # regex over parameter paths (e.g. '/gate/'): only matches train; '' = all
+  t.trainable = ''  # regex over parameter paths (e.g. '/block_gate/'): only matches train; '' = all
   t.lm_loss_weight = 1.0  # weight of the LM loss; 0 trains on the auxiliary losses alone (gate distillation)
   t.log_every = 10
   t.eval_every = 0  # 0: only at the end

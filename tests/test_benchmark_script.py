@@ -118,3 +118,59 @@ def test_train_throughput_target_verdict():
   assert train_throughput.target_line(rows).endswith('2.40x, missed')
   assert train_throughput.target_line(rows[:1]).endswith('not measured')
   assert train_throughput.strip_option(['--quick', '--out', 'x.json', '--out=y'], '--out') == ['--quick']
+
+
+def test_gated_attention_quick_run_times_every_row(tmp_path):
+  out = tmp_path / 'gated.json'
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'gated_attention.py'), '--quick',
+                           '--out', str(out)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert len(re.findall(r'^S +block +what +pass', result.stdout, re.MULTILINE)) == 1  # one table
+  rows = json.loads(out.read_text())['rows']
+  keys = {(r['block'], r['what'], r['direction']) for r in rows}
+  expected = {(0, 'xla', 'fwd'), (0, 'xla', 'fwd+bwd')} | {
+      (block, what, direction) for block in (64, 128)
+      for what, direction in (('gate', 'fwd'), ('gated', 'fwd'), ('gated', 'fwd+bwd'), ('distill', 'fwd'),
+                              ('distill', 'fwd+bwd'))}
+  assert keys == expected and len(rows) == len(expected)
+  for row in rows:
+    assert row['ms'] > 0 and np.isfinite(row['vs_cudnn']) and not row['note'], row
+  for row in (r for r in rows if (r['what'], r['direction']) == ('gated', 'fwd')):
+    assert row['err'] < 0.05 and 0 < row['density'] <= 1 and row['kernel'] == 'reference', row
+
+
+def test_seer_quality_quick_run_tabulates_dense_and_three_densities(tmp_path):
+  out = tmp_path / 'seer'
+  env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off'}
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'seer_quality.py'), '--quick',
+                           '--out', str(out), '--data_dir', str(tmp_path / 'tfds')],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert 'initialised: params/blocks/1/attention/mechanism/block_gate/key' in result.stdout
+  results = json.loads((out / 'results.json').read_text())
+  rows = {r['label']: r for r in results['rows']}
+  assert list(rows) == ['dense', 'gates, dense forward', 'gates, density 0.5', 'gates, density 0.2',
+                        'gates, density 0.1']
+  assert len({r['tokens'] for r in rows.values()}) == 1
+  # The frozen base through its dense attention is the dense checkpoint.
+  assert abs(rows['gates, dense forward']['nll'] - rows['dense']['nll']) < 1e-4
+  for row in rows.values():
+    assert np.isfinite(row['nll']) and np.isclose(row['perplexity'], np.exp(row['nll'])), row
+    assert 0.5 < row['vs_dense'] < 2, row
+  assert results['target'].startswith('target perplexity at density 0.2 <= 1.03 x dense: ')
+  config = json.loads((out / 'gates' / 'config.json').read_text())['config']
+  assert config['train']['trainable'] == '/block_gate/' and config['train']['lm_loss_weight'] == 0.0
+  assert config['model']['attention']['kind'] == 'gated' and config['model']['d_model'] == 64
+  assert (out / 'results.md').read_text().count('| gates, density') == 3
+
+
+def test_seer_quality_target_verdict():
+  from benchmarks import seer_quality
+  rows = [{'label': 'dense', 'density': None, 'perplexity': 10.0},
+          {'label': 'gates, density 0.2', 'density': 0.2, 'perplexity': 10.2}]
+  seer_quality.add_ratios(rows)
+  assert seer_quality.target_line(rows).endswith('1.0200x, met')
+  rows[1]['perplexity'] = 10.4
+  seer_quality.add_ratios(rows)
+  assert seer_quality.target_line(rows).endswith('1.0400x, missed')
+  assert seer_quality.target_line(rows[:1]).endswith('not measured')

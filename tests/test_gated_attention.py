@@ -102,7 +102,8 @@ def test_gate_pools_and_scores_match_a_direct_computation():
   segments = jnp.asarray(SEGMENTS)
   got = np.asarray(jax.jit(lambda q, k: mechanism.block_gate.scores(
       q, k, gate_lib.block_documents(segments, q.shape[1], BLOCK)))(q, k))
-  want = direct_scores(q, k, SEGMENTS, np.asarray(mechanism.block_gate.query[...]), np.asarray(mechanism.block_gate.key[...]), 8)
+  gate = mechanism.block_gate
+  want = direct_scores(q, k, SEGMENTS, np.asarray(gate.query[...]), np.asarray(gate.key[...]), 8)
   np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
   np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-4, atol=1e-4)
 
@@ -219,7 +220,8 @@ def test_incremental_scores_equal_prefill_scores(heads, kv_heads, width):
     incremental = incremental.at[:, :, i, :i + 1].set(row)
   # The blocks chosen from the incremental rows are the prefill's, exactly.
   keep = gate_lib.topk_blocks_per_row(0.5, n)
-  np.testing.assert_array_equal(gate_lib.select_topk(incremental, docs, keep), gate_lib.select_topk(prefill, docs, keep))
+  np.testing.assert_array_equal(gate_lib.select_topk(incremental, docs, keep),
+                                gate_lib.select_topk(prefill, docs, keep))
   # The bug class this guards against: a cached key rotated at the wrong block start.
   wrong = cache.at[:, :1].set(key_entry(k[:, :BLOCK], 1))
   assert np.abs(query_row(q[:, (n - 1) * BLOCK:], n - 1, wrong)[:, :, 0] - prefill[:, :, -1]).max() > 1e-2
@@ -336,7 +338,8 @@ def test_distillation_from_a_dense_checkpoint_trains_only_gates(tmp_path, data_d
                                             model__attention__gate__forward='dense', train__lr=1e-2))
   assert result.returncode == 0, result.stderr[-2000:]
   for layer in (0, 1):
-    assert f'initialised: params/blocks/{layer}/attention/mechanism/block_gate/key' in result.stdout, result.stdout[-2000:]
+    name = f'params/blocks/{layer}/attention/mechanism/block_gate/key'
+    assert f'initialised: {name}' in result.stdout, result.stdout[-2000:]
   records = [json.loads(line) for line in open(gates / 'metrics.jsonl') if 'train/aux_loss' in line]
   assert records[-1]['train/aux_loss'] < records[0]['train/aux_loss'], records
   result = run_script('eval.py', ['--workdir', str(gates), '--config.model.attention.gate.density=0.5',

@@ -1,0 +1,206 @@
+"""SeerAttention quality in one command (issue 6): a dense checkpoint on the shipped books
+at a long length, gates distilled on it, and validation perplexity dense vs gated at
+densities 0.5, 0.2 and 0.1.
+
+    python benchmarks/seer_quality.py --out runs/seer_quality                  # the real run (GPU)
+    python benchmarks/seer_quality.py --out runs/seer_quality \\
+        --dense_workdir runs/long_quality/dense                                # gates on an existing dense run
+    python benchmarks/seer_quality.py --out /tmp/sq --quick                    # CPU smoke run
+
+Each phase is the ordinary CLI, called in this process (printed, and kept in results.json):
+    python -m sparseformer.cli.prepare_data --name=sparseformer_text/books
+    python train.py --config configs/long_pretrain.py --workdir OUT/dense ...   (unless --dense_workdir)
+    python eval.py --workdir OUT/dense ...
+    python train.py --config configs/seer_distill.py --workdir OUT/gates --config.init_from=DENSE ...
+    python eval.py --workdir OUT/gates --config.model.attention.gate.density=D ...   (D = 0.5, 0.2, 0.1)
+    python eval.py --workdir OUT/gates --config.model.attention.gate.eval_forward=dense ...
+The dense run is pretrained directly at --seq_len (every layer dense, no RoPE scaling);
+the distillation copies the model fields of the dense run's config.json, so any dense run
+of the books fits. The `gates, dense forward` row evaluates the distilled model through
+its dense attention: it must match the dense row (the base is frozen bit-identical).
+A workdir that already holds its final checkpoint is not retrained.
+
+Sizing (one H100, estimated, not measured): pretraining 8 layers x d_model 512 for 500
+steps of 8 x 8192 byte tokens at ~0.3 s a step, distillation 150 steps at ~0.15 s, six
+evaluations of 16 batches, compilation of each phase: about 450 s in all.
+
+Writes OUT/results.json and OUT/results.md: NLL (nats per byte-token), perplexity and the
+ratio to dense of each row, the target verdict (density 0.2 within 3% of dense
+perplexity), wall and step times of every phase.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.long_context_quality import eval_phase, run_phase, train_phase  # noqa: E402
+from sparseformer.cli.eval import load_run_config  # noqa: E402
+from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
+
+DATASET = 'sparseformer_text/books'
+PRETRAIN_CONFIG = os.path.join(REPO, 'configs', 'long_pretrain.py')
+DISTILL_CONFIG = os.path.join(REPO, 'configs', 'seer_distill.py')
+DENSITIES = (0.5, 0.2, 0.1)
+TARGET_DENSITY, TARGET_RATIO = 0.2, 1.03
+# Model fields the gated run takes from the dense run, so that init_from fits.
+MODEL_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
+                'tie_embeddings', 'norm_eps', 'rope.theta', 'rope.scaling', 'rope.factor', 'rope.original_seq_len')
+
+FULL = dict(seq_len=8192, pretrain_steps=500, pretrain_batch=8, distill_steps=150, distill_batch=8, block=64,
+            eval_batches=16, log_every=10)
+QUICK = dict(seq_len=256, pretrain_steps=6, pretrain_batch=4, distill_steps=4, distill_batch=2, block=64,
+             eval_batches=2, log_every=2)
+QUICK_MODEL = {'model.d_model': 64, 'model.num_layers': 2, 'model.num_heads': 2, 'model.num_kv_heads': 1}
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--out', required=True, help='folder for the runs, results.json and results.md')
+  parser.add_argument('--dense_workdir', default='', help='an existing dense run to distill (default: pretrain one)')
+  parser.add_argument('--quick', action='store_true', help='tiny CPU smoke run (defaults from QUICK)')
+  parser.add_argument('--data_dir', default='', help='TFDS data dir ($SPARSEFORMER_DATA_DIR or the default cache)')
+  for name, value in FULL.items():
+    parser.add_argument(f'--{name}', type=int, default=None, help=f'default {value} ({QUICK[name]} with --quick)')
+  args = parser.parse_args(argv)
+  for name, value in (QUICK if args.quick else FULL).items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  return args
+
+
+def data_overrides(args):
+  fields = {'train.log_every': args.log_every, 'train.eval_batches': 1}
+  if args.data_dir:
+    fields['data.data_dir'] = args.data_dir
+  return fields
+
+
+def pretrain_overrides(args):
+  fields = {**data_overrides(args), 'data.seq_len': args.seq_len, 'train.steps': args.pretrain_steps,
+            'train.global_batch_size': args.pretrain_batch, 'train.warmup_steps': max(1, args.pretrain_steps // 10),
+            'checkpoint.every_steps': args.pretrain_steps}
+  if args.quick:
+    fields.update(QUICK_MODEL)
+  return fields
+
+
+def dense_model_fields(dense_workdir):
+  """{'model.x': value} of the dense run, for the fields init_from needs to match."""
+  cfg = load_run_config(dense_workdir)
+  fields = {}
+  for name in MODEL_FIELDS:
+    node = cfg.model
+    for part in name.split('.'):
+      node = node[part]
+    fields[f'model.{name}'] = node
+  fields['data.tokenizer'] = cfg.data.tokenizer
+  return fields
+
+
+def distill_overrides(args, dense_workdir):
+  return {**data_overrides(args), **dense_model_fields(dense_workdir), 'init_from': dense_workdir,
+          'data.seq_len': args.seq_len, 'train.steps': args.distill_steps,
+          'train.global_batch_size': args.distill_batch, 'train.warmup_steps': max(1, args.distill_steps // 10),
+          'checkpoint.every_steps': args.distill_steps, 'model.attention.block_size': args.block}
+
+
+def eval_overrides(args, **gate):
+  # The same batches for every row, whatever batch size each run trained with.
+  fields = {'eval.max_batches': args.eval_batches, 'eval.seq_len': args.seq_len, 'eval.batch_size': args.distill_batch}
+  fields.update({f'model.attention.gate.{key}': value for key, value in gate.items()})
+  return fields
+
+
+def row(label, density, evaluation):
+  return {'label': label, 'density': density, 'nll': evaluation['nll'], 'perplexity': math.exp(evaluation['nll']),
+          'tokens': evaluation['tokens'], 'command': evaluation['command']}
+
+
+def run_experiment(args, log=print):
+  out = args.out
+  os.makedirs(out, exist_ok=True)
+  results = {'settings': {k: v for k, v in vars(args).items() if k != 'out'},
+             'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}', 'phases': {}, 'rows': []}
+  log(f'devices: {results["device"]}')
+  phases = results['phases']
+  prepare_argv = ['--name', DATASET] + (['--data_dir', args.data_dir] if args.data_dir else [])
+  phases['prepare data'] = {'command': 'python -m sparseformer.cli.prepare_data ' + ' '.join(prepare_argv),
+                            'wall_s': run_phase(prepare_data_command, prepare_argv, 'prepare data', log)}
+  dense_dir = args.dense_workdir or os.path.join(out, 'dense')
+  if not args.dense_workdir:
+    phases['pretrain dense'] = train_phase(PRETRAIN_CONFIG, dense_dir, pretrain_overrides(args), 'pretrain dense', log)
+  gates_dir = os.path.join(out, 'gates')
+  phases['distill gates'] = train_phase(DISTILL_CONFIG, gates_dir, distill_overrides(args, dense_dir),
+                                        'distill gates', log)
+  evaluations = [('dense', None, dense_dir, eval_overrides(args)),
+                 ('gates, dense forward', 1.0, gates_dir, eval_overrides(args, eval_forward='dense'))]
+  evaluations += [(f'gates, density {d}', d, gates_dir, eval_overrides(args, eval_forward='sparse', density=d))
+                  for d in DENSITIES]
+  for label, density, workdir, overrides in evaluations:
+    evaluation = eval_phase(workdir, overrides, f'eval {label}', log)
+    phases[f'eval {label}'] = evaluation
+    results['rows'].append(row(label, density, evaluation))
+  add_ratios(results['rows'])
+  results['target'] = target_line(results['rows'])
+  markdown = report_markdown(results)
+  with open(os.path.join(out, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(out, 'results.md'), 'w') as f:
+    f.write(markdown)
+  log('\n' + markdown)
+  log(json.dumps({'rows': results['rows'], 'target': results['target']}, indent=1))
+  return results
+
+
+def add_ratios(rows):
+  dense = next(r['perplexity'] for r in rows if r['label'] == 'dense')
+  for r in rows:
+    r['vs_dense'] = r['perplexity'] / dense
+
+
+def target_line(rows):
+  at_target = [r for r in rows if r['density'] == TARGET_DENSITY and r['label'].startswith('gates, density')]
+  if not at_target:
+    return f'target perplexity at density {TARGET_DENSITY} <= {TARGET_RATIO:g} x dense: not measured'
+  ratio = at_target[0]['vs_dense']
+  verdict = 'met' if ratio <= TARGET_RATIO else 'missed'
+  return f'target perplexity at density {TARGET_DENSITY} <= {TARGET_RATIO:g} x dense: {ratio:.4f}x, {verdict}'
+
+
+def report_markdown(results):
+  s = results['settings']
+  source = s['dense_workdir'] or (f'pretrained here: {s["pretrain_steps"]} steps x {s["pretrain_batch"]} x '
+                                  f'{s["seq_len"]}')
+  lines = [f'On {results["device"]}: dense run {source}; gates distilled {s["distill_steps"]} steps x '
+           f'{s["distill_batch"]} x {s["seq_len"]} tokens, block {s["block"]}; validation of the books at '
+           f'{s["seq_len"]} tokens ({results["rows"][0]["tokens"]} tokens). Density = top-k fraction of the '
+           'causal blocks; perplexity per byte-token.', '',
+           '| attention | density | NLL | perplexity | vs dense |', '| --- | --- | --- | --- | --- |']
+  for r in results['rows']:
+    density = '1 (dense)' if r['density'] is None else f'{r["density"]:g}'
+    lines.append(f'| {r["label"]} | {density} | {r["nll"]:.4f} | {r["perplexity"]:.4f} | {r["vs_dense"]:.4f} |')
+  lines += ['', results['target'], '',
+            '| phase | wall s | median step s | last train loss |', '| --- | --- | --- | --- |']
+  for name, phase in results['phases'].items():
+    step = phase.get('step_time_s')
+    loss = phase.get('final_train_loss')
+    lines.append(f'| {name} | {phase["wall_s"]:.1f} | {"n/a" if step is None else f"{step:.3f}"} | '
+                 f'{"n/a" if loss is None else f"{loss:.4f}"} |')
+  commands = '\n'.join(phase['command'] for phase in results['phases'].values())
+  return '\n'.join(lines) + f'\n\nCommands:\n\n```\n{commands}\n```\n'
+
+
+def main(argv=None):
+  run_experiment(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == '__main__':
+  main()
