@@ -12,9 +12,8 @@ heads, byte tokens); keep them equal or init_from refuses the checkpoint.
 (this pretraining, the three fine-tunes, their evaluation) in one command.
 
 Expected on one H100 (bf16): about 110 s, 55 s of it compiling the step, then 0.028 s a step
-(1.19M tokens/s); at step 600 training loss 1.43, validation NLL 1.47 nats/byte-token on
-the first 32768 validation tokens
-(measured in the experiment, whose figures are in docs/results.md).
+(1.19M tokens/s); at step 600 training loss 1.43, validation NLL 1.47 nats/byte-token on the
+first 32768 validation tokens (measured in the experiment; figures in docs/results.md).
 """
 
 from sparseformer.config import base_config
