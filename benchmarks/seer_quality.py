@@ -17,12 +17,16 @@ Each phase is the ordinary CLI, called in this process (printed, and kept in res
 The dense run is pretrained directly at --seq_len (every layer dense, no RoPE scaling);
 the distillation copies the model fields of the dense run's config.json, so any dense run
 of the books fits. The `gates, dense forward` row evaluates the distilled model through
-its dense attention: it must match the dense row (the base is frozen bit-identical).
+its dense attention: it matches the dense row up to kernel rounding (the base is frozen
+bit-identical; on the GPU the dense run tiles by 128, the gated layers by --block).
 A workdir that already holds its final checkpoint is not retrained.
 
-Sizing (one H100, estimated, not measured): pretraining 8 layers x d_model 512 for 500
-steps of 8 x 8192 byte tokens at ~0.3 s a step, distillation 150 steps at ~0.15 s, six
-evaluations of 16 batches, compilation of each phase: about 450 s in all.
+Sizing for one H100 (an estimate from issue 5's measured run in docs/results.md: the same
+model trains dense at 8 x 8192 tokens in 0.075 s a step, each training phase compiles for
+55-60 s, an evaluation of the whole validation split takes ~16 s): pretraining 1200 steps
+(~150 s), distillation 200 steps (~60 s compiling, ~0.1-0.2 s a step: a forward pass plus
+the teacher, no backward through the model), five evaluations (~85 s): about 350 s, under
+500 s. Not measured yet.
 
 Writes OUT/results.json and OUT/results.md: NLL (nats per byte-token), perplexity and the
 ratio to dense of each row, the target verdict (density 0.2 within 3% of dense
@@ -53,8 +57,8 @@ TARGET_DENSITY, TARGET_RATIO = 0.2, 1.03
 MODEL_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
                 'tie_embeddings', 'norm_eps', 'rope.theta', 'rope.scaling', 'rope.factor', 'rope.original_seq_len')
 
-FULL = dict(seq_len=8192, pretrain_steps=500, pretrain_batch=8, distill_steps=150, distill_batch=8, block=64,
-            eval_batches=16, log_every=10)
+FULL = dict(seq_len=8192, pretrain_steps=1200, pretrain_batch=8, distill_steps=200, distill_batch=8, block=64,
+            eval_batches=0, log_every=20)
 QUICK = dict(seq_len=256, pretrain_steps=6, pretrain_batch=4, distill_steps=4, distill_batch=2, block=64,
              eval_batches=2, log_every=2)
 QUICK_MODEL = {'model.d_model': 64, 'model.num_layers': 2, 'model.num_heads': 2, 'model.num_kv_heads': 1}

@@ -133,7 +133,7 @@ def full_attention_probabilities(q, k, segments, scale):
   return p / p.sum(-1, keepdims=True)
 
 
-@pytest.mark.parametrize('t,documents', [(75, True), (64, False), (53, False)])
+@pytest.mark.parametrize('t,documents', [(75, True), (64, False), (53, False), (9, False)])  # 9: under one block
 def test_teacher_is_the_block_max_pooled_attention_map(t, documents):
   segments = SEGMENTS[:, :t] if documents else np.ones((2, t), np.int64)
   segment_ids = jnp.asarray(segments) if documents else None

@@ -125,27 +125,22 @@ class GatedAttention(Mechanism):
     if pre_rope is None:
       raise ValueError('the gated mechanism needs the pre-RoPE projections: call it with pre_rope=(q, k)')
     g = self.options.gate
-    block = self.options.block_size
     scale = ctx.logit_scale / q.shape[-1] ** 0.5
     forward = g.forward if ctx.training else g.eval_forward
     distill = ctx.training and g.distill
-    docs = gate_lib.block_documents(ctx.segment_ids, q.shape[1], block, q.shape[0])
+    docs = gate_lib.block_documents(ctx.segment_ids, q.shape[1], self.options.block_size, q.shape[0])
     scores = self.block_gate.scores(*pre_rope, docs)
-    aux = no_aux()
     chosen = self.select(scores, docs)
+    aux = no_aux()
     aux['stats']['gate_density'] = chosen.sum() / (docs.allowed.sum() * q.shape[2])
-    if forward == 'sparse':
-      plan = plan_from_block_mask(chosen, q_len=q.shape[1], block_q=block, block_kv=block,
-                                  segment_ids=ctx.segment_ids)
-      y = block_sparse_attention(q, k, v, plan, scale=scale)
     if forward == 'dense' or distill:
-      dense_inputs = (q, k, v) if forward == 'dense' else jax.lax.stop_gradient((q, k, v))  # sparse: LSE only
-      dense_y, lse = self.dense_attention(*dense_inputs, ctx, scale)
-      if forward == 'dense':
-        y = dense_y
+      # With a sparse output the dense pass only gives the teacher its LSE: no gradient.
+      inputs = (q, k, v) if forward == 'dense' else jax.lax.stop_gradient((q, k, v))
+      dense_y, lse = self.dense_attention(*inputs, ctx, scale)
+    y = dense_y if forward == 'dense' else self.sparse_attention(q, k, v, chosen, ctx, scale)
     if distill:
-      q_sg, k_sg, lse = jax.lax.stop_gradient((q, k, lse))
-      teacher = gate_lib.teacher_block_map(q_sg, k_sg, lse, scale, block, ctx.segment_ids)
+      teacher = gate_lib.teacher_block_map(*jax.lax.stop_gradient((q, k, lse)), scale, self.options.block_size,
+                                           ctx.segment_ids)
       aux['losses']['gate_kl'] = g.loss_scale * gate_lib.gate_kl(teacher, scores, g.loss_slice)
       aux['stats']['gate_recall'] = gate_lib.teacher_recall(teacher, chosen)
     return y, aux
@@ -155,6 +150,12 @@ class GatedAttention(Mechanism):
     if g.selection == 'threshold':
       return gate_lib.select_threshold(scores, docs, g.threshold)
     return gate_lib.select_topk(scores, docs, gate_lib.topk_blocks_per_row(g.density, scores.shape[-2]))
+
+  def sparse_attention(self, q, k, v, chosen, ctx, scale):
+    """Attention over the chosen blocks [B, H, nb, nb] (a plan per query head)."""
+    block = self.options.block_size
+    plan = plan_from_block_mask(chosen, q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=ctx.segment_ids)
+    return block_sparse_attention(q, k, v, plan, scale=scale)
 
   def dense_attention(self, q, k, v, ctx, scale):
     """(output, LSE [B, H, T]) of causal attention within documents."""
