@@ -169,9 +169,9 @@ def teacher_block_map(q, k, lse, scale, block, segment_ids):
   b, t, h, d = q.shape
   hkv = k.shape[2]
   n = num_blocks(t, block)
-  queries = q.astype(jnp.float32).reshape(b, t, hkv, h // hkv, d)
+  queries = q.reshape(b, t, hkv, h // hkv, d)
   lse = lse.astype(jnp.float32).reshape(b, hkv, h // hkv, t)
-  key_blocks = jnp.moveaxis(to_blocks(k.astype(jnp.float32), block), 1, 0)  # [nb, B, block, Hkv, D]
+  key_blocks = jnp.moveaxis(to_blocks(k, block), 1, 0)  # [nb, B, block, Hkv, D]
   q_index = jnp.arange(t)
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
@@ -185,7 +185,7 @@ def teacher_block_map(q, k, lse, scale, block, segment_ids):
       k_segments = jax.lax.dynamic_slice_in_dim(padded_segments, j * block, block, axis=1)
       same_document = segment_ids[:, :, None] == k_segments[:, None, :]
       visible = visible & same_document & (segment_ids != 0)[:, :, None]  # padding rows get no teacher
-    s = jnp.einsum('btkgd,bjkd->bkgtj', queries, keys) * scale
+    s = jnp.einsum('btkgd,bjkd->bkgtj', queries, keys, preferred_element_type=jnp.float32) * scale
     log_p = jnp.where(visible[:, None, None], s - lse[..., None], -jnp.inf)
     maxima = jnp.exp(log_p.max(-1))  # [B, Hkv, G, T]
     maxima = jnp.pad(maxima, ((0, 0), (0, 0), (0, 0), (0, n * block - t)))
