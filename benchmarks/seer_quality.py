@@ -47,6 +47,7 @@ sys.path.insert(0, REPO)
 from benchmarks.long_context_quality import eval_phase, run_phase, train_phase  # noqa: E402
 from sparseformer.cli.eval import load_run_config  # noqa: E402
 from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
+from sparseformer.model.attention.gate import topk_blocks_per_row  # noqa: E402
 
 DATASET = 'sparseformer_text/books'
 PRETRAIN_CONFIG = os.path.join(REPO, 'configs', 'long_pretrain.py')
@@ -123,9 +124,38 @@ def eval_overrides(args, **gate):
   return fields
 
 
-def row(label, density, evaluation):
-  return {'label': label, 'density': density, 'nll': evaluation['nll'], 'perplexity': math.exp(evaluation['nll']),
-          'tokens': evaluation['tokens'], 'command': evaluation['command']}
+def row(label, density, evaluation, kept):
+  return {'label': label, 'density': density, 'kept': kept, 'nll': evaluation['nll'],
+          'perplexity': math.exp(evaluation['nll']), 'tokens': evaluation['tokens'], 'command': evaluation['command']}
+
+
+def kept_fraction(density, seq_len, block):
+  """The fraction of the causal blocks the top-k rule keeps on a one-document row: k per
+  row, at least the diagonal and the first block, at most the row's blocks."""
+  if density is None:
+    return 1.0
+  n = -(-seq_len // block)
+  k = topk_blocks_per_row(density, n)
+  kept = sum(min(max(k, 1 if i == 0 else 2), i + 1) for i in range(n))
+  return kept / (n * (n + 1) // 2)
+
+
+def final_gate_stats(workdir):
+  """The last logged gate_recall and gate_density of the distillation, averaged over layers."""
+  last = None
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      if any(key.endswith('/gate_recall') for key in record):
+        last = record
+  if last is None:
+    return {}
+
+  def mean(name):
+    values = [value for key, value in last.items() if key.endswith(name)]
+    return sum(values) / len(values)
+  return {'step': last['step'], 'gate_recall': mean('/gate_recall'), 'gate_density': mean('/gate_density'),
+          'train_density': load_run_config(workdir).model.attention.gate.density}
 
 
 def run_experiment(args, log=print):
@@ -144,14 +174,15 @@ def run_experiment(args, log=print):
   gates_dir = os.path.join(out, 'gates')
   phases['distill gates'] = train_phase(DISTILL_CONFIG, gates_dir, distill_overrides(args, dense_dir),
                                         'distill gates', log)
+  results['distill_stats'] = final_gate_stats(gates_dir)
   evaluations = [('dense', None, dense_dir, eval_overrides(args)),
-                 ('gates, dense forward', 1.0, gates_dir, eval_overrides(args, eval_forward='dense'))]
+                 ('gates, dense forward', None, gates_dir, eval_overrides(args, eval_forward='dense'))]
   evaluations += [(f'gates, density {d}', d, gates_dir, eval_overrides(args, eval_forward='sparse', density=d))
                   for d in DENSITIES]
   for label, density, workdir, overrides in evaluations:
     evaluation = eval_phase(workdir, overrides, f'eval {label}', log)
     phases[f'eval {label}'] = evaluation
-    results['rows'].append(row(label, density, evaluation))
+    results['rows'].append(row(label, density, evaluation, kept_fraction(density, args.seq_len, args.block)))
   add_ratios(results['rows'])
   results['target'] = target_line(results['rows'])
   markdown = report_markdown(results)
@@ -187,11 +218,19 @@ def report_markdown(results):
            f'{s["distill_batch"]} x {s["seq_len"]} tokens, block {s["block"]}; validation of the books at '
            f'{s["seq_len"]} tokens ({results["rows"][0]["tokens"]} tokens). Density = top-k fraction of the '
            'causal blocks; perplexity per byte-token.', '',
-           '| attention | density | NLL | perplexity | vs dense |', '| --- | --- | --- | --- | --- |']
+           '| attention | density | kept | NLL | perplexity | vs dense |', '| --- | --- | --- | --- | --- | --- |']
   for r in results['rows']:
     density = '1 (dense)' if r['density'] is None else f'{r["density"]:g}'
-    lines.append(f'| {r["label"]} | {density} | {r["nll"]:.4f} | {r["perplexity"]:.4f} | {r["vs_dense"]:.4f} |')
-  lines += ['', results['target'], '',
+    lines.append(f'| {r["label"]} | {density} | {r["kept"]:.3f} | {r["nll"]:.4f} | {r["perplexity"]:.4f} | '
+                 f'{r["vs_dense"]:.4f} |')
+  lines += ['', 'kept: fraction of the causal blocks the top-k rule keeps on a one-document row (k per row, '
+            'the diagonal and the first block always).', '', results['target'], '']
+  stats = results.get('distill_stats')
+  if stats:
+    lines += [f'Distillation at step {stats["step"]}, gate.density {stats["train_density"]:g}: the chosen blocks hold '
+              f'{stats["gate_recall"]:.3f} of the teacher\'s block mass on average over layers (chosen fraction of '
+              f'the allowed blocks {stats["gate_density"]:.3f}).', '']
+  lines += [
             '| phase | wall s | median step s | last train loss |', '| --- | --- | --- | --- |']
   for name, phase in results['phases'].items():
     step = phase.get('step_time_s')

@@ -154,6 +154,9 @@ def test_seer_quality_quick_run_tabulates_dense_and_three_densities(tmp_path):
   assert len({r['tokens'] for r in rows.values()}) == 1
   # The frozen base through its dense attention is the dense checkpoint.
   assert abs(rows['gates, dense forward']['nll'] - rows['dense']['nll']) < 1e-4
+  assert rows['dense']['kept'] == rows['gates, dense forward']['kept'] == 1.0
+  assert 0 < rows['gates, density 0.1']['kept'] <= rows['gates, density 0.5']['kept'] < 1
+  assert 0 < results['distill_stats']['gate_recall'] <= 1 and results['distill_stats']['train_density'] == 0.2
   for row in rows.values():
     assert np.isfinite(row['nll']) and np.isclose(row['perplexity'], np.exp(row['nll'])), row
     assert 0.5 < row['vs_dense'] < 2, row
@@ -166,6 +169,10 @@ def test_seer_quality_quick_run_tabulates_dense_and_three_densities(tmp_path):
 
 def test_seer_quality_target_verdict():
   from benchmarks import seer_quality
+  # 128 blocks at density 0.1: k = 6 per row, all of the first rows' blocks, the diagonal and first block always
+  n, k = 128, 6
+  assert seer_quality.kept_fraction(0.1, 8192, 64) == (1 + 2 + sum(min(k, i + 1) for i in range(2, n))) / (n * (n + 1) / 2)
+  assert seer_quality.kept_fraction(None, 8192, 64) == 1.0
   rows = [{'label': 'dense', 'density': None, 'perplexity': 10.0},
           {'label': 'gates, density 0.2', 'density': 0.2, 'perplexity': 10.2}]
   seer_quality.add_ratios(rows)
