@@ -171,7 +171,8 @@ def test_seer_quality_target_verdict():
   from benchmarks import seer_quality
   # 128 blocks at density 0.1: k = 6 per row, all of the first rows' blocks, the diagonal and first block always
   n, k = 128, 6
-  assert seer_quality.kept_fraction(0.1, 8192, 64) == (1 + 2 + sum(min(k, i + 1) for i in range(2, n))) / (n * (n + 1) / 2)
+  kept = 1 + 2 + sum(min(k, i + 1) for i in range(2, n))
+  assert seer_quality.kept_fraction(0.1, 8192, 64) == kept / (n * (n + 1) / 2)
   assert seer_quality.kept_fraction(None, 8192, 64) == 1.0
   rows = [{'label': 'dense', 'density': None, 'perplexity': 10.0},
           {'label': 'gates, density 0.2', 'density': 0.2, 'perplexity': 10.2}]
