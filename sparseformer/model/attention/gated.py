@@ -72,10 +72,10 @@ class BlockGate(nnx.Module):
     q_in = d * len(self.q_pools)
     self.query = param(rngs, (heads, q_in, width), ('heads', 'gate_in', 'gate_width'), dtype=dims.weight_dtype,
                        std=q_in ** -0.5) if maps_queries else None
-    key_heads = kv_heads if maps_queries else heads
+    key_heads, key_axis = (kv_heads, 'kv_heads') if maps_queries else (heads, 'heads')
     k_in = d * len(self.k_pools)
-    self.key = param(rngs, (key_heads, k_in, width), ('heads' if key_heads == heads else 'kv_heads', 'gate_in',
-                                                      'gate_width'), dtype=dims.weight_dtype, std=k_in ** -0.5)
+    self.key = param(rngs, (key_heads, k_in, width), (key_axis, 'gate_in', 'gate_width'), dtype=dims.weight_dtype,
+                     std=k_in ** -0.5)
     self.width = width
 
   def frequencies(self):
