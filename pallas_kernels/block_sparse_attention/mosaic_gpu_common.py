@@ -81,4 +81,6 @@ def common_unavailable(q, k, v, key_bias, plan, interpret):
     return f'head_dim must be 64, 128, 192 or 256, got {head_dim}'
   if not interpret and not is_hopper_gpu():
     return 'needs an sm90 (Hopper) GPU'
+  if plan.has_rank_rule:
+    return 'the Mosaic GPU kernels do not apply a plan\'s rank rule (key_rank >= q_threshold) yet'
   return None

@@ -6,6 +6,11 @@ ascending order, each tagged full (no element mask) or partial (the element mask
 computed in the kernel from indices, segment ids and the plan's `mask`); and the same
 transposed (per kv block, the q blocks that visit it) for the dK/dV pass.
 
+An optional data-dependent rule joins the element mask: with `key_rank` [B, Hp, Tk] and
+`q_threshold` [B, Hp, Tq] (int32) a key is visible to a query only where
+key_rank >= q_threshold (dynamic mask attention's top-w selection, see
+sparseformer/model/attention/dynamic_mask_plan.py).
+
 Plan heads: 1 (shared by all heads), Hkv (one per GQA group) or H (one per query head);
 query head h uses plan head h // (H // plan_heads).
 
@@ -41,6 +46,12 @@ class BlockSparsePlan:
   kv_len: int = dataclasses.field(metadata=dict(static=True))
   block_q: int = dataclasses.field(metadata=dict(static=True))
   block_kv: int = dataclasses.field(metadata=dict(static=True))
+  q_threshold: Any = None  # [B, Hp, Tq] int32 or None: a key is visible where key_rank >= q_threshold
+  key_rank: Any = None  # [B, Hp, Tk] int32 or None
+
+  @property
+  def has_rank_rule(self):
+    return self.key_rank is not None
 
   @property
   def num_q_blocks(self):
@@ -71,12 +82,17 @@ class BlockSparsePlan:
     b, h, i, _ = jnp.indices(self.kv_index.shape)
     return out.at[b, h, i, self.kv_index.astype(jnp.int32)].max(kinds)
 
-  def element_mask(self, q_index, k_index, q_segment=None, k_segment=None):
-    """Bool mask inside a partial block: the mask function, the key length, and documents
-    (segment ids gathered at those indices by the caller). Every implementation uses it."""
+  def element_mask(self, q_index, k_index, q_segment=None, k_segment=None, q_threshold=None, k_rank=None):
+    """Bool mask inside a partial block: the mask function, the key length, documents
+    (segment ids gathered at those indices by the caller) and, when the plan has one, the
+    rank rule (threshold and rank gathered likewise). Every implementation uses it."""
     allowed = self.mask.elements(q_index, k_index) & (k_index < self.kv_len) & (q_index < self.q_len)
     if q_segment is not None:
       allowed = allowed & (q_segment == k_segment)
+    if self.has_rank_rule:
+      if k_rank is None or q_threshold is None:
+        raise ValueError('this plan has a rank rule: pass q_threshold and k_rank to element_mask')
+      allowed = allowed & (k_rank >= q_threshold)
     return allowed
 
 
@@ -84,9 +100,9 @@ def broadcast_batch(plan, batch):
   """A plan built for batch 1 (no segment ids) made to serve `batch` rows."""
   if plan.kv_count.shape[0] == batch:
     return plan
-  if plan.kv_count.shape[0] != 1 or plan.q_segment_ids is not None:
+  if plan.kv_count.shape[0] != 1 or plan.q_segment_ids is not None or plan.has_rank_rule:
     raise ValueError(f'a plan for batch {plan.kv_count.shape[0]} cannot serve batch {batch} '
-                     '(only a batch-1 plan without segment ids broadcasts)')
+                     '(only a batch-1 plan without segment ids or ranks broadcasts)')
   lists = ('kv_count', 'kv_index', 'kv_full', 'q_count', 'q_index', 'q_full')
   return dataclasses.replace(plan, **{name: jnp.broadcast_to(getattr(plan, name), (batch,) + getattr(plan, name).shape[1:])
                                       for name in lists})
@@ -141,12 +157,22 @@ def mask_block_kinds(mask, q_len, kv_len, block_q, block_kv):
   return jnp.where(ragged & (kinds == FULL), PARTIAL, kinds)
 
 
-def from_kinds(kinds, mask, q_len, kv_len, block_q, block_kv, q_segment_ids=None, kv_segment_ids=None):
-  """A plan from a [B, Hp, nQ, nK] block classification."""
+def from_kinds(kinds, mask, q_len, kv_len, block_q, block_kv, q_segment_ids=None, kv_segment_ids=None,
+               q_threshold=None, key_rank=None):
+  """A plan from a [B, Hp, nQ, nK] block classification, with the rank rule if
+  q_threshold [B, Hp, Tq] and key_rank [B, Hp, Tk] are given."""
+  if (q_threshold is None) != (key_rank is None):
+    raise ValueError('give both q_threshold and key_rank, or neither')
+  if key_rank is not None:
+    b, hp = kinds.shape[:2]
+    if q_threshold.shape != (b, hp, q_len) or key_rank.shape != (b, hp, kv_len):
+      raise ValueError(f'q_threshold {q_threshold.shape} and key_rank {key_rank.shape} must be '
+                       f'{(b, hp, q_len)} and {(b, hp, kv_len)}')
+    q_threshold, key_rank = jnp.asarray(q_threshold, jnp.int32), jnp.asarray(key_rank, jnp.int32)
   kv_count, kv_index, kv_full = compact(kinds)
   q_count, q_index, q_full = compact(jnp.swapaxes(kinds, -1, -2))
   return BlockSparsePlan(kv_count, kv_index, kv_full, q_count, q_index, q_full, q_segment_ids, kv_segment_ids,
-                         mask, q_len, kv_len, block_q, block_kv)
+                         mask, q_len, kv_len, block_q, block_kv, q_threshold, key_rank)
 
 
 def combined_kinds(mask, q_len, kv_len, block_q, block_kv, batch, q_segment_ids, kv_segment_ids):
@@ -230,8 +256,10 @@ def dense_mask(plan, batch, plan_head):
   k = np.arange(plan.kv_len)[None, :]
   visited = kinds[q // plan.block_q, k // plan.block_kv] != EMPTY
   full = kinds[q // plan.block_q, k // plan.block_kv] == FULL
-  segments = (None, None)
+  segments = ranks = (None, None)
   if plan.q_segment_ids is not None:
     segments = (np.asarray(plan.q_segment_ids[batch])[:, None], np.asarray(plan.kv_segment_ids[batch])[None, :])
-  element = np.asarray(plan.element_mask(jnp.asarray(q), jnp.asarray(k), *segments))
+  if plan.has_rank_rule:
+    ranks = (plan.q_threshold[batch, plan_head][:, None], plan.key_rank[batch, plan_head][None, :])
+  element = np.asarray(plan.element_mask(jnp.asarray(q), jnp.asarray(k), *segments, *ranks))
   return visited & (full | element)

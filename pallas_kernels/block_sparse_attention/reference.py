@@ -50,11 +50,34 @@ def _segments(plan, num_heads):
           _row_blocks(expand(plan.kv_segment_ids), plan.block_kv, -2))
 
 
-def _tile_mask(plan, q_index, k_index, q_segment, k_segment, active, full):
-  """[..., bq, bk] visited-and-allowed mask of a tile."""
-  allowed = plan.element_mask(q_index[..., :, None], k_index[..., None, :],
-                              None if q_segment is None else q_segment[..., :, None],
-                              None if k_segment is None else k_segment[..., None, :])
+def _ranks(plan, num_heads):
+  """The rank rule's thresholds as [B, H, nQ, bq] and key ranks as [B, H, nK, bk] (or None)."""
+  if not plan.has_rank_rule:
+    return None, None
+  return (_row_blocks(_per_query_head(plan.q_threshold, num_heads), plan.block_q, 0),
+          _row_blocks(_per_query_head(plan.key_rank, num_heads), plan.block_kv, -1))
+
+
+def _row_side(plan, num_heads):
+  """Per-query side data of the element mask, (segments, thresholds) blocked, or Nones."""
+  return _segments(plan, num_heads)[0], _ranks(plan, num_heads)[0]
+
+
+def _column_side(plan, num_heads):
+  """Per-key side data of the element mask, (segments, ranks) blocked, or Nones."""
+  return _segments(plan, num_heads)[1], _ranks(plan, num_heads)[1]
+
+
+def _gather_side(side, index):
+  return tuple(None if x is None else _gather_blocks(x, index) for x in side)
+
+
+def _tile_mask(plan, q_index, k_index, q_side, k_side, active, full):
+  """[..., bq, bk] visited-and-allowed mask of a tile; q_side/k_side are the blocked
+  (segments, thresholds) and (segments, ranks) of its queries and keys."""
+  rows = [None if x is None else x[..., :, None] for x in q_side]
+  columns = [None if x is None else x[..., None, :] for x in k_side]
+  allowed = plan.element_mask(q_index[..., :, None], k_index[..., None, :], rows[0], columns[0], rows[1], columns[1])
   return active[..., None, None] & ((full[..., None, None] == 1) | allowed)
 
 
@@ -76,7 +99,7 @@ def forward(q, k, v, key_bias, plan, scale):
   kv_count = _per_query_head(plan.kv_count, num_heads)
   kv_index = _per_query_head(plan.kv_index, num_heads)
   kv_full = _per_query_head(plan.kv_full, num_heads)
-  q_seg, k_seg = _segments(plan, num_heads)
+  q_side, k_side = _row_side(plan, num_heads), _column_side(plan, num_heads)
   nq, bq, bk = qb.shape[2], plan.block_q, plan.block_kv
   q_index = jnp.arange(nq)[:, None] * bq + jnp.arange(bq)  # [nQ, bq]
 
@@ -88,8 +111,8 @@ def forward(q, k, v, key_bias, plan, scale):
     if bias is not None:
       s = s + _gather_blocks(bias, index)[..., None, :]
     k_index = index.astype(jnp.int32)[..., None] * bk + jnp.arange(bk)
-    tile_k_seg = None if k_seg is None else _gather_blocks(k_seg, index)
-    visible = _tile_mask(plan, q_index, k_index, q_seg, tile_k_seg, slot < kv_count, kv_full[..., slot])
+    visible = _tile_mask(plan, q_index, k_index, q_side, _gather_side(k_side, index), slot < kv_count,
+                         kv_full[..., slot])
     s = jnp.where(visible, s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -118,7 +141,7 @@ def backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse):
     delta = delta - d_lse.astype(jnp.float32)
   delta_b = _row_blocks(delta, plan.block_q, 0.0)
   lse_b = _row_blocks(lse, plan.block_q, 0.0)
-  q_seg, k_seg = _segments(plan, num_heads)
+  q_side, k_side = _row_side(plan, num_heads), _column_side(plan, num_heads)
   bq, bk = plan.block_q, plan.block_kv
 
   def probabilities(q_tile, k_tile, bias_tile, lse_tile, visible):
@@ -137,8 +160,8 @@ def backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse):
     index = kv_index[..., slot]
     k_tile, v_tile = _gather_blocks(kb, index), _gather_blocks(vb, index)
     k_index = index.astype(jnp.int32)[..., None] * bk + jnp.arange(bk)
-    visible = _tile_mask(plan, q_index, k_index, q_seg, None if k_seg is None else _gather_blocks(k_seg, index),
-                         slot < kv_count, kv_full[..., slot])
+    visible = _tile_mask(plan, q_index, k_index, q_side, _gather_side(k_side, index), slot < kv_count,
+                         kv_full[..., slot])
     p = probabilities(qb, k_tile, None if bias is None else _gather_blocks(bias, index), lse_b, visible)
     ds = p * (jnp.einsum('bhnqd,bhnkd->bhnqk', dob, v_tile) - delta_b[..., None])
     return dq + jnp.einsum('bhnqk,bhnkd->bhnqd', ds, k_tile) * scale, None
@@ -157,8 +180,8 @@ def backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse):
     q_tile, do_tile = _gather_blocks(qb, index), _gather_blocks(dob, index)
     lse_tile, delta_tile = _gather_blocks(lse_b, index), _gather_blocks(delta_b, index)
     tile_q_index = index.astype(jnp.int32)[..., None] * bq + jnp.arange(bq)
-    visible = _tile_mask(plan, tile_q_index, k_index, None if q_seg is None else _gather_blocks(q_seg, index), k_seg,
-                         slot < q_count, q_full[..., slot])
+    visible = _tile_mask(plan, tile_q_index, k_index, _gather_side(q_side, index), k_side, slot < q_count,
+                         q_full[..., slot])
     p = probabilities(q_tile, kb, bias, lse_tile, visible)  # [B, H, nK, bq, bk]
     ds = p * (jnp.einsum('bhnqd,bhnkd->bhnqk', do_tile, vb) - delta_tile[..., None])
     dv = dv + jnp.einsum('bhnqk,bhnqd->bhnkd', p, do_tile)

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse_attention.implementation import Implementation, always_available
+from pallas_kernels.block_sparse_attention.implementation import Implementation
 from pallas_kernels.block_sparse_attention.reference import EMPTY_ROW_LSE
 
 LANES = 128  # a real TPU needs blocks whose lane dimension is a multiple of this
@@ -432,7 +432,16 @@ def backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse, *, interpre
   return dq, dk, dv, d_bias
 
 
+def _unavailable_anywhere(q, k, v, key_bias, plan):
+  if plan.has_rank_rule:
+    return 'the TPU kernels do not apply a plan\'s rank rule (key_rank >= q_threshold) yet'
+  return None
+
+
 def _unavailable_on_tpu(q, k, v, key_bias, plan):
+  reason = _unavailable_anywhere(q, k, v, key_bias, plan)
+  if reason:
+    return reason
   if plan.block_q % LANES or plan.block_kv % LANES:
     return f'Mosaic TPU needs block_q and block_kv multiples of {LANES}, got {plan.block_q} and {plan.block_kv}'
   list_bytes = sum(x.size * x.dtype.itemsize for x in (plan.kv_count, plan.kv_index, plan.kv_full))
@@ -447,5 +456,5 @@ IMPLEMENTATIONS = (
                    platforms=('tpu',), unavailable=_unavailable_on_tpu),
     Implementation('tpu_interpret', functools.partial(forward, interpret=True),
                    functools.partial(backward, interpret=True), platforms=('cpu', 'gpu', 'tpu'),
-                   unavailable=always_available),
+                   unavailable=_unavailable_anywhere),
 )

@@ -1,0 +1,92 @@
+"""The plan's data-dependent rank rule (a key is visible where key_rank >= q_threshold,
+dynamic mask attention's selection) against dense attention under the explicit mask:
+outputs, LSE and every gradient, plan heads 1/Hkv/H, documents, ragged lengths, tiles
+marked full only where the rule keeps every element."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_block_sparse_attention import check_against_dense, plan_dense_mask, random_inputs
+
+from pallas_kernels.block_sparse_attention import api, masks, plan_from_block_mask
+from pallas_kernels.block_sparse_attention.plan import FULL, PARTIAL, from_kinds
+
+
+def rank_rule_plan(seed, batch, plan_heads, length, block_q, block_kv, documents):
+  """(plan with a random rank rule, the plan without it). A tile stays full only where
+  every rank of its keys reaches every threshold of its queries."""
+  rng = np.random.default_rng(seed)
+  nq, nk = -(-length // block_q), -(-length // block_kv)
+  block_mask = jnp.asarray(rng.random((batch, plan_heads, nq, nk)) < 0.8)
+  segments = None
+  if documents:
+    segments = jnp.asarray(np.cumsum(rng.random((batch, length)) < 0.1, axis=1).astype(np.int32))
+  base = plan_from_block_mask(block_mask, q_len=length, block_q=block_q, block_kv=block_kv, segment_ids=segments)
+  ranks = np.stack([np.stack([rng.permutation(length) for _ in range(plan_heads)]) for _ in range(batch)])
+  thresholds = rng.integers(-1, length, (batch, plan_heads, length))
+  thresholds[..., :2 * block_q] = -1  # rows that keep everything: their tiles stay full
+  kinds = np.asarray(base.block_kinds())
+  pad_q, pad_k = nq * block_q - length, nk * block_kv - length
+  key_min = np.pad(ranks, ((0, 0), (0, 0), (0, pad_k)), constant_values=length).reshape(batch, plan_heads, nk, -1)
+  row_max = np.pad(thresholds, ((0, 0), (0, 0), (0, pad_q)), constant_values=-1).reshape(batch, plan_heads, nq, -1)
+  rank_full = key_min.min(-1)[:, :, None, :] >= row_max.max(-1)[..., None]
+  kinds = np.where((kinds == FULL) & ~rank_full, PARTIAL, kinds)
+  plan = from_kinds(jnp.asarray(kinds), base.mask, length, length, block_q, block_kv, base.q_segment_ids,
+                    base.kv_segment_ids, q_threshold=jnp.asarray(thresholds), key_rank=jnp.asarray(ranks))
+  return plan, base
+
+
+def explicit_mask(plan, base, num_heads):
+  """[B, H, Tq, Tk]: the plan without the rule, narrowed by the rule element by element."""
+  rule = np.asarray(plan.key_rank)[:, :, None, :] >= np.asarray(plan.q_threshold)[:, :, :, None]
+  rule = np.repeat(rule, num_heads // plan.plan_heads, axis=1)
+  return np.asarray(plan_dense_mask(base, num_heads)) & rule
+
+
+CASES = [  # (seed, length, block_q, block_kv, heads, kv heads, plan heads, documents)
+    (0, 37, 8, 8, 4, 2, 2, False),
+    (1, 37, 8, 16, 4, 2, 1, True),
+    (2, 29, 16, 8, 4, 1, 4, True),
+    (3, 64, 16, 16, 2, 2, 2, True),
+]
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_rank_rule_matches_dense_reference(case):
+  seed, length, block_q, block_kv, h, hkv, hp, documents = case
+  plan, base = rank_rule_plan(seed, 2, hp, length, block_q, block_kv, documents)
+  np.testing.assert_array_equal(np.asarray(plan_dense_mask(plan, h)), explicit_mask(plan, base, h))
+  assert (np.asarray(plan.block_kinds()) == FULL).any() or not (np.asarray(base.block_kinds()) == FULL).any()
+  q, k, v, bias, d_out = random_inputs(seed, 2, length, length, h, hkv, 8, jnp.float32, with_bias=True)
+  check_against_dense(plan, q, k, v, bias, d_out)
+
+
+def test_rank_rule_needs_both_arrays_and_their_shapes():
+  _, base = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
+  kinds = base.block_kinds()
+  with pytest.raises(ValueError, match='give both'):
+    from_kinds(kinds, masks.Causal(), 16, 16, 8, 8, key_rank=jnp.zeros((1, 1, 16), jnp.int32))
+  with pytest.raises(ValueError, match='must be'):
+    from_kinds(kinds, masks.Causal(), 16, 16, 8, 8, q_threshold=jnp.zeros((1, 1, 15), jnp.int32),
+               key_rank=jnp.zeros((1, 1, 16), jnp.int32))
+
+
+def test_element_mask_refuses_to_ignore_the_rule():
+  plan, _ = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
+  with pytest.raises(ValueError, match='rank rule'):
+    plan.element_mask(jnp.arange(16)[:, None], jnp.arange(16)[None, :])
+
+
+def test_rank_rule_plans_do_not_broadcast_over_the_batch():
+  plan, _ = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
+  q, k, v, _, _ = random_inputs(0, 2, 16, 16, 2, 1, 8, jnp.float32, with_bias=False)
+  with pytest.raises(ValueError, match='ranks'):
+    api.block_sparse_attention(q, k, v, plan)
+
+
+def test_plan_without_rule_is_unchanged_by_the_new_fields():
+  plan, base = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
+  assert base.key_rank is None and not base.has_rank_rule
+  assert dataclasses.replace(plan, key_rank=None, q_threshold=None).has_rank_rule is False
