@@ -182,3 +182,21 @@ def test_seer_quality_target_verdict():
   seer_quality.add_ratios(rows)
   assert seer_quality.target_line(rows).endswith('1.0400x, missed')
   assert seer_quality.target_line(rows[:1]).endswith('not measured')
+
+
+def test_dma_attention_quick_run_times_every_row(tmp_path):
+  out = tmp_path / 'dma.json'
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'dma_attention.py'), '--quick',
+                           '--out', str(out)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert len(re.findall(r'^S +block +what +pass', result.stdout, re.MULTILINE)) == 1  # one table
+  rows = json.loads(out.read_text())['rows']
+  keys = {(r['block'], r['what'], r['direction']) for r in rows}
+  expected = {(0, what, direction) for what in ('xla', 'xla_window') for direction in ('fwd', 'fwd+bwd')} | {
+      (64, 'select', 'fwd'), (64, 'attention', 'fwd'), (64, 'attention', 'fwd+bwd'), (64, 'dma', 'fwd'),
+      (64, 'dma', 'fwd+bwd')}
+  assert keys == expected and len(rows) == len(expected)
+  for row in rows:
+    assert row['ms'] > 0 and np.isfinite(row['vs_dense']) and np.isfinite(row['vs_window']) and not row['note'], row
+  dma = next(r for r in rows if (r['what'], r['direction']) == ('dma', 'fwd'))
+  assert dma['err'] < 0.05 and 0 < dma['tiles'] <= 1 and dma['kernel'] == 'reference', dma

@@ -1,0 +1,146 @@
+"""Dynamic mask attention's key selection without a T x T mask: ranks, thresholds, plan.
+
+Per (batch, kv head) every key gets a unique integer rank from its score delta: larger
+delta, larger rank; among equal deltas the earlier key ranks higher. Query i keeps the
+keys j <= i of its own document whose rank is among the w largest there:
+
+    keep(i, j) = (j <= i) & same_document(i, j) & (rank_j >= threshold_i)
+
+with threshold_i the w-th largest rank of that causal prefix (-1, i.e. keep all, when the
+prefix holds fewer than w keys). Ranks are unique, so exactly min(w, prefix) keys are
+kept. The thresholds come from a scan over query chunks carrying the top-w ranks of the
+prefix of the current document (memory O(w x chunk)). Documents are contiguous runs of
+segment ids (as the packer writes them): the carried set restarts at a new id.
+
+The block-sparse plan (one per kv head) visits tile (I, J) when some key of J that a
+query of I may reach causally ranks at least the smallest threshold of I, and marks it
+full when it is causally full within one document and the smallest rank of J reaches the
+largest threshold of I. The kernels apply the rank rule inside partial tiles.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.block_sparse_attention import masks
+from pallas_kernels.block_sparse_attention.masks import EMPTY, PARTIAL
+from pallas_kernels.block_sparse_attention.plan import combined_kinds, from_kinds, num_blocks
+
+KEEP_ALL = -1  # threshold of a query whose prefix has at most w keys
+INT_MAX = jnp.iinfo(jnp.int32).max
+
+
+def key_ranks(scores):
+  """Unique int32 ranks [B, H, T] of scores [B, H, T]: T - 1 for the largest score, ties to
+  the earlier key."""
+  t = scores.shape[-1]
+  order = jnp.argsort(-scores, axis=-1, stable=True)  # largest first, earlier index first among ties
+  position = jnp.argsort(order, axis=-1)
+  return (t - 1 - position).astype(jnp.int32)
+
+
+def _chunked(x, chunk, fill):
+  """[B, H, T] -> [n, B, H, chunk] padded with `fill` (scan over the leading axis)."""
+  b, h, t = x.shape
+  n = num_blocks(t, chunk)
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, n * chunk - t)), constant_values=fill)
+  return x.reshape(b, h, n, chunk).transpose(2, 0, 1, 3)
+
+
+def query_thresholds(ranks, window, segment_ids=None, chunk=128):
+  """threshold_i [B, H, T] int32: the `window`-th largest rank among the keys j <= i of
+  query i's document, KEEP_ALL where there are fewer than `window` such keys."""
+  b, h, t = ranks.shape
+  if window >= t:
+    return jnp.full(ranks.shape, KEEP_ALL, jnp.int32)
+  segments = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  rank_chunks = _chunked(ranks, chunk, KEEP_ALL)  # padded keys rank -1: never counted
+  segment_chunks = _chunked(segments[:, None, :], chunk, -1)[:, :, 0]  # [n, B, chunk]
+  causal = jnp.arange(chunk)[None, :] <= jnp.arange(chunk)[:, None]  # [query, key] within a chunk
+
+  def step(carry, chunk_inputs):
+    top, top_segment = carry  # [B, H, w] ranks of the current document's prefix, [B] its id
+    chunk_ranks, chunk_segments = chunk_inputs  # [B, H, c], [B, c]
+    candidates = jnp.concatenate([top, chunk_ranks], axis=-1)  # [B, H, w + c]
+    from_carry = jnp.broadcast_to((top_segment[:, None] == chunk_segments)[:, :, None], (b, chunk, window))
+    in_chunk = causal[None] & (chunk_segments[:, :, None] == chunk_segments[:, None, :])
+    valid = jnp.concatenate([from_carry, in_chunk], axis=-1)  # [B, query, w + c]
+    per_query = jnp.where(valid[:, None], candidates[:, :, None, :], KEEP_ALL)
+    thresholds = lax.top_k(per_query, window)[0][..., -1]  # w-th largest, -1 if fewer are valid
+    last_segment = chunk_segments[:, -1]
+    still_valid = jnp.concatenate([(top_segment == last_segment)[:, None] & jnp.ones((b, window), bool),
+                                   chunk_segments == last_segment[:, None]], axis=-1)
+    top = lax.top_k(jnp.where(still_valid[:, None], candidates, KEEP_ALL), window)[0]
+    return (top, last_segment), thresholds
+
+  init = (jnp.full((b, h, window), KEEP_ALL, jnp.int32), segments[:, 0])
+  _, thresholds = lax.scan(step, init, (rank_chunks, segment_chunks))
+  return thresholds.transpose(1, 2, 0, 3).reshape(b, h, -1)[:, :, :t]
+
+
+def _blocked(x, block, fill):
+  b, h, t = x.shape
+  n = num_blocks(t, block)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, n * block - t)), constant_values=fill).reshape(b, h, n, block)
+
+
+def rank_block_kinds(ranks, thresholds, base_kinds, block_q, block_kv):
+  """[B, H, nQ, nK] kinds: the causal/document kinds `base_kinds` [B, 1 or H, nQ, nK]
+  narrowed by the rank rule (see the module docstring)."""
+  t = ranks.shape[-1]
+  key_blocks = _blocked(ranks, block_kv, KEEP_ALL)  # [B, H, nK, bk]
+  reach_max = lax.cummax(key_blocks, axis=3)  # max rank of the block's keys up to each one
+  key_min = jnp.where(key_blocks >= 0, key_blocks, INT_MAX).min(-1)  # padded keys (rank -1) left out
+  nq, nk = base_kinds.shape[-2:]
+  last_query = jnp.minimum((jnp.arange(nq) + 1) * block_q, t) - 1
+  reach = jnp.clip(last_query[:, None] - jnp.arange(nk)[None, :] * block_kv, 0, block_kv - 1)  # [nQ, nK]
+  reachable_max = jnp.take_along_axis(reach_max[:, :, None], reach[None, None, :, :, None], axis=-1)[..., 0]
+  threshold_min = _blocked(thresholds, block_q, INT_MAX).min(-1)  # [B, H, nQ]
+  threshold_max = _blocked(thresholds, block_q, KEEP_ALL).max(-1)
+  active = reachable_max >= threshold_min[..., None]
+  full = key_min[:, :, None, :] >= threshold_max[..., None]
+  kinds = jnp.where(full, base_kinds, jnp.minimum(base_kinds, PARTIAL))
+  return jnp.where(active, kinds, EMPTY)
+
+
+def dynamic_mask_plan(scores, window, *, block_q=128, block_kv=128, segment_ids=None):
+  """(plan with one plan head per kv head, thresholds [B, H, T]) of the top-`window`
+  selection by scores [B, Hkv, T] (gradients are not taken through the selection)."""
+  scores = lax.stop_gradient(scores).astype(jnp.float32)
+  b, _, t = scores.shape
+  ranks = key_ranks(scores)
+  thresholds = query_thresholds(ranks, window, segment_ids, chunk=block_q)
+  segments = None if segment_ids is None else segment_ids.astype(jnp.int32)
+  base = combined_kinds(masks.Causal(), t, t, block_q, block_kv, b, segments, segments)
+  kinds = rank_block_kinds(ranks, thresholds, base, block_q, block_kv)
+  plan = from_kinds(kinds, masks.Causal(), t, t, block_q, block_kv, segments, segments,
+                    q_threshold=thresholds, key_rank=ranks)
+  return plan, thresholds
+
+
+def document_prefix_lengths(segment_ids, length, batch):
+  """[B, T] number of keys j <= i in query i's document (contiguous runs of ids)."""
+  positions = jnp.arange(length)
+  if segment_ids is None:
+    return jnp.broadcast_to(positions + 1, (batch, length))
+  starts = jnp.concatenate([jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  start = lax.cummax(jnp.where(starts, positions, 0), axis=1)
+  return positions - start + 1
+
+
+def kept_fraction(thresholds, window, segment_ids):
+  """Kept (query, key) pairs over causal in-document pairs: a row keeps `window` keys
+  where its threshold is set, all of its prefix otherwise."""
+  b, h, t = thresholds.shape
+  prefix = document_prefix_lengths(segment_ids, t, b)[:, None, :]
+  kept = jnp.where(thresholds >= 0, jnp.minimum(window, prefix), prefix)
+  return kept.sum() / (prefix.sum() * h)
+
+
+def active_tile_fraction(plan, segment_ids):
+  """Visited tiles over the causal in-document tiles."""
+  b = plan.kv_count.shape[0]
+  base = combined_kinds(masks.Causal(), plan.q_len, plan.kv_len, plan.block_q, plan.block_kv, b, segment_ids,
+                        segment_ids)
+  return plan.kv_count.sum() / jnp.maximum((base != EMPTY).sum() * plan.plan_heads, 1)
+
