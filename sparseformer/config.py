@@ -62,6 +62,15 @@ def base_config():
   g.distill = True  # training: teacher map of the dense attention and gate_kl loss
   g.loss_slice = 0.25  # query-block rows below this fraction of the blocks are left out of the KL
   g.loss_scale = 10.0  # gate_kl = loss_scale x KL (element mean), per layer, summed over layers
+  m.attention.routing = ml_collections.ConfigDict()  # the `routing:K` mechanism, docs/routing_attention.md
+  r = m.attention.routing
+  r.local_heads = -1  # the first heads attend locally; -1: half the kv-head groups
+  r.local_window = 256  # causal window of the local heads
+  r.selection = 'causal'  # causal: own cluster, keys at or before | balanced_topw: the paper's top-w (leaks)
+  r.topw_window = 0  # balanced_topw: tokens per cluster; 0: length // clusters
+  r.shared_qk = True  # routing heads use their queries as keys (self pair masked unless alone)
+  r.decay = 0.999  # EMA decay of the centroid counts and sums
+  r.commitment = 1e-4  # weight of the commitment loss
   m.layer_attention = ()  # optional: one spec per layer, e.g. ('dense', 'window:256', 'block_local:512', 'dense')
 
   c.data = ml_collections.ConfigDict()
@@ -317,6 +326,8 @@ def validate(cfg):
   from sparseformer.model.attention.gated import gate_config_problem
   gate_problem = gate_config_problem(m.attention.gate)
   require(gate_problem is None, gate_problem)
+  routing_problem = routing_problem_of(m)
+  require(routing_problem is None, routing_problem)
   if m.layer_attention:
     require(len(m.layer_attention) == m.num_layers,
             f'model.layer_attention has {len(m.layer_attention)} entries for {m.num_layers} layers')
@@ -333,6 +344,16 @@ def validate(cfg):
   for axis in ('data', 'fsdp', 'tensor', 'sequence'):
     size = cfg.mesh[axis]
     require(size == -1 or size > 0, f'mesh.{axis}={size}: use a positive size or -1')
+
+
+def routing_problem_of(m):
+  """The message for bad routing options when some layer uses the routing mechanism, or None."""
+  from sparseformer.model.attention import split_spec
+  from sparseformer.model.attention.routing import routing_config_problem
+  specs = (m.attention.kind, m.attention.full_kind) + tuple(m.layer_attention)
+  if all(split_spec(spec)[0] != 'routing' for spec in specs):
+    return None
+  return routing_config_problem(m.attention.routing, m.num_heads, m.num_kv_heads or m.num_heads)
 
 
 def valid_regex(pattern):
