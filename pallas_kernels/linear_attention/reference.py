@@ -15,9 +15,12 @@ Three versions, all computing in float32 (o in q.dtype, the final state in float
   naive      materialises the decayed causal [T, T, Dk] matrix: the oracle, small T only;
   recurrent  lax.scan token by token;
   chunked    chunks of 64: intra-chunk a masked decayed matmul, inter-chunk the carried state.
-Every exponent is a difference of cumulative log decays that is <= 0 where it is used, and
-is replaced by 0 before exp where it is not, so no exp ever sees a large positive number
-and the gradients carry no NaN.
+Every exponent is a sum of log decays over the tokens it spans, formed directly (a cumsum,
+a reverse cumsum or a 0/1-mask matmul), never as a difference of two cumulative sums: a
+strong decay early in a row would otherwise swamp the small decays after it (catastrophic
+cancellation). So every exponent is <= 0; where a pair is masked out it is replaced by 0
+before exp, so no exp ever sees a large positive number and the gradients carry no NaN.
+g may be -inf (forget everything): it is floored at LOG_DECAY_FLOOR, whose exp is 0.
 """
 
 import functools
@@ -31,6 +34,12 @@ from pallas_kernels.block_sparse_attention.implementation import Implementation
 CHUNK = 64
 SUB_CHUNK = 16
 PRECISION = lax.Precision.HIGHEST
+LOG_DECAY_FLOOR = -1e30  # finite, so 0/1-mask matmuls over g never form 0 * inf
+
+
+def _log_decay(g):
+  """float32, floored (-inf -> LOG_DECAY_FLOOR)."""
+  return jnp.maximum(g.astype(jnp.float32), LOG_DECAY_FLOOR)
 
 
 def default_scale(q):
@@ -56,6 +65,21 @@ def _zero_state(q, v, initial_state):
   return jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
 
 
+def _suffix_sums(g, axis):
+  """sum of g over the positions strictly after each one along axis (0 at the end)."""
+  inclusive = jnp.flip(jnp.cumsum(jnp.flip(g, axis), axis), axis)
+  after = lax.slice_in_dim(inclusive, 1, g.shape[axis], axis=axis)
+  return jnp.concatenate([after, jnp.zeros_like(lax.slice_in_dim(g, 0, 1, axis=axis))], axis=axis)
+
+
+def _span_sums(g, axis_size):
+  """[.., t, s, Dk]: sum of g[.., u, :] over s < u <= t (0 where t <= s), g [.., n, Dk]."""
+  positions = jnp.arange(axis_size)
+  spans = ((positions[None, None, :] > positions[None, :, None]) &
+           (positions[None, None, :] <= positions[:, None, None])).astype(jnp.float32)  # [t, s, u]
+  return jnp.einsum('tsu,...ud->...tsd', spans, g, precision=PRECISION)
+
+
 def _masked_exp(mask, exponent):
   """exp(exponent) where mask, else 0; the exponent is never evaluated where masked out."""
   return jnp.where(mask, jnp.exp(jnp.where(mask, exponent, 0.0)), 0.0)
@@ -70,20 +94,21 @@ def naive(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None):
   scale = default_scale(q) if scale is None else scale
   b, t = q.shape[:2]
   runs = segment_runs(segment_ids, b, t)
-  qh, kh, vh, gh = (_heads_major(x) for x in (q, k, v, g))
+  qh, kh, vh = (_heads_major(x) for x in (q, k, v))
+  gh = _log_decay(g).transpose(0, 2, 1, 3)
   state0 = _zero_state(q, v, initial_state)
   decay = jnp.cumsum(gh, axis=2)  # [B, H, T, Dk], log decay since the row start
   positions = jnp.arange(t)
   visible = (positions[None, :, None] >= positions[None, None, :]) & (runs[:, :, None] == runs[:, None, :])
   visible = visible[:, None, :, :, None]  # [B, 1, T, T, 1]
-  pair_decay = _masked_exp(visible, decay[:, :, :, None, :] - decay[:, :, None, :, :])
+  pair_decay = _masked_exp(visible, _span_sums(gh, t))
   scores = jnp.einsum('bhtd,bhsd,bhtsd->bhts', qh, kh, pair_decay, precision=PRECISION)
   in_first_run = (runs == 0)[:, None, :, None]
   q_from_state = jnp.where(in_first_run, qh * jnp.exp(decay), 0.0)
   o = jnp.einsum('bhts,bhsv->bhtv', scores, vh, precision=PRECISION)
   o = o + jnp.einsum('bhtd,bhdv->bhtv', q_from_state, state0, precision=PRECISION)
   in_last_run = (runs == runs[:, -1:])[:, None, :, None]
-  k_to_end = _masked_exp(in_last_run, decay[:, :, -1:, :] - decay)
+  k_to_end = _masked_exp(in_last_run, _suffix_sums(gh, axis=2))
   final = jnp.einsum('bhsd,bhsv->bhdv', kh * k_to_end, vh, precision=PRECISION)
   one_segment = (runs[:, -1] == 0)[:, None, None, None]
   final = final + jnp.where(one_segment, jnp.exp(decay[:, :, -1, :])[..., None] * state0, 0.0)
@@ -100,7 +125,7 @@ def recurrent(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None):
   b, t = q.shape[:2]
   runs = segment_runs(segment_ids, b, t)
   resets = jnp.concatenate([jnp.zeros((b, 1), bool), runs[:, 1:] != runs[:, :-1]], axis=1)
-  time_major = [x.astype(jnp.float32).transpose(1, 0, 2, 3) for x in (q, k, v, g)]
+  time_major = [x.astype(jnp.float32).transpose(1, 0, 2, 3) for x in (q, k, v, _log_decay(g))]
 
   def step(state, inputs):
     q_t, k_t, v_t, g_t, reset_t = inputs
@@ -133,24 +158,28 @@ def _run_chunks(runs, chunk):
   return jnp.pad(runs, ((0, 0), (0, n * chunk - t)), mode='edge').reshape(b, n, chunk)
 
 
-def _intra_chunk_scores(q, k, decay, g, visible, sub_chunk):
-  """[B, H, N, C, C] decayed scores q_t . (exp(decay_t - decay_s) * k_s) of visible pairs.
+def _intra_chunk_scores(q, k, g, visible, sub_chunk):
+  """[B, H, N, C, C] decayed scores q_t . (exp(sum of g over s < u <= t) * k_s) of visible pairs.
 
-  Direct pairwise decays ([c, c, Dk] tensors) only inside each sub-chunk of `sub_chunk`
-  tokens; across sub-chunks both factors are taken relative to the query sub-chunk's start,
-  decay_t - ref <= 0 and ref - decay_s <= 0, so two ordinary matmuls suffice."""
+  Pairwise decays ([c, c, Dk] tensors) only inside each sub-chunk of `sub_chunk` tokens;
+  across sub-chunks the decay splits at the query sub-chunk's start: the query's part
+  (from that start to t) scales q, the key's part (from s to that start) scales k, so two
+  ordinary matmuls suffice."""
   *lead, c, dk = q.shape
   m = c // sub_chunk
-  ref = (decay - g)[..., ::sub_chunk, :]  # [.., m, Dk]: log decay before each sub-chunk
-  sub_of = jnp.arange(c) // sub_chunk
-  q_rel = q * jnp.exp(decay - ref[..., sub_of, :])
-  key_before = (jnp.arange(c)[None, :] < (jnp.arange(m) * sub_chunk)[:, None])[:, :, None]  # [m, C, 1]
-  k_rel = k[..., None, :, :] * _masked_exp(key_before, ref[..., :, None, :] - decay[..., None, :, :])
+  g_sub = g.reshape(*lead, m, sub_chunk, dk)
+  q_rel = q * jnp.exp(jnp.cumsum(g_sub, axis=-2).reshape(q.shape))
+  positions = jnp.arange(c)
+  sub_starts = jnp.arange(m) * sub_chunk
+  gaps = ((positions[None, None, :] > positions[None, :, None]) &
+          (positions[None, None, :] < sub_starts[:, None, None])).astype(jnp.float32)  # [i, s, u]
+  key_before = (positions[None, :] < sub_starts[:, None])[:, :, None]  # [i, s, 1]
+  k_rel = k[..., None, :, :] * _masked_exp(key_before, jnp.einsum('isu,...ud->...isd', gaps, g,
+                                                                  precision=PRECISION))
   across = jnp.einsum('...icd,...isd->...ics', q_rel.reshape(*lead, m, sub_chunk, dk), k_rel,
                       precision=PRECISION).reshape(*lead, c, c)
-  decay_sub = decay.reshape(*lead, m, sub_chunk, dk)
   causal = (jnp.arange(sub_chunk)[:, None] >= jnp.arange(sub_chunk)[None, :])[:, :, None]
-  pair_decay = _masked_exp(causal, decay_sub[..., :, None, :] - decay_sub[..., None, :, :])
+  pair_decay = _masked_exp(causal, _span_sums(g_sub, sub_chunk))
   within = jnp.einsum('...itd,...isd,...itsd->...its', q.reshape(*lead, m, sub_chunk, dk),
                       k.reshape(*lead, m, sub_chunk, dk), pair_decay, precision=PRECISION)
   within = jnp.einsum('...its,ij->...itjs', within, jnp.eye(m, dtype=within.dtype)).reshape(*lead, c, c)
@@ -164,17 +193,17 @@ def chunked(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None, chu
     raise ValueError(f'chunk {chunk} must be a multiple of sub_chunk {sub_chunk}')
   b, t = q.shape[:2]
   runs = _run_chunks(segment_runs(segment_ids, b, t), chunk)  # [B, N, C]
-  qc, kc, vc, gc = (_chunks(x, chunk) for x in (q, k, v, g))
+  qc, kc, vc, gc = (_chunks(x, chunk) for x in (q, k, v, _log_decay(g)))
   decay = jnp.cumsum(gc, axis=3)  # [B, H, N, C, Dk], log decay since the chunk start
   run_before = jnp.concatenate([runs[:, :1, 0], runs[:, :-1, -1]], axis=1)  # run entering each chunk
   continues = (runs == run_before[:, :, None])[:, None, :, :, None]  # [B, 1, N, C, 1]
   positions = jnp.arange(chunk)
   visible = (positions[:, None] >= positions[None, :]) & (runs[..., :, None] == runs[..., None, :])
-  scores = _intra_chunk_scores(qc, kc, decay, gc, visible[:, None], sub_chunk)
+  scores = _intra_chunk_scores(qc, kc, gc, visible[:, None], sub_chunk)
   o_intra = jnp.einsum('bhnts,bhnsv->bhntv', scores, vc, precision=PRECISION)
   # What each chunk adds to the state, and how it decays the state it receives.
   in_last_run = (runs == runs[..., -1:])[:, None, :, :, None]
-  k_to_end = kc * _masked_exp(in_last_run, decay[..., -1:, :] - decay)
+  k_to_end = kc * _masked_exp(in_last_run, _suffix_sums(gc, axis=3))
   chunk_update = jnp.einsum('bhnsd,bhnsv->bhndv', k_to_end, vc, precision=PRECISION)
   chunk_decay = jnp.where(continues[..., -1, :], jnp.exp(decay[..., -1, :]), 0.0)  # [B, H, N, Dk]
 
