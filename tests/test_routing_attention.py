@@ -37,6 +37,21 @@ def context(segments, b, t, training=False):
   return AttentionContext(jnp.zeros((b, t), jnp.int32), segments, None, None, training=training)
 
 
+def call(mechanism, q, k, v, q_pre, k_pre, ctx):
+  """mechanism(...) under jit, its state updated in place as an eager call would."""
+  graph, state = nnx.split(mechanism)
+
+  @jax.jit
+  def apply(state, q, k, v, q_pre, k_pre):
+    model = nnx.merge(graph, state)
+    y, aux = model(q, k, v, ctx, pre_rope=(q_pre, k_pre))
+    return y, aux, nnx.state(model)
+
+  y, aux, new_state = apply(state, q, k, v, q_pre, k_pre)
+  nnx.update(mechanism, new_state)
+  return y, aux
+
+
 def inputs(seed, b, t, heads, kv_heads, d):
   keys = jax.random.split(jax.random.key(seed), 6)
   q, q_pre = (jax.random.normal(keys[i], (b, t, heads, d)) for i in (0, 1))
@@ -76,56 +91,56 @@ def topw_members(scores, window):
   return members
 
 
-def masked_attention(q, k, v, allowed, scale):
-  """Dense attention of q [T, D] over k, v [T, D] under allowed [T, T]; empty rows 0."""
-  s = jnp.where(allowed, q @ k.T * scale, -jnp.inf)
-  p = jnp.exp(s - jnp.max(jnp.where(allowed, s, -1e30), -1, keepdims=True))
-  p = jnp.where(allowed, p, 0.0)
-  return (p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)) @ v
+def topw_masks(q_members, k_members, docs, shared):
+  """[K, T, T] per cluster: members only, causal, same document; with shared QK the self
+  pair only when the query has no other member key."""
+  t = docs.shape[0]
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  pairs = q_members[:, :, None] & k_members[:, None, :] & (docs[:, None] == docs[None, :]) & (j <= i)
+  if not shared:
+    return pairs
+  others = pairs & (j < i)
+  return others | ((i == j) & pairs & ~others.any(2, keepdims=True))
+
+
+def head_masks(q_pre, k_pre, centroids, docs, r, clusters, local, group, hi):
+  """([K', T, T] masks, [K', T] weights of each mask's output) of query head hi of one row:
+  one mask for local and causal routing heads, one per cluster for top-w."""
+  t = docs.shape[0]
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  if hi < local:
+    window = (j <= i) & (i - j < r.local_window) & (docs[:, None] == docs[None, :])
+    return window[None], np.ones((1, t))
+  mu = centroids[hi - local]
+  q_scores = ln0(q_pre[:, hi]) @ mu.T
+  k_scores = q_scores if r.shared_qk else ln0(k_pre[:, hi // group]) @ mu.T
+  if r.selection == 'causal':
+    return causal_routing_mask(q_scores.argmax(1), k_scores.argmax(1), docs, r.shared_qk)[None], np.ones((1, t))
+  window = r.topw_window or t // clusters
+  q_members, k_members = topw_members(q_scores, window), topw_members(k_scores, window)
+  return topw_masks(q_members, k_members, docs, r.shared_qk), q_members / np.maximum(q_members.sum(0), 1)
 
 
 def oracle(q, k, v, q_pre, k_pre, centroids, docs, r, clusters, local, group):
-  """The mechanism's output [B, T, H, D] written head by head with explicit masks."""
+  """The mechanism's output [B, T, H, D]: dense attention under explicit masks, the mean
+  over the clusters a token sits in for top-w."""
   b, t, h, d = q.shape
-  scale = d ** -0.5
   docs = np.zeros((b, t), int) if docs is None else np.asarray(docs)
-  mu = np.asarray(centroids, np.float64)
-  rows = []
-  for bi in range(b):
-    heads = []
-    for hi in range(h):
-      g = hi // group
-      if hi < local:
-        i, j = np.arange(t)[:, None], np.arange(t)[None, :]
-        window = (j <= i) & (i - j < r.local_window) & (docs[bi, :, None] == docs[bi, None, :])
-        heads.append(masked_attention(q[bi, :, hi], k[bi, :, g], v[bi, :, g], window, scale))
-        continue
-      ri = hi - local
-      q_scores = ln0(q_pre[bi, :, hi]) @ mu[ri].T
-      k_scores = q_scores if r.shared_qk else ln0(k_pre[bi, :, g]) @ mu[ri].T
-      keys = q[bi, :, hi] if r.shared_qk else k[bi, :, g]
-      if r.selection == 'causal':
-        allowed = causal_routing_mask(q_scores.argmax(1), k_scores.argmax(1), docs[bi], r.shared_qk)
-        heads.append(masked_attention(q[bi, :, hi], keys, v[bi, :, g], allowed, scale))
-        continue
-      window = r.topw_window or t // clusters
-      q_members, k_members = topw_members(q_scores, window), topw_members(k_scores, window)
-      total = jnp.zeros((t, d))
-      for c in range(clusters):
-        # Only members take part; with shared QK the "only key" rule counts members alone.
-        member_pairs = q_members[c][:, None] & k_members[c][None, :]
-        i, j = np.arange(t)[:, None], np.arange(t)[None, :]
-        base = member_pairs & (docs[bi, :, None] == docs[bi, None, :]) & (j <= i)
-        if r.shared_qk:
-          others = base & (j < i)
-          allowed = others | ((i == j) & member_pairs & ~others.any(1, keepdims=True))
-        else:
-          allowed = base
-        out = masked_attention(q[bi, :, hi], keys, v[bi, :, g], allowed, scale)
-        total = total + jnp.where(q_members[c][:, None], out, 0.0)
-      heads.append(total / np.maximum(q_members.sum(0), 1)[:, None])
-    rows.append(jnp.stack(heads, axis=1))
-  return jnp.stack(rows)
+  masks_weights = [[head_masks(q_pre[bi], k_pre[bi], centroids, docs[bi], r, clusters, local, group, hi)
+                    for hi in range(h)] for bi in range(b)]
+  most = max(m.shape[0] for row in masks_weights for m, _ in row)
+  pad = lambda x: np.concatenate([x, np.zeros((most - x.shape[0],) + x.shape[1:], x.dtype)])
+  allowed = np.stack([np.stack([pad(m) for m, _ in row]) for row in masks_weights])  # [B, H, K', T, T]
+  weights = np.stack([np.stack([pad(w) for _, w in row]) for row in masks_weights])  # [B, H, K', T]
+  kv_head = np.arange(h) // group
+  keys = q if r.shared_qk else k[:, :, kv_head]
+  keys = jnp.where((np.arange(h) < local)[None, None, :, None], k[:, :, kv_head], keys)
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, keys)[:, :, None] * d ** -0.5
+  s = jnp.where(allowed, s, -jnp.inf)
+  p = jnp.where(allowed, jnp.exp(s - jnp.max(jnp.where(allowed, s, -1e30), -1, keepdims=True)), 0.0)
+  p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+  out = jnp.einsum('bhcqk,bkhd->bhcqd', p, v[:, :, kv_head])
+  return jnp.einsum('bhcqd,bhcq->bqhd', out, weights)
 
 
 CASES = [
@@ -148,7 +163,7 @@ def test_mechanism_equals_dense_attention_under_the_routing_mask(selection, shar
   segments = random_documents(np.random.default_rng(2), b, t) if documents else None
   q, k, v, q_pre, k_pre, d_out = inputs(1, b, t, heads, kv_heads, d)
   r, group = mechanism.options.routing, heads // kv_heads
-  centroids = mechanism.centroids[...]
+  centroids = np.asarray(mechanism.centroids[...])
   graph, state = nnx.split(mechanism)
 
   def ours(q, k, v):
@@ -156,11 +171,11 @@ def test_mechanism_equals_dense_attention_under_the_routing_mask(selection, shar
     return jnp.sum(y * d_out), y
 
   def reference(q, k, v):
-    y = oracle(q, k, v, q_pre, k_pre, centroids, segments, r, clusters, local, group)
+    y = oracle(q, k, v, np.asarray(q_pre), np.asarray(k_pre), centroids, segments, r, clusters, local, group)
     return jnp.sum(y * d_out), y
 
-  (_, y), grads = jax.value_and_grad(ours, (0, 1, 2), has_aux=True)(q, k, v)
-  (_, y_ref), grads_ref = jax.value_and_grad(reference, (0, 1, 2), has_aux=True)(q, k, v)
+  (_, y), grads = jax.jit(jax.value_and_grad(ours, (0, 1, 2), has_aux=True))(q, k, v)
+  (_, y_ref), grads_ref = jax.jit(jax.value_and_grad(reference, (0, 1, 2), has_aux=True))(q, k, v)
   tol = dict(rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(y, y_ref, **tol)
   for name, got, want in zip(('dq', 'dk', 'dv'), grads, grads_ref):
@@ -174,7 +189,7 @@ def test_ema_update_equals_a_direct_computation():
   segments = random_documents(np.random.default_rng(3), b, t, 0.05)
   q, k, v, q_pre, k_pre, _ = inputs(2, b, t, heads, kv_heads, d)
   before = {name: np.asarray(getattr(mechanism, name)[...], np.float64) for name in ('centroids', 'counts', 'sums')}
-  mechanism(q, k, v, context(segments, b, t, training=True), pre_rope=(q_pre, k_pre))
+  call(mechanism, q, k, v, q_pre, k_pre, context(segments, b, t, training=True))
   valid = np.asarray(segments) != 0
   counts = np.zeros((2, clusters))
   sums = np.zeros((2, clusters, d))
@@ -200,12 +215,12 @@ def test_eval_leaves_the_state_untouched_and_reports_the_commitment():
   mechanism = make_mechanism(4, heads, 2, d)
   q, k, v, q_pre, k_pre, _ = inputs(3, b, t, heads, 2, d)
   before = jax.tree.map(np.asarray, nnx.state(mechanism).to_pure_dict())
-  _, aux = mechanism(q, k, v, context(None, b, t), pre_rope=(q_pre, k_pre))
+  _, aux = call(mechanism, q, k, v, q_pre, k_pre, context(None, b, t))
   after = jax.tree.map(np.asarray, nnx.state(mechanism).to_pure_dict())
   jax.tree.map(np.testing.assert_array_equal, before, after)
   commitment = aux['losses']['routing_commitment']
   assert float(commitment) > 0 and 0 < float(aux['stats']['routing_largest_cluster']) <= 1
-  mechanism(q, k, v, context(None, b, t, training=True), pre_rope=(q_pre, k_pre))
+  call(mechanism, q, k, v, q_pre, k_pre, context(None, b, t, training=True))
   assert not np.allclose(mechanism.centroids[...], before['centroids'])
 
 
@@ -228,9 +243,9 @@ def test_changing_future_tokens_never_changes_past_outputs(shared_qk):
   mechanism = make_mechanism(3, heads, kv_heads, d, shared_qk=shared_qk, local_heads=2, local_window=8)
   q, k, v, q_pre, k_pre, _ = inputs(5, b, t, heads, kv_heads, d)
   ctx = context(None, b, t)
-  y, _ = mechanism(q, k, v, ctx, pre_rope=(q_pre, k_pre))
+  y, _ = call(mechanism, q, k, v, q_pre, k_pre, ctx)
   noise = lambda seed, x: x.at[:, cut:].set(5 * jax.random.normal(jax.random.key(seed), x[:, cut:].shape))
-  y2, _ = mechanism(noise(1, q), noise(2, k), noise(3, v), ctx, pre_rope=(noise(4, q_pre), noise(5, k_pre)))
+  y2, _ = call(mechanism, noise(1, q), noise(2, k), noise(3, v), noise(4, q_pre), noise(5, k_pre), ctx)
   np.testing.assert_allclose(y2[:, :cut], y[:, :cut], rtol=1e-6, atol=1e-6)
   assert not np.allclose(y2[:, cut:], y[:, cut:])
 
@@ -240,9 +255,9 @@ def test_balanced_top_w_lets_future_tokens_change_past_outputs():
   mechanism = make_mechanism(2, heads, 2, d, selection='balanced_topw', local_heads=0)
   q, k, v, q_pre, k_pre, _ = inputs(6, b, t, heads, 2, d)
   ctx = context(None, b, t)
-  y, _ = mechanism(q, k, v, ctx, pre_rope=(q_pre, k_pre))
+  y, _ = call(mechanism, q, k, v, q_pre, k_pre, ctx)
   q_pre2 = q_pre.at[:, cut:].set(mechanism.centroids[...][None, None, :, 0] * 3)  # the future crowds cluster 0
-  y2, _ = mechanism(q, k, v, ctx, pre_rope=(q_pre2, k_pre))
+  y2, _ = call(mechanism, q, k, v, q_pre2, k_pre, ctx)
   assert not np.allclose(y2[:, :cut], y[:, :cut])  # the leak this selection is documented to have
 
 
@@ -292,3 +307,99 @@ def test_bad_routing_configs_are_one_line_errors(field, value, message):
   cfg.model.attention.kind = 'dense'  # unused routing options are not checked against the heads
   if field == 'local_heads':
     config_lib.validate(cfg)
+
+
+def routing_step(remat='none', clusters=4):
+  """(jitted train step, fresh state, batch sharding) of a one-layer routing:K model."""
+  from sparseformer import sharding
+  from sparseformer.training.optimizer import make_optimizer
+  from sparseformer.training.state import make_train_state, model_spec, state_shardings
+  from sparseformer.training.step import make_train_step
+  cfg = base_config()
+  m = cfg.model
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.dtype, m.remat = 32, 1, 4, 2, 'float32', remat
+  m.layer_attention, m.attention.block_size = (f'routing:{clusters}',), 64
+  m.attention.routing.decay = 0.5  # a visible move in one step
+  mesh = sharding.make_mesh(cfg.mesh)
+  spec = model_spec(resolve_dims(m, 259), mesh, cfg.mesh.rules)
+  tx, schedule = make_optimizer(cfg.train, spec.abstract_params)
+  state = make_train_state(spec, tx, state_shardings(spec, tx), seed=0)
+  return jax.jit(make_train_step(spec.graphdef, tx, schedule, 1)), state, sharding.batch_sharding(mesh, cfg.mesh.rules)
+
+
+def token_batch(rows=8, length=32, seed=0):
+  rng = np.random.default_rng(seed)
+  segments = np.ones((rows, length), np.int32)
+  segments[:, length // 2:] = 2
+  return {'tokens': rng.integers(3, 259, (rows, length)).astype(np.int32),
+          'targets': rng.integers(3, 259, (rows, length)).astype(np.int32),
+          'positions': np.tile(np.arange(length, dtype=np.int32), (rows, 1)), 'segment_ids': segments,
+          'loss_mask': np.ones((rows, length), np.float32)}
+
+
+def test_a_rematerialised_step_updates_the_state_once_and_as_without_remat():
+  batch = token_batch()
+  results = {}
+  for remat in ('none', 'full'):
+    step, state, _ = routing_step(remat)
+    initial = jax.device_get(state['mechanism_state'])
+    new_state, metrics = step(state, batch)
+    results[remat] = jax.device_get(new_state['mechanism_state'])
+    assert 'layer0/routing_commitment' not in metrics and float(metrics['aux_loss']) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), results['none'], results['full'])
+  counts = results['full']['blocks'][0]['attention']['mechanism']['counts']
+  np.testing.assert_allclose(counts.sum(-1), 0.5 * 4 + 0.5 * 8 * 32)  # one EMA step of every token, not two
+  assert not np.allclose(results['full']['blocks'][0]['attention']['mechanism']['centroids'],
+                         initial['blocks'][0]['attention']['mechanism']['centroids'])
+
+
+REPLICA_CHECK = '''
+import jax, numpy as np
+import test_routing_attention as t
+assert jax.device_count() == 8
+step, state, batch_sharding = t.routing_step()
+batch = t.token_batch(rows=8)
+one_device = jax.devices()[0]
+alone, _ = step(jax.device_put(jax.device_get(state), one_device), jax.device_put(batch, one_device))
+replicated, _ = step(state, jax.device_put(batch, batch_sharding))  # 8 data-parallel replicas
+centroids = replicated['mechanism_state']['blocks'][0]['attention']['mechanism']['centroids']
+shards = [np.asarray(shard.data) for shard in centroids.addressable_shards]
+assert len(shards) == 8 and batch_sharding.spec[0] is not None
+for shard in shards[1:]:
+  np.testing.assert_array_equal(shard, shards[0])
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+             jax.device_get(replicated['mechanism_state']), jax.device_get(alone['mechanism_state']))
+print('replicas agree')
+'''
+
+
+def test_centroids_are_identical_across_replicas_and_equal_the_whole_batch_update():
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+         'PYTHONPATH': os.pathsep.join([ROOT, os.path.join(ROOT, 'tests')])}
+  result = subprocess.run([sys.executable, '-c', REPLICA_CHECK], capture_output=True, text=True, cwd=ROOT, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith('replicas agree')
+
+
+@pytest.mark.slow
+def test_a_routing_model_trains_and_its_state_is_checkpointed_and_restored(tmp_path, data_dir):
+  from sparseformer.cli.eval import load_run_config
+  from sparseformer.training.checkpoint import Checkpointer
+  from sparseformer.training.setup import prepare_run
+  from sparseformer.training.state import abstract_model_arrays, model_arrays
+  workdir = tmp_path / 'run'
+  fields = dict(model__layer_attention="('routing:4', 'dense')", model__attention__block_size=64, train__steps=8)
+  result = run_script('train.py', tiny_argv(workdir, data_dir, **fields))
+  assert result.returncode == 0, result.stderr[-2000:]
+  losses = logged_losses(workdir)
+  assert losses[8] < losses[1] - 0.3, losses
+  setup = prepare_run(load_run_config(str(workdir)))
+  checkpoints = Checkpointer(str(workdir / 'checkpoints'), keep=3, async_save=False, read_only=True)
+  restored = {step: checkpoints.restore_model(step, abstract_model_arrays(setup.spec))['mechanism_state']
+              for step in (4, 8)}
+  fresh = model_arrays(setup.dims, jax.random.key(0))['mechanism_state']
+  path = lambda state: state['blocks'][0]['attention']['mechanism']
+  assert not np.allclose(path(restored[4])['centroids'], path(fresh)['centroids'])
+  assert not np.allclose(path(restored[8])['centroids'], path(restored[4])['centroids'])
+  resumed = run_script('train.py', tiny_argv(workdir, data_dir, **{**fields, 'train__steps': 10}))
+  assert resumed.returncode == 0 and 'resumed from step 8' in resumed.stdout, resumed.stderr[-2000:]
