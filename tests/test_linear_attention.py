@@ -1,8 +1,9 @@
 """Gated linear attention: the chunked and recurrent references against the naive oracle
 (outputs, final state and the gradients of q, k, v, g and the initial state), segment
 resets (mid-chunk, on a chunk boundary, one-token segments, reused ids) against running
-each document alone, bf16 inputs, extreme decays, the public api and its custom_vjp, and
-that neither the chunked nor the recurrent version builds a T x T array."""
+each document alone, bf16 inputs, extreme decays, the public api and its custom_vjp, that
+neither the chunked nor the recurrent version builds a T x T array, and the Mosaic TPU
+forward kernel (tpu.py) in TPU interpret mode and lowered for a TPU target."""
 
 import jax
 import jax.extend
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.linear_attention import gated_linear_attention, reference
+from pallas_kernels.linear_attention import gated_linear_attention, reference, tpu
 from pallas_kernels.linear_attention.api import IMPLEMENTATIONS, select_implementation
 
 # Relative to the largest magnitude of the expected array: f32 sums of up to ~200 terms;
@@ -166,10 +167,10 @@ def test_extreme_decays_stay_finite(log_decay):
 
 
 def test_long_mild_decay_has_no_overflow():
-  """Cumulative log decay far below exp's range (-0.5 x 2000 tokens) with no decay on some
+  """Cumulative log decay far below exp's range (-1 x 1000 tokens) with no decay on some
   channels: the chunked version never exponentiates a large positive number."""
-  q, k, v, g, state0, d_o, d_state = random_inputs(4, 1, 2000, 1, 4, 4)
-  g = jnp.full_like(g, -0.5).at[..., 0].set(0.0)
+  q, k, v, g, state0, d_o, d_state = random_inputs(4, 1, 1000, 1, 4, 4)
+  g = jnp.full_like(g, -1.0).at[..., 0].set(0.0)
   (o, final), grads = values_and_grads_jit('chunked', q, k, v, g, state0, None, d_o, d_state)
   (o_rec, final_rec), grads_rec = values_and_grads_jit('recurrent', q, k, v, g, state0, None, d_o, d_state)
   for name, got, want in zip(('o', 'final', 'dq', 'dk', 'dv', 'dg', 'ds'), (o, final, *grads),
@@ -200,8 +201,7 @@ def _all_equations(jaxpr):
       yield from _all_equations(sub)
 
 
-@pytest.mark.parametrize('implementation', ['reference', 'reference_recurrent'])
-@pytest.mark.parametrize('with_state', [True, False])
+@pytest.mark.parametrize('implementation,with_state', [('reference', True), ('reference_recurrent', False)])
 def test_api_matches_naive(implementation, with_state):
   q, k, v, g, state0, d_o, d_state = random_inputs(6, 2, 70, 2, 8, 4)
   state0 = state0 if with_state else None
@@ -223,7 +223,7 @@ def test_api_matches_naive(implementation, with_state):
 def test_api_defaults_and_output_only():
   q, k, v, g = random_inputs(7, 1, 20, 1, 4, 4)[:4]
   o = gated_linear_attention(q, k, v, g)
-  want, _ = reference.naive(q, k, v, g, scale=4 ** -0.5)
+  want, _ = jax.jit(reference.naive)(q, k, v, g, scale=4 ** -0.5)
   assert_close(o, want, jnp.float32, 'o')
   assert select_implementation(None, q, k, v, g, None, None).name == 'reference'
   assert {'reference', 'reference_recurrent'} <= set(IMPLEMENTATIONS)
@@ -243,3 +243,68 @@ def test_api_rejects_bad_inputs():
     gated_linear_attention(q, k, v, g, implementation='nope')
   with pytest.raises(ValueError, match='multiple of sub_chunk'):
     reference.chunked(q, k, v, g, chunk=24, sub_chunk=16)
+
+
+def check_tpu_interpret(seed, b, t, h, dk, dv, dtype, segment_ids, with_state, strong_decay=None, chunking=(64, 16)):
+  """tpu.forward in interpret mode against the naive oracle: output and final state."""
+  q, k, v, g, state0 = random_inputs(seed, b, t, h, dk, dv, dtype=dtype)[:5]
+  if strong_decay is not None:
+    g = jnp.where(jax.random.bernoulli(jax.random.key(seed), 0.2, g.shape), strong_decay, g).astype(dtype)
+  state0 = state0 if with_state else None
+  o, final = tpu.forward(q, k, v, g, state0, segment_ids, 0.7, chunk=chunking[0], sub_chunk=chunking[1],
+                         interpret=True)
+  o_want, final_want = jax.jit(reference.naive, static_argnames='scale')(q, k, v, g, scale=0.7,
+                                                                        initial_state=state0,
+                                                                        segment_ids=segment_ids)
+  assert_close(o, o_want, dtype, 'o')
+  assert_close(final, final_want, dtype, 'final state')
+
+
+def test_tpu_interpret_forward():
+  """Three chunks (the last one partial), resets mid-chunk, on a boundary, one-token segments,
+  an initial state and -1e30 decays on a fifth of the channels and tokens."""
+  check_tpu_interpret(0, 2, 150, 1, 8, 4, jnp.float32, hand_placed_segments(), True, strong_decay=-1e30)
+
+
+def test_tpu_interpret_through_api():
+  """implementation='tpu_interpret': the kernel's forward and the reference's backward under the
+  custom_vjp, against the naive oracle's gradients."""
+  q, k, v, g, state0, d_o, d_state = random_inputs(9, 1, 40, 2, 8, 4)
+  segment_ids = jnp.asarray(np.repeat([1, 2], [23, 17])[None].astype(np.int32))
+
+  def api(q, k, v, g, state0):
+    return gated_linear_attention(q, k, v, g, scale=0.7, initial_state=state0, segment_ids=segment_ids,
+                                  implementation='tpu_interpret', return_final_state=True)
+
+  got = jax.tree.leaves(jax.jit(lambda *a: jax.vjp(api, *a)[1]((d_o, d_state)))(q, k, v, g, state0))
+  got = jax.tree.leaves(jax.jit(api)(q, k, v, g, state0)) + got
+  want = jax.tree.leaves(values_and_grads_jit('naive', q, k, v, g, state0, segment_ids, d_o, d_state))
+  for index, (got_x, want_x) in enumerate(zip(got, want)):
+    assert_close(got_x, want_x, jnp.float32, f'leaf {index}')
+  with pytest.warns(UserWarning, match="falls back to 'tpu_interpret'"):
+    assert select_implementation(['tpu', 'tpu_interpret'], q, k, v, g, None, None).name == 'tpu_interpret'
+
+
+def test_tpu_kernel_lowers_to_mosaic_for_a_tpu_target():
+  """Lowering for a TPU v5e from this host: block shapes and every op of the kernel body pass
+  Pallas's Mosaic lowering (libtpu's own compile needs a TPU and is not run)."""
+  b, t, h, d = 1, 300, 2, 128
+  x = jnp.zeros((b, t, h, d), jnp.bfloat16)
+  state0, segment_ids = jnp.zeros((b, h, d, d), jnp.float32), jnp.ones((b, t), jnp.int32)
+  target = jax.sharding.AbstractDevice(device_kind='TPU v5e', num_cores=1, platform='tpu')
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ('x',), abstract_device=target)):
+    exported = jax.export.export(jax.jit(lambda *a: tpu.forward(*a, 0.1)), platforms=['tpu'])(
+        x, x, x, x, state0, segment_ids)
+  assert exported.mlir_module().count('tpu_custom_call') == 1
+  assert 'Dk and Dv multiples of 128' in tpu.IMPLEMENTATIONS[0].unavailable(x[..., :8], x, x, x, None, None)
+
+
+@pytest.mark.slow
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 2), length=st.integers(1, 140), heads=st.integers(1, 2), dk=st.sampled_from([4, 8]),
+       dv=st.sampled_from([3, 8]), start_rate=st.sampled_from([0.0, 0.05]), with_state=st.booleans(),
+       bf16=st.booleans(), chunking=st.sampled_from([(64, 16), (32, 8)]), seed=st.integers(0, 2**16))
+def test_tpu_interpret_forward_wide(batch, length, heads, dk, dv, start_rate, with_state, bf16, chunking, seed):
+  segment_ids = random_segments(seed, batch, length, start_rate) if start_rate else None
+  check_tpu_interpret(seed, batch, length, heads, dk, dv, jnp.bfloat16 if bf16 else jnp.float32, segment_ids,
+                      with_state, chunking=chunking)

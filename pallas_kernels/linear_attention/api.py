@@ -24,7 +24,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-KERNEL_MODULES = ('reference',)
+KERNEL_MODULES = ('reference', 'tpu')
 
 IMPLEMENTATIONS = {
     implementation.name: implementation
@@ -33,7 +33,7 @@ IMPLEMENTATIONS = {
 }
 
 # Preference order per platform when implementation=None.
-PREFERENCE = {'gpu': ('reference',), 'tpu': ('reference',), 'cpu': ('reference',)}
+PREFERENCE = {'gpu': ('reference',), 'tpu': ('tpu', 'reference'), 'cpu': ('reference',)}
 
 
 def _reason_unavailable(name, *inputs):

@@ -37,7 +37,7 @@ PRECISION = lax.Precision.HIGHEST
 LOG_DECAY_FLOOR = -1e30  # finite, so 0/1-mask matmuls over g never form 0 * inf
 
 
-def _log_decay(g):
+def log_decay(g):
   """float32, floored (-inf -> LOG_DECAY_FLOOR)."""
   return jnp.maximum(g.astype(jnp.float32), LOG_DECAY_FLOOR)
 
@@ -95,7 +95,7 @@ def naive(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None):
   b, t = q.shape[:2]
   runs = segment_runs(segment_ids, b, t)
   qh, kh, vh = (_heads_major(x) for x in (q, k, v))
-  gh = _log_decay(g).transpose(0, 2, 1, 3)
+  gh = log_decay(g).transpose(0, 2, 1, 3)
   state0 = _zero_state(q, v, initial_state)
   decay = jnp.cumsum(gh, axis=2)  # [B, H, T, Dk], log decay since the row start
   positions = jnp.arange(t)
@@ -125,7 +125,7 @@ def recurrent(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None):
   b, t = q.shape[:2]
   runs = segment_runs(segment_ids, b, t)
   resets = jnp.concatenate([jnp.zeros((b, 1), bool), runs[:, 1:] != runs[:, :-1]], axis=1)
-  time_major = [x.astype(jnp.float32).transpose(1, 0, 2, 3) for x in (q, k, v, _log_decay(g))]
+  time_major = [x.astype(jnp.float32).transpose(1, 0, 2, 3) for x in (q, k, v, log_decay(g))]
 
   def step(state, inputs):
     q_t, k_t, v_t, g_t, reset_t = inputs
@@ -193,7 +193,7 @@ def chunked(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None, chu
     raise ValueError(f'chunk {chunk} must be a multiple of sub_chunk {sub_chunk}')
   b, t = q.shape[:2]
   runs = _run_chunks(segment_runs(segment_ids, b, t), chunk)  # [B, N, C]
-  qc, kc, vc, gc = (_chunks(x, chunk) for x in (q, k, v, _log_decay(g)))
+  qc, kc, vc, gc = (_chunks(x, chunk) for x in (q, k, v, log_decay(g)))
   decay = jnp.cumsum(gc, axis=3)  # [B, H, N, C, Dk], log decay since the chunk start
   run_before = jnp.concatenate([runs[:, :1, 0], runs[:, :-1, -1]], axis=1)  # run entering each chunk
   continues = (runs == run_before[:, :, None])[:, None, :, :, None]  # [B, 1, N, C, 1]
@@ -241,7 +241,9 @@ def _backward_through(version):
   return backward
 
 
+chunked_backward = _backward_through(chunked)  # kernels without a backward of their own use this
+
 IMPLEMENTATIONS = (
-    Implementation('reference', _forward_with(chunked), _backward_through(chunked)),
+    Implementation('reference', _forward_with(chunked), chunked_backward),
     Implementation('reference_recurrent', _forward_with(recurrent), _backward_through(recurrent)),
 )
