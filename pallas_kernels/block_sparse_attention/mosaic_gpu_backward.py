@@ -12,7 +12,8 @@ visit and whose BlockSpec index maps read the block index from the plan in GMEM:
 
 Logits work in base 2: s2 = (q.k) scale log2(e) + bias log2(e), P = exp2(s2 - lse log2(e)).
 Rows with no visible key carry LSE = +1e30 here, so their P underflows to 0 everywhere.
-Partial blocks build the element mask from iotas with `plan.element_mask`.
+Partial blocks build the element mask from iotas with `plan.element_mask` (with the plan's
+rank rule: thresholds of the queries against ranks of the keys, loaded like segment ids).
 """
 
 import functools
@@ -45,7 +46,7 @@ def unavailable(q, k, v, key_bias, plan):
     return 'query heads must be a multiple of the kv heads and of the plan heads'
   if plan.plan_heads not in (1, k.shape[2], q.shape[2]):
     return f'plan heads must be 1, Hkv or H, got {plan.plan_heads}'
-  return None
+  return common.rank_rule_unavailable(q, k, plan)
 
 
 def _pad_steps(x, steps):
@@ -69,31 +70,39 @@ def _tile_iota(shape, dimension):
   return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
 
-def _masked_probabilities(plan, s2, lse2, full, active, q_index, k_index, q_segment, k_segment, lse_axis):
+def _masked_probabilities(plan, s2, lse2, full, active, q_index, k_index, side, lse_axis):
   """P = exp2(s2 - lse2) on visible elements, 0 elsewhere. `lse_axis` is the tile axis of
-  the queries (1 for the transposed dK/dV tile); q_index/k_index are lazily built tiles."""
+  the queries (1 for the transposed dK/dV tile); q_index/k_index are lazily built tiles,
+  side() the tiles (q segment, k segment, q threshold, k rank), None where absent."""
   shape = s2.shape
   lse_tile = lax.broadcast_in_dim(lse2, shape, [lse_axis])
   p = jnp.exp2(s2 - lse_tile)
 
   def masked(p):
-    visible = plan.element_mask(q_index(), k_index(), q_segment(), k_segment())
+    visible = plan.element_mask(q_index(), k_index(), *side())
     return jnp.where(visible & active, p, 0.0)
 
   return lax.cond(full & active, lambda p: p, masked, p)
+
+
+def _broadcast(vector, shape, axis):
+  return None if vector is None else lax.broadcast_in_dim(vector, shape, [axis])
 
 
 def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias, has_segments, interpret):
   """The dQ kernel body for plgpu.kernel; grid (q blocks, heads, batch)."""
   bq, bk = plan.block_q, plan.block_kv
   wgs = bq // ROWS
+  has_ranks = plan.has_rank_rule
+  waits = 6  # barriers per warpgroup: q, dO, lse, delta, q segments, q thresholds
 
   def kernel(*refs):
     (kv_count_ref, kv_index_ref, kv_full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:9]
     rest = list(refs[9:])
     bias_ref = rest.pop(0) if has_bias else None
     q_seg_ref, k_seg_ref = (rest.pop(0), rest.pop(0)) if has_segments else (None, None)
-    dq_ref, q_smem2, do_smem2, rows_smem2, seg_smem2, barriers = rest
+    q_thr_ref, k_rank_ref = (rest.pop(0), rest.pop(0)) if has_ranks else (None, None)
+    dq_ref, q_smem2, do_smem2, rows_smem2, seg_smem2, thr_smem2, barriers = rest
     # Last q blocks first: under causal-like plans they have the longest lists, so the
     # short ones fill the tail of the schedule.
     q_block = plan.num_q_blocks - 1 - lax.axis_index('q_block')
@@ -103,25 +112,33 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
     count = kv_count_ref[batch, plan_head, q_block]
     row0 = q_block * bq + wg * ROWS
     q_smem, do_smem, rows_smem, seg_smem = q_smem2.at[wg], do_smem2.at[wg], rows_smem2.at[wg], seg_smem2.at[wg]
+    thr_smem = thr_smem2.at[wg]
     head_cols = pl.ds(head * head_dim, head_dim)
     num_q_rows = q_ref.shape[1]
 
     def compute_context(pipeline):
       rows = pl.ds(row0, ROWS)
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head_cols], q_smem, barriers.at[wg * 5])
-      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head_cols], do_smem, barriers.at[wg * 5 + 1])
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head_cols], q_smem, barriers.at[wg * waits])
+      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head_cols], do_smem, barriers.at[wg * waits + 1])
       plgpu.copy_gmem_to_smem(lse_ref.at[batch, pl.ds(head * num_q_rows + row0, ROWS)], rows_smem.at[0],
-                              barriers.at[wg * 5 + 2])
+                              barriers.at[wg * waits + 2])
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, pl.ds(head * num_q_rows + row0, ROWS)], rows_smem.at[1],
-                              barriers.at[wg * 5 + 3])
+                              barriers.at[wg * waits + 3])
+      used = [0, 1, 2, 3]
       if has_segments:
-        plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], seg_smem, barriers.at[wg * 5 + 4])
-      for i in range(5 if has_segments else 4):
-        plgpu.barrier_wait(barriers.at[wg * 5 + i])
+        plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], seg_smem, barriers.at[wg * waits + 4])
+        used.append(4)
+      if has_ranks:
+        plgpu.copy_gmem_to_smem(q_thr_ref.at[batch, pl.ds(plan_head * num_q_rows + row0, ROWS)], thr_smem,
+                                barriers.at[wg * waits + 5])
+        used.append(5)
+      for i in used:
+        plgpu.barrier_wait(barriers.at[wg * waits + i])
       lse2, delta = _row_vector(rows_smem.at[0]), _row_vector(rows_smem.at[1])
       q_seg = _row_vector(seg_smem) if has_segments else None
+      q_thr = _row_vector(thr_smem) if has_ranks else None
       dq = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-      dq = pipeline((dq, lse2, delta, q_seg))[0]
+      dq = pipeline((dq, lse2, delta, q_seg, q_thr))[0]
       q_smem[...] = (dq * scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[batch, rows, head_cols])
@@ -131,7 +148,8 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
       rest = list(rest)
       bias_smem = rest.pop(0) if has_bias else None
       k_seg_smem = rest.pop(0) if has_segments else None
-      (dq, lse2, delta, q_seg) = rest.pop()
+      k_rank_smem = rest.pop(0) if has_ranks else None
+      (dq, lse2, delta, q_seg, q_thr) = rest.pop()
       consumed = rest
       (i,) = indices
       kv_block = kv_index_ref[batch, plan_head, q_block, i]
@@ -142,13 +160,17 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
 
       def probabilities():
         logits = s2 + lax.broadcast_in_dim(_col_vector(bias_smem), shape, [1]) if has_bias else s2
+        def side():
+          k_seg = None if k_seg_smem is None else _col_vector(k_seg_smem)
+          k_rank = None if k_rank_smem is None else _col_vector(k_rank_smem)
+          return (_broadcast(q_seg, shape, 0), _broadcast(k_seg, shape, 1), _broadcast(q_thr, shape, 0),
+                  _broadcast(k_rank, shape, 1))
+
         return _masked_probabilities(
             plan, logits, lse2, full, i < count,
             lambda: _tile_iota(shape, 0) + row0,
             lambda: _tile_iota(shape, 1) + kv_block * bk,
-            lambda: None if q_seg is None else lax.broadcast_in_dim(q_seg, shape, [0]),
-            lambda: None if k_seg_smem is None else lax.broadcast_in_dim(_col_vector(k_seg_smem), shape, [1]),
-            0)
+            side, 0)
 
       dp, p = _matmul_overlapped(do_smem, v_smem.transpose((1, 0)), shape, probabilities)
       for barrier in consumed[1:]:  # all but K's
@@ -156,7 +178,7 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
       ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
       dq = _accumulate(dq, ds.astype(dtype), k_smem, interpret)
       plgpu.barrier_arrive(consumed[0])
-      return (dq, lse2, delta, q_seg)
+      return (dq, lse2, delta, q_seg, q_thr)
 
     def kv_block_of(i):
       return kv_index_ref[batch, plan_head, q_block, i]
@@ -173,6 +195,9 @@ def _dq_kernel(plan, scale, dtype, head_dim, group, plan_group, stages, has_bias
     if has_segments:
       in_specs.append(plgpu.BlockSpec((bk,), lambda i: (kv_block_of(i),)))
       inputs.append(k_seg_ref.at[batch])
+    if has_ranks:
+      in_specs.append(plgpu.BlockSpec((bk,), lambda i: (plan_head * num_kv_blocks + kv_block_of(i),)))
+      inputs.append(k_rank_ref.at[batch])
     pipeline = plgpu.emit_pipeline_warp_specialized(
         step, grid=(jnp.maximum(count, stages),), max_concurrent_steps=stages, num_compute_wgs=wgs,
         memory_registers=40, wg_axis='wg', manual_consumed_barriers=True, compute_context=compute_context,
@@ -230,43 +255,53 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
   """The dK/dV kernel body for plgpu.kernel; grid (kv blocks, kv heads, batch)."""
   bq, bk = plan.block_q, plan.block_kv
   wgs = bk // ROWS
+  has_ranks = plan.has_rank_rule
+  waits = 5  # barriers per warpgroup: k, v, bias, k segments, k ranks
 
   def kernel(*refs):
     (count_ref, entry_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:9]
     rest = list(refs[9:])
     bias_ref = rest.pop(0) if has_bias else None
     q_seg_ref, k_seg_ref = (rest.pop(0), rest.pop(0)) if has_segments else (None, None)
+    q_thr_ref, k_rank_ref = (rest.pop(0), rest.pop(0)) if has_ranks else (None, None)
     dk_ref, dv_ref = rest.pop(0), rest.pop(0)
     dbias_ref = rest.pop(0) if has_bias else None
-    k_smem2, v_smem2, bias_smem2, seg_smem2, barriers = rest
+    k_smem2, v_smem2, bias_smem2, seg_smem2, rank_smem2, barriers = rest
     kv_block, kv_head, batch = lax.axis_index('kv_block'), lax.axis_index('kv_heads'), lax.axis_index('batch')
+    plan_head = kv_head if plan.plan_heads > 1 else 0  # rank rules come with 1 or Hkv plan heads
     wg = lax.axis_index('wg')
     count = count_ref[batch, kv_head, kv_block]
     row0 = kv_block * bk + wg * ROWS
     k_smem, v_smem, bias_smem, seg_smem = k_smem2.at[wg], v_smem2.at[wg], bias_smem2.at[wg], seg_smem2.at[wg]
+    rank_smem = rank_smem2.at[wg]
     head_cols = pl.ds(kv_head * head_dim, head_dim)
     num_kv_rows = k_ref.shape[1]
     num_q_blocks = q_ref.shape[1] // bq
 
     def compute_context(pipeline):
       rows = pl.ds(row0, ROWS)
-      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, head_cols], k_smem, barriers.at[wg * 4])
-      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, head_cols], v_smem, barriers.at[wg * 4 + 1])
-      waits = [0, 1]
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, head_cols], k_smem, barriers.at[wg * waits])
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, head_cols], v_smem, barriers.at[wg * waits + 1])
+      used = [0, 1]
       if has_bias:
         plgpu.copy_gmem_to_smem(bias_ref.at[batch, pl.ds(kv_head * num_kv_rows + row0, ROWS)], bias_smem,
-                                barriers.at[wg * 4 + 2])
-        waits.append(2)
+                                barriers.at[wg * waits + 2])
+        used.append(2)
       if has_segments:
-        plgpu.copy_gmem_to_smem(k_seg_ref.at[batch, rows], seg_smem, barriers.at[wg * 4 + 3])
-        waits.append(3)
-      for i in waits:
-        plgpu.barrier_wait(barriers.at[wg * 4 + i])
+        plgpu.copy_gmem_to_smem(k_seg_ref.at[batch, rows], seg_smem, barriers.at[wg * waits + 3])
+        used.append(3)
+      if has_ranks:
+        plgpu.copy_gmem_to_smem(k_rank_ref.at[batch, pl.ds(plan_head * num_kv_rows + row0, ROWS)], rank_smem,
+                                barriers.at[wg * waits + 4])
+        used.append(4)
+      for i in used:
+        plgpu.barrier_wait(barriers.at[wg * waits + i])
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
       bias2 = _row_vector(bias_smem) if has_bias else None
       k_seg = _row_vector(seg_smem) if has_segments else None
+      k_rank = _row_vector(rank_smem) if has_ranks else None
       dbias = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)) if has_bias else None
-      dk, dv, dbias, _, _ = pipeline((zeros, zeros, dbias, bias2, k_seg))
+      dk, dv, dbias, _, _, _ = pipeline((zeros, zeros, dbias, bias2, k_seg, k_rank))
       k_smem[...] = (dk * scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
       if has_bias:
@@ -280,9 +315,9 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
       plgpu.commit_smem_to_gmem_group()
       plgpu.wait_smem_to_gmem(0)
 
-    def chunk(c, q_block, full, active, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, carry):
+    def chunk(c, q_block, full, active, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, q_thr_smem, carry):
       """One 64-query slice of the q block: the transposed tile [64 keys, 64 queries]."""
-      dk, dv, dbias, bias2, k_seg = carry
+      dk, dv, dbias, bias2, k_seg, k_rank = carry
       cols = pl.ds(c * ROWS, ROWS)
       q_c, do_c = q_smem.at[cols], do_smem.at[cols]
 
@@ -291,32 +326,37 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
 
       def probabilities():
         logits = s2 + lax.broadcast_in_dim(bias2, shape, [0]) if has_bias else s2
+        def side():
+          q_seg = None if q_seg_smem is None else _col_vector(q_seg_smem.at[cols])
+          q_thr = None if q_thr_smem is None else _col_vector(q_thr_smem.at[cols])
+          return (_broadcast(q_seg, shape, 1), _broadcast(k_seg, shape, 0), _broadcast(q_thr, shape, 1),
+                  _broadcast(k_rank, shape, 0))
+
         return _masked_probabilities(
             plan, logits, _col_vector(lse_smem.at[cols]), full, active,
             lambda: _tile_iota(shape, 1) + (q_block * bq + c * ROWS),
             lambda: _tile_iota(shape, 0) + row0,
-            lambda: None if q_seg_smem is None else lax.broadcast_in_dim(_col_vector(q_seg_smem.at[cols]), shape,
-                                                                          [1]),
-            lambda: None if k_seg is None else lax.broadcast_in_dim(k_seg, shape, [0]),
-            1)
+            side, 1)
 
       dp, p = _matmul_overlapped(v_smem, do_c.transpose((1, 0)), shape, probabilities)
       ds = p * (dp - lax.broadcast_in_dim(_col_vector(delta_smem.at[cols]), shape, [1]))
       dv, dk = _accumulate_pair((dv, p.astype(dtype), do_c), (dk, ds.astype(dtype), q_c), interpret)
       if has_bias:
         dbias = dbias + ds.sum(axis=1)
-      return dk, dv, dbias, bias2, k_seg
+      return dk, dv, dbias, bias2, k_seg, k_rank
 
     def step(indices, q_smem, do_smem, lse_smem, delta_smem, *rest):
       rest = list(rest)
       q_seg_smem = rest.pop(0) if has_segments else None
+      q_thr_smem = rest.pop(0) if has_ranks else None
       carry = rest.pop()
       (i,) = indices
       entry = entry_ref[batch, kv_head, kv_block, i]
       full = full_ref[batch, kv_head, kv_block, i] == 1
       q_block = entry % num_q_blocks
       for c in range(bq // ROWS):
-        carry = chunk(c, q_block, full, i < count, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, carry)
+        carry = chunk(c, q_block, full, i < count, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, q_thr_smem,
+                      carry)
       for barrier in rest:
         plgpu.barrier_arrive(barrier)
       return carry
@@ -338,6 +378,9 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
     if has_segments:
       in_specs.append(plgpu.BlockSpec((bq,), lambda i: (entry_of(i) % num_q_blocks,)))
       inputs.append(q_seg_ref.at[batch])
+    if has_ranks:
+      in_specs.append(plgpu.BlockSpec((bq,), lambda i: (plan_head * num_q_blocks + entry_of(i) % num_q_blocks,)))
+      inputs.append(q_thr_ref.at[batch])
     pipeline = plgpu.emit_pipeline_warp_specialized(
         step, grid=(jnp.maximum(count, stages),), max_concurrent_steps=stages, num_compute_wgs=wgs,
         memory_registers=40, wg_axis='wg', manual_consumed_barriers=True, compute_context=compute_context,
@@ -392,11 +435,15 @@ def _prepare(q, k, v, key_bias, plan, out, lse, d_out, d_lse):
   if plan.q_segment_ids is not None:
     operands['q_seg'] = common.pad_axis(plan.q_segment_ids, 1, plan.block_q, common.Q_SEGMENT_PAD)
     operands['k_seg'] = common.pad_axis(plan.kv_segment_ids, 1, plan.block_kv, common.KV_SEGMENT_PAD)
+  if plan.has_rank_rule:
+    ranks = common.padded_ranks(plan)
+    operands['q_thr'] = ranks['q_threshold'].reshape(b, -1)  # [B, Hp * Tq']
+    operands['k_rank'] = ranks['key_rank'].reshape(b, -1)  # [B, Hp * Tk']
   return operands
 
 
 def _extras(operands):
-  return [operands[name] for name in ('bias', 'q_seg', 'k_seg') if name in operands]
+  return [operands[name] for name in ('bias', 'q_seg', 'k_seg', 'q_thr', 'k_rank') if name in operands]
 
 
 def _interpret_params(interpret):
@@ -413,7 +460,7 @@ def _dq(operands, plan, scale, shapes, stages, interpret):
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct(operands['q'].shape, dtype),
       scratch_types=[tile_scratch, tile_scratch, rows_scratch, plgpu.SMEM((wgs, ROWS), jnp.int32),
-                     plgpu.Barrier(num_barriers=5 * wgs)],
+                     plgpu.SMEM((wgs, ROWS), jnp.int32), plgpu.Barrier(num_barriers=6 * wgs)],
       compiler_params=plgpu.CompilerParams(approx_math=True),
       grid=(plan.num_q_blocks, h, b), grid_names=('q_block', 'heads', 'batch'), num_threads=wgs + 1,
       thread_name='wg', interpret=_interpret_params(interpret), kernel_name='block_sparse_dq',
@@ -434,7 +481,8 @@ def _dkv(operands, plan, scale, shapes, stages, interpret):
   return plgpu.kernel(
       kernel, out_type=out_type,
       scratch_types=[tile_scratch, tile_scratch, plgpu.SMEM((wgs, ROWS), jnp.float32),
-                     plgpu.SMEM((wgs, ROWS), jnp.int32), plgpu.Barrier(num_barriers=4 * wgs)],
+                     plgpu.SMEM((wgs, ROWS), jnp.int32), plgpu.SMEM((wgs, ROWS), jnp.int32),
+                     plgpu.Barrier(num_barriers=5 * wgs)],
       compiler_params=plgpu.CompilerParams(approx_math=True),
       grid=(plan.num_kv_blocks, hkv, b), grid_names=('kv_block', 'kv_heads', 'batch'), num_threads=wgs + 1,
       thread_name='wg', interpret=_interpret_params(interpret), kernel_name='block_sparse_dkv',

@@ -81,6 +81,20 @@ def common_unavailable(q, k, v, key_bias, plan, interpret):
     return f'head_dim must be 64, 128, 192 or 256, got {head_dim}'
   if not interpret and not is_hopper_gpu():
     return 'needs an sm90 (Hopper) GPU'
-  if plan.has_rank_rule:
-    return 'the Mosaic GPU kernels do not apply a plan\'s rank rule (key_rank >= q_threshold) yet'
   return None
+
+
+def rank_rule_unavailable(q, k, plan):
+  """Why the kernels cannot apply this plan's rank rule, or None. The dK/dV kernel holds
+  one rank row per kv block, so every query head of a GQA group must share its plan head."""
+  if plan.has_rank_rule and plan.plan_heads not in (1, k.shape[2]):
+    return (f'the rank rule needs 1 or Hkv = {k.shape[2]} plan heads, got {plan.plan_heads} '
+            '(one rank row per kv head)')
+  return None
+
+
+def padded_ranks(plan):
+  """{'q_threshold': [B, Hp, Tq'], 'key_rank': [B, Hp, Tk']} int32, padded to whole blocks
+  (padded keys rank -1; the element mask cuts padding anyway)."""
+  return dict(q_threshold=pad_axis(plan.q_threshold.astype(jnp.int32), 2, plan.block_q),
+              key_rank=pad_axis(plan.key_rank.astype(jnp.int32), 2, plan.block_kv, -1))

@@ -5,7 +5,8 @@ warpgroups of 64 q rows each, plus one TMA producer warpgroup. For each tile the
 producer walks the plan's list, i in [0, kv_count), and TMA-loads kv block kv_index[i]
 into a ring of K/V SMEM stages; the consumers run QK^T and PV on wgmma (P from
 registers) with an online softmax in base 2. kv_full[i] picks the unmasked path or the
-masked one, whose mask is plan.element_mask on iotas (positions, segment ids, kv_len).
+masked one, whose mask is plan.element_mask on iotas (positions, segment ids, kv_len,
+and the plan's rank rule: thresholds of the rows against ranks of the keys).
 Both compute warpgroups walk the same list, so the barrier protocol is the same for
 every count, 0 included.
 
@@ -62,7 +63,7 @@ def unavailable(q, k, v, key_bias, plan, *, interpret=False):
     return f'block_kv must be 64 or 128, got {plan.block_kv}'
   if not num_stages(plan.block_q, plan.block_kv, q.shape[-1], q.dtype.itemsize):
     return f'head_dim {q.shape[-1]} with block_kv {plan.block_kv} does not fit in shared memory'
-  return None
+  return common.rank_rule_unavailable(q, k, plan)
 
 
 class _Ids(NamedTuple):
@@ -131,6 +132,7 @@ class _Kernel:
   def __init__(self, plan, shapes, scale, dtype, options):
     (self.batch, _, self.num_heads, self.head_dim), self.num_kv_heads = shapes
     self.has_bias, self.has_segments, self.interpret, num_ctas = options
+    self.has_ranks = plan.has_rank_rule
     self.plan = plan
     self.block_q, self.block_kv = plan.block_q, plan.block_kv
     self.compute_wgs = plan.block_q // ROWS
@@ -149,18 +151,26 @@ class _Kernel:
 
   # Consumer (compute warpgroup) -------------------------------------------------------
 
-  def _element_mask(self, r, b, q_base, kv_block):
+  def _row_and_column(self, row_ref, column_ref, shape):
+    """A per-query row and a per-key column of int32s, broadcast to the tile."""
+    row = plgpu.load(row_ref, layout=WGMMA_ROW, optimized=False)
+    column = plgpu.load(column_ref, layout=WGMMA_COL, optimized=False)
+    return lax.broadcast_in_dim(row, shape, [0]), lax.broadcast_in_dim(column, shape, [1])
+
+  def _element_mask(self, r, ids, kv_block):
     shape = (ROWS, self.block_kv)
-    q_idx = q_base + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=WGMMA)
+    q_idx = ids.q_base + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=WGMMA)
     k_base = kv_block * self.block_kv
     k_idx = k_base + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=WGMMA)
-    q_seg = k_seg = None
+    q_rows, k_cols = pl.ds(ids.q_base, ROWS), pl.ds(k_base, self.block_kv)
+    q_seg = k_seg = q_threshold = k_rank = None
     if self.has_segments:
-      q_row = plgpu.load(r.q_seg.at[b, pl.ds(q_base, ROWS)], layout=WGMMA_ROW, optimized=False)
-      k_row = plgpu.load(r.kv_seg.at[b, pl.ds(k_base, self.block_kv)], layout=WGMMA_COL, optimized=False)
-      q_seg = lax.broadcast_in_dim(q_row, shape, [0])
-      k_seg = lax.broadcast_in_dim(k_row, shape, [1])
-    return self.plan.element_mask(q_idx, k_idx, q_seg, k_seg)
+      q_seg, k_seg = self._row_and_column(r.q_seg.at[ids.b, q_rows], r.kv_seg.at[ids.b, k_cols], shape)
+    if self.has_ranks:
+      plan_head = common.group_of(ids.head, self.num_heads, self.plan.plan_heads)
+      q_threshold, k_rank = self._row_and_column(r.q_threshold.at[ids.b, plan_head, q_rows],
+                                                 r.key_rank.at[ids.b, plan_head, k_cols], shape)
+    return self.plan.element_mask(q_idx, k_idx, q_seg, k_seg, q_threshold, k_rank)
 
   def _logits(self, r, scratch, ids, slot, kv_block, full, schedule):
     """Scaled base-2 logits of one step, masked where the block is partial."""
@@ -181,7 +191,7 @@ class _Kernel:
       s = s + lax.broadcast_in_dim(bias * LOG2E, s.shape, [1])
 
     def masked():
-      return jnp.where(self._element_mask(r, ids.b, ids.q_base, kv_block), s, -jnp.inf)
+      return jnp.where(self._element_mask(r, ids, kv_block), s, -jnp.inf)
 
     return lax.cond(full, lambda: s, masked)
 
@@ -411,6 +421,8 @@ def forward(q, k, v, key_bias, plan, scale, *, interpret=False, persistent=None)
     inputs['bias'] = bias_p
   if q_seg is not None:
     inputs.update(q_seg=q_seg, kv_seg=kv_seg)
+  if plan.has_rank_rule:
+    inputs.update(common.padded_ranks(plan))
   if persistent is None:
     persistent = uses_persistent_schedule(plan)
   num_ctas = _num_ctas(persistent, interpret, plan, q.shape[-1], q.dtype.itemsize)
