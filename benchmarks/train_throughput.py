@@ -12,7 +12,10 @@ attention on a GPU; window layers run the block-sparse kernels. Variants:
   dense      every layer dense;
   masformer  dense at the layers --full-layers names (every:6 of 12: layers 5 and 11),
              window:--window elsewhere;
-  window     every layer window:--window.
+  window     every layer window:--window;
+  routing    every layer routing:--clusters (issue 8): half the kv groups' heads local
+             (window:--window), the others routed (shared QK, causal selection). Not in
+             the default --variants.
 Each variant runs in its own subprocess, so peak memory (`peak_bytes_in_use` of the
 device; the process's max RSS on CPU, which has no device statistics) is its own. Step
 time: the median over --repeats of (wall time of --steps back-to-back steps with one wait
@@ -34,7 +37,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TARGET_RATIO = 2.5  # issue 5: MASFormer tokens/s >= 2.5 x all-dense
-VARIANTS = ('dense', 'masformer', 'window')
+VARIANTS = ('dense', 'masformer', 'window', 'routing')
+DEFAULT_VARIANTS = 'dense,masformer,window'
 OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory')
 RESULT_PREFIX = 'RESULT '
 STARTED = time.perf_counter()
@@ -55,7 +59,8 @@ def parse_args(argv):
   parser.add_argument('--dtype', default='bfloat16')
   parser.add_argument('--remat', default='none', choices=('none', 'dots', 'full'))
   parser.add_argument('--remat-fallback', default='full', choices=('none', 'dots', 'full'))
-  parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--variants', default=DEFAULT_VARIANTS, help=f'a comma-separated subset of {",".join(VARIANTS)}')
+  parser.add_argument('--clusters', type=int, default=64, help='routing:K clusters (32k / 64 = 512 tokens a cluster)')
   parser.add_argument('--steps', type=int, default=10, help='back-to-back steps per timed repeat')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--warmup', type=int, default=2)
@@ -67,7 +72,7 @@ def parse_args(argv):
   args = parser.parse_args(argv)
   if args.quick:
     args.layers, args.d_model, args.heads, args.kv_heads, args.seq_len = 2, 64, 4, 4, 256
-    args.window, args.full_layers, args.block_size = 64, 'every:2', 64
+    args.window, args.full_layers, args.block_size, args.clusters = 64, 'every:2', 64, 4
     args.steps, args.repeats, args.warmup, args.probe_calls = 2, 1, 1, 2
   args.variants = [v for v in args.variants.split(',') if v]
   unknown = set(args.variants) - set(VARIANTS)
@@ -87,11 +92,16 @@ def variant_config(args, variant, remat):
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = args.layers, args.d_model, args.heads, args.kv_heads
   m.dtype, m.remat, m.attention.block_size, m.vocab_size = args.dtype, remat, args.block_size, args.vocab_size
   window = f'window:{args.window}'
-  m.attention.kind = 'dense' if variant == 'dense' else window
+  m.attention.kind = {'dense': 'dense', 'routing': routing_spec(args)}.get(variant, window)
+  m.attention.routing.local_window = args.window
   m.attention.full_layers = args.full_layers if variant == 'masformer' else ''
   cfg.data.seq_len, t.global_batch_size, t.steps = args.seq_len, args.batch, 1000
   validate(cfg)
   return cfg
+
+
+def routing_spec(args):
+  return f'routing:{args.clusters}'
 
 
 def build_step(cfg):
@@ -160,7 +170,8 @@ def attention_kernels(dims, args):
   from sparseformer.model.attention.dense import causal_implementation
   kinds = {spec.partition(':')[0] for spec in dims.layer_mechanisms}
   names = {'dense': lambda: causal_implementation(dims.compute_dtype),
-           'window': lambda: block_sparse_implementation(dims, args)}
+           'window': lambda: block_sparse_implementation(dims, args),
+           'routing': lambda: block_sparse_implementation(dims, args)}
   return ' '.join(f'{kind}={names[kind]()}' for kind in sorted(kinds))
 
 
@@ -212,13 +223,25 @@ def time_calls(fn, inputs, calls):
   return 1e3 * (time.perf_counter() - start) / calls
 
 
+def mechanism_forward(args, spec, ctx):
+  """(q, k, v) -> y of one layer of `spec` (layer 0 of a model whose first layer runs it);
+  mechanisms that route on pre-RoPE vectors get q, k as those."""
+  from flax import nnx
+  from sparseformer.model import resolve_dims
+  from sparseformer.model.attention import get_mechanism
+  variant = 'routing' if spec == routing_spec(args) else 'masformer'
+  layer = get_mechanism(spec)(resolve_dims(variant_config(args, variant, args.remat).model, 259), 0, nnx.Rngs(0))
+  if getattr(layer, 'needs_pre_rope', False):
+    return lambda q, k, v: layer(q, k, v, ctx, pre_rope=(q, k))[0]
+  return lambda q, k, v: layer(q, k, v, ctx)[0]
+
+
 def attention_layer_times(args):
   """{spec: {'fwd_ms', 'fwd_bwd_ms'}} of one mechanism call at the model's shapes."""
   import jax
   import jax.numpy as jnp
-  from flax import nnx
   from sparseformer.model import resolve_dims
-  from sparseformer.model.attention import AttentionContext, get_mechanism
+  from sparseformer.model.attention import AttentionContext
   cfg = variant_config(args, 'masformer', args.remat)
   dims = resolve_dims(cfg.model, 259)
   keys = jax.random.split(jax.random.key(1), 3)
@@ -227,9 +250,9 @@ def attention_layer_times(args):
   k, v = (jax.random.normal(key, shape + (dims.num_kv_heads, dims.head_dim), dims.compute_dtype) for key in keys[1:])
   ctx = AttentionContext(jnp.zeros(shape, jnp.int32), None, None, None)
   times = {}
-  for spec in ('dense', f'window:{args.window}'):
-    layer = get_mechanism(spec)(dims, 0, nnx.Rngs(0))
-    forward = jax.jit(lambda q, k, v, layer=layer: layer(q, k, v, ctx)[0])
+  specs = ('dense', f'window:{args.window}') + ((routing_spec(args),) if 'routing' in args.variants else ())
+  for spec in specs:
+    forward = jax.jit(mechanism_forward(args, spec, ctx))
     loss = lambda q, k, v: forward(q, k, v).astype(jnp.float32).sum()
     both = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     times[spec] = dict(fwd_ms=time_calls(forward, (q, k, v), args.probe_calls),
@@ -330,11 +353,14 @@ def attention_share_lines(times, rows, args):
   dense, window = times['dense']['fwd_bwd_ms'], times[f'window:{args.window}']['fwd_bwd_ms']
   lines = [f'one attention layer, fwd / fwd+bwd ms: dense {times["dense"]["fwd_ms"]:.2f} / {dense:.2f}, '
            f'window:{args.window} {times[f"window:{args.window}"]["fwd_ms"]:.2f} / {window:.2f}']
+  if routing_spec(args) in times:
+    routing = times[routing_spec(args)]
+    lines[0] += f', {routing_spec(args)} {routing["fwd_ms"]:.2f} / {routing["fwd_bwd_ms"]:.2f}'
   for row in rows:
-    if 'tokens_per_s' not in row:
+    specs = row.get('layers', '').split()
+    if 'tokens_per_s' not in row or any(s not in times for s in specs):
       continue
-    specs = row['layers'].split()
-    attention_ms = sum(dense if s == 'dense' else window for s in specs)
+    attention_ms = sum(times[s]['fwd_bwd_ms'] for s in specs)
     lines.append(f'{row["variant"]}: attention fwd+bwd {attention_ms:.1f} ms of a {row["step_ms"]:.1f} ms step '
                  f'({100 * attention_ms / row["step_ms"]:.0f}%); rest {row["step_ms"] - attention_ms:.1f} ms')
   return lines

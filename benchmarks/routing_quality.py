@@ -1,0 +1,185 @@
+"""Routing attention's quality on the shipped books at 8192 tokens (issue 8): three models
+trained from scratch with the same steps, seed and data order, evaluated on the
+validation books, NLL overall and by position.
+
+    python benchmarks/routing_quality.py --out runs/routing_quality          # the real run (GPU)
+    python benchmarks/routing_quality.py --out /tmp/rq --quick               # CPU smoke run
+
+Variants (the model of configs/long_pretrain.py: 8 layers, d_model 512, 8 heads, 2 kv
+heads, byte tokens; rows of --seq_len tokens):
+  dense    every layer dense;
+  local    every layer window:--window;
+  routing  the paper's mix: at the layers --routing_layers names, routing:--clusters with
+           --local_heads local heads (window --window) and the other heads routed
+           (shared QK, the causal selection); window:--window at the other layers.
+Each phase is the ordinary CLI in this process, as in benchmarks/long_context_quality.py
+(whose phase runner this script reuses):
+    python -m sparseformer.cli.prepare_data --name=sparseformer_text/books
+    python train.py --config configs/long_pretrain.py --workdir OUT/<variant> --config.data.seq_len=8192 ...
+    python eval.py --workdir OUT/<variant> ...
+A workdir that already holds its final checkpoint is not retrained (train.py resumes),
+so `--variants` may split the work over several calls; results.json and results.md
+tabulate every variant whose evaluation is in OUT.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.long_context_quality import (DATASET, PRETRAIN_CONFIG, eval_phase, fmt, latest_eval,  # noqa: E402
+                                             ratio, run_phase, step_times, train_phase)
+from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
+
+VARIANTS = ('dense', 'local', 'routing')
+LABELS = {'dense': 'dense', 'local': 'all local', 'routing': 'routing'}
+
+# Sized for one H100 (about 8 minutes for the three variants with their evaluation).
+FULL = dict(seq_len=8192, window=512, clusters=16, local_heads=4, steps=400, batch=8, eval_batches=0,
+            log_every=10)
+FULL_ROUTING_LAYERS = 'every:2'
+# A CPU smoke run: 2 layers of d_model 64 (4 heads, 2 kv heads), 256 tokens.
+QUICK = dict(seq_len=256, window=64, clusters=4, local_heads=2, steps=3, batch=2, eval_batches=2, log_every=1)
+QUICK_MODEL = {'model.d_model': 64, 'model.num_layers': 2, 'model.num_heads': 4, 'model.num_kv_heads': 2,
+               'model.attention.block_size': 64}
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--out', required=True, help='folder for the runs, results.json and results.md')
+  parser.add_argument('--quick', action='store_true', help='tiny CPU smoke run (defaults from QUICK)')
+  parser.add_argument('--data_dir', default='', help='TFDS data dir ($SPARSEFORMER_DATA_DIR or the default cache)')
+  parser.add_argument('--variants', default=','.join(VARIANTS), help='a comma-separated subset to train now')
+  parser.add_argument('--routing_layers', default=FULL_ROUTING_LAYERS,
+                      help='layers with routing heads (model.attention.full_layers syntax)')
+  for name, value in FULL.items():
+    parser.add_argument(f'--{name}', type=int, default=None, help=f'default {value} ({QUICK[name]} with --quick)')
+  args = parser.parse_args(argv)
+  defaults = QUICK if args.quick else FULL
+  for name, value in defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  args.variants = [v for v in args.variants.split(',') if v]
+  unknown = set(args.variants) - set(VARIANTS)
+  if unknown:
+    parser.error(f'unknown variants {sorted(unknown)}; known: {", ".join(VARIANTS)}')
+  return args
+
+
+def train_overrides(args, variant):
+  """Overrides of configs/long_pretrain.py for one variant (model sizes shared by all)."""
+  fields = {'data.seq_len': args.seq_len, 'train.steps': args.steps, 'train.global_batch_size': args.batch,
+            'train.warmup_steps': max(1, args.steps // 10), 'train.log_every': args.log_every,
+            'train.eval_batches': 1, 'checkpoint.every_steps': args.steps}
+  if args.data_dir:
+    fields['data.data_dir'] = args.data_dir
+  if args.quick:
+    fields.update(QUICK_MODEL)
+  window = f'window:{args.window}'
+  if variant == 'local':
+    fields['model.attention.kind'] = window
+  elif variant == 'routing':
+    fields.update({'model.attention.kind': window, 'model.attention.full_kind': f'routing:{args.clusters}',
+                   'model.attention.full_layers': args.routing_layers,
+                   'model.attention.routing.local_heads': args.local_heads,
+                   'model.attention.routing.local_window': args.window})
+  return fields
+
+
+def eval_overrides(args):
+  return {'eval.max_batches': args.eval_batches}
+
+
+def routing_stats(workdir):
+  """The last logged routing statistics (commitment losses are in aux_loss)."""
+  stats = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      stats.update({key: value for key, value in record.items() if 'routing_' in key})
+  return stats
+
+
+def collected_results(args):
+  """{variant: {'train', 'eval'}} of every variant with an evaluation in OUT."""
+  found = {}
+  for name in VARIANTS:
+    workdir = os.path.join(args.out, name)
+    if os.path.isdir(os.path.join(workdir, 'eval')):
+      found[name] = {'train': step_times(workdir), 'eval': latest_eval(workdir)}
+      if name == 'routing':
+        found[name]['routing_stats'] = routing_stats(workdir)
+  return found
+
+
+def comparison_rows(variants):
+  """[(label, {variant: nll})]: overall first, then the position buckets."""
+  names = [n for n in VARIANTS if n in variants]
+  evals = {name: variants[name]['eval'] for name in names}
+  rows = [('overall', {name: evals[name]['nll'] for name in names})]
+  for index, bucket in enumerate(evals[names[0]]['position_buckets']):
+    rows.append((f'[{bucket["start"]}, {bucket["end"]})',
+                 {name: evals[name]['position_buckets'][index]['nll'] for name in names}))
+  return rows
+
+
+def markdown_table(variants):
+  names = [n for n in VARIANTS if n in variants]
+  ratios = [n for n in names if n != 'dense'] if 'dense' in names else []
+  header = ('| positions | ' + ' | '.join(LABELS[n] for n in names) + ' | '
+            + ''.join(f'{LABELS[n]}/dense | ' for n in ratios))
+  lines = [header.rstrip(), '| --- ' * (1 + len(names) + len(ratios)) + '|']
+  for label, nll in comparison_rows(variants):
+    cells = [fmt(nll[n]) for n in names] + [fmt(ratio(nll[n], nll['dense'])) for n in ratios]
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  lines += ['', '| variant | median step s | tokens/s | last train loss |', '| --- | --- | --- | --- |']
+  for name in names:
+    t = variants[name]['train']
+    lines.append(f'| {LABELS[name]} | {fmt(t["step_time_s"], ".3f")} | {fmt(t["tokens_per_s"], ".0f")} | '
+                 f'{fmt(t["final_train_loss"])} |')
+  return '\n'.join(lines)
+
+
+def report_markdown(results):
+  s = results['settings']
+  summary = (f'On {results["device"]}: {s["steps"]} steps x {s["batch"]} x {s["seq_len"]} tokens from scratch; '
+             f'window {s["window"]}; routing:{s["clusters"]} at layers {s["routing_layers"]} with '
+             f'{s["local_heads"]} local heads; validation NLL in nats per byte-token:')
+  commands = '\n'.join(results['commands'])
+  return f'{summary}\n\n{markdown_table(results["variants"])}\n\nCommands:\n\n```\n{commands}\n```\n'
+
+
+def run_experiment(args, log=print):
+  os.makedirs(args.out, exist_ok=True)
+  device = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
+  log(f'devices: {device}')
+  prepare_argv = ['--name', DATASET] + (['--data_dir', args.data_dir] if args.data_dir else [])
+  run_phase(prepare_data_command, prepare_argv, 'prepare data', log)
+  commands = ['python -m sparseformer.cli.prepare_data ' + ' '.join(prepare_argv)]
+  for name in args.variants:
+    workdir = os.path.join(args.out, name)
+    commands.append(train_phase(PRETRAIN_CONFIG, workdir, train_overrides(args, name), f'train {name}', log)['command'])
+    commands.append(eval_phase(workdir, eval_overrides(args), f'eval {name}', log)['command'])
+  settings = {k: v for k, v in vars(args).items() if k not in ('out', 'variants')}
+  results = {'settings': settings, 'device': device, 'commands': commands, 'variants': collected_results(args)}
+  markdown = report_markdown(results)
+  with open(os.path.join(args.out, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(args.out, 'results.md'), 'w') as f:
+    f.write(markdown)
+  log('\n' + markdown)
+  return results
+
+
+def main(argv=None):
+  run_experiment(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == '__main__':
+  main()
