@@ -59,6 +59,19 @@ def test_plan_keeps_exactly_the_top_w_with_ties_to_the_earlier_key(window, block
       expected.sum() / (prefix.sum() * h), rel=1e-6)
 
 
+@pytest.mark.parametrize('window,chunk', [(37, 32), (5, 64), (200, 16)])
+def test_thresholds_are_the_w_th_largest_rank_of_the_document_prefix(window, chunk):
+  rng = np.random.default_rng(chunk)
+  b, h, t = 2, 3, 300
+  ranks = np.stack([np.stack([rng.permutation(t) for _ in range(h)]) for _ in range(b)])
+  segments = np.cumsum(rng.random((b, t)) < 0.01, axis=1)
+  got = np.asarray(dmp.query_thresholds(jnp.asarray(ranks, jnp.int32), window, jnp.asarray(segments), chunk))
+  for bi, hi, i in np.ndindex(b, h, t):
+    prefix = ranks[bi, hi, :i + 1][segments[bi, :i + 1] == segments[bi, i]]
+    want = np.sort(prefix)[-window] if len(prefix) >= window else dmp.KEEP_ALL
+    assert got[bi, hi, i] == want, (bi, hi, i)
+
+
 def test_plan_skips_tiles_that_hold_no_kept_key():
   t, window, block = 256, 16, 16
   scores = jnp.where(jnp.arange(t) < window, 1.0, 0.0)[None, None]  # the first 16 keys win every row

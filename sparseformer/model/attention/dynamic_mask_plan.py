@@ -9,8 +9,10 @@ keys j <= i of its own document whose rank is among the w largest there:
 with threshold_i the w-th largest rank of that causal prefix (-1, i.e. keep all, when the
 prefix holds fewer than w keys). Ranks are unique, so exactly min(w, prefix) keys are
 kept. The thresholds come from a scan over query chunks carrying the top-w ranks of the
-prefix of the current document (memory O(w x chunk)). Documents are contiguous runs of
-segment ids (as the packer writes them): the carried set restarts at a new id.
+prefix of the current document (memory O(w x chunk)); inside a chunk a query's threshold
+is the candidate with exactly w - 1 larger ones (comparisons and prefix counts, no sort per
+query). Documents are contiguous runs of segment ids (as the packer writes them): the
+carried set restarts at a new id.
 
 The block-sparse plan (one per kv head) visits tile (I, J) when some key of J that a
 query of I may reach causally ranks at least the smallest threshold of I, and marks it
@@ -47,6 +49,43 @@ def _chunked(x, chunk, fill):
   return x.reshape(b, h, n, chunk).transpose(2, 0, 1, 3)
 
 
+def _window_counts(greater, start):
+  """greater [B, H, c keys, m] (0/1) -> [B, H, c queries, m]: the sum over the keys
+  start_i..i of query i's window (its document inside the chunk, up to itself)."""
+  prefix = jnp.pad(jnp.cumsum(greater, axis=2), ((0, 0), (0, 0), (1, 0), (0, 0)))  # prefix[k]: keys < k
+  before = jnp.take_along_axis(prefix, start[:, None, :, None], axis=2)
+  return prefix[:, :, 1:] - before
+
+
+def _chunk_thresholds(top, carry_valid, chunk_ranks, start, window):
+  """[B, H, c]: per query i of a chunk, the `window`-th largest of the carried ranks `top`
+  [B, H, w] (descending; where carry_valid [B, c]) and the chunk's ranks of keys start_i..i,
+  KEEP_ALL if fewer. With unique ranks it is the one candidate with exactly window - 1
+  larger candidates: counting them needs [c, w] comparisons, no sort per query."""
+  c = chunk_ranks.shape[-1]
+  key, query = jnp.arange(c)[None, :], jnp.arange(c)[:, None]
+  in_window = (key >= start[:, :, None]) & (key <= query)[None]  # [B, query, key]
+  carry_mask = carry_valid[:, None, :, None]
+  # Carried rank p has p larger carried ranks (descending, unique) plus the window's larger keys.
+  chunk_over_carry = _window_counts((chunk_ranks[..., :, None] > top[..., None, :]).astype(jnp.int32), start)
+  carry_hit = carry_mask & (top[..., None, :] >= 0) & (jnp.arange(window) + chunk_over_carry == window - 1)
+  from_carry = jnp.where(carry_hit, top[..., None, :], KEEP_ALL).max(-1)
+  carry_over_chunk = (top[..., None, :] > chunk_ranks[..., :, None]).sum(-1)  # [B, H, key]
+  chunk_over_chunk = _window_counts((chunk_ranks[..., :, None] > chunk_ranks[..., None, :]).astype(jnp.int32), start)
+  counts = chunk_over_chunk + jnp.where(carry_mask, carry_over_chunk[..., None, :], 0)
+  chunk_hit = in_window[:, None] & (chunk_ranks[..., None, :] >= 0) & (counts == window - 1)
+  from_chunk = jnp.where(chunk_hit, chunk_ranks[..., None, :], KEEP_ALL).max(-1)
+  return jnp.maximum(from_carry, from_chunk)
+
+
+def _document_starts(chunk_segments):
+  """[B, c]: index in the chunk where each position's document starts (contiguous ids)."""
+  c = chunk_segments.shape[-1]
+  boundary = jnp.concatenate([jnp.ones_like(chunk_segments[:, :1], bool),
+                              chunk_segments[:, 1:] != chunk_segments[:, :-1]], axis=1)
+  return lax.cummax(jnp.where(boundary, jnp.arange(c), 0), axis=1)
+
+
 def query_thresholds(ranks, window, segment_ids=None, chunk=128):
   """threshold_i [B, H, T] int32: the `window`-th largest rank among the keys j <= i of
   query i's document, KEEP_ALL where there are fewer than `window` such keys."""
@@ -56,18 +95,14 @@ def query_thresholds(ranks, window, segment_ids=None, chunk=128):
   segments = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   rank_chunks = _chunked(ranks, chunk, KEEP_ALL)  # padded keys rank -1: never counted
   segment_chunks = _chunked(segments[:, None, :], chunk, -1)[:, :, 0]  # [n, B, chunk]
-  causal = jnp.arange(chunk)[None, :] <= jnp.arange(chunk)[:, None]  # [query, key] within a chunk
 
   def step(carry, chunk_inputs):
-    top, top_segment = carry  # [B, H, w] ranks of the current document's prefix, [B] its id
+    top, top_segment = carry  # [B, H, w] ranks of the current document's prefix, descending; [B] its id
     chunk_ranks, chunk_segments = chunk_inputs  # [B, H, c], [B, c]
-    candidates = jnp.concatenate([top, chunk_ranks], axis=-1)  # [B, H, w + c]
-    from_carry = jnp.broadcast_to((top_segment[:, None] == chunk_segments)[:, :, None], (b, chunk, window))
-    in_chunk = causal[None] & (chunk_segments[:, :, None] == chunk_segments[:, None, :])
-    valid = jnp.concatenate([from_carry, in_chunk], axis=-1)  # [B, query, w + c]
-    per_query = jnp.where(valid[:, None], candidates[:, :, None, :], KEEP_ALL)
-    thresholds = lax.top_k(per_query, window)[0][..., -1]  # w-th largest, -1 if fewer are valid
+    carry_valid = top_segment[:, None] == chunk_segments
+    thresholds = _chunk_thresholds(top, carry_valid, chunk_ranks, _document_starts(chunk_segments), window)
     last_segment = chunk_segments[:, -1]
+    candidates = jnp.concatenate([top, chunk_ranks], axis=-1)  # [B, H, w + c]
     still_valid = jnp.concatenate([(top_segment == last_segment)[:, None] & jnp.ones((b, window), bool),
                                    chunk_segments == last_segment[:, None]], axis=-1)
     top = lax.top_k(jnp.where(still_valid[:, None], candidates, KEEP_ALL), window)[0]
