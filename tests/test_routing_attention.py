@@ -403,3 +403,46 @@ def test_a_routing_model_trains_and_its_state_is_checkpointed_and_restored(tmp_p
   assert not np.allclose(path(restored[8])['centroids'], path(restored[4])['centroids'])
   resumed = run_script('train.py', tiny_argv(workdir, data_dir, **{**fields, 'train__steps': 10}))
   assert resumed.returncode == 0 and 'resumed from step 8' in resumed.stdout, resumed.stderr[-2000:]
+
+
+def kernel_outputs(monkeypatch, implementation, shared_qk, t, d, block):
+  """(y, (dq, dk, dv)) of routing_plan.cluster_attention in bfloat16 through one implementation."""
+  import functools
+  from sparseformer.model.attention import routing_plan
+  b, h = 1, 2
+  keys = jax.random.split(jax.random.key(0), 6)
+  q, k, v, d_out = (jax.random.normal(keys[i], (b, t, h, d), jnp.bfloat16) for i in range(4))
+  q_clusters = jax.random.randint(keys[4], (b, t, h), 0, 3)
+  k_clusters = q_clusters if shared_qk else jax.random.randint(keys[5], (b, t, h), 0, 3)
+  segments = jnp.asarray(np.repeat([1, 2], [3 * t // 5, t - 3 * t // 5])[None], jnp.int32)
+  original = routing_plan.block_sparse_attention
+  monkeypatch.setattr(routing_plan, 'block_sparse_attention', functools.partial(original, implementation=implementation))
+
+  def loss(q, k, v):
+    y = routing_plan.cluster_attention(q, k, v, q_clusters, k_clusters, segments, block=block, scale=d ** -0.5,
+                                       shared_qk=shared_qk)
+    return jnp.sum(y.astype(jnp.float32) * d_out.astype(jnp.float32)), y
+  (_, y), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+  monkeypatch.setattr(routing_plan, 'block_sparse_attention', original)
+  return y, grads
+
+
+def assert_kernel_matches_reference(monkeypatch, implementation, shared_qk, t, d, block):
+  y_ref, grads_ref = kernel_outputs(monkeypatch, 'reference', shared_qk, t, d, block)
+  y, grads = kernel_outputs(monkeypatch, implementation, shared_qk, t, d, block)
+  f32 = lambda x: np.asarray(x, np.float32)
+  np.testing.assert_allclose(f32(y), f32(y_ref), rtol=2e-2, atol=3e-2)
+  for name, got, want in zip(('dq', 'dk', 'dv'), grads, grads_ref):
+    np.testing.assert_allclose(f32(got), f32(want), rtol=2e-2, atol=6e-2, err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('shared_qk', [True, False])
+def test_the_mosaic_gpu_kernels_in_interpret_mode_agree_with_the_reference(monkeypatch, shared_qk):
+  assert_kernel_matches_reference(monkeypatch, 'mosaic_gpu_interpret', shared_qk, t=200, d=64, block=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('shared_qk', [True, False])
+def test_on_a_hopper_gpu_the_kernels_agree_with_the_reference(monkeypatch, shared_qk):
+  assert_kernel_matches_reference(monkeypatch, 'mosaic_gpu', shared_qk, t=4096, d=128, block=128)
