@@ -1,16 +1,19 @@
 """The plan's data-dependent rank rule (a key is visible where key_rank >= q_threshold,
 dynamic mask attention's selection) against dense attention under the explicit mask:
 outputs, LSE and every gradient, plan heads 1/Hkv/H, documents, ragged lengths, tiles
-marked full only where the rule keeps every element."""
+marked full only where the rule keeps every element; the jnp reference and the Mosaic TPU
+kernels (interpret mode, and lowered for a TPU target). The Mosaic GPU kernels are tested
+in test_block_sparse_mosaic_gpu_rank_rule.py."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_block_sparse_attention import check_against_dense, plan_dense_mask, random_inputs
 
-from pallas_kernels.block_sparse_attention import api, masks, plan_from_block_mask
+from pallas_kernels.block_sparse_attention import api, masks, plan_from_block_mask, tpu
 from pallas_kernels.block_sparse_attention.plan import FULL, PARTIAL, from_kinds
 
 
@@ -49,7 +52,7 @@ CASES = [  # (seed, length, block_q, block_kv, heads, kv heads, plan heads, docu
     (0, 37, 8, 8, 4, 2, 2, False),
     (1, 37, 8, 16, 4, 2, 1, True),
     (2, 29, 16, 8, 4, 1, 4, True),
-    (3, 64, 16, 16, 2, 2, 2, True),
+    pytest.param((3, 64, 16, 16, 2, 2, 2, True), marks=pytest.mark.slow),
 ]
 
 
@@ -90,3 +93,30 @@ def test_plan_without_rule_is_unchanged_by_the_new_fields():
   plan, base = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
   assert base.key_rank is None and not base.has_rank_rule
   assert dataclasses.replace(plan, key_rank=None, q_threshold=None).has_rank_rule is False
+
+
+# Mosaic TPU kernels (interpret mode on CPU) ------------------------------------------------
+
+@pytest.mark.parametrize('case', [pytest.param(CASES[1], marks=pytest.mark.slow), CASES[2]])
+def test_rank_rule_tpu_interpret_matches_dense(case):
+  """Plan heads 1 (shared by a GQA pair) and H (per query head, the dK/dV pass walks the
+  group's members), documents, ragged lengths, bias."""
+  seed, length, block_q, block_kv, h, hkv, hp, documents = case
+  plan, _ = rank_rule_plan(seed, 2, hp, length, block_q, block_kv, documents)
+  q, k, v, bias, d_out = random_inputs(seed, 2, length, length, h, hkv, 8, jnp.float32, with_bias=True)
+  check_against_dense(plan, q, k, v, bias, d_out, implementation='tpu_interpret')
+
+
+def test_rank_rule_lowers_to_mosaic_for_a_tpu_target():
+  b, t, h, hkv, d = 1, 300, 4, 2, 128
+  q, out = jnp.zeros((b, t, h, d), jnp.bfloat16), jnp.zeros((b, t, h, d), jnp.bfloat16)
+  k = v = jnp.zeros((b, t, hkv, d), jnp.bfloat16)
+  bias, lse = jnp.zeros((b, hkv, t)), jnp.zeros((b, h, t))
+  plan, _ = rank_rule_plan(0, b, hkv, t, 128, 128, True)
+  target = jax.sharding.AbstractDevice(device_kind='TPU v5e', num_cores=1, platform='tpu')
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ('x',), abstract_device=target)):
+    forward = jax.export.export(jax.jit(lambda *a: tpu.forward(*a, 0.1)), platforms=['tpu'])(q, k, v, bias, plan)
+    backward = jax.export.export(jax.jit(lambda q, k, v, bias, plan, out, lse: tpu.backward(
+        q, k, v, bias, plan, 0.1, out, lse, out, lse)), platforms=['tpu'])(q, k, v, bias, plan, out, lse)
+  assert forward.mlir_module().count('tpu_custom_call') == 1
+  assert backward.mlir_module().count('tpu_custom_call') == 2

@@ -50,7 +50,9 @@ def test_plan_keeps_exactly_the_top_w_with_ties_to_the_earlier_key(window, block
   b, h, t = 2, 2, 45
   scores = jnp.asarray(rng.integers(0, 3, (b, h, t)).astype(np.float32))  # many ties
   segments = random_documents(rng, b, t) if documents else None
-  plan, thresholds = dmp.dynamic_mask_plan(scores, window, block_q=block, block_kv=block, segment_ids=segments)
+  build = jax.jit(lambda scores, segments: dmp.dynamic_mask_plan(scores, window, block_q=block, block_kv=block,
+                                                                  segment_ids=segments))
+  plan, thresholds = build(scores, segments)
   expected = explicit_topw_mask(scores, window, segments)
   np.testing.assert_array_equal(plan_mask(plan), expected)
   prefix = np.asarray(dmp.document_prefix_lengths(segments, t, b))[:, None, :]
@@ -99,15 +101,21 @@ def context(segments, b, t):
   return AttentionContext(jnp.zeros((b, t), jnp.int32), segments, None, None)
 
 
-def oracle_attention(q, k, v, dt_weight, dt_scale, window, segments):
-  """Dense float32 attention with the explicit top-w mask and the bias A softplus(V W_dt),
-  written independently of the mechanism (A multiplies the kv-head axis)."""
+def oracle_scores(v, dt_weight, dt_scale):
+  """delta [B, Hkv, T] = A softplus(V_flat W_dt), written independently of the mechanism
+  (A multiplies the kv-head axis before the transpose)."""
   b, t, hkv, d = v.shape
   z = v.reshape(b, t, hkv * d) @ dt_weight.reshape(hkv * d, hkv)  # [B, T, Hkv]
-  delta = jnp.transpose(dt_scale * jax.nn.softplus(z), (0, 2, 1))  # A on the head axis, then [B, Hkv, T]
-  keep = explicit_topw_mask(jax.lax.stop_gradient(delta), window, segments)
+  return jnp.transpose(dt_scale * jax.nn.softplus(z), (0, 2, 1))
+
+
+@jax.jit
+def oracle_attention(q, k, v, dt_weight, dt_scale, keep):
+  """Dense float32 attention under the explicit mask keep [B, Hkv, T, T] with the bias."""
+  d, hkv = v.shape[-1], v.shape[2]
+  delta = oracle_scores(v, dt_weight, dt_scale)
   group = q.shape[2] // hkv
-  keep = jnp.asarray(np.repeat(keep, group, axis=1))
+  keep = jnp.repeat(keep, group, axis=1)
   s = jnp.einsum('bqhd,bkhd->bhqk', q, jnp.repeat(k, group, axis=2)) / d ** 0.5
   s = jnp.where(keep, s + jnp.repeat(delta, group, axis=1)[:, :, None, :], -jnp.inf)
   return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1), jnp.repeat(v, group, axis=2))
@@ -133,11 +141,14 @@ def test_mechanism_matches_dense_top_w_attention_with_all_gradients(window, docu
     y, _ = nnx.merge(graph, params)(q, k, v, context(segments, b, t))
     return jnp.sum(y * d_out)
 
-  def oracle(dt_weight, dt_scale, q, k, v):
-    return jnp.sum(oracle_attention(q, k, v, dt_weight, dt_scale, window, segments) * d_out)
+  keep = jnp.asarray(explicit_topw_mask(oracle_scores(v, mechanism.dt_weight[...], mechanism.dt_scale[...]), window,
+                                        segments))
 
-  loss, (d_params, dq, dk, dv) = jax.value_and_grad(ours, (0, 1, 2, 3))(params, q, k, v)
-  loss_ref, (d_weight, d_scale, dq_ref, dk_ref, dv_ref) = jax.value_and_grad(oracle, (0, 1, 2, 3, 4))(
+  def oracle(dt_weight, dt_scale, q, k, v):
+    return jnp.sum(oracle_attention(q, k, v, dt_weight, dt_scale, keep) * d_out)
+
+  loss, (d_params, dq, dk, dv) = jax.jit(jax.value_and_grad(ours, (0, 1, 2, 3)))(params, q, k, v)
+  loss_ref, (d_weight, d_scale, dq_ref, dk_ref, dv_ref) = jax.jit(jax.value_and_grad(oracle, (0, 1, 2, 3, 4)))(
       mechanism.dt_weight[...], mechanism.dt_scale[...], q, k, v)
   tol = dict(rtol=2e-4, atol=2e-4)
   np.testing.assert_allclose(loss, loss_ref, **tol)
@@ -159,7 +170,7 @@ def test_fresh_init_gives_finite_outputs_and_gradients():
                                       context(segments, b, t))
     return jnp.sum(y.astype(jnp.float32) * d_out), aux
 
-  (value, aux), grads = jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True)(params, q, k, v)
+  (value, aux), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))(params, q, k, v)
   assert bool(jnp.isfinite(value))
   for leaf in jax.tree.leaves(grads):
     assert bool(jnp.isfinite(leaf[...] if hasattr(leaf, 'get_value') else leaf).all())
@@ -171,10 +182,11 @@ def test_changing_a_future_token_never_changes_a_past_output():
   b, t, heads, kv_heads, d, cut = 1, 140, 2, 2, 16, 90
   mechanism = make_mechanism(6, kv_heads, heads, d, init_scale=0.5)
   q, k, v, _ = qkv(5, b, t, heads, kv_heads, d)
-  ctx = context(None, b, t)
-  y, _ = mechanism(q, k, v, ctx)
+  graph, params = nnx.split(mechanism)
+  attend = jax.jit(lambda q, k, v: nnx.merge(graph, params)(q, k, v, context(None, b, t))[0])
+  y = attend(q, k, v)
   future = jax.random.normal(jax.random.key(9), (b, t - cut, kv_heads, d)) * 5
-  y2, _ = mechanism(q, k.at[:, cut:].set(future), v.at[:, cut:].set(-future), ctx)
+  y2 = attend(q, k.at[:, cut:].set(future), v.at[:, cut:].set(-future))
   np.testing.assert_allclose(y2[:, :cut], y[:, :cut], rtol=1e-6, atol=1e-6)
   assert not np.allclose(y2[:, cut:], y[:, cut:])
 
