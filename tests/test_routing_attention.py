@@ -337,20 +337,28 @@ def token_batch(rows=8, length=32, seed=0):
           'loss_mask': np.ones((rows, length), np.float32)}
 
 
-def test_a_rematerialised_step_updates_the_state_once_and_as_without_remat():
-  batch = token_batch()
+def test_a_rematerialised_call_updates_the_state_once_and_as_without_remat():
+  b, t, heads, kv_heads, d = 2, 32, 4, 2, 16
+  q, k, v, q_pre, k_pre, _ = inputs(8, b, t, heads, kv_heads, d)
+  ctx = context(None, b, t, training=True)
   results = {}
-  for remat in ('none', 'full'):
-    step, state, _ = routing_step(remat)
-    initial = jax.device_get(state['mechanism_state'])
-    new_state, metrics = step(state, batch)
-    results[remat] = jax.device_get(new_state['mechanism_state'])
-    assert 'layer0/routing_commitment' not in metrics and float(metrics['aux_loss']) > 0
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), results['none'], results['full'])
-  counts = results['full']['blocks'][0]['attention']['mechanism']['counts']
-  np.testing.assert_allclose(counts.sum(-1), 0.5 * 4 + 0.5 * 8 * 32)  # one EMA step of every token, not two
-  assert not np.allclose(results['full']['blocks'][0]['attention']['mechanism']['centroids'],
-                         initial['blocks'][0]['attention']['mechanism']['centroids'])
+  for remat in (False, True):
+    mechanism = make_mechanism(4, heads, kv_heads, d, decay=0.5)
+    graph, state = nnx.split(mechanism)
+    state = state.to_pure_dict()  # fresh Variables inside the trace, as the train step merges
+
+    def loss(state, q):
+      model = nnx.merge(graph, state)
+      call = lambda m, q, k, v, q_pre, k_pre: m(q, k, v, ctx, pre_rope=(q_pre, k_pre))[0]
+      y = (nnx.remat(call) if remat else call)(model, q, k, v, q_pre, k_pre)  # as transformer.py wraps a block
+      return jnp.sum(y ** 2), nnx.state(model).to_pure_dict()
+
+    (_, new_state), dq = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True))(state, q)
+    results[remat] = (jax.device_get(new_state), dq)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), results[False], results[True])
+  counts = results[True][0]['counts']
+  np.testing.assert_allclose(counts.sum(-1), 0.5 * 4 + 0.5 * b * t)  # one EMA step of every token, not two
+  assert not np.allclose(results[True][0]['centroids'], mechanism.centroids[...])
 
 
 REPLICA_CHECK = '''
