@@ -424,7 +424,8 @@ def kernel_outputs(monkeypatch, implementation, shared_qk, t, d, block):
   k_clusters = q_clusters if shared_qk else jax.random.randint(keys[5], (b, t, h), 0, 3)
   segments = jnp.asarray(np.repeat([1, 2], [3 * t // 5, t - 3 * t // 5])[None], jnp.int32)
   original = routing_plan.block_sparse_attention
-  monkeypatch.setattr(routing_plan, 'block_sparse_attention', functools.partial(original, implementation=implementation))
+  chosen = functools.partial(original, implementation=implementation)
+  monkeypatch.setattr(routing_plan, 'block_sparse_attention', chosen)
 
   def loss(q, k, v):
     y = routing_plan.cluster_attention(q, k, v, q_clusters, k_clusters, segments, block=block, scale=d ** -0.5,
