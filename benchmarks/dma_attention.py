@@ -148,8 +148,8 @@ def baseline_rows(args, length, q, k, v, d_out):
   rows = []
   for what, spec in ((args.baseline, 'causal'), (args.baseline + '_window', f'causal_window:{args.window}')):
     attend = attention_bench.dense_attend(args.baseline, spec)
-    for direction, fn, fn_args in (('fwd', jax.jit(attend), (q, k, v)),
-                                   ('fwd+bwd', jax.jit(attention_bench.forward_and_backward(attend)), (q, k, v, d_out))):
+    fwd_bwd = jax.jit(attention_bench.forward_and_backward(attend))
+    for direction, fn, fn_args in (('fwd', jax.jit(attend), (q, k, v)), ('fwd+bwd', fwd_bwd, (q, k, v, d_out))):
       row = Row(length, 0, what, direction)
       time_row(row, fn, fn_args, args.iterations)
       rows.append(row)

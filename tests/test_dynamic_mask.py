@@ -56,7 +56,8 @@ def test_plan_keeps_exactly_the_top_w_with_ties_to_the_earlier_key(window, block
   expected = explicit_topw_mask(scores, window, segments)
   np.testing.assert_array_equal(plan_mask(plan), expected)
   prefix = np.asarray(dmp.document_prefix_lengths(segments, t, b))[:, None, :]
-  np.testing.assert_array_equal(expected.sum(-1), np.broadcast_to(np.minimum(window, prefix), (b, h, t)))  # all when fewer
+  # every row keeps min(w, its prefix): all of it when it has fewer than w keys
+  np.testing.assert_array_equal(expected.sum(-1), np.broadcast_to(np.minimum(window, prefix), (b, h, t)))
   assert float(dmp.kept_fraction(thresholds, window, segments)) == pytest.approx(
       expected.sum() / (prefix.sum() * h), rel=1e-6)
 
@@ -152,8 +153,9 @@ def test_mechanism_matches_dense_top_w_attention_with_all_gradients(window, docu
       mechanism.dt_weight[...], mechanism.dt_scale[...], q, k, v)
   tol = dict(rtol=2e-4, atol=2e-4)
   np.testing.assert_allclose(loss, loss_ref, **tol)
-  for name, got, want in (('dq', dq, dq_ref), ('dk', dk, dk_ref), ('dv', dv, dv_ref),
-                          ('d W_dt', d_params['dt_weight'][...], d_weight), ('d A', d_params['dt_scale'][...], d_scale)):
+  pairs = (('dq', dq, dq_ref), ('dk', dk, dk_ref), ('dv', dv, dv_ref),
+           ('d W_dt', d_params['dt_weight'][...], d_weight), ('d A', d_params['dt_scale'][...], d_scale))
+  for name, got, want in pairs:
     np.testing.assert_allclose(got, want, err_msg=name, **tol)
   assert float(jnp.abs(d_scale).max()) > 1e-3  # the bias path carries a gradient
 
