@@ -24,7 +24,6 @@ WRONG past 3% of the largest value. tiles: visited tiles over causal tiles.
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -36,6 +35,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import attention as attention_bench  # noqa: E402
+from benchmarks.rows import number, text_table, time_row, write_json  # noqa: E402
 from pallas_kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
 from pallas_kernels.block_sparse_attention.api import select_implementation  # noqa: E402
 from sparseformer.config import base_config  # noqa: E402
@@ -102,16 +102,6 @@ def dma_functions(args, length, block):
   functions = dict(scores=jax.jit(scores), select=jax.jit(select), attention=jax.jit(attention),
                    attention_fwd_bwd=jax.jit(attention_fwd_bwd), dma=jax.jit(dma), dma_fwd_bwd=jax.jit(dma_fwd_bwd))
   return state, functions
-
-
-def time_row(row, fn, fn_args, iterations):
-  """Fills row.ms; returns the first result (None if the function failed)."""
-  try:
-    row.ms, result = attention_bench.measure_jax(fn, fn_args, iterations)
-    return result
-  except Exception as error:  # a row that cannot run is reported, the others still are
-    row.note = f'{type(error).__name__}: {str(error).splitlines()[0][:160]}'
-    return None
 
 
 @jax.jit
@@ -196,13 +186,10 @@ def run_length(args, length):
 
 def format_table(rows):
   columns = ('S', 'block', 'what', 'pass', 'ms', 'vs dense', 'vs window', 'tiles', 'err', 'kernel', 'note')
-  number = lambda x, spec: '-' if not np.isfinite(x) else format(x, spec)  # noqa: E731
   lines = [[str(r.length), str(r.block or '-'), r.what, r.direction, number(r.ms, '.3f'), number(r.vs_dense, '.2f'),
             number(r.vs_window, '.2f'), number(r.tiles, '.3f'), number(r.err, '.2e'), r.kernel, r.note[:60]]
            for r in rows]
-  widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
-  render = lambda cells: '  '.join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-  return '\n'.join([render(columns), render(['-' * w for w in widths])] + [render(line) for line in lines])
+  return text_table(columns, lines)
 
 
 def parse_args(argv):
@@ -244,8 +231,7 @@ def main(argv=None):
   if args.out:
     meta = dict(device=device, jax=jax.__version__, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                 window=args.window, score_scale=args.score_scale, iterations=args.iterations, baseline=args.baseline)
-    with open(args.out, 'w') as handle:
-      json.dump(dict(meta=meta, rows=[dataclasses.asdict(r) for r in rows]), handle, indent=1, default=float)
+    write_json(args.out, meta, rows)
   return rows
 
 

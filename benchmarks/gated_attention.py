@@ -25,7 +25,6 @@ the jnp reference elsewhere).
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -37,6 +36,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import attention as attention_bench  # noqa: E402
+from benchmarks.rows import number, text_table, time_row, write_json  # noqa: E402
 from pallas_kernels.block_sparse_attention import plan_from_block_mask  # noqa: E402
 from pallas_kernels.block_sparse_attention.api import select_implementation  # noqa: E402
 from sparseformer.config import base_config  # noqa: E402
@@ -106,16 +106,6 @@ def gated_functions(args, length, block):
   return state, functions
 
 
-def time_row(row, fn, fn_args, iterations):
-  """Fills row.ms; returns the first result (None if the function failed)."""
-  try:
-    row.ms, result = attention_bench.measure_jax(fn, fn_args, iterations)
-    return result
-  except Exception as error:  # a row that cannot run is reported, the others still are
-    row.note = f'{type(error).__name__}: {str(error).splitlines()[0][:160]}'
-    return None
-
-
 def run_length(args, length):
   q, k, v, d_out = attention_bench.make_inputs(length, args.heads, args.head_dim, args.seed)
   dense_fwd, dense_fwd_bwd = (jax.jit(f) for f in dense_attend(args.baseline))
@@ -163,12 +153,9 @@ def check_gated(row, result, plan, inputs, block):
 
 def format_table(rows):
   columns = ('S', 'block', 'what', 'pass', 'ms', 'vs cuDNN', 'density', 'err', 'kernel', 'note')
-  number = lambda x, spec: '-' if not np.isfinite(x) else format(x, spec)  # noqa: E731
   lines = [[str(r.length), str(r.block or '-'), r.what, r.direction, number(r.ms, '.3f'), number(r.vs_cudnn, '.2f'),
             number(r.density, '.3f'), number(r.err, '.2e'), r.kernel, r.note[:60]] for r in rows]
-  widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
-  render = lambda cells: '  '.join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-  return '\n'.join([render(columns), render(['-' * w for w in widths])] + [render(line) for line in lines])
+  return text_table(columns, lines)
 
 
 def parse_args(argv):
@@ -208,8 +195,7 @@ def main(argv=None):
   if args.out:
     meta = dict(device=device, jax=jax.__version__, heads=args.heads, head_dim=args.head_dim, width=args.width,
                 density=args.density, iterations=args.iterations, baseline=args.baseline)
-    with open(args.out, 'w') as handle:
-      json.dump(dict(meta=meta, rows=[dataclasses.asdict(r) for r in rows]), handle, indent=1, default=float)
+    write_json(args.out, meta, rows)
   return rows
 
 

@@ -1,0 +1,35 @@
+"""What the mechanism benchmarks share: timing one row, the text table, the JSON file."""
+
+import dataclasses
+import json
+
+import numpy as np
+
+from benchmarks import attention as attention_bench
+
+
+def time_row(row, fn, fn_args, iterations):
+  """Fills row.ms; returns the first result (None if the function failed)."""
+  try:
+    row.ms, result = attention_bench.measure_jax(fn, fn_args, iterations)
+    return result
+  except Exception as error:  # a row that cannot run is reported, the others still are
+    row.note = f'{type(error).__name__}: {str(error).splitlines()[0][:160]}'
+    return None
+
+
+def number(value, spec):
+  return '-' if not np.isfinite(value) else format(value, spec)
+
+
+def text_table(columns, lines):
+  """Left-aligned columns under a header and a rule; `lines` are lists of cell strings."""
+  widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
+  render = lambda cells: '  '.join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+  return '\n'.join([render(columns), render(['-' * w for w in widths])] + [render(line) for line in lines])
+
+
+def write_json(path, meta, rows):
+  """{'meta': meta, 'rows': [dataclass rows as dicts]} at `path`."""
+  with open(path, 'w') as handle:
+    json.dump(dict(meta=meta, rows=[dataclasses.asdict(r) for r in rows]), handle, indent=1, default=float)
