@@ -251,13 +251,17 @@ def run_experiment(args, log=print):
   nll = {name: variant['eval']['nll'] for name, variant in results['variants'].items()}
   results['ratios'] = {'masformer/dense': ratio(nll['masformer'], nll['dense']),
                        'window/dense': ratio(nll['window'], nll['dense'])}
-  markdown = report_markdown(results)
+  write_report(out, results, report_markdown(results), log)
+  return results
+
+
+def write_report(out, results, markdown, log):
+  """OUT/results.json and OUT/results.md, and the markdown to the log."""
   with open(os.path.join(out, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
   with open(os.path.join(out, 'results.md'), 'w') as f:
     f.write(markdown)
   log('\n' + markdown)
-  return results
 
 
 def main(argv=None):

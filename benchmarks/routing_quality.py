@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.long_context_quality import (DATASET, PRETRAIN_CONFIG, eval_phase, fmt, latest_eval,  # noqa: E402
-                                             ratio, run_phase, step_times, train_phase)
+                                             ratio, run_phase, step_times, train_phase, write_report)
 from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
 
 VARIANTS = ('dense', 'local', 'routing')
@@ -168,12 +168,7 @@ def run_experiment(args, log=print):
     commands.append(eval_phase(workdir, eval_overrides(args), f'eval {name}', log)['command'])
   settings = {k: v for k, v in vars(args).items() if k not in ('out', 'variants')}
   results = {'settings': settings, 'device': device, 'commands': commands, 'variants': collected_results(args)}
-  markdown = report_markdown(results)
-  with open(os.path.join(args.out, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(args.out, 'results.md'), 'w') as f:
-    f.write(markdown)
-  log('\n' + markdown)
+  write_report(args.out, results, report_markdown(results), log)
   return results
 
 

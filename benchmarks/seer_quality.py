@@ -44,7 +44,7 @@ import jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.long_context_quality import eval_phase, run_phase, train_phase  # noqa: E402
+from benchmarks.long_context_quality import eval_phase, run_phase, train_phase, write_report  # noqa: E402
 from sparseformer.cli.eval import load_run_config  # noqa: E402
 from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
 from sparseformer.model.attention.gate import topk_blocks_per_row  # noqa: E402
@@ -185,12 +185,7 @@ def run_experiment(args, log=print):
     results['rows'].append(row(label, density, evaluation, kept_fraction(density, args.seq_len, args.block)))
   add_ratios(results['rows'])
   results['target'] = target_line(results['rows'])
-  markdown = report_markdown(results)
-  with open(os.path.join(out, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(out, 'results.md'), 'w') as f:
-    f.write(markdown)
-  log('\n' + markdown)
+  write_report(out, results, report_markdown(results), log)
   log(json.dumps({'rows': results['rows'], 'target': results['target']}, indent=1))
   return results
 
