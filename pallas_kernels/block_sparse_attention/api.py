@@ -12,56 +12,25 @@ skipped one could not run. The custom_vjp lives here and nowhere else.
 """
 
 import functools
-import importlib
-import warnings
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention.plan import broadcast_batch
-
-
+from pallas_kernels.implementations import Registry
 
 # Kernel modules, each exposing IMPLEMENTATIONS (see implementation.py).
 KERNEL_MODULES = ('reference', 'tpu', 'mosaic_gpu')
 
-IMPLEMENTATIONS = {
-    implementation.name: implementation
-    for module in KERNEL_MODULES
-    for implementation in importlib.import_module(f'{__package__}.{module}').IMPLEMENTATIONS
-}
-
 # Preference order per platform when implementation=None.
 PREFERENCE = {'gpu': ('mosaic_gpu', 'reference'), 'tpu': ('tpu', 'reference'), 'cpu': ('reference',)}
 
-
-def _reason_unavailable(name, q, k, v, key_bias, plan):
-  if name not in IMPLEMENTATIONS:
-    return f'unknown implementation {name!r}; registered: {sorted(IMPLEMENTATIONS)}'
-  implementation = IMPLEMENTATIONS[name]
-  platform = jax.default_backend()
-  if platform not in implementation.platforms:
-    return f'{name} runs on {"/".join(implementation.platforms)}, not {platform}'
-  return implementation.unavailable(q, k, v, key_bias, plan)
+REGISTRY = Registry('block_sparse_attention', __package__, KERNEL_MODULES, PREFERENCE)
+IMPLEMENTATIONS = REGISTRY.implementations
 
 
 def select_implementation(implementation, q, k, v, key_bias, plan):
-  if isinstance(implementation, str):
-    reason = _reason_unavailable(implementation, q, k, v, key_bias, plan)
-    if reason:
-      raise ValueError(f'block_sparse_attention implementation {implementation!r} cannot run: {reason}')
-    return IMPLEMENTATIONS[implementation]
-  candidates = implementation or [n for n in PREFERENCE.get(jax.default_backend(), ('reference',))
-                                  if n in IMPLEMENTATIONS]
-  reasons = []
-  for name in candidates:
-    reason = _reason_unavailable(name, q, k, v, key_bias, plan)
-    if reason is None:
-      if reasons and implementation:
-        warnings.warn(f'block_sparse_attention falls back to {name!r}: ' + '; '.join(reasons))
-      return IMPLEMENTATIONS[name]
-    reasons.append(f'{name}: {reason}')
-  raise ValueError('no block_sparse_attention implementation can run: ' + '; '.join(reasons))
+  return REGISTRY.select(implementation, q, k, v, key_bias, plan)
 
 
 def check_shapes(q, k, v, key_bias, plan):

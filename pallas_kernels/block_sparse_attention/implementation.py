@@ -11,18 +11,4 @@ these inputs, else the reason (a short sentence). Interpret-mode variants (names
 in `_interpret`) run the same kernel logic on any platform, for tests.
 """
 
-import dataclasses
-from typing import Callable
-
-
-def always_available(*args):
-  return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-  name: str
-  forward: Callable
-  backward: Callable
-  platforms: tuple = ('cpu', 'gpu', 'tpu')
-  unavailable: Callable = always_available
+from pallas_kernels.implementations import Implementation, always_available  # noqa: F401 (re-exported)

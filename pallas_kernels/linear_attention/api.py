@@ -18,52 +18,24 @@ Implementation records with these signatures:
 """
 
 import functools
-import importlib
-import warnings
 
 import jax
 import jax.numpy as jnp
 
-KERNEL_MODULES = ('reference', 'tpu')
+from pallas_kernels.implementations import Registry
 
-IMPLEMENTATIONS = {
-    implementation.name: implementation
-    for module in KERNEL_MODULES
-    for implementation in importlib.import_module(f'{__package__}.{module}').IMPLEMENTATIONS
-}
+KERNEL_MODULES = ('reference', 'tpu')
 
 # Preference order per platform when implementation=None.
 PREFERENCE = {'gpu': ('reference',), 'tpu': ('tpu', 'reference'), 'cpu': ('reference',)}
 
-
-def _reason_unavailable(name, *inputs):
-  if name not in IMPLEMENTATIONS:
-    return f'unknown implementation {name!r}; registered: {sorted(IMPLEMENTATIONS)}'
-  implementation = IMPLEMENTATIONS[name]
-  platform = jax.default_backend()
-  if platform not in implementation.platforms:
-    return f'{name} runs on {"/".join(implementation.platforms)}, not {platform}'
-  return implementation.unavailable(*inputs)
+REGISTRY = Registry('gated_linear_attention', __package__, KERNEL_MODULES, PREFERENCE)
+IMPLEMENTATIONS = REGISTRY.implementations
 
 
 def select_implementation(implementation, *inputs):
   """The Implementation to run on inputs (q, k, v, g, initial_state, segment_ids)."""
-  if isinstance(implementation, str):
-    reason = _reason_unavailable(implementation, *inputs)
-    if reason:
-      raise ValueError(f'gated_linear_attention implementation {implementation!r} cannot run: {reason}')
-    return IMPLEMENTATIONS[implementation]
-  candidates = implementation or [n for n in PREFERENCE.get(jax.default_backend(), ('reference',))
-                                  if n in IMPLEMENTATIONS]
-  reasons = []
-  for name in candidates:
-    reason = _reason_unavailable(name, *inputs)
-    if reason is None:
-      if reasons and implementation:
-        warnings.warn(f'gated_linear_attention falls back to {name!r}: ' + '; '.join(reasons))
-      return IMPLEMENTATIONS[name]
-    reasons.append(f'{name}: {reason}')
-  raise ValueError('no gated_linear_attention implementation can run: ' + '; '.join(reasons))
+  return REGISTRY.select(implementation, *inputs)
 
 
 def check_shapes(q, k, v, g, initial_state, segment_ids):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.block_sparse_attention.implementation import Implementation
+from pallas_kernels.implementations import Implementation
 
 CHUNK = 64
 SUB_CHUNK = 16

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse_attention.implementation import Implementation
+from pallas_kernels.implementations import Implementation
 from pallas_kernels.linear_attention import reference
 
 LANES = 128
