@@ -55,19 +55,31 @@ QUICK_MODEL = {'model.d_model': 64, 'model.num_layers': 2, 'model.num_heads': 2,
 QUICK_MASFORMER = {'model.attention.full_layers': 'every:2'}  # the top layer of 2 dense
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+def experiment_parser(doc, full, quick):
+  """The flags every experiment script shares: --out, --quick, --data_dir, and one integer
+  flag per sizing field (its default from `full`, or `quick` with --quick)."""
+  parser = argparse.ArgumentParser(description=doc.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', required=True, help='folder for the runs, results.json and results.md')
   parser.add_argument('--quick', action='store_true', help='tiny CPU smoke run (defaults from QUICK)')
   parser.add_argument('--data_dir', default='', help='TFDS data dir ($SPARSEFORMER_DATA_DIR or the default cache)')
-  for name, value in FULL.items():
-    parser.add_argument(f'--{name}', type=int, default=None, help=f'default {value} ({QUICK[name]} with --quick)')
+  for name, value in full.items():
+    parser.add_argument(f'--{name}', type=int, default=None, help=f'default {value} ({quick[name]} with --quick)')
+  return parser
+
+
+def parse_sized(parser, argv, full, quick):
+  """Parsed arguments with each sizing field not given filled from `full` or `quick`."""
   args = parser.parse_args(argv)
-  defaults = QUICK if args.quick else FULL
-  for name, value in defaults.items():
+  for name, value in (quick if args.quick else full).items():
     if getattr(args, name) is None:
       setattr(args, name, value)
+  return args
+
+
+def parse_args(argv):
+  parser = experiment_parser(__doc__, FULL, QUICK)
+  args = parse_sized(parser, argv, FULL, QUICK)
   if args.finetune_len % args.pretrain_len:
     parser.error('--finetune_len must be a multiple of --pretrain_len (the YaRN factor)')
   return args

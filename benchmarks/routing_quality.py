@@ -22,7 +22,6 @@ so `--variants` may split the work over several calls; results.json and results.
 tabulate every variant whose evaluation is in OUT.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -33,7 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.long_context_quality import (DATASET, PRETRAIN_CONFIG, eval_phase, fmt, latest_eval,  # noqa: E402
-                                             ratio, run_phase, step_times, train_phase, write_report)
+                                             experiment_parser, parse_sized, ratio, run_phase, step_times,
+                                             train_phase, write_report)
 from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
 
 VARIANTS = ('dense', 'local', 'routing')
@@ -50,21 +50,11 @@ QUICK_MODEL = {'model.d_model': 64, 'model.num_layers': 2, 'model.num_heads': 4,
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--out', required=True, help='folder for the runs, results.json and results.md')
-  parser.add_argument('--quick', action='store_true', help='tiny CPU smoke run (defaults from QUICK)')
-  parser.add_argument('--data_dir', default='', help='TFDS data dir ($SPARSEFORMER_DATA_DIR or the default cache)')
+  parser = experiment_parser(__doc__, FULL, QUICK)
   parser.add_argument('--variants', default=','.join(VARIANTS), help='a comma-separated subset to train now')
   parser.add_argument('--routing_layers', default=FULL_ROUTING_LAYERS,
                       help='layers with routing heads (model.attention.full_layers syntax)')
-  for name, value in FULL.items():
-    parser.add_argument(f'--{name}', type=int, default=None, help=f'default {value} ({QUICK[name]} with --quick)')
-  args = parser.parse_args(argv)
-  defaults = QUICK if args.quick else FULL
-  for name, value in defaults.items():
-    if getattr(args, name) is None:
-      setattr(args, name, value)
+  args = parse_sized(parser, argv, FULL, QUICK)
   args.variants = [v for v in args.variants.split(',') if v]
   unknown = set(args.variants) - set(VARIANTS)
   if unknown:

@@ -33,7 +33,6 @@ ratio to dense of each row, the target verdict (density 0.2 within 3% of dense
 perplexity), wall and step times of every phase.
 """
 
-import argparse
 import json
 import math
 import os
@@ -44,7 +43,8 @@ import jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.long_context_quality import eval_phase, run_phase, train_phase, write_report  # noqa: E402
+from benchmarks.long_context_quality import (eval_phase, experiment_parser, parse_sized, run_phase,  # noqa: E402
+                                             train_phase, write_report)
 from sparseformer.cli.eval import load_run_config  # noqa: E402
 from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
 from sparseformer.model.attention.gate import topk_blocks_per_row  # noqa: E402
@@ -66,19 +66,9 @@ QUICK_MODEL = {'model.d_model': 64, 'model.num_layers': 2, 'model.num_heads': 2,
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--out', required=True, help='folder for the runs, results.json and results.md')
+  parser = experiment_parser(__doc__, FULL, QUICK)
   parser.add_argument('--dense_workdir', default='', help='an existing dense run to distill (default: pretrain one)')
-  parser.add_argument('--quick', action='store_true', help='tiny CPU smoke run (defaults from QUICK)')
-  parser.add_argument('--data_dir', default='', help='TFDS data dir ($SPARSEFORMER_DATA_DIR or the default cache)')
-  for name, value in FULL.items():
-    parser.add_argument(f'--{name}', type=int, default=None, help=f'default {value} ({QUICK[name]} with --quick)')
-  args = parser.parse_args(argv)
-  for name, value in (QUICK if args.quick else FULL).items():
-    if getattr(args, name) is None:
-      setattr(args, name, value)
-  return args
+  return parse_sized(parser, argv, FULL, QUICK)
 
 
 def data_overrides(args):
