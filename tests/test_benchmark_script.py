@@ -202,22 +202,25 @@ def test_dma_attention_quick_run_times_every_row(tmp_path):
   assert dma['err'] < 0.05 and 0 < dma['tiles'] <= 1 and dma['kernel'] == 'reference', dma
 
 
-def test_routing_quality_quick_run_tabulates_the_variants_it_ran(tmp_path):
-  out = tmp_path / 'routing'
+def test_books_quality_quick_run_tabulates_the_variants_it_ran(tmp_path):
+  out = tmp_path / 'books'
   env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off'}
-  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'routing_quality.py'), '--quick',
-                           '--variants', 'dense,routing', '--out', str(out), '--data_dir', str(tmp_path / 'tfds')],
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'books_quality.py'), '--quick',
+                           '--variants', 'dense,routing,dma', '--out', str(out), '--data_dir', str(tmp_path / 'tfds')],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   results = json.loads((out / 'results.json').read_text())
-  assert list(results['variants']) == ['dense', 'routing']  # 'local' was not asked for
+  assert list(results['variants']) == ['dense', 'routing', 'dma']  # 'local' was not asked for
   for variant in results['variants'].values():
     assert np.isfinite(variant['eval']['nll']) and variant['eval']['seq_len'] == 256
   assert 0 < results['variants']['routing']['routing_stats']['train/layer1/routing_largest_cluster'] <= 1
   config = json.loads((out / 'routing' / 'config.json').read_text())['config']['model']
   assert config['attention']['full_kind'] == 'routing:4' and config['attention']['routing']['local_heads'] == 2
   table = (out / 'results.md').read_text()
-  assert '| positions | dense | routing | routing/dense |' in table and table.count('| overall |') == 1
+  assert config['attention']['routing']['local_window'] == 64
+  dma = json.loads((out / 'dma' / 'config.json').read_text())['config']['model']['attention']
+  assert dma['kind'] == 'dynamic_mask:64'
+  assert '| positions | dense | routing | DMA | routing/dense | DMA/dense |' in table and table.count('| overall |') == 1
 
 
 def test_train_throughput_quick_routing_row_and_its_attention_time(tmp_path):

@@ -1,9 +1,10 @@
-"""Routing attention's quality on the shipped books at 8192 tokens (issue 8): three models
-trained from scratch with the same steps, seed and data order, evaluated on the
-validation books, NLL overall and by position.
+"""Sparse mechanisms against dense and all-local on the shipped books at 8192 tokens (issues 7
+and 8): models trained from scratch with the same steps, seed and data order, evaluated on
+the validation books, NLL overall and by position.
 
-    python benchmarks/routing_quality.py --out runs/routing_quality          # the real run (GPU)
-    python benchmarks/routing_quality.py --out /tmp/rq --quick               # CPU smoke run
+    python benchmarks/books_quality.py --out runs/books_quality              # the real run (GPU)
+    python benchmarks/books_quality.py --out runs/books_quality --variants dense,local,dma
+    python benchmarks/books_quality.py --out /tmp/bq --quick                 # CPU smoke run
 
 Variants (the model of configs/long_pretrain.py: 8 layers, d_model 512, 8 heads, 2 kv
 heads, byte tokens; rows of --seq_len tokens):
@@ -11,7 +12,10 @@ heads, byte tokens; rows of --seq_len tokens):
   local    every layer window:--window;
   routing  the paper's mix: at the layers --routing_layers names, routing:--clusters with
            --local_heads local heads (window --window) and the other heads routed
-           (shared QK, the causal selection); window:--window at the other layers.
+           (shared QK, the causal selection); window:--window at the other layers;
+  dma      every layer dynamic_mask:--window: each query attends to the --window keys of
+           its past with the largest learned scores, plus the learned key bias (issue 7's
+           same keep budget as `local`).
 Each phase is the ordinary CLI in this process, as in benchmarks/long_context_quality.py
 (whose phase runner this script reuses):
     python -m sparseformer.cli.prepare_data --name=sparseformer_text/books
@@ -36,11 +40,11 @@ from benchmarks.long_context_quality import (DATASET, PRETRAIN_CONFIG, eval_phas
                                              train_phase, write_report)
 from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
 
-VARIANTS = ('dense', 'local', 'routing')
-LABELS = {'dense': 'dense', 'local': 'all local', 'routing': 'routing'}
+VARIANTS = ('dense', 'local', 'routing', 'dma')
+LABELS = {'dense': 'dense', 'local': 'all local', 'routing': 'routing', 'dma': 'DMA'}
 
-# Sized for one H100 (about 8 minutes for the three variants with their evaluation).
-FULL = dict(seq_len=8192, window=512, clusters=16, local_heads=4, steps=400, batch=8, eval_batches=0,
+# Sized for one H100: two or three variants fit in one 10-minute call (each ~2.5 minutes estimated).
+FULL = dict(seq_len=8192, window=1024, clusters=16, local_heads=4, steps=400, batch=8, eval_batches=0,
             log_every=10)
 FULL_ROUTING_LAYERS = 'every:2'
 # A CPU smoke run: 2 layers of d_model 64 (4 heads, 2 kv heads), 256 tokens.
@@ -79,6 +83,8 @@ def train_overrides(args, variant):
                    'model.attention.full_layers': args.routing_layers,
                    'model.attention.routing.local_heads': args.local_heads,
                    'model.attention.routing.local_window': args.window})
+  elif variant == 'dma':
+    fields['model.attention.kind'] = f'dynamic_mask:{args.window}'
   return fields
 
 
@@ -139,8 +145,9 @@ def markdown_table(variants):
 def report_markdown(results):
   s = results['settings']
   summary = (f'On {results["device"]}: {s["steps"]} steps x {s["batch"]} x {s["seq_len"]} tokens from scratch; '
-             f'window {s["window"]}; routing:{s["clusters"]} at layers {s["routing_layers"]} with '
-             f'{s["local_heads"]} local heads; validation NLL in nats per byte-token:')
+             f'window {s["window"]} (local; DMA keeps {s["window"]} keys per query); routing:{s["clusters"]} at '
+             f'layers {s["routing_layers"]} with {s["local_heads"]} local heads; '
+             'validation NLL in nats per byte-token:')
   commands = '\n'.join(results['commands'])
   return f'{summary}\n\n{markdown_table(results["variants"])}\n\nCommands:\n\n```\n{commands}\n```\n'
 
