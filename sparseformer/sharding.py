@@ -4,7 +4,10 @@ Parameters carry logical axis names (`embed`, `heads`, ...); `config.mesh.rules`
 each name to mesh axes. Changing parallelism is a config change only.
 """
 
+import contextlib
+import dataclasses
 import math
+import threading
 
 import jax
 import numpy as np
@@ -98,3 +101,44 @@ def check_batch_fits(global_batch, micro_batches, seq_len, mesh, rules):
                     f'{micro} rows per step, not divisible by the {batch_ways} batch shards of the mesh')
   if seq_len % length_ways:
     raise UserError(f'seq_len={seq_len} is not divisible by the {length_ways} sequence shards of the mesh')
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationPlacement:
+  """The mesh and rules that a traced function places its activations with. Attention
+  mechanisms read it to run their kernels per shard (see model/attention/context_parallel.py)."""
+  mesh: Mesh
+  rules: tuple
+
+  def spec(self, *logical_axes):
+    return logical_spec(logical_axes, self.rules)
+
+  def axis_size(self, entry):
+    return _axis_size(self.mesh, entry)
+
+
+_placement = threading.local()
+
+
+@contextlib.contextmanager
+def placing_activations(mesh, rules):
+  """Within this context (entered inside a traced function), `current_placement()` is set."""
+  previous = getattr(_placement, 'value', None)
+  _placement.value = ActivationPlacement(mesh, tuple(rules))
+  try:
+    yield _placement.value
+  finally:
+    _placement.value = previous
+
+
+def current_placement():
+  """The ActivationPlacement of the enclosing `placing_activations`, or None."""
+  return getattr(_placement, 'value', None)
+
+
+def with_activation_placement(fn, mesh, rules):
+  """fn whose body is traced within `placing_activations(mesh, rules)`."""
+  def placed(*args, **kwargs):
+    with placing_activations(mesh, rules):
+      return fn(*args, **kwargs)
+  return placed

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
+from sparseformer.model.attention import context_parallel
 from sparseformer.model.attention.base import Mechanism, no_aux, register
 
 DENSE_BACKENDS = ('auto', 'xla_mask', 'block_sparse')
@@ -45,10 +46,15 @@ class DenseAttention(Mechanism):
 
   def __call__(self, q, k, v, ctx):
     scale = ctx.logit_scale / q.shape[-1] ** 0.5
-    if ctx.segment_ids is None:
+    uses_kernels = ctx.segment_ids is not None and resolve_backend(self.options.dense_backend) == 'block_sparse'
+    placement = context_parallel.placement_for_kernels(sequence_split_only=not uses_kernels)
+    if placement is not None:  # a sharded sequence, or kernels on a multi-device mesh
+      y = context_parallel.sharded_attention(q, k, v, ctx.segment_ids, mask=masks.Causal(),
+                                             block=self.options.block_size, scale=scale, placement=placement)
+    elif ctx.segment_ids is None:
       y = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                        implementation=causal_implementation(q.dtype))
-    elif resolve_backend(self.options.dense_backend) == 'block_sparse':
+    elif uses_kernels:
       block = self.options.block_size
       plan = plan_from_mask(masks.Causal(), q_len=q.shape[1], block_q=block, block_kv=block,
                             segment_ids=ctx.segment_ids)

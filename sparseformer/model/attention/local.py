@@ -10,6 +10,7 @@ skipped. The plan is built from the mask function at block granularity: no T x T
 """
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
+from sparseformer.model.attention import context_parallel
 from sparseformer.model.attention.base import Mechanism, no_aux, register
 
 
@@ -31,8 +32,12 @@ class LocalAttention(Mechanism):
 
   def __call__(self, q, k, v, ctx):
     block = self.options.block_size
-    plan = plan_from_mask(self.mask(), q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=ctx.segment_ids)
     scale = ctx.logit_scale / q.shape[-1] ** 0.5
+    placement = context_parallel.placement_for_kernels()
+    if placement is not None:
+      return context_parallel.sharded_attention(q, k, v, ctx.segment_ids, mask=self.mask(), block=block,
+                                                scale=scale, placement=placement), no_aux()
+    plan = plan_from_mask(self.mask(), q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=ctx.segment_ids)
     return block_sparse_attention(q, k, v, plan, scale=scale), no_aux()
 
 

@@ -1,0 +1,158 @@
+"""Attention over a sequence sharded across devices (context parallelism).
+
+When a train or eval step is traced within `sharding.placing_activations(mesh, rules)`
+and the mesh splits the `length` axis (config.mesh.sequence > 1), dense and local
+(window, block_local) layers run their block-sparse kernels per shard under `shard_map`:
+
+  - each device holds the queries, keys and values of T / N consecutive tokens (shard s of
+    N holds global rows [s * T/N, (s + 1) * T/N));
+  - it gathers the keys and values of the shards its queries can see: all N (an
+    all_gather) for causal attention, only the last ceil((W - 1) / (T/N)) shards before
+    its own (collective permutes) for a window of W tokens, so kv shards the plan would
+    never visit are neither moved nor computed;
+  - the kv buffer holds those shards in order, ending with its own, so in buffer
+    coordinates the queries sit at a fixed offset (`QueryOffset`) and the plan is built
+    with static mask functions; buffer slots before the first shard (or, after an
+    all_gather, holding later shards) get a segment id no query has, so the plan skips
+    their tiles.
+
+Batch and heads stay sharded as the rules place them (batch over data/fsdp, heads over
+tensor), so the kernels also run per device on meshes without sequence sharding. The
+gradients flow through the gathers (their transposes are reduce-scatters and reverse
+permutes). Causal shards are not load-balanced: shard s computes s + 1 shards' tiles.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
+from sparseformer import sharding
+from sparseformer.errors import UserError
+
+# Segment id of buffer slots no query may see (queries have ids >= 0).
+NO_QUERY_SEGMENT = -(2 ** 30)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryOffset(masks.Mask):
+  """`inner` with every query index moved `offset` rows on: the mask of queries that sit
+  at the end of a longer key buffer."""
+  inner: masks.Mask
+  offset: int
+
+  def elements(self, q_index, k_index):
+    return self.inner.elements(q_index + self.offset, k_index)
+
+  def block_kind(self, q0, q1, k0, k1):
+    return self.inner.block_kind(q0 + self.offset, q1 + self.offset, k0, k1)
+
+  def key_span(self):
+    return self.inner.key_span()
+
+
+def axis_names(entry):
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def sequence_shards(placement):
+  """How many shards the placement splits the `length` axis into (1 without placement)."""
+  if placement is None:
+    return 1
+  return placement.axis_size(placement.spec('length')[0])
+
+
+def placement_for_kernels(sequence_split_only=False):
+  """The current activation placement if attention should run per shard, else None:
+  whenever the length axis is split, and (unless `sequence_split_only`) whenever the mesh
+  has several devices, since a kernel call is not partitioned by XLA."""
+  placement = sharding.current_placement()
+  if placement is None or placement.mesh.size == 1:
+    return None
+  if sequence_split_only and sequence_shards(placement) == 1:
+    return None
+  return placement
+
+
+def check_shift_invariant(mask, shard_len):
+  """Buffer coordinates move the rows by multiples of the shard length; the mask must not
+  change under such a shift."""
+  if isinstance(mask, (masks.Causal, masks.SlidingWindow, masks.Full)):
+    return
+  if isinstance(mask, masks.Chunked):
+    if shard_len % mask.size:
+      raise UserError(f'context parallelism: block_local:{mask.size} needs the per-device sequence length '
+                      f'({shard_len}) to be a multiple of {mask.size}')
+    return
+  if isinstance(mask, (masks.And, masks.Or)):
+    for part in mask.parts:
+      check_shift_invariant(part, shard_len)
+    return
+  raise UserError(f'context parallelism does not support the mask {type(mask).__name__}')
+
+
+def previous_shards(mask, shards, shard_len):
+  """How many shards before its own a query shard needs keys from."""
+  span = mask.key_span()
+  if span is None:
+    return shards - 1
+  return min(shards - 1, math.ceil((span - 1) / shard_len))
+
+
+def gather_previous(x, axes, shards, count):
+  """[count + 1, ...]: x of shards s - count, ..., s - 1, s on device s (wrapping round
+  below 0; the caller masks those slots)."""
+  if count == 0:
+    return x[None]
+  if count == shards - 1:
+    everything = jax.lax.all_gather(x, axes, axis=0)
+    index = (jax.lax.axis_index(axes) - count + jnp.arange(count + 1)) % shards
+    return jnp.take(everything, index, axis=0)
+  received = [jax.lax.ppermute(x, axes, [(j, (j + p) % shards) for j in range(shards)])
+              for p in range(count, 0, -1)]
+  return jnp.stack(received + [x])
+
+
+def join_shards(stacked):
+  """[n, B, Tl, ...] -> [B, n * Tl, ...]."""
+  n, b, tl = stacked.shape[:3]
+  return jnp.moveaxis(stacked, 0, 1).reshape(b, n * tl, *stacked.shape[3:])
+
+
+def shard_attention(q, k, v, segment_ids, *, mask, block, scale, axes, shards):
+  """The body run on each device: q [B, Tl, H, D], k and v [B, Tl, Hkv, D], segment_ids
+  [B, Tl] (all zeros when rows are single documents)."""
+  shard_len = q.shape[1]
+  count = previous_shards(mask, shards, shard_len)
+  k_buffer = join_shards(gather_previous(k, axes, shards, count))
+  v_buffer = join_shards(gather_previous(v, axes, shards, count))
+  segment_buffer = gather_previous(segment_ids, axes, shards, count)
+  shard_index = jax.lax.axis_index(axes) if axes else 0
+  source_shard = shard_index - count + jnp.arange(count + 1)
+  segment_buffer = jnp.where((source_shard >= 0)[:, None, None], segment_buffer, NO_QUERY_SEGMENT)
+  plan = plan_from_mask(QueryOffset(mask, count * shard_len), q_len=shard_len, kv_len=(count + 1) * shard_len,
+                        block_q=block, block_kv=block, q_segment_ids=segment_ids,
+                        kv_segment_ids=join_shards(segment_buffer))
+  return block_sparse_attention(q, k_buffer, v_buffer, plan, scale=scale)
+
+
+def sharded_attention(q, k, v, segment_ids, *, mask, block, scale, placement):
+  """Causal block-sparse attention of q [B, T, H, D] to k, v [B, T, Hkv, D] under `mask`
+  (row indices of the whole sequence), computed per shard of the placement's mesh."""
+  q_spec = placement.spec('batch', 'length', 'heads', 'head_dim')
+  kv_spec = placement.spec('batch', 'length', 'kv_heads', 'head_dim')
+  row_spec = PartitionSpec(*q_spec[:2])
+  axes = axis_names(q_spec[1])
+  shards = placement.axis_size(q_spec[1])
+  check_shift_invariant(mask, q.shape[1] // shards)
+  if segment_ids is None:
+    segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+
+  def body(q, k, v, segment_ids):
+    return shard_attention(q, k, v, segment_ids, mask=mask, block=block, scale=scale, axes=axes, shards=shards)
+
+  return jax.shard_map(body, mesh=placement.mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec),
+                       out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
