@@ -24,10 +24,10 @@ import jax.numpy as jnp
 
 from pallas_kernels.implementations import Registry
 
-KERNEL_MODULES = ('reference', 'tpu')
+KERNEL_MODULES = ('reference', 'tpu', 'triton_gpu')
 
 # Preference order per platform when implementation=None.
-PREFERENCE = {'gpu': ('reference',), 'tpu': ('tpu', 'reference'), 'cpu': ('reference',)}
+PREFERENCE = {'gpu': ('triton', 'reference'), 'tpu': ('tpu', 'reference'), 'cpu': ('reference',)}
 
 REGISTRY = Registry('gated_linear_attention', __package__, KERNEL_MODULES, PREFERENCE)
 IMPLEMENTATIONS = REGISTRY.implementations

@@ -1,0 +1,262 @@
+"""The Triton (jax_triton) gated linear attention kernels, forward and backward, against the
+jnp oracle: outputs, final state and the gradients of q, k, v, g and the initial state,
+with segment resets (mid-chunk, on a chunk boundary, one-token segments), lengths not a
+multiple of the chunk, bf16 and float32, Dk/Dv 64 and 128, extreme decays.
+
+Three ways to run them:
+  default suite (CPU)  the implementation is reported unavailable with its reason; the host
+                       side (segment layout, shape checks) and the benchmark's --quick mode;
+  `-m gpu`             the compiled kernels through jax_triton on a CUDA GPU;
+  `-m slow` with TRITON_INTERPRET=1 and triton importable: the same kernels run by
+                       triton's CPU interpreter over numpy (float32, small shapes), e.g.
+                       TRITON_INTERPRET=1 PYTHONPATH=/path/to/triton pytest -m slow this_file
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.linear_attention import gated_linear_attention, reference, triton_gpu
+from pallas_kernels.linear_attention.api import select_implementation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Relative to the largest magnitude of the expected array. bf16: the kernel's matmuls take
+# bf16 operands (scores and decayed q/k rounded to 8 mantissa bits) against a float32
+# oracle on the same bf16 inputs.
+TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
+NAMES = ('o', 'final_state', 'dq', 'dk', 'dv', 'dg', 'd_initial_state')
+
+
+def random_inputs(seed, b, t, h, dk, dv, dtype):
+  keys = jax.random.split(jax.random.key(seed), 7)
+  q = jax.random.normal(keys[0], (b, t, h, dk), dtype)
+  k = jax.random.normal(keys[1], (b, t, h, dk), dtype)
+  v = jax.random.normal(keys[2], (b, t, h, dv), dtype)
+  g = jax.nn.log_sigmoid(jax.random.normal(keys[3], (b, t, h, dk)) * 2 + 2.0).astype(dtype)
+  state0 = jax.random.normal(keys[4], (b, h, dk, dv), jnp.float32)
+  d_o = jax.random.normal(keys[5], (b, t, h, dv), dtype)
+  d_state = jax.random.normal(keys[6], (b, h, dk, dv), jnp.float32)
+  return q, k, v, g, state0, d_o, d_state
+
+
+def segments_from_starts(b, t, starts):
+  """[B, T] ids with a new segment at each position in starts (the same in every row)."""
+  return jnp.broadcast_to(jnp.cumsum(jnp.zeros(t, jnp.int32).at[jnp.asarray(starts, jnp.int32)].set(1)), (b, t))
+
+
+def values_and_grads(forward, q, k, v, g, state0, d_o, d_state):
+  (o, final), pullback = jax.vjp(forward, q, k, v, g, state0)
+  return [o, final, *pullback((d_o, d_state))]
+
+
+def assert_matches_oracle(got, want, dtype):
+  for name, x, y in zip(NAMES, got, want):
+    if y is None:
+      assert x is None, name
+      continue
+    assert x.shape == y.shape and x.dtype == y.dtype, (name, x.shape, y.shape, x.dtype, y.dtype)
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    assert np.all(np.isfinite(x)), name
+    np.testing.assert_allclose(x, y, rtol=0, atol=TOLERANCE[dtype] * max(1.0, float(np.abs(y).max())), err_msg=name)
+
+
+def oracle(q, k, v, g, state0, segment_ids, d_o, d_state, scale):
+  def forward(q, k, v, g, state0):
+    return reference.chunked(q, k, v, g, scale=scale, initial_state=state0, segment_ids=segment_ids)
+  return jax.jit(values_and_grads, static_argnums=0)(forward, q, k, v, g, state0, d_o, d_state)
+
+
+# ----------------------------------------------------------------------------------------
+# CPU: host side and availability
+
+
+def test_unavailable_off_gpu_with_reason():
+  q = jnp.zeros((1, 8, 1, 64))
+  if jax.default_backend() == 'gpu':
+    pytest.skip('the default device is a GPU')
+  with pytest.raises(ValueError, match='triton runs on gpu'):
+    select_implementation('triton', q, q, q, q, None, None)
+  assert 'CUDA GPU' in triton_gpu.unavailable(q, q, q, q, None, None)
+  assert select_implementation(None, q, q, q, q, None, None).name == 'reference'
+
+
+def test_head_dims_checked():
+  q, v = jnp.zeros((1, 8, 1, 48)), jnp.zeros((1, 8, 1, 64))
+  assert 'Dk and Dv' in triton_gpu.unavailable(q, q, v, q, None, None)
+  assert 'Dk and Dv' in triton_gpu.unavailable(v, v, q, v, None, None)
+
+
+def test_import_does_not_load_triton():
+  code = ('import sys; import pallas_kernels.linear_attention as la; '
+          'assert "triton_gpu" in la.api.IMPLEMENTATIONS["triton"].forward.__module__; '
+          'print(sorted(m for m in sys.modules if m.split(".")[0] in ("triton", "jax_triton")))')
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == '[]'
+
+
+def test_segment_layout():
+  ids = jnp.asarray([[0] * 3 + [1] * 5 + [2] * 2, [4] * 4 + [4] * 4 + [3] * 2])  # T = 10, chunks of 4
+  runs, continues = triton_gpu.segment_layout(ids, 2, 10, chunk=4)
+  np.testing.assert_array_equal(runs, [[0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]])
+  # 1 where the token's segment was already running when its chunk began (chunk 0: the
+  # row's first segment, which reads the initial state)
+  np.testing.assert_array_equal(continues, [[1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0], [1] * 8 + [0] * 4])
+  runs, continues = triton_gpu.segment_layout(None, 1, 5, chunk=4)
+  np.testing.assert_array_equal(runs, [[0] * 8])
+  np.testing.assert_array_equal(continues, [[1] * 8])
+
+
+def test_block_sizes_and_chunk_count():
+  assert [triton_gpu.block_size(d) for d in (16, 64, 128, 256)] == [16, 64, 64, 64]
+  assert [triton_gpu.chunk_count(t) for t in (1, 64, 65, 32768)] == [1, 1, 2, 512]
+
+
+def test_benchmark_quick_mode(tmp_path):
+  output = tmp_path / 'linear_attention.json'
+  result = subprocess.run([sys.executable, '-m', 'benchmarks.linear_attention', '--quick', '--json', str(output)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ,
+                                                                                      'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'reference' in result.stdout and 'ratio' in result.stdout
+  rows = __import__('json').loads(output.read_text())['rows']
+  assert {row['implementation'] for row in rows} == {'reference'}
+  assert {row['direction'] for row in rows} == {'fwd', 'fwd+bwd'}
+  assert all(row['ms'] > 0 for row in rows)
+
+
+# ----------------------------------------------------------------------------------------
+# cases shared by the GPU and interpreter runs: (name, B, T, H, Dk, Dv, segment starts)
+
+CASES = [
+    ('one_segment', 1, 200, 2, 64, 64, ()),
+    ('mid_chunk_resets', 2, 150, 2, 64, 128, (1, 37, 64, 100, 101)),
+    ('odd_length', 1, 77, 1, 128, 64, (70,)),
+]
+
+
+def kernel_values_and_grads(launch, q, k, v, g, state0, segment_ids, d_o, d_state, scale):
+  o, final = triton_gpu.forward_with(launch, q, k, v, g, state0, segment_ids, scale)
+  grads = triton_gpu.backward_with(launch, q, k, v, g, state0, segment_ids, scale, o, final, d_o, d_state)
+  return [o, final, *grads]
+
+
+# ----------------------------------------------------------------------------------------
+# GPU: the compiled kernels through the api
+
+
+def triton_values_and_grads(q, k, v, g, state0, segment_ids, d_o, d_state, scale):
+  def forward(q, k, v, g, state0):
+    return gated_linear_attention(q, k, v, g, scale=scale, initial_state=state0, segment_ids=segment_ids,
+                                  implementation='triton', return_final_state=True)
+  return jax.jit(values_and_grads, static_argnums=0)(forward, q, k, v, g, state0, d_o, d_state)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['f32', 'bf16'])
+@pytest.mark.parametrize('with_state', [True, False], ids=['state', 'no_state'])
+@pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
+def test_kernel_matches_oracle_gpu(case, with_state, dtype):
+  _, b, t, h, dk, dv, starts = case
+  q, k, v, g, state0, d_o, d_state = random_inputs(len(starts) + t, b, t, h, dk, dv, dtype)
+  state0 = state0 if with_state else None
+  segment_ids = segments_from_starts(b, t, starts) if starts else None
+  got = triton_values_and_grads(q, k, v, g, state0, segment_ids, d_o, d_state, 0.3)
+  want = oracle(q, k, v, g, state0, segment_ids, d_o, d_state, 0.3)
+  assert_matches_oracle(got, want, dtype)
+
+
+@pytest.mark.gpu
+def test_extreme_decays_gpu():
+  """g of -30, -1e4, -1e30 and -inf: no NaN, and the same values and gradients."""
+  q, k, v, g, state0, d_o, d_state = random_inputs(3, 1, 130, 2, 64, 64, jnp.float32)
+  g = g.at[0, 5].set(-30.0).at[0, 40].set(-1e4).at[0, 70].set(-1e30).at[0, 100, 0].set(-jnp.inf)
+  segment_ids = segments_from_starts(1, 130, (64, 90))
+  got = triton_values_and_grads(q, k, v, g, state0, segment_ids, d_o, d_state, 0.125)
+  want = oracle(q, k, v, g, state0, segment_ids, d_o, d_state, 0.125)
+  assert_matches_oracle(got, want, jnp.float32)
+
+
+@pytest.mark.gpu
+def test_default_implementation_on_gpu_is_triton():
+  q = jnp.zeros((1, 8, 1, 64))
+  assert select_implementation(None, q, q, q, q, None, None).name == 'triton'
+
+
+# ----------------------------------------------------------------------------------------
+# CPU: the same kernels in triton's interpreter (slow; needs TRITON_INTERPRET=1 and triton)
+
+
+class HostArray:
+  """What triton's interpreter reads of a torch tensor, over a numpy array in host memory
+  (the interpreter's loads and stores then touch the array itself)."""
+
+  def __init__(self, array=None):
+    self.array = array
+    self.dtype = None if array is None else 'torch.' + str(array.dtype)
+
+  def data_ptr(self):
+    return self.array.ctypes.data
+
+  def untyped_storage(self):
+    return self
+
+  def cpu(self):
+    return self
+
+  def new_empty(self, *args, **kwargs):
+    return HostArray()
+
+  def set_(self, storage, *args):
+    self.array, self.dtype = storage.array, storage.dtype
+    return self
+
+  def storage_offset(self):
+    return 0
+
+  def size(self):
+    return self.array.shape
+
+  def stride(self):
+    return tuple(step // self.array.itemsize for step in self.array.strides)
+
+  def copy_(self, other):
+    return self
+
+
+def interpreter_launch(kernel_name, grid, inputs, out_shapes, **meta):
+  kernels = importlib.import_module('pallas_kernels.linear_attention.triton_gpu_kernels')
+  single = not isinstance(out_shapes, (tuple, list))
+  outputs = [np.full(s.shape, np.nan, s.dtype) for s in ([out_shapes] if single else out_shapes)]
+  arrays = [np.ascontiguousarray(np.asarray(x)) for x in inputs] + outputs
+  getattr(kernels, kernel_name)[grid](*[HostArray(a) for a in arrays], **meta)
+  results = [jnp.asarray(a) for a in outputs]
+  return results[0] if single else tuple(results)
+
+
+INTERPRETER_CASES = [
+    ('resets_and_state', 1, 80, 2, 16, 16, (5, 37, 64), True),
+    ('odd_length_dk_ne_dv', 2, 70, 1, 32, 16, (63,), False),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1', reason='needs TRITON_INTERPRET=1 (and triton)')
+@pytest.mark.parametrize('case', INTERPRETER_CASES, ids=[c[0] for c in INTERPRETER_CASES])
+def test_kernels_in_triton_interpreter(case):
+  pytest.importorskip('triton')
+  _, b, t, h, dk, dv, starts, with_state = case
+  q, k, v, g, state0, d_o, d_state = random_inputs(t, b, t, h, dk, dv, jnp.float32)
+  g = g.at[0, 20].set(-1e4).at[0, 30, 0].set(-1e30)
+  state0 = state0 if with_state else None
+  segment_ids = segments_from_starts(b, t, starts)
+  got = kernel_values_and_grads(interpreter_launch, q, k, v, g, state0, segment_ids, d_o, d_state, 0.3)
+  want = oracle(q, k, v, g, state0, segment_ids, d_o, d_state, 0.3)
+  assert_matches_oracle(got, want, jnp.float32)
