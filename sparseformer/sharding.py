@@ -37,10 +37,15 @@ def mesh_shape(mesh_cfg, num_devices):
 
 
 def make_mesh(mesh_cfg, devices=None):
+  """The mesh of the config's axis sizes. jax orders the devices by the physical topology
+  (TPU ICI links, hosts) so the last axes (tensor, sequence) stay within fast links."""
   devices = jax.devices() if devices is None else devices
-  sizes = mesh_shape(mesh_cfg, len(devices))
-  grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
-  return Mesh(grid, MESH_AXES)
+  sizes = [mesh_shape(mesh_cfg, len(devices))[a] for a in MESH_AXES]
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(sizes, MESH_AXES, auto, devices=devices)
+  except (ValueError, NotImplementedError):  # a shape the topology cannot be cut into: devices in order
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
 
 
 def logical_spec(logical_axes, rules):

@@ -24,6 +24,8 @@ def train_command(argv):
   config_lib.apply_overrides(cfg, overrides)
   config_lib.validate(cfg)
   configure_jax()
+  from sparseformer import distributed
+  distributed.initialize()  # several processes (SLURM, Open MPI, TPU pod, explicit variables) or a no-op
   from sparseformer.training.trainer import TrainingDiverged, train
   try:
     train(cfg, flags['workdir'])

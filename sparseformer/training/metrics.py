@@ -76,12 +76,14 @@ class MetricWriter:
 
 
 class Progress:
-  """A tqdm bar on a terminal; plain periodic lines otherwise (batch logs)."""
+  """A tqdm bar on a terminal; plain periodic lines otherwise (batch logs); silent when
+  not enabled (processes other than 0)."""
 
-  def __init__(self, total, start, every):
+  def __init__(self, total, start, every, enabled=True):
     self.every = every
+    self.enabled = enabled
     self.bar = None
-    if sys.stderr.isatty():
+    if enabled and sys.stderr.isatty():
       from tqdm import tqdm
       self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
 
@@ -90,13 +92,13 @@ class Progress:
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
       self.bar.set_postfix_str(text, refresh=False)
-    elif step % self.every == 0:
+    elif self.enabled and step % self.every == 0:
       print(f'step {step}: {text}', flush=True)
 
   def message(self, text):
     if self.bar is not None:
       self.bar.write(text)
-    else:
+    elif self.enabled:
       print(text, flush=True)
 
   def close(self):

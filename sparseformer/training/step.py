@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sparseformer import sharding
 from sparseformer.model.attention import MechanismState
 
 
@@ -73,7 +74,11 @@ def make_train_step(graphdef, tx, schedule, grad_accum_steps, lm_loss_weight=1.0
   return train_step
 
 
-def jit_train_step(train_step, state_shardings, batch_sharding, mesh):
+def jit_train_step(train_step, state_shardings, batch_sharding, mesh, rules=None):
+  """The jitted step; with `rules`, traced with the activation placement of the mesh
+  (attention then runs per shard, see model/attention/context_parallel.py)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if rules is not None:
+    train_step = sharding.with_activation_placement(train_step, mesh, rules)
   return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from sparseformer import config as config_lib
-from sparseformer import data
+from sparseformer import data, sharding
 from sparseformer.evaluation.evaluate import evaluate, format_summary, make_eval_batch_fn
 from sparseformer.training import metrics as metrics_lib
 from sparseformer.training.checkpoint import Checkpointer
@@ -39,6 +39,8 @@ def finished_steps(checkpoint_dir):
 def train(cfg, workdir, log=print):
   """Trains to cfg.train.steps, resuming from workdir if it holds a checkpoint."""
   t = cfg.train
+  if jax.process_index() != 0:  # process 0 logs for the job
+    log = lambda *args, **kwargs: None
   setup = prepare_run(cfg, seq_lens=[(cfg.data.seq_len, t.global_batch_size, t.grad_accum_steps)])
   spec = setup.spec
   tx, schedule = make_optimizer(t, spec.abstract_params)
@@ -55,8 +57,9 @@ def train(cfg, workdir, log=print):
   os.makedirs(workdir, exist_ok=True)
   checkpointer = Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   state, data_state = start_state(cfg, spec, tx, shardings, checkpointer, resume_step, init_plan, log)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config_lib.to_json(cfg))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config_lib.to_json(cfg))
 
   process_index, process_count = process_info()
   iterator = data.train_iterator(cfg.data, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size,
@@ -64,7 +67,7 @@ def train(cfg, workdir, log=print):
   if data_state is not None:
     iterator.set_state(data_state)
   step_fn = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight),
-                           shardings, setup.batch_sharding, setup.mesh)
+                           shardings, setup.batch_sharding, setup.mesh, spec.rules)
   loop = TrainLoop(cfg, workdir, setup, checkpointer, iterator, step_fn, log)
   try:
     return loop.run(state)
@@ -121,7 +124,7 @@ class TrainLoop:
     if step >= t.steps:
       self.log(f'already trained to step {step}')
       return self.evaluate(state, step)
-    self.progress = metrics_lib.Progress(t.steps, step, t.log_every)
+    self.progress = metrics_lib.Progress(t.steps, step, t.log_every, enabled=self.is_main_process)
     self.log('compiling the train step (the first step takes longer) ...')
     last_saved = self.checkpointer.latest_step()
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
@@ -182,7 +185,9 @@ class TrainLoop:
     cfg = self.cfg
     split = cfg.data.eval_split
     if self.eval_fn is None:
-      self.eval_fn = make_eval_batch_fn(self.setup.spec.graphdef, cfg.data.seq_len)
+      spec = self.setup.spec
+      self.eval_fn = sharding.with_activation_placement(make_eval_batch_fn(spec.graphdef, cfg.data.seq_len),
+                                                        spec.mesh, spec.rules)
     process_index, process_count = process_info()
     batches = data.eval_batches(cfg.data, split=split, seq_len=cfg.data.seq_len,
                                 batch_size=cfg.train.global_batch_size // process_count,

@@ -1,0 +1,154 @@
+"""python -m sparseformer.cli.fit --config configs/NAME.py[:ARG] [--config.a.b=v ...] [--devices N] [--platform P]
+
+Will it fit? Compiles the train step ahead of time for the config's mesh and prints the
+memory each device needs (XLA's buffer assignment: arguments, outputs, temporaries,
+generated code), before anyone rents a pod. No data is read and no array is allocated.
+
+  --devices N     simulate N devices on this machine's CPU (--xla_force_host_platform_device_count);
+                  default: the devices jax sees
+  --platform P    the platform the model is sized for: gpu | tpu | cpu (compute dtype and
+                  attention kernels as there; default: this machine's)
+
+Example (a 125M model at 32k tokens on an 8-device mesh, sized for GPUs):
+  python -m sparseformer.cli.fit --config configs/default.py --devices 8 --platform gpu \\
+      --config.model.d_model=768 --config.model.num_layers=12 --config.model.num_heads=12 \\
+      --config.data.seq_len=32768 --config.train.global_batch_size=8 --config.mesh.fsdp=8 \\
+      --config.mesh.data=1 --config.model.remat=full
+
+The estimate is XLA's for the CPU compilation of the same program: kernels run as their
+reference implementations there, so GPU/TPU temporaries differ (docs/scaling.md compares
+an estimate with the measured peak of a GPU run).
+"""
+
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from sparseformer import config as config_lib
+from sparseformer.cli.args import describe_fields, parse_args
+from sparseformer.cli.main import run_command
+from sparseformer.errors import UserError
+
+PLATFORMS = ('cpu', 'gpu', 'tpu')
+
+
+@dataclasses.dataclass
+class TrainStepParts:
+  """What the train step is made of, built from a config and a mesh without data."""
+  spec: Any  # training.state.ModelSpec
+  tx: Any
+  state_shardings: Any
+  batch_sharding: Any
+  step: Any  # the jitted train step
+  batch_rows: int  # rows of one global batch
+  seq_len: int
+
+
+def build_train_step(cfg, mesh, platform=None):
+  """The jitted train step of `cfg` on `mesh`, sized for `platform` (default: this one)."""
+  from sparseformer import data, sharding
+  from sparseformer.model import resolve_dims
+  from sparseformer.training.optimizer import make_optimizer
+  from sparseformer.training.state import model_spec, state_shardings
+  from sparseformer.training.step import jit_train_step, make_train_step
+  t, rules = cfg.train, tuple(cfg.mesh.rules)
+  sharding.check_batch_fits(t.global_batch_size, t.grad_accum_steps, cfg.data.seq_len, mesh, rules)
+  dims = resolve_dims(cfg.model, data.make_tokenizer(cfg.data.tokenizer).vocab_size, platform=platform)
+  spec = model_spec(dims, mesh, rules)
+  tx, schedule = make_optimizer(t, spec.abstract_params)
+  shardings = state_shardings(spec, tx)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  step = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight),
+                        shardings, batch_sharding, mesh, rules)
+  return TrainStepParts(spec, tx, shardings, batch_sharding, step, t.global_batch_size, cfg.data.seq_len)
+
+
+def abstract_batch(parts):
+  import jax
+  import jax.numpy as jnp
+  shape = (parts.batch_rows, parts.seq_len)
+  fields = {'tokens': jnp.int32, 'targets': jnp.int32, 'positions': jnp.int32, 'segment_ids': jnp.int32,
+            'loss_mask': jnp.float32}
+  return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=parts.batch_sharding) for name, dtype in fields.items()}
+
+
+def compile_train_step(parts, seed=0):
+  """The compiled step for abstract inputs (nothing allocated)."""
+  from sparseformer.training.state import abstract_train_state
+  state = abstract_train_state(parts.spec, parts.tx, parts.state_shardings, seed)
+  return parts.step.lower(state, abstract_batch(parts)).compile()
+
+
+def memory_per_device(compiled):
+  """{name: bytes} of one device's share, from XLA's buffer assignment. Donated state
+  outputs reuse their arguments' buffers (aliases), so they are counted once."""
+  analysis = compiled.memory_analysis()
+  sizes = {
+      'arguments': analysis.argument_size_in_bytes,
+      'outputs': analysis.output_size_in_bytes,
+      'aliased': analysis.alias_size_in_bytes,
+      'temporaries': analysis.temp_size_in_bytes,
+      'generated code': analysis.generated_code_size_in_bytes,
+  }
+  sizes['total'] = (sizes['arguments'] + sizes['outputs'] - sizes['aliased'] + sizes['temporaries']
+                    + sizes['generated code'])
+  return sizes
+
+
+def format_memory(sizes):
+  return '\n'.join(f'  {name:<15} {size / 2**30:10.3f} GiB' for name, size in sizes.items())
+
+
+def simulate_devices(count):
+  """Make jax see `count` CPU devices; must run before jax initialises its backends."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
+  os.environ['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={count}'])
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+
+
+def sized_for(cfg, platform):
+  """The config as it would run on `platform`: packed rows of dense layers go through the
+  block-sparse kernels on GPU/TPU (dense_backend auto), not a T x T mask."""
+  if platform in ('gpu', 'tpu') and cfg.model.attention.dense_backend == 'auto':
+    cfg.model.attention.dense_backend = 'block_sparse'
+  return cfg
+
+
+def fit_command(argv):
+  flags, overrides = parse_args(argv, allowed=('config', 'devices', 'platform'))
+  if flags.get('help'):
+    print(__doc__ + '\nfields (defaults of the base config):\n' + describe_fields(config_lib.base_config()))
+    return 0
+  if 'config' not in flags:
+    raise UserError('fit needs --config PATH[:ARG] (see --help)')
+  platform = flags.get('platform')
+  if platform is not None and platform not in PLATFORMS:
+    raise UserError(f'--platform={platform}: use one of {", ".join(PLATFORMS)}')
+  if 'devices' in flags:
+    if not flags['devices'].isdigit() or int(flags['devices']) < 1:
+      raise UserError(f'--devices={flags["devices"]}: use a positive number')
+    simulate_devices(int(flags['devices']))
+  cfg = config_lib.load_config_file(flags['config'])
+  config_lib.apply_overrides(cfg, overrides)
+  config_lib.validate(cfg)
+  sized_for(cfg, platform)
+  from sparseformer import sharding
+  mesh = sharding.make_mesh(cfg.mesh)
+  parts = build_train_step(cfg, mesh, platform)
+  parts.spec.shardings(parts.spec.abstract_params)  # every parameter splits evenly, or a UserError
+  compiled = compile_train_step(parts, cfg.seed)
+  sizes = memory_per_device(compiled)
+  print(f'model: {parts.spec.param_count / 1e6:.1f}M parameters, {parts.spec.dims.dtype} compute, '
+        f'batch {parts.batch_rows} x {parts.seq_len} tokens, mesh {dict(mesh.shape)} '
+        f'({mesh.devices.size} {mesh.devices.flat[0].platform} devices), sized for {platform or "this platform"}')
+  print('train step memory per device:\n' + format_memory(sizes))
+  return 0
+
+
+def main(argv=None):
+  sys.exit(run_command(fit_command, argv))
+
+
+if __name__ == '__main__':
+  main()
