@@ -71,6 +71,13 @@ def base_config():
   r.shared_qk = True  # routing heads use their queries as keys (self pair masked unless alone)
   r.decay = 0.999  # EMA decay of the centroid counts and sums
   r.commitment = 1e-4  # weight of the commitment loss
+  m.attention.sse = ml_collections.ConfigDict()  # the `sse:N` mechanism (N state partitions), docs/sse_attention.md
+  se = m.attention.sse
+  se.top_k = 2  # partitions each token writes to and reads from (at most N)
+  se.shared = True  # a shared state branch beside the partitions (off with sse:1: plain GLA)
+  se.delta_rank = 0  # rank of the partition branch's q/k deltas and of the output gate; 0: head_dim
+  se.mode = 'mask'  # mask: each partition over the whole row, cost ~(1+N) GLA | varlen: packed, ~(1+top_k)
+  se.balance_weight = 0.01  # weight of the router balance loss
   m.layer_attention = ()  # optional: one spec per layer, e.g. ('dense', 'window:256', 'block_local:512', 'dense')
 
   c.data = ml_collections.ConfigDict()
@@ -328,6 +335,8 @@ def validate(cfg):
   require(gate_problem is None, gate_problem)
   routing_problem = routing_problem_of(m)
   require(routing_problem is None, routing_problem)
+  sse_problem = sse_problem_of(m)
+  require(sse_problem is None, sse_problem)
   if m.layer_attention:
     require(len(m.layer_attention) == m.num_layers,
             f'model.layer_attention has {len(m.layer_attention)} entries for {m.num_layers} layers')
@@ -354,6 +363,16 @@ def routing_problem_of(m):
   if all(split_spec(spec)[0] != 'routing' for spec in specs):
     return None
   return routing_config_problem(m.attention.routing, m.num_heads, m.num_kv_heads or m.num_heads)
+
+
+def sse_problem_of(m):
+  """The message for bad sse options with some layer's `sse:N`, or None."""
+  from sparseformer.model.attention import split_spec
+  from sparseformer.model.attention.sse import sse_config_problem
+  specs = (m.attention.kind, m.attention.full_kind) + tuple(m.layer_attention)
+  partitions = {int(argument) for name, argument in map(split_spec, specs) if name == 'sse'}
+  problems = [sse_config_problem(m.attention.sse, n) for n in sorted(partitions)]
+  return next((p for p in problems if p), None)
 
 
 def valid_regex(pattern):

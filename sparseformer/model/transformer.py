@@ -27,10 +27,12 @@ class AttentionLayer(nnx.Module):
     q_pre, k_pre = self.query(x), self.key(x)
     q = rope.apply_rotary(q_pre, ctx.cos, ctx.sin)
     k = rope.apply_rotary(k_pre, ctx.cos, ctx.sin)
-    if getattr(self.mechanism, 'needs_pre_rope', False):  # learned gates pool un-rotated q, k (SeerAttention)
-      y, aux = self.mechanism(q, k, self.value(x), ctx, pre_rope=(q_pre, k_pre))
-    else:
-      y, aux = self.mechanism(q, k, self.value(x), ctx)
+    inputs = {}
+    if self.mechanism.needs_pre_rope:  # learned gates pool un-rotated q, k (SeerAttention)
+      inputs['pre_rope'] = (q_pre, k_pre)
+    if self.mechanism.needs_layer_input:  # decays and gates of linear attention (SSE)
+      inputs['layer_input'] = x
+    y, aux = self.mechanism(q, k, self.value(x), ctx, **inputs)
     return self.out(y), aux
 
 

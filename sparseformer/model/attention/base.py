@@ -37,7 +37,13 @@ def no_aux():
 
 class Mechanism(nnx.Module):
   """Base class. Subclasses implement `__call__(q, k, v, ctx) -> (y, aux)` with
-  q [B, T, H, D], k and v [B, T, Hkv, D], y [B, T, H, D]."""
+  q [B, T, H, D], k and v [B, T, Hkv, D], y [B, T, H, D]. A subclass that sets
+  `needs_pre_rope` also receives pre_rope=(q, k) before rotation, and one that sets
+  `needs_layer_input` receives layer_input=x [B, T, d_model], the normed input the layer
+  projects (linear-attention layers compute decays and gates from it)."""
+
+  needs_pre_rope = False
+  needs_layer_input = False
 
   def __init__(self, dims, layer_index, rngs):
     self.layer_index = layer_index
