@@ -8,6 +8,8 @@ generated code), before anyone rents a pod. No data is read and no array is allo
                   default: the devices jax sees
   --platform P    the platform the model is sized for: gpu | tpu | cpu (compute dtype and
                   attention kernels as there; default: this machine's)
+  --measure S     then run S train steps on synthetic batches on this machine's devices
+                  and print the measured peak memory (GPU/TPU), beside the estimate
 
 Example (a 125M model at 32k tokens on an 8-device mesh, sized for GPUs):
   python -m sparseformer.cli.fit --config configs/default.py --devices 8 --platform gpu \\
@@ -97,7 +99,35 @@ def memory_per_device(compiled):
 
 
 def format_memory(sizes):
-  return '\n'.join(f'  {name:<15} {size / 2**30:10.3f} GiB' for name, size in sizes.items())
+  return '\n'.join(f'  {name:<15} {size / 2**30:10.3f} GiB  ({size} bytes)' for name, size in sizes.items())
+
+
+def synthetic_batch(parts, vocab_size, seed=0):
+  """One global batch of random tokens, one document per row, placed on the mesh."""
+  import jax
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  shape = (parts.batch_rows, parts.seq_len)
+  tokens = rng.integers(0, vocab_size, (shape[0], shape[1] + 1)).astype(np.int32)
+  batch = {'tokens': tokens[:, :-1], 'targets': tokens[:, 1:],
+           'positions': np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),
+           'segment_ids': np.ones(shape, np.int32), 'loss_mask': np.ones(shape, np.float32)}
+  return {name: jax.device_put(value, parts.batch_sharding) for name, value in batch.items()}
+
+
+def measure_peak(parts, compiled, steps, vocab_size, seed=0):
+  """(peak bytes in use on the busiest device, last loss) after `steps` real train steps."""
+  import jax
+  from sparseformer.training.state import make_train_state
+  stats = jax.local_devices()[0].memory_stats()
+  if not stats or 'peak_bytes_in_use' not in stats:
+    raise UserError(f'--measure needs devices that report memory statistics (GPU/TPU), not {jax.default_backend()}')
+  state = make_train_state(parts.spec, parts.tx, parts.state_shardings, seed)
+  batch = synthetic_batch(parts, vocab_size, seed)
+  for _ in range(steps):
+    state, metrics = compiled(state, batch)
+  loss = float(jax.device_get(metrics['loss']))
+  return max(device.memory_stats()['peak_bytes_in_use'] for device in jax.local_devices()), loss
 
 
 def simulate_devices(count):
@@ -116,7 +146,7 @@ def sized_for(cfg, platform):
 
 
 def fit_command(argv):
-  flags, overrides = parse_args(argv, allowed=('config', 'devices', 'platform'))
+  flags, overrides = parse_args(argv, allowed=('config', 'devices', 'platform', 'measure'))
   if flags.get('help'):
     print(__doc__ + '\nfields (defaults of the base config):\n' + describe_fields(config_lib.base_config()))
     return 0
@@ -125,9 +155,10 @@ def fit_command(argv):
   platform = flags.get('platform')
   if platform is not None and platform not in PLATFORMS:
     raise UserError(f'--platform={platform}: use one of {", ".join(PLATFORMS)}')
+  for name in ('devices', 'measure'):
+    if name in flags and (not flags[name].isdigit() or int(flags[name]) < 1):
+      raise UserError(f'--{name}={flags[name]}: use a positive number')
   if 'devices' in flags:
-    if not flags['devices'].isdigit() or int(flags['devices']) < 1:
-      raise UserError(f'--devices={flags["devices"]}: use a positive number')
     simulate_devices(int(flags['devices']))
   cfg = config_lib.load_config_file(flags['config'])
   config_lib.apply_overrides(cfg, overrides)
@@ -142,7 +173,13 @@ def fit_command(argv):
   print(f'model: {parts.spec.param_count / 1e6:.1f}M parameters, {parts.spec.dims.dtype} compute, '
         f'batch {parts.batch_rows} x {parts.seq_len} tokens, mesh {dict(mesh.shape)} '
         f'({mesh.devices.size} {mesh.devices.flat[0].platform} devices), sized for {platform or "this platform"}')
-  print('train step memory per device:\n' + format_memory(sizes))
+  print('train step memory per device (estimate):\n' + format_memory(sizes))
+  if 'measure' in flags:
+    from sparseformer import data
+    vocab_size = data.make_tokenizer(cfg.data.tokenizer).vocab_size
+    peak, loss = measure_peak(parts, compiled, int(flags['measure']), vocab_size, cfg.seed)
+    print(f'measured peak after {flags["measure"]} steps (loss {loss:.3f}): {peak / 2**30:.3f} GiB per device '
+          f'({peak / sizes["total"]:.2f} x the estimate)')
   return 0
 
 
