@@ -16,6 +16,12 @@ heads, byte tokens; rows of --seq_len tokens):
   dma      every layer dynamic_mask:--window: each query attends to the --window keys of
            its past with the largest learned scores, plus the learned key bias (issue 7's
            same keep budget as `local`).
+  sse_h    SSE-H (issue 9): sse:4 (top 2 of 4 state partitions per token beside a shared
+           state, varlen mode) in three of every four layers, dense at layers 3 and 7
+           (full_layers every:4); about 6% more parameters than dense (the partition
+           branch's low-rank deltas, second decay, output gate, router);
+  gla      GLA-H: plain gated linear attention (sse:1, no shared branch, one state per
+           head, no routing) at the same layers, the same dense layers 3 and 7.
 Each phase is the ordinary CLI in this process, as in benchmarks/long_context_quality.py
 (whose phase runner this script reuses):
     python -m sparseformer.cli.prepare_data --name=sparseformer_text/books
@@ -40,8 +46,9 @@ from benchmarks.long_context_quality import (DATASET, PRETRAIN_CONFIG, eval_phas
                                              train_phase, write_report)
 from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
 
-VARIANTS = ('dense', 'local', 'routing', 'dma')
-LABELS = {'dense': 'dense', 'local': 'all local', 'routing': 'routing', 'dma': 'DMA'}
+VARIANTS = ('dense', 'local', 'routing', 'dma', 'sse_h', 'gla')
+LABELS = {'dense': 'dense', 'local': 'all local', 'routing': 'routing', 'dma': 'DMA', 'sse_h': 'SSE-H',
+          'gla': 'GLA-H (N=1)'}
 
 # Sized for one H100: two or three variants fit in one 10-minute call (each ~2.5 minutes estimated).
 FULL = dict(seq_len=8192, window=1024, clusters=16, local_heads=4, steps=400, batch=8, eval_batches=0,
@@ -85,6 +92,13 @@ def train_overrides(args, variant):
                    'model.attention.routing.local_window': args.window})
   elif variant == 'dma':
     fields['model.attention.kind'] = f'dynamic_mask:{args.window}'
+  elif variant == 'sse_h':
+    fields.update({'model.attention.kind': 'sse:4', 'model.attention.full_kind': 'dense',
+                   'model.attention.full_layers': 'every:4', 'model.attention.sse.mode': 'varlen'})
+  elif variant == 'gla':
+    fields.update({'model.attention.kind': 'sse:1', 'model.attention.full_kind': 'dense',
+                   'model.attention.full_layers': 'every:4', 'model.attention.sse.top_k': 1,
+                   'model.attention.sse.shared': False})
   return fields
 
 

@@ -65,8 +65,11 @@ def forward(mechanism, inputs, segments, mode=None):
 
 def numpy_params(mechanism):
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(mechanism, nnx.Param)))
-  low_rank = lambda name, x: np.einsum('btr,rhk->bthk', x @ p[name]['down']['kernel'], p[name]['up']['kernel']) + (
-      p[name]['bias'] if 'bias' in p[name] else 0.0)  # noqa: E731
+
+  def low_rank(name, x):
+    y = np.einsum('btr,rhk->bthk', x @ p[name]['down']['kernel'], p[name]['up']['kernel'])
+    return y + p[name]['bias'] if 'bias' in p[name] else y
+
   return p, low_rank
 
 
@@ -215,7 +218,10 @@ def test_one_partition_without_routing_is_plain_gla_through_the_kernel_api():
   inputs = random_inputs()
   y, aux = forward(mechanism, inputs, SEGMENTS)
   p = nnx.to_pure_dict(nnx.state(mechanism, nnx.Param))
-  low_rank = lambda name, x: jnp.einsum('btr,rhk->bthk', x @ p[name]['down']['kernel'], p[name]['up']['kernel'])  # noqa: E731
+
+  def low_rank(name, x):
+    return jnp.einsum('btr,rhk->bthk', x @ p[name]['down']['kernel'], p[name]['up']['kernel'])
+
   q_pre, k_pre, v, x = inputs
   k_pre, v = jnp.repeat(k_pre, 2, axis=2), jnp.repeat(v, 2, axis=2)
   g = jax.nn.log_sigmoid(low_rank('partition_decay', x) + p['partition_decay']['bias']) / 16
@@ -327,3 +333,27 @@ def test_the_sse_hybrid_config_and_its_presets(preset, layers):
   sse = cfg.model.attention.sse
   assert (sse.top_k, sse.shared) == ((1, False) if preset == ':gla' else (2, True))
   assert sse.mode == ('varlen' if preset == ':varlen' else 'mask')
+
+
+@pytest.mark.slow
+def test_books_quality_quick_run_of_the_sse_variants(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'books'
+  env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off'}
+  result = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'books_quality.py'), '--quick',
+                           '--variants', 'sse_h,gla', '--out', str(out), '--data_dir', str(tmp_path / 'tfds')],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  results = json.loads((out / 'results.json').read_text())
+  assert list(results['variants']) == ['sse_h', 'gla']
+  for variant in results['variants'].values():
+    assert np.isfinite(variant['eval']['nll'])
+  sse = json.loads((out / 'sse_h' / 'config.json').read_text())['config']['model']['attention']
+  gla = json.loads((out / 'gla' / 'config.json').read_text())['config']['model']['attention']
+  assert (sse['kind'], sse['sse']['mode'], sse['full_layers']) == ('sse:4', 'varlen', 'every:4')
+  assert (gla['kind'], gla['sse']['top_k'], gla['sse']['shared']) == ('sse:1', 1, False)
+  assert '| positions | SSE-H | GLA-H (N=1) |' in (out / 'results.md').read_text()
