@@ -16,7 +16,10 @@ jax device.
 """
 
 import dataclasses
+import json
 import os
+
+import numpy as np
 
 from sparseformer.errors import UserError
 
@@ -113,3 +116,33 @@ def is_main_process():
   """Process 0 writes logs, metrics and run metadata; every process joins checkpoints."""
   import jax
   return jax.process_index() == 0
+
+
+def gather_process_states(state):
+  """Every process's JSON-able data-iterator state, for process 0 to checkpoint: the
+  state itself with one process, else {'per_process': [state of process 0, 1, ...]}.
+  A collective: every process calls it at the same step."""
+  import jax
+  if jax.process_count() == 1:
+    return state
+  from jax.experimental import multihost_utils
+  encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([encoded.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:encoded.size] = encoded
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return {'per_process': [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]}
+
+
+def own_process_state(saved):
+  """This process's part of a state written by `gather_process_states`."""
+  import jax
+  if not (isinstance(saved, dict) and 'per_process' in saved):
+    if jax.process_count() > 1:
+      raise UserError('the checkpoint holds the data position of a single process; resume it with one process')
+    return saved
+  states = saved['per_process']
+  if len(states) != jax.process_count():
+    raise UserError(f'the checkpoint holds the data positions of {len(states)} processes, this job has '
+                    f'{jax.process_count()}: resume with {len(states)} processes')
+  return states[jax.process_index()]

@@ -66,3 +66,34 @@ def test_initialize_reads_the_process_environment(monkeypatch):
   for name, value in EXPLICIT.items():
     monkeypatch.setenv(name, value)
   assert distributed.initialize().cluster == 'explicit' and calls[0]['process_id'] == 2
+
+
+def test_each_process_resumes_from_its_own_data_position(monkeypatch):
+  from jax.experimental import multihost_utils
+  import numpy as np
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  # Process 1 has read further into its shard: its state is longer than process 0's.
+  other = np.frombuffer(b'{"parent": 12345, "pairs_emitted": 7}', np.uint8)
+
+  def allgather(x):
+    x = np.asarray(x)
+    if x.dtype == np.int32:
+      return np.stack([x, np.array([other.size], np.int32)])
+    return np.stack([x, np.pad(other, (0, x.size - other.size))])
+
+  monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
+  mine = {'parent': 3, 'pairs_emitted': 0}
+  saved = distributed.gather_process_states(mine)
+  assert saved == {'per_process': [mine, {'parent': 12345, 'pairs_emitted': 7}]}
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  assert distributed.own_process_state(saved) == {'parent': 12345, 'pairs_emitted': 7}
+  with pytest.raises(UserError, match='single process'):
+    distributed.own_process_state(mine)
+  monkeypatch.setattr(jax, 'process_count', lambda: 4)
+  with pytest.raises(UserError, match='resume with 2 processes'):
+    distributed.own_process_state(saved)
+
+
+def test_one_process_keeps_the_plain_data_position():
+  state = {'parent': 3, 'pairs_emitted': 0}
+  assert distributed.gather_process_states(state) == state and distributed.own_process_state(state) == state

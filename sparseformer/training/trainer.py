@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from sparseformer import config as config_lib
-from sparseformer import data, sharding
+from sparseformer import data, distributed, sharding
 from sparseformer.evaluation.evaluate import evaluate, format_summary, make_eval_batch_fn
 from sparseformer.training import metrics as metrics_lib
 from sparseformer.training.checkpoint import Checkpointer
@@ -81,7 +81,7 @@ def start_state(cfg, spec, tx, shardings, checkpointer, resume_step, init_plan, 
     abstract = abstract_train_state(spec, tx, shardings, cfg.seed)
     state, data_state = checkpointer.restore(resume_step, abstract)
     log(f'resumed from step {resume_step} in {checkpointer.directory}')
-    return state, data_state
+    return state, distributed.own_process_state(data_state)
   state = make_train_state(spec, tx, shardings, cfg.seed)
   if init_plan is not None:
     source, step, report = init_plan
@@ -145,7 +145,8 @@ class TrainLoop:
                                f'last good checkpoint: step {last_saved} in {self.checkpointer.directory}')
       self.record(step, metrics, step_time, tokens_per_step)
       if step % cfg.checkpoint.every_steps == 0 or step == t.steps or self.stop_requested:
-        last_saved = self.checkpointer.save(state, data_state, {'config': cfg.to_dict()})
+        last_saved = self.checkpointer.save(state, distributed.gather_process_states(data_state),
+                                            {'config': cfg.to_dict()})
       if t.eval_every and step % t.eval_every == 0 and step < t.steps:
         self.evaluate(state, step)
       if step == PAUSE_AFTER_STEP:
