@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks import attention as bench
 from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL, PARTIAL
@@ -234,3 +235,19 @@ def test_train_throughput_quick_routing_row_and_its_attention_time(tmp_path):
   assert rows['routing']['layers'] == 'routing:4 routing:4' and rows['routing']['vs_dense'] > 0
   assert report['attention_layer']['routing:4']['fwd_bwd_ms'] > 0
   assert any(line.startswith('routing: attention fwd+bwd') for line in report['summary'])
+
+
+@pytest.mark.parametrize('config_name,variants', [
+    ('routing_books.py', {'': 'routing', ':local': 'local', ':dense': 'dense'}),
+    ('dma_books.py', {'': 'dma', ':window': 'local', ':dense': 'dense'})])
+def test_shipped_books_configs_are_the_books_quality_variants(config_name, variants):
+  from benchmarks import books_quality
+  from sparseformer import config as config_lib
+  args = books_quality.parse_args(['--out', '/unused'])
+  for preset, variant in variants.items():
+    shipped = config_lib.flatten(config_lib.load_config_file(os.path.join(REPO, 'configs', config_name) + preset))
+    script = config_lib.load_config_file(books_quality.PRETRAIN_CONFIG)
+    config_lib.apply_overrides(script, {key: str(value) for key, value in books_quality.train_overrides(args, variant).items()})
+    script = config_lib.flatten(script)
+    differing = {key for key in shipped if shipped[key] != script[key] and not key.startswith('train.log')}
+    assert not differing, (preset, {key: (shipped[key], script[key]) for key in differing})

@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, 'configs', 'default.py')
 
 
-PRESETS = {'default.py': ['smoke'], 'masformer_small.py': ['window', 'dense'], 'long_finetune.py': ['window', 'dense']}
+PRESETS = {'default.py': ['smoke'], 'masformer_small.py': ['window', 'dense'], 'long_finetune.py': ['window', 'dense'],
+           'routing_books.py': ['local', 'dense'], 'dma_books.py': ['window', 'dense']}
 
 
 def test_every_shipped_config_and_preset_loads_and_validates():
