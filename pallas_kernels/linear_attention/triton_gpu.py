@@ -28,7 +28,9 @@ from pallas_kernels.linear_attention import reference
 
 CHUNK = reference.CHUNK
 SUB_CHUNK = reference.SUB_CHUNK
-MAX_BLOCK = 64  # Dk / Dv columns per program in the kernels that split them
+MAX_BLOCK = 64  # Dk / Dv columns per program of the chunk-parallel kernels
+# ... and of the kernels sequential over chunks: narrower, for more programs in flight
+MAX_SEQUENTIAL_BLOCK = 32
 HEAD_DIMS = (16, 32, 64, 128, 256)
 NUM_WARPS = 4
 
@@ -39,6 +41,10 @@ def chunk_count(length, chunk=CHUNK):
 
 def block_size(head_dim):
   return min(head_dim, MAX_BLOCK)
+
+
+def sequential_block_size(head_dim):
+  return min(head_dim, MAX_SEQUENTIAL_BLOCK)
 
 
 def segment_layout(segment_ids, batch, length, chunk=CHUNK):
@@ -90,19 +96,21 @@ def jax_triton_launch(kernel_name, grid, inputs, out_shapes, **meta):
 
 
 def _dims(q, v, chunk):
+  """(compile-time sizes, run-time lengths (T, Tp, N): the kernels' scalar arguments, so
+  one compiled kernel serves every length)."""
   b, t, h, dk = q.shape
   n = chunk_count(t, chunk)
-  return dict(T=t, TP=n * chunk, H=h, DK=dk, DV=v.shape[3], N=n, C=chunk)
+  return dict(H=h, DK=dk, DV=v.shape[3], C=chunk), (t, n * chunk, n)
 
 
 def _f32(shape):
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _chunk_states(launch, k, v, g, state0, runs, continues, dims, precise):
-  bh, n, dk, dv = dims['H'] * k.shape[0], dims['N'], dims['DK'], dims['DV']
-  bk, bv = block_size(dk), block_size(dv)
-  return launch('chunk_states_kernel', (bh, dk // bk, dv // bv), (k, v, g, runs, continues, state0),
+def _chunk_states(launch, k, v, g, state0, runs, continues, dims, lengths, precise):
+  bh, n, dk, dv = dims['H'] * k.shape[0], lengths[2], dims['DK'], dims['DV']
+  bk, bv = sequential_block_size(dk), sequential_block_size(dv)
+  return launch('chunk_states_kernel', (bh, dk // bk, dv // bv), (k, v, g, runs, continues, state0, *lengths),
                 (_f32((bh, n, dk, dv)), _f32((bh, dk, dv))), BK=bk, BV=bv, PRECISE=precise, **dims)
 
 
@@ -116,16 +124,17 @@ def _initial_state(q, v, initial_state):
 def forward_with(launch, q, k, v, g, initial_state, segment_ids, scale, chunk=CHUNK):
   """(o [B,T,H,Dv] q.dtype, final state [B,H,Dk,Dv] f32)."""
   b, t, h, dk = q.shape
-  dims = _dims(q, v, chunk)
+  dims, lengths = _dims(q, v, chunk)
+  dv = dims['DV']
   precise = q.dtype == jnp.float32
   runs, continues = segment_layout(segment_ids, b, t, chunk)
   states, final = _chunk_states(launch, k, v, g, _initial_state(q, v, initial_state), runs, continues, dims,
-                                precise)
-  bv = block_size(dims['DV'])
-  o = launch('chunk_output_kernel', (dims['N'], b * h, dims['DV'] // bv), (q, k, v, g, runs, continues, states),
-             jax.ShapeDtypeStruct(v.shape[:3] + (dims['DV'],), q.dtype), SUB=SUB_CHUNK, BV=bv, SCALE=float(scale),
-             PRECISE=precise, **dims)
-  return o, final.reshape(b, h, dk, dims['DV'])
+                                lengths, precise)
+  bv = block_size(dv)
+  o = launch('chunk_output_kernel', (lengths[2], b * h, dv // bv), (q, k, v, g, runs, continues, states, *lengths),
+             jax.ShapeDtypeStruct(v.shape, q.dtype), SUB=SUB_CHUNK, BV=bv, SCALE=float(scale), PRECISE=precise,
+             **dims)
+  return o, final.reshape(b, h, dk, dv)
 
 
 def backward_with(launch, q, k, v, g, initial_state, segment_ids, scale, o, final_state, d_o, d_final_state,
@@ -133,31 +142,34 @@ def backward_with(launch, q, k, v, g, initial_state, segment_ids, scale, o, fina
   """(dq, dk, dv, dg, d_initial_state or None), each in its input's dtype."""
   del o
   b, t, h, dk = q.shape
-  dims = _dims(q, v, chunk)
-  bh, dv_dim = b * h, dims['DV']
-  bk, bv = block_size(dk), block_size(dv_dim)
+  dims, lengths = _dims(q, v, chunk)
+  bh, dv, n = b * h, dims['DV'], lengths[2]
+  bk, bv = block_size(dk), block_size(dv)
   precise = q.dtype == jnp.float32
+  kernel_options = dict(SCALE=float(scale), PRECISE=precise, **dims)
   runs, continues = segment_layout(segment_ids, b, t, chunk)
   d_o = d_o.astype(q.dtype)
-  states, _ = _chunk_states(launch, k, v, g, _initial_state(q, v, initial_state), runs, continues, dims, precise)
-  d_final = d_final_state.astype(jnp.float32).reshape(bh, dk, dv_dim)
-  d_states, d_state0 = launch('state_grads_kernel', (bh, dk // bk, dv_dim // bv), (q, d_o, g, continues, d_final),
-                              (_f32((bh, dims['N'], dk, dv_dim)), _f32((bh, dk, dv_dim))), BK=bk, BV=bv,
-                              SCALE=float(scale), PRECISE=precise, **dims)
-  dq, dk_, dlog = launch('chunk_dqk_kernel', (dims['N'], bh, dk // bk),
-                         (q, k, v, g, d_o, runs, continues, states, d_states),
+  states, _ = _chunk_states(launch, k, v, g, _initial_state(q, v, initial_state), runs, continues, dims, lengths,
+                            precise)
+  d_final = d_final_state.astype(jnp.float32).reshape(bh, dk, dv)
+  sk, sv = sequential_block_size(dk), sequential_block_size(dv)
+  d_states, d_state0 = launch('state_grads_kernel', (bh, dk // sk, dv // sv),
+                              (q, d_o, g, continues, d_final, *lengths),
+                              (_f32((bh, n, dk, dv)), _f32((bh, dk, dv))), BK=sk, BV=sv, **kernel_options)
+  dq, dk_, dlog = launch('chunk_dqk_kernel', (n, bh, dk // bk),
+                         (q, k, v, g, d_o, runs, continues, states, d_states, *lengths),
                          (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                          _f32(q.shape)), SUB=SUB_CHUNK, BK=bk, SCALE=float(scale), PRECISE=precise, **dims)
-  dv = launch('chunk_dv_kernel', (dims['N'], bh, dv_dim // bv), (q, k, g, d_o, runs, d_states),
-              jax.ShapeDtypeStruct(v.shape, v.dtype), SUB=SUB_CHUNK, BV=bv, SCALE=float(scale), PRECISE=precise,
-              **dims)
+                          _f32(q.shape)), SUB=SUB_CHUNK, BK=bk, **kernel_options)
+  dv_ = launch('chunk_dv_kernel', (n, bh, dv // bv), (q, k, g, d_o, runs, d_states, *lengths),
+               jax.ShapeDtypeStruct(v.shape, v.dtype), SUB=SUB_CHUNK, BV=bv, **kernel_options)
   final_share = jnp.sum(final_state.astype(jnp.float32) * d_final_state.astype(jnp.float32), axis=-1)
-  dg_floored = launch('log_decay_grads_kernel', (bh, dk // bk), (dlog, runs, continues, final_share.reshape(bh, dk)),
-                      _f32(q.shape), BK=bk, **{key: dims[key] for key in ('T', 'TP', 'H', 'DK', 'N', 'C')})
+  dg_floored = launch('log_decay_grads_kernel', (bh, dk // sk),
+                      (dlog, runs, continues, final_share.reshape(bh, dk), *lengths), _f32(q.shape), BK=sk,
+                      H=h, DK=dk, C=chunk)
   _, through_floor = jax.vjp(reference.log_decay, g)
   (dg,) = through_floor(dg_floored)
   d_initial = None if initial_state is None else d_state0.reshape(initial_state.shape).astype(initial_state.dtype)
-  return dq, dk_, dv, dg, d_initial
+  return dq, dk_, dv_, dg, d_initial
 
 
 @functools.partial(jax.jit, static_argnames=('scale',))

@@ -17,34 +17,34 @@ previous row's by exp(g_t). Rows past T load as k = v = g = 0 (identity transiti
 import triton
 import triton.language as tl
 
-LOG_DECAY_FLOOR = -1e30
+LOG_DECAY_FLOOR = tl.constexpr(-1e30)
 
 
 @triton.jit
 def _dot(a, b, PRECISE: tl.constexpr):
-  """a @ b accumulated in float32: exact float32 products for float32 inputs, bf16 operands
-  otherwise (the inputs' own precision)."""
+  """a @ b accumulated in float32: for float32 inputs three tf32 passes (about float32
+  accuracy), otherwise bf16 operands (the inputs' own precision)."""
   if PRECISE:
-    return tl.dot(a, b, input_precision='ieee')
+    return tl.dot(a, b, input_precision='tf32x3')
   return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
 
 
 @triton.jit
-def _tile(ptr, batch, head, rows, cols, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, row_limit):
+def _tile(ptr, batch, head, rows, cols, T, H: tl.constexpr, D: tl.constexpr, row_limit):
   """float32 [rows, cols] of a [B, T, H, D] array; rows at or past row_limit (<= T) read 0."""
   offsets = ((batch * T + rows[:, None]).to(tl.int64) * H + head) * D + cols[None, :]
   return tl.load(ptr + offsets, mask=rows[:, None] < row_limit, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _row(ptr, batch, head, row, cols, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
+def _row(ptr, batch, head, row, cols, T, H: tl.constexpr, D: tl.constexpr):
   """float32 [cols] of token `row` (0 past T)."""
   offsets = ((batch * T + row).to(tl.int64) * H + head) * D + cols
   return tl.load(ptr + offsets, mask=(cols < D) & (row < T), other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_tile(ptr, value, batch, head, rows, cols, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
+def _store_tile(ptr, value, batch, head, rows, cols, T, H: tl.constexpr, D: tl.constexpr):
   offsets = ((batch * T + rows[:, None]).to(tl.int64) * H + head) * D + cols[None, :]
   tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=rows[:, None] < T)
 
@@ -55,7 +55,7 @@ def _log_decay(g):
 
 
 @triton.jit
-def _next_tokens_decay(g_ptr, batch, head, rows, cols, last_row, T: tl.constexpr, H: tl.constexpr,
+def _next_tokens_decay(g_ptr, batch, head, rows, cols, last_row, T, H: tl.constexpr,
                        D: tl.constexpr):
   """[rows, cols]: sum of g over the tokens after each row up to last_row (exclusive of the
   row itself; 0 at last_row), as a reverse cumsum of the next token's g."""
@@ -65,7 +65,7 @@ def _next_tokens_decay(g_ptr, batch, head, rows, cols, last_row, T: tl.constexpr
 
 
 @triton.jit
-def _state_offsets(bh, n, N: tl.constexpr, k_cols, v_cols, DK: tl.constexpr, DV: tl.constexpr):
+def _state_offsets(bh, n, N, k_cols, v_cols, DK: tl.constexpr, DV: tl.constexpr):
   return (bh * N + n).to(tl.int64) * (DK * DV) + k_cols[:, None] * DV + v_cols[None, :]
 
 
@@ -74,9 +74,9 @@ def _state_offsets(bh, n, N: tl.constexpr, k_cols, v_cols, DK: tl.constexpr, DV:
 
 
 @triton.jit
-def chunk_states_kernel(k_ptr, v_ptr, g_ptr, runs_ptr, continues_ptr, state0_ptr, states_ptr, final_ptr,
-                        T: tl.constexpr, TP: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                        N: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def chunk_states_kernel(k_ptr, v_ptr, g_ptr, runs_ptr, continues_ptr, state0_ptr, T, TP, N, states_ptr, final_ptr,
+                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         PRECISE: tl.constexpr):
   """Sequential over chunks: states[n] = the state entering chunk n; final = after the last."""
   bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -102,9 +102,9 @@ def chunk_states_kernel(k_ptr, v_ptr, g_ptr, runs_ptr, continues_ptr, state0_ptr
 
 
 @triton.jit
-def chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, runs_ptr, continues_ptr, states_ptr, o_ptr,
-                        T: tl.constexpr, TP: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                        N: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr,
+def chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, runs_ptr, continues_ptr, states_ptr, T, TP, N, o_ptr,
+                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                        C: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr,
                         SCALE: tl.constexpr, PRECISE: tl.constexpr):
   """o of one chunk (one Dv block): from the entering state, from earlier sub-chunks, within
   each sub-chunk."""
@@ -156,9 +156,9 @@ def chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, runs_ptr, continues_ptr, sta
 
 
 @triton.jit
-def state_grads_kernel(q_ptr, do_ptr, g_ptr, continues_ptr, d_final_ptr, d_states_ptr, d_state0_ptr,
-                       T: tl.constexpr, TP: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                       N: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def state_grads_kernel(q_ptr, do_ptr, g_ptr, continues_ptr, d_final_ptr, T, TP, N, d_states_ptr, d_state0_ptr,
+                       H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        SCALE: tl.constexpr, PRECISE: tl.constexpr):
   """Sequential over chunks backwards: d_states[n] = gradient of the state leaving chunk n;
   d_state0 = gradient of the initial state."""
@@ -184,7 +184,7 @@ def state_grads_kernel(q_ptr, do_ptr, g_ptr, continues_ptr, d_final_ptr, d_state
 
 
 @triton.jit
-def _sub_chunk_decays(g_ptr, batch, head, n, i, rows, chunk_rows, local, cols, T: tl.constexpr, H: tl.constexpr,
+def _sub_chunk_decays(g_ptr, batch, head, n, i, rows, chunk_rows, local, cols, T, H: tl.constexpr,
                       D: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr):
   """For sub-chunk i's rows: (prefix, suffix, before, after): decay from the sub-chunk start
   to each row (inclusive), from each row (exclusive) to the sub-chunk end, and [cols] sums
@@ -198,7 +198,7 @@ def _sub_chunk_decays(g_ptr, batch, head, n, i, rows, chunk_rows, local, cols, T
 
 
 @triton.jit
-def _later_queries(q_ptr, g_ptr, batch, head, chunk_rows, local, first, cols, T: tl.constexpr, H: tl.constexpr,
+def _later_queries(q_ptr, g_ptr, batch, head, chunk_rows, local, first, cols, T, H: tl.constexpr,
                    D: tl.constexpr):
   """[C, cols]: q of the chunk's rows >= first scaled by their decay since `first` (0 before)."""
   later = (local >= first)[:, None]
@@ -208,10 +208,10 @@ def _later_queries(q_ptr, g_ptr, batch, head, chunk_rows, local, first, cols, T:
 
 
 @triton.jit
-def chunk_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, runs_ptr, continues_ptr, states_ptr, d_states_ptr,
+def chunk_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, runs_ptr, continues_ptr, states_ptr, d_states_ptr, T, TP, N,
                      dq_ptr, dk_ptr, dlog_ptr,
-                     T: tl.constexpr, TP: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                     N: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+                     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                     C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
                      SCALE: tl.constexpr, PRECISE: tl.constexpr):
   """dq, dk of one chunk (one Dk block), and dlog = q * dq - k * dk, the gradient of each
   token's cumulative log decay (its reverse cumsum per segment gives dg)."""
@@ -264,11 +264,11 @@ def chunk_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, runs_ptr, continues_ptr
       run_t = tl.load(runs_ptr + batch * TP + row)
       pair_decay = tl.where((sub < t)[:, None], pair_decay * tl.exp(g_t)[None, :], tl.where((sub == t)[:, None],
                                                                                             1.0, 0.0))
-      d_scores_t = SCALE * tl.sum(v * do_t[None, :], axis=1)  # [SUB] over keys
-      d_scores_t = tl.where((sub <= t) & (runs == run_t), d_scores_t, 0.0)
-      dq_t = tl.sum(d_scores_t[:, None] * k * pair_decay, axis=0)
+      d_scores_row = SCALE * tl.sum(v * do_t[None, :], axis=1)  # [SUB] over keys
+      d_scores_row = tl.where((sub <= t) & (runs == run_t), d_scores_row, 0.0)
+      dq_t = tl.sum(d_scores_row[:, None] * k * pair_decay, axis=0)
       dq_within = tl.where((sub == t)[:, None], dq_t[None, :], dq_within)
-      dk += d_scores_t[:, None] * q_t[None, :] * pair_decay
+      dk += d_scores_row[:, None] * q_t[None, :] * pair_decay
     dq += dq_within
     _store_tile(dq_ptr, dq, batch, head, rows, k_cols, T, H, DK)
     _store_tile(dk_ptr, dk, batch, head, rows, k_cols, T, H, DK)
@@ -276,9 +276,9 @@ def chunk_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, runs_ptr, continues_ptr
 
 
 @triton.jit
-def chunk_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, runs_ptr, d_states_ptr, dv_ptr,
-                    T: tl.constexpr, TP: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                    N: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr,
+def chunk_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, runs_ptr, d_states_ptr, T, TP, N, dv_ptr,
+                    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                    C: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr,
                     SCALE: tl.constexpr, PRECISE: tl.constexpr):
   """dv of one chunk (one Dv block)."""
   n, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -313,15 +313,15 @@ def chunk_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, runs_ptr, d_states_ptr, dv_ptr,
       run_t = tl.load(runs_ptr + batch * TP + row)
       pair_decay = tl.where((sub < t)[:, None], pair_decay * tl.exp(g_t)[None, :], tl.where((sub == t)[:, None],
                                                                                             1.0, 0.0))
-      scores_t = tl.sum(k * pair_decay * q_t[None, :], axis=1)
-      scores_t = tl.where((sub <= t) & (runs == run_t), scores_t, 0.0)
-      dv += SCALE * scores_t[:, None] * do_t[None, :]
+      scores_row = tl.sum(k * pair_decay * q_t[None, :], axis=1)
+      scores_row = tl.where((sub <= t) & (runs == run_t), scores_row, 0.0)
+      dv += SCALE * scores_row[:, None] * do_t[None, :]
     _store_tile(dv_ptr, dv, batch, head, rows, v_cols, T, H, DV)
 
 
 @triton.jit
-def log_decay_grads_kernel(dlog_ptr, runs_ptr, continues_ptr, carry_ptr, dg_ptr,
-                           T: tl.constexpr, TP: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, N: tl.constexpr,
+def log_decay_grads_kernel(dlog_ptr, runs_ptr, continues_ptr, carry_ptr, T, TP, N, dg_ptr,
+                           H: tl.constexpr, DK: tl.constexpr,
                            C: tl.constexpr, BK: tl.constexpr):
   """dg[u] = sum of dlog over the tokens t >= u of u's segment, plus (for the row's last
   segment) carry = rowsum(final state * its gradient): sequential over chunks backwards."""
