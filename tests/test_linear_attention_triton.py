@@ -12,6 +12,7 @@ Three ways to run them:
                        TRITON_INTERPRET=1 PYTHONPATH=/path/to/triton pytest -m slow this_file
 """
 
+import functools
 import importlib
 import os
 import subprocess
@@ -251,9 +252,18 @@ def interpreter_launch(kernel_name, grid, inputs, out_shapes, **meta):
   return results[0] if single else tuple(results)
 
 
+def float32_dots(launch):
+  """The interpreter's dot on bf16 operands is wrong (it multiplies their bit patterns), so
+  bf16 inputs are checked there with the float32-input dots (PRECISE) instead."""
+  def launch_precise(kernel_name, grid, inputs, out_shapes, **meta):
+    return launch(kernel_name, grid, inputs, out_shapes, **{**meta, **({'PRECISE': True} if 'PRECISE' in meta else {})})
+  return launch_precise
+
+
 INTERPRETER_CASES = [
-    ('resets_and_state', 1, 80, 2, 16, 16, (5, 37, 64), True),
-    ('odd_length_dk_ne_dv', 2, 70, 1, 32, 16, (63,), False),
+    ('resets_and_state', 1, 80, 2, 16, 16, (5, 37, 64), True, jnp.float32),
+    ('odd_length_dk_ne_dv', 2, 70, 1, 32, 16, (63,), False, jnp.float32),
+    ('bf16_inputs', 1, 77, 2, 32, 16, (10, 70), True, jnp.bfloat16),
 ]
 
 
@@ -263,11 +273,64 @@ INTERPRETER_CASES = [
 def test_kernels_in_triton_interpreter(case, monkeypatch):
   interpreter = pytest.importorskip('triton.runtime.interpreter')
   monkeypatch.setattr(interpreter, '_patch_lang_tensor', whole_number_index(interpreter._patch_lang_tensor))
-  _, b, t, h, dk, dv, starts, with_state = case
-  q, k, v, g, state0, d_o, d_state = random_inputs(t, b, t, h, dk, dv, jnp.float32)
+  _, b, t, h, dk, dv, starts, with_state, dtype = case
+  q, k, v, g, state0, d_o, d_state = random_inputs(t, b, t, h, dk, dv, dtype)
   g = g.at[0, 20].set(-1e4).at[0, 30, 0].set(-1e30)
   state0 = state0 if with_state else None
   segment_ids = segments_from_starts(b, t, starts)
-  got = kernel_values_and_grads(interpreter_launch, q, k, v, g, state0, segment_ids, d_o, d_state, 0.3)
+  got = kernel_values_and_grads(float32_dots(interpreter_launch), q, k, v, g, state0, segment_ids, d_o, d_state,
+                                0.3)
   want = oracle(q, k, v, g, state0, segment_ids, d_o, d_state, 0.3)
-  assert_matches_oracle(got, want, jnp.float32)
+  assert_matches_oracle(got, want, dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# CPU: every kernel launch compiled for sm90 (Hopper) without a GPU, as jax_triton compiles
+# it (slow; needs triton, whose bundled ptxas runs on the host; triton 3.6's compiler API)
+
+TRITON_TYPES = {'float32': '*fp32', 'bfloat16': '*bf16', 'int32': '*i32'}
+
+
+def compile_launch(compiled, kernel_name, grid, inputs, out_shapes, **meta):
+  """Compiles the launch to a cubin as jax_triton would (16-byte aligned arrays, 32-bit
+  scalars, a scalar equal to 1 specialised to a constant) and returns zero outputs."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+  from triton.compiler.compiler import ASTSource
+  kernel = getattr(importlib.import_module('pallas_kernels.linear_attention.triton_gpu_kernels'), kernel_name)
+  outputs = [out_shapes] if not isinstance(out_shapes, (tuple, list)) else list(out_shapes)
+  arguments = list(inputs) + outputs
+  signature, constants, attrs = {}, dict(meta), {}
+  for index, argument in enumerate(arguments):
+    name = kernel.arg_names[index]
+    if isinstance(argument, int):
+      signature[name] = 'constexpr' if argument == 1 else 'i32'
+      if argument == 1:
+        constants[name] = 1
+    else:
+      signature[name] = TRITON_TYPES[str(argument.dtype)]
+      attrs[(index,)] = [['tt.divisibility', 16]]
+  signature.update({name: 'constexpr' for name in meta})
+  binary = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
+                          target=GPUTarget('cuda', 90, 32),
+                          options=dict(num_warps=triton_gpu.NUM_WARPS, num_stages=3))
+  compiled.append((kernel_name, len(binary.asm['cubin'])))
+  zeros = [jnp.zeros(o.shape, o.dtype) for o in outputs]
+  return zeros[0] if len(outputs) == 1 and not isinstance(out_shapes, (tuple, list)) else tuple(zeros)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') == '1', reason='kernels are interpreted, not compiled')
+@pytest.mark.parametrize('dtype, t, dk, dv', [(jnp.float32, 77, 64, 64), (jnp.bfloat16, 40, 128, 128)],
+                         ids=['f32_two_chunks', 'bf16_one_chunk'])
+def test_kernels_compile_for_hopper(dtype, t, dk, dv):
+  pytest.importorskip('triton')
+  compiled = []
+  launch = functools.partial(compile_launch, compiled)
+  q, v = jnp.zeros((1, t, 2, dk), dtype), jnp.zeros((1, t, 2, dv), dtype)
+  o, final = triton_gpu.forward_with(launch, q, q, v, q, jnp.zeros((1, 2, dk, dv)), None, 0.1)
+  triton_gpu.backward_with(launch, q, q, v, q, None, None, 0.1, o, final, o, final)
+  assert [name for name, _ in compiled] == ['chunk_states_kernel', 'chunk_output_kernel', 'chunk_states_kernel',
+                                            'state_grads_kernel', 'chunk_dqk_kernel', 'chunk_dv_kernel',
+                                            'log_decay_grads_kernel']
+  assert all(size > 0 for _, size in compiled)
