@@ -18,6 +18,7 @@ each forward and forward+backward (linear attention: dq, dk, dv, dg; cuDNN: dq, 
 faster). Time is device time through CUPTI (benchmarks.attention.measure_jax: the kernels
 of one call, median over --iterations); wall time where CUPTI is missing (CPU).
 err: max |row - reference| / max |reference| over o (fwd) or over dq, dk, dv, dg (fwd+bwd).
+The triton rows also print the device time of each kernel of one call (CUPTI).
 """
 
 import argparse
@@ -80,6 +81,19 @@ def cudnn_functions():
   return jax.jit(cudnn_forward), jax.jit(forward_backward)
 
 
+def kernel_breakdown(function, fn_args):
+  """'name ms, ...' of the kernels of one call, longest first (CUPTI); '' where unavailable."""
+  try:
+    from jax.experimental.mosaic.gpu import profiler
+    _, timings = profiler.measure(function, aggregate=False)(*fn_args)
+  except (ImportError, RuntimeError):
+    return ''
+  totals = {}
+  for name, ms in timings or ():
+    totals[name] = totals.get(name, 0.0) + ms
+  return ', '.join(f'{name} {ms:.3f}' for name, ms in sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def relative_error(got, want):
   if got is None or want is None:
     return float('nan')
@@ -117,6 +131,8 @@ def run(args):
         fn_args = (q, k, v, g) + ((d_o,) if direction == 'fwd+bwd' else ())
       results[name, direction] = time_row(row, function, fn_args, args.iterations)
       print(f'  {name:9s} {direction:8s} {row.ms:9.3f} ms  {row.note}', flush=True)
+      if name == 'triton' and results[name, direction] is not None:
+        print(f'    kernels (ms): {kernel_breakdown(function, fn_args)}', flush=True)
       rows.append(row)
   for row in rows:
     reference_row = next(r for r in rows if r.implementation == 'reference' and r.direction == row.direction)
