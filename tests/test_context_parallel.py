@@ -17,6 +17,7 @@ from pallas_kernels.block_sparse_attention import masks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHARDED_EQUALS_UNSHARDED = r'''
+import sys
 import jax, jax.numpy as jnp, numpy as np
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
 from sparseformer import sharding
@@ -50,15 +51,17 @@ def output_and_grads(f):
   y, pullback = jax.vjp(jax.jit(f), q, k, v)
   return (y,) + pullback(cotangent)
 
-cases = {'dense': masks.Causal(), 'window:12': masks.causal_window(12), 'window:30': masks.causal_window(30),
-         'block_local:16': masks.Chunked(16) & masks.Causal()}
-for name, mask in cases.items():
-  for rows, segment_ids in (('one document', None), ('packed', documents)):
-    expected = output_and_grads(unsharded(mask, segment_ids))
-    got = output_and_grads(sharded(mask, segment_ids))
-    for what, a, e in zip(('y', 'dq', 'dk', 'dv'), got, expected):
-      np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5, err_msg=f'{name} {rows} {what}')
-    print(name, rows, 'ok')
+all_masks = {'dense': masks.Causal(), 'window:12': masks.causal_window(12), 'window:30': masks.causal_window(30),
+             'block_local:16': masks.Chunked(16) & masks.Causal()}
+all_rows = {'one document': None, 'packed': documents}
+for case in sys.argv[1].split(','):
+  name, rows = case.split('/')
+  mask, segment_ids = all_masks[name], all_rows[rows]
+  expected = output_and_grads(unsharded(mask, segment_ids))
+  got = output_and_grads(sharded(mask, segment_ids))
+  for what, a, e in zip(('y', 'dq', 'dk', 'dv'), got, expected):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5, err_msg=f'{name} {rows} {what}')
+  print(name, rows, 'ok')
 
 # Inside jit on inputs placed on the mesh, the result stays sharded along the sequence.
 y = jax.jit(sharded(masks.Causal(), None))(*[jax.device_put(x, jax.NamedSharding(mesh, jax.P(None, 'sequence')))
@@ -68,12 +71,24 @@ print('all equal')
 '''
 
 
-def test_sharded_attention_equals_unsharded_forward_and_gradients():
+def check_sharded_equals_unsharded(cases):
+  """cases: 'mask/rows' names of the script's tables, run in one subprocess of 4 devices."""
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'PYTHONPATH': ROOT}
-  result = subprocess.run([sys.executable, '-c', SHARDED_EQUALS_UNSHARDED], capture_output=True, text=True,
-                          cwd=ROOT, env=env)
+  result = subprocess.run([sys.executable, '-c', SHARDED_EQUALS_UNSHARDED, ','.join(cases)], capture_output=True,
+                          text=True, cwd=ROOT, env=env)
   assert result.returncode == 0, result.stdout + result.stderr[-4000:]
   assert result.stdout.strip().endswith('all equal'), result.stdout
+
+
+def test_dense_and_window_attention_sharded_4_ways_equal_unsharded_forward_and_gradients():
+  # dense: an all_gather of every shard; window:30: permutes from the two shards before.
+  check_sharded_equals_unsharded(['dense/packed', 'window:30/packed'])
+
+
+@pytest.mark.slow
+def test_every_local_mask_and_unpacked_rows_sharded_equal_unsharded():
+  check_sharded_equals_unsharded(['dense/one document', 'window:12/one document', 'window:12/packed',
+                                  'window:30/one document', 'block_local:16/one document', 'block_local:16/packed'])
 
 
 @pytest.mark.parametrize('mask,shard_len,expected', [

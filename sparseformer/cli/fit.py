@@ -115,13 +115,17 @@ def synthetic_batch(parts, vocab_size, seed=0):
   return {name: jax.device_put(value, parts.batch_sharding) for name, value in batch.items()}
 
 
+def require_memory_statistics():
+  import jax
+  stats = jax.local_devices()[0].memory_stats()
+  if not stats or 'peak_bytes_in_use' not in stats:
+    raise UserError(f'--measure needs devices that report memory statistics (GPU/TPU), not {jax.default_backend()}')
+
+
 def measure_peak(parts, compiled, steps, vocab_size, seed=0):
   """(peak bytes in use on the busiest device, last loss) after `steps` real train steps."""
   import jax
   from sparseformer.training.state import make_train_state
-  stats = jax.local_devices()[0].memory_stats()
-  if not stats or 'peak_bytes_in_use' not in stats:
-    raise UserError(f'--measure needs devices that report memory statistics (GPU/TPU), not {jax.default_backend()}')
   state = make_train_state(parts.spec, parts.tx, parts.state_shardings, seed)
   batch = synthetic_batch(parts, vocab_size, seed)
   for _ in range(steps):
@@ -158,8 +162,12 @@ def fit_command(argv):
   for name in ('devices', 'measure'):
     if name in flags and (not flags[name].isdigit() or int(flags[name]) < 1):
       raise UserError(f'--{name}={flags[name]}: use a positive number')
+  if 'devices' in flags and 'measure' in flags:
+    raise UserError('--measure runs on the real devices: leave out --devices')
   if 'devices' in flags:
     simulate_devices(int(flags['devices']))
+  if 'measure' in flags:
+    require_memory_statistics()
   cfg = config_lib.load_config_file(flags['config'])
   config_lib.apply_overrides(cfg, overrides)
   config_lib.validate(cfg)
