@@ -78,8 +78,9 @@ def check_sharded_init(parts, state):
   expected = parts.state_shardings['params']['embedding']
   actual = state['params']['embedding'].sharding
   assert actual.is_equivalent_to(expected, 2), (actual, expected)
-  shard = state['params']['embedding'].addressable_shards[0].data
-  assert shard.size * math.prod(parts.spec.mesh.shape[a] for a in ('fsdp', 'tensor')) == state['params']['embedding'].size
+  embedding = state['params']['embedding']
+  ways = parts.spec.mesh.shape['fsdp'] * parts.spec.mesh.shape['tensor']  # embedding: (vocab, embed)
+  assert embedding.addressable_shards[0].data.size * ways == embedding.size
 
 
 def fresh_run(axes):
