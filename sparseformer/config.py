@@ -78,6 +78,8 @@ def base_config():
   se.delta_rank = 0  # rank of the partition branch's q/k deltas and of the output gate; 0: head_dim
   se.mode = 'mask'  # mask: each partition over the whole row, cost ~(1+N) GLA | varlen: packed, ~(1+top_k)
   se.balance_weight = 0.01  # weight of the router balance loss
+  m.attention.dynamic_mask = ml_collections.ConfigDict()  # the `dynamic_mask:W` mechanism, docs/dynamic_mask.md
+  m.attention.dynamic_mask.block_smooth = 'none'  # none (exact top-W) | majority | budget: whole key blocks per q block
   m.layer_attention = ()  # optional: one spec per layer, e.g. ('dense', 'window:256', 'block_local:512', 'dense')
 
   c.data = ml_collections.ConfigDict()
@@ -337,6 +339,9 @@ def validate(cfg):
   require(routing_problem is None, routing_problem)
   sse_problem = sse_problem_of(m)
   require(sse_problem is None, sse_problem)
+  from sparseformer.model.attention.dynamic_mask import dynamic_mask_config_problem
+  dynamic_mask_problem = dynamic_mask_config_problem(m.attention.dynamic_mask)
+  require(dynamic_mask_problem is None, dynamic_mask_problem)
   if m.layer_attention:
     require(len(m.layer_attention) == m.num_layers,
             f'model.layer_attention has {len(m.layer_attention)} entries for {m.num_layers} layers')

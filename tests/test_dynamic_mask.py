@@ -1,7 +1,8 @@
 """Dynamic mask attention against dense attention under the explicit top-w mask (built
 T x T here, small shapes) with the same key bias: the plan's mask, outputs and gradients
 including d(A) and d(W_dt), rows with fewer than w keys, ties, documents, causality with
-respect to future tokens, a fresh init, decoding, and a model that trains."""
+respect to future tokens, a fresh init, decoding, and a model that trains; the same for
+block smoothing against the block-constant mask built from its definition."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from flax import nnx
 from train_helpers import logged_losses, run_script, tiny_argv
 
 from pallas_kernels.block_sparse_attention.plan import EMPTY, FULL, PARTIAL, dense_mask
-from sparseformer.config import base_config
+from sparseformer.config import base_config, validate
 from sparseformer.errors import UserError
 from sparseformer.model import resolve_dims
 from sparseformer.model.attention import AttentionContext, dynamic_mask, get_mechanism
@@ -32,6 +33,35 @@ def explicit_topw_mask(scores, window, segments=None):
         chosen = sorted(past, key=lambda j: (-scores[bi, hi, j], j))[:window]
         keep[bi, hi, i, chosen] = True
   return keep
+
+
+def explicit_smoothed_mask(scores, window, smoothing, block, segments=None):
+  """[B, H, T, T] bool of block smoothing, from its definition (docs/dynamic_mask.md): per
+  query block with first query f (document start s), the key blocks holding a key of the
+  block's queries >= f, the block holding s, and among the blocks strictly between those
+  the voted ones, by how many of their keys f keeps; causal and documents inside."""
+  top_w = explicit_topw_mask(scores, window, segments)
+  b, h, t = top_w.shape[:3]
+  segments = np.zeros((b, t), int) if segments is None else np.asarray(segments)
+  n = -(-t // block)
+  keep = np.zeros((b, h, t, t), bool)
+  element = (np.arange(t)[None, :] <= np.arange(t)[:, None]) & (segments[:, :, None] == segments[:, None, :])
+  for bi, hi, qb in np.ndindex(b, h, n):
+    f, last = qb * block, min(qb * block + block, t) - 1
+    start = f
+    while start > 0 and segments[bi, start - 1] == segments[bi, f]:
+      start -= 1
+    forced = {kb for kb in range(n) if kb * block <= last and (kb + 1) * block > f} | {start // block}
+    between = [kb for kb in range(start // block + 1, n) if (kb + 1) * block <= f]
+    counts = {kb: top_w[bi, hi, f, kb * block:(kb + 1) * block].sum() for kb in between}
+    if smoothing == 'majority':
+      chosen = [kb for kb in between if 2 * counts[kb] > block]
+    else:
+      slots = max(0, -(-window // block) - len(forced))
+      chosen = sorted(between, key=lambda kb: (-counts[kb], -kb))[:slots]
+    for kb in forced | set(chosen):
+      keep[bi, hi, f:last + 1, kb * block:(kb + 1) * block] = True
+  return keep & element[:, None]
 
 
 def plan_mask(plan):
@@ -85,9 +115,10 @@ def test_plan_skips_tiles_that_hold_no_kept_key():
   assert float(dmp.active_tile_fraction(plan, None)) == pytest.approx(16 / (16 * 17 / 2))
 
 
-def make_mechanism(window, kv_heads=2, heads=4, head_dim=16, block=64, seed=0, init_scale=None):
+def make_mechanism(window, kv_heads=2, heads=4, head_dim=16, block=64, seed=0, init_scale=None, smoothing='none'):
   cfg = base_config().model
   cfg.num_layers, cfg.layer_attention, cfg.attention.block_size = 1, (f'dynamic_mask:{window}',), block
+  cfg.attention.dynamic_mask.block_smooth = smoothing
   cfg.num_heads, cfg.num_kv_heads, cfg.d_model = heads, kv_heads, heads * head_dim
   dims = resolve_dims(cfg, 259)
   mechanism = get_mechanism(f'dynamic_mask:{window}')(dims, 0, nnx.Rngs(seed))
@@ -135,15 +166,22 @@ def test_mechanism_matches_dense_top_w_attention_with_all_gradients(window, docu
   b, t, heads, kv_heads, d = 2, 150, 4, 2, 16
   mechanism = make_mechanism(window, kv_heads, heads, d, init_scale=0.5)
   segments = random_documents(np.random.default_rng(1), b, t, 0.02) if documents else None
-  q, k, v, d_out = qkv(3, b, t, heads, kv_heads, d)
+  assert_matches_dense_oracle(mechanism, lambda scores: explicit_topw_mask(scores, window, segments), segments,
+                              qkv(3, b, t, heads, kv_heads, d))
+
+
+def assert_matches_dense_oracle(mechanism, explicit_mask, segments, inputs):
+  """Loss and gradients (q, k, v, W_dt, A) of the mechanism against dense attention under
+  explicit_mask(scores) [B, Hkv, T, T] with the bias."""
+  q, k, v, d_out = inputs
+  b, t = q.shape[:2]
   graph, params = nnx.split(mechanism)
 
   def ours(params, q, k, v):
     y, _ = nnx.merge(graph, params)(q, k, v, context(segments, b, t))
     return jnp.sum(y * d_out)
 
-  keep = jnp.asarray(explicit_topw_mask(oracle_scores(v, mechanism.dt_weight[...], mechanism.dt_scale[...]), window,
-                                        segments))
+  keep = jnp.asarray(explicit_mask(oracle_scores(v, mechanism.dt_weight[...], mechanism.dt_scale[...])))
 
   def oracle(dt_weight, dt_scale, q, k, v):
     return jnp.sum(oracle_attention(q, k, v, dt_weight, dt_scale, keep) * d_out)
@@ -160,9 +198,10 @@ def test_mechanism_matches_dense_top_w_attention_with_all_gradients(window, docu
   assert float(jnp.abs(d_scale).max()) > 1e-3  # the bias path carries a gradient
 
 
-def test_fresh_init_gives_finite_outputs_and_gradients():
+@pytest.mark.parametrize('smoothing,block', [('none', 64), ('budget', 16)])
+def test_fresh_init_gives_finite_outputs_and_gradients(smoothing, block):
   b, t, heads, kv_heads, d = 2, 130, 4, 1, 16
-  mechanism = make_mechanism(8, kv_heads, heads, d)
+  mechanism = make_mechanism(8, kv_heads, heads, d, block=block, smoothing=smoothing)
   segments = jnp.asarray([[1] * 60 + [2] * 60 + [0] * 10, [1] * 130], jnp.int32)
   q, k, v, d_out = qkv(4, b, t, heads, kv_heads, d)
   graph, params = nnx.split(mechanism)
@@ -210,6 +249,104 @@ def test_decoding_matches_the_prefill_selection():
     chosen = np.asarray(dynamic_mask.decode_keep(cache, i + 1, window))
     np.testing.assert_array_equal(chosen[:, :, :t], keep[:, :, i])
     assert not chosen[:, :, t:].any()
+
+
+@pytest.mark.parametrize('smoothing', ['majority', 'budget'])
+@pytest.mark.parametrize('window,block,documents', [(5, 8, True), (20, 8, False), (12, 16, True), (36, 8, False)])
+def test_smoothed_plan_keeps_the_block_constant_mask_of_its_definition(smoothing, window, block, documents):
+  rng = np.random.default_rng(window)
+  b, h, t = 2, 2, 75
+  scores = jnp.asarray(rng.integers(0, 4, (b, h, t)).astype(np.float32))  # ties
+  segments = random_documents(rng, b, t, 0.04) if documents else None
+  build = jax.jit(lambda scores, segments: dmp.smoothed_plan(scores, window, smoothing, block_q=block, block_kv=block,
+                                                             segment_ids=segments))
+  plan, keep = build(scores, segments)
+  expected = explicit_smoothed_mask(scores, window, smoothing, block, segments)
+  assert not plan.has_rank_rule
+  np.testing.assert_array_equal(plan_mask(plan), expected)
+  prefix = np.asarray(dmp.document_prefix_lengths(segments, t, b))[:, None, :]
+  assert float(dmp.smoothed_kept_fraction(keep, t, block, block, segments)) == pytest.approx(
+      expected.sum() / (prefix.sum() * h), rel=1e-6)
+  # visited tiles need no element mask except on the diagonal, the ragged end and document boundaries
+  kinds = np.asarray(plan.block_kinds())
+  single = np.asarray(segments if segments is not None else np.zeros((b, t), int))
+  single = np.pad(single, ((0, 0), (0, -t % block)), mode='edge').reshape(b, -1, block)
+  single = single.min(-1) == single.max(-1)  # [B, n] blocks inside one document
+  n = kinds.shape[-1]
+  interior = (np.arange(n)[:, None] > np.arange(n)[None, :]) & single[:, :, None] & single[:, None, :]
+  interior[:, -1] = (t % block == 0) & interior[:, -1]
+  assert ((kinds != PARTIAL) | ~interior[:, None]).all()
+  if smoothing == 'budget' and not documents:  # every row keeps min(w, its prefix) to within one block
+    assert (np.abs(expected.sum(-1) - np.minimum(window, prefix)) < block).all()
+
+
+def test_block_start_thresholds_are_those_of_the_first_queries():
+  rng = np.random.default_rng(2)
+  b, h, t, window, block = 2, 2, 300, 37, 32
+  ranks = jnp.asarray(np.stack([np.stack([rng.permutation(t) for _ in range(h)]) for _ in range(b)]), jnp.int32)
+  segments = jnp.asarray(np.cumsum(rng.random((b, t)) < 0.01, axis=1))
+  every = dmp.query_thresholds(ranks, window, segments, block)
+  np.testing.assert_array_equal(dmp.block_start_thresholds(ranks, window, segments, block), every[:, :, ::block])
+
+
+def test_majority_smoothing_keeps_the_key_blocks_where_the_kept_keys_cluster():
+  t, window, block = 128, 24, 16
+  scores = jnp.where((jnp.arange(t) // block) % 3 == 1, 5.0, 0.0) + jnp.arange(t) * 1e-3  # blocks 1, 4, 7 win
+  _, keep = dmp.smoothed_plan(scores[None, None], window, 'majority', block_q=block, block_kv=block)
+  rows = np.asarray(keep)[0, 0].astype(int)
+  # query 48 keeps block 1 and keys 41..48: block 2 holds 7 of them, no majority; block 0 and 3 are forced
+  assert rows[3].tolist() == [1, 1, 0, 1, 0, 0, 0, 0]
+  # query 80 keeps block 4 and the later half of block 1: half is not a majority
+  assert rows[5].tolist() == [1, 0, 0, 0, 1, 1, 0, 0]
+  assert rows[7].tolist() == [1, 0, 0, 0, 1, 0, 0, 1]
+
+
+@pytest.mark.parametrize('smoothing', ['majority', 'budget'])
+def test_smoothed_mechanism_matches_dense_attention_under_the_block_mask(smoothing):
+  b, t, heads, kv_heads, d, block, window = 2, 160, 4, 2, 16, 16, 72
+  mechanism = make_mechanism(window, kv_heads, heads, d, block=block, init_scale=0.5, smoothing=smoothing)
+  segments = random_documents(np.random.default_rng(1), b, t, 0.01)
+  explicit = lambda scores: explicit_smoothed_mask(scores, window, smoothing, block, segments)  # noqa: E731
+  inputs = qkv(3, b, t, heads, kv_heads, d)
+  scores = oracle_scores(inputs[2], mechanism.dt_weight[...], mechanism.dt_scale[...])
+  smoothed, top_w = explicit(scores), explicit_topw_mask(scores, window, segments)
+  assert (smoothed & ~top_w).any() and (top_w & ~smoothed).any()  # the smoothing changes the kept set here
+  assert_matches_dense_oracle(mechanism, explicit, segments, inputs)
+
+
+def test_smoothed_layer_never_lets_a_future_token_change_a_past_output():
+  b, t, heads, kv_heads, d, cut, block = 1, 140, 2, 2, 16, 90, 16  # the cut is inside query block 5
+  mechanism = make_mechanism(40, kv_heads, heads, d, block=block, init_scale=0.5, smoothing='budget')
+  q, k, v, _ = qkv(5, b, t, heads, kv_heads, d)
+  graph, params = nnx.split(mechanism)
+  attend = jax.jit(lambda q, k, v: nnx.merge(graph, params)(q, k, v, context(None, b, t))[0])
+  y = attend(q, k, v)
+  future = jax.random.normal(jax.random.key(9), (b, t - cut, kv_heads, d)) * 5
+  y2 = attend(q, k.at[:, cut:].set(future), v.at[:, cut:].set(-future))
+  np.testing.assert_allclose(y2[:, :cut], y[:, :cut], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(y2[:, cut:], y[:, cut:])
+
+
+@pytest.mark.parametrize('smoothing', ['majority', 'budget'])
+def test_smoothed_decoding_matches_the_prefill_rows(smoothing):
+  b, t, kv_heads, window, block = 2, 70, 2, 20, 8
+  scores = jnp.round(jnp.asarray(np.random.default_rng(3).normal(size=(b, kv_heads, t)), jnp.float32) * 2) / 2
+  keep = explicit_smoothed_mask(scores, window, smoothing, block)
+  cache = jnp.zeros((b, kv_heads, t + 5)).at[:, :, :t].set(scores)
+  chosen = jax.jit(lambda length: dynamic_mask.decode_keep(cache, length, window, smoothing, block))
+  for i in range(t):
+    got = np.asarray(chosen(i + 1))
+    np.testing.assert_array_equal(got[:, :, :t], keep[:, :, i], err_msg=str(i))
+    assert not got[:, :, t:].any()
+
+
+def test_bad_block_smooth_is_a_user_error():
+  cfg = base_config()
+  cfg.model.attention.dynamic_mask.block_smooth = 'vote'
+  with pytest.raises(UserError, match='block_smooth'):
+    validate(cfg)
+  with pytest.raises(UserError, match='block_smooth'):
+    dmp.smoothed_plan(jnp.zeros((1, 1, 8)), 2, 'none', block_q=4, block_kv=4)
 
 
 @pytest.mark.parametrize('spec', ['dynamic_mask', 'dynamic_mask:0', 'dynamic_mask:x'])

@@ -11,8 +11,12 @@ scale) and receives the gradient; the top-W selection is made on the detached de
 is not differentiated. The selection becomes a block-sparse plan per kv head with a rank
 rule inside partial tiles (dynamic_mask_plan.py): no T x T mask anywhere.
 
+With `model.attention.dynamic_mask.block_smooth` = majority or budget the selection is
+made of whole key blocks per query block instead (dynamic_mask_plan.smoothed_block_mask),
+so that tiles are skipped or visited whole.
+
 Decoding: `decode_key_score` gives a new token's delta from its value, and `decode_keep`
-the top-W keys of a cache for the newest query.
+the keys of a cache the newest query keeps (the top-W, or the smoothed blocks).
 """
 
 import jax
@@ -35,15 +39,36 @@ def decode_key_score(v_new, dt_weight, dt_scale):
   return key_scores(v_new[:, None], dt_weight, dt_scale)[:, :, 0]
 
 
-def decode_keep(cache_scores, length, window):
+def decode_keep(cache_scores, length, window, block_smooth='none', block=128):
   """bool [B, Hkv, L]: the keys the newest query (position length - 1) keeps among the
-  first `length` entries of a cache of scores [B, Hkv, L]: the `window` largest, ties to
-  the earlier key (as in prefill)."""
+  first `length` entries of a cache of scores [B, Hkv, L] (one document): the `window`
+  largest, ties to the earlier key (as in prefill), or under block smoothing the blocks
+  of `block` keys that prefill keeps for that query."""
+  if block_smooth != 'none':
+    return _decode_keep_smoothed(cache_scores, length, window, block_smooth, block)
   valid = jnp.arange(cache_scores.shape[-1]) < length
   order_key = jnp.where(valid, -cache_scores.astype(jnp.float32), jnp.inf)
   order = jnp.argsort(order_key, axis=-1, stable=True)
   place = jnp.argsort(order, axis=-1)
   return valid & (place < window)
+
+
+def _decode_keep_smoothed(cache_scores, length, window, block_smooth, block):
+  """The smoothed rule of prefill for the newest query: its block's first query f votes
+  with its own top-`window` keys; the first block and f's block are always kept."""
+  size = cache_scores.shape[-1]
+  blocks = -(-size // block)
+  newest_block = (length - 1) // block
+  first_query_keeps = decode_keep(cache_scores, newest_block * block + 1, window)
+  padded = jnp.pad(first_query_keeps, ((0, 0), (0, 0), (0, blocks * block - size)))
+  counts = padded.reshape(padded.shape[:2] + (blocks, block)).sum(-1)  # [B, Hkv, blocks]
+  key_block = jnp.arange(blocks)
+  forced = (key_block == 0) | (key_block == newest_block)
+  voted = (key_block > 0) & (key_block < newest_block)
+  chosen = dmp.vote(counts, jnp.broadcast_to(voted, counts.shape), forced, window, block, block_smooth)
+  kept_blocks = forced | chosen
+  keys = jnp.arange(size)
+  return kept_blocks[..., keys // block] & (keys < length)
 
 
 @register('dynamic_mask')
@@ -68,14 +93,27 @@ class DynamicMaskAttention(Mechanism):
     return int(self.argument)
 
   def __call__(self, q, k, v, ctx):
-    block = self.options.block_size
+    block, smoothing = self.options.block_size, self.options.dynamic_mask.block_smooth
     delta = key_scores(v, self.dt_weight[...], self.dt_scale[...])
-    plan, thresholds = dmp.dynamic_mask_plan(delta, self.window, block_q=block, block_kv=block,
-                                             segment_ids=ctx.segment_ids)
+    segments = None if ctx.segment_ids is None else ctx.segment_ids.astype(jnp.int32)
+    if smoothing == 'none':
+      plan, thresholds = dmp.dynamic_mask_plan(delta, self.window, block_q=block, block_kv=block, segment_ids=segments)
+      kept = dmp.kept_fraction(thresholds, self.window, segments)
+    else:
+      plan, block_keep = dmp.smoothed_plan(delta, self.window, smoothing, block_q=block, block_kv=block,
+                                           segment_ids=segments)
+      kept = dmp.smoothed_kept_fraction(block_keep, q.shape[1], block, block, segments)
     scale = ctx.logit_scale / q.shape[-1] ** 0.5
     y = block_sparse_attention(q, k, v, plan, scale=scale, key_bias=delta)
     aux = no_aux()
-    segments = None if ctx.segment_ids is None else ctx.segment_ids.astype(jnp.int32)
-    aux['stats']['dma_kept_fraction'] = dmp.kept_fraction(thresholds, self.window, segments)
+    aux['stats']['dma_kept_fraction'] = kept
     aux['stats']['dma_tile_fraction'] = dmp.active_tile_fraction(plan, segments)
     return y, aux
+
+
+def dynamic_mask_config_problem(options):
+  """The message for bad `model.attention.dynamic_mask` values, or None."""
+  smoothing = options.block_smooth
+  if smoothing not in dmp.SMOOTHINGS:
+    return f'model.attention.dynamic_mask.block_smooth={smoothing!r}: use {", ".join(dmp.SMOOTHINGS)}'
+  return None
