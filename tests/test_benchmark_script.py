@@ -188,19 +188,23 @@ def test_seer_quality_target_verdict():
 def test_dma_attention_quick_run_times_every_row(tmp_path):
   out = tmp_path / 'dma.json'
   result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'dma_attention.py'), '--quick',
-                           '--out', str(out)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+                           '--block-smooth', 'budget', '--out', str(out)], capture_output=True, text=True,
+                          timeout=240, cwd=tmp_path)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert len(re.findall(r'^S +block +what +pass', result.stdout, re.MULTILINE)) == 1  # one table
   rows = json.loads(out.read_text())['rows']
-  keys = {(r['block'], r['what'], r['direction']) for r in rows}
-  expected = {(0, what, direction) for what in ('xla', 'xla_window') for direction in ('fwd', 'fwd+bwd')} | {
-      (64, 'select', 'fwd'), (64, 'attention', 'fwd'), (64, 'attention', 'fwd+bwd'), (64, 'dma', 'fwd'),
-      (64, 'dma', 'fwd+bwd')}
+  keys = {(r['block'], r['what'], r['direction'], r['smooth']) for r in rows}
+  dma_keys = {('select', 'fwd'), ('attention', 'fwd'), ('attention', 'fwd+bwd'), ('dma', 'fwd'), ('dma', 'fwd+bwd')}
+  expected = {(0, what, direction, '') for what in ('xla', 'xla_window') for direction in ('fwd', 'fwd+bwd')} | {
+      (64, what, direction, smooth) for what, direction in dma_keys for smooth in ('none', 'budget')}
   assert keys == expected and len(rows) == len(expected)
   for row in rows:
     assert row['ms'] > 0 and np.isfinite(row['vs_dense']) and np.isfinite(row['vs_window']) and not row['note'], row
-  dma = next(r for r in rows if (r['what'], r['direction']) == ('dma', 'fwd'))
-  assert dma['err'] < 0.05 and 0 < dma['tiles'] <= 1 and dma['kernel'] == 'reference', dma
+  for smooth in ('none', 'budget'):
+    dma = next(r for r in rows if (r['what'], r['direction'], r['smooth']) == ('dma', 'fwd', smooth))
+    assert dma['err'] < 0.05 and 0 < dma['tiles'] <= 1 and dma['kernel'] == 'reference', dma
+  tiles = {r['smooth']: r['tiles'] for r in rows if r['what'] == 'dma'}
+  assert tiles['budget'] < tiles['none']  # whole blocks: the smoothed plan skips tiles the scattered top-w visits
 
 
 def test_books_quality_quick_run_tabulates_the_variants_it_ran(tmp_path):
