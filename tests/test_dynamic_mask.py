@@ -350,6 +350,8 @@ def test_bad_block_smooth_is_a_user_error():
     validate(cfg)
   with pytest.raises(UserError, match='block_smooth'):
     dmp.smoothed_plan(jnp.zeros((1, 1, 8)), 2, 'none', block_q=4, block_kv=4)
+  with pytest.raises(UserError, match='block_smooth'):
+    dynamic_mask.decode_keep(jnp.zeros((1, 1, 8)), 5, 2, 'vote', 4)
 
 
 @pytest.mark.parametrize('spec', ['dynamic_mask', 'dynamic_mask:0', 'dynamic_mask:x'])

@@ -195,6 +195,8 @@ def vote(counts, voted, forced, window, block_kv, smoothing):
   first query keeps; voted, forced: bool [..., nK] (see smoothed_block_mask). majority:
   more than half of the block; budget: the most counts (ties to the later block), as many
   as bring the forced and chosen blocks to ceil(window / block_kv)."""
+  if smoothing not in SMOOTHINGS[1:]:
+    raise UserError(f'block_smooth={smoothing!r}: use {" or ".join(SMOOTHINGS[1:])} (none is no smoothing)')
   if smoothing == 'majority':
     return voted & (2 * counts > block_kv)
   nk = counts.shape[-1]
@@ -211,8 +213,6 @@ def smoothed_block_mask(ranks, window, smoothing, block_q, block_kv, segment_ids
   the blocks strictly between those (all inside f's prefix) the ones the vote picks,
   by the number of their keys that f keeps (rank >= f's threshold)."""
   b, h, t = ranks.shape
-  if smoothing not in SMOOTHINGS[1:]:
-    raise UserError(f'block_smooth={smoothing!r}: use {" or ".join(SMOOTHINGS[1:])} (none is no smoothing)')
   nq, nk = num_blocks(t, block_q), num_blocks(t, block_kv)
   first_query = jnp.arange(nq) * block_q
   last_query = jnp.minimum(first_query + block_q, t) - 1
