@@ -206,6 +206,15 @@ def vote(counts, voted, forced, window, block_kv, smoothing):
   return voted & (place < slots)
 
 
+def _block_counts(ranks, thresholds, block_kv):
+  """[B, H, nQ, nK]: keys of each key block with rank >= each query block's threshold
+  [B, H, nQ], by binary search in the sorted blocks (no [nQ, T] comparison array)."""
+  sorted_blocks = jnp.sort(_blocked(ranks, block_kv, KEEP_ALL - 1), axis=-1)  # padding: below every threshold
+  below = jax.vmap(lambda keys, taus: jnp.searchsorted(keys, taus, side='left'), in_axes=(0, None))  # per key block
+  below = jax.vmap(jax.vmap(below))(sorted_blocks, thresholds)  # [B, H, nK, nQ]
+  return block_kv - jnp.swapaxes(below, -1, -2)
+
+
 def smoothed_block_mask(ranks, window, smoothing, block_q, block_kv, segment_ids=None):
   """bool [B, H, nQ, nK]: the key blocks each query block keeps under block smoothing
   (docs/dynamic_mask.md). f = the block's first query, s = the start of f's document:
@@ -217,8 +226,7 @@ def smoothed_block_mask(ranks, window, smoothing, block_q, block_kv, segment_ids
   first_query = jnp.arange(nq) * block_q
   last_query = jnp.minimum(first_query + block_q, t) - 1
   thresholds = block_start_thresholds(ranks, window, segment_ids, block_q)  # [B, H, nQ]
-  key_blocks = _blocked(ranks, block_kv, KEEP_ALL - 1)  # padding is never kept
-  counts = (key_blocks[:, :, None] >= thresholds[..., None, None]).sum(-1)  # [B, H, nQ, nK]
+  counts = _block_counts(ranks, thresholds, block_kv)  # [B, H, nQ, nK]
   starts = first_query - document_prefix_lengths(segment_ids, t, b)[:, first_query] + 1  # [B, nQ]
   key_block = jnp.arange(nk)
   diagonal = ((key_block + 1) * block_kv > first_query[:, None]) & (key_block * block_kv <= last_query[:, None])
