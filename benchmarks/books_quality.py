@@ -15,7 +15,10 @@ heads, byte tokens; rows of --seq_len tokens):
            (shared QK, the causal selection); window:--window at the other layers;
   dma      every layer dynamic_mask:--window: each query attends to the --window keys of
            its past with the largest learned scores, plus the learned key bias (issue 7's
-           same keep budget as `local`).
+           same keep budget as `local`);
+  dma_budget  the same with model.attention.dynamic_mask.block_smooth=budget: whole key
+           blocks per query block, the ceil(w / block) blocks holding most of the block's
+           first query's top-w keys (docs/dynamic_mask.md);
   sse_h    SSE-H (issue 9): sse:4 (top 2 of 4 state partitions per token beside a shared
            state, varlen mode) in three of every four layers, dense at layers 3 and 7
            (full_layers every:4); about 6% more parameters than dense (the partition
@@ -46,8 +49,8 @@ from benchmarks.long_context_quality import (DATASET, PRETRAIN_CONFIG, eval_phas
                                              train_phase, write_report)
 from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
 
-VARIANTS = ('dense', 'local', 'routing', 'dma', 'sse_h', 'gla')
-LABELS = {'dense': 'dense', 'local': 'all local', 'routing': 'routing', 'dma': 'DMA', 'sse_h': 'SSE-H',
+VARIANTS = ('dense', 'local', 'routing', 'dma', 'dma_budget', 'sse_h', 'gla')
+LABELS = {'dense': 'dense', 'local': 'all local', 'routing': 'routing', 'dma': 'DMA', 'dma_budget': 'DMA budget', 'sse_h': 'SSE-H',
           'gla': 'GLA-H (N=1)'}
 
 # Sized for one H100: two or three variants fit in one 10-minute call (each ~2.5 minutes estimated).
@@ -90,8 +93,10 @@ def train_overrides(args, variant):
                    'model.attention.full_layers': args.routing_layers,
                    'model.attention.routing.local_heads': args.local_heads,
                    'model.attention.routing.local_window': args.window})
-  elif variant == 'dma':
+  elif variant in ('dma', 'dma_budget'):
     fields['model.attention.kind'] = f'dynamic_mask:{args.window}'
+    if variant == 'dma_budget':
+      fields['model.attention.dynamic_mask.block_smooth'] = 'budget'
   elif variant == 'sse_h':
     fields.update({'model.attention.kind': 'sse:4', 'model.attention.full_kind': 'dense',
                    'model.attention.full_layers': 'every:4', 'model.attention.sse.mode': 'varlen'})

@@ -243,7 +243,7 @@ def test_train_throughput_quick_routing_row_and_its_attention_time(tmp_path):
 
 @pytest.mark.parametrize('config_name,variants', [
     ('routing_books.py', {'': 'routing', ':local': 'local', ':dense': 'dense'}),
-    ('dma_books.py', {'': 'dma', ':window': 'local', ':dense': 'dense'})])
+    ('dma_books.py', {'': 'dma', ':window': 'local', ':dense': 'dense', ':budget': 'dma_budget'})])
 def test_shipped_books_configs_are_the_books_quality_variants(config_name, variants):
   from benchmarks import books_quality
   from sparseformer import config as config_lib
