@@ -1,7 +1,7 @@
 """Dynamic mask attention (DMA, arXiv 2508.02124) on the shipped books at 8192 tokens,
 trained from scratch: every layer `dynamic_mask:1024` (each query keeps the 1024 keys of
-its past with the largest learned score, plus the learned key bias); the model of
-configs/long_pretrain.py otherwise.
+its past with the largest learned score, plus the learned key bias); the settings of
+configs/books_8192.py otherwise.
 
     python train.py --config configs/dma_books.py --workdir runs/dma_books
     python eval.py --workdir runs/dma_books
@@ -22,13 +22,7 @@ WINDOW = 1024
 
 
 def get_config(arg=None):
-  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'long_pretrain.py'))
-  c.data.seq_len = 8192
-  c.train.steps = 400
-  c.train.global_batch_size = 8
-  c.train.warmup_steps = 40
-  c.train.eval_batches = 1
-  c.checkpoint.every_steps = 400
+  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'books_8192.py'))
   c.model.attention.kind = f'dynamic_mask:{WINDOW}'
   return with_preset(c, arg, {
       'window': {'model.attention.kind': f'window:{WINDOW}'},

@@ -1,7 +1,7 @@
 """Routing attention (arXiv 2003.05997) on the shipped books at 8192 tokens, trained from
 scratch: `routing:16` at every second layer (4 heads local with a 1024-token window, 4
 heads routed over 16 online k-means clusters: shared QK, the causal selection), a
-1024-token window at the other layers; the model of configs/long_pretrain.py otherwise.
+1024-token window at the other layers; the settings of configs/books_8192.py otherwise.
 
     python train.py --config configs/routing_books.py --workdir runs/routing_books
     python eval.py --workdir runs/routing_books
@@ -21,13 +21,7 @@ WINDOW = 1024
 
 
 def get_config(arg=None):
-  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'long_pretrain.py'))
-  c.data.seq_len = 8192
-  c.train.steps = 400
-  c.train.global_batch_size = 8
-  c.train.warmup_steps = 40
-  c.train.eval_batches = 1
-  c.checkpoint.every_steps = 400
+  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'books_8192.py'))
   c.model.attention.kind = f'window:{WINDOW}'
   if arg is None:
     c.model.attention.full_kind = 'routing:16'

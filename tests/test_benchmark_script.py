@@ -242,6 +242,7 @@ def test_train_throughput_quick_routing_row_and_its_attention_time(tmp_path):
 
 
 @pytest.mark.parametrize('config_name,variants', [
+    ('books_8192.py', {'': 'dense'}),
     ('routing_books.py', {'': 'routing', ':local': 'local', ':dense': 'dense'}),
     ('dma_books.py', {'': 'dma', ':window': 'local', ':dense': 'dense', ':budget': 'dma_budget'})])
 def test_shipped_books_configs_are_the_books_quality_variants(config_name, variants):
