@@ -10,7 +10,7 @@ import sys
 import jax
 
 from sparseformer import config as config_lib
-from sparseformer import data
+from sparseformer import data, distributed, sharding
 from sparseformer.cli.args import parse_args
 from sparseformer.cli.main import configure_jax, run_command
 from sparseformer.errors import UserError
@@ -40,6 +40,8 @@ def eval_command(argv):
   cfg = load_run_config(workdir)
   config_lib.apply_overrides(cfg, overrides)
   split, seq_len, batch_size = config_lib.eval_settings(cfg)
+  configure_jax()
+  distributed.initialize()  # as train.py: several processes or a no-op
   setup = prepare_run(cfg, seq_lens=[(seq_len, batch_size, 1)])
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   steps = finished_steps(checkpoint_dir)
@@ -48,14 +50,15 @@ def eval_command(argv):
   step = cfg.eval.step or steps[-1]
   if step not in steps:
     raise UserError(f'no checkpoint for step {step}; available: {steps}')
-  configure_jax()
   checkpointer = Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep, async_save=False, read_only=True)
   model = checkpointer.restore_model(step, abstract_model_arrays(setup.spec))
   process_index, process_count = process_info()
   batches = data.eval_batches(cfg.data, split=split, seq_len=seq_len, batch_size=batch_size // process_count,
                               process_index=process_index, process_count=process_count,
                               max_batches=cfg.eval.max_batches)
-  results = evaluate(make_eval_batch_fn(setup.spec.graphdef, seq_len), model, batches,
+  eval_fn = sharding.with_activation_placement(make_eval_batch_fn(setup.spec.graphdef, seq_len),
+                                              setup.spec.mesh, setup.spec.rules)
+  results = evaluate(eval_fn, model, batches,
                      setup.tokenizer.token_bytes, setup.batch_sharding)
   results.update(split=split, seq_len=seq_len, step=step, dataset=cfg.data.name)
   print(f'step {step} ' + format_summary(split, results))
