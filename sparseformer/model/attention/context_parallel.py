@@ -24,6 +24,7 @@ permutes). Causal shards are not load-balanced: shard s computes s + 1 shards' t
 
 import dataclasses
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +157,78 @@ def sharded_attention(q, k, v, segment_ids, *, mask, block, scale, placement):
 
   return jax.shard_map(body, mesh=placement.mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec),
                        out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+
+
+# --------------------------------------------------------------------------------------
+# Any per-(row, head) computation run per device: the one helper of the mechanisms whose
+# kernels XLA cannot partition (gated, dynamic_mask, routing, sse).
+
+UNSPLIT = '.'  # a dim of an argument that no mesh axis splits
+_warned = set()
+
+
+def warn_once(key, message):
+  if key not in _warned:
+    _warned.add(key)
+    warnings.warn(message, stacklevel=3)
+
+
+def warn_gathered_once(mechanism):
+  """One warning per mechanism name: its layers see the whole sequence on every device."""
+  warn_once(mechanism, f'context parallelism: {mechanism} layers do not run per sequence shard yet; each device '
+            'gathers the whole sequence of its rows and heads (config.mesh.sequence > 1)')
+
+
+def _entry_axes(placement, name):
+  return axis_names(placement.spec(name)[0]) if name != UNSPLIT else ()
+
+
+def unusable_axes(placement, names, args, split_length):
+  """Mesh axes no argument may be split over: those of `length` unless split_length, and
+  any that would split some dim unevenly (e.g. 6 routing heads over tensor 4)."""
+  unusable = set() if split_length else set(_entry_axes(placement, 'length'))
+  for name_string, x in zip(names, args):
+    for name, size in zip(name_string.split(), x.shape):
+      axes = _entry_axes(placement, name)
+      if size % placement.axis_size(axes):
+        unusable.update(axes)
+  return unusable
+
+
+def spec_of(placement, name_string, unusable):
+  """PartitionSpec of an argument whose dims are named by `name_string` ('batch . heads .')."""
+  spec = placement.spec(*name_string.split())
+  kept = [tuple(a for a in axis_names(entry) if a not in unusable) for entry in spec]
+  return PartitionSpec(*[None if not axes else axes[0] if len(axes) == 1 else axes for axes in kept])
+
+
+def per_device(fn, args, names, out_names, *, placement, split_length=False):
+  """fn(*args) run under shard_map, each device on its block of every argument.
+
+  `names` is a pytree like args whose leaves are strings naming each array's dims by
+  logical axes ('batch length heads .'; '.' unsplit); None arguments stay None. fn must be
+  exact per block: independent per batch row and head, and per sequence shard only with
+  `split_length` (then fn does its own collectives over the length axes). `out_names`
+  names fn's outputs likewise."""
+  arg_leaves, arg_tree = jax.tree.flatten(args)
+  name_leaves = jax.tree.leaves(names)
+  if len(name_leaves) != len(arg_leaves):
+    raise ValueError(f'per_device: {len(name_leaves)} names for {len(arg_leaves)} arrays')
+  unusable = unusable_axes(placement, name_leaves, arg_leaves, split_length)
+  in_specs = tuple(spec_of(placement, n, unusable) for n in name_leaves)
+  out_specs = jax.tree.map(lambda n: spec_of(placement, n, unusable), out_names)
+
+  def body(*leaves):
+    return fn(*jax.tree.unflatten(arg_tree, leaves))
+
+  return jax.shard_map(body, mesh=placement.mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*arg_leaves)
+
+
+def kernel_placement(mechanism):
+  """The placement to run `mechanism`'s kernels per device under (warning once where the
+  sequence is split, which it does not support), or None on one device."""
+  placement = placement_for_kernels()
+  if placement is not None and sequence_shards(placement) > 1:
+    warn_gathered_once(mechanism)
+  return placement

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.linear_attention import gated_linear_attention
+from sparseformer.model.attention import context_parallel, context_parallel_linear
 from sparseformer.model.attention import sse_router as router_lib
 from sparseformer.model.attention.base import Mechanism, no_aux, register
 from sparseformer.model.layers import Einsum, param
@@ -134,10 +135,14 @@ class SparseStateExpansion(Mechanism):
     del q, k  # rotated: SSE uses the pre-RoPE projections
     branches = self.branches(*pre_rope, v, layer_input)
     probs, mask = self.route(layer_input)
-    if self.mode == 'varlen':
+    placement = context_parallel.placement_for_kernels()
+    if placement is not None:
+      o = self.attention_per_device(branches, probs, mask, ctx.segment_ids, placement)
+    elif self.mode == 'varlen':
       o = self.varlen_attention(branches, probs, mask, ctx.segment_ids)
     else:
       o, _ = self.mask_attention(branches, probs, mask, ctx.segment_ids)
+    # Router statistics come from the whole batch's probabilities: the same on any mesh.
     return self.output(o, layer_input), self.router_aux(probs, mask, ctx.segment_ids)
 
   # --------------------------------------------------------------------------------------
@@ -200,8 +205,39 @@ class SparseStateExpansion(Mechanism):
     q, k, v, g = self.mask_heads(branches, probs, mask)
     o, final_state = gated_linear_attention(q, k, v, g, scale=self.scale(q), initial_state=initial_state,
                                             segment_ids=segment_ids, return_final_state=True)
+    return self.sum_branches(o, branches.q2.shape[2]), final_state
+
+  @staticmethod
+  def sum_branches(o, heads):
+    """[B, T, (1 + N) H or N H, d] -> [B, T, H, d] float32."""
     b, t, _, d = o.shape
-    return o.astype(jnp.float32).reshape(b, t, -1, branches.q2.shape[2], d).sum(axis=2), final_state
+    return o.astype(jnp.float32).reshape(b, t, -1, heads, d).sum(axis=2)
+
+  def attention_per_device(self, branches, probs, mask, segment_ids, placement):
+    """o [B, T, H, d] float32, each device on its rows, heads and sequence shard; the mask
+    mode's states pass between sequence shards (context_parallel_linear.py). The varlen
+    mode packs each partition's tokens across the whole row, so under a split sequence
+    it runs as the mask mode (the same function, ~(1 + N) x GLA cost)."""
+    length_axes = context_parallel.axis_names(placement.spec('length')[0])
+    shards = context_parallel.sequence_shards(placement)
+    varlen = self.mode == 'varlen'
+    if varlen and shards > 1:
+      context_parallel.warn_once('sse varlen', 'context parallelism: sse.mode=varlen runs as sse.mode=mask where '
+                                 'the sequence is split (config.mesh.sequence > 1)')
+
+    def body(branches, probs, mask, segment_ids):
+      if varlen and shards == 1:
+        return self.varlen_attention(branches, probs, mask, segment_ids)
+      q, k, v, g = self.mask_heads(branches, probs, mask)
+      o = context_parallel_linear.linear_attention_across_shards(q, k, v, g, segment_ids, scale=self.scale(q),
+                                                                 axes=length_axes, shards=shards)
+      return self.sum_branches(o, branches.q2.shape[2])
+
+    tokens = 'batch length heads .'
+    names = (Branches(*[tokens] * len(Branches._fields)), 'batch length .', 'batch length .',
+             None if segment_ids is None else 'batch length')
+    return context_parallel.per_device(body, (branches, probs, mask, segment_ids), names, tokens,
+                                       placement=placement, split_length=True)
 
   def varlen_attention(self, branches, probs, mask, segment_ids):
     """o [B, T, H, d] float32: the shared row and the partition-packed row, one kernel call."""
