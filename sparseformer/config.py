@@ -108,6 +108,7 @@ def base_config():
   t.grad_clip = 1.0  # global norm; 0 disables
   t.trainable = ''  # regex over parameter paths (e.g. '/block_gate/'): only matches train; '' = all
   t.lm_loss_weight = 1.0  # weight of the LM loss; 0 trains on the auxiliary losses alone (gate distillation)
+  t.loss_chunk = 2048  # positions unembedded at a time in the loss (train and eval); 0: all at once (training/loss.py)
   t.log_every = 10
   t.eval_every = 0  # 0: only at the end
   t.eval_batches = 0  # batches per evaluation during training; 0: the whole split
@@ -353,6 +354,7 @@ def validate(cfg):
   require(t.lr > 0, 'train.lr must be positive')
   require(t.log_every > 0, 'train.log_every must be positive')
   require(t.lm_loss_weight >= 0, f'train.lm_loss_weight={t.lm_loss_weight}: use a weight >= 0')
+  require(t.loss_chunk >= 0, f'train.loss_chunk={t.loss_chunk}: use positions per chunk > 0, or 0 (all at once)')
   require(valid_regex(t.trainable), f'train.trainable={t.trainable!r} is not a valid regular expression')
   require(cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep > 0, 'checkpoint.every_steps and checkpoint.keep must be positive')
   for axis in ('data', 'fsdp', 'tensor', 'sequence'):

@@ -8,14 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparseformer.training.loss import DEFAULT_LOSS_CHUNK
 from sparseformer.training.step import forward
 
 
-def make_eval_batch_fn(graphdef, seq_len):
-  """Device-side sums for one batch; the host adds them up in float64."""
+def make_eval_batch_fn(graphdef, seq_len, loss_chunk=DEFAULT_LOSS_CHUNK):
+  """Device-side sums for one batch; the host adds them up in float64. loss_chunk:
+  positions unembedded at a time (0: all at once), as in training."""
 
   def eval_batch(params, mechanism_state, batch, token_bytes):
-    nll, _, _, _ = forward(graphdef, params, mechanism_state, batch, training=False)
+    nll, _, _, _ = forward(graphdef, params, mechanism_state, batch, training=False, loss_chunk=loss_chunk)
     mask = batch['loss_mask']
     positions = jnp.clip(batch['positions'], 0, seq_len - 1)
     return {

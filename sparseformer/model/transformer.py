@@ -1,4 +1,5 @@
-"""The decoder-only language model: embed -> N x [norm, attention, norm, MLP] -> logits."""
+"""The decoder-only language model: embed -> N x [norm, attention, norm, MLP] -> logits
+(or the final hidden states, for a loss that unembeds them in chunks)."""
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,12 @@ class LanguageModel(nnx.Module):
   def __call__(self, tokens, positions, segment_ids, *, training=False, rng=None):
     """logits [B, T, vocab] (float32) and aux {'losses': {...}, 'stats': {...}} per layer.
     segment_ids None: each row is one document starting at position 0 (no document masks)."""
+    hidden, aux = self.hidden(tokens, positions, segment_ids, training=training, rng=rng)
+    return self.logits(hidden), aux
+
+  def hidden(self, tokens, positions, segment_ids, *, training=False, rng=None):
+    """The final hidden states [B, T, d_model] (after the final norm, compute dtype) and aux:
+    the loss can then unembed them a chunk at a time (training/loss.py)."""
     dims = self.dims
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(dims.compute_dtype)
     inv_freq, logit_scale = rope.inverse_frequencies(dims.head_dim, dims.rope)
@@ -81,12 +88,16 @@ class LanguageModel(nnx.Module):
       x, layer_aux = self._run_block(block, x, ctx)
       for kind in ('losses', 'stats'):
         aux[kind].update({f'layer{i}/{name}': value for name, value in layer_aux[kind].items()})
-    x = self.final_norm(x)
-    if dims.tie_embeddings:
-      logits = jnp.einsum('btd,vd->btv', x, self.embedding[...].astype(dims.compute_dtype))
+    return self.final_norm(x), aux
+
+  def logits(self, hidden):
+    """float32 logits [..., vocab] of hidden states [..., d_model] (tied or untied unembedding)."""
+    dtype = self.dims.compute_dtype
+    if self.dims.tie_embeddings:
+      logits = jnp.einsum('...d,vd->...v', hidden, self.embedding[...].astype(dtype))
     else:
-      logits = jnp.einsum('btd,dv->btv', x, self.unembedding[...].astype(dims.compute_dtype))
-    return logits.astype(jnp.float32), aux
+      logits = jnp.einsum('...d,dv->...v', hidden, self.unembedding[...].astype(dtype))
+    return logits.astype(jnp.float32)
 
   def _run_block(self, block, x, ctx):
     if self.dims.remat == 'none':

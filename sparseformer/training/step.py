@@ -7,13 +7,15 @@ from flax import nnx
 
 from sparseformer import sharding
 from sparseformer.model.attention import MechanismState
+from sparseformer.training.loss import DEFAULT_LOSS_CHUNK, token_nll
 
 
-def forward(graphdef, params, mechanism_state, batch, *, training, rng=None):
-  """Per-token NLL [B, T], the sum of auxiliary losses, stats, and the new mechanism state."""
+def forward(graphdef, params, mechanism_state, batch, *, training, rng=None, loss_chunk=DEFAULT_LOSS_CHUNK):
+  """Per-token NLL [B, T], the sum of auxiliary losses, stats, and the new mechanism state.
+  The NLL unembeds `loss_chunk` positions at a time (0: all at once), see training/loss.py."""
   model = nnx.merge(graphdef, params, mechanism_state)
-  logits, aux = model(batch['tokens'], batch['positions'], batch['segment_ids'], training=training, rng=rng)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  hidden, aux = model.hidden(batch['tokens'], batch['positions'], batch['segment_ids'], training=training, rng=rng)
+  nll = token_nll(model, hidden, batch['targets'], loss_chunk)
   aux_loss = sum(aux['losses'].values(), jnp.zeros((), jnp.float32))
   new_mechanism_state = nnx.state(model, MechanismState).to_pure_dict()
   return nll * batch['loss_mask'], aux_loss, aux['stats'], new_mechanism_state
@@ -23,11 +25,12 @@ def split_micro_batches(batch, count):
   return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
 
-def make_train_step(graphdef, tx, schedule, grad_accum_steps, lm_loss_weight=1.0):
+def make_train_step(graphdef, tx, schedule, grad_accum_steps, lm_loss_weight=1.0, loss_chunk=DEFAULT_LOSS_CHUNK):
   """train_step(state, batch) -> (state, metrics). With accumulation, the gradient is that of
   the token-weighted mean NLL over the whole batch, as without it. The loss is
   lm_loss_weight x NLL + the auxiliary losses; with weight 0 the NLL is left out of the
-  gradient altogether (gate distillation), and the 'loss' metric still reports it."""
+  gradient altogether (gate distillation), and the 'loss' metric still reports it.
+  loss_chunk: positions unembedded at a time (train.loss_chunk; 0: all at once)."""
 
   def train_step(state, batch):
     step_rng = jax.random.fold_in(state['rng'], state['step'])
@@ -39,7 +42,8 @@ def make_train_step(graphdef, tx, schedule, grad_accum_steps, lm_loss_weight=1.0
 
       def objective(params):
         nll, aux_loss, stats, new_mechanism_state = forward(
-            graphdef, params, mechanism_state, micro, training=True, rng=jax.random.fold_in(step_rng, index))
+            graphdef, params, mechanism_state, micro, training=True, rng=jax.random.fold_in(step_rng, index),
+            loss_chunk=loss_chunk)
         loss = aux_loss / grad_accum_steps
         if lm_loss_weight:
           loss = loss + lm_loss_weight * nll.sum() / total_tokens
