@@ -90,11 +90,23 @@ from flax import nnx
 from sparseformer import sharding
 from sparseformer.config import base_config
 from sparseformer.model import resolve_dims
-from sparseformer.model.attention import AttentionContext, get_mechanism, context_parallel
+from sparseformer.model.attention import AttentionContext, get_mechanism, context_parallel, context_parallel_linear
+from sparseformer.model.attention import dynamic_mask, gated, routing, routing_plan, sse
 
-per_device_calls = []
-original_per_device = context_parallel.per_device
-context_parallel.per_device = lambda *a, **k: per_device_calls.append(1) or original_per_device(*a, **k)
+# The size of q at every kernel call: per device it must be the whole's over the devices
+# that split it (rows, heads, and the sequence for sse), so no device runs the whole kernel.
+kernel_q_sizes = []
+
+
+def recording(module, name):
+  kernel = getattr(module, name)
+  setattr(module, name, lambda q, *a, **k: kernel_q_sizes.append(q.size) or kernel(q, *a, **k))
+
+
+for module in (gated, dynamic_mask, routing, routing_plan):
+  recording(module, 'block_sparse_attention')
+for module in (sse, context_parallel_linear):
+  recording(module, 'gated_linear_attention')
 
 B, T, H, HKV, D = 4, 128, 4, 2, 16
 mesh_axes, cases = json.loads(sys.argv[1]), sys.argv[2].split(',')
@@ -166,20 +178,27 @@ CASES = {
   'gated_dense_distill': ('gated', {'gate.forward': 'dense', 'gate.distill': True}),
   'dynamic_mask': ('dynamic_mask:24', {}),
   'dynamic_mask_smoothed': ('dynamic_mask:24', {'dynamic_mask.block_smooth': 'budget'}),
-  'routing': ('routing:4', {'routing.local_heads': 2, 'routing.local_window': 24}),
+  'routing': ('routing:4', {'routing.local_heads': 0}),
+  'routing_local': ('routing:4', {'routing.local_heads': 2, 'routing.local_window': 24}),
   'routing_topw': ('routing:4', {'routing.local_heads': 0, 'routing.selection': 'balanced_topw'}),
 }
 arrays, cotangent, segments = inputs()
 for case in cases:
   spec, options = CASES[case]
   layer = make_layer(spec, options)
+  kernel_q_sizes.clear()
   expected = run(layer, segments, cotangent, arrays, False)
-  per_device_calls.clear()
+  whole_sizes = list(kernel_q_sizes)
+  kernel_q_sizes.clear()
   got = run(layer, segments, cotangent, arrays, True)
-  assert per_device_calls, case
+  ways = mesh.size // (1 if spec.startswith('sse') else mesh.shape['sequence'])
+  # varlen runs as mask where the sequence is split; routing_local's window heads have one
+  # kv head, which tensor 2 cannot split: that call runs per row only
+  if not (case == 'sse_varlen' and mesh.shape['sequence'] > 1) and case != 'routing_local':
+    assert sorted(kernel_q_sizes) == sorted(s // ways for s in whole_sizes), (case, kernel_q_sizes, whole_sizes)
   worst = max(float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(e, np.float64))))
               for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)))
-  print(case, 'largest difference', worst)
+  print(case, 'largest difference', worst, 'kernel q sizes', whole_sizes, '->', kernel_q_sizes)
   flat_e, flat_g = jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got)
   assert len(flat_e) == len(flat_g)
   for (path, e), g in zip(flat_e, flat_g):
@@ -245,3 +264,13 @@ def test_sse_variants_on_sequence_and_combined_meshes_equal_unsharded():
   check_layers_sharded_equal_unsharded({'sequence': 4}, ['sse_varlen', 'sse_noshared'])
   check_layers_sharded_equal_unsharded({'data': 2, 'tensor': 2, 'sequence': 2}, ['sse_mask', 'sse_varlen'])
   check_layers_sharded_equal_unsharded({'data': 2, 'tensor': 2}, ['sse_varlen'])
+
+
+def test_gated_dynamic_mask_and_routing_layers_run_per_row_and_head_and_equal_one_device():
+  check_layers_sharded_equal_unsharded({'data': 2, 'fsdp': 2, 'tensor': 2}, ['gated_sparse', 'dynamic_mask', 'routing'])
+
+
+@pytest.mark.slow
+def test_mechanism_variants_per_device_and_gathered_where_the_sequence_is_split():
+  check_layers_sharded_equal_unsharded({'data': 2, 'tensor': 2, 'sequence': 2},
+                                       ['gated_dense_distill', 'dynamic_mask_smoothed', 'routing_topw', 'routing_local'])

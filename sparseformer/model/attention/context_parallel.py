@@ -164,6 +164,14 @@ def sharded_attention(q, k, v, segment_ids, *, mask, block, scale, placement):
 # kernels XLA cannot partition (gated, dynamic_mask, routing, sse).
 
 UNSPLIT = '.'  # a dim of an argument that no mesh axis splits
+Q_NAMES = 'batch . heads .'  # q [B, T, H, D] split over rows and heads, whole along the sequence
+KV_NAMES = 'batch . kv_heads .'
+QKV_NAMES = (Q_NAMES, KV_NAMES, KV_NAMES)
+
+
+def row_names(segment_ids):
+  """Names of per-token row data [B, T] (None stays None)."""
+  return None if segment_ids is None else 'batch .'
 _warned = set()
 
 
@@ -232,3 +240,28 @@ def kernel_placement(mechanism):
   if placement is not None and sequence_shards(placement) > 1:
     warn_gathered_once(mechanism)
   return placement
+
+
+def per_row_and_head(mechanism, fn, args, names, out_names):
+  """fn(*args), per device over the batch and head axes when a step is traced within a
+  placement of several devices (its kernel calls are not partitioned by XLA), else as is.
+  fn must be independent per batch row and head; where the sequence is split the
+  arguments are gathered whole along it (one warning per mechanism name)."""
+  placement = kernel_placement(mechanism)
+  if placement is None:
+    return fn(*args)
+  return per_device(fn, args, names, out_names, placement=placement)
+
+
+def plan_names(plan, batch, head_name):
+  """Names for per_device of a BlockSparsePlan's arrays: a batch-1 plan (broadcast to every
+  row) and a plan of one head are not split; other plan heads are `head_name`'s."""
+  rows = 'batch' if plan.kv_count.shape[0] == batch and batch > 1 else UNSPLIT
+  heads = head_name if plan.plan_heads > 1 else UNSPLIT
+  lists = f'{rows} {heads} . .'
+  per_token = None if plan.q_threshold is None else f'{rows} {heads} .'
+  return dataclasses.replace(
+      plan, kv_count=f'{rows} {heads} .', kv_index=lists, kv_full=lists, q_count=f'{rows} {heads} .', q_index=lists,
+      q_full=lists, q_segment_ids=None if plan.q_segment_ids is None else f'{rows} .',
+      kv_segment_ids=None if plan.kv_segment_ids is None else f'{rows} .', q_threshold=per_token,
+      key_rank=None if plan.key_rank is None else per_token)

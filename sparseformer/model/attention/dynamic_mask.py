@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention
+from sparseformer.model.attention import context_parallel
 from sparseformer.model.attention import dynamic_mask_plan as dmp
 from sparseformer.model.attention.base import Mechanism, no_aux, register
 from sparseformer.model.layers import param
@@ -104,7 +105,10 @@ class DynamicMaskAttention(Mechanism):
                                            segment_ids=segments)
       kept = dmp.smoothed_kept_fraction(block_keep, q.shape[1], block, block, segments)
     scale = ctx.logit_scale / q.shape[-1] ** 0.5
-    y = block_sparse_attention(q, k, v, plan, scale=scale, key_bias=delta)
+    attend = lambda q, k, v, plan, delta: block_sparse_attention(q, k, v, plan, scale=scale, key_bias=delta)  # noqa: E731
+    names = context_parallel.QKV_NAMES + (context_parallel.plan_names(plan, q.shape[0], 'kv_heads'), 'batch kv_heads .')
+    y = context_parallel.per_row_and_head('dynamic_mask', attend, (q, k, v, plan, delta), names,
+                                          context_parallel.Q_NAMES)
     aux = no_aux()
     aux['stats']['dma_kept_fraction'] = kept
     aux['stats']['dma_tile_fraction'] = dmp.active_tile_fraction(plan, segments)

@@ -26,6 +26,7 @@ from flax import nnx
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
 from sparseformer.model import rope
+from sparseformer.model.attention import context_parallel
 from sparseformer.model.attention import gate as gate_lib
 from sparseformer.model.attention.base import Mechanism, no_aux, register
 from sparseformer.model.layers import param
@@ -154,12 +155,23 @@ class GatedAttention(Mechanism):
   def sparse_attention(self, q, k, v, chosen, ctx, scale):
     """Attention over the chosen blocks [B, H, nb, nb] (a plan per query head)."""
     block = self.options.block_size
-    plan = plan_from_block_mask(chosen, q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=ctx.segment_ids)
-    return block_sparse_attention(q, k, v, plan, scale=scale)
+
+    def attend(q, k, v, chosen, segment_ids):
+      plan = plan_from_block_mask(chosen, q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=segment_ids)
+      return block_sparse_attention(q, k, v, plan, scale=scale)
+
+    return context_parallel.per_row_and_head('gated', attend, (q, k, v, chosen, ctx.segment_ids),
+                                             context_parallel.QKV_NAMES + ('batch heads . .', context_parallel.row_names(ctx.segment_ids)),
+                                             context_parallel.Q_NAMES)
 
   def dense_attention(self, q, k, v, ctx, scale):
     """(output, LSE [B, H, T]) of causal attention within documents."""
     block = self.options.block_size
-    plan = plan_from_mask(masks.Causal(), q_len=q.shape[1], block_q=block, block_kv=block,
-                          segment_ids=ctx.segment_ids)
-    return block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True)
+
+    def attend(q, k, v, segment_ids):
+      plan = plan_from_mask(masks.Causal(), q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=segment_ids)
+      return block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True)
+
+    return context_parallel.per_row_and_head('gated', attend, (q, k, v, ctx.segment_ids),
+                                             context_parallel.QKV_NAMES + (context_parallel.row_names(ctx.segment_ids),),
+                                             (context_parallel.Q_NAMES, 'batch heads .'))

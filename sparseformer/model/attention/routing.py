@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
+from sparseformer.model.attention import context_parallel
 from sparseformer.model.attention import routing_kmeans as kmeans
 from sparseformer.model.attention import routing_plan
 from sparseformer.model.attention.base import Mechanism, MechanismState, no_aux, register
@@ -112,9 +113,15 @@ class RoutingAttention(Mechanism):
 
   def local_attention(self, q, k, v, ctx, scale):
     window = self.options.routing.local_window
-    plan = plan_from_mask(masks.causal_window(window), q_len=q.shape[1], block_q=self.options.block_size,
-                          block_kv=self.options.block_size, segment_ids=ctx.segment_ids)
-    return block_sparse_attention(q, k, v, plan, scale=scale)
+
+    def attend(q, k, v, segment_ids):
+      plan = plan_from_mask(masks.causal_window(window), q_len=q.shape[1], block_q=self.options.block_size,
+                            block_kv=self.options.block_size, segment_ids=segment_ids)
+      return block_sparse_attention(q, k, v, plan, scale=scale)
+
+    return context_parallel.per_row_and_head('routing', attend, (q, k, v, ctx.segment_ids),
+                                             context_parallel.QKV_NAMES + (context_parallel.row_names(ctx.segment_ids),),
+                                             context_parallel.Q_NAMES)
 
   def routing_kv_heads(self):
     """The kv head of each routing head (static)."""
@@ -138,18 +145,31 @@ class RoutingAttention(Mechanism):
     k_scores = q_scores if xk is None else kmeans.similarities(jax.lax.stop_gradient(xk), centroids)
     q_clusters = jnp.argmax(q_scores, -1).astype(jnp.int32)
     k_clusters = jnp.argmax(k_scores, -1).astype(jnp.int32)
-    options = dict(block=self.options.block_size, scale=scale, shared_qk=r.shared_qk)
-    if r.selection == 'causal':
-      y = routing_plan.cluster_attention(q, keys, values, q_clusters, k_clusters, ctx.segment_ids, **options)
-    else:
-      window = r.topw_window or max(q.shape[1] // self.clusters, 1)
-      y = routing_plan.topw_attention(q, keys, values, q_scores, k_scores, ctx.segment_ids, window=window,
-                                      **options)
+    y = self.clustered_attention(q, keys, values, (q_clusters, k_clusters, q_scores, k_scores), ctx.segment_ids,
+                                 scale)
     weights = token_weights(ctx.segment_ids, q.shape[0], q.shape[1])
     aux = self.routing_aux(xq, xk, q_clusters, k_clusters, centroids, weights)
     if ctx.training:
       self.update_state(xq, xk, q_clusters, k_clusters, weights)
     return y, aux
+
+  def clustered_attention(self, q, keys, values, routes, segment_ids, scale):
+    """Outputs [B, T, Hr, D] of the routing heads, per device over rows and heads on a mesh
+    (each (row, head) sorts its own tokens by cluster); routes = (q_clusters, k_clusters
+    [B, T, Hr], q_scores, k_scores [B, T, Hr, K])."""
+    r = self.options.routing
+    options = dict(block=self.options.block_size, scale=scale, shared_qk=r.shared_qk)
+    window = r.topw_window or max(q.shape[1] // self.clusters, 1)
+
+    def attend(q, keys, values, routes, segment_ids):
+      q_clusters, k_clusters, q_scores, k_scores = routes
+      if r.selection == 'causal':
+        return routing_plan.cluster_attention(q, keys, values, q_clusters, k_clusters, segment_ids, **options)
+      return routing_plan.topw_attention(q, keys, values, q_scores, k_scores, segment_ids, window=window, **options)
+
+    heads = context_parallel.Q_NAMES
+    names = (heads, heads, heads, ('batch . heads',) * 2 + (heads,) * 2, context_parallel.row_names(segment_ids))
+    return context_parallel.per_row_and_head('routing', attend, (q, keys, values, routes, segment_ids), names, heads)
 
   def routed_pairs(self, xq, xk, q_clusters, k_clusters):
     """(vectors, clusters) the clustering sees: queries, and keys unless shared."""
