@@ -24,7 +24,7 @@ from sparseformer.evaluation.evaluate import make_eval_batch_fn
 from sparseformer.model import resolve_dims
 from sparseformer.training.loss import DEFAULT_LOSS_CHUNK
 from sparseformer.training.optimizer import make_optimizer
-from sparseformer.training.state import make_train_state, model_spec, state_shardings
+from sparseformer.training.state import make_train_state, model_arrays, model_spec, state_shardings
 from sparseformer.training.step import forward, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,15 +68,14 @@ def assert_close_to_scale(actual, expected, rtol=1e-5):
   np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
 
 
-def fresh_state(spec, cfg):
-  tx, _ = make_optimizer(cfg.train, spec.abstract_params)
-  return make_train_state(spec, tx, state_shardings(spec, tx), seed=0)
+def fresh_state(spec):
+  return jax.jit(lambda: model_arrays(spec.dims, jax.random.key(0)))()
 
 
 @pytest.mark.parametrize('tie_embeddings', [True, False], ids=['tied', 'untied'])
 def test_chunked_nll_and_gradients_equal_the_one_shot_loss(tie_embeddings):
   cfg, spec = tiny_spec(tie_embeddings)
-  state, batch = fresh_state(spec, cfg), random_batch()
+  state, batch = fresh_state(spec), random_batch()
   nll, grads = nll_and_grads(spec, state, batch, loss_chunk=0)
   assert ('unembedding' in grads) != tie_embeddings
   for chunk in (8, 12):  # 4 chunks; 3 chunks with the last one padded by 4 positions
@@ -88,7 +87,7 @@ def test_chunked_nll_and_gradients_equal_the_one_shot_loss(tie_embeddings):
 
 def test_evaluation_sums_are_those_of_the_one_shot_loss():
   cfg, spec = tiny_spec()
-  state, batch = fresh_state(spec, cfg), random_batch()
+  state, batch = fresh_state(spec), random_batch()
   token_bytes = jnp.ones(VOCAB, jnp.float32)
   sums = [make_eval_batch_fn(spec.graphdef, LENGTH, loss_chunk=chunk)(
       state['params'], state['mechanism_state'], batch, token_bytes) for chunk in (0, 12)]
@@ -125,10 +124,10 @@ import jax, numpy as np, optax
 from sparseformer import config as config_lib, sharding
 from sparseformer.model import resolve_dims
 from sparseformer.training.optimizer import make_optimizer
-from sparseformer.training.state import make_train_state, model_spec, state_shardings
+from sparseformer.training.state import make_train_state, model_arrays, model_spec, state_shardings
 from sparseformer.training.step import jit_train_step, make_train_step
 
-ROWS, LENGTH = 4, 256
+ROWS, LENGTH = 8, 256
 rng = np.random.default_rng(0)
 tokens = rng.integers(1, 256, (ROWS, LENGTH + 1)).astype(np.int32)
 batch = {'tokens': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': np.ones((ROWS, LENGTH), np.float32),
@@ -161,11 +160,10 @@ print('RESULTS ' + json.dumps([one_step(axes, chunk) for axes, chunk in json.loa
 '''
 
 
-def test_chunked_loss_on_sequence_and_tensor_sharded_meshes_matches_one_device():
-  """One step on 8 fake CPU devices: loss and gradient norm as the single-device one-shot loss
-  (chunks of 64 on sequence 4: each shard holds 16 positions of every chunk; chunks of 96
-  on data 2 x sequence 2 x tensor 2: the last chunk padded, vocab split over tensor)."""
-  cases = [({'data': 1}, 0), ({'sequence': 4}, 64), ({'data': 2, 'sequence': 2, 'tensor': 2}, 96)]
+def sharded_results(cases):
+  """[loss, grad norm] of one step per (mesh axes, loss_chunk) case, in one subprocess that
+  sees 8 CPU devices; the first case is the single-device one-shot loss."""
+  cases = [({'data': 1}, 0)] + cases
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'PYTHONPATH': ROOT,
          'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', MESH_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
@@ -176,3 +174,14 @@ def test_chunked_loss_on_sequence_and_tensor_sharded_meshes_matches_one_device()
   for (case, _), (sharded_loss, sharded_grad_norm) in zip(cases[1:], sharded):
     assert abs(sharded_loss - loss) <= 1e-5 * loss, (case, sharded_loss, loss)
     assert abs(sharded_grad_norm - grad_norm) <= 1e-4 * grad_norm, (case, sharded_grad_norm, grad_norm)
+
+
+def test_chunked_loss_on_a_data_sequence_tensor_mesh_matches_one_device():
+  """Chunks of 96 of 256 positions (the last one padded) on data 2 x sequence 2 x tensor 2:
+  each sequence shard holds 48 positions of every chunk, the vocabulary is split over tensor."""
+  sharded_results([({'data': 2, 'sequence': 2, 'tensor': 2}, 96)])
+
+
+@pytest.mark.slow
+def test_chunked_loss_on_sequence_and_fsdp_meshes_matches_one_device():
+  sharded_results([({'sequence': 4}, 64), ({'fsdp': 8}, 100), ({'fsdp': 2, 'sequence': 4}, 128)])
