@@ -144,7 +144,7 @@ def loss_and_grads(mechanism, inputs, segments, mode):
   return jax.value_and_grad(loss, argnums=(0, 1))(params, inputs)
 
 
-@pytest.mark.parametrize('shared', [True, False])
+@pytest.mark.parametrize('shared', [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_mask_and_varlen_modes_agree_on_outputs_and_gradients(shared):
   mechanism = make_mechanism(4, top_k=2, shared=shared)
   inputs = random_inputs()
