@@ -272,5 +272,5 @@ def test_gated_dynamic_mask_and_routing_layers_run_per_row_and_head_and_equal_on
 
 @pytest.mark.slow
 def test_mechanism_variants_per_device_and_gathered_where_the_sequence_is_split():
-  check_layers_sharded_equal_unsharded({'data': 2, 'tensor': 2, 'sequence': 2},
-                                       ['gated_dense_distill', 'dynamic_mask_smoothed', 'routing_topw', 'routing_local'])
+  cases = ['gated_dense_distill', 'dynamic_mask_smoothed', 'routing_topw', 'routing_local']
+  check_layers_sharded_equal_unsharded({'data': 2, 'tensor': 2, 'sequence': 2}, cases)

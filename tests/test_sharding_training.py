@@ -1,7 +1,8 @@
 """Training on meshes of 8 fake CPU devices gives the losses of the single-device run, and
 a checkpoint saved on one mesh restores onto another and continues with the same losses.
 
-A tiny model (a window layer and a dense layer, float32) trains 4 steps on fixed packed
+A tiny model (a window layer and a dense layer, float32; in one slow case a hybrid of
+sse, gated, dynamic_mask, routing and dense layers) trains 4 steps on fixed packed
 batches. Tolerance: every loss within 1e-5 relative of the single-device loss (the
 meshes sum the same terms in other orders; observed: at most 2.5e-7 over the meshes below).
 Each case runs in one subprocess that compiles every mesh it is given.
@@ -27,6 +28,7 @@ from sparseformer.training.checkpoint import Checkpointer
 from sparseformer.training.state import abstract_train_state, make_train_state
 
 STEPS, ROWS, LENGTH = 4, 8, 256
+LAYERS = tuple(json.loads(sys.argv[2]))
 sharded_layers = []
 sharded_attention = context_parallel.sharded_attention
 context_parallel.sharded_attention = lambda *a, **k: sharded_layers.append(k['mask']) or sharded_attention(*a, **k)
@@ -35,8 +37,8 @@ context_parallel.sharded_attention = lambda *a, **k: sharded_layers.append(k['ma
 def tiny_config(axes):
   cfg = config_lib.base_config()
   m = cfg.model
-  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 32, 2, 4, 2
-  m.layer_attention, m.attention.block_size = ('window:80', 'dense'), 64
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 32, len(LAYERS), 4, 2
+  m.layer_attention, m.attention.block_size = LAYERS, 64
   cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.steps, cfg.train.warmup_steps = LENGTH, ROWS, 10, 2
   cfg.train.lr = 1e-2
   cfg.mesh.data = 1
@@ -84,11 +86,13 @@ def check_sharded_init(parts, state):
 
 
 def train_checking_attention(parts, state, batches, axes):
-  """Trains; both layers attend per shard on a mesh of several devices (the window layer
-  always, the dense one where the sequence is split); on one device neither does."""
+  """Trains; the window and dense layers attend per shard on a mesh of several devices
+  (the window layer always, the dense one where the sequence is split); on one device
+  neither does."""
   sharded_layers.clear()
   state, losses = train(parts, state, batches)
-  expected = 0 if math.prod(axes.values()) == 1 else 1 + (axes.get('sequence', 1) > 1)
+  several = math.prod(axes.values()) > 1
+  expected = several * (LAYERS.count('window:80') + (axes.get('sequence', 1) > 1) * LAYERS.count('dense'))
   assert len(sharded_layers) == expected, (axes, sharded_layers)
   return state, losses
 
@@ -128,14 +132,16 @@ print('RESULTS ' + json.dumps(results))
 '''
 
 SINGLE = {'name': 'single device', 'mesh': {'data': 1}}
+WINDOW_AND_DENSE = ('window:80', 'dense')
 
 
-def run_cases(cases):
-  """{case name: [loss of each step]} from one subprocess with 8 CPU devices."""
+def run_cases(cases, layers=WINDOW_AND_DENSE):
+  """{case name: [loss of each step]} from one subprocess with 8 CPU devices, the model's
+  layers being `layers`."""
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'PYTHONPATH': ROOT,
          'JAX_PLATFORMS': 'cpu'}
-  result = subprocess.run([sys.executable, '-c', RUN_MESHES, json.dumps([SINGLE] + cases)], capture_output=True,
-                          text=True, cwd=ROOT, env=env)
+  result = subprocess.run([sys.executable, '-c', RUN_MESHES, json.dumps([SINGLE] + cases), json.dumps(layers)],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
   assert result.returncode == 0, result.stderr[-4000:]
   line = [line for line in result.stdout.splitlines() if line.startswith('RESULTS ')][-1]
   return json.loads(line[len('RESULTS '):])
@@ -167,3 +173,13 @@ def test_data_fsdp_tensor_sequence_and_combined_meshes_train_like_one_device():
       {'name': 'fsdp 8 -> data 2 x tensor 2', 'save': {'fsdp': 8}, 'restore': {'data': 2, 'tensor': 2}},
       {'name': 'sequence 2 -> data 8', 'save': {'sequence': 2}, 'restore': {'data': 8}},
   ]))
+
+
+@pytest.mark.slow
+def test_hybrid_model_with_sse_state_passing_trains_on_sequence_and_tensor_meshes_like_one_device():
+  # sse passes state between the 4 sequence shards; the other mechanisms run per row and
+  # head (the sequence gathered where it is split)
+  assert_same_losses(run_cases([
+      {'name': 'sequence 4', 'mesh': {'sequence': 4}},
+      {'name': 'data 2 x tensor 2 x sequence 2', 'mesh': {'data': 2, 'tensor': 2, 'sequence': 2}},
+  ], layers=('sse:2', 'gated', 'dynamic_mask:48', 'routing:2', 'dense')))

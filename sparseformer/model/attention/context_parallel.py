@@ -20,6 +20,11 @@ Batch and heads stay sharded as the rules place them (batch over data/fsdp, head
 tensor), so the kernels also run per device on meshes without sequence sharding. The
 gradients flow through the gathers (their transposes are reduce-scatters and reverse
 permutes). Causal shards are not load-balanced: shard s computes s + 1 shards' tiles.
+
+The other mechanisms run their attention per device through `per_device` (arguments
+named by logical axes): sse per row, head and sequence shard, passing linear-attention
+state between shards (context_parallel_linear.py); gated, dynamic_mask and routing per
+row and head (`per_row_and_head`), gathering the sequence where it is split.
 """
 
 import dataclasses

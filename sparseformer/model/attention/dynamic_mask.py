@@ -105,8 +105,10 @@ class DynamicMaskAttention(Mechanism):
                                            segment_ids=segments)
       kept = dmp.smoothed_kept_fraction(block_keep, q.shape[1], block, block, segments)
     scale = ctx.logit_scale / q.shape[-1] ** 0.5
-    attend = lambda q, k, v, plan, delta: block_sparse_attention(q, k, v, plan, scale=scale, key_bias=delta)  # noqa: E731
-    names = context_parallel.QKV_NAMES + (context_parallel.plan_names(plan, q.shape[0], 'kv_heads'), 'batch kv_heads .')
+    attend = lambda q, k, v, plan, delta: block_sparse_attention(q, k, v, plan, scale=scale,  # noqa: E731
+                                                                 key_bias=delta)
+    plan_names = context_parallel.plan_names(plan, q.shape[0], 'kv_heads')
+    names = context_parallel.QKV_NAMES + (plan_names, 'batch kv_heads .')
     y = context_parallel.per_row_and_head('dynamic_mask', attend, (q, k, v, plan, delta), names,
                                           context_parallel.Q_NAMES)
     aux = no_aux()

@@ -160,8 +160,8 @@ class GatedAttention(Mechanism):
       plan = plan_from_block_mask(chosen, q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=segment_ids)
       return block_sparse_attention(q, k, v, plan, scale=scale)
 
-    return context_parallel.per_row_and_head('gated', attend, (q, k, v, chosen, ctx.segment_ids),
-                                             context_parallel.QKV_NAMES + ('batch heads . .', context_parallel.row_names(ctx.segment_ids)),
+    names = context_parallel.QKV_NAMES + ('batch heads . .', context_parallel.row_names(ctx.segment_ids))
+    return context_parallel.per_row_and_head('gated', attend, (q, k, v, chosen, ctx.segment_ids), names,
                                              context_parallel.Q_NAMES)
 
   def dense_attention(self, q, k, v, ctx, scale):
@@ -172,6 +172,6 @@ class GatedAttention(Mechanism):
       plan = plan_from_mask(masks.Causal(), q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=segment_ids)
       return block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True)
 
-    return context_parallel.per_row_and_head('gated', attend, (q, k, v, ctx.segment_ids),
-                                             context_parallel.QKV_NAMES + (context_parallel.row_names(ctx.segment_ids),),
+    names = context_parallel.QKV_NAMES + (context_parallel.row_names(ctx.segment_ids),)
+    return context_parallel.per_row_and_head('gated', attend, (q, k, v, ctx.segment_ids), names,
                                              (context_parallel.Q_NAMES, 'batch heads .'))

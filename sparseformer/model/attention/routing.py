@@ -119,8 +119,8 @@ class RoutingAttention(Mechanism):
                             block_kv=self.options.block_size, segment_ids=segment_ids)
       return block_sparse_attention(q, k, v, plan, scale=scale)
 
-    return context_parallel.per_row_and_head('routing', attend, (q, k, v, ctx.segment_ids),
-                                             context_parallel.QKV_NAMES + (context_parallel.row_names(ctx.segment_ids),),
+    names = context_parallel.QKV_NAMES + (context_parallel.row_names(ctx.segment_ids),)
+    return context_parallel.per_row_and_head('routing', attend, (q, k, v, ctx.segment_ids), names,
                                              context_parallel.Q_NAMES)
 
   def routing_kv_heads(self):
