@@ -119,7 +119,8 @@ def build_step(cfg):
   shardings = state_shardings(spec, tx)
   state = make_train_state(spec, tx, shardings, cfg.seed)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  step = jit_train_step(make_train_step(spec.graphdef, tx, schedule, 1), shardings, batch_sharding, mesh)
+  train_step = make_train_step(spec.graphdef, tx, schedule, 1, loss_chunk=cfg.train.loss_chunk)
+  step = jit_train_step(train_step, shardings, batch_sharding, mesh)
   return step, state, spec, batch_sharding
 
 

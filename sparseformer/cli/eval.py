@@ -56,7 +56,7 @@ def eval_command(argv):
   batches = data.eval_batches(cfg.data, split=split, seq_len=seq_len, batch_size=batch_size // process_count,
                               process_index=process_index, process_count=process_count,
                               max_batches=cfg.eval.max_batches)
-  eval_fn = sharding.with_activation_placement(make_eval_batch_fn(setup.spec.graphdef, seq_len),
+  eval_fn = sharding.with_activation_placement(make_eval_batch_fn(setup.spec.graphdef, seq_len, cfg.train.loss_chunk),
                                               setup.spec.mesh, setup.spec.rules)
   results = evaluate(eval_fn, model, batches,
                      setup.tokenizer.token_bytes, setup.batch_sharding)

@@ -61,7 +61,8 @@ def build_train_step(cfg, mesh, platform=None):
   tx, schedule = make_optimizer(t, spec.abstract_params)
   shardings = state_shardings(spec, tx)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  step = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight),
+  step = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight,
+                                        t.loss_chunk),
                         shardings, batch_sharding, mesh, rules)
   return TrainStepParts(spec, tx, shardings, batch_sharding, step, t.global_batch_size, cfg.data.seq_len)
 

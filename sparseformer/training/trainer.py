@@ -66,7 +66,8 @@ def train(cfg, workdir, log=print):
                                  seed=cfg.seed, process_index=process_index, process_count=process_count)
   if data_state is not None:
     iterator.set_state(data_state)
-  step_fn = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight),
+  step_fn = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight,
+                                           t.loss_chunk),
                            shardings, setup.batch_sharding, setup.mesh, spec.rules)
   loop = TrainLoop(cfg, workdir, setup, checkpointer, iterator, step_fn, log)
   try:
@@ -187,7 +188,7 @@ class TrainLoop:
     split = cfg.data.eval_split
     if self.eval_fn is None:
       spec = self.setup.spec
-      self.eval_fn = sharding.with_activation_placement(make_eval_batch_fn(spec.graphdef, cfg.data.seq_len),
+      self.eval_fn = sharding.with_activation_placement(make_eval_batch_fn(spec.graphdef, cfg.data.seq_len, cfg.train.loss_chunk),
                                                         spec.mesh, spec.rules)
     process_index, process_count = process_info()
     batches = data.eval_batches(cfg.data, split=split, seq_len=cfg.data.seq_len,
