@@ -40,7 +40,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import attention as attention_bench  # noqa: E402
-from benchmarks.rows import number, text_table, time_row, write_json  # noqa: E402
+from benchmarks.rows import device_name, number, report, text_table, time_row  # noqa: E402
 from pallas_kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
 from pallas_kernels.block_sparse_attention.api import select_implementation  # noqa: E402
 from sparseformer.config import base_config  # noqa: E402
@@ -248,17 +248,13 @@ def parse_args(argv):
 
 def main(argv=None):
   args = parse_args(argv)
-  device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
-  print(f'device: {device}, jax {jax.__version__}; B=1, H={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, '
-        f'w={args.window}', flush=True)
+  print(f'device: {device_name()}, jax {jax.__version__}; B=1, H={args.heads}, Hkv={args.kv_heads}, '
+        f'D={args.head_dim}, w={args.window}', flush=True)
   rows = [row for length in args.sizes for row in run_length(args, length)]
-  print()
-  print(format_table(rows))
-  if args.out:
-    meta = dict(device=device, jax=jax.__version__, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                window=args.window, score_scale=args.score_scale, iterations=args.iterations, baseline=args.baseline,
-                block_smooth=args.block_smooth)
-    write_json(args.out, meta, rows)
+  report(rows, format_table(rows), args.out,
+         dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, window=args.window,
+              score_scale=args.score_scale, iterations=args.iterations, baseline=args.baseline,
+              block_smooth=args.block_smooth))
   return rows
 
 

@@ -36,7 +36,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import attention as attention_bench  # noqa: E402
-from benchmarks.rows import number, text_table, time_row, write_json  # noqa: E402
+from benchmarks.rows import device_name, number, report, text_table, time_row  # noqa: E402
 from pallas_kernels.block_sparse_attention import plan_from_block_mask  # noqa: E402
 from pallas_kernels.block_sparse_attention.api import select_implementation  # noqa: E402
 from sparseformer.config import base_config  # noqa: E402
@@ -186,16 +186,12 @@ def parse_args(argv):
 
 def main(argv=None):
   args = parse_args(argv)
-  device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
-  print(f'device: {device}, jax {jax.__version__}; B=1, H={args.heads}, D={args.head_dim}, gate width {args.width}, '
-        f'density {args.density}', flush=True)
+  print(f'device: {device_name()}, jax {jax.__version__}; B=1, H={args.heads}, D={args.head_dim}, '
+        f'gate width {args.width}, density {args.density}', flush=True)
   rows = [row for length in args.sizes for row in run_length(args, length)]
-  print()
-  print(format_table(rows))
-  if args.out:
-    meta = dict(device=device, jax=jax.__version__, heads=args.heads, head_dim=args.head_dim, width=args.width,
-                density=args.density, iterations=args.iterations, baseline=args.baseline)
-    write_json(args.out, meta, rows)
+  report(rows, format_table(rows), args.out,
+         dict(heads=args.heads, head_dim=args.head_dim, width=args.width, density=args.density,
+              iterations=args.iterations, baseline=args.baseline))
   return rows
 
 

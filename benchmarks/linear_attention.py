@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.rows import number, text_table, time_row, write_json  # noqa: E402
+from benchmarks.rows import device_name, number, report, text_table, time_row  # noqa: E402
 from pallas_kernels.linear_attention import gated_linear_attention  # noqa: E402
 from pallas_kernels.linear_attention.api import REGISTRY  # noqa: E402
 
@@ -171,16 +171,11 @@ def parse_args(argv):
 
 def main(argv=None):
   args = parse_args(argv)
-  device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
-  print(f'device: {device}, jax {jax.__version__}; B=1, S={args.length}, H={args.heads}, Dk=Dv={args.head_dim}, '
-        f'bf16, {args.iterations} iterations', flush=True)
+  print(f'device: {device_name()}, jax {jax.__version__}; B=1, S={args.length}, H={args.heads}, '
+        f'Dk=Dv={args.head_dim}, bf16, {args.iterations} iterations', flush=True)
   rows = run(args)
-  print()
-  print(format_table(rows))
-  if args.out:
-    write_json(args.out, dict(device=device, jax=jax.__version__, heads=args.heads, head_dim=args.head_dim,
-                              iterations=args.iterations), rows)
-
+  report(rows, format_table(rows), args.out,
+         dict(heads=args.heads, head_dim=args.head_dim, iterations=args.iterations))
 
 if __name__ == '__main__':
   main()

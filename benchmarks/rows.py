@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import jax
 import numpy as np
 
 from benchmarks import attention as attention_bench
@@ -33,3 +34,15 @@ def write_json(path, meta, rows):
   """{'meta': meta, 'rows': [dataclass rows as dicts]} at `path`."""
   with open(path, 'w') as handle:
     json.dump(dict(meta=meta, rows=[dataclasses.asdict(r) for r in rows]), handle, indent=1, default=float)
+
+
+def device_name():
+  return f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
+
+
+def report(rows, table, out, meta):
+  """Prints the table; with `out`, writes the rows and {device, jax, **meta} as JSON there."""
+  print()
+  print(table)
+  if out:
+    write_json(out, dict(device=device_name(), jax=jax.__version__, **meta), rows)
