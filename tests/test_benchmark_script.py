@@ -89,14 +89,19 @@ def test_a_wrong_output_is_marked():
   assert np.isclose(bad.err, 0.5)
 
 
-def test_train_throughput_quick_run_has_both_variants(tmp_path):
+def run_train_throughput_quick(tmp_path, variants):
+  """(stdout, JSON report) of a --quick run of benchmarks/train_throughput.py."""
   out = tmp_path / 'throughput.json'
   result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'train_throughput.py'), '--quick',
-                           '--variants', 'dense,masformer', '--out', str(out)],
+                           '--variants', variants, '--out', str(out)],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  assert len(re.findall(r'^variant +params +remat', result.stdout, re.MULTILINE)) == 1  # one table
-  report = json.loads(out.read_text())
+  return result.stdout, json.loads(out.read_text())
+
+
+def test_train_throughput_quick_run_has_both_variants(tmp_path):
+  stdout, report = run_train_throughput_quick(tmp_path, 'dense,masformer')
+  assert len(re.findall(r'^variant +params +remat', stdout, re.MULTILINE)) == 1  # one table
   rows = {r['variant']: r for r in report['rows']}
   assert set(rows) == {'dense', 'masformer'}
   assert rows['dense']['layers'] == 'dense dense' and rows['masformer']['layers'] == 'window:64 dense'
@@ -229,12 +234,7 @@ def test_books_quality_quick_run_tabulates_the_variants_it_ran(tmp_path):
 
 
 def test_train_throughput_quick_routing_row_and_its_attention_time(tmp_path):
-  out = tmp_path / 'throughput.json'
-  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'train_throughput.py'), '--quick',
-                           '--variants', 'dense,routing', '--out', str(out)],
-                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  report = json.loads(out.read_text())
+  _, report = run_train_throughput_quick(tmp_path, 'dense,routing')
   rows = {r['variant']: r for r in report['rows']}
   assert rows['routing']['layers'] == 'routing:4 routing:4' and rows['routing']['vs_dense'] > 0
   assert report['attention_layer']['routing:4']['fwd_bwd_ms'] > 0
