@@ -212,14 +212,19 @@ def test_dma_attention_quick_run_times_every_row(tmp_path):
   assert tiles['budget'] < tiles['none']  # whole blocks: the smoothed plan skips tiles the scattered top-w visits
 
 
-def test_books_quality_quick_run_tabulates_the_variants_it_ran(tmp_path):
+def run_books_quality_quick(tmp_path, variants, timeout=300):
+  """(OUT, results.json) of a --quick run of benchmarks/books_quality.py with these variants."""
   out = tmp_path / 'books'
   env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off'}
   result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'books_quality.py'), '--quick',
-                           '--variants', 'dense,routing,dma', '--out', str(out), '--data_dir', str(tmp_path / 'tfds')],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+                           '--variants', variants, '--out', str(out), '--data_dir', str(tmp_path / 'tfds')],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  results = json.loads((out / 'results.json').read_text())
+  return out, json.loads((out / 'results.json').read_text())
+
+
+def test_books_quality_quick_run_tabulates_the_variants_it_ran(tmp_path):
+  out, results = run_books_quality_quick(tmp_path, 'dense,routing,dma')
   assert list(results['variants']) == ['dense', 'routing', 'dma']  # 'local' was not asked for
   for variant in results['variants'].values():
     assert np.isfinite(variant['eval']['nll']) and variant['eval']['seq_len'] == 256
@@ -231,6 +236,19 @@ def test_books_quality_quick_run_tabulates_the_variants_it_ran(tmp_path):
   dma = json.loads((out / 'dma' / 'config.json').read_text())['config']['model']['attention']
   assert dma['kind'] == 'dynamic_mask:64'
   assert '| positions | dense | routing | DMA | routing/dense | DMA/dense |' in table and table.count('| overall |') == 1
+
+
+@pytest.mark.slow
+def test_books_quality_quick_run_of_the_sse_variants(tmp_path):
+  out, results = run_books_quality_quick(tmp_path, 'sse_h,gla', timeout=600)
+  assert list(results['variants']) == ['sse_h', 'gla']
+  for variant in results['variants'].values():
+    assert np.isfinite(variant['eval']['nll'])
+  sse = json.loads((out / 'sse_h' / 'config.json').read_text())['config']['model']['attention']
+  gla = json.loads((out / 'gla' / 'config.json').read_text())['config']['model']['attention']
+  assert (sse['kind'], sse['sse']['mode'], sse['full_layers']) == ('sse:4', 'varlen', 'every:4')
+  assert (gla['kind'], gla['sse']['top_k'], gla['sse']['shared']) == ('sse:1', 1, False)
+  assert '| positions | SSE-H | GLA-H (N=1) |' in (out / 'results.md').read_text()
 
 
 def test_train_throughput_quick_routing_row_and_its_attention_time(tmp_path):

@@ -333,27 +333,3 @@ def test_the_sse_hybrid_config_and_its_presets(preset, layers):
   sse = cfg.model.attention.sse
   assert (sse.top_k, sse.shared) == ((1, False) if preset == ':gla' else (2, True))
   assert sse.mode == ('varlen' if preset == ':varlen' else 'mask')
-
-
-@pytest.mark.slow
-def test_books_quality_quick_run_of_the_sse_variants(tmp_path):
-  import json
-  import os
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = tmp_path / 'books'
-  env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off'}
-  result = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'books_quality.py'), '--quick',
-                           '--variants', 'sse_h,gla', '--out', str(out), '--data_dir', str(tmp_path / 'tfds')],
-                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  results = json.loads((out / 'results.json').read_text())
-  assert list(results['variants']) == ['sse_h', 'gla']
-  for variant in results['variants'].values():
-    assert np.isfinite(variant['eval']['nll'])
-  sse = json.loads((out / 'sse_h' / 'config.json').read_text())['config']['model']['attention']
-  gla = json.loads((out / 'gla' / 'config.json').read_text())['config']['model']['attention']
-  assert (sse['kind'], sse['sse']['mode'], sse['full_layers']) == ('sse:4', 'varlen', 'every:4')
-  assert (gla['kind'], gla['sse']['top_k'], gla['sse']['shared']) == ('sse:1', 1, False)
-  assert '| positions | SSE-H | GLA-H (N=1) |' in (out / 'results.md').read_text()
