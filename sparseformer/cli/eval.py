@@ -7,8 +7,6 @@ DIR/eval/<split>_step<K>_len<N>.{json,png}.
 import os
 import sys
 
-import jax
-
 from sparseformer import config as config_lib
 from sparseformer import data, distributed, sharding
 from sparseformer.cli.args import parse_args
@@ -65,7 +63,7 @@ def eval_command(argv):
   for bucket in results['position_buckets']:
     if bucket['nll'] is not None:
       print(f'  positions [{bucket["start"]:>6}, {bucket["end"]:>6}): nll {bucket["nll"]:.4f} ({bucket["tokens"]} tokens)')
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     paths = write_results(results, os.path.join(workdir, 'eval'), f'{split}_step{step}_len{seq_len}')
     print('wrote ' + ' and '.join(paths))
   return 0

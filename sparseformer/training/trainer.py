@@ -39,7 +39,7 @@ def finished_steps(checkpoint_dir):
 def train(cfg, workdir, log=print):
   """Trains to cfg.train.steps, resuming from workdir if it holds a checkpoint."""
   t = cfg.train
-  if jax.process_index() != 0:  # process 0 logs for the job
+  if not distributed.is_main_process():  # process 0 logs for the job
     log = lambda *args, **kwargs: None
   setup = prepare_run(cfg, seq_lens=[(cfg.data.seq_len, t.global_batch_size, t.grad_accum_steps)])
   spec = setup.spec
@@ -57,7 +57,7 @@ def train(cfg, workdir, log=print):
   os.makedirs(workdir, exist_ok=True)
   checkpointer = Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   state, data_state = start_state(cfg, spec, tx, shardings, checkpointer, resume_step, init_plan, log)
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_lib.to_json(cfg))
 
@@ -105,7 +105,7 @@ class TrainLoop:
     self.checkpointer, self.iterator, self.step_fn, self.log = checkpointer, iterator, step_fn, log
     self.stop_requested = False
     self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-    self.is_main_process = jax.process_index() == 0
+    self.is_main_process = distributed.is_main_process()
     self.writer = None
     self.progress = None
     self.eval_fn = None
