@@ -187,10 +187,10 @@ def test_extreme_decays_gpu():
 
 
 @pytest.mark.gpu
-def test_triton_is_available_on_gpu_by_name():
-  # Not the default until these tests have passed on hardware (api.PREFERENCE says so).
+def test_triton_is_the_gpu_default():
   q = jnp.zeros((1, 8, 1, 64))
   assert select_implementation('triton', q, q, q, q, None, None).name == 'triton'
+  assert select_implementation(None, q, q, q, q, None, None).name == 'triton'
 
 
 # ----------------------------------------------------------------------------------------
