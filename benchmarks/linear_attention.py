@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.rows import device_name, number, report, text_table, time_row  # noqa: E402
+from benchmarks.rows import device_name, kernel_times, number, report, text_table, time_row  # noqa: E402
 from pallas_kernels.linear_attention import gated_linear_attention  # noqa: E402
 from pallas_kernels.linear_attention.api import REGISTRY  # noqa: E402
 
@@ -83,15 +83,8 @@ def cudnn_functions():
 
 def kernel_breakdown(function, fn_args):
   """'name ms, ...' of the kernels of one call, longest first (CUPTI); '' where unavailable."""
-  try:
-    from jax.experimental.mosaic.gpu import profiler
-    _, timings = profiler.measure(function, aggregate=False)(*fn_args)
-  except (ImportError, RuntimeError):
-    return ''
-  totals = {}
-  for name, ms in timings or ():
-    totals[name] = totals.get(name, 0.0) + ms
-  return ', '.join(f'{name} {ms:.3f}' for name, ms in sorted(totals.items(), key=lambda item: -item[1]))
+  _, totals = kernel_times(lambda: function(*fn_args))
+  return ', '.join(f'{name} {ms:.3f}' for name, ms in (totals or {}).items())
 
 
 def relative_error(got, want):

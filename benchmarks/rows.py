@@ -19,6 +19,27 @@ def time_row(row, fn, fn_args, iterations):
     return None
 
 
+def kernel_times(call):
+  """(call()'s outputs, {kernel name: total ms} of the kernels it launched, longest first),
+  through CUPTI; None in place of the times where CUPTI is missing (CPU). Unlike
+  `profiler.measure`, `call` runs once, so a step that donates its inputs can be profiled
+  (this uses the CUPTI hooks of jax's Mosaic GPU extension that `measure` itself uses)."""
+  try:
+    from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
+    ext = mosaic_gpu_lib._mosaic_gpu_ext
+    ext._cupti_init()
+  except (ImportError, AttributeError, RuntimeError):
+    return jax.block_until_ready(call()), None
+  try:
+    outputs = jax.block_until_ready(call())
+  finally:
+    timings = ext._cupti_get_timings(True)
+  totals = {}
+  for name, ms in timings or ():
+    totals[name] = totals.get(name, 0.0) + ms
+  return outputs, dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def number(value, spec):
   return '-' if not np.isfinite(value) else format(value, spec)
 

@@ -66,6 +66,8 @@ def parse_args(argv):
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--probe-calls', type=int, default=10, help='calls per attention-layer timing; 0 skips')
   parser.add_argument('--child-timeout', type=float, default=240.0, help='seconds per variant subprocess')
+  parser.add_argument('--kernel-profile', action='store_true',
+                      help='also time one step kernel by kernel (CUPTI): device time by kind, the longest kernels')
   parser.add_argument('--out', default=None, help='write the rows as JSON here')
   parser.add_argument('--quick', action='store_true', help='tiny sizes for a CPU smoke run')
   parser.add_argument('--child', default=None, help=argparse.SUPPRESS)  # a variant, or 'attention'
@@ -204,10 +206,47 @@ def run_variant(args, variant, remat):
     progress(f'{args.steps} steps, {1e3 * seconds:.1f} ms each')
   step_s = statistics.median(per_step)
   peak_gib, memory_source = peak_memory()
-  return dict(variant=variant, layers=' '.join(spec.dims.layer_mechanisms), kernels=attention_kernels(spec.dims, args),
+  profile = kernel_profile(compiled, state, batch) if args.kernel_profile else {}
+  return dict(**profile, variant=variant, layers=' '.join(spec.dims.layer_mechanisms), kernels=attention_kernels(spec.dims, args),
               params=int(spec.param_count), remat=remat, compile_s=compile_s, step_ms=1e3 * step_s,
               step_ms_repeats=[1e3 * s for s in per_step], tokens_per_s=args.batch * args.seq_len / step_s,
               peak_gib=peak_gib, memory_source=memory_source, loss=float(metrics['loss']), note='')
+
+
+# Substrings of kernel names by kind (XLA's cuBLAS/cuDNN calls, our Pallas kernels).
+KERNEL_KINDS = (('attention', ('block_sparse', 'flash', 'fmha', 'sdpa', 'attention', 'chunk_', 'state_grads',
+                               'log_decay_grads')),
+                ('matmul', ('gemm', 'nvjet', 'cutlass', 'xmma', 'cublas', 'wgmma', 'sm90_')))
+
+
+def kernel_kind(name):
+  lowered = name.lower()
+  return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), 'other')
+
+
+def kernel_profile(compiled, state, batch, longest=12):
+  """One more step timed kernel by kernel: device ms in all and by kind, and the longest
+  kernels; {} where CUPTI is missing."""
+  from benchmarks.rows import kernel_times
+  _, times = kernel_times(lambda: compiled(state, batch))
+  if not times:
+    return {}
+  by_kind = {}
+  for name, ms in times.items():
+    by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+  return dict(device_ms=sum(times.values()), device_ms_by_kind=by_kind, kernel_count=len(times),
+              longest_kernels=[[name, ms] for name, ms in list(times.items())[:longest]])
+
+
+def kernel_profile_lines(rows):
+  lines = []
+  for row in rows:
+    if 'device_ms' in row:
+      kinds = ', '.join(f'{kind} {ms:.1f}' for kind, ms in sorted(row['device_ms_by_kind'].items()))
+      longest = ', '.join(f'{name[:40]} {ms:.2f}' for name, ms in row['longest_kernels'][:6])
+      lines.append(f'{row["variant"]}: kernels {row["device_ms"]:.1f} ms of a {row["step_ms"]:.1f} ms step '
+                   f'({kinds}); longest: {longest}')
+  return lines
 
 
 # ---------------------------------------------------------------------------------------
@@ -387,6 +426,7 @@ def main(argv=None):
     if attention_times is None:
       print(f'attention layer timing failed:\n{error[-3000:]}', flush=True)
   summary = [target_line(rows)] + (attention_share_lines(attention_times, rows, args) if attention_times else [])
+  summary += kernel_profile_lines(rows)
   print(f'\nB={args.batch} T={args.seq_len} layers={args.layers} d_model={args.d_model} heads={args.heads}/'
         f'{args.kv_heads} vocab={args.vocab_size or "byte"} window={args.window} '
         f'full_layers={args.full_layers} dtype={args.dtype} block={args.block_size}; '

@@ -126,6 +126,17 @@ def test_train_throughput_target_verdict():
   assert train_throughput.strip_option(['--quick', '--out', 'x.json', '--out=y'], '--out') == ['--quick']
 
 
+def test_train_throughput_kernel_profile_sorts_kernels_by_kind():
+  from benchmarks import train_throughput
+  assert [train_throughput.kernel_kind(n) for n in ('block_sparse_dkv', 'sm90_flash_bwd', 'nvjet_tst_256x128',
+                                                    'loop_fusion_3', 'chunk_dqk_kernel')] == [
+      'attention', 'attention', 'matmul', 'other', 'attention']
+  row = {'variant': 'dense', 'step_ms': 10.0, 'device_ms': 8.0, 'device_ms_by_kind': {'matmul': 5.0, 'other': 3.0},
+         'longest_kernels': [['nvjet_a', 5.0], ['loop_fusion', 3.0]]}
+  (line,) = train_throughput.kernel_profile_lines([row, {'variant': 'window', 'note': 'FAILED'}])
+  assert line == 'dense: kernels 8.0 ms of a 10.0 ms step (matmul 5.0, other 3.0); longest: nvjet_a 5.00, loop_fusion 3.00'
+
+
 def test_gated_attention_quick_run_times_every_row(tmp_path):
   out = tmp_path / 'gated.json'
   result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'gated_attention.py'), '--quick',
