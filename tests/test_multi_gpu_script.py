@@ -38,6 +38,7 @@ def test_phase_commands_and_environments(monkeypatch):
           '--config.checkpoint.every_steps=100', '--config.train.global_batch_size=8'} <= set(dp)
   assert '--config.mesh.fsdp=2' in bench.train_argv(args, 'w', meshes['fsdp'])
   monkeypatch.delenv('SPARSEFORMER_COMPILATION_CACHE', raising=False)
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_PREALLOCATE', raising=False)  # CI's test script may set it
   single = bench.phase_env(args, 1, shares_devices=False)
   assert single['CUDA_VISIBLE_DEVICES'] == '3' and 'XLA_PYTHON_CLIENT_PREALLOCATE' not in single
   assert bench.phase_env(args, 1, shares_devices=False, first=1)['CUDA_VISIBLE_DEVICES'] == '5'
