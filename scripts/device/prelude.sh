@@ -1,9 +1,9 @@
 # Sourced at the start of a GPU-machine command (see wheels.sh): installs .whl/ into
-# /tmp/site once per machine, unpacks the HEAD snapshot .gpu/src.tar into /tmp/src (so
+# /tmp/site once per machine (again when the wheel list changes), unpacks the HEAD snapshot .gpu/src.tar into /tmp/src (so
 # edits made here while a run is in flight do not leak into it) and enters it.
-if [ ! -f /tmp/site/.installed ]; then
+if [ "$(ls .whl)" != "$(cat /tmp/site/.installed 2>/dev/null)" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.installed || return 1
+    && ls .whl > /tmp/site/.installed || return 1
 fi
 rm -rf /tmp/src && mkdir -p /tmp/src && tar -xf .gpu/src.tar -C /tmp/src || return 1
 export PYTHONPATH=/tmp/src:/tmp/site PYTHONUNBUFFERED=1
