@@ -15,7 +15,7 @@ import pytest
 from test_block_sparse_attention import dense_attention, plan_dense_mask, random_inputs
 
 from pallas_kernels.block_sparse_attention import masks, plan_from_block_mask, plan_from_mask, reference
-from pallas_kernels.block_sparse_attention import mosaic_gpu_backward, mosaic_gpu_backward_fused
+from pallas_kernels.block_sparse_attention import mosaic_gpu_backward
 
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 1e-2}  # of the largest gradient entry
 
@@ -58,14 +58,14 @@ def assert_close(got, want, tolerance, name):
   assert error < tolerance, f'{name}: relative error {error}'
 
 
-def check(plan, q, k, v, bias, d_out, with_d_lse=True, interpret=None, dense=True, module=mosaic_gpu_backward):
-  """The backward of `module` against reference.backward and (optionally) the dense oracle."""
+def check(plan, q, k, v, bias, d_out, with_d_lse=True, interpret=None, dense=True):
+  """Our backward against reference.backward and (optionally) the dense oracle."""
   interpret = not on_gpu() if interpret is None else interpret
-  assert module.unavailable(q, k, v, bias, plan) is None
+  assert mosaic_gpu_backward.unavailable(q, k, v, bias, plan) is None
   scale = q.shape[-1] ** -0.5
   out, lse = reference.forward(q, k, v, bias, plan, scale)
   d_lse = jax.random.normal(jax.random.key(7), lse.shape) if with_d_lse else None
-  got = module.backward(q, k, v, bias, plan, scale, out, lse, d_out, d_lse, interpret=interpret)
+  got = mosaic_gpu_backward.backward(q, k, v, bias, plan, scale, out, lse, d_out, d_lse, interpret=interpret)
   want = reference.backward(q, k, v, bias, plan, scale, out, lse, d_out, d_lse)
   tolerance = TOLERANCE[q.dtype.type]
   for name, g, w, x in zip(('dq', 'dk', 'dv', 'dbias'), got, want, (q, k, v, bias)):
@@ -165,31 +165,24 @@ GPU_CASES = [(name, GROUPS[(i + shift) % 4], GPU_BLOCKS[(i + shift // 2) % 4])
              for i, name in enumerate(GPU_PLANS) for shift in (0, 2)]
 
 
-# Both Mosaic GPU backwards: the two kernels, and the fused kv-major one.
-BACKWARDS = pytest.mark.parametrize('module', [mosaic_gpu_backward, mosaic_gpu_backward_fused],
-                                    ids=['two_kernels', 'fused'])
-
-
 @pytest.mark.gpu
-@BACKWARDS
 @pytest.mark.parametrize('plan_name, group, blocks', GPU_CASES, ids=lambda c: str(c))
-def test_gpu_plans_blocks_and_groups(plan_name, group, blocks, module):
+def test_gpu_plans_blocks_and_groups(plan_name, group, blocks):
   length, heads = 1000, 8
   q, k, v, bias, d_out = random_inputs(group, 1, length, length, heads, heads // group, 128, jnp.bfloat16, True)
   segments = documents(length, 1) if group == 2 else None
   plan = build_plan(plan_name, length, heads, heads // group, *blocks, segments, seed=group)
-  check(plan, q, k, v, bias, d_out, interpret=False, module=module)
+  check(plan, q, k, v, bias, d_out, interpret=False)
 
 
 @pytest.mark.gpu
-@BACKWARDS
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize('head_dim', [64, 128])
-def test_gpu_dtypes_and_head_dims(dtype, head_dim, module):
+def test_gpu_dtypes_and_head_dims(dtype, head_dim):
   q, k, v, bias, d_out = random_inputs(5, 1, 2048, 2048, 4, 2, head_dim, dtype, with_bias=True)
   plan = plan_from_mask(masks.causal_window(300), q_len=2048, block_q=128, block_kv=128,
                         segment_ids=documents(2048, 2))
-  check(plan, q, k, v, bias, d_out, interpret=False, module=module)
+  check(plan, q, k, v, bias, d_out, interpret=False)
 
 
 @pytest.mark.gpu

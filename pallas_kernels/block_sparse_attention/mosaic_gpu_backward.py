@@ -361,9 +361,26 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
         plgpu.barrier_arrive(barrier)
       return carry
 
-    entry_of = lambda i: entry_ref[batch, kv_head, kv_block, i]  # noqa: E731
-    in_specs, inputs = _query_side_specs(entry_of, batch, kv_head, plan_head, group, num_q_blocks, bq, head_dim,
-                                         (q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, q_thr_ref))
+    def entry_of(i):
+      return entry_ref[batch, kv_head, kv_block, i]
+
+    def q_tile_index(i):
+      entry = entry_of(i)
+      return (entry % num_q_blocks, kv_head * group + entry // num_q_blocks)
+
+    def row_index(i):  # lse/delta are [H * Tq]: head h, q block j is block h * nQ + j
+      return (kv_head * group * num_q_blocks + entry_of(i),)
+
+    tile_spec = functools.partial(plgpu.BlockSpec, block_shape=(bq, head_dim), index_map=q_tile_index,
+                                  transforms=_tile_transforms())
+    in_specs = [tile_spec(), tile_spec(), plgpu.BlockSpec((bq,), row_index), plgpu.BlockSpec((bq,), row_index)]
+    inputs = [q_ref.at[batch], do_ref.at[batch], lse_ref.at[batch], delta_ref.at[batch]]
+    if has_segments:
+      in_specs.append(plgpu.BlockSpec((bq,), lambda i: (entry_of(i) % num_q_blocks,)))
+      inputs.append(q_seg_ref.at[batch])
+    if has_ranks:
+      in_specs.append(plgpu.BlockSpec((bq,), lambda i: (plan_head * num_q_blocks + entry_of(i) % num_q_blocks,)))
+      inputs.append(q_thr_ref.at[batch])
     pipeline = plgpu.emit_pipeline_warp_specialized(
         step, grid=(jnp.maximum(count, stages),), max_concurrent_steps=stages, num_compute_wgs=wgs,
         memory_registers=40, wg_axis='wg', manual_consumed_barriers=True, compute_context=compute_context,
@@ -371,32 +388,6 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
     pipeline(*inputs)
 
   return kernel
-
-
-def _query_side_specs(entry_of, batch, kv_head, plan_head, group, num_q_blocks, bq, head_dim, refs):
-  """BlockSpecs and operands of a kv-major pipeline over merged GQA entries (g * nQ + q
-  block): the q and dO tiles, the lse and delta rows, and the query segment ids and rank
-  thresholds where present (refs: q, dO, lse, delta, q segments or None, q thresholds or None)."""
-  q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, q_thr_ref = refs
-
-  def q_tile_index(i):
-    entry = entry_of(i)
-    return (entry % num_q_blocks, kv_head * group + entry // num_q_blocks)
-
-  def row_index(i):  # lse/delta are [H * Tq]: head h, q block j is block h * nQ + j
-    return (kv_head * group * num_q_blocks + entry_of(i),)
-
-  tile_spec = functools.partial(plgpu.BlockSpec, block_shape=(bq, head_dim), index_map=q_tile_index,
-                                transforms=_tile_transforms())
-  in_specs = [tile_spec(), tile_spec(), plgpu.BlockSpec((bq,), row_index), plgpu.BlockSpec((bq,), row_index)]
-  inputs = [q_ref.at[batch], do_ref.at[batch], lse_ref.at[batch], delta_ref.at[batch]]
-  if q_seg_ref is not None:
-    in_specs.append(plgpu.BlockSpec((bq,), lambda i: (entry_of(i) % num_q_blocks,)))
-    inputs.append(q_seg_ref.at[batch])
-  if q_thr_ref is not None:
-    in_specs.append(plgpu.BlockSpec((bq,), lambda i: (plan_head * num_q_blocks + entry_of(i) % num_q_blocks,)))
-    inputs.append(q_thr_ref.at[batch])
-  return in_specs, inputs
 
 
 def _group_lists(plan, num_heads, num_kv_heads, steps):
