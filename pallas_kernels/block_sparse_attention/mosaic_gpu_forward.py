@@ -384,6 +384,7 @@ def _kernel_call(kernel, inputs, q_padded, interpret):
       grid_names=('cta',),
       num_threads=kernel.compute_wgs + 1,
       thread_name='wg',
+      kernel_name='block_sparse_fwd',
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )
