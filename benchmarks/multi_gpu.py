@@ -6,6 +6,7 @@ whose single-GPU training run would not fit. docs/benchmarks.md "Multi-GPU valid
 
     python benchmarks/multi_gpu.py --out runs/multi_gpu               # every visible GPU
     python benchmarks/multi_gpu.py --out /tmp/mg --quick              # CPU smoke run, 4 fake devices
+    python benchmarks/multi_gpu.py --out runs/multi_gpu --phases single,fit_1gpu   # one GPU is enough
 
 Phases (each its own process): single (one GPU), dp (mesh data=N), fsdp (data=1 fsdp=N),
 resume_fsdp_from_dp and resume_dp_from_fsdp (step --steps/2 of one mesh's checkpoints
@@ -43,6 +44,7 @@ CONFIG = os.path.join(REPO, 'configs', 'masformer_125m.py')
 DATASET = 'sparseformer_text/books'
 MULTICAST_OFF = {'NCCL_NVLS_ENABLE': '0', 'TORCH_SYMM_MEM_DISABLE_MULTICAST': '1', 'NVSHMEM_DISABLE_NVLS': '1'}
 PHASES = ('single', 'dp', 'fsdp', 'resume_fsdp_from_dp', 'resume_dp_from_fsdp', 'cp', 'fit_1gpu')
+MULTI_DEVICE_PHASES = {'dp', 'fsdp', 'resume_fsdp_from_dp', 'resume_dp_from_fsdp', 'cp'}
 RESULT_PREFIX = 'RESULT '
 
 FULL = dict(steps=200, batch=8, seq_len=8192, warmup=5, cp_len=1 << 20, cp_window=1024, cp_check_heads=1,
@@ -160,6 +162,18 @@ def train_overrides(args, mesh):
     fields['data.data_dir'] = args.data_dir
   fields.update({f'mesh.{axis}': size for axis, size in mesh.items()})
   return fields
+
+
+def device_count_problem(args, visible):
+  """Why --gpus cannot serve the wanted phases on `visible` devices, or None. Only
+  `single` and `fit_1gpu` may run on one device (a check on a one-GPU machine)."""
+  least = 2 if set(args.phases) & MULTI_DEVICE_PHASES else 1
+  if not least <= args.gpus <= visible:
+    phases = ','.join(args.phases)
+    return f'--gpus={args.gpus}: the phases {phases} need {least} to {visible} devices ({visible} visible)'
+  if args.batch % args.gpus:
+    return f'--batch={args.batch} does not split over {args.gpus} devices'
+  return None
 
 
 def meshes(devices):
@@ -476,10 +490,9 @@ class Experiment:
       visible = os.environ.get('CUDA_VISIBLE_DEVICES')
       args.visible_gpus = visible.split(',') if visible else [str(i) for i in range(self.device['count'])]
     args.gpus = args.gpus or self.device['count']
-    if args.gpus < 2 or args.gpus > self.device['count']:
-      raise SystemExit(f'--gpus={args.gpus}: need 2 to {self.device["count"]} devices ({self.device["count"]} visible)')
-    if args.batch % args.gpus:
-      raise SystemExit(f'--batch={args.batch} does not split over {args.gpus} devices')
+    problem = device_count_problem(args, self.device['count'])
+    if problem:
+      raise SystemExit(problem)
     self.log(f'devices: {self.device["count"]} x {self.device["kind"]} ({self.device["platform"]}, '
              f'{self.device["dtype"]} compute); multi-device runs on {args.gpus}')
 

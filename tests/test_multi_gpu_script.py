@@ -28,6 +28,19 @@ def test_arguments_full_and_quick_defaults():
       bench.parse_args(['--out', 'x'] + bad)
 
 
+def test_device_count_one_gpu_only_for_the_single_device_phases():
+  def problem(phases, gpus, visible, batch=8):
+    args = bench.parse_args(['--out', 'x', '--phases', phases, '--batch', str(batch)])
+    args.gpus = gpus
+    return bench.device_count_problem(args, visible)
+
+  assert problem('single,fit_1gpu', 1, 1) is None
+  assert problem('single,dp', 2, 2) is None
+  assert 'need 2 to 1 devices' in problem('single,dp', 1, 1)
+  assert 'need 1 to 2 devices' in problem('single', 3, 2)
+  assert 'does not split over 3' in problem('single,fsdp', 3, 4)
+
+
 def test_phase_commands_and_environments(monkeypatch):
   args = bench.parse_args(['--out', '/tmp/o'])
   args.gpus, args.visible_gpus = 2, ['3', '5']
