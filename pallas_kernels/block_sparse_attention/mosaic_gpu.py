@@ -29,5 +29,3 @@ IMPLEMENTATIONS = (
     _implementation('mosaic_gpu', False, ('gpu',)),
     _implementation('mosaic_gpu_interpret', True, ('cpu', 'gpu')),
 )
-
-
