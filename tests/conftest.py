@@ -7,13 +7,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Pallas interpret mode runs each GPU warpgroup (or TPU core) as a jitted computation on its
-# own Python thread, and their barriers are host callbacks that block. With the CPU
-# client's async dispatch those computations and callbacks share XLA's thread pool, which
-# has one thread per core: on a 2-core machine two blocked callbacks can hold the whole
-# pool while the warpgroup that would release them waits for a thread, and the test hangs
-# (seen in CI: test_interpret_through_the_api, 2 of 3 runs side by side). Inline execution
-# runs each computation on its caller's thread instead. It must be set before the backend
-# starts.
+# own Python thread, and their barriers are host callbacks that block. Those callbacks run
+# on XLA's CPU thread pool, which has one thread per core: on a 2-core machine two blocked
+# callbacks can hold the whole pool while the warpgroup that would release them waits for
+# a thread, and the test hangs (seen in CI: test_interpret_through_the_api, 2 of 3 runs side
+# by side). Without async dispatch the outer kernel call runs on its caller's thread
+# instead of holding a pool thread too, which cured that test (7 of 7 runs) and the default
+# suite. It is not a full cure: a kernel with more interpret threads than the machine has
+# cores can still starve the pool (the slow 128-key-block backward cases on 2 cores). It
+# must be set before the backend starts.
 jax.config.update('jax_cpu_enable_async_dispatch', False)
 
 
