@@ -12,10 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # callbacks can hold the whole pool while the warpgroup that would release them waits for
 # a thread, and the test hangs (seen in CI: test_interpret_through_the_api, 2 of 3 runs side
 # by side). Without async dispatch the outer kernel call runs on its caller's thread
-# instead of holding a pool thread too, which cured that test (7 of 7 runs) and the default
-# suite. It is not a full cure: a kernel with more interpret threads than the machine has
-# cores can still starve the pool (the slow 128-key-block backward cases on 2 cores). It
-# must be set before the backend starts.
+# instead of holding a pool thread too: that test then passed 7 of 7 runs, and the default
+# suite passed twice on 2 cores. It makes the hang rarer, not impossible: a kernel with more
+# interpret threads than cores can still starve the pool (a slow 128-key-block backward case
+# hung on 2 cores). It must be set before the backend starts.
 jax.config.update('jax_cpu_enable_async_dispatch', False)
 
 
