@@ -1,6 +1,7 @@
 # Sourced at the start of a GPU-machine command (see wheels.sh): installs .whl/ into
-# /tmp/site once per machine (again when the wheel list changes), unpacks the HEAD snapshot .gpu/src.tar into /tmp/src (so
-# edits made here while a run is in flight do not leak into it) and enters it.
+# /tmp/site once per machine (again when the wheel list changes), unpacks the HEAD
+# snapshot .gpu/src.tar into /tmp/src (so edits made here while a run is in flight do not
+# leak into it) and enters it.
 if [ "$(ls .whl)" != "$(cat /tmp/site/.installed 2>/dev/null)" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && ls .whl > /tmp/site/.installed || return 1
