@@ -8,6 +8,7 @@ Every field a run can set is declared in `base_config()` with its default and ty
 import ast
 import importlib.util
 import json
+import math
 import os
 
 import ml_collections
@@ -307,13 +308,12 @@ def validate(cfg):
   """Raises UserError for values that cannot work, before anything runs."""
   from sparseformer.model.attention import get_mechanism
   m, t = cfg.model, cfg.train
-  require(m.num_layers > 0 and m.d_model > 0 and m.num_heads > 0, 'model sizes must be positive')
+  for field in ('num_layers', 'd_model', 'num_heads'):
+    require(m[field] > 0, f'model.{field}={m[field]}: use a positive size')
   if m.head_dim == 0:
     require(m.d_model % m.num_heads == 0,
             f'model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim')
-  kv_heads = m.num_kv_heads or m.num_heads
-  require(m.num_heads % kv_heads == 0,
-          f'model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={kv_heads}')
+  validate_model_numbers(m)
   require(m.dtype in ('auto', 'float32', 'bfloat16', 'float16'), f'model.dtype={m.dtype!r}: use auto, float32, bfloat16 or float16')
   require(m.param_dtype in ('float32', 'bfloat16'), f'model.param_dtype={m.param_dtype!r}: use float32 or bfloat16')
   require(m.remat in ('none', 'full', 'dots'), f'model.remat={m.remat!r}: use none, full or dots')
@@ -346,20 +346,108 @@ def validate(cfg):
   if m.layer_attention:
     require(len(m.layer_attention) == m.num_layers,
             f'model.layer_attention has {len(m.layer_attention)} entries for {m.num_layers} layers')
-  require(cfg.data.seq_len > 0, 'data.seq_len must be positive')
-  require(t.steps > 0, 'train.steps must be positive')
-  require(t.global_batch_size > 0 and t.grad_accum_steps > 0, 'train batch sizes must be positive')
+  rope_problem = rope_problem_of(m.rope)
+  require(rope_problem is None, rope_problem)
+  validate_data(cfg.data)
+  require(t.steps > 0, f'train.steps={t.steps}: use a positive count')
+  for field in ('global_batch_size', 'grad_accum_steps'):
+    require(t[field] > 0, f'train.{field}={t[field]}: use a positive count')
   require(t.global_batch_size % t.grad_accum_steps == 0,
           f'train.global_batch_size={t.global_batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}')
-  require(t.lr > 0, 'train.lr must be positive')
-  require(t.log_every > 0, 'train.log_every must be positive')
+  require(t.lr > 0, f'train.lr={t.lr}: use a learning rate > 0')
+  require(t.log_every > 0, f'train.log_every={t.log_every}: use a positive step count')
   require(t.lm_loss_weight >= 0, f'train.lm_loss_weight={t.lm_loss_weight}: use a weight >= 0')
   require(t.loss_chunk >= 0, f'train.loss_chunk={t.loss_chunk}: use positions per chunk > 0, or 0 (all at once)')
   require(valid_regex(t.trainable), f'train.trainable={t.trainable!r} is not a valid regular expression')
-  require(cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep > 0, 'checkpoint.every_steps and checkpoint.keep must be positive')
-  for axis in ('data', 'fsdp', 'tensor', 'sequence'):
+  validate_optimizer(t)
+  validate_eval(cfg.eval)
+  for field in ('every_steps', 'keep'):
+    require(cfg.checkpoint[field] > 0, f'checkpoint.{field}={cfg.checkpoint[field]}: use a positive count')
+  for axis in MESH_AXES:
     size = cfg.mesh[axis]
     require(size == -1 or size > 0, f'mesh.{axis}={size}: use a positive size or -1')
+  rules_problem = mesh_rules_problem(cfg.mesh.rules)
+  require(rules_problem is None, rules_problem)
+
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')  # sparseformer.sharding.MESH_AXES, without importing jax
+
+
+def validate_model_numbers(m):
+  """The sizes and scalars of `model` that the other checks leave out."""
+  require(m.vocab_size >= 0, f'model.vocab_size={m.vocab_size}: use a size > 0, or 0 (the tokenizer\'s, padded)')
+  kv_heads = m.num_kv_heads or m.num_heads
+  require(0 <= m.num_kv_heads <= m.num_heads,
+          f'model.num_kv_heads={m.num_kv_heads}: use 1 to model.num_heads={m.num_heads}, or 0 (num_heads)')
+  require(m.num_heads % kv_heads == 0,
+          f'model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={kv_heads}')
+  require(m.head_dim >= 0, f'model.head_dim={m.head_dim}: use a size > 0, or 0 (d_model // num_heads)')
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  require(head_dim % 2 == 0, f'model.head_dim={head_dim} (resolved): RoPE rotates pairs of dims, use an even size')
+  require(m.mlp_dim >= 0, f'model.mlp_dim={m.mlp_dim}: use a size > 0, or 0 (8/3 d_model)')
+  require(m.norm_eps > 0, f'model.norm_eps={m.norm_eps}: use a value > 0')
+  require(m.init_std > 0, f'model.init_std={m.init_std}: use a value > 0')
+
+
+def rope_problem_of(rope):
+  """The message for `model.rope` values that model/rope.py cannot use, or None."""
+  from sparseformer.model.rope import scaling_names
+  if rope.scaling not in scaling_names():
+    return f'model.rope.scaling={rope.scaling!r}: use {", ".join(scaling_names())}'
+  if not (rope.theta > 1 and math.isfinite(rope.theta)):
+    return f'model.rope.theta={rope.theta}: use a finite base > 1'
+  if not (rope.factor >= 1 and math.isfinite(rope.factor)):
+    return f'model.rope.factor={rope.factor}: use a finite context extension factor >= 1'
+  if rope.scaling == 'none' and rope.factor != 1:
+    return (f'model.rope.factor={rope.factor} has no effect with model.rope.scaling=\'none\'; '
+            'set model.rope.scaling (linear, ntk or yarn) or factor 1')
+  if rope.original_seq_len < 0:
+    return f'model.rope.original_seq_len={rope.original_seq_len}: use a length > 0, or 0 (unset)'
+  if rope.scaling == 'yarn' and rope.original_seq_len == 0:
+    return ('model.rope.original_seq_len=0: model.rope.scaling=\'yarn\' needs the context length '
+            'the checkpoint was trained at')
+  return None
+
+
+def validate_data(d):
+  require(d.seq_len > 0, f'data.seq_len={d.seq_len}: use a positive length')
+  for field in ('name', 'text_key', 'train_split', 'eval_split', 'tokenizer'):
+    require(d[field].strip(), f'data.{field} is empty')
+
+
+def validate_optimizer(t):
+  require(t.warmup_steps >= 0, f'train.warmup_steps={t.warmup_steps}: use a count >= 0')
+  require(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio={t.min_lr_ratio}: use a fraction in [0, 1]')
+  require(t.weight_decay >= 0, f'train.weight_decay={t.weight_decay}: use a value >= 0')
+  require(0 <= t.b1 < 1, f'train.b1={t.b1}: use a value in [0, 1)')
+  require(0 <= t.b2 < 1, f'train.b2={t.b2}: use a value in [0, 1)')
+  require(t.eps > 0, f'train.eps={t.eps}: use a value > 0')
+  require(t.grad_clip >= 0, f'train.grad_clip={t.grad_clip}: use a global norm > 0, or 0 (off)')
+  require(t.eval_every >= 0, f'train.eval_every={t.eval_every}: use a step count > 0, or 0 (only at the end)')
+  require(t.eval_batches >= 0, f'train.eval_batches={t.eval_batches}: use a count > 0, or 0 (the whole split)')
+
+
+def validate_eval(e):
+  for field in ('seq_len', 'batch_size', 'max_batches', 'step'):
+    require(e[field] >= 0, f'eval.{field}={e[field]}: use a value > 0, or 0 (the default)')
+
+
+def mesh_rules_problem(rules):
+  """The message for `mesh.rules` that are not (logical name, mesh axis or axes) pairs, or None."""
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      return f'mesh.rules: {rule!r} is not a pair (logical axis name, mesh axes)'
+    targets = (rule[1],) if isinstance(rule[1], str) or rule[1] is None else rule[1]
+    if not isinstance(targets, (tuple, list)):
+      return f'mesh.rules: {rule!r}: map to a mesh axis name, a tuple of them, or None'
+    unknown = [axis for axis in targets if axis is not None and axis not in MESH_AXES]
+    if unknown:
+      return f'mesh.rules: {rule!r} names {unknown[0]!r}; mesh axes are {", ".join(MESH_AXES)}'
+  names = [rule[0] for rule in rules]
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:
+    return f'mesh.rules: logical axis {repeated[0]!r} has more than one rule'
+  return None
 
 
 def routing_problem_of(m):

@@ -10,9 +10,11 @@ import numpy as np
 
 from sparseformer import config as config_lib
 from sparseformer import data, distributed, sharding
+from sparseformer.data.build import check_split
+from sparseformer.errors import UserError
 from sparseformer.evaluation.evaluate import evaluate, format_summary, make_eval_batch_fn
 from sparseformer.training import metrics as metrics_lib
-from sparseformer.training.checkpoint import Checkpointer
+from sparseformer.training.checkpoint import Checkpointer, check_compatible
 from sparseformer.training.init_from import load_init_from, plan_init_from
 from sparseformer.training.optimizer import make_optimizer
 from sparseformer.training.setup import prepare_run, process_info
@@ -48,10 +50,16 @@ def train(cfg, workdir, log=print):
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   resume_step = (finished_steps(checkpoint_dir) or [None])[-1]
   init_plan = None
-  if resume_step is None and cfg.init_from:
+  if resume_step is not None:
+    check_resumable(checkpoint_dir, resume_step, abstract_train_state(spec, tx, shardings, cfg.seed))
+  elif cfg.init_from:
     abstract_model = {'params': spec.abstract_params.to_pure_dict(),
                       'mechanism_state': spec.abstract_mechanism_state.to_pure_dict()}
     init_plan = plan_init_from(cfg.init_from, abstract_model)
+  check_splits(cfg.data)
+  process_index, process_count = process_info()
+  iterator = data.train_iterator(cfg.data, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size,
+                                 seed=cfg.seed, process_index=process_index, process_count=process_count)
 
   # Everything that can be checked has been: from here on the workdir is written.
   os.makedirs(workdir, exist_ok=True)
@@ -61,9 +69,6 @@ def train(cfg, workdir, log=print):
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_lib.to_json(cfg))
 
-  process_index, process_count = process_info()
-  iterator = data.train_iterator(cfg.data, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size,
-                                 seed=cfg.seed, process_index=process_index, process_count=process_count)
   if data_state is not None:
     iterator.set_state(data_state)
   step_fn = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight,
@@ -74,6 +79,28 @@ def train(cfg, workdir, log=print):
     return loop.run(state)
   finally:
     loop.close()
+
+
+def check_resumable(checkpoint_dir, step, abstract_state):
+  """UserError if the saved model arrays do not fit this config; reads metadata only. (The
+  optimizer's arrays follow the parameters: the config has no field that changes them alone.)"""
+  saved = Checkpointer(checkpoint_dir, keep=1, async_save=False, read_only=True)
+  try:
+    check_compatible(saved.saved_shapes(step, 'model'),
+                     {k: abstract_state[k] for k in ('params', 'mechanism_state')}, saved.step_path(step))
+  finally:
+    saved.close()
+
+
+def check_splits(data_cfg):
+  """UserError naming the field when data.train_split or data.eval_split is not in the dataset
+  (the evaluation at the end would otherwise fail after the whole run)."""
+  builder = data.ensure_prepared(data_cfg)
+  for field in ('train_split', 'eval_split'):
+    try:
+      check_split(data_cfg, builder, data_cfg[field])
+    except UserError as e:
+      raise UserError(f'data.{field}: {e}') from None
 
 
 def start_state(cfg, spec, tx, shardings, checkpointer, resume_step, init_plan, log):
@@ -131,6 +158,8 @@ class TrainLoop:
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     last_time = time.perf_counter()
     while step < t.steps:
+      if PAUSE_AFTER_STEP and step == PAUSE_AFTER_STEP:
+        self.pause(step)
       batch = next(self.iterator)
       data_state = self.iterator.get_state()
       device_batch = {k: jax.make_array_from_process_local_data(self.setup.batch_sharding, v)
@@ -150,8 +179,6 @@ class TrainLoop:
                                             {'config': cfg.to_dict()})
       if t.eval_every and step % t.eval_every == 0 and step < t.steps:
         self.evaluate(state, step)
-      if step == PAUSE_AFTER_STEP:
-        self.pause(step)
       if self.stop_requested:
         self.checkpointer.wait()
         self.log(f'SIGTERM: saved step {step} and stopped; relaunch with the same workdir to continue')
@@ -162,11 +189,12 @@ class TrainLoop:
     return self.evaluate(state, step)
 
   def pause(self, step):
-    """Fault-injection hook for tests: wait here (checkpoint written) to be killed."""
+    """Fault-injection hook for tests: with `step` done and its checkpoints written, wait to
+    be killed. A SIGTERM ends the wait: the next step is then the one that saves and stops."""
     self.checkpointer.wait()
     print(f'paused after step {step} (SPARSEFORMER_PAUSE_AFTER_STEP)', flush=True)
-    while True:
-      time.sleep(60)
+    while not self.stop_requested:
+      time.sleep(0.05)
 
   def record(self, step, metrics, step_time, tokens_per_step):
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
