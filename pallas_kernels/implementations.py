@@ -9,10 +9,16 @@ when the implementation can run on those inputs, else the reason (a short senten
 
 import dataclasses
 import importlib
+import os
 import warnings
 from typing import Callable
 
 import jax
+
+# implementation=None picks from the platform's preference order ('auto', the default) or,
+# with 'reference', runs every primitive's jnp reference: the way around a kernel that
+# fails on some machine (the TPU kernels have never run on a real TPU).
+KERNELS_ENV = 'SPARSEFORMER_KERNELS'
 
 
 def always_available(*args):
@@ -31,12 +37,14 @@ class Implementation:
 class Registry:
   """The implementations of one primitive, collected from its kernel modules, and the
   choice among them: None picks the first available in the platform's preference order;
-  a name fails fast with the reason it cannot run; a list is tried in order, with a
-  warning naming why each skipped one could not run."""
+  a name fails fast with the reason it cannot run; a list is tried in order. Whenever a
+  candidate is skipped (None or a list) a UserWarning names it and why, once per process
+  for each distinct fallback: the api runs at trace time, so repeated calls would repeat it."""
 
   def __init__(self, primitive, package, kernel_modules, preference):
     self.primitive = primitive
     self.preference = preference
+    self.warned_fallbacks = set()
     self.implementations = {
         implementation.name: implementation
         for module in kernel_modules
@@ -58,14 +66,29 @@ class Registry:
       if reason:
         raise ValueError(f'{self.primitive} implementation {implementation!r} cannot run: {reason}')
       return self.implementations[implementation]
-    candidates = implementation or [name for name in self.preference.get(jax.default_backend(), ('reference',))
-                                    if name in self.implementations]
+    candidates = implementation or self.default_candidates()
     reasons = []
     for name in candidates:
       reason = self.reason_unavailable(name, *inputs)
       if reason is None:
-        if reasons and implementation:
-          warnings.warn(f'{self.primitive} falls back to {name!r}: ' + '; '.join(reasons))
+        if reasons:
+          self.warn_fallback(name, reasons)
         return self.implementations[name]
       reasons.append(f'{name}: {reason}')
     raise ValueError(f'no {self.primitive} implementation can run: ' + '; '.join(reasons))
+
+  def default_candidates(self):
+    """The platform's preference order, or only the reference when $SPARSEFORMER_KERNELS=reference."""
+    setting = os.environ.get(KERNELS_ENV, 'auto')
+    if setting == 'reference':
+      return ['reference']
+    if setting != 'auto':
+      raise ValueError(f'${KERNELS_ENV}={setting!r}: use auto (the platform\'s kernels) or reference')
+    return [name for name in self.preference.get(jax.default_backend(), ('reference',)) if name in self.implementations]
+
+  def warn_fallback(self, chosen, reasons):
+    """One UserWarning per distinct (skipped implementations and reasons, chosen one)."""
+    message = f'{self.primitive} falls back to {chosen!r}, skipping ' + '; '.join(reasons)
+    if message not in self.warned_fallbacks:
+      self.warned_fallbacks.add(message)
+      warnings.warn(message, UserWarning, stacklevel=5)  # the caller of the public function
