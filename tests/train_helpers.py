@@ -2,8 +2,11 @@
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'default.py')
@@ -25,6 +28,65 @@ def run_script(script, argv, env=None, **kwargs):
   full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off', **(env or {})}
   return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], env=full_env, cwd=ROOT,
                         capture_output=True, text=True, **kwargs)
+
+
+class TrainProcess:
+  """train.py running in the background, its output read on a thread so that every wait
+  has a deadline. As a context manager it kills the process on the way out."""
+
+  def __init__(self, argv, env=None):
+    full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off', **(env or {})}
+    self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *argv], env=full_env, cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.lines = queue.Queue()  # output lines, then None at the end of the output
+    self.output = []
+    threading.Thread(target=self._read, daemon=True).start()
+
+  def _read(self):
+    for line in self.process.stdout:
+      self.lines.put(line)
+    self.lines.put(None)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    if self.process.poll() is None:
+      self.process.kill()
+      self.process.wait(timeout=30)
+
+  def wait_for_line(self, fragment, timeout):
+    """The first output line that holds `fragment`; fails at the deadline or at the end of the output."""
+    deadline = time.monotonic() + timeout
+    while True:
+      line = self._next_line(deadline)
+      if line is None:
+        raise AssertionError(f'the output ended without {fragment!r}:\n{self.text()}')
+      if fragment in line:
+        return line
+
+  def finish(self, timeout):
+    """(exit code, whole output) once the process has exited on its own."""
+    deadline = time.monotonic() + timeout
+    while self._next_line(deadline) is not None:
+      pass
+    return self.process.wait(timeout=max(deadline - time.monotonic(), 1)), self.text()
+
+  def kill(self, timeout=30):
+    self.process.kill()
+    return self.process.wait(timeout=timeout)
+
+  def text(self):
+    return ''.join(self.output)
+
+  def _next_line(self, deadline):
+    try:
+      line = self.lines.get(timeout=max(deadline - time.monotonic(), 0))
+    except queue.Empty:
+      raise AssertionError(f'no progress before the deadline:\n{self.text()}') from None
+    if line is not None:
+      self.output.append(line)
+    return line
 
 
 def logged_losses(workdir):

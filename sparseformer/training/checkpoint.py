@@ -8,11 +8,15 @@ is never restored (and is removed on the next start).
 
 import json
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
 
 from sparseformer.errors import UserError
+
+PAUSE_DURING_SAVE_OF_STEP = int(os.environ.get('SPARSEFORMER_PAUSE_DURING_SAVE_OF_STEP', '0'))
+
 
 class Checkpointer:
 
@@ -22,7 +26,9 @@ class Checkpointer:
         max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
         read_only=read_only, cleanup_tmp_directories=not read_only)
     handlers = {'model': ocp.StandardCheckpointHandler(), 'optimizer': ocp.StandardCheckpointHandler(),
-                'data': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+                'data': ocp.JsonCheckpointHandler(),
+                'meta': pausing_json_handler(PAUSE_DURING_SAVE_OF_STEP) if PAUSE_DURING_SAVE_OF_STEP
+                        else ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self):
@@ -77,6 +83,43 @@ class Checkpointer:
 
   def step_path(self, step):
     return os.path.join(self.directory, str(step))
+
+
+def pausing_json_handler(step):
+  """Fault-injection hook for tests (SPARSEFORMER_PAUSE_DURING_SAVE_OF_STEP): a JSON handler
+  whose save of `step` writes its item into orbax's temporary directory and then never
+  commits, so the process can be killed with the save half done. (The instance's method
+  is replaced, not subclassed: orbax finds a handler for JsonSave by its exact class.)"""
+  handler = ocp.JsonCheckpointHandler()
+  save = handler.async_save
+
+  async def async_save(directory, item=None, args=None):
+    commits = await save(directory, item, args)
+    if args is not None and args.item.get('step') == step:
+      return [PausedCommit(commits, directory.parent)]
+    return commits
+
+  handler.async_save = async_save
+  return handler
+
+
+class PausedCommit:
+  """An orbax commit future: result(), awaited before orbax renames the temporary
+  directory (on its background thread when saves are asynchronous), finishes the given
+  commits, then waits to be killed."""
+
+  def __init__(self, commits, step_directory):
+    self.commits, self.step_directory = commits, step_directory
+
+  def result(self, timeout=None):
+    for commit in self.commits:
+      commit.result(timeout)
+    print(f'paused during the save into {self.step_directory} (SPARSEFORMER_PAUSE_DURING_SAVE_OF_STEP)', flush=True)
+    while True:
+      time.sleep(60)
+
+  def cancel(self):
+    return False
 
 
 def path_name(path):
