@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mask_oracle import block_mask_oracle, mask_oracle, per_query_head
 
 from pallas_kernels.block_sparse_attention import (block_sparse_attention, masks, plan_from_block_mask,
                                                    plan_from_block_scores, plan_from_mask)
@@ -36,7 +37,9 @@ def dense_attention(q, k, v, allowed, key_bias, scale):
 
 
 def plan_dense_mask(plan, num_heads):
-  """[B, H, Tq, Tk] from the plan (per query head)."""
+  """[B, H, Tq, Tk] rendered from the plan itself (per query head). Circular as an oracle
+  (the kernel is then only checked to follow the plan): use it only for plans with no
+  other source of their mask; mask_oracle.py builds it from masks, blocks and scores."""
   b, hp = plan.kv_count.shape[:2]
   per_plan_head = np.stack([np.stack([dense_mask(plan, i, j) for j in range(hp)]) for i in range(b)])
   return jnp.asarray(np.repeat(per_plan_head, num_heads // hp, axis=1))
@@ -52,9 +55,18 @@ def random_inputs(seed, b, tq, tk, h, hkv, d, dtype, with_bias):
   return q, k, v, bias, d_out
 
 
-def check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.float32, implementation='reference'):
+def oracle_or_plan_mask(allowed, plan, num_heads):
+  """[B, H, Tq, Tk]: the independent mask [B, Hp, Tq, Tk] widened to the query heads, or,
+  when there is none (allowed=None), the plan's own rendering."""
+  if allowed is None:
+    return plan_dense_mask(plan, num_heads)
+  return jnp.asarray(per_query_head(np.asarray(allowed), num_heads))
+
+
+def check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.float32, implementation='reference', allowed=None):
+  """allowed [B or 1, Hp, Tq, Tk]: the mask the plan should stand for (mask_oracle.py)."""
   scale = q.shape[-1] ** -0.5
-  allowed = plan_dense_mask(plan, q.shape[2])
+  allowed = oracle_or_plan_mask(allowed, plan, q.shape[2])
   tol = TOLERANCE[dtype]
 
   def ours(q, k, v, bias):
@@ -91,7 +103,7 @@ MASKS = {
 def test_mask_plans_match_dense(mask_name, group):
   q, k, v, bias, d_out = random_inputs(0, 2, 21, 21, 8, 8 // group, 16, jnp.float32, with_bias=True)
   plan = plan_from_mask(MASKS[mask_name], q_len=21, block_q=8, block_kv=4, batch=2)
-  check_against_dense(plan, q, k, v, bias, d_out)
+  check_against_dense(plan, q, k, v, bias, d_out, allowed=mask_oracle(MASKS[mask_name], q_len=21))
 
 
 
@@ -109,16 +121,17 @@ def test_random_block_plans_match_dense(seed, length, block_q, block_kv, group, 
   segments = None
   if documents:
     segments = np.cumsum(rng.random((2, length)) < 0.15, axis=1).astype(np.int32) + 1
-  plan = plan_from_block_mask(jnp.asarray(block_mask), q_len=length, block_q=block_q, block_kv=block_kv,
-                              segment_ids=segments)
-  check_against_dense(plan, q, k, v, bias, d_out)
+  layout = dict(q_len=length, block_q=block_q, block_kv=block_kv, segment_ids=segments)
+  plan = plan_from_block_mask(jnp.asarray(block_mask), **layout)
+  check_against_dense(plan, q, k, v, bias, d_out, allowed=block_mask_oracle(block_mask, **layout))
 
 
 def test_fully_masked_rows_are_zero_finite_and_have_zero_gradients():
   q, k, v, bias, d_out = random_inputs(1, 1, 16, 16, 2, 1, 8, jnp.float32, with_bias=True)
   block_mask = jnp.zeros((1, 1, 4, 4), bool).at[0, 0, 2:, :].set(True)  # q blocks 0, 1 see nothing
   plan = plan_from_block_mask(block_mask, q_len=16, block_q=4, block_kv=4)
-  out, lse, (dq, dk, dv, dbias) = check_against_dense(plan, q, k, v, bias, d_out)
+  allowed = block_mask_oracle(block_mask, q_len=16, block_q=4, block_kv=4)
+  out, lse, (dq, dk, dv, dbias) = check_against_dense(plan, q, k, v, bias, d_out, allowed=allowed)
   assert (out[:, :8] == 0).all() and (dq[:, :8] == 0).all()
   assert (lse[:, :, :8] == EMPTY_ROW_LSE).all()
 
@@ -126,16 +139,18 @@ def test_fully_masked_rows_are_zero_finite_and_have_zero_gradients():
 def test_bfloat16_inputs():
   q, k, v, bias, d_out = random_inputs(2, 1, 33, 33, 4, 2, 16, jnp.bfloat16, with_bias=False)
   plan = plan_from_mask(masks.causal_window(9), q_len=33, block_q=8, block_kv=8)
-  out, _, grads = check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.bfloat16)
+  out, _, grads = check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.bfloat16,
+                                      allowed=mask_oracle(masks.causal_window(9), q_len=33))
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
 
 
 def test_lengths_shorter_than_a_block_and_cross_attention_lengths():
   q, k, v, bias, d_out = random_inputs(3, 1, 5, 5, 2, 2, 8, jnp.float32, with_bias=True)
-  check_against_dense(plan_from_mask(masks.Causal(), q_len=5, block_q=16, block_kv=16), q, k, v, bias, d_out)
+  check_against_dense(plan_from_mask(masks.Causal(), q_len=5, block_q=16, block_kv=16), q, k, v, bias, d_out,
+                      allowed=mask_oracle(masks.Causal(), q_len=5))
   q, k, v, bias, d_out = random_inputs(4, 1, 7, 19, 2, 1, 8, jnp.float32, with_bias=True)
   check_against_dense(plan_from_mask(masks.SlidingWindow(6, 2), q_len=7, kv_len=19, block_q=4, block_kv=8),
-                      q, k, v, bias, d_out)
+                      q, k, v, bias, d_out, allowed=mask_oracle(masks.SlidingWindow(6, 2), q_len=7, kv_len=19))
 
 
 @pytest.mark.parametrize('name', sorted(MASKS))
@@ -216,7 +231,7 @@ def test_bad_shapes_and_implementations_fail_fast():
 def test_a_batch_one_plan_serves_every_batch_row():
   plan = plan_from_mask(masks.causal_window(9), q_len=40, block_q=8, block_kv=8)
   q, k, v, bias, d_out = random_inputs(7, 3, 40, 40, 2, 1, 8, jnp.float32, with_bias=True)
-  check_against_dense(plan, q, k, v, bias, d_out)
+  check_against_dense(plan, q, k, v, bias, d_out, allowed=mask_oracle(masks.causal_window(9), q_len=40))
   documents = plan_from_mask(masks.Causal(), q_len=40, block_q=8, block_kv=8, segment_ids=jnp.ones((1, 40), jnp.int32))
   with pytest.raises(ValueError, match='cannot serve batch 3'):
     block_sparse_attention(q, k, v, documents)

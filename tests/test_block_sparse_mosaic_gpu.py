@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_block_sparse_attention import dense_attention, plan_dense_mask, random_inputs
+from mask_oracle import block_mask_oracle, mask_oracle
+from test_block_sparse_attention import dense_attention, oracle_or_plan_mask, random_inputs
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
 from pallas_kernels.block_sparse_attention.api import select_implementation
@@ -23,9 +24,10 @@ def relative_error(got, want):
   return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
 
 
-def check_through_api(plan, q, k, v, bias, d_out, implementation):
+def check_through_api(plan, allowed, q, k, v, bias, d_out, implementation):
+  """allowed [B, Hp, Tq, Tk]: the plan's element mask from mask_oracle.py."""
   scale = q.shape[-1] ** -0.5
-  allowed = plan_dense_mask(plan, q.shape[2])
+  allowed = oracle_or_plan_mask(allowed, plan, q.shape[2])
   argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
 
   def ours(q, k, v, bias):
@@ -50,7 +52,7 @@ def check_through_api(plan, q, k, v, bias, d_out, implementation):
 def test_interpret_through_the_api():
   plan = plan_from_mask(masks.Causal(), q_len=150, block_q=64, block_kv=64)
   q, k, v, bias, d_out = random_inputs(0, 1, 150, 150, 2, 1, 64, jnp.bfloat16, with_bias=True)
-  check_through_api(plan, q, k, v, bias, d_out, 'mosaic_gpu_interpret')
+  check_through_api(plan, mask_oracle(masks.Causal(), q_len=150), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
 
 
 GPU_MASKS = {
@@ -67,7 +69,7 @@ GPU_MASKS = {
 def test_masks_gpu(mask_name, group):
   plan = plan_from_mask(GPU_MASKS[mask_name], q_len=1000)
   q, k, v, bias, d_out = random_inputs(1, 2, 1000, 1000, 8, 8 // group, 128, jnp.bfloat16, with_bias=True)
-  check_through_api(plan, q, k, v, bias, d_out, 'mosaic_gpu')
+  check_through_api(plan, mask_oracle(GPU_MASKS[mask_name], q_len=1000), q, k, v, bias, d_out, 'mosaic_gpu')
 
 
 @pytest.mark.gpu
@@ -79,8 +81,9 @@ def test_random_per_head_plans_with_documents_gpu(plan_heads):
   segment_ids = jnp.asarray(np.cumsum(rng.random((b, t)) < 0.004, axis=1).astype(np.int32))
   chosen = jnp.asarray(rng.random((b, hp, 7, 7)) < 0.5)
   plan = plan_from_block_mask(chosen, q_len=t, segment_ids=segment_ids)
+  allowed = block_mask_oracle(chosen, q_len=t, segment_ids=segment_ids)
   q, k, v, bias, d_out = random_inputs(2, b, t, t, h, hkv, 64, jnp.float16, with_bias=False)
-  check_through_api(plan, q, k, v, bias, d_out, 'mosaic_gpu')
+  check_through_api(plan, allowed, q, k, v, bias, d_out, 'mosaic_gpu')
 
 
 @pytest.mark.gpu

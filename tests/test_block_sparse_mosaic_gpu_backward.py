@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_block_sparse_attention import dense_attention, plan_dense_mask, random_inputs
+from mask_oracle import block_mask_oracle, mask_oracle
+from test_block_sparse_attention import dense_attention, oracle_or_plan_mask, random_inputs
 
 from pallas_kernels.block_sparse_attention import masks, plan_from_block_mask, plan_from_mask, reference
 from pallas_kernels.block_sparse_attention import mosaic_gpu_backward
@@ -37,14 +38,17 @@ def documents(length, seed, batch=1):
 
 
 def random_block_plan(seed, length, block_q, block_kv, plan_heads, density=0.4, batch=1, **kwargs):
+  """(a plan of random blocks, its element mask from mask_oracle.py)."""
   nq, nk = -(-length // block_q), -(-length // block_kv)
   chosen = jax.random.bernoulli(jax.random.key(seed), density, (batch, plan_heads, nq, nk))
-  return plan_from_block_mask(chosen, q_len=length, block_q=block_q, block_kv=block_kv, **kwargs)
+  layout = dict(q_len=length, block_q=block_q, block_kv=block_kv, **kwargs)
+  return plan_from_block_mask(chosen, **layout), block_mask_oracle(chosen, **layout)
 
 
-def dense_gradients(q, k, v, bias, plan, scale, d_out, d_lse):
-  """Gradients of the dense oracle for cotangents of the output and of the LSE."""
-  allowed = plan_dense_mask(plan, q.shape[2])
+def dense_gradients(q, k, v, bias, plan, scale, d_out, d_lse, allowed=None):
+  """Gradients of the dense oracle for cotangents of the output and of the LSE, under
+  `allowed` [B, Hp, Tq, Tk] from mask_oracle.py (None: the plan's own rendering)."""
+  allowed = oracle_or_plan_mask(allowed, plan, q.shape[2])
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
   _, vjp = jax.vjp(lambda q, k, v, b: dense_attention(q, k, v, allowed, b, scale), *map(f32, (q, k, v, bias)))
   return vjp((d_out, d_lse))
@@ -58,7 +62,7 @@ def assert_close(got, want, tolerance, name):
   assert error < tolerance, f'{name}: relative error {error}'
 
 
-def check(plan, q, k, v, bias, d_out, with_d_lse=True, interpret=None, dense=True):
+def check(plan, q, k, v, bias, d_out, with_d_lse=True, interpret=None, dense=True, allowed=None):
   """Our backward against reference.backward and (optionally) the dense oracle."""
   interpret = not on_gpu() if interpret is None else interpret
   assert mosaic_gpu_backward.unavailable(q, k, v, bias, plan) is None
@@ -75,7 +79,8 @@ def check(plan, q, k, v, bias, d_out, with_d_lse=True, interpret=None, dense=Tru
     assert g.dtype == x.dtype, name
     assert_close(g, w, tolerance, name)
   if dense:
-    oracle = dense_gradients(q, k, v, bias, plan, scale, d_out, jnp.zeros_like(lse) if d_lse is None else d_lse)
+    oracle = dense_gradients(q, k, v, bias, plan, scale, d_out, jnp.zeros_like(lse) if d_lse is None else d_lse,
+                             allowed)
     for name, g, w in zip(('dq', 'dk', 'dv', 'dbias'), got, oracle):
       if w is not None:
         assert_close(g, w, 2 * tolerance, f'{name} (dense)')
@@ -84,27 +89,29 @@ def check(plan, q, k, v, bias, d_out, with_d_lse=True, interpret=None, dense=Tru
 
 def test_causal_with_key_bias_and_gqa_pair():
   q, k, v, bias, d_out = random_inputs(0, 1, 128, 128, 2, 1, 64, jnp.bfloat16, with_bias=True)
-  check(plan_from_mask(masks.Causal(), q_len=128, block_q=64, block_kv=64), q, k, v, bias, d_out)
+  check(plan_from_mask(masks.Causal(), q_len=128, block_q=64, block_kv=64), q, k, v, bias, d_out,
+        allowed=mask_oracle(masks.Causal(), q_len=128))
 
 
 def test_window_with_documents_ragged_float16():
   q, k, v, bias, d_out = random_inputs(1, 1, 160, 160, 4, 2, 64, jnp.float16, with_bias=False)
   segments = jnp.asarray(np.repeat(np.arange(4), 40)[None].astype(np.int32))
   plan = plan_from_mask(masks.causal_window(70), q_len=160, block_q=64, block_kv=64, segment_ids=segments)
-  check(plan, q, k, v, bias, d_out)
+  check(plan, q, k, v, bias, d_out, allowed=mask_oracle(masks.causal_window(70), q_len=160, segment_ids=segments))
 
 
 def test_random_per_query_head_plan_group_of_four_head_dim_128():
   q, k, v, bias, d_out = random_inputs(2, 1, 192, 192, 4, 1, 128, jnp.bfloat16, with_bias=True)
-  plan = random_block_plan(3, 192, 64, 64, plan_heads=4, mask=masks.Chunked(96) & masks.Causal())
-  check(plan, q, k, v, bias, d_out, with_d_lse=False)
+  plan, allowed = random_block_plan(3, 192, 64, 64, plan_heads=4, mask=masks.Chunked(96) & masks.Causal())
+  check(plan, q, k, v, bias, d_out, with_d_lse=False, allowed=allowed)
 
 
 def test_fully_masked_rows_get_zero_gradients():
   q, k, v, bias, d_out = random_inputs(3, 1, 128, 128, 2, 2, 64, jnp.bfloat16, with_bias=True)
   chosen = jnp.zeros((1, 2, 2, 2), bool).at[:, 1, 1, :].set(True)  # plan head 0 sees nothing at all
   plan = plan_from_block_mask(chosen, q_len=128, block_q=64, block_kv=64)
-  dq, dk, dv, dbias = check(plan, q, k, v, bias, d_out)
+  allowed = block_mask_oracle(chosen, q_len=128, block_q=64, block_kv=64)
+  dq, dk, dv, dbias = check(plan, q, k, v, bias, d_out, allowed=allowed)
   assert (dq[:, :, 0] == 0).all() and (dk[:, :, 0] == 0).all() and (dv[:, :, 0] == 0).all()
   assert (dbias[:, 0] == 0).all() and (dq[:, :64, 1] == 0).all()
 
@@ -112,8 +119,8 @@ def test_fully_masked_rows_get_zero_gradients():
 def test_cross_attention_lengths_with_kv_head_plans():
   q, k, v, bias, d_out = random_inputs(4, 1, 100, 150, 2, 2, 64, jnp.bfloat16, with_bias=True)
   chosen = jax.random.bernoulli(jax.random.key(5), 0.6, (1, 2, 2, 3))
-  plan = plan_from_block_mask(chosen, q_len=100, kv_len=150, block_q=64, block_kv=64, mask=masks.Full())
-  check(plan, q, k, v, bias, d_out)
+  layout = dict(q_len=100, kv_len=150, block_q=64, block_kv=64, mask=masks.Full())
+  check(plan_from_block_mask(chosen, **layout), q, k, v, bias, d_out, allowed=block_mask_oracle(chosen, **layout))
 
 
 def test_unavailable_names_what_is_unsupported():
@@ -139,9 +146,11 @@ SLOW_CASES = [
 
 
 def build_plan(name, length, heads, kv_heads, block_q, block_kv, segments, seed=0, batch=1):
+  """(the plan, its element mask from mask_oracle.py)."""
   if name in MASKS:
-    return plan_from_mask(MASKS[name], q_len=length, block_q=block_q, block_kv=block_kv, segment_ids=segments,
+    plan = plan_from_mask(MASKS[name], q_len=length, block_q=block_q, block_kv=block_kv, segment_ids=segments,
                           batch=batch)
+    return plan, mask_oracle(MASKS[name], q_len=length, batch=batch, segment_ids=segments)
   plan_heads = {'random_1': 1, 'random_kv': kv_heads, 'random_h': heads}[name]
   return random_block_plan(seed, length, block_q, block_kv, plan_heads, segment_ids=segments, batch=batch)
 
@@ -151,8 +160,9 @@ def build_plan(name, length, heads, kv_heads, block_q, block_kv, segments, seed=
 def test_larger_interpret_cases(case):
   name, length, heads, kv_heads, head_dim, block_q, block_kv, dtype, with_bias, with_documents = case
   q, k, v, bias, d_out = random_inputs(11, 1, length, length, heads, kv_heads, head_dim, dtype, with_bias)
-  plan = build_plan(name, length, heads, kv_heads, block_q, block_kv, documents(length, 3) if with_documents else None)
-  check(plan, q, k, v, bias, d_out)
+  plan, allowed = build_plan(name, length, heads, kv_heads, block_q, block_kv,
+                             documents(length, 3) if with_documents else None)
+  check(plan, q, k, v, bias, d_out, allowed=allowed)
 
 
 GPU_PLANS = sorted(MASKS) + ['random_1', 'random_kv', 'random_h']
@@ -171,8 +181,8 @@ def test_gpu_plans_blocks_and_groups(plan_name, group, blocks):
   length, heads = 1000, 8
   q, k, v, bias, d_out = random_inputs(group, 1, length, length, heads, heads // group, 128, jnp.bfloat16, True)
   segments = documents(length, 1) if group == 2 else None
-  plan = build_plan(plan_name, length, heads, heads // group, *blocks, segments, seed=group)
-  check(plan, q, k, v, bias, d_out, interpret=False)
+  plan, allowed = build_plan(plan_name, length, heads, heads // group, *blocks, segments, seed=group)
+  check(plan, q, k, v, bias, d_out, interpret=False, allowed=allowed)
 
 
 @pytest.mark.gpu
@@ -180,9 +190,10 @@ def test_gpu_plans_blocks_and_groups(plan_name, group, blocks):
 @pytest.mark.parametrize('head_dim', [64, 128])
 def test_gpu_dtypes_and_head_dims(dtype, head_dim):
   q, k, v, bias, d_out = random_inputs(5, 1, 2048, 2048, 4, 2, head_dim, dtype, with_bias=True)
-  plan = plan_from_mask(masks.causal_window(300), q_len=2048, block_q=128, block_kv=128,
-                        segment_ids=documents(2048, 2))
-  check(plan, q, k, v, bias, d_out, interpret=False)
+  segments = documents(2048, 2)
+  plan = plan_from_mask(masks.causal_window(300), q_len=2048, block_q=128, block_kv=128, segment_ids=segments)
+  check(plan, q, k, v, bias, d_out, interpret=False,
+        allowed=mask_oracle(masks.causal_window(300), q_len=2048, segment_ids=segments))
 
 
 @pytest.mark.gpu
@@ -190,7 +201,8 @@ def test_gpu_fully_masked_rows_and_no_bias():
   q, k, v, _, d_out = random_inputs(6, 1, 512, 512, 4, 2, 128, jnp.bfloat16, with_bias=False)
   chosen = jnp.zeros((1, 4, 4, 4), bool).at[:, :, 2:, :].set(True)
   plan = plan_from_block_mask(chosen, q_len=512, block_q=128, block_kv=128)
-  dq, _, _, dbias = check(plan, q, k, v, None, d_out, interpret=False)
+  allowed = block_mask_oracle(chosen, q_len=512, block_q=128, block_kv=128)
+  dq, _, _, dbias = check(plan, q, k, v, None, d_out, interpret=False, allowed=allowed)
   assert dbias is None and (dq[:, :256] == 0).all()
 
 

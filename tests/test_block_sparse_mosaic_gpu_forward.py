@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_block_sparse_attention import dense_attention, plan_dense_mask, random_inputs
+from mask_oracle import block_mask_oracle, mask_oracle
+from test_block_sparse_attention import dense_attention, oracle_or_plan_mask, random_inputs
 
 from pallas_kernels.block_sparse_attention import masks, plan_from_block_mask, plan_from_mask, reference
 from pallas_kernels.block_sparse_attention import mosaic_gpu_forward
@@ -21,8 +22,9 @@ OUT_TOLERANCE = {jnp.bfloat16: dict(rtol=2e-2, atol=2e-2), jnp.float16: dict(rto
 LSE_TOLERANCE = dict(rtol=1e-4, atol=2e-3)
 
 
-def check_forward(plan, q, k, v, bias, *, interpret, persistent=False, dense=True):
-  """Kernel output and LSE against reference.forward (and the dense oracle when asked)."""
+def check_forward(plan, q, k, v, bias, *, interpret, persistent=False, dense=True, allowed=None):
+  """Kernel output and LSE against reference.forward (and the dense oracle when asked, under
+  `allowed` [B, Hp, Tq, Tk] from mask_oracle.py; None: the plan's own rendering)."""
   dtype = q.dtype.type
   scale = q.shape[-1] ** -0.5
   assert mosaic_gpu_forward.unavailable(q, k, v, bias, plan, interpret=interpret) is None
@@ -36,7 +38,7 @@ def check_forward(plan, q, k, v, bias, *, interpret, persistent=False, dense=Tru
   np.testing.assert_allclose(out_f32, np.asarray(out_ref, np.float32), **OUT_TOLERANCE[dtype])
   np.testing.assert_allclose(lse, lse_ref, **LSE_TOLERANCE)
   if dense:
-    out_dense, lse_dense = dense_attention(q, k, v, plan_dense_mask(plan, q.shape[2]), bias, scale)
+    out_dense, lse_dense = dense_attention(q, k, v, oracle_or_plan_mask(allowed, plan, q.shape[2]), bias, scale)
     np.testing.assert_allclose(out_f32, out_dense, **OUT_TOLERANCE[dtype])
     np.testing.assert_allclose(lse, lse_dense, **LSE_TOLERANCE)
   return out, lse
@@ -47,11 +49,12 @@ def documents(rng, batch, length, rate):
 
 
 def random_plan(seed, batch, plan_heads, length, block_q, block_kv, density, segment_ids=None):
+  """(a plan of random blocks, its element mask from mask_oracle.py)."""
   rng = np.random.default_rng(seed)
   nq, nk = -(-length // block_q), -(-length // block_kv)
   chosen = rng.random((batch, plan_heads, nq, nk)) < density
-  return plan_from_block_mask(jnp.asarray(chosen), q_len=length, block_q=block_q, block_kv=block_kv,
-                              segment_ids=segment_ids)
+  layout = dict(q_len=length, block_q=block_q, block_kv=block_kv, segment_ids=segment_ids)
+  return plan_from_block_mask(jnp.asarray(chosen), **layout), block_mask_oracle(chosen, **layout)
 
 
 # Each case: (mask or plan builder, B, T, H, Hkv, D, dtype, block_q, block_kv, bias).
@@ -69,7 +72,8 @@ INTERPRET_CASES = {
 def test_mask_plans_interpret(name):
   mask, b, t, h, hkv, d, dtype, bq, bkv, with_bias = INTERPRET_CASES[name]
   q, k, v, bias, _ = random_inputs(0, b, t, t, h, hkv, d, dtype, with_bias)
-  check_forward(plan_from_mask(mask, q_len=t, block_q=bq, block_kv=bkv, batch=b), q, k, v, bias, interpret=True)
+  check_forward(plan_from_mask(mask, q_len=t, block_q=bq, block_kv=bkv, batch=b), q, k, v, bias, interpret=True,
+                allowed=mask_oracle(mask, q_len=t))
 
 
 def test_documents_and_per_head_random_plan_interpret():
@@ -78,9 +82,9 @@ def test_documents_and_per_head_random_plan_interpret():
   rng = np.random.default_rng(1)
   b, t, h, hkv = 2, 256, 4, 2
   segments = documents(rng, b, t, 0.01)
-  plan = random_plan(1, b, h, t, 128, 64, 0.4, segment_ids=segments)
+  plan, allowed = random_plan(1, b, h, t, 128, 64, 0.4, segment_ids=segments)
   q, k, v, bias, _ = random_inputs(1, b, t, t, h, hkv, 64, jnp.bfloat16, True)
-  check_forward(plan, q, k, v, bias, interpret=True, persistent=True)
+  check_forward(plan, q, k, v, bias, interpret=True, persistent=True, allowed=allowed)
 
 
 @pytest.mark.parametrize('persistent', [False, True])
@@ -91,7 +95,8 @@ def test_fully_masked_rows_interpret(persistent):
   chosen = jnp.zeros((1, 1, 2, 4), bool).at[0, 0, 1, 3].set(True)
   plan = plan_from_block_mask(chosen, q_len=t, block_q=128, block_kv=64, mask=masks.Full())
   q, k, v, _, _ = random_inputs(2, 1, t, t, 2, 2, 64, jnp.bfloat16, False)
-  out, lse = check_forward(plan, q, k, v, None, interpret=True, persistent=persistent)
+  allowed = block_mask_oracle(chosen, q_len=t, block_q=128, block_kv=64, mask=masks.Full())
+  out, lse = check_forward(plan, q, k, v, None, interpret=True, persistent=persistent, allowed=allowed)
   assert (np.asarray(out[:, :128], np.float32) == 0).all()
   assert (np.asarray(lse[:, :, :128]) == EMPTY_ROW_LSE).all()
 
@@ -104,9 +109,9 @@ def test_random_plans_gqa_interpret(group, plan_heads):
   hkv = h // group
   hp = {'one': 1, 'kv': hkv, 'all': h}[plan_heads]
   t = 192
-  plan = random_plan(group * 10 + hp, 1, hp, t, 64, 64, 0.5)
+  plan, allowed = random_plan(group * 10 + hp, 1, hp, t, 64, 64, 0.5)
   q, k, v, bias, _ = random_inputs(group, 1, t, t, h, hkv, 64, jnp.bfloat16, group % 2 == 0)
-  check_forward(plan, q, k, v, bias, interpret=True, persistent=plan_heads != 'kv')
+  check_forward(plan, q, k, v, bias, interpret=True, persistent=plan_heads != 'kv', allowed=allowed)
 
 
 @pytest.mark.slow
@@ -117,7 +122,8 @@ def test_more_masks_interpret(mask_name, dtype):
           'prefix_or_window': (masks.SlidingWindow(30) | masks.GlobalPrefix(10)) & masks.Causal()}[mask_name]
   t = 200
   q, k, v, bias, _ = random_inputs(3, 1, t, t, 2, 1, 128, dtype, True)
-  check_forward(plan_from_mask(mask, q_len=t, block_q=128, block_kv=128), q, k, v, bias, interpret=True)
+  check_forward(plan_from_mask(mask, q_len=t, block_q=128, block_kv=128), q, k, v, bias, interpret=True,
+                allowed=mask_oracle(mask, q_len=t))
 
 
 def test_unavailable_reasons():
@@ -174,10 +180,10 @@ def test_random_plans_documents_gqa_gpu(group, plan_heads):
   hkv = h // group
   hp = {'one': 1, 'kv': hkv, 'all': h}[plan_heads]
   segments = documents(np.random.default_rng(group), 2, t, 0.004)
-  plan = random_plan(group + hp, 2, hp, t, 128, 64, 0.3, segment_ids=segments)
+  plan, allowed = random_plan(group + hp, 2, hp, t, 128, 64, 0.3, segment_ids=segments)
   head_dim = 64 if plan_heads == 'kv' else 128
   q, k, v, bias, _ = random_inputs(group, 2, t, t, h, hkv, head_dim, jnp.bfloat16, True)
-  check_forward(plan, q, k, v, bias, interpret=False, persistent=group % 2 == 0)
+  check_forward(plan, q, k, v, bias, interpret=False, persistent=group % 2 == 0, allowed=allowed)
 
 
 @pytest.mark.gpu
@@ -187,7 +193,8 @@ def test_fully_masked_rows_gpu(persistent):
   chosen = jnp.zeros((1, 1, 8, 8), bool).at[0, 0, 4:, :].set(True).at[0, 0, 2, 0].set(True)
   plan = plan_from_block_mask(chosen, q_len=t, block_q=128, block_kv=128, mask=masks.Full())
   q, k, v, _, _ = random_inputs(5, 1, t, t, 4, 4, 128, jnp.bfloat16, False)
-  out, lse = check_forward(plan, q, k, v, None, interpret=False, persistent=persistent)
+  allowed = block_mask_oracle(chosen, q_len=t, block_q=128, block_kv=128, mask=masks.Full())
+  out, lse = check_forward(plan, q, k, v, None, interpret=False, persistent=persistent, allowed=allowed)
   empty = np.r_[0:256, 384:512]
   assert (np.asarray(out[:, empty], np.float32) == 0).all()
   assert (np.asarray(lse[:, :, empty]) == EMPTY_ROW_LSE).all()

@@ -19,6 +19,8 @@ from sparseformer.model.attention.dynamic_mask_plan import dynamic_mask_plan
 
 
 def top_w_plan(seed, batch, kv_heads, length, block, window, documents):
+  """A dynamic mask plan. Its mask has no source here but the plan, so its dense checks
+  render the plan (plan_dense_mask); test_dynamic_mask.py checks the selection itself."""
   rng = np.random.default_rng(seed)
   scores = jnp.asarray(rng.integers(0, 5, (batch, kv_heads, length)).astype(np.float32))
   segments = None
@@ -35,10 +37,11 @@ FORWARD_CASES = [(0, 1, 200, 2, 2, 2, 128, 64, True),
 @pytest.mark.parametrize('case', FORWARD_CASES)
 def test_forward_random_rank_rule_interpret(case):
   seed, b, t, h, hkv, hp, bq, bk, docs = case
-  plan, base = rank_rule_plan(seed, b, hp, t, bq, bk, docs)
-  np.testing.assert_array_equal(np.asarray(plan_dense_mask(plan, h)), explicit_mask(plan, base, h))
+  plan, _, base_allowed = rank_rule_plan(seed, b, hp, t, bq, bk, docs)
+  allowed = explicit_mask(plan, base_allowed, h)
+  np.testing.assert_array_equal(np.asarray(plan_dense_mask(plan, h)), allowed)
   q, k, v, bias, _ = random_inputs(seed, b, t, t, h, hkv, 64, jnp.bfloat16, True)
-  check_forward(plan, q, k, v, bias, interpret=True, persistent=seed % 2 == 1)
+  check_forward(plan, q, k, v, bias, interpret=True, persistent=seed % 2 == 1, allowed=allowed)
 
 
 def test_forward_top_w_plan_interpret():
@@ -48,7 +51,7 @@ def test_forward_top_w_plan_interpret():
 
 
 def test_per_query_head_rank_plans_are_unavailable_with_the_reason():
-  plan, _ = rank_rule_plan(0, 1, 4, 128, 64, 64, False)
+  plan, _, _ = rank_rule_plan(0, 1, 4, 128, 64, 64, False)
   q, k, v, _, _ = random_inputs(0, 1, 128, 128, 4, 2, 64, jnp.bfloat16, False)
   assert '1 or Hkv' in mosaic_gpu_forward.unavailable(q, k, v, None, plan, interpret=True)
 
@@ -82,9 +85,9 @@ def test_forward_top_w_plans_gpu(block, group):
 @pytest.mark.parametrize('case', FORWARD_CASES)
 def test_backward_random_rank_rule_interpret(case):
   seed, b, t, h, hkv, hp, bq, bk, docs = case
-  plan, _ = rank_rule_plan(seed, b, hp, t, bq, bk, docs)
+  plan, _, base_allowed = rank_rule_plan(seed, b, hp, t, bq, bk, docs)
   q, k, v, bias, d_out = random_inputs(seed, b, t, t, h, hkv, 64, jnp.bfloat16, True)
-  check_backward(plan, q, k, v, bias, d_out, interpret=True)
+  check_backward(plan, q, k, v, bias, d_out, interpret=True, allowed=explicit_mask(plan, base_allowed, h))
 
 
 def test_backward_top_w_plan_interpret():

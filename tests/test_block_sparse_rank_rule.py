@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mask_oracle import block_mask_oracle, per_query_head
 from test_block_sparse_attention import check_against_dense, plan_dense_mask, random_inputs
 
 from pallas_kernels.block_sparse_attention import api, masks, plan_from_block_mask, tpu
@@ -18,8 +19,9 @@ from pallas_kernels.block_sparse_attention.plan import FULL, PARTIAL, from_kinds
 
 
 def rank_rule_plan(seed, batch, plan_heads, length, block_q, block_kv, documents):
-  """(plan with a random rank rule, the plan without it). A tile stays full only where
-  every rank of its keys reaches every threshold of its queries."""
+  """(plan with a random rank rule, the plan without it, [B, Hp, T, T] the element mask of
+  that plan's blocks built independently). A tile stays full only where every rank of its
+  keys reaches every threshold of its queries."""
   rng = np.random.default_rng(seed)
   nq, nk = -(-length // block_q), -(-length // block_kv)
   block_mask = jnp.asarray(rng.random((batch, plan_heads, nq, nk)) < 0.8)
@@ -38,14 +40,15 @@ def rank_rule_plan(seed, batch, plan_heads, length, block_q, block_kv, documents
   kinds = np.where((kinds == FULL) & ~rank_full, PARTIAL, kinds)
   plan = from_kinds(jnp.asarray(kinds), base.mask, length, length, block_q, block_kv, base.q_segment_ids,
                     base.kv_segment_ids, q_threshold=jnp.asarray(thresholds), key_rank=jnp.asarray(ranks))
-  return plan, base
+  base_allowed = block_mask_oracle(block_mask, q_len=length, block_q=block_q, block_kv=block_kv, segment_ids=segments)
+  return plan, base, base_allowed
 
 
-def explicit_mask(plan, base, num_heads):
-  """[B, H, Tq, Tk]: the plan without the rule, narrowed by the rule element by element."""
+def explicit_mask(plan, base_allowed, num_heads):
+  """[B, H, Tq, Tk]: the blocks' element mask without the rule, narrowed by the rule
+  element by element."""
   rule = np.asarray(plan.key_rank)[:, :, None, :] >= np.asarray(plan.q_threshold)[:, :, :, None]
-  rule = np.repeat(rule, num_heads // plan.plan_heads, axis=1)
-  return np.asarray(plan_dense_mask(base, num_heads)) & rule
+  return per_query_head(base_allowed & rule, num_heads)
 
 
 CASES = [  # (seed, length, block_q, block_kv, heads, kv heads, plan heads, documents)
@@ -59,15 +62,16 @@ CASES = [  # (seed, length, block_q, block_kv, heads, kv heads, plan heads, docu
 @pytest.mark.parametrize('case', CASES)
 def test_rank_rule_matches_dense_reference(case):
   seed, length, block_q, block_kv, h, hkv, hp, documents = case
-  plan, base = rank_rule_plan(seed, 2, hp, length, block_q, block_kv, documents)
-  np.testing.assert_array_equal(np.asarray(plan_dense_mask(plan, h)), explicit_mask(plan, base, h))
+  plan, base, base_allowed = rank_rule_plan(seed, 2, hp, length, block_q, block_kv, documents)
+  allowed = explicit_mask(plan, base_allowed, h)
+  np.testing.assert_array_equal(np.asarray(plan_dense_mask(plan, h)), allowed)
   assert (np.asarray(plan.block_kinds()) == FULL).any() or not (np.asarray(base.block_kinds()) == FULL).any()
   q, k, v, bias, d_out = random_inputs(seed, 2, length, length, h, hkv, 8, jnp.float32, with_bias=True)
-  check_against_dense(plan, q, k, v, bias, d_out)
+  check_against_dense(plan, q, k, v, bias, d_out, allowed=allowed)
 
 
 def test_rank_rule_needs_both_arrays_and_their_shapes():
-  _, base = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
+  _, base, _ = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
   kinds = base.block_kinds()
   with pytest.raises(ValueError, match='give both'):
     from_kinds(kinds, masks.Causal(), 16, 16, 8, 8, key_rank=jnp.zeros((1, 1, 16), jnp.int32))
@@ -77,20 +81,20 @@ def test_rank_rule_needs_both_arrays_and_their_shapes():
 
 
 def test_element_mask_refuses_to_ignore_the_rule():
-  plan, _ = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
+  plan, _, _ = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
   with pytest.raises(ValueError, match='rank rule'):
     plan.element_mask(jnp.arange(16)[:, None], jnp.arange(16)[None, :])
 
 
 def test_rank_rule_plans_do_not_broadcast_over_the_batch():
-  plan, _ = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
+  plan, _, _ = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
   q, k, v, _, _ = random_inputs(0, 2, 16, 16, 2, 1, 8, jnp.float32, with_bias=False)
   with pytest.raises(ValueError, match='ranks'):
     api.block_sparse_attention(q, k, v, plan)
 
 
 def test_plan_without_rule_is_unchanged_by_the_new_fields():
-  plan, base = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
+  plan, base, _ = rank_rule_plan(0, 1, 1, 16, 8, 8, False)
   assert base.key_rank is None and not base.has_rank_rule
   assert dataclasses.replace(plan, key_rank=None, q_threshold=None).has_rank_rule is False
 
@@ -102,9 +106,10 @@ def test_rank_rule_tpu_interpret_matches_dense(case):
   """Plan heads 1 (shared by a GQA pair) and H (per query head, the dK/dV pass walks the
   group's members), documents, ragged lengths, bias."""
   seed, length, block_q, block_kv, h, hkv, hp, documents = case
-  plan, _ = rank_rule_plan(seed, 2, hp, length, block_q, block_kv, documents)
+  plan, _, base_allowed = rank_rule_plan(seed, 2, hp, length, block_q, block_kv, documents)
   q, k, v, bias, d_out = random_inputs(seed, 2, length, length, h, hkv, 8, jnp.float32, with_bias=True)
-  check_against_dense(plan, q, k, v, bias, d_out, implementation='tpu_interpret')
+  check_against_dense(plan, q, k, v, bias, d_out, implementation='tpu_interpret',
+                      allowed=explicit_mask(plan, base_allowed, h))
 
 
 def test_rank_rule_lowers_to_mosaic_for_a_tpu_target():
@@ -112,7 +117,7 @@ def test_rank_rule_lowers_to_mosaic_for_a_tpu_target():
   q, out = jnp.zeros((b, t, h, d), jnp.bfloat16), jnp.zeros((b, t, h, d), jnp.bfloat16)
   k = v = jnp.zeros((b, t, hkv, d), jnp.bfloat16)
   bias, lse = jnp.zeros((b, hkv, t)), jnp.zeros((b, h, t))
-  plan, _ = rank_rule_plan(0, b, hkv, t, 128, 128, True)
+  plan, _, _ = rank_rule_plan(0, b, hkv, t, 128, 128, True)
   target = jax.sharding.AbstractDevice(device_kind='TPU v5e', num_cores=1, platform='tpu')
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ('x',), abstract_device=target)):
     forward = jax.export.export(jax.jit(lambda *a: tpu.forward(*a, 0.1)), platforms=['tpu'])(q, k, v, bias, plan)

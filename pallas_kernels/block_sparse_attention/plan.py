@@ -217,17 +217,27 @@ def plan_from_block_mask(block_mask, *, q_len, kv_len=None, block_q=128, block_k
   return from_kinds(kinds, mask, q_len, kv_len, block_q, block_kv, q_seg, kv_seg)
 
 
+def diagonal_blocks(q_len, kv_len, block_q, block_kv):
+  """[nQ, nK] bool: the blocks holding some element q == k. Both ranges end at the lengths:
+  a ragged last block must not claim the diagonal of its padding."""
+  q_start = jnp.arange(num_blocks(q_len, block_q))[:, None] * block_q
+  k_start = jnp.arange(num_blocks(kv_len, block_kv))[None, :] * block_kv
+  q_end, k_end = jnp.minimum(q_start + block_q, q_len), jnp.minimum(k_start + block_kv, kv_len)
+  return (q_start < k_end) & (k_start < q_end)
+
+
 def plan_from_block_scores(scores, keep, *, q_len, kv_len=None, block_q=128, block_kv=128, mask=Causal(),
                            keep_diagonal=True, keep_first=True, segment_ids=None, q_segment_ids=None,
                            kv_segment_ids=None):
   """Top-`keep` kv blocks per q block row of scores [B, Hp, nQ, nK], among the blocks the
-  mask allows, plus the diagonal and the first block when asked. Ties go to the lower index."""
+  mask allows, plus the diagonal and the first block when asked. Ties go to the lower index.
+  'Allows' is the mask's block answer: exact for a primitive mask, but a combination may
+  call a block partial that holds no allowed element (masks.py), and such a block can
+  take one of the `keep` places."""
   kv_len = q_len if kv_len is None else kv_len
   nq, nk = scores.shape[-2:]
   allowed = mask_block_kinds(mask, q_len, kv_len, block_q, block_kv) != EMPTY
-  q_start = jnp.arange(nq)[:, None] * block_q
-  diagonal = (jnp.arange(nk)[None, :] * block_kv <= q_start + block_q - 1) & (
-      q_start < (jnp.arange(nk)[None, :] + 1) * block_kv)
+  diagonal = diagonal_blocks(q_len, kv_len, block_q, block_kv)
   forced = jnp.zeros((nq, nk), bool)
   if keep_diagonal:
     forced |= diagonal
