@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_block_sparse_attention import dense_attention
 from train_helpers import logged_losses, run_script, tiny_argv
 
 from sparseformer import config as config_lib
@@ -346,3 +347,50 @@ def test_distillation_from_a_dense_checkpoint_trains_only_gates(tmp_path, data_d
                                   '--config.eval.max_batches=1'])
   assert result.returncode == 0, result.stderr[-2000:]
   assert os.listdir(gates / 'eval')
+
+
+def chosen_block_visibility(chosen, segments):
+  """[B, H, T, T] the elements the gated layer should attend: the key's block is chosen for
+  the query's block, causal, same document (padding, segment 0, is its own document)."""
+  t = segments.shape[1]
+  block_of = np.arange(t) // BLOCK
+  chosen_elements = np.asarray(chosen)[:, :, block_of[:, None], block_of[None, :]]
+  return chosen_elements & visibility(segments)[:, None]
+
+
+def test_partial_density_output_and_gradients_equal_dense_attention_on_the_chosen_blocks():
+  # Ten blocks, the last ragged; documents crossing block edges and padding in row 0.
+  segments = np.array([[1] * 37 + [2] * 70 + [3] * 30 + [0] * 13, [1] * 150])
+  b, t, heads, kv_heads, d = 2, segments.shape[1], 4, 2, 16
+  graphdef, params = nnx.split(get_mechanism('gated')(gated_dims(density=0.6), 0, nnx.Rngs(1)))
+  q, k, v = random_qkv(b, t, heads, kv_heads, d, seed=7)
+  d_out = jax.random.normal(jax.random.key(8), q.shape)
+  ctx = AttentionContext(jnp.zeros(segments.shape, jnp.int32), jnp.asarray(segments), None, None)
+  docs = gate_lib.block_documents(ctx.segment_ids, t, BLOCK, b)
+
+  def gated(params, q, k, v):
+    mechanism = nnx.merge(graphdef, params)
+    y, _ = mechanism(q, k, v, ctx, pre_rope=(q, k))
+    return jnp.sum(y * d_out), (y, mechanism.select(mechanism.block_gate.scores(q, k, docs), docs))
+
+  (_, (y, chosen)), (param_grads, *grads) = jax.jit(jax.value_and_grad(gated, (0, 1, 2, 3), has_aux=True))(
+      params, q, k, v)
+  chosen = np.asarray(chosen)
+  allowed_blocks = np.broadcast_to(np.asarray(docs.allowed)[:, None], chosen.shape)
+  density = chosen.sum() / allowed_blocks.sum()
+  assert 0.4 < density < 0.7, density
+  assert (chosen & ~np.asarray(docs.forced)[:, None]).any()  # the scores chose some blocks
+  assert (allowed_blocks & ~chosen).any(axis=(2, 3)).all()  # and left some out in every head
+  allowed = jnp.asarray(chosen_block_visibility(chosen, segments))
+
+  def dense(q, k, v):
+    y, _ = dense_attention(q, k, v, allowed, None, d ** -0.5)
+    return jnp.sum(y * d_out), y
+
+  (_, y_want), grads_want = jax.jit(jax.value_and_grad(dense, (0, 1, 2), has_aux=True))(q, k, v)
+  np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-5)
+  for name, got, want in zip(('dq', 'dk', 'dv'), grads, grads_want):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+  # The gate reads q and k under stop_gradient: the output gives its query and key maps nothing.
+  param_grads = jax.tree.leaves(param_grads)
+  assert len(param_grads) == 2 and not any(np.asarray(g).any() for g in param_grads)
