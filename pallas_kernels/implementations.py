@@ -20,6 +20,12 @@ import jax
 # fails on some machine (the TPU kernels have never run on a real TPU).
 KERNELS_ENV = 'SPARSEFORMER_KERNELS'
 
+# Interpret mode runs each warpgroup (or TPU core) of a kernel on its own thread, and their
+# barriers are host callbacks that block one thread of XLA's CPU pool each. The pool has one
+# thread per core unless PJRT_NPROC (read when the CPU backend starts) says otherwise; with
+# too few, the threads that would release the barriers never run and the call hangs.
+INTERPRET_MIN_CPU_THREADS = 8
+
 
 def always_available(*args):
   return None
@@ -65,7 +71,7 @@ class Registry:
       reason = self.reason_unavailable(implementation, *inputs)
       if reason:
         raise ValueError(f'{self.primitive} implementation {implementation!r} cannot run: {reason}')
-      return self.implementations[implementation]
+      return self.checked(implementation)
     candidates = implementation or self.default_candidates()
     reasons = []
     for name in candidates:
@@ -73,7 +79,7 @@ class Registry:
       if reason is None:
         if reasons:
           self.warn_fallback(name, reasons)
-        return self.implementations[name]
+        return self.checked(name)
       reasons.append(f'{name}: {reason}')
     raise ValueError(f'no {self.primitive} implementation can run: ' + '; '.join(reasons))
 
@@ -88,7 +94,26 @@ class Registry:
 
   def warn_fallback(self, chosen, reasons):
     """One UserWarning per distinct (skipped implementations and reasons, chosen one)."""
-    message = f'{self.primitive} falls back to {chosen!r}, skipping ' + '; '.join(reasons)
+    self.warn_once(f'{self.primitive} falls back to {chosen!r}, skipping ' + '; '.join(reasons))
+
+  def checked(self, name):
+    """The implementation `name`, after warning when it is an interpret mode that can hang here."""
+    threads = cpu_pool_threads()
+    if name.endswith('_interpret') and jax.default_backend() == 'cpu' and threads < INTERPRET_MIN_CPU_THREADS:
+      self.warn_once(f'{name} can hang with {threads} XLA CPU threads (interpret mode blocks one per kernel thread); '
+                     f'set PJRT_NPROC={2 * INTERPRET_MIN_CPU_THREADS} in the environment before JAX starts')
+    return self.implementations[name]
+
+  def warn_once(self, message):
     if message not in self.warned_fallbacks:
       self.warned_fallbacks.add(message)
-      warnings.warn(message, UserWarning, stacklevel=5)  # the caller of the public function
+      warnings.warn(message, UserWarning, stacklevel=6)  # the caller of the public function
+
+
+def cpu_pool_threads():
+  """Threads of XLA's CPU pool, as the CPU backend sizes it."""
+  for name in ('PJRT_NPROC', 'NPROC'):
+    value = os.environ.get(name, '')
+    if value.isdigit():
+      return int(value)
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1

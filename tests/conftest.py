@@ -1,22 +1,27 @@
 import os
 import sys
 
-import jax
-import pytest
+# Pallas interpret mode runs each GPU warpgroup (or TPU core) as a compiled computation on
+# its own Python thread, and its barriers are host callbacks that block until the other
+# threads arrive. XLA's CPU runtime hands ready work of any computation to one shared
+# intra-op pool, which has one thread per core by default: on a 2-core machine the outer
+# kernel callback and one blocked barrier callback fill it, the warpgroup that would
+# release the barrier waits for a pool thread forever, and the test hangs (seen with
+# py-spy: 2 of 12 runs of test_interpret_through_the_api hung with two copies side by side).
+# PJRT_NPROC sizes that pool; it must be set before the CPU backend starts. Our kernels run
+# at most 4 interpret threads at once, so 16 leaves room.
+os.environ['PJRT_NPROC'] = str(max(16, os.cpu_count() or 1, int(os.environ.get('PJRT_NPROC') or 0)))
+
+import jax  # noqa: E402  (after PJRT_NPROC)
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# Pallas interpret mode runs each GPU warpgroup (or TPU core) as a jitted computation on its
-# own Python thread, and their barriers are host callbacks that block. Those callbacks run
-# on XLA's CPU thread pool, which has one thread per core: on a 2-core machine two blocked
-# callbacks can hold the whole pool while the warpgroup that would release them waits for
-# a thread, and the test hangs (seen in CI: test_interpret_through_the_api, 2 of 3 runs side
-# by side). Without async dispatch the outer kernel call runs on its caller's thread
-# instead of holding a pool thread too: that test then passed 7 of 7 runs, and the default
-# suite passed twice on 2 cores. It makes the hang rarer, not impossible: a kernel with more
-# interpret threads than cores can still starve the pool (a slow 128-key-block backward case
-# hung on 2 cores). It must be set before the backend starts.
+# Without async dispatch the outer kernel call runs on its caller's thread instead of
+# holding a pool thread as well.
 jax.config.update('jax_cpu_enable_async_dispatch', False)
+
+pytest_plugins = ['time_limit']
 
 
 @pytest.fixture(scope='session')

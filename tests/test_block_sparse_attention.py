@@ -107,12 +107,28 @@ def test_mask_plans_match_dense(mask_name, group):
 
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), length=st.integers(1, 40), block_q=st.sampled_from([4, 8, 16]),
-       block_kv=st.sampled_from([4, 8, 16]), group=st.sampled_from([1, 2, 4]), per_head=st.booleans(),
-       density=st.floats(0.0, 1.0), documents=st.booleans(), with_bias=st.booleans())
-def test_random_block_plans_match_dense(seed, length, block_q, block_kv, group, per_head, density, documents,
-                                        with_bias):
+# Every draw has new shapes, so it compiles anew (about 3 s): the default suite takes a few
+# draws, the slow one many.
+RANDOM_BLOCK_PLANS = given(
+    seed=st.integers(0, 10_000), length=st.integers(1, 40), block_q=st.sampled_from([4, 8, 16]),
+    block_kv=st.sampled_from([4, 8, 16]), group=st.sampled_from([1, 2, 4]), per_head=st.booleans(),
+    density=st.floats(0.0, 1.0), documents=st.booleans(), with_bias=st.booleans())
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@RANDOM_BLOCK_PLANS
+def test_random_block_plans_match_dense(**draw):
+  check_random_block_plan(**draw)
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@RANDOM_BLOCK_PLANS
+def test_many_random_block_plans_match_dense(**draw):
+  check_random_block_plan(**draw)
+
+
+def check_random_block_plan(seed, length, block_q, block_kv, group, per_head, density, documents, with_bias):
   rng = np.random.default_rng(seed)
   h, hkv = 4, 4 // group
   q, k, v, bias, d_out = random_inputs(seed, 2, length, length, h, hkv, 8, jnp.float32, with_bias)

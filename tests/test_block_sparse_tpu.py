@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mask_oracle import block_mask_oracle, mask_oracle
 from test_block_sparse_attention import MASKS, check_against_dense, random_inputs
 
 from pallas_kernels.block_sparse_attention import masks, plan_from_block_mask, plan_from_mask, reference, tpu
@@ -20,14 +21,15 @@ INTERPRET = 'tpu_interpret'
 
 
 def random_block_plan(seed, batch, length, block_q, block_kv, plan_heads, density, documents, mask=masks.Causal()):
+  """(plan, [B, Hp, T, T] the element mask it should stand for, built without the plan)."""
   rng = np.random.default_rng(seed)
   nq, nk = -(-length // block_q), -(-length // block_kv)
   block_mask = rng.random((batch, plan_heads, nq, nk)) < density
   segments = None
   if documents:
     segments = np.cumsum(rng.random((batch, length)) < 0.15, axis=1).astype(np.int32) + 1
-  return plan_from_block_mask(jnp.asarray(block_mask), q_len=length, block_q=block_q, block_kv=block_kv,
-                              mask=mask, segment_ids=segments)
+  sizes = dict(q_len=length, block_q=block_q, block_kv=block_kv, mask=mask, segment_ids=segments)
+  return plan_from_block_mask(jnp.asarray(block_mask), **sizes), block_mask_oracle(block_mask, **sizes)
 
 
 def check_against_reference(plan, q, k, v, bias, d_out, scale=0.3, tol=2e-5):
@@ -53,21 +55,23 @@ def check_against_reference(plan, q, k, v, bias, d_out, scale=0.3, tol=2e-5):
 def test_causal_ragged_with_key_bias():
   q, k, v, bias, d_out = random_inputs(0, 2, 22, 22, 4, 4, 8, jnp.float32, with_bias=True)
   plan = plan_from_mask(MASKS['causal'], q_len=22, block_q=8, block_kv=8, batch=2)
-  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
+  allowed = mask_oracle(MASKS['causal'], q_len=22, batch=2)
+  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET, allowed=allowed)
 
 
 def test_documents_and_window_or_prefix_per_kv_head_plan():
   """Segment ids (differing per batch row), a window|prefix element rule, a plan per kv head (Hp = Hkv)."""
   q, k, v, bias, d_out = random_inputs(1, 2, 22, 22, 4, 2, 8, jnp.float32, with_bias=True)
-  plan = random_block_plan(1, 2, 22, 8, 16, plan_heads=2, density=0.8, documents=True,
-                           mask=MASKS['window_or_prefix'])
-  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
+  plan, allowed = random_block_plan(1, 2, 22, 8, 16, plan_heads=2, density=0.8, documents=True,
+                                    mask=MASKS['window_or_prefix'])
+  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET, allowed=allowed)
 
 
 def test_bfloat16_chunked_group_of_eight():
   q, k, v, bias, d_out = random_inputs(3, 1, 24, 24, 8, 1, 16, jnp.bfloat16, with_bias=False)
   plan = plan_from_mask(MASKS['chunked'], q_len=24, block_q=16, block_kv=8)
-  out, _, grads = check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.bfloat16, implementation=INTERPRET)
+  out, _, grads = check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.bfloat16, implementation=INTERPRET,
+                                      allowed=mask_oracle(MASKS['chunked'], q_len=24))
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
 
 
@@ -78,7 +82,7 @@ def test_per_query_head_plan_with_fully_masked_rows_matches_reference():
   """Hp = H: the 4 query heads of a GQA group walk different lists into the same dK/dV block;
   q blocks with no key give zero output and gradient and LSE = EMPTY_ROW_LSE."""
   q, k, v, bias, d_out = random_inputs(2, 2, 22, 22, 4, 1, 8, jnp.float32, with_bias=True)
-  plan = random_block_plan(2, 2, 22, 8, 8, plan_heads=4, density=0.5, documents=False)
+  plan, _ = random_block_plan(2, 2, 22, 8, 8, plan_heads=4, density=0.5, documents=False)
   assert (plan.kv_count == 0).any(), 'the case needs q blocks that see no key'
   out, lse, (dq, _, _, _) = check_against_reference(plan, q, k, v, bias, d_out)
   empty = np.repeat(np.asarray(plan.kv_count == 0), 8, axis=-1)[..., :22]  # [B, H, Tq] as Hp = H
@@ -133,7 +137,8 @@ def test_kernels_lower_to_mosaic_for_a_tpu_target():
 def test_mask_plans_match_dense(mask_name, group):
   q, k, v, bias, d_out = random_inputs(0, 2, 21, 21, 8, 8 // group, 16, jnp.float32, with_bias=True)
   plan = plan_from_mask(MASKS[mask_name], q_len=21, block_q=8, block_kv=4, batch=2)
-  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
+  allowed = mask_oracle(MASKS[mask_name], q_len=21, batch=2)
+  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET, allowed=allowed)
 
 
 @pytest.mark.slow
@@ -148,8 +153,9 @@ def test_random_block_plans_match_dense(seed, plan_heads):
   hp = {'one': 1, 'kv_heads': hkv, 'heads': h}[plan_heads]
   with_bias = bool(seed % 2)
   q, k, v, bias, d_out = random_inputs(seed, 2, length, length, h, hkv, 8, jnp.float32, with_bias)
-  plan = random_block_plan(seed, 2, length, block_q, block_kv, hp, density=rng.random(), documents=seed % 3 == 0)
-  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET)
+  plan, allowed = random_block_plan(seed, 2, length, block_q, block_kv, hp, density=rng.random(),
+                                    documents=seed % 3 == 0)
+  check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET, allowed=allowed)
 
 
 @pytest.mark.slow
@@ -157,4 +163,5 @@ def test_random_block_plans_match_dense(seed, plan_heads):
 def test_bfloat16_large_blocks_window(block):
   q, k, v, bias, d_out = random_inputs(6, 1, 200, 200, 2, 1, 32, jnp.bfloat16, with_bias=True)
   plan = plan_from_mask(masks.causal_window(70), q_len=200, block_q=block, block_kv=block)
-  check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.bfloat16, implementation=INTERPRET)
+  check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.bfloat16, implementation=INTERPRET,
+                      allowed=mask_oracle(masks.causal_window(70), q_len=200))

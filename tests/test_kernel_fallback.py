@@ -87,3 +87,22 @@ def test_head_dim_the_tpu_kernel_rejects_falls_back_with_one_warning(monkeypatch
   assert "falls back to 'reference'" in first[0] and 'tpu: Mosaic TPU needs Dk and Dv multiples of 128' in first[0]
   assert select().name == 'reference'
   assert fallback_warnings(select) == []
+
+
+def hang_warnings(call):
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    call()
+  return [str(w.message) for w in caught if 'can hang' in str(w.message)]
+
+
+def test_interpret_mode_warns_when_the_cpu_pool_is_too_small(gpu_preference_on_cpu, monkeypatch):
+  q, plan = block_sparse_inputs(64)
+  select = lambda: block_sparse_api.select_implementation('mosaic_gpu_interpret', q, q, q, None, plan)
+  monkeypatch.setenv('PJRT_NPROC', '2')
+  first = hang_warnings(select)
+  assert len(first) == 1 and 'PJRT_NPROC=16' in first[0] and 'with 2 XLA CPU threads' in first[0]
+  assert hang_warnings(select) == []  # once
+  monkeypatch.setattr(gpu_preference_on_cpu, 'warned_fallbacks', set())
+  monkeypatch.setenv('PJRT_NPROC', '16')  # what tests/conftest.py sets
+  assert hang_warnings(select) == []
