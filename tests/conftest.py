@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 
 # Pallas interpret mode runs each GPU warpgroup (or TPU core) as a compiled computation on
 # its own Python thread, and its barriers are host callbacks that block until the other
@@ -22,6 +24,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 jax.config.update('jax_cpu_enable_async_dispatch', False)
 
 pytest_plugins = ['time_limit']
+
+# Child processes (train.py, benchmark scripts) share a compilation cache made for this run:
+# the tiny runs compile the same steps again and again. Set here, in the process that starts
+# the xdist workers, so that every worker and child inherits it.
+_OWN_CACHE = 'SPARSEFORMER_TEST_COMPILATION_CACHE' not in os.environ
+if _OWN_CACHE:
+  os.environ['SPARSEFORMER_TEST_COMPILATION_CACHE'] = tempfile.mkdtemp(prefix='sparseformer-test-jax-cache-')
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ['SPARSEFORMER_TEST_COMPILATION_CACHE'], ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from train_helpers import child_env
+
 from benchmarks import attention as bench
 from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL, PARTIAL
 
@@ -99,12 +101,14 @@ def run_train_throughput_quick(tmp_path, variants):
   return result.stdout, json.loads(out.read_text())
 
 
-def test_train_throughput_quick_run_has_both_variants(tmp_path):
-  stdout, report = run_train_throughput_quick(tmp_path, 'dense,masformer')
+def test_train_throughput_quick_run_has_every_variant_and_the_routing_attention_time(tmp_path):
+  """One run of the three variants (each run starts a Python and compiles dense again)."""
+  stdout, report = run_train_throughput_quick(tmp_path, 'dense,masformer,routing')
   assert len(re.findall(r'^variant +params +remat', stdout, re.MULTILINE)) == 1  # one table
   rows = {r['variant']: r for r in report['rows']}
-  assert set(rows) == {'dense', 'masformer'}
+  assert set(rows) == {'dense', 'masformer', 'routing'}
   assert rows['dense']['layers'] == 'dense dense' and rows['masformer']['layers'] == 'window:64 dense'
+  assert rows['routing']['layers'] == 'routing:4 routing:4'
   for row in rows.values():
     for field in ('params', 'compile_s', 'step_ms', 'tokens_per_s', 'peak_gib', 'loss', 'vs_dense'):
       assert np.isfinite(row[field]) and row[field] > 0, (field, row)
@@ -112,6 +116,8 @@ def test_train_throughput_quick_run_has_both_variants(tmp_path):
   assert rows['dense']['vs_dense'] == 1.0
   assert report['summary'][0].startswith('target masformer >= 2.5x dense tokens/s: ')
   assert all(t['fwd_bwd_ms'] > 0 for t in report['attention_layer'].values())
+  assert report['attention_layer']['routing:4']['fwd_bwd_ms'] > 0
+  assert any(line.startswith('routing: attention fwd+bwd') for line in report['summary'])
 
 
 def test_train_throughput_target_verdict():
@@ -158,7 +164,7 @@ def test_gated_attention_quick_run_times_every_row(tmp_path):
 
 def test_seer_quality_quick_run_tabulates_dense_and_three_densities(tmp_path):
   out = tmp_path / 'seer'
-  env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off'}
+  env = child_env()
   result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'seer_quality.py'), '--quick',
                            '--out', str(out), '--data_dir', str(tmp_path / 'tfds')],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
@@ -226,7 +232,7 @@ def test_dma_attention_quick_run_times_every_row(tmp_path):
 def run_books_quality_quick(tmp_path, variants, timeout=300):
   """(OUT, results.json) of a --quick run of benchmarks/books_quality.py with these variants."""
   out = tmp_path / 'books'
-  env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off'}
+  env = child_env()
   result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'books_quality.py'), '--quick',
                            '--variants', variants, '--out', str(out), '--data_dir', str(tmp_path / 'tfds')],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
@@ -250,6 +256,7 @@ def test_books_quality_quick_run_tabulates_the_variants_it_ran(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.time_limit(660)  # its child process may take 600 s
 def test_books_quality_quick_run_of_the_sse_variants(tmp_path):
   out, results = run_books_quality_quick(tmp_path, 'sse_h,gla', timeout=600)
   assert list(results['variants']) == ['sse_h', 'gla']
@@ -260,14 +267,6 @@ def test_books_quality_quick_run_of_the_sse_variants(tmp_path):
   assert (sse['kind'], sse['sse']['mode'], sse['full_layers']) == ('sse:4', 'varlen', 'every:4')
   assert (gla['kind'], gla['sse']['top_k'], gla['sse']['shared']) == ('sse:1', 1, False)
   assert '| positions | SSE-H | GLA-H (N=1) |' in (out / 'results.md').read_text()
-
-
-def test_train_throughput_quick_routing_row_and_its_attention_time(tmp_path):
-  _, report = run_train_throughput_quick(tmp_path, 'dense,routing')
-  rows = {r['variant']: r for r in report['rows']}
-  assert rows['routing']['layers'] == 'routing:4 routing:4' and rows['routing']['vs_dense'] > 0
-  assert report['attention_layer']['routing:4']['fwd_bwd_ms'] > 0
-  assert any(line.startswith('routing: attention fwd+bwd') for line in report['summary'])
 
 
 @pytest.mark.parametrize('config_name,variants', [

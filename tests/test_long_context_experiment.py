@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from train_helpers import child_env
+
 from benchmarks import long_context_quality as experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +21,7 @@ def run_config(workdir):
 
 def test_quick_run_fine_tunes_three_variants_from_one_checkpoint_and_tabulates_them(tmp_path):
   out = tmp_path / 'experiment'
-  env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off'}
+  env = child_env()
   result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'long_context_quality.py'), '--quick',
                            '--out', str(out), '--data_dir', str(tmp_path / 'tfds')],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)

@@ -169,6 +169,7 @@ def test_loss_check_early_window_and_every_step_limits():
 
 
 @pytest.mark.slow
+@pytest.mark.time_limit(660)  # its child process may take 600 s
 def test_quick_run_exercises_every_phase(tmp_path):
   out = tmp_path / 'mg'
   env = {k: v for k, v in os.environ.items() if k != 'SPARSEFORMER_COMPILATION_CACHE'}

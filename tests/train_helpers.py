@@ -23,10 +23,17 @@ def tiny_argv(workdir, data_dir, **overrides):
   return ['--config', DEFAULT_CONFIG, '--workdir', str(workdir)] + [f'--config.{k}={v}' for k, v in fields.items()]
 
 
+def child_env(env=None):
+  """The environment of a child Python: unbuffered, and the test run's own compilation cache
+  (tests/conftest.py makes one per run, so children reuse each other's compiles but never
+  an earlier run's)."""
+  cache = os.environ.get('SPARSEFORMER_TEST_COMPILATION_CACHE', 'off')
+  return {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': cache, **(env or {})}
+
+
 def run_script(script, argv, env=None, **kwargs):
   """Runs train.py / eval.py in a fresh Python; returns the CompletedProcess."""
-  full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off', **(env or {})}
-  return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], env=full_env, cwd=ROOT,
+  return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], env=child_env(env), cwd=ROOT,
                         capture_output=True, text=True, **kwargs)
 
 
@@ -35,8 +42,7 @@ class TrainProcess:
   has a deadline. As a context manager it kills the process on the way out."""
 
   def __init__(self, argv, env=None):
-    full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'SPARSEFORMER_COMPILATION_CACHE': 'off', **(env or {})}
-    self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *argv], env=full_env, cwd=ROOT,
+    self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *argv], env=child_env(env), cwd=ROOT,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines = queue.Queue()  # output lines, then None at the end of the output
     self.output = []
