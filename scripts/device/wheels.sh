@@ -13,7 +13,8 @@ mkdir -p .whl .gpu
 pinned() { grep -i "^$1==" requirements.lock; }
 names=(ml_collections tensorflow-datasets tensorflow-metadata simple-parsing docstring_parser dm-tree
        immutabledict toml termcolor grain array_record flax orbax-checkpoint tensorboardX etils
-       importlib_resources portpicker psutil)
+       importlib_resources portpicker psutil
+       pytest pluggy iniconfig hypothesis sortedcontainers attrs pytest-xdist execnet)
 specs=("jax_triton==0.3.1")
 for name in "${names[@]}"; do specs+=("$(pinned "$name")"); done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
