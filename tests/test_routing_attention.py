@@ -383,7 +383,7 @@ print('replicas agree')
 
 def test_centroids_are_identical_across_replicas_and_equal_the_whole_batch_update():
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-         'PYTHONPATH': os.pathsep.join([ROOT, os.path.join(ROOT, 'tests')])}
+         'PYTHONPATH': os.pathsep.join([ROOT, os.path.join(ROOT, 'tests'), os.environ.get('PYTHONPATH', '')])}
   result = subprocess.run([sys.executable, '-c', REPLICA_CHECK], capture_output=True, text=True, cwd=ROOT, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith('replicas agree')
