@@ -370,7 +370,7 @@ def validate(cfg):
   require(rules_problem is None, rules_problem)
 
 
-MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')  # sparseformer.sharding.MESH_AXES, without importing jax
+MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')  # the device mesh's axes, in order (sparseformer.sharding)
 
 
 def validate_model_numbers(m):

@@ -14,9 +14,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sparseformer.config import MESH_AXES
 from sparseformer.errors import UserError
-
-MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')
 
 
 def mesh_shape(mesh_cfg, num_devices):
