@@ -92,6 +92,10 @@ def base_config():
   d.eval_split = 'validation'
   d.tokenizer = 'byte'  # byte | spm:/path/to/model
   d.seq_len = 256
+  d.tasks = ()  # synthetic task specs mixed into training rows, e.g. ('passkey', 'mqar:pairs=64') (evaluation/tasks)
+  d.task_fraction = 0.0  # fraction of training rows that hold task examples; 1.0: task rows only
+  d.task_min_len = 0  # task examples' lengths are drawn from [task_min_len, seq_len]; 0: seq_len (one per row)
+  d.task_loss = 'answers'  # loss on task rows: answers (the answer tokens only, as Zoology) | all
 
   c.train = ml_collections.ConfigDict()
   t = c.train
@@ -121,6 +125,12 @@ def base_config():
   e.batch_size = 0  # 0 -> train.global_batch_size
   e.max_batches = 0  # 0: the whole split
   e.step = 0  # checkpoint step to evaluate; 0: the latest
+  e.tasks = ()  # synthetic task specs scored by `python -m sparseformer.cli.eval_tasks` (and compare)
+  e.task_lengths = ()  # example lengths in tokens; () -> (data.seq_len,)
+  e.task_depths = 5  # needle depths evenly spaced over [0, 1]
+  e.task_samples = 4  # examples per (task, length, depth)
+  e.task_seed = 1234  # examples differ from the training rows' (which use the run's seed)
+  e.task_batch_size = 0  # rows per forward pass; 0: eval.batch_size
 
   c.checkpoint = ml_collections.ConfigDict()
   k = c.checkpoint
