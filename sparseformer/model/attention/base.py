@@ -58,6 +58,36 @@ class Mechanism(nnx.Module):
   def __call__(self, q, k, v, ctx):
     raise NotImplementedError
 
+  @classmethod
+  def attention_flops(cls, argument, options, dims, seq_len):
+    """Nominal forward FLOPs per token of this layer's attention at `seq_len`: the score
+    and value matmuls of all query heads over the keys each query attends (projections
+    excluded), averaged over the positions of one document filling the row; the work
+    of choosing the keys (gates, routers) included where it is not negligible. The
+    comparison command puts mechanisms on this common axis. Default: causal dense."""
+    return softmax_flops(dims.num_heads, dims.head_dim, mean_causal_keys(seq_len))
+
+
+def mean_causal_keys(seq_len, window=None):
+  """Keys a causal query sees, averaged over positions 0..seq_len-1 of one document, within
+  a window of `window` keys (itself included) if given."""
+  w = seq_len if window is None else max(1, min(window, seq_len))
+  return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def softmax_flops(heads, head_dim, keys):
+  """q.k scores and probabilities x values: 2 matmuls of 2 x head_dim FLOPs per key and head."""
+  return 4 * heads * head_dim * keys
+
+
+def layer_attention_flops(dims, seq_len):
+  """attention_flops of every layer's mechanism, as a list."""
+  flops = []
+  for spec in dims.layer_mechanisms:
+    name, argument = split_spec(spec)
+    flops.append(float(_REGISTRY[name].attention_flops(argument, dims.attention, dims, seq_len)))
+  return flops
+
 
 _REGISTRY = {}
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from sparseformer.model.attention import context_parallel
 from sparseformer.model.attention import dynamic_mask_plan as dmp
-from sparseformer.model.attention.base import Mechanism, no_aux, register
+from sparseformer.model.attention.base import Mechanism, mean_causal_keys, no_aux, register, softmax_flops
 from sparseformer.model.layers import param
 
 
@@ -92,6 +92,12 @@ class DynamicMaskAttention(Mechanism):
   @property
   def window(self):
     return int(self.argument)
+
+  @classmethod
+  def attention_flops(cls, argument, options, dims, seq_len):
+    """Each query's top-w keys of its past (the tiles the kernel visits are logged as
+    dma_tile_fraction; partial tiles cost more than this)."""
+    return softmax_flops(dims.num_heads, dims.head_dim, mean_causal_keys(seq_len, int(argument)))
 
   def __call__(self, q, k, v, ctx):
     block, smoothing = self.options.block_size, self.options.dynamic_mask.block_smooth

@@ -28,7 +28,7 @@ from pallas_kernels.block_sparse_attention import block_sparse_attention, masks,
 from sparseformer.model import rope
 from sparseformer.model.attention import context_parallel
 from sparseformer.model.attention import gate as gate_lib
-from sparseformer.model.attention.base import Mechanism, no_aux, register
+from sparseformer.model.attention.base import Mechanism, no_aux, register, softmax_flops
 from sparseformer.model.layers import param
 
 FORWARDS = ('sparse', 'dense')
@@ -121,6 +121,16 @@ class GatedAttention(Mechanism):
   def __init__(self, dims, layer_index, rngs):
     super().__init__(dims, layer_index, rngs)
     self.block_gate = BlockGate(dims, rngs)
+
+  @classmethod
+  def attention_flops(cls, argument, options, dims, seq_len):
+    """The kept blocks (topk: `density` of the causal blocks; threshold: taken as the same
+    density, the measured one is logged as gate_density) plus the block gate's scores."""
+    g, block = options.gate, options.block_size
+    blocks = -(-seq_len // block)
+    keys = min(seq_len, g.density * blocks * (blocks + 1) / 2 * block * block / seq_len)
+    gate = 2 * g.width * blocks / block * blocks / 2  # one dg-wide score per causal block pair, per q token
+    return softmax_flops(dims.num_heads, dims.head_dim, keys) + dims.num_heads * gate
 
   def __call__(self, q, k, v, ctx, pre_rope=None):
     if pre_rope is None:

@@ -11,7 +11,7 @@ skipped. The plan is built from the mask function at block granularity: no T x T
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
 from sparseformer.model.attention import context_parallel
-from sparseformer.model.attention.base import Mechanism, no_aux, register
+from sparseformer.model.attention.base import Mechanism, mean_causal_keys, no_aux, register, softmax_flops
 
 
 class LocalAttention(Mechanism):
@@ -47,9 +47,18 @@ class SlidingWindowAttention(LocalAttention):
   def mask(self):
     return masks.causal_window(self.size)
 
+  @classmethod
+  def attention_flops(cls, argument, options, dims, seq_len):
+    return softmax_flops(dims.num_heads, dims.head_dim, mean_causal_keys(seq_len, int(argument)))
+
 
 @register('block_local')
 class BlockLocalAttention(LocalAttention):
 
   def mask(self):
     return masks.Chunked(self.size) & masks.Causal()
+
+  @classmethod
+  def attention_flops(cls, argument, options, dims, seq_len):
+    chunk = min(int(argument), seq_len)
+    return softmax_flops(dims.num_heads, dims.head_dim, (chunk + 1) / 2)

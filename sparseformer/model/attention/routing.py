@@ -37,7 +37,8 @@ from pallas_kernels.block_sparse_attention import block_sparse_attention, masks,
 from sparseformer.model.attention import context_parallel
 from sparseformer.model.attention import routing_kmeans as kmeans
 from sparseformer.model.attention import routing_plan
-from sparseformer.model.attention.base import Mechanism, MechanismState, no_aux, register
+from sparseformer.model.attention.base import (Mechanism, MechanismState, mean_causal_keys, no_aux, register,
+                                               softmax_flops)
 
 
 def local_head_count(r, num_heads, num_kv_heads):
@@ -98,6 +99,17 @@ class RoutingAttention(Mechanism):
   @property
   def clusters(self):
     return int(self.argument)
+
+  @classmethod
+  def attention_flops(cls, argument, options, dims, seq_len):
+    """Local heads: their window. Routing heads: 1/K of the causal keys (balanced
+    clusters) plus scoring K centroids."""
+    clusters, r = int(argument), options.routing
+    local = local_head_count(r, dims.num_heads, dims.num_kv_heads)
+    routed = dims.num_heads - local
+    return (softmax_flops(local, dims.head_dim, mean_causal_keys(seq_len, r.local_window))
+            + softmax_flops(routed, dims.head_dim, mean_causal_keys(seq_len) / clusters)
+            + routed * 2 * dims.head_dim * clusters)
 
   def __call__(self, q, k, v, ctx, pre_rope=None):
     if pre_rope is None:

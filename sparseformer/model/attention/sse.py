@@ -43,14 +43,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.linear_attention import gated_linear_attention
+from pallas_kernels.linear_attention.reference import CHUNK as LINEAR_CHUNK
 from sparseformer.model.attention import context_parallel, context_parallel_linear
 from sparseformer.model.attention import sse_router as router_lib
-from sparseformer.model.attention.base import Mechanism, no_aux, register
+from sparseformer.model.attention.base import Mechanism, mean_causal_keys, no_aux, register, softmax_flops
 from sparseformer.model.layers import Einsum, param
 
 MODES = ('mask', 'varlen')
 DECAY_RANK = 16
-DECAY_NORMALISER = 16.0  # logsigmoid(.) / 16: per-token decays close to 1 (GLA's normaliser)
+DECAY_NORMALISER = 16.0
+LINEAR_CHUNK = 64  # the chunk of the linear-attention kernels (for the FLOP estimate)  # logsigmoid(.) / 16: per-token decays close to 1 (GLA's normaliser)
 
 
 def sse_config_problem(s, partitions):
@@ -128,6 +130,16 @@ class SparseStateExpansion(Mechanism):
   @property
   def partitions(self):
     return int(self.argument)
+
+  @classmethod
+  def attention_flops(cls, argument, options, dims, seq_len):
+    """Chunked gated linear attention per branch and head: a state read and write of
+    head_dim x head_dim each, plus causal attention inside a chunk. The branches a token
+    costs: the shared one and top_k partitions in varlen mode, all N in mask mode."""
+    s, d = options.sse, dims.head_dim
+    branches = int(s.shared) + (s.top_k if s.mode == 'varlen' else int(argument))
+    per_branch = 4 * d * d + softmax_flops(1, d, mean_causal_keys(min(LINEAR_CHUNK, seq_len)))
+    return dims.num_heads * branches * per_branch
 
   def __call__(self, q, k, v, ctx, pre_rope=None, layer_input=None):
     if pre_rope is None or layer_input is None:
