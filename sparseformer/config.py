@@ -423,6 +423,32 @@ def validate_data(d):
   require(d.seq_len > 0, f'data.seq_len={d.seq_len}: use a positive length')
   for field in ('name', 'text_key', 'train_split', 'eval_split', 'tokenizer'):
     require(d[field].strip(), f'data.{field} is empty')
+  validate_task_rows(d)
+
+
+def validate_task_rows(d):
+  """data.tasks, task_fraction, task_min_len and task_loss (the rows of data/task_rows.py).
+  Whether a task fits in seq_len is known only by making an example: the train iterator
+  does that when it is built, before the workdir is written."""
+  require(isinstance(d.tasks, (tuple, list)) and all(isinstance(spec, str) for spec in d.tasks),
+          f'data.tasks={d.tasks!r}: use a tuple of task specs, e.g. (\'mqar:pairs=64\',)')
+  if d.tasks:
+    from sparseformer.evaluation import tasks as _registered  # noqa: F401  (registers the generators)
+    from sparseformer.evaluation.tasks.base import parse_task_spec
+    for i, spec in enumerate(d.tasks):
+      try:
+        parse_task_spec(spec)
+      except UserError as e:
+        raise UserError(f'data.tasks[{i}]: {e}') from None
+  require(0 <= d.task_fraction <= 1, f'data.task_fraction={d.task_fraction}: use a fraction in [0, 1]')
+  require(d.task_fraction == 0 or d.tasks,
+          f'data.task_fraction={d.task_fraction} needs task specs in data.tasks, e.g. (\'mqar:pairs=64\',)')
+  require(d.task_fraction > 0 or not d.tasks,
+          f'data.tasks={tuple(d.tasks)!r} would be unused with data.task_fraction=0: '
+          'set the fraction of training rows that hold task examples, or data.tasks=()')
+  require(0 <= d.task_min_len <= d.seq_len,
+          f'data.task_min_len={d.task_min_len}: use 0 (examples of data.seq_len) or a length in [1, {d.seq_len}]')
+  require(d.task_loss in ('answers', 'all'), f'data.task_loss={d.task_loss!r}: use answers or all')
 
 
 def validate_optimizer(t):

@@ -9,6 +9,13 @@ tokenizes, packs and batches. The iterator's `get_state()` is a small JSON-able 
 saved in checkpoints; `set_state()` on a fresh iterator resumes at exactly the next
 batch an uninterrupted run would have read.
 
+Task rows (data.tasks, data.task_fraction; task_rows.py): with 0 < task_fraction < 1 the
+book rows and the task rows are interleaved by grain's IterDataset.mix, a deterministic
+pattern (no random draws) in which a fraction task_fraction of the rows are task rows;
+its state is {'parents': [book rows' state, task rows' state], 'index': rows mixed,
+'stop': False}, still small and JSON-able. With task_fraction 1 every row is a task row
+and the train split is not read.
+
 Evaluation: one ordered pass. Every process packs the whole split identically and
 takes its slice of each global batch of rows, so all processes yield the same number
 of batches (collectives stay in step) and every row is read exactly once.
@@ -21,6 +28,7 @@ import numpy as np
 
 from sparseformer.data.build import open_split
 from sparseformer.data.packing import FIELDS, PackedRows, empty_row
+from sparseformer.data.task_rows import task_rows
 from sparseformer.data.tokenizers import make_tokenizer
 from sparseformer.errors import UserError
 
@@ -75,11 +83,27 @@ def train_iterator(data_cfg, *, seq_len, global_batch_size, seed, process_index=
   batch_size = local_batch_size(global_batch_size, process_count)
   check_sizes(seq_len, batch_size, process_index, process_count)
   tokenizer = make_tokenizer(data_cfg.tokenizer)
-  split = data_cfg.train_split
-  documents = process_documents(open_split(data_cfg, split), split, process_index, process_count)
-  tokens = documents.shuffle(seed=shuffle_seed(seed)).repeat().map(document_tokens(tokenizer, data_cfg.text_key))
-  rows = PackedRows(tokens.to_iter_dataset(READ_OPTIONS), seq_len, tokenizer.pad_id)
+  fraction = task_fraction(data_cfg)
+  if fraction < 1:
+    split = data_cfg.train_split
+    documents = process_documents(open_split(data_cfg, split), split, process_index, process_count)
+    tokens = documents.shuffle(seed=shuffle_seed(seed)).repeat().map(document_tokens(tokenizer, data_cfg.text_key))
+    rows = book_rows = PackedRows(tokens.to_iter_dataset(READ_OPTIONS), seq_len, tokenizer.pad_id)
+  if fraction > 0:
+    rows = tasks = task_rows(data_cfg, tokenizer, seq_len=seq_len, seed=seed, process_index=process_index)
+  if 0 < fraction < 1:
+    rows = grain.IterDataset.mix([book_rows, tasks], [1 - fraction, fraction])
   return iter(rows.batch(batch_size, batch_fn=stack_rows))
+
+
+def task_fraction(data_cfg):
+  """data.task_fraction, checked (config.validate_data says the same, for whole configs)."""
+  fraction, tasks = data_cfg.get('task_fraction', 0.0), data_cfg.get('tasks', ())
+  if not 0 <= fraction <= 1:
+    raise UserError(f'data.task_fraction={fraction}: use a fraction in [0, 1]')
+  if fraction > 0 and not tasks:
+    raise UserError(f'data.task_fraction={fraction} needs task specs in data.tasks')
+  return fraction
 
 
 def eval_batches(data_cfg, *, split, seq_len, batch_size, process_index=0, process_count=1, max_batches=0):

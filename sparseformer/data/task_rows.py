@@ -1,0 +1,113 @@
+"""Training rows of synthetic task examples (sparseformer/evaluation/tasks), endless,
+deterministic and resumable; pipeline.train_iterator mixes them with the book rows.
+
+Example k of process p (k = 0, 1, ...) is a pure function of k: its task spec is drawn
+from data.tasks and its length from [data.task_min_len, seq_len] (seq_len when
+task_min_len is 0) with a Generator seeded by (run seed, p, k), and the example itself is
+make_example(spec, tokenizer, length, seed=<run seed mixed with p>, index=k,
+split='train'). Its document is encode(example).tokens + [eos]: an example of L tokens
+(bos included) gives L pairs, so an example made for length seq_len fills a row.
+
+  - task_min_len == 0: row k is example k alone (made for seq_len tokens), padded if
+    shorter. The rows are grain.MapDataset.range(...).map(row of k): the iterator state
+    is {'next_index': k}.
+  - task_min_len > 0: the documents of examples 0, 1, ... are packed by
+    packing.PackedRows with the book rules; its state is the document index and the
+    pairs of it already emitted.
+
+Loss mask (data.task_loss): 'answers' puts 1 only on the pairs that predict an answer
+token: the answer token at index j of the tokens is the target of pair j - 1 (tokens[j - 1]
+-> tokens[j]). 'all' puts 1 on every pair, as for books (the final eos included).
+"""
+
+import sys
+
+import grain
+import numpy as np
+
+from sparseformer.data.packing import PackedRows, as_document, empty_row, write_piece
+from sparseformer.errors import UserError
+
+TASK_LOSSES = ('answers', 'all')
+# Examples are made ahead in a few threads; each is at most a row, so the buffer is small.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
+ENDLESS = sys.maxsize  # rows / documents in the "endless" range (a process never reaches it)
+DRAW_TAG = 0x7461736b  # separates the spec/length draws from the seeds make_example uses
+
+
+def task_seed(seed, process_index):
+  """The examples' seed for `process_index`: the run seed mixed with it, so processes
+  make different examples and seeds s and s + 1 share none."""
+  state = np.random.SeedSequence([seed % 2**64, process_index, DRAW_TAG]).generate_state(1, np.uint64)
+  return int(state[0]) % 2**63
+
+
+class TaskDocuments:
+  """index -> the document of example `index`: int32 tokens (task_loss 'all'), or
+  (tokens, per-pair loss weights) (task_loss 'answers')."""
+
+  def __init__(self, tasks, tokenizer, *, seq_len, min_len, task_loss, seed):
+    from sparseformer.evaluation import tasks as _registered  # noqa: F401  (registers the generators)
+    if not tasks:
+      raise UserError('data.tasks is empty: task rows need at least one task spec')
+    if task_loss not in TASK_LOSSES:
+      raise UserError(f'data.task_loss={task_loss!r}: use {" or ".join(TASK_LOSSES)}')
+    if not 0 <= min_len <= seq_len:
+      raise UserError(f'data.task_min_len={min_len}: use 0 (examples of seq_len) or a length in [1, {seq_len}]')
+    self.tasks, self.tokenizer, self.task_loss, self.seed = tuple(tasks), tokenizer, task_loss, seed
+    self.seq_len, self.min_len = seq_len, min_len
+
+  def spec_and_length(self, index):
+    rng = np.random.default_rng([self.seed, index, DRAW_TAG])
+    spec = self.tasks[int(rng.integers(len(self.tasks)))]
+    length = int(rng.integers(self.min_len, self.seq_len + 1)) if self.min_len else self.seq_len
+    return spec, length
+
+  def make(self, spec, length, index):
+    from sparseformer.evaluation.tasks.base import encode, make_example
+    example = make_example(spec, self.tokenizer, length, seed=self.seed, index=index, split='train')
+    encoded = encode(example, self.tokenizer)
+    if len(encoded.tokens) > length:
+      raise ValueError(f'task {spec!r} made an example of {len(encoded.tokens)} tokens for a budget of {length}')
+    tokens = np.append(encoded.tokens, np.int32(self.tokenizer.eos_id)).astype(np.int32)
+    if self.task_loss == 'all':
+      return tokens
+    weights = np.zeros(len(tokens) - 1, np.float32)
+    for start, end in encoded.answer_spans:
+      weights[start - 1:end - 1] = 1.0  # pair j - 1 predicts token j
+    return tokens, weights
+
+  def __call__(self, index):
+    spec, length = self.spec_and_length(index)
+    return self.make(spec, length, index)
+
+  def check(self):
+    """UserError now, not at some later row, when a task cannot make an example at the
+    shortest length drawn (or its spec is bad): makes one example of each task there."""
+    shortest, field = (self.min_len, 'data.task_min_len') if self.min_len else (self.seq_len, 'sequence length')
+    for spec in self.tasks:
+      try:
+        self.make(spec, shortest, 0)
+      except UserError as e:
+        raise UserError(f'data.tasks: {spec!r} at {field} {shortest}: {e}') from None
+
+
+def single_example_row(document, seq_len, pad_id):
+  """A row holding one document (at most seq_len pairs), padded."""
+  tokens, weights = as_document(document)
+  row = empty_row(seq_len, pad_id)
+  write_piece(row, 0, tokens, 1, weights)
+  return row
+
+
+def task_rows(data_cfg, tokenizer, *, seq_len, seed, process_index=0):
+  """The endless grain IterDataset of this process's task rows (packing.FIELDS, [seq_len] each)."""
+  documents = TaskDocuments(data_cfg.tasks, tokenizer, seq_len=seq_len, min_len=data_cfg.task_min_len,
+                            task_loss=data_cfg.task_loss, seed=task_seed(seed, process_index))
+  documents.check()
+  indices = grain.MapDataset.range(ENDLESS)
+  if not documents.min_len:
+    pad_id = tokenizer.pad_id
+    return indices.map(lambda index: single_example_row(documents(index), seq_len, pad_id)).to_iter_dataset(
+        READ_OPTIONS)
+  return PackedRows(indices.map(documents).to_iter_dataset(READ_OPTIONS), seq_len, tokenizer.pad_id)
