@@ -1,0 +1,81 @@
+"""MQAR (multi-query associative recall, Zoology: Arora et al., 2023) for every mechanism,
+trained from scratch on task rows only, on an equal budget.
+
+    python -m sparseformer.cli.compare --config configs/compare/mqar.py --workdir runs/compare/mqar_2k
+    python -m sparseformer.cli.compare --config configs/compare/mqar.py:8k --workdir runs/compare/mqar_8k
+    python -m sparseformer.cli.compare --config configs/compare/mqar.py:quick --workdir /tmp/compare_quick
+
+Zoology trains 2-layer models on MQAR alone and reports recall against model width,
+sequence length and key-value pairs. Here every arm (sparseformer/cli/compare_arms.py:
+dense, window, MASFormer, gated, DMA, routing, SSE-H, GLA-H) is a 4-layer, d_model 256
+byte-level model (4 heads, 2 kv heads), so that the hybrids have a dense top layer;
+training rows mix examples with 64, 128 and 256 pairs, and each arm is scored on each
+count at the training length (answers scored per query, Zoology's accuracy). Keys and
+values are 2-letter codes (vocab 676), so a key is 2 byte tokens, not one token as in
+Zoology: the model must match multi-token keys, a harder task than Zoology's at the same
+pairs; at 2k tokens 256 pairs do not fit with a query per key, so the queries are
+capped (see the task specs below).
+
+Presets: (none) or :2k rows of 2048 tokens; :8k rows of 8192; :quick a CPU smoke run
+(dense and window arms, a 2-layer d_model 64 model, a few steps at 256 tokens).
+Expected: not yet measured (docs/results.md will hold the figures).
+"""
+
+import ml_collections
+
+from sparseformer.cli.compare_arms import paper_arms
+from sparseformer.config import base_config
+
+LENGTHS = {None: 2048, '2k': 2048, '8k': 8192, 'quick': 256}
+
+
+def mqar_specs(seq_len):
+  if seq_len <= 256:
+    return ('mqar:pairs=8,vocab=676',)
+  queries = 64 if seq_len <= 2048 else 0  # 0: every key queried once
+  return tuple(f'mqar:pairs={pairs},vocab=676,queries={queries}' for pairs in (64, 128, 256))
+
+
+def run_config(seq_len, quick):
+  c = base_config()
+  c.data.name = 'sparseformer_text/tinyshakespeare'  # only for the end-of-run NLL; training reads task rows
+  c.data.seq_len = seq_len
+  c.data.tasks = mqar_specs(seq_len)
+  c.data.task_fraction = 1.0
+  c.data.task_loss = 'answers'
+  c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 256, 4, 4, 2
+  c.model.attention.block_size = 64
+  c.train.steps = 1500
+  c.train.global_batch_size = 32
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 100
+  c.train.log_every = 25
+  c.train.eval_batches = 2
+  c.checkpoint.every_steps = 500
+  c.eval.max_batches = 2
+  c.eval.tasks = c.data.tasks
+  c.eval.task_lengths = (seq_len,)
+  c.eval.task_depths = 1
+  c.eval.task_samples = 64
+  c.eval.task_batch_size = 16
+  if quick:
+    c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 64, 2, 2, 1
+    c.train.steps, c.train.global_batch_size, c.train.warmup_steps, c.train.log_every = 3, 2, 1, 1
+    c.checkpoint.every_steps = 3
+    c.eval.task_samples, c.eval.task_batch_size = 2, 2
+  return c
+
+
+def get_config(arg=None):
+  if arg not in LENGTHS:
+    raise ValueError(f'unknown preset {arg!r}; known: 2k, 8k, quick')
+  seq_len, quick = LENGTHS[arg], arg == 'quick'
+  suite = ml_collections.ConfigDict()
+  suite.run = run_config(seq_len, quick)
+  suite.arms = paper_arms(seq_len, names=('dense', 'window') if quick else
+                          ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h'))
+  suite.param_tolerance = 0.03
+  suite.match_params = True
+  suite.notes = ('Arms at their papers\' settings scaled to the row length: sparseformer/cli/compare_arms.py and '
+                 'docs/compare.md. MQAR keys are 2-byte codes (Zoology: one token).')
+  return suite

@@ -1,0 +1,81 @@
+"""Passkey and needle-in-a-haystack retrieval for every mechanism after a mixed
+pretraining: the shipped books with a fraction of synthetic task rows, from scratch, on
+an equal budget; retrieval scored from 4k to 32k tokens.
+
+    python -m sparseformer.cli.compare --config configs/compare/retrieval.py --workdir runs/compare/retrieval
+    python -m sparseformer.cli.compare --config configs/compare/retrieval.py:quick --workdir /tmp/compare_quick
+
+Every arm (sparseformer/cli/compare_arms.py: dense, window, MASFormer, gated, DMA,
+routing, SSE-H, GLA-H) is a 4-layer, d_model 256 byte-level model (4 heads, 2 kv heads)
+trained on 8192-token rows, a quarter of them task rows (passkey, the four RULER NIAH
+variants, variable tracking) with the loss on the answers; the haystacks of training rows
+come from the training books, those of the evaluation from the validation books.
+Evaluation: passkey, NIAH single/multikey/multivalue/multiquery, variable tracking and
+common words at 4096, 8192, 16384 and 32768 tokens, needles at 5 depths. Lengths beyond
+the training length test extrapolation (RoPE as trained, no scaling): expect every
+softmax arm to degrade there, and a pure window to fail once the needle lies beyond its
+window at any length.
+
+Presets: (none) the run above; :quick a CPU smoke run (dense and window, a 2-layer
+d_model 64 model, a few steps at 256 tokens, passkey at 256 tokens).
+Expected: not yet measured (docs/results.md will hold the figures).
+"""
+
+import ml_collections
+
+from sparseformer.cli.compare_arms import paper_arms
+from sparseformer.config import base_config
+
+TRAIN_TASKS = ('passkey', 'niah_single', 'niah_multikey', 'niah_multivalue', 'niah_multiquery', 'variable_tracking')
+EVAL_TASKS = TRAIN_TASKS + ('common_words',)
+
+
+def run_config(quick):
+  c = base_config()
+  c.data.name = 'sparseformer_text/books'
+  c.data.seq_len = 8192
+  c.data.tasks = TRAIN_TASKS
+  c.data.task_fraction = 0.25
+  c.data.task_loss = 'answers'
+  c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 256, 4, 4, 2
+  c.model.attention.block_size = 64
+  c.train.steps = 1000
+  c.train.global_batch_size = 16
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 100
+  c.train.log_every = 25
+  c.train.eval_batches = 4
+  c.checkpoint.every_steps = 500
+  c.eval.max_batches = 8
+  c.eval.batch_size = 8
+  c.eval.tasks = EVAL_TASKS
+  c.eval.task_lengths = (4096, 8192, 16384, 32768)
+  c.eval.task_depths = 5
+  c.eval.task_samples = 4
+  c.eval.task_batch_size = 4
+  if quick:
+    c.data.seq_len = 256
+    c.data.tasks = ('passkey',)
+    c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 64, 2, 2, 1
+    c.train.steps, c.train.global_batch_size, c.train.warmup_steps, c.train.log_every = 3, 2, 1, 1
+    c.train.eval_batches = 1
+    c.checkpoint.every_steps = 3
+    c.eval.max_batches, c.eval.batch_size = 1, 2
+    c.eval.tasks, c.eval.task_lengths = ('passkey',), (256,)
+    c.eval.task_depths, c.eval.task_samples, c.eval.task_batch_size = 2, 1, 2
+  return c
+
+
+def get_config(arg=None):
+  if arg not in (None, 'quick'):
+    raise ValueError(f'unknown preset {arg!r}; known: quick')
+  quick = arg == 'quick'
+  suite = ml_collections.ConfigDict()
+  suite.run = run_config(quick)
+  suite.arms = paper_arms(suite.run.data.seq_len, names=('dense', 'window') if quick else
+                          ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h'))
+  suite.param_tolerance = 0.03
+  suite.match_params = True
+  suite.notes = ('Arms at their papers\' settings scaled to the row length: sparseformer/cli/compare_arms.py and '
+                 'docs/compare.md.')
+  return suite

@@ -1,0 +1,338 @@
+"""python -m sparseformer.cli.compare --config configs/compare/SUITE.py[:PRESET] --workdir DIR
+       [--arms a,b,...] [--config.run.a.b=v ...] [--config.param_tolerance=0.05]
+
+Trains every arm of a comparison suite on an equal budget, evaluates each, and writes one
+table and one frontier plot:
+
+  DIR/<arm>/          the arm's ordinary workdir (train.py / eval.py / eval_tasks work on it)
+  DIR/results.json    every figure below, raw
+  DIR/results.md      the table
+  DIR/frontier.png    quality against attention FLOPs per token, and against step time
+
+Equal footing: every arm starts from the suite's `run` config and may change only
+`model.*` fields, so the data, its order (same seed), the steps, batch and optimizer are
+the same; parameter counts must stay within `param_tolerance` of the first arm's (they
+are reported). Each arm is evaluated on:
+  - validation NLL overall and by position (eval.py at data.seq_len),
+  - task accuracy by length (eval_tasks with the run's eval.tasks, if any),
+  - the measured median train step time (after the compiling step, from metrics.jsonl),
+  - nominal attention FLOPs per token (each mechanism's `attention_flops`, all layers).
+An interrupted comparison resumes: a finished arm is not retrained (train.py resumes
+from its workdir), and an arm whose results are saved for its last step is not
+re-evaluated. --arms picks a subset to run now; the table holds every arm with results.
+
+A suite file defines get_config(arg) returning a ConfigDict with
+  run              a run config (sparseformer.config.base_config's schema)
+  arms             ((name, {model.field: value, ...}), ...), the first is the reference
+  param_tolerance  the largest allowed relative parameter difference to the first arm
+  match_params     True: an arm more than 1% off the first arm's parameter count gets the
+                   model.mlp_dim that brings it closest (mechanism parameters such as
+                   gates and routers are paid for with MLP width); reported per arm
+  notes            Markdown shown under the table (where a paper's setting was changed)
+"""
+
+import copy
+import json
+import os
+import re
+import sys
+
+import ml_collections
+
+from sparseformer import config as config_lib
+from sparseformer.cli.args import parse_args
+from sparseformer.cli.main import configure_jax, run_command
+from sparseformer.errors import UserError, closest_match
+
+SUITE_FIELDS = ('run', 'arms', 'param_tolerance', 'match_params', 'notes')
+ARM_NAME = re.compile(r'^[a-z0-9][a-z0-9_-]*$')
+
+
+# ---------------------------------------------------------------------------------------
+# The suite and its arms
+
+
+def load_suite(spec, overrides):
+  """The suite ConfigDict of `path.py[:preset]` with --config.* overrides applied."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise UserError(f'suite file not found: {path}')
+  import importlib.util
+  module_spec = importlib.util.spec_from_file_location('_sparseformer_suite', path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    suite = module.get_config(arg or None)
+  except UserError:
+    raise
+  except Exception as e:  # a broken suite file is the user's to fix
+    raise UserError(f'cannot load suite {spec}: {type(e).__name__}: {e}') from e
+  check_suite(suite, path)
+  run_overrides = {k[len('run.'):]: v for k, v in overrides.items() if k.startswith('run.')}
+  for key, value in overrides.items():
+    if key.startswith('run.'):
+      continue
+    if key != 'param_tolerance':
+      hint = closest_match(key, ['param_tolerance'] + ['run.' + k for k in config_lib.flatten(suite.run)])
+      raise UserError(f'--config.{key}: not a suite field' + (f' (did you mean {hint!r}?)' if hint else '')
+                      + '; run fields are --config.run.FIELD')
+    suite.param_tolerance = config_lib.parse_value(key, value, float(suite.param_tolerance))
+  config_lib.apply_overrides(suite.run, run_overrides)
+  return suite
+
+
+def check_suite(suite, origin):
+  missing = [f for f in SUITE_FIELDS if f not in suite]
+  unknown = [f for f in suite if f not in SUITE_FIELDS]
+  if missing or unknown:
+    raise UserError(f'{origin}: a suite has the fields {", ".join(SUITE_FIELDS)}'
+                    + (f'; missing {missing}' if missing else '') + (f'; unknown {unknown}' if unknown else ''))
+  config_lib.check_schema(suite.run, f'{origin} (run)')
+  names = [arm[0] for arm in suite.arms]
+  if not names:
+    raise UserError(f'{origin}: the suite has no arms')
+  for arm in suite.arms:
+    if not (isinstance(arm, (tuple, list)) and len(arm) == 2 and isinstance(arm[1], dict)):
+      raise UserError(f'{origin}: arm {arm!r} is not (name, {{field: value}})')
+    if not ARM_NAME.match(arm[0]):
+      raise UserError(f'{origin}: arm name {arm[0]!r}: use lowercase letters, digits, _ and -')
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise UserError(f'{origin}: arm {repeated[0]!r} appears twice')
+  if not 0 <= suite.param_tolerance < 1:
+    raise UserError(f'{origin}: param_tolerance={suite.param_tolerance}: use a fraction in [0, 1)')
+
+
+def arm_config(run, name, changes):
+  """The run config of one arm: `run` with the arm's model fields set (typed as the schema)."""
+  cfg = copy.deepcopy(run)
+  fields = config_lib.flatten(cfg)
+  for key, value in changes.items():
+    if key not in fields:
+      raise UserError(f'arm {name}: ' + config_lib.unknown_key_message(key, 'field').split(': ', 1)[1])
+    if not key.startswith('model.'):
+      raise UserError(f'arm {name} sets {key}: arms may change only model.* fields, so that every arm trains on '
+                      'the same data, steps and optimizer (change the suite\'s run config instead)')
+    *parents, leaf = key.split('.')
+    node = cfg
+    for part in parents:
+      node = node[part]
+    current = node[leaf]
+    if isinstance(current, float) and isinstance(value, int):
+      value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+      value = tuple(value)
+    if type(value) is not type(current):
+      raise UserError(f'arm {name}: {key}={value!r}: expected {type(current).__name__}')
+    node[leaf] = value
+  try:
+    config_lib.validate(cfg)
+  except UserError as e:
+    raise UserError(f'arm {name}: {e}') from None
+  return cfg
+
+
+def selected_arms(suite, chosen):
+  names = [name for name, _ in suite.arms]
+  if not chosen:
+    return names
+  picked = [n for n in chosen.split(',') if n]
+  for name in picked:
+    if name not in names:
+      hint = closest_match(name, names)
+      raise UserError(f'--arms: no arm {name!r}' + (f' (did you mean {hint!r}?)' if hint else '')
+                      + f'; arms: {", ".join(names)}')
+  return picked
+
+
+# ---------------------------------------------------------------------------------------
+# Budget: parameters and attention FLOPs, known before training
+
+
+def arm_budget(cfg):
+  """{'params', 'attention_flops_per_token', 'layers'} without allocating the model."""
+  from sparseformer import data, sharding
+  from sparseformer.model import resolve_dims
+  from sparseformer.model.attention.base import layer_attention_flops
+  from sparseformer.training.state import model_spec
+  dims = resolve_dims(cfg.model, data.make_tokenizer(cfg.data.tokenizer).vocab_size)
+  spec = model_spec(dims, sharding.make_mesh(cfg.mesh), tuple(cfg.mesh.rules))
+  return {'params': int(spec.param_count), 'mlp_dim': int(dims.mlp_dim),
+          'attention_flops_per_token': sum(layer_attention_flops(dims, cfg.data.seq_len)),
+          'layers': list(dims.layer_mechanisms)}
+
+
+MATCH_WITHIN = 0.01
+MLP_MULTIPLE = 16
+
+
+def matched_mlp_config(cfg, name, target_params):
+  """cfg with model.mlp_dim set so its parameter count is closest to target_params (the
+  count is linear in mlp_dim). cfg itself when it is already within MATCH_WITHIN."""
+  from sparseformer.model import resolve_dims
+  from sparseformer import data
+  params = arm_budget(cfg)['params']
+  if abs(params / target_params - 1) <= MATCH_WITHIN:
+    return cfg
+  mlp = resolve_dims(cfg.model, data.make_tokenizer(cfg.data.tokenizer).vocab_size).mlp_dim
+  wider = copy.deepcopy(cfg)
+  wider.model.mlp_dim = mlp + MLP_MULTIPLE
+  per_unit = (arm_budget(wider)['params'] - params) / MLP_MULTIPLE
+  best = mlp + round((target_params - params) / per_unit / MLP_MULTIPLE) * MLP_MULTIPLE
+  if best < MLP_MULTIPLE:
+    raise UserError(f'arm {name}: no model.mlp_dim matches {target_params:,} parameters (it would be {best})')
+  matched = copy.deepcopy(cfg)
+  matched.model.mlp_dim = int(best)
+  return matched
+
+
+def check_param_budget(budgets, tolerance):
+  """UserError when an arm's parameter count is off the first arm's by more than tolerance."""
+  names = list(budgets)
+  reference = budgets[names[0]]['params']
+  for name in names[1:]:
+    difference = budgets[name]['params'] / reference - 1
+    budgets[name]['params_vs_first'] = difference
+    if abs(difference) > tolerance:
+      raise UserError(f'arm {name} has {budgets[name]["params"]:,} parameters, {difference:+.1%} against '
+                      f'{names[0]} ({reference:,}); the suite allows {tolerance:.0%} (param_tolerance). '
+                      'Resize the arm (e.g. model.mlp_dim) or raise the tolerance.')
+  budgets[names[0]]['params_vs_first'] = 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# Running one arm
+
+
+def run_arm(name, cfg, workdir, log):
+  """Trains (or resumes) the arm, evaluates it, and returns its saved results."""
+  from sparseformer.training.trainer import finished_steps, train
+  arm_dir = os.path.join(workdir, name)
+  saved = load_arm_results(arm_dir)
+  if saved is not None and saved['step'] == cfg.train.steps and saved['steps_done'] == finished_steps(
+      os.path.join(arm_dir, 'checkpoints'))[-1:]:
+    log(f'=== arm {name}: results for step {saved["step"]} are saved, not re-evaluated')
+    return saved
+  log(f'\n=== arm {name}: training in {arm_dir}')
+  train(cfg, arm_dir, log=log)
+  results = {'step': cfg.train.steps, 'steps_done': finished_steps(os.path.join(arm_dir, 'checkpoints'))[-1:],
+             'train': step_times(arm_dir), 'nll': evaluate_nll(arm_dir, log), 'tasks': None}
+  if cfg.eval.tasks:
+    results['tasks'] = evaluate_arm_tasks(arm_dir, log)
+  with open(os.path.join(arm_dir, 'compare.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def load_arm_results(arm_dir):
+  path = os.path.join(arm_dir, 'compare.json')
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def step_times(workdir):
+  """The median logged step time after the first (compiling) step, tokens/s, last loss."""
+  times, throughput, last_loss = [], [], None
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      if 'train/step_time' not in record:
+        continue
+      last_loss = record['train/loss']
+      if record['step'] > 1:
+        times.append(record['train/step_time'])
+        throughput.append(record['train/tokens_per_second'])
+  median = lambda values: sorted(values)[len(values) // 2] if values else None  # noqa: E731
+  return {'step_time_s': median(times), 'tokens_per_s': median(throughput), 'final_train_loss': last_loss}
+
+
+def run_cli(command, argv, label):
+  code = run_command(command, argv)
+  if code:
+    raise UserError(f'{label} failed (exit code {code}); see the output above')
+
+
+def evaluate_nll(arm_dir, log):
+  """eval.py on the arm's last checkpoint; its JSON (NLL overall and by position)."""
+  from sparseformer.cli.eval import eval_command
+  log(f'=== eval.py --workdir {arm_dir}')
+  run_cli(eval_command, ['--workdir', arm_dir], 'eval')
+  return newest_json(os.path.join(arm_dir, 'eval'), exclude='tasks_')
+
+
+def evaluate_arm_tasks(arm_dir, log):
+  from sparseformer.cli.eval_tasks import eval_tasks_command
+  log(f'=== python -m sparseformer.cli.eval_tasks --workdir {arm_dir}')
+  run_cli(eval_tasks_command, ['--workdir', arm_dir], 'eval_tasks')
+  return newest_json(os.path.join(arm_dir, 'eval'), include='tasks_')
+
+
+def newest_json(folder, include='', exclude=None):
+  names = [n for n in os.listdir(folder) if n.endswith('.json') and n.startswith(include)
+           and not (exclude and n.startswith(exclude))]
+  with open(os.path.join(folder, max(names, key=lambda n: os.path.getmtime(os.path.join(folder, n))))) as f:
+    return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def compare_command(argv):
+  flags, overrides = parse_args(argv, allowed=('config', 'workdir', 'arms'))
+  if flags.get('help'):
+    print(__doc__)
+    return 0
+  if 'config' not in flags or 'workdir' not in flags:
+    raise UserError('compare needs --config configs/compare/SUITE.py[:PRESET] and --workdir DIR (see --help)')
+  suite = load_suite(flags['config'], overrides)
+  names = [name for name, _ in suite.arms]
+  configs = {name: arm_config(suite.run, name, changes) for name, changes in suite.arms}
+  if suite.match_params:
+    target = arm_budget(configs[names[0]])['params']
+    configs = {name: matched_mlp_config(cfg, name, target) for name, cfg in configs.items()}
+  budgets = {name: arm_budget(configs[name]) for name in names}
+  check_param_budget(budgets, suite.param_tolerance)
+  to_run = selected_arms(suite, flags.get('arms', ''))
+  configure_jax()
+  from sparseformer import distributed
+  distributed.initialize()
+  workdir = flags['workdir']
+  os.makedirs(workdir, exist_ok=True)
+  log = print if distributed.is_main_process() else (lambda *a, **k: None)
+  for name in to_run:
+    run_arm(name, configs[name], workdir, log)
+  if distributed.is_main_process():
+    from sparseformer.cli.compare_report import write_report
+    results = collect(suite, configs, budgets, workdir, flags['config'])
+    paths = write_report(results, workdir)
+    log(open(paths['markdown']).read())
+    log('wrote ' + ', '.join(paths.values()))
+  return 0
+
+
+def collect(suite, configs, budgets, workdir, suite_spec):
+  """Every arm with saved results, in suite order, with its budget and settings."""
+  import jax
+  arms = {}
+  for name, changes in suite.arms:
+    saved = load_arm_results(os.path.join(workdir, name))
+    if saved is not None:
+      arms[name] = {**budgets[name], **saved, 'changes': changes}
+  run = suite.run
+  return {'suite': suite_spec, 'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+          'settings': {'seq_len': run.data.seq_len, 'steps': run.train.steps,
+                       'global_batch_size': run.train.global_batch_size, 'data': run.data.name,
+                       'tasks': list(run.data.tasks), 'task_fraction': run.data.task_fraction,
+                       'eval_tasks': list(run.eval.tasks), 'seed': run.seed,
+                       'param_tolerance': suite.param_tolerance},
+          'notes': suite.notes, 'arms': arms, 'run_config': ml_collections.ConfigDict(run).to_dict()}
+
+
+def main(argv=None):
+  sys.exit(run_command(compare_command, argv))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,53 @@
+"""The mechanisms of the shipped comparison suites, each at its paper's settings scaled to
+the suite's training length L (configs/compare/*.py use them; docs/compare.md explains
+every choice). Each arm is (name, {model field: value}), changes to the suite's run.
+
+  dense      every layer dense causal attention (the reference).
+  window     a causal window of L/8 keys at every layer (the sparse layers' span of the
+             others, so they are comparable).
+  masformer  MASFormer (Zhang et al., 2023): the top layer of every `hybrid_every` dense,
+             a window of L/8 below; the paper keeps a few full layers and a short span
+             elsewhere.
+  gated      SeerAttention (Gao et al., 2024): learned block gates, 64-token blocks, top-k
+             density 0.25 of the causal blocks (the paper reports 50-90% sparsity at
+             8k-32k; at our shorter rows 0.25 keeps the same order of blocks per query);
+             gate width 64 (the paper's equals the head dim, 128; ours is 64); gates
+             distilled from the dense map during training.
+  dma        Dynamic Mask Attention (Shi et al., 2025): each query keeps its top-w past
+             keys by a learned score, w = L/8 (Doge uses w = 2048 at 8k, L/4; we use the
+             window's L/8 so that dma, window and masformer keep the same number of keys).
+  routing    Routing Transformer (Roy et al., 2020): half the heads local (window L/8),
+             half routed among K = L/512 clusters (at least 2; the paper sets K = L/w
+             with a 512-token cluster window), shared QK, causal selection.
+  sse_h      SSE-H (Pan et al., 2025): sparse state expansion, N = 4 partitions, top-2,
+             in every layer but the top layer of every `hybrid_every`, which is dense
+             (the paper's SSE-H keeps a fraction of softmax layers).
+  gla_h      the same hybrid with plain gated linear attention (sse:1, no shared branch):
+             the linear-attention baseline of the SSE paper.
+"""
+
+ARM_NAMES = ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h')
+
+
+def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, gate_width=64, cluster_window=512):
+  """The arms named, in `names` order, for training rows of `seq_len` tokens."""
+  window = f'window:{max(seq_len // 8, 64)}'
+  hybrid = {'model.attention.full_kind': 'dense', 'model.attention.full_layers': f'every:{hybrid_every}'}
+  arms = {
+      'dense': {'model.attention.kind': 'dense'},
+      'window': {'model.attention.kind': window},
+      'masformer': {'model.attention.kind': window, **hybrid},
+      'gated': {'model.attention.kind': 'gated', 'model.attention.gate.density': gate_density,
+                'model.attention.gate.width': gate_width},
+      'dma': {'model.attention.kind': f'dynamic_mask:{max(seq_len // 8, 64)}'},
+      'routing': {'model.attention.kind': f'routing:{max(seq_len // cluster_window, 2)}',
+                  'model.attention.routing.local_window': max(seq_len // 8, 64)},
+      'sse_h': {'model.attention.kind': 'sse:4', 'model.attention.sse.top_k': 2,
+                'model.attention.sse.mode': 'varlen', **hybrid},
+      'gla_h': {'model.attention.kind': 'sse:1', 'model.attention.sse.top_k': 1,
+                'model.attention.sse.shared': False, **hybrid},
+  }
+  unknown = [n for n in names if n not in arms]
+  if unknown:
+    raise ValueError(f'unknown arms {unknown}; known: {", ".join(ARM_NAMES)}')
+  return tuple((name, arms[name]) for name in names)

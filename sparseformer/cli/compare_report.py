@@ -1,0 +1,166 @@
+"""The comparison's outputs: results.json, the Markdown table and the frontier plot."""
+
+import json
+import os
+
+
+def fmt(value, spec='.4f'):
+  return 'n/a' if value is None else format(value, spec)
+
+
+def describe_layers(layers):
+  """['window:64', 'window:64', 'dense'] -> 'window:64 x2, dense'; runs in layer order."""
+  runs = []
+  for spec in layers:
+    if runs and runs[-1][0] == spec:
+      runs[-1][1] += 1
+    else:
+      runs.append([spec, 1])
+  return ', '.join(spec if count == 1 else f'{spec} x{count}' for spec, count in runs)
+
+
+def task_accuracies(arm):
+  """{(task, length): accuracy} of an arm's task evaluation (empty without one)."""
+  tasks = (arm.get('tasks') or {}).get('tasks', {})
+  return {(task, int(length)): per_length['accuracy']
+          for task, per_task in tasks.items() for length, per_length in per_task['lengths'].items()}
+
+
+def mean_task_accuracy(arm):
+  accuracies = task_accuracies(arm)
+  return sum(accuracies.values()) / len(accuracies) if accuracies else None
+
+
+def last_bucket_nll(arm):
+  buckets = [b for b in arm['nll']['position_buckets'] if b['nll'] is not None]
+  return buckets[-1] if buckets else None
+
+
+def summary_table(results):
+  arms = results['arms']
+  task_keys = sorted({key for arm in arms.values() for key in task_accuracies(arm)})
+  tasks = sorted({task for task, _ in task_keys})
+  header = ['arm', 'layers', 'params (vs first)', 'attention MFLOP/token', 'step ms', 'val NLL',
+            'NLL at the last positions'] + [f'{task} acc' for task in tasks]
+  lines = ['| ' + ' | '.join(header) + ' |', '| --- ' * len(header) + '|']
+  for name, arm in arms.items():
+    last = last_bucket_nll(arm)
+    per_task = []
+    for task in tasks:
+      values = [a for (t, _), a in task_accuracies(arm).items() if t == task]
+      per_task.append(fmt(sum(values) / len(values), '.3f') if values else 'n/a')
+    step = arm['train']['step_time_s']
+    cells = [name, describe_layers(arm['layers']),
+             f'{arm["params"] / 1e6:.2f}M ({arm["params_vs_first"]:+.1%})',
+             fmt(arm['attention_flops_per_token'] / 1e6, '.2f'), fmt(step * 1e3 if step else None, '.1f'),
+             fmt(arm['nll']['nll']), f'{fmt(last["nll"])} [{last["start"]}, {last["end"]})' if last else 'n/a']
+    lines.append('| ' + ' | '.join(cells + per_task) + ' |')
+  return '\n'.join(lines)
+
+
+def task_length_table(results):
+  """Accuracy of every arm per (task, length); '' when no arm was scored on tasks."""
+  arms = results['arms']
+  keys = sorted({key for arm in arms.values() for key in task_accuracies(arm)})
+  if not keys:
+    return ''
+  header = ['arm'] + [f'{task} @ {length}' for task, length in keys]
+  lines = ['| ' + ' | '.join(header) + ' |', '| --- ' * len(header) + '|']
+  for name, arm in arms.items():
+    accuracies = task_accuracies(arm)
+    lines.append('| ' + ' | '.join([name] + [fmt(accuracies.get(key), '.3f') for key in keys]) + ' |')
+  return '\n'.join(lines)
+
+
+def position_table(results):
+  """Validation NLL by position bucket, one column per arm."""
+  arms = results['arms']
+  names = list(arms)
+  first = arms[names[0]]['nll']['position_buckets']
+  lines = ['| positions | ' + ' | '.join(names) + ' |', '| --- ' * (len(names) + 1) + '|']
+  for index, bucket in enumerate(first):
+    cells = [fmt(arms[n]['nll']['position_buckets'][index]['nll']) for n in names]
+    lines.append(f'| [{bucket["start"]}, {bucket["end"]}) | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def report_markdown(results):
+  s = results['settings']
+  if not results['arms']:
+    return f'Suite `{results["suite"]}`: no arm has results yet.\n'
+  parts = [f'Suite `{results["suite"]}` on {results["device"]}: {s["steps"]} steps x {s["global_batch_size"]} x '
+           f'{s["seq_len"]} tokens, seed {s["seed"]}, data {s["data"]}'
+           + (f' with {s["task_fraction"]:.0%} task rows ({", ".join(s["tasks"])})' if s['tasks'] else '')
+           + '. Attention FLOPs: nominal forward FLOPs per token of all layers\' attention (scores and values, '
+           'projections excluded). Step time: median measured train step after compilation.',
+           '', summary_table(results)]
+  for title, table in (('Task accuracy by length (exact match of the greedy answer)', task_length_table(results)),
+                       ('Validation NLL by position (nats/token)', position_table(results))):
+    if table:
+      parts += ['', f'**{title}**', '', table]
+  if results['notes']:
+    parts += ['', results['notes'].strip()]
+  return '\n'.join(parts) + '\n'
+
+
+def quality(arm):
+  """(value, label, higher is better) of the frontier's y axis: mean task accuracy if the
+  suite scores tasks, else validation NLL."""
+  accuracy = mean_task_accuracy(arm)
+  if accuracy is not None:
+    return accuracy, 'mean task accuracy', True
+  return arm['nll']['nll'], 'validation NLL (nats/token)', False
+
+
+def frontier(points, higher_is_better):
+  """The points no other point beats on both cost (lower) and quality, sorted by cost."""
+  best, kept = None, []
+  for cost, value, name in sorted(points):
+    if best is None or (value > best if higher_is_better else value < best):
+      kept.append((cost, value, name))
+      best = value
+  return kept
+
+
+def plot_frontier(results, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  arms = results['arms']
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  label, higher = None, True
+  for ax, (cost_name, cost_of) in zip(axes, (
+      ('attention MFLOP per token (forward, all layers)', lambda a: a['attention_flops_per_token'] / 1e6),
+      ('train step time (ms, median)', lambda a: (a['train']['step_time_s'] or float('nan')) * 1e3))):
+    points = []
+    for name, arm in arms.items():
+      value, label, higher = quality(arm)
+      points.append((cost_of(arm), value, name))
+      ax.scatter([cost_of(arm)], [value], s=36)
+      ax.annotate(name, (cost_of(arm), value), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    line = frontier([p for p in points if p[0] == p[0]], higher)
+    if len(line) > 1:
+      ax.plot([p[0] for p in line], [p[1] for p in line], '--', color='grey', lw=1)
+    ax.set_xscale('log')
+    ax.set_xlabel(cost_name)
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  fig.suptitle(f'{results["suite"]}: quality against cost ({"higher" if higher else "lower"} is better)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_report(results, workdir):
+  """DIR/results.json, results.md and frontier.png; returns their paths."""
+  paths = {name: os.path.join(workdir, file) for name, file in (
+      ('json', 'results.json'), ('markdown', 'results.md'), ('plot', 'frontier.png'))}
+  with open(paths['json'], 'w') as f:
+    json.dump(results, f, indent=2)
+  with open(paths['markdown'], 'w') as f:
+    f.write(report_markdown(results))
+  if results['arms']:
+    plot_frontier(results, paths['plot'])
+  else:
+    del paths['plot']
+  return paths

@@ -1,0 +1,110 @@
+"""The comparison command: suites, equal budgets, and the :quick preset end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sparseformer.cli import compare
+from sparseformer.cli.compare_report import describe_layers, frontier
+from sparseformer.errors import UserError
+from tests.train_helpers import ROOT, child_env
+
+MQAR_SUITE = os.path.join(ROOT, 'configs', 'compare', 'mqar.py')
+RETRIEVAL_SUITE = os.path.join(ROOT, 'configs', 'compare', 'retrieval.py')
+
+
+def quick_suite():
+  return compare.load_suite(MQAR_SUITE + ':quick', {})
+
+
+def test_arms_may_change_only_the_model():
+  suite = quick_suite()
+  with pytest.raises(UserError, match='only model'):
+    compare.arm_config(suite.run, 'faster', {'train.steps': 1})
+  with pytest.raises(UserError, match='did you mean'):
+    compare.arm_config(suite.run, 'typo', {'model.attention.kindd': 'dense'})
+  with pytest.raises(UserError, match='expected str'):
+    compare.arm_config(suite.run, 'typed', {'model.attention.kind': 3})
+  with pytest.raises(UserError, match='arm bad: model.attention.kind'):
+    compare.arm_config(suite.run, 'bad', {'model.attention.kind': 'window'})
+
+
+def test_parameter_budgets_are_enforced_and_matched():
+  suite = quick_suite()
+  run = suite.run
+  dense = compare.arm_config(run, 'dense', {})
+  wide = compare.arm_config(run, 'wide', {'model.mlp_dim': 512})
+  budgets = {'dense': compare.arm_budget(dense), 'wide': compare.arm_budget(wide)}
+  with pytest.raises(UserError, match=r'arm wide has .* parameters, \+\d'):
+    compare.check_param_budget(budgets, 0.03)
+  matched = compare.matched_mlp_config(wide, 'wide', budgets['dense']['params'])
+  assert abs(compare.arm_budget(matched)['params'] / budgets['dense']['params'] - 1) <= compare.MATCH_WITHIN
+  gated = compare.arm_config(run, 'gated', {'model.attention.kind': 'gated', 'model.attention.gate.width': 128})
+  assert compare.arm_budget(gated)['params'] > budgets['dense']['params'] * 1.03  # the gate costs parameters
+  matched = compare.matched_mlp_config(gated, 'gated', budgets['dense']['params'])
+  assert matched.model.mlp_dim < compare.arm_budget(gated)['mlp_dim']
+
+
+def test_suite_overrides_and_errors(tmp_path):
+  suite = compare.load_suite(MQAR_SUITE + ':quick', {'run.train.steps': '7', 'param_tolerance': '0.2'})
+  assert suite.run.train.steps == 7 and suite.param_tolerance == 0.2
+  with pytest.raises(UserError, match='run fields are --config.run.FIELD'):
+    compare.load_suite(MQAR_SUITE + ':quick', {'train.steps': '7'})
+  with pytest.raises(UserError, match='no arm'):
+    compare.selected_arms(suite, 'dense,windw')
+  broken = tmp_path / 'broken.py'
+  broken.write_text('import ml_collections\ndef get_config(arg=None):\n  c = ml_collections.ConfigDict()\n'
+                    '  c.arms = ()\n  return c\n')
+  with pytest.raises(UserError, match='missing'):
+    compare.load_suite(str(broken), {})
+
+
+@pytest.mark.parametrize('suite', [MQAR_SUITE, RETRIEVAL_SUITE])
+def test_shipped_suites_hold_equal_budgets(suite):
+  """Every arm of the full suites validates and stays within the parameter tolerance
+  once matched (no training: abstract shapes only)."""
+  loaded = compare.load_suite(suite, {})
+  configs = {name: compare.arm_config(loaded.run, name, changes) for name, changes in loaded.arms}
+  assert set(configs) == {'dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h'}
+  target = compare.arm_budget(configs['dense'])['params']
+  budgets = {n: compare.arm_budget(compare.matched_mlp_config(c, n, target)) for n, c in configs.items()}
+  compare.check_param_budget(budgets, loaded.param_tolerance)
+  flops = {n: b['attention_flops_per_token'] for n, b in budgets.items()}
+  assert min(flops, key=flops.get) != 'dense' and max(flops, key=flops.get) == 'dense'
+
+
+def test_frontier_keeps_only_undominated_points():
+  points = [(1.0, 0.5, 'a'), (2.0, 0.4, 'b'), (3.0, 0.9, 'c'), (4.0, 0.9, 'd')]
+  assert [p[2] for p in frontier(points, higher_is_better=True)] == ['a', 'c']
+  assert [p[2] for p in frontier(points, higher_is_better=False)] == ['a', 'b']
+  assert describe_layers(['window:64', 'window:64', 'dense']) == 'window:64 x2, dense'
+
+
+def run_compare(argv, timeout=400):
+  return subprocess.run([sys.executable, '-m', 'sparseformer.cli.compare', *argv], env=child_env(), cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.time_limit(600)
+def test_quick_comparison_trains_two_arms_and_writes_the_table_and_plot(tmp_path, data_dir):
+  workdir = tmp_path / 'compare'
+  argv = ['--config', MQAR_SUITE + ':quick', '--workdir', str(workdir), f'--config.run.data.data_dir={data_dir}']
+  done = run_compare(argv)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  results = json.loads((workdir / 'results.json').read_text())
+  assert list(results['arms']) == ['dense', 'window']
+  for name, arm in results['arms'].items():
+    assert (workdir / name / 'checkpoints' / '3').is_dir()
+    assert arm['train']['step_time_s'] > 0 and arm['nll']['nll'] > 0
+    assert arm['tasks'] is not None and arm['attention_flops_per_token'] > 0
+  assert results['arms']['window']['attention_flops_per_token'] < results['arms']['dense']['attention_flops_per_token']
+  table = (workdir / 'results.md').read_text()
+  assert '| dense |' in table and '| window |' in table and 'mqar' in table
+  assert (workdir / 'frontier.png').stat().st_size > 1000
+  # A rerun trains and evaluates nothing again.
+  again = run_compare(argv)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count('are saved, not re-evaluated') == 2
