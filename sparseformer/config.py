@@ -464,8 +464,23 @@ def validate_optimizer(t):
 
 
 def validate_eval(e):
-  for field in ('seq_len', 'batch_size', 'max_batches', 'step'):
+  for field in ('seq_len', 'batch_size', 'max_batches', 'step', 'task_batch_size'):
     require(e[field] >= 0, f'eval.{field}={e[field]}: use a value > 0, or 0 (the default)')
+  for length in e.task_lengths:
+    require(isinstance(length, int) and length > 0,
+            f'eval.task_lengths={tuple(e.task_lengths)!r}: use lengths in tokens > 0')
+  require(e.task_depths >= 1, f'eval.task_depths={e.task_depths}: use a count >= 1 (1: depth 0 only)')
+  require(e.task_samples >= 1, f'eval.task_samples={e.task_samples}: use a count >= 1')
+  require(isinstance(e.tasks, (tuple, list)) and all(isinstance(spec, str) for spec in e.tasks),
+          f'eval.tasks={e.tasks!r}: use a tuple of task specs, e.g. (\'passkey\', \'mqar:pairs=64\')')
+  if e.tasks:
+    from sparseformer.evaluation import tasks as _registered  # noqa: F401  (registers the generators)
+    from sparseformer.evaluation.tasks.base import parse_task_spec
+    for i, spec in enumerate(e.tasks):
+      try:
+        parse_task_spec(spec)
+      except UserError as error:
+        raise UserError(f'eval.tasks[{i}]: {error}') from None
 
 
 def mesh_rules_problem(rules):

@@ -27,20 +27,23 @@ def load_run_config(workdir):
     return config_lib.from_json(f.read(), path)
 
 
-def eval_command(argv):
+def workdir_config(argv, doc, command):
+  """The workdir and its run's config with the --config.* overrides of `argv`
+  (`--workdir DIR [--config.a.b=v ...]`), or None after printing `doc` for --help."""
   flags, overrides = parse_args(argv, allowed=('workdir',))
   if flags.get('help'):
-    print(__doc__)
-    return 0
+    print(doc)
+    return None
   if 'workdir' not in flags:
-    raise UserError('eval needs --workdir DIR (see --help)')
+    raise UserError(f'{command} needs --workdir DIR (see --help)')
   workdir = flags['workdir']
   cfg = load_run_config(workdir)
   config_lib.apply_overrides(cfg, overrides)
-  split, seq_len, batch_size = config_lib.eval_settings(cfg)
-  configure_jax()
-  distributed.initialize()  # as train.py: several processes or a no-op
-  setup = prepare_run(cfg, seq_lens=[(seq_len, batch_size, 1)])
+  return workdir, cfg
+
+
+def restore_checkpoint(workdir, cfg, setup):
+  """(step, model arrays) of the run's checkpoint at eval.step, or its latest."""
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   steps = finished_steps(checkpoint_dir)
   if not steps:
@@ -49,7 +52,23 @@ def eval_command(argv):
   if step not in steps:
     raise UserError(f'no checkpoint for step {step}; available: {steps}')
   checkpointer = Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep, async_save=False, read_only=True)
-  model = checkpointer.restore_model(step, abstract_model_arrays(setup.spec))
+  return step, checkpointer.restore_model(step, abstract_model_arrays(setup.spec))
+
+
+def start_devices():
+  configure_jax()
+  distributed.initialize()  # as train.py: several processes or a no-op
+
+
+def eval_command(argv):
+  loaded = workdir_config(argv, __doc__, 'eval')
+  if loaded is None:
+    return 0
+  workdir, cfg = loaded
+  split, seq_len, batch_size = config_lib.eval_settings(cfg)
+  start_devices()
+  setup = prepare_run(cfg, seq_lens=[(seq_len, batch_size, 1)])
+  step, model = restore_checkpoint(workdir, cfg, setup)
   process_index, process_count = process_info()
   batches = data.eval_batches(cfg.data, split=split, seq_len=seq_len, batch_size=batch_size // process_count,
                               process_index=process_index, process_count=process_count,
