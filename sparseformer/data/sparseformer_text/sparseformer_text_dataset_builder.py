@@ -11,51 +11,18 @@ is also the example key. Examples are stored in corpus order (no TFDS shuffling)
 training pipeline shuffles on its own, and evaluation reads in a predictable order.
 """
 
-import pathlib
 import re
 
 import tensorflow_datasets as tfds
 
+from sparseformer.data.corpora_text import CORPORA, VALIDATION_BOOKS, read_text, strip_gutenberg  # noqa: F401
 from sparseformer.errors import UserError
 
-CORPORA = pathlib.Path(__file__).resolve().parent.parent / 'corpora'
 SPLITS = ('train', 'validation')
 PASSAGE_BYTES = 4096
-VALIDATION_BOOKS = ('pg9198', 'pg20249')
 
 # One or more blank (or whitespace-only) lines after the end of a line.
 _BLANK_LINES = re.compile(r'\n(?:[ \t]*\n)+')
-# Some files wrap the title, so the closing *** of the START marker may be a line later.
-_START = re.compile(r'^\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG[^*]{0,400}\*\*\*[^\n]*$',
-                    re.MULTILINE | re.IGNORECASE)
-# Older files put an "End of the Project Gutenberg EBook of ..." line before the marker.
-_END = re.compile(r'^(?:\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg)',
-                  re.MULTILINE | re.IGNORECASE)
-
-
-def read_text(path):
-  """The file as str: UTF-8 when it decodes as such, else ISO-8859-1 (older Gutenberg
-  files); a BOM is dropped and line ends are normalised to \\n."""
-  if not path.is_file():
-    raise UserError(f'corpus file {path} is missing')
-  raw = path.read_bytes()
-  try:
-    text = raw.decode('utf-8-sig')
-  except UnicodeDecodeError:
-    text = raw.decode('iso-8859-1')
-  text = text.replace('\r\n', '\n').replace('\r', '\n')
-  if not text.strip():
-    raise UserError(f'corpus file {path} is empty')
-  return text
-
-
-def strip_gutenberg(text):
-  """The book between the START and END marker lines; the whole text if a marker is missing."""
-  start = _START.search(text)
-  body_start = start.end() if start else 0
-  end = _END.search(text, body_start)
-  body = text[body_start:end.start() if end else len(text)]
-  return body.strip() + '\n'
 
 
 def passages(text, target_bytes=PASSAGE_BYTES):
