@@ -250,7 +250,7 @@ def test_eval_tasks_command_end_to_end(tmp_path, data_dir, capsys):
   out = capsys.readouterr().out
   assert 'test_needle' in out and 'wrote' in out
   report = json.loads((workdir / 'eval' / 'tasks_step3.json').read_text())
-  assert report['step'] == 3 and report['settings']['lengths'] == [40, 150]
+  assert report['step'] == 3 and report['settings']['lengths'] == [40, 150] and report['rope']['scaling'] == 'none'
   assert np.array(report['tasks']['test_needle']['grid']).shape == (2, 2)
   assert np.array(report['tasks']['test_plain']['grid']).shape == (2, 1)
   for task in ('test_needle', 'test_plain'):

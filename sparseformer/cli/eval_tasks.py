@@ -57,7 +57,8 @@ def eval_tasks_command(argv):
           f'positions are not clipped (model.rope.scaling={cfg.model.rope.scaling!r})')
   results = task_eval.evaluate_tasks(cfg, logprob_fn, setup.tokenizer, row_multiple=multiple,
                                      log=lambda message: print(message, flush=True))
-  results.update(step=step, dataset=cfg.data.name, train_seq_len=cfg.data.seq_len)
+  results.update(step=step, dataset=cfg.data.name, train_seq_len=cfg.data.seq_len, rope=cfg.model.rope.to_dict(),
+                 attention=cfg.model.attention.kind)
   print(f'step {step}: exact-match accuracy ({settings["samples"]} examples per task, length and depth)')
   for line in task_eval.format_table(results):
     print('  ' + line)
