@@ -1,6 +1,7 @@
 """RULER's common words extraction (cwe): a numbered list of words in which `common`
 words appear `freq_common` times each (default: RULER's 30, fewer at short lengths)
-and as many other words as fit the budget `freq_rare` times each, shuffled; the question asks for the common words.
+and as many other words as fit the budget `freq_rare` times each, shuffled; the
+question asks for the common words.
 
   Below is a numbered list of words. ... 1. garden 2. lantern 3. meadow ...
   Question: What are the 10 most common words in the above list? Answer: The top 10

@@ -23,7 +23,7 @@ import numpy as np
 
 from sparseformer.data import corpora_text
 from sparseformer.errors import UserError
-from sparseformer.evaluation.tasks.base import Example, Piece
+from sparseformer.evaluation.tasks.base import Example, Piece, token_count
 
 MAX_PIECE_CHARS = 300
 # A cut piece backs off to the last word boundary when that loses at most this many characters.
@@ -78,10 +78,6 @@ def book_words(split):
     for sentence in sentences:
       words.update(re.findall(r'\b[a-z]{3,12}\b', sentence))
   return tuple(sorted(words))
-
-
-def token_count(tokenizer, text):
-  return len(tokenizer.encode(text))
 
 
 def longest_prefix(tokenizer, text, budget):
