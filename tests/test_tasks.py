@@ -264,3 +264,14 @@ def test_sentencepiece_tokenizer(tmp_path):
         start, end = queried_needle(example, encoded)
         piece = max(len(tokenizer.encode(p.text)) for p in example.pieces if p.role == 'filler')
         assert abs(start - (1 + 0.5 * (encoded.context_tokens - 1 - (end - start)))) <= piece
+
+
+@pytest.mark.parametrize('task', DEPTH_TASKS)
+def test_depth_moves_the_same_draw(task):
+  """Example i at another depth is the same needles and haystack, moved (docs/tasks.md)."""
+  examples = [tasks.make_example(task, BYTES, 4096, seed=1, index=4, depth=d, split='validation')
+              for d in (0.0, 0.6, 1.0)]
+  assert len({''.join(pieces_of(e, 'filler')) for e in examples}) == 1
+  for role in ('needle', 'question', 'answer'):  # multi-needle tasks: another order
+    assert len({tuple(sorted(pieces_of(e, role))) for e in examples}) == 1, role
+  assert len({e.context for e in examples}) == 3

@@ -12,7 +12,7 @@ list; past the books' vocabulary, word pairs joined by '-' take over). The answe
 the common words in order of first appearance, one answer piece each, each after a ' '
 question piece. No book filler and no depth (nan). The list's numbers and words are
 pieces of their own, so the token count is exact for any tokenizer; the list falls short
-of the budget by less than one rare word's `freq_rare` items.
+of the budget by less than one (short) rare word's `freq_rare` items.
 """
 
 import math
@@ -44,6 +44,7 @@ class WordSource:
 
 
 AUTO_FREQ_COMMON = 30  # RULER's freq_cw
+MAX_MISSES = 20  # rare words tried after the list is full
 
 
 @register('common_words')
@@ -81,12 +82,15 @@ def common_words(rng, tokenizer, length, depth, split, common=10, freq_common=0,
   if total > length:
     raise haystack.too_short('common_words', length, total,
                              f'the {common} common words x {frequency}, question and answers')
-  items, rare = common * frequency, []
-  while True:
-    word = words[common + len(rare)]
+  # Rare words while they fit; past the first that does not, shorter ones may still fit.
+  items, rare, candidate, misses = common * frequency, [], common, 0
+  while misses < MAX_MISSES:
+    word = words[candidate]
+    candidate += 1
     cost = freq_rare * count(word + ' ') + numbers(items + freq_rare) - numbers(items)
     if total + cost > length:
-      break
+      misses += 1
+      continue
     total += cost
     items += freq_rare
     rare.append(word)
