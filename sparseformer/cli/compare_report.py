@@ -20,9 +20,11 @@ def describe_layers(layers):
 
 
 def task_accuracies(arm):
-  """{(task, length): accuracy} of an arm's task evaluation (empty without one)."""
+  """{(task, length): score} of an arm's task evaluation (empty without one). The score is
+  the fraction of answers exactly right (RULER's string_match_all; for MQAR, Zoology's
+  per-query accuracy); for one-answer tasks it is the exact-match accuracy."""
   tasks = (arm.get('tasks') or {}).get('tasks', {})
-  return {(task, int(length)): per_length['accuracy']
+  return {(task, int(length)): per_length['score']
           for task, per_task in tasks.items() for length, per_length in per_task['lengths'].items()}
 
 
@@ -41,7 +43,7 @@ def summary_table(results):
   task_keys = sorted({key for arm in arms.values() for key in task_accuracies(arm)})
   tasks = sorted({task for task, _ in task_keys})
   header = ['arm', 'layers', 'params (vs first)', 'attention MFLOP/token', 'step ms', 'val NLL',
-            'NLL at the last positions'] + [f'{task} acc' for task in tasks]
+            'NLL at the last positions'] + [f'{task} score' for task in tasks]
   lines = ['| ' + ' | '.join(header) + ' |', '| --- ' * len(header) + '|']
   for name, arm in arms.items():
     last = last_bucket_nll(arm)
@@ -94,7 +96,7 @@ def report_markdown(results):
            + '. Attention FLOPs: nominal forward FLOPs per token of all layers\' attention (scores and values, '
            'projections excluded). Step time: median measured train step after compilation.',
            '', summary_table(results)]
-  for title, table in (('Task accuracy by length (exact match of the greedy answer)', task_length_table(results)),
+  for title, table in (('Task score by length (fraction of answers whose greedy decoding is exact)', task_length_table(results)),
                        ('Validation NLL by position (nats/token)', position_table(results))):
     if table:
       parts += ['', f'**{title}**', '', table]
@@ -108,7 +110,7 @@ def quality(arm):
   suite scores tasks, else validation NLL."""
   accuracy = mean_task_accuracy(arm)
   if accuracy is not None:
-    return accuracy, 'mean task accuracy', True
+    return accuracy, 'mean task score', True
   return arm['nll']['nll'], 'validation NLL (nats/token)', False
 
 
