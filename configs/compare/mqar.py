@@ -76,6 +76,7 @@ def get_config(arg=None):
                           ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h'))
   suite.param_tolerance = 0.03
   suite.match_params = True
+  suite.score_nll = False
   suite.notes = ('Arms at their papers\' settings scaled to the row length: sparseformer/cli/compare_arms.py and '
                  'docs/compare.md. MQAR keys are 2-byte codes (Zoology: one token).')
   return suite

@@ -28,6 +28,8 @@ A suite file defines get_config(arg) returning a ConfigDict with
   match_params     True: an arm more than 1% off the first arm's parameter count gets the
                    model.mlp_dim that brings it closest (mechanism parameters such as
                    gates and routers are paid for with MLP width); reported per arm
+  score_nll        False: leave out the validation NLL (task-only suites, where the run's
+                   dataset is not what the arms learned)
   notes            Markdown shown under the table (where a paper's setting was changed)
 """
 
@@ -44,7 +46,7 @@ from sparseformer.cli.args import parse_args
 from sparseformer.cli.main import configure_jax, run_command
 from sparseformer.errors import UserError, closest_match
 
-SUITE_FIELDS = ('run', 'arms', 'param_tolerance', 'match_params', 'notes')
+SUITE_FIELDS = ('run', 'arms', 'param_tolerance', 'match_params', 'score_nll', 'notes')
 ARM_NAME = re.compile(r'^[a-z0-9][a-z0-9_-]*$')
 
 
@@ -204,19 +206,31 @@ def check_param_budget(budgets, tolerance):
 # Running one arm
 
 
-def run_arm(name, cfg, workdir, log):
-  """Trains (or resumes) the arm, evaluates it, and returns its saved results."""
-  from sparseformer.training.trainer import finished_steps, train
+class ArmStopped(Exception):
+  """Training stopped before the last step (SIGTERM): the arm's checkpoint is saved."""
+
+
+def last_checkpoint(arm_dir):
+  from sparseformer.training.trainer import finished_steps
+  return (finished_steps(os.path.join(arm_dir, 'checkpoints')) or [None])[-1]
+
+
+def run_arm(name, cfg, workdir, log, score_nll=True):
+  """Trains (or resumes) the arm, evaluates it, and returns its saved results; ArmStopped
+  when a SIGTERM stopped the training (nothing is evaluated then)."""
+  from sparseformer.training.trainer import train
   arm_dir = os.path.join(workdir, name)
   saved = load_arm_results(arm_dir)
-  if saved is not None and saved['step'] == cfg.train.steps and saved['steps_done'] == finished_steps(
-      os.path.join(arm_dir, 'checkpoints'))[-1:]:
+  if saved is not None and saved['step'] == cfg.train.steps == last_checkpoint(arm_dir):
     log(f'=== arm {name}: results for step {saved["step"]} are saved, not re-evaluated')
     return saved
   log(f'\n=== arm {name}: training in {arm_dir}')
   train(cfg, arm_dir, log=log)
-  results = {'step': cfg.train.steps, 'steps_done': finished_steps(os.path.join(arm_dir, 'checkpoints'))[-1:],
-             'train': step_times(arm_dir), 'nll': evaluate_nll(arm_dir, log), 'tasks': None}
+  step = last_checkpoint(arm_dir)
+  if step != cfg.train.steps:
+    raise ArmStopped(f'arm {name} stopped at step {step} of {cfg.train.steps}; relaunch the same command to go on')
+  results = {'step': step, 'train': step_times(arm_dir), 'nll': evaluate_nll(arm_dir, log) if score_nll else None,
+             'tasks': None}
   if cfg.eval.tasks:
     results['tasks'] = evaluate_arm_tasks(arm_dir, log)
   with open(os.path.join(arm_dir, 'compare.json'), 'w') as f:
@@ -301,14 +315,20 @@ def compare_command(argv):
   workdir = flags['workdir']
   os.makedirs(workdir, exist_ok=True)
   log = print if distributed.is_main_process() else (lambda *a, **k: None)
-  for name in to_run:
-    run_arm(name, configs[name], workdir, log)
+  stopped = None
+  try:
+    for name in to_run:
+      run_arm(name, configs[name], workdir, log, suite.score_nll)
+  except ArmStopped as e:
+    stopped = str(e)
   if distributed.is_main_process():
     from sparseformer.cli.compare_report import write_report
     results = collect(suite, configs, budgets, workdir, flags['config'])
     paths = write_report(results, workdir)
     log(open(paths['markdown']).read())
     log('wrote ' + ', '.join(paths.values()))
+  if stopped:
+    log(stopped)
   return 0
 
 

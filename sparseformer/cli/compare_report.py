@@ -34,6 +34,8 @@ def mean_task_accuracy(arm):
 
 
 def last_bucket_nll(arm):
+  if not arm['nll']:
+    return None
   buckets = [b for b in arm['nll']['position_buckets'] if b['nll'] is not None]
   return buckets[-1] if buckets else None
 
@@ -55,7 +57,7 @@ def summary_table(results):
     cells = [name, describe_layers(arm['layers']),
              f'{arm["params"] / 1e6:.2f}M ({arm["params_vs_first"]:+.1%})',
              fmt(arm['attention_flops_per_token'] / 1e6, '.2f'), fmt(step * 1e3 if step else None, '.1f'),
-             fmt(arm['nll']['nll']), f'{fmt(last["nll"])} [{last["start"]}, {last["end"]})' if last else 'n/a']
+             fmt(arm['nll']['nll'] if arm['nll'] else None), f'{fmt(last["nll"])} [{last["start"]}, {last["end"]})' if last else 'n/a']
     lines.append('| ' + ' | '.join(cells + per_task) + ' |')
   return '\n'.join(lines)
 
@@ -76,7 +78,9 @@ def task_length_table(results):
 
 def position_table(results):
   """Validation NLL by position bucket, one column per arm."""
-  arms = results['arms']
+  arms = {name: arm for name, arm in results['arms'].items() if arm['nll']}
+  if not arms:
+    return ''
   names = list(arms)
   first = arms[names[0]]['nll']['position_buckets']
   lines = ['| positions | ' + ' | '.join(names) + ' |', '| --- ' * (len(names) + 1) + '|']
@@ -111,7 +115,7 @@ def quality(arm):
   accuracy = mean_task_accuracy(arm)
   if accuracy is not None:
     return accuracy, 'mean task score', True
-  return arm['nll']['nll'], 'validation NLL (nats/token)', False
+  return (arm['nll']['nll'] if arm['nll'] else float('nan')), 'validation NLL (nats/token)', False
 
 
 def frontier(points, higher_is_better):
