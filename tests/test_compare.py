@@ -112,6 +112,7 @@ def test_quick_comparison_trains_two_arms_and_writes_the_table_and_plot(tmp_path
   for name, arm in results['arms'].items():
     assert (workdir / name / 'checkpoints' / '3').is_dir()
     assert arm['train']['step_time_s'] > 0 and arm['nll'] is None  # the MQAR suite scores no NLL
+    assert 0 <= arm['train']['data_time_s'] < arm['train']['step_time_s'] and arm['train']['compute_time_s'] > 0
     assert arm['tasks'] is not None and arm['attention_flops_per_token'] > 0
   assert results['arms']['window']['attention_flops_per_token'] < results['arms']['dense']['attention_flops_per_token']
   table = (workdir / 'results.md').read_text()

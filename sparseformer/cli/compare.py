@@ -15,7 +15,8 @@ the same; parameter counts must stay within `param_tolerance` of the first arm's
 are reported). Each arm is evaluated on:
   - validation NLL overall and by position (eval.py at data.seq_len),
   - task accuracy by length (eval_tasks with the run's eval.tasks, if any),
-  - the measured median train step time (after the compiling step, from metrics.jsonl),
+  - the measured median train step time without input stalls (after the compiling
+    step, from metrics.jsonl: step_time - data_time; both are reported),
   - nominal attention FLOPs per token (each mechanism's `attention_flops`, all layers).
 An interrupted comparison resumes: a finished arm is not retrained (train.py resumes
 from its workdir), and an arm whose results are saved for its last step is not
@@ -247,8 +248,10 @@ def load_arm_results(arm_dir):
 
 
 def step_times(workdir):
-  """The median logged step time after the first (compiling) step, tokens/s, last loss."""
-  times, throughput, last_loss = [], [], None
+  """Medians over the logged steps after the first (compiling) one: the step time, the
+  part of it spent waiting for input (data_time), the step without that wait
+  (compute_time, the comparison's time axis), tokens/s; and the last loss."""
+  records, last_loss = [], None
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     for line in f:
       record = json.loads(line)
@@ -256,10 +259,12 @@ def step_times(workdir):
         continue
       last_loss = record['train/loss']
       if record['step'] > 1:
-        times.append(record['train/step_time'])
-        throughput.append(record['train/tokens_per_second'])
+        records.append(record)
   median = lambda values: sorted(values)[len(values) // 2] if values else None  # noqa: E731
-  return {'step_time_s': median(times), 'tokens_per_s': median(throughput), 'final_train_loss': last_loss}
+  data = [r.get('train/data_time', 0.0) for r in records]
+  return {'step_time_s': median([r['train/step_time'] for r in records]), 'data_time_s': median(data),
+          'compute_time_s': median([r['train/step_time'] - d for r, d in zip(records, data)]),
+          'tokens_per_s': median([r['train/tokens_per_second'] for r in records]), 'final_train_loss': last_loss}
 
 
 def run_cli(command, argv, label):

@@ -160,7 +160,9 @@ class TrainLoop:
     while step < t.steps:
       if PAUSE_AFTER_STEP and step == PAUSE_AFTER_STEP:
         self.pause(step)
+      data_start = time.perf_counter()
       batch = next(self.iterator)
+      data_time = time.perf_counter() - data_start
       data_state = self.iterator.get_state()
       device_batch = {k: jax.make_array_from_process_local_data(self.setup.batch_sharding, v)
                       for k, v in batch.items()}
@@ -173,7 +175,7 @@ class TrainLoop:
         self.checkpointer.wait()
         raise TrainingDiverged(f'non-finite loss ({float(metrics["loss"])}) at step {step}; '
                                f'last good checkpoint: step {last_saved} in {self.checkpointer.directory}')
-      self.record(step, metrics, step_time, tokens_per_step)
+      self.record(step, metrics, step_time, data_time, tokens_per_step)
       if step % cfg.checkpoint.every_steps == 0 or step == t.steps or self.stop_requested:
         last_saved = self.checkpointer.save(state, distributed.gather_process_states(data_state),
                                             {'config': cfg.to_dict()})
@@ -196,10 +198,13 @@ class TrainLoop:
     while not self.stop_requested:
       time.sleep(0.05)
 
-  def record(self, step, metrics, step_time, tokens_per_step):
+  def record(self, step, metrics, step_time, data_time, tokens_per_step):
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
     scalars['perplexity'] = math.exp(min(scalars['loss'], 50.0))
     scalars['step_time'] = step_time
+    # The host waits for the batch, then for the step it dispatched (metrics are fetched
+    # every step): step_time - data_time is the step itself, free of input stalls.
+    scalars['data_time'] = data_time
     scalars['tokens_per_second'] = tokens_per_step / step_time
     if self.peak_flops:
       scalars['mfu'] = self.flops_per_token * tokens_per_step / step_time / (self.peak_flops * jax.device_count())

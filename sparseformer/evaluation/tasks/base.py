@@ -9,6 +9,7 @@ count tokens) and a numpy random Generator (for determinism).
 """
 
 import dataclasses
+import functools
 import hashlib
 import math
 
@@ -77,7 +78,7 @@ def encode(example, tokenizer):
   chunks, answer_spans, needle_spans = [np.array([tokenizer.bos_id], np.int32)], [], []
   position, context_tokens = 1, None
   for piece in example.pieces:
-    ids = np.asarray(tokenizer.encode(piece.text), np.int32)
+    ids = piece_tokens(tokenizer, piece.text)
     if piece.role == 'question' and context_tokens is None:
       context_tokens = position
     span = (position, position + len(ids))
@@ -91,8 +92,25 @@ def encode(example, tokenizer):
                         position if context_tokens is None else context_tokens)
 
 
+SHORT_PIECE = 64  # characters: short pieces (keys, questions, needles) repeat, so their tokens are cached
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _short_piece_tokens(tokenizer, text):
+  tokens = np.asarray(tokenizer.encode(text), np.int32)
+  tokens.flags.writeable = False
+  return tokens
+
+
+def piece_tokens(tokenizer, text):
+  """The int32 tokens of one piece (read-only for short, cached pieces)."""
+  if len(text) <= SHORT_PIECE:
+    return _short_piece_tokens(tokenizer, text)
+  return np.asarray(tokenizer.encode(text), np.int32)
+
+
 def token_count(tokenizer, text):
-  return len(tokenizer.encode(text))
+  return len(piece_tokens(tokenizer, text))
 
 
 # ---------------------------------------------------------------------------------------

@@ -42,6 +42,13 @@ def symbol(index, width):
   return ''.join(reversed(letters))
 
 
+@functools.lru_cache(maxsize=8)
+def symbol_table(vocab):
+  """symbol(i) for every i < vocab."""
+  width = code_width(vocab)
+  return tuple(symbol(i, width) for i in range(vocab))
+
+
 @functools.lru_cache(maxsize=16)
 def _dot_costs(tokenizer):
   return tuple([0] + [haystack.token_count(tokenizer, '.' * k) for k in range(1, MAX_DOTS + 1)])
@@ -55,15 +62,26 @@ def dot_costs(tokenizer):
     return _dot_costs.__wrapped__(tokenizer)
 
 
+@functools.lru_cache(maxsize=16)
+def _longest_runs(costs):
+  """longest[t]: the longest '.' run costing at most t > 0 tokens (0 if none), t <= max cost."""
+  longest = [0] * (max(costs) + 1)
+  for k in range(1, len(costs)):
+    if costs[k] > 0:
+      for t in range(costs[k], len(longest)):
+        longest[t] = max(longest[t], k)
+  return tuple(longest)
+
+
 def dots(tokenizer, tokens):
   """Filler pieces of '.' of at most `tokens` tokens in all, as close to it as '.' runs allow."""
   costs = dot_costs(tokenizer)
+  longest = _longest_runs(costs)
   pieces, left = [], tokens
   while left > 0:
-    fits = [k for k in range(MAX_DOTS, 0, -1) if costs[k] <= left and costs[k] > 0]
-    if not fits:
+    k = longest[min(left, len(longest) - 1)]
+    if not k:
       break
-    k = fits[0]
     pieces.append(Piece('.' * k, 'filler'))
     left -= costs[k]
   return pieces, tokens - left
@@ -83,8 +101,9 @@ def mqar(rng, tokenizer, length, depth, split, pairs=64, vocab=8192, queries=0, 
   width, half = code_width(vocab), vocab // 2
   keys = rng.choice(np.arange(1, half), size=pairs, replace=False)
   values = rng.choice(np.arange(half, vocab), size=pairs, replace=False)
-  keys = [symbol(int(k), width) for k in keys]
-  values = [symbol(int(v), width) for v in values]
+  codes = symbol_table(vocab)
+  keys = [codes[k] for k in keys]
+  values = [codes[v] for v in values]
   context = [Piece(('' if i == 0 else ' ') + f'{k}:{v}', 'needle') for i, (k, v) in enumerate(zip(keys, values))]
   asked = rng.permutation(pairs)[:queries or pairs]
   turns = [(Piece(f' {keys[i]}:', 'question'), Piece(values[i], 'answer')) for i in asked]
