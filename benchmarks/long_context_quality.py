@@ -33,6 +33,7 @@ import jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from sparseformer.cli.compare import step_times  # noqa: E402,F401  (books_quality imports it from here)
 from sparseformer.cli.eval import eval_command  # noqa: E402
 from sparseformer.cli.main import run_command  # noqa: E402
 from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
@@ -153,23 +154,6 @@ def eval_phase(workdir, overrides, label, log):
 
 def rel(path):
   return os.path.relpath(path, REPO) if os.path.isabs(path) and path.startswith(REPO) else path
-
-
-def step_times(workdir):
-  """Median step time after the first (compiling) step, tokens/s and the last training
-  loss, from metrics.jsonl."""
-  times, tokens_per_s, last_loss = [], [], None
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      if 'train/step_time' not in record:
-        continue
-      last_loss = record['train/loss']
-      if record['step'] > 1:
-        times.append(record['train/step_time'])
-        tokens_per_s.append(record['train/tokens_per_second'])
-  median = lambda values: sorted(values)[len(values) // 2] if values else None  # noqa: E731
-  return {'step_time_s': median(times), 'tokens_per_s': median(tokens_per_s), 'final_train_loss': last_loss}
 
 
 def latest_eval(workdir):

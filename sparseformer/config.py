@@ -163,27 +163,33 @@ def base_config():
 
 def load_config_file(spec):
   """`path/to/config.py[:arg]` -> ConfigDict from that file's get_config(arg)."""
+  cfg = call_get_config(spec)
+  check_schema(cfg, spec.partition(':')[0])
+  return cfg
+
+
+def call_get_config(spec, what='config'):
+  """`path/to/file.py[:arg]` -> that file's get_config(arg); UserError for a missing or
+  broken file (what: the word for the file in messages)."""
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
-    raise UserError(f'config file not found: {path}')
-  module_spec = importlib.util.spec_from_file_location('_sparseformer_config', path)
+    raise UserError(f'{what} file not found: {path}')
+  module_spec = importlib.util.spec_from_file_location(f'_sparseformer_{what}', path)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
   except UserError:
     raise
   except Exception as e:  # a broken config file is the user's to fix
-    raise UserError(f'cannot load config {path}: {type(e).__name__}: {e}') from e
+    raise UserError(f'cannot load {what} {path}: {type(e).__name__}: {e}') from e
   if not hasattr(module, 'get_config'):
-    raise UserError(f'config file {path} defines no get_config(arg=None)')
+    raise UserError(f'{what} file {path} defines no get_config(arg=None)')
   try:
-    cfg = module.get_config(arg or None)
+    return module.get_config(arg or None)
   except UserError:
     raise
   except (ValueError, TypeError, KeyError, AttributeError) as e:
     raise UserError(f'{spec}: {e}') from e
-  check_schema(cfg, path)
-  return cfg
 
 
 def with_preset(cfg, arg, presets):
@@ -430,16 +436,7 @@ def validate_task_rows(d):
   """data.tasks, task_fraction, task_min_len and task_loss (the rows of data/task_rows.py).
   Whether a task fits in seq_len is known only by making an example: the train iterator
   does that when it is built, before the workdir is written."""
-  require(isinstance(d.tasks, (tuple, list)) and all(isinstance(spec, str) for spec in d.tasks),
-          f'data.tasks={d.tasks!r}: use a tuple of task specs, e.g. (\'mqar:pairs=64\',)')
-  if d.tasks:
-    from sparseformer.evaluation import tasks as _registered  # noqa: F401  (registers the generators)
-    from sparseformer.evaluation.tasks.base import parse_task_spec
-    for i, spec in enumerate(d.tasks):
-      try:
-        parse_task_spec(spec)
-      except UserError as e:
-        raise UserError(f'data.tasks[{i}]: {e}') from None
+  validate_task_specs('data.tasks', d.tasks)
   require(0 <= d.task_fraction <= 1, f'data.task_fraction={d.task_fraction}: use a fraction in [0, 1]')
   require(d.task_fraction == 0 or d.tasks,
           f'data.task_fraction={d.task_fraction} needs task specs in data.tasks, e.g. (\'mqar:pairs=64\',)')
@@ -471,16 +468,21 @@ def validate_eval(e):
             f'eval.task_lengths={tuple(e.task_lengths)!r}: use lengths in tokens > 0')
   require(e.task_depths >= 1, f'eval.task_depths={e.task_depths}: use a count >= 1 (1: depth 0 only)')
   require(e.task_samples >= 1, f'eval.task_samples={e.task_samples}: use a count >= 1')
-  require(isinstance(e.tasks, (tuple, list)) and all(isinstance(spec, str) for spec in e.tasks),
-          f'eval.tasks={e.tasks!r}: use a tuple of task specs, e.g. (\'passkey\', \'mqar:pairs=64\')')
-  if e.tasks:
+  validate_task_specs('eval.tasks', e.tasks)
+
+
+def validate_task_specs(field, specs):
+  """A tuple of task specs that parse (sparseformer/evaluation/tasks), naming the bad one."""
+  require(isinstance(specs, (tuple, list)) and all(isinstance(spec, str) for spec in specs),
+          f'{field}={specs!r}: use a tuple of task specs, e.g. (\'passkey\', \'mqar:pairs=64\')')
+  if specs:
     from sparseformer.evaluation import tasks as _registered  # noqa: F401  (registers the generators)
     from sparseformer.evaluation.tasks.base import parse_task_spec
-    for i, spec in enumerate(e.tasks):
+    for i, spec in enumerate(specs):
       try:
         parse_task_spec(spec)
-      except UserError as error:
-        raise UserError(f'eval.tasks[{i}]: {error}') from None
+      except UserError as e:
+        raise UserError(f'{field}[{i}]: {e}') from None
 
 
 def mesh_rules_problem(rules):

@@ -57,19 +57,8 @@ ARM_NAME = re.compile(r'^[a-z0-9][a-z0-9_-]*$')
 
 def load_suite(spec, overrides):
   """The suite ConfigDict of `path.py[:preset]` with --config.* overrides applied."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise UserError(f'suite file not found: {path}')
-  import importlib.util
-  module_spec = importlib.util.spec_from_file_location('_sparseformer_suite', path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-    suite = module.get_config(arg or None)
-  except UserError:
-    raise
-  except Exception as e:  # a broken suite file is the user's to fix
-    raise UserError(f'cannot load suite {spec}: {type(e).__name__}: {e}') from e
+  suite = config_lib.call_get_config(spec, 'suite')
+  path = spec.partition(':')[0]
   check_suite(suite, path)
   run_overrides = {k[len('run.'):]: v for k, v in overrides.items() if k.startswith('run.')}
   for key, value in overrides.items():
