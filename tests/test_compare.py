@@ -80,6 +80,8 @@ def test_frontier_keeps_only_undominated_points():
   points = [(1.0, 0.5, 'a'), (2.0, 0.4, 'b'), (3.0, 0.9, 'c'), (4.0, 0.9, 'd')]
   assert [p[2] for p in frontier(points, higher_is_better=True)] == ['a', 'c']
   assert [p[2] for p in frontier(points, higher_is_better=False)] == ['a', 'b']
+  tied = [(1.0, 0.2, 'worse'), (1.0, 0.5, 'better'), (2.0, 0.6, 'c')]
+  assert [p[2] for p in frontier(tied, higher_is_better=True)] == ['better', 'c']
   assert describe_layers(['window:64', 'window:64', 'dense']) == 'window:64 x2, dense'
 
 

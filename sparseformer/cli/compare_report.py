@@ -121,7 +121,8 @@ def quality(arm):
 def frontier(points, higher_is_better):
   """The points no other point beats on both cost (lower) and quality, sorted by cost."""
   best, kept = None, []
-  for cost, value, name in sorted(points):
+  ordered = sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1]))  # ties: the better first
+  for cost, value, name in ordered:
     if best is None or (value > best if higher_is_better else value < best):
       kept.append((cost, value, name))
       best = value
