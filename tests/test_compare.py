@@ -124,3 +124,20 @@ def test_quick_comparison_trains_two_arms_and_writes_the_table_and_plot(tmp_path
   again = run_compare(argv)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count('are saved, not re-evaluated') == 2
+
+
+@pytest.mark.parametrize('suite', [MQAR_SUITE + p for p in ('', ':2k', ':8k', ':512', ':quick')]
+                         + [RETRIEVAL_SUITE + p for p in ('', ':quick')])
+def test_every_suite_preset_makes_its_training_rows_and_evaluation_examples(suite):
+  """Each arm validates, and every task the suite trains or scores fits its length (a task
+  too long for its row would otherwise fail only when that arm starts)."""
+  from sparseformer.data import make_tokenizer
+  from sparseformer.evaluation.tasks import encode, make_example
+  loaded = compare.load_suite(suite, {})
+  for name, changes in loaded.arms:
+    compare.arm_config(loaded.run, name, changes)
+  run, tokenizer = loaded.run, make_tokenizer(loaded.run.data.tokenizer)
+  wanted = [(spec, run.data.seq_len) for spec in run.data.tasks]
+  wanted += [(spec, length) for spec in run.eval.tasks for length in run.eval.task_lengths or (run.data.seq_len,)]
+  for spec, length in wanted:
+    assert len(encode(make_example(spec, tokenizer, length, split='validation'), tokenizer).tokens) <= length

@@ -15,7 +15,7 @@ DEFAULT = os.path.join(ROOT, 'configs', 'default.py')
 
 PRESETS = {'default.py': ['smoke'], 'masformer_small.py': ['window', 'dense'], 'long_finetune.py': ['window', 'dense'],
            'routing_books.py': ['local', 'dense'], 'dma_books.py': ['window', 'dense', 'budget'],
-           'sse_hybrid.py': ['gla', 'dense', 'varlen']}
+           'sse_hybrid.py': ['gla', 'dense', 'varlen'], 'mqar.py': ['quick']}
 
 
 def test_every_shipped_config_and_preset_loads_and_validates():
