@@ -295,16 +295,17 @@ def summarize_tasks(settings, cells, depth_columns):
 
 
 def format_table(results):
-  """Task x length accuracy (and each task's overall accuracy) as text lines."""
+  """Task x length accuracy, each task's overall accuracy and its score (the fraction of
+  answers exact: the meaningful figure for many-answer tasks such as MQAR) as text lines."""
   lengths = results['settings']['lengths']
   width = max([len('task')] + [len(spec) for spec in results['tasks']])
-  lines = ['task'.ljust(width) + ''.join(f'{length:>9}' for length in lengths) + '      all']
+  lines = ['task'.ljust(width) + ''.join(f'{length:>9}' for length in lengths) + '      all    score']
 
   def cell(value):
     return f'{"-" if value is None else f"{value:.3f}":>9}'
   for spec, task in results['tasks'].items():
     lines.append(spec.ljust(width) + ''.join(cell(task['lengths'][str(n)]['accuracy']) for n in lengths)
-                 + cell(task['accuracy']))
+                 + cell(task['accuracy']) + cell(task['score']))
   lines.append('all'.ljust(width) + ''.join(cell(results['accuracy_by_length'][str(n)]) for n in lengths))
   return lines
 
