@@ -75,6 +75,9 @@ BAD_FIELDS = [
     ({'data.eval_split': 'test'}, 'data.eval_split'),
     ({'data.tokenizer': 'spm:/nonexistent.model'}, 'data.tokenizer'),
     ({'model.d_model': '48'}, 'does not match the model'),  # the workdir's checkpoint, not this model
+    # task rows the saved data position (of book rows) cannot resume
+    ({'data.tasks': "('mqar:pairs=2,vocab=16',)", 'data.task_fraction': '1.0'}, 'data position'),
+    ({'data.tasks': "('mqar:pairs=2,vocab=16',)", 'data.task_fraction': '0.5'}, 'data position'),
 ]
 
 

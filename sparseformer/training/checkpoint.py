@@ -66,6 +66,10 @@ class Checkpointer:
     state = {**restored.model, **restored.optimizer}
     return state, restored.data
 
+  def restore_data(self, step):
+    """The data iterator state saved with `step` (JSON), without the arrays."""
+    return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+
   def restore_meta(self, step):
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 

@@ -50,9 +50,7 @@ def train(cfg, workdir, log=print):
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   resume_step = (finished_steps(checkpoint_dir) or [None])[-1]
   init_plan = None
-  if resume_step is not None:
-    check_resumable(checkpoint_dir, resume_step, abstract_train_state(spec, tx, shardings, cfg.seed))
-  elif cfg.init_from:
+  if resume_step is None and cfg.init_from:
     abstract_model = {'params': spec.abstract_params.to_pure_dict(),
                       'mechanism_state': spec.abstract_mechanism_state.to_pure_dict()}
     init_plan = plan_init_from(cfg.init_from, abstract_model)
@@ -60,6 +58,8 @@ def train(cfg, workdir, log=print):
   process_index, process_count = process_info()
   iterator = data.train_iterator(cfg.data, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size,
                                  seed=cfg.seed, process_index=process_index, process_count=process_count)
+  if resume_step is not None:
+    check_resumable(checkpoint_dir, resume_step, abstract_train_state(spec, tx, shardings, cfg.seed), iterator)
 
   # Everything that can be checked has been: from here on the workdir is written.
   os.makedirs(workdir, exist_ok=True)
@@ -81,15 +81,25 @@ def train(cfg, workdir, log=print):
     loop.close()
 
 
-def check_resumable(checkpoint_dir, step, abstract_state):
-  """UserError if the saved model arrays do not fit this config; reads metadata only. (The
-  optimizer's arrays follow the parameters: the config has no field that changes them alone.)"""
+def check_resumable(checkpoint_dir, step, abstract_state, iterator):
+  """UserError if the saved model arrays do not fit this config (reads their metadata
+  only; the optimizer's arrays follow the parameters: the config has no field that changes
+  them alone), or if the saved data position does not fit this config's data pipeline
+  (then `iterator` is not positioned; otherwise it is, at the saved position)."""
   saved = Checkpointer(checkpoint_dir, keep=1, async_save=False, read_only=True)
   try:
     check_compatible(saved.saved_shapes(step, 'model'),
                      {k: abstract_state[k] for k in ('params', 'mechanism_state')}, saved.step_path(step))
+    data_state = distributed.own_process_state(saved.restore_data(step))
+    where = saved.step_path(step)
   finally:
     saved.close()
+  try:
+    iterator.set_state(data_state)
+  except (KeyError, IndexError, TypeError, ValueError) as e:
+    raise UserError(f'{where}: the saved data position ({type(e).__name__}: {e}) does not fit this config\'s '
+                    'data pipeline: were data.tasks, data.task_fraction or data.task_min_len changed? Resume '
+                    'with the data settings the run had, or start a new workdir with --config.init_from') from None
 
 
 def check_splits(data_cfg):
