@@ -7,11 +7,6 @@ largest magnitude (the chunks change the order in which the unembedding gradient
 observed: at most 2e-7 of it).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +22,8 @@ from sparseformer.training.optimizer import make_optimizer
 from sparseformer.training.state import make_train_state, model_arrays, model_spec, state_shardings
 from sparseformer.training.step import forward, make_train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mesh_helpers import results_on_8_cpu_devices
+
 VOCAB, LENGTH = 259, 32
 
 
@@ -121,10 +117,10 @@ def test_loss_chunk_default_and_validation():
 MESH_SCRIPT = r'''
 import json, sys
 import jax, numpy as np, optax
-from sparseformer import config as config_lib, sharding
-from sparseformer.model import resolve_dims
+from sparseformer import sharding
 from sparseformer.training.optimizer import make_optimizer
-from sparseformer.training.state import make_train_state, model_arrays, model_spec, state_shardings
+from sparseformer.training.state import make_train_state, state_shardings
+from tests.mesh_helpers import tiny_window_model
 from sparseformer.training.step import jit_train_step, make_train_step
 
 ROWS, LENGTH = 8, 256
@@ -136,16 +132,7 @@ batch = {'tokens': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': np.one
 
 
 def one_step(axes, loss_chunk):
-  cfg = config_lib.base_config()
-  m = cfg.model
-  m.d_model, m.num_layers, m.num_heads, m.tie_embeddings = 32, 1, 4, False
-  m.attention.kind, m.attention.block_size = 'window:80', 64
-  cfg.mesh.data = 1
-  for axis, size in axes.items():
-    cfg.mesh[axis] = size
-  devices = jax.devices()[:int(np.prod(list(axes.values())))]
-  mesh, rules = sharding.make_mesh(cfg.mesh, devices), tuple(cfg.mesh.rules)
-  spec = model_spec(resolve_dims(m, 256), mesh, rules)
+  cfg, mesh, rules, spec = tiny_window_model(axes, 256)
   tx, schedule = make_optimizer(cfg.train, spec.abstract_params)
   shardings = state_shardings(spec, tx)
   step = jit_train_step(make_train_step(spec.graphdef, tx, schedule, 1, loss_chunk=loss_chunk), shardings,
@@ -164,13 +151,7 @@ def sharded_results(cases):
   """[loss, grad norm] of one step per (mesh axes, loss_chunk) case, in one subprocess that
   sees 8 CPU devices; the first case is the single-device one-shot loss."""
   cases = [({'data': 1}, 0)] + cases
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'PYTHONPATH': ROOT,
-         'JAX_PLATFORMS': 'cpu'}
-  result = subprocess.run([sys.executable, '-c', MESH_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
-                          cwd=ROOT, env=env)
-  assert result.returncode == 0, result.stderr[-4000:]
-  line = [line for line in result.stdout.splitlines() if line.startswith('RESULTS ')][-1]
-  (loss, grad_norm), *sharded = json.loads(line[len('RESULTS '):])
+  (loss, grad_norm), *sharded = results_on_8_cpu_devices(MESH_SCRIPT, cases)
   for (case, _), (sharded_loss, sharded_grad_norm) in zip(cases[1:], sharded):
     assert abs(sharded_loss - loss) <= 1e-5 * loss, (case, sharded_loss, loss)
     assert abs(sharded_grad_norm - grad_norm) <= 1e-4 * grad_norm, (case, sharded_grad_norm, grad_norm)

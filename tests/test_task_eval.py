@@ -22,7 +22,8 @@ from sparseformer.evaluation import task_eval
 from sparseformer.evaluation.tasks import base
 from sparseformer.model import resolve_dims
 from sparseformer.training.state import model_arrays, model_spec
-from train_helpers import ROOT, run_script, tiny_argv
+from mesh_helpers import results_on_8_cpu_devices
+from train_helpers import ROOT, tiny_argv
 
 TOKENIZER = ByteTokenizer()
 
@@ -286,10 +287,9 @@ def test_eval_tasks_module_runs_in_a_fresh_python(tmp_path, data_dir):
 MESH_SCRIPT = r'''
 import json, sys
 import jax, numpy as np
-from sparseformer import config as config_lib, sharding
 from sparseformer.evaluation import task_eval
-from sparseformer.model import resolve_dims
-from sparseformer.training.state import model_arrays, model_spec, model_shardings
+from sparseformer.training.state import model_arrays, model_shardings
+from tests.mesh_helpers import tiny_window_model
 
 rng = np.random.default_rng(0)
 examples = []
@@ -302,16 +302,7 @@ batch = task_eval.make_batch(examples, 128, task_eval.answer_slots(examples))
 batch.pop('query_mask')
 
 def run(axes):
-  cfg = config_lib.base_config()
-  m = cfg.model
-  m.d_model, m.num_layers, m.num_heads, m.tie_embeddings, m.dtype = 32, 1, 4, False, 'float32'
-  m.attention.kind, m.attention.block_size = 'window:80', 64
-  cfg.mesh.data = 1
-  for axis, size in axes.items():
-    cfg.mesh[axis] = size
-  devices = jax.devices()[:int(np.prod(list(axes.values())))]
-  mesh, rules = sharding.make_mesh(cfg.mesh, devices), tuple(cfg.mesh.rules)
-  spec = model_spec(resolve_dims(m, 259), mesh, rules)
+  _, mesh, rules, spec = tiny_window_model(axes, 259, dtype='float32')
   arrays = jax.jit(lambda: model_arrays(spec.dims, jax.random.key(0)), out_shardings=model_shardings(spec))()
   logprob, is_argmax = task_eval.model_logprob_fn(spec.graphdef, arrays, mesh, rules)(batch)
   return [logprob.tolist(), is_argmax.tolist()]
@@ -323,15 +314,7 @@ print('RESULTS ' + json.dumps([run(axes) for axes in json.loads(sys.argv[1])]))
 def test_model_logprob_fn_on_a_data_sequence_tensor_mesh_matches_one_device():
   """Rows of 128 on data 2 x sequence 2 x tensor 2 (8 CPU devices), a block-sparse window
   mechanism: the same log-probabilities and argmax flags as on one device."""
-  import subprocess
-  import sys
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'PYTHONPATH': ROOT,
-         'JAX_PLATFORMS': 'cpu'}
   cases = [{'data': 1}, {'data': 2, 'sequence': 2, 'tensor': 2}]
-  result = subprocess.run([sys.executable, '-c', MESH_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
-  assert result.returncode == 0, result.stderr[-4000:]
-  line = [line for line in result.stdout.splitlines() if line.startswith('RESULTS ')][-1]
-  (one_logprob, one_argmax), (mesh_logprob, mesh_argmax) = json.loads(line[len('RESULTS '):])
+  (one_logprob, one_argmax), (mesh_logprob, mesh_argmax) = results_on_8_cpu_devices(MESH_SCRIPT, cases)
   np.testing.assert_allclose(mesh_logprob, one_logprob, rtol=0, atol=1e-5)
   assert mesh_argmax == one_argmax

@@ -24,8 +24,7 @@ Expected: not yet measured (docs/results.md will hold the figures).
 
 import ml_collections
 
-from sparseformer.cli.compare_arms import paper_arms
-from sparseformer.config import base_config
+from sparseformer.cli.compare_arms import make_quick, paper_arms, suite_run
 
 LENGTHS = {None: 2048, '2k': 2048, '8k': 8192, '512': 512, 'quick': 256}
 
@@ -40,21 +39,15 @@ def mqar_specs(seq_len):
 
 
 def run_config(seq_len, quick):
-  c = base_config()
+  c = suite_run()
   c.data.name = 'sparseformer_text/tinyshakespeare'  # only for the end-of-run NLL; training reads task rows
   c.data.seq_len = seq_len
   c.data.tasks = mqar_specs(seq_len)
   c.data.task_fraction = 1.0
   c.data.task_loss = 'answers'
-  c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 256, 4, 4, 2
-  c.model.attention.block_size = 64
   c.train.steps = 1500
   c.train.global_batch_size = 32
-  c.train.lr = 1e-3
-  c.train.warmup_steps = 100
-  c.train.log_every = 25
   c.train.eval_batches = 2
-  c.checkpoint.every_steps = 500
   c.eval.max_batches = 2
   c.eval.tasks = c.data.tasks
   c.eval.task_lengths = (seq_len,)
@@ -64,9 +57,7 @@ def run_config(seq_len, quick):
   if seq_len == 512:  # the length at which the 4-layer model learns MQAR within minutes (docs/results.md)
     c.train.steps, c.train.global_batch_size = 1500, 64
   if quick:
-    c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 64, 2, 2, 1
-    c.train.steps, c.train.global_batch_size, c.train.warmup_steps, c.train.log_every = 3, 2, 1, 1
-    c.checkpoint.every_steps = 3
+    make_quick(c)
     c.eval.task_samples, c.eval.task_batch_size = 2, 2
   return c
 

@@ -23,29 +23,22 @@ Expected: not yet measured (docs/results.md will hold the figures).
 
 import ml_collections
 
-from sparseformer.cli.compare_arms import paper_arms
-from sparseformer.config import base_config
+from sparseformer.cli.compare_arms import make_quick, paper_arms, suite_run
 
 TRAIN_TASKS = ('passkey', 'niah_single', 'niah_multikey', 'niah_multivalue', 'niah_multiquery', 'variable_tracking')
 EVAL_TASKS = TRAIN_TASKS + ('common_words',)
 
 
 def run_config(quick):
-  c = base_config()
+  c = suite_run()
   c.data.name = 'sparseformer_text/books'
   c.data.seq_len = 8192
   c.data.tasks = TRAIN_TASKS
   c.data.task_fraction = 0.25
   c.data.task_loss = 'answers'
-  c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 256, 4, 4, 2
-  c.model.attention.block_size = 64
   c.train.steps = 1000
   c.train.global_batch_size = 16
-  c.train.lr = 1e-3
-  c.train.warmup_steps = 100
-  c.train.log_every = 25
   c.train.eval_batches = 4
-  c.checkpoint.every_steps = 500
   c.eval.max_batches = 8
   c.eval.batch_size = 8
   c.eval.tasks = EVAL_TASKS
@@ -56,10 +49,8 @@ def run_config(quick):
   if quick:
     c.data.seq_len = 256
     c.data.tasks = ('passkey',)
-    c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 64, 2, 2, 1
-    c.train.steps, c.train.global_batch_size, c.train.warmup_steps, c.train.log_every = 3, 2, 1, 1
+    make_quick(c)
     c.train.eval_batches = 1
-    c.checkpoint.every_steps = 3
     c.eval.max_batches, c.eval.batch_size = 1, 2
     c.eval.tasks, c.eval.task_lengths = ('passkey',), (256,)
     c.eval.task_depths, c.eval.task_samples, c.eval.task_batch_size = 2, 1, 2

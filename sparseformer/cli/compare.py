@@ -219,10 +219,10 @@ def run_arm(name, cfg, workdir, log, score_nll=True):
   step = last_checkpoint(arm_dir)
   if step != cfg.train.steps:
     raise ArmStopped(f'arm {name} stopped at step {step} of {cfg.train.steps}; relaunch the same command to go on')
-  results = {'step': step, 'train': step_times(arm_dir), 'nll': evaluate_nll(arm_dir, log) if score_nll else None,
-             'tasks': None}
+  results = {'step': step, 'train': step_times(arm_dir),
+             'nll': evaluate_nll(arm_dir, cfg, step, log) if score_nll else None, 'tasks': None}
   if cfg.eval.tasks:
-    results['tasks'] = evaluate_arm_tasks(arm_dir, log)
+    results['tasks'] = evaluate_arm_tasks(arm_dir, step, log)
   with open(os.path.join(arm_dir, 'compare.json'), 'w') as f:
     json.dump(results, f, indent=2)
   return results
@@ -230,10 +230,7 @@ def run_arm(name, cfg, workdir, log, score_nll=True):
 
 def load_arm_results(arm_dir):
   path = os.path.join(arm_dir, 'compare.json')
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return read_json(path) if os.path.isfile(path) else None
 
 
 def step_times(workdir):
@@ -262,25 +259,25 @@ def run_cli(command, argv, label):
     raise UserError(f'{label} failed (exit code {code}); see the output above')
 
 
-def evaluate_nll(arm_dir, log):
-  """eval.py on the arm's last checkpoint; its JSON (NLL overall and by position)."""
+def evaluate_nll(arm_dir, cfg, step, log):
+  """eval.py on the arm's checkpoint of `step`; its JSON (NLL overall and by position)."""
   from sparseformer.cli.eval import eval_command
   log(f'=== eval.py --workdir {arm_dir}')
   run_cli(eval_command, ['--workdir', arm_dir], 'eval')
-  return newest_json(os.path.join(arm_dir, 'eval'), exclude='tasks_')
+  split, seq_len, _ = config_lib.eval_settings(cfg)
+  return read_json(os.path.join(arm_dir, 'eval', f'{split}_step{step}_len{seq_len}.json'))
 
 
-def evaluate_arm_tasks(arm_dir, log):
+def evaluate_arm_tasks(arm_dir, step, log):
+  """eval_tasks on the arm's checkpoint of `step`; its JSON."""
   from sparseformer.cli.eval_tasks import eval_tasks_command
   log(f'=== python -m sparseformer.cli.eval_tasks --workdir {arm_dir}')
   run_cli(eval_tasks_command, ['--workdir', arm_dir], 'eval_tasks')
-  return newest_json(os.path.join(arm_dir, 'eval'), include='tasks_')
+  return read_json(os.path.join(arm_dir, 'eval', f'tasks_step{step}.json'))
 
 
-def newest_json(folder, include='', exclude=None):
-  names = [n for n in os.listdir(folder) if n.endswith('.json') and n.startswith(include)
-           and not (exclude and n.startswith(exclude))]
-  with open(os.path.join(folder, max(names, key=lambda n: os.path.getmtime(os.path.join(folder, n))))) as f:
+def read_json(path):
+  with open(path) as f:
     return json.load(f)
 
 

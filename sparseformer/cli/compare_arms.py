@@ -26,6 +26,8 @@ every choice). Each arm is (name, {model field: value}), changes to the suite's 
              the linear-attention baseline of the SSE paper.
 """
 
+from sparseformer.config import base_config
+
 ARM_NAMES = ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h')
 
 
@@ -51,3 +53,22 @@ def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, g
   if unknown:
     raise ValueError(f'unknown arms {unknown}; known: {", ".join(ARM_NAMES)}')
   return tuple((name, arms[name]) for name in names)
+
+
+def suite_run():
+  """The run fields the shipped suites share: a 4-layer, d_model 256 byte-level model (4
+  heads, 2 kv heads, 64-token blocks) trained with lr 1e-3 after 100 warm-up steps."""
+  c = base_config()
+  c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 256, 4, 4, 2
+  c.model.attention.block_size = 64
+  c.train.lr, c.train.warmup_steps, c.train.log_every = 1e-3, 100, 25
+  c.checkpoint.every_steps = 500
+  return c
+
+
+def make_quick(c):
+  """A suite's run shrunk to a CPU smoke run: a 2-layer d_model 64 model, 3 steps of 2 rows."""
+  c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 64, 2, 2, 1
+  c.train.steps, c.train.global_batch_size, c.train.warmup_steps, c.train.log_every = 3, 2, 1, 1
+  c.checkpoint.every_steps = 3
+  return c

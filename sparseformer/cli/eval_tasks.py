@@ -13,6 +13,7 @@ Lengths beyond the training length are not clipped: the run's model.rope setting
 """
 
 import math
+import os
 import sys
 
 from sparseformer import distributed, sharding
@@ -63,7 +64,6 @@ def eval_tasks_command(argv):
   for line in task_eval.format_table(results):
     print('  ' + line)
   if distributed.is_main_process():
-    import os
     paths = task_eval.write_task_results(results, os.path.join(workdir, 'eval'), f'tasks_step{step}')
     print('wrote ' + ', '.join(paths))
   return 0

@@ -1,0 +1,45 @@
+"""Shared by the tests that compare a mesh of 8 CPU devices with one device: a tiny
+window-attention model laid out on a mesh, and a script run in a child Python that sees
+8 CPU devices (the parent's device count is fixed once JAX starts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_window_model(axes, vocab_size, **model_fields):
+  """(cfg, mesh, rules, spec) of a 1-layer, d_model 32, 4-head model with window:80
+  attention in 64-token blocks and untied embeddings, on a mesh of `axes` sizes (data 1
+  unless given) over the first devices; model_fields set further model fields."""
+  import jax
+  import numpy as np
+  from sparseformer import config as config_lib, sharding
+  from sparseformer.model import resolve_dims
+  from sparseformer.training.state import model_spec
+  cfg = config_lib.base_config()
+  m = cfg.model
+  m.d_model, m.num_layers, m.num_heads, m.tie_embeddings = 32, 1, 4, False
+  m.attention.kind, m.attention.block_size = 'window:80', 64
+  for field, value in model_fields.items():
+    m[field] = value
+  cfg.mesh.data = 1
+  for axis, size in axes.items():
+    cfg.mesh[axis] = size
+  devices = jax.devices()[:int(np.prod(list(axes.values())))]
+  mesh, rules = sharding.make_mesh(cfg.mesh, devices), tuple(cfg.mesh.rules)
+  return cfg, mesh, rules, model_spec(resolve_dims(m, vocab_size), mesh, rules)
+
+
+def results_on_8_cpu_devices(script, cases, timeout=300):
+  """Runs `script` (python -c) with json.dumps(cases) as its argument in a child that sees 8
+  CPU devices; returns the JSON it prints on its last line starting with 'RESULTS '."""
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'PYTHONPATH': ROOT,
+         'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run([sys.executable, '-c', script, json.dumps(cases)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-4000:]
+  line = [line for line in result.stdout.splitlines() if line.startswith('RESULTS ')][-1]
+  return json.loads(line[len('RESULTS '):])
