@@ -96,6 +96,7 @@ def base_config():
   d.task_fraction = 0.0  # fraction of training rows that hold task examples; 1.0: task rows only
   d.task_min_len = 0  # task examples' lengths are drawn from [task_min_len, seq_len]; 0: seq_len (one per row)
   d.task_loss = 'answers'  # loss on task rows: answers (the answer tokens only, as Zoology) | all
+  d.workers = 0  # processes making training batches (0: threads in this one); the batch order depends on it
 
   c.train = ml_collections.ConfigDict()
   t = c.train
@@ -429,6 +430,7 @@ def validate_data(d):
   require(d.seq_len > 0, f'data.seq_len={d.seq_len}: use a positive length')
   for field in ('name', 'text_key', 'train_split', 'eval_split', 'tokenizer'):
     require(d[field].strip(), f'data.{field} is empty')
+  require(d.workers >= 0, f'data.workers={d.workers}: use a count of processes >= 0 (0: threads in this process)')
   validate_task_rows(d)
 
 
@@ -436,7 +438,7 @@ def validate_task_rows(d):
   """data.tasks, task_fraction, task_min_len and task_loss (the rows of data/task_rows.py).
   Whether a task fits in seq_len is known only by making an example: the train iterator
   does that when it is built, before the workdir is written."""
-  validate_task_specs('data.tasks', d.tasks)
+  validate_task_specs('data.tasks', d.tasks, row_length=d.seq_len)
   require(0 <= d.task_fraction <= 1, f'data.task_fraction={d.task_fraction}: use a fraction in [0, 1]')
   require(d.task_fraction == 0 or d.tasks,
           f'data.task_fraction={d.task_fraction} needs task specs in data.tasks, e.g. (\'mqar:pairs=64\',)')
@@ -471,16 +473,24 @@ def validate_eval(e):
   validate_task_specs('eval.tasks', e.tasks)
 
 
-def validate_task_specs(field, specs):
-  """A tuple of task specs that parse (sparseformer/evaluation/tasks), naming the bad one."""
+def validate_task_specs(field, specs, row_length=None):
+  """A tuple of task specs that parse (sparseformer/evaluation/tasks), naming the bad one.
+  Training specs (row_length: the rows' length) may end in '@L', L <= row_length
+  (data/task_rows.py)."""
   require(isinstance(specs, (tuple, list)) and all(isinstance(spec, str) for spec in specs),
           f'{field}={specs!r}: use a tuple of task specs, e.g. (\'passkey\', \'mqar:pairs=64\')')
   if specs:
     from sparseformer.evaluation import tasks as _registered  # noqa: F401  (registers the generators)
+    from sparseformer.data.task_rows import row_spec
     from sparseformer.evaluation.tasks.base import parse_task_spec
     for i, spec in enumerate(specs):
       try:
-        parse_task_spec(spec)
+        require(row_length or '@' not in spec, f'{spec!r}: @L (an example length) is for data.tasks; '
+                'evaluation lengths are eval.task_lengths')
+        bare, length = row_spec(spec) if row_length else (spec, None)
+        parse_task_spec(bare)
+        require(length is None or length <= row_length,
+                f'{spec!r}: @{length} is longer than the rows (data.seq_len={row_length})')
       except UserError as e:
         raise UserError(f'{field}[{i}]: {e}') from None
 

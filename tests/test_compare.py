@@ -132,12 +132,15 @@ def test_every_suite_preset_makes_its_training_rows_and_evaluation_examples(suit
   """Each arm validates, and every task the suite trains or scores fits its length (a task
   too long for its row would otherwise fail only when that arm starts)."""
   from sparseformer.data import make_tokenizer
+  from sparseformer.data.task_rows import TaskDocuments
   from sparseformer.evaluation.tasks import encode, make_example
   loaded = compare.load_suite(suite, {})
   for name, changes in loaded.arms:
     compare.arm_config(loaded.run, name, changes)
   run, tokenizer = loaded.run, make_tokenizer(loaded.run.data.tokenizer)
-  wanted = [(spec, run.data.seq_len) for spec in run.data.tasks]
-  wanted += [(spec, length) for spec in run.eval.tasks for length in run.eval.task_lengths or (run.data.seq_len,)]
+  if run.data.tasks:
+    TaskDocuments(run.data.tasks, tokenizer, seq_len=run.data.seq_len, min_len=run.data.task_min_len,
+                  task_loss=run.data.task_loss, seed=0).check()
+  wanted = [(spec, length) for spec in run.eval.tasks for length in run.eval.task_lengths or (run.data.seq_len,)]
   for spec, length in wanted:
     assert len(encode(make_example(spec, tokenizer, length, split='validation'), tokenizer).tokens) <= length

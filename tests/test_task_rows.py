@@ -143,6 +143,31 @@ def test_resume_continues_with_the_next_batch(data_dir, fraction, min_len):
     assert_batches_equal(expected[index:], take(resumed, 8 - index))
 
 
+@pytest.mark.time_limit(240)
+def test_batches_made_in_worker_processes_resume_exactly_and_only_with_their_worker_count(data_dir):
+  cfg = data_config(data_dir, task_fraction=0.5, task_min_len=30, workers=2)
+  reference = train_iterator(cfg)
+  try:
+    take(reference, 3)
+    state = json.loads(json.dumps(reference.get_state()))
+    expected = take(reference, 3)
+  finally:
+    reference.close()
+  assert sum(is_task_row(row) for row in rows_of(expected)) >= 3  # books and tasks, made by the workers
+  resumed = train_iterator(cfg)
+  try:
+    resumed.set_state(state)
+    assert_batches_equal(expected, take(resumed, 3))
+  finally:
+    resumed.close()
+  for workers in (0, 3):
+    other = train_iterator(data_config(data_dir, task_fraction=0.5, task_min_len=30, workers=workers))
+    with pytest.raises((KeyError, ValueError)):
+      other.set_state(state)
+    if workers:
+      other.close()
+
+
 def answer_mask(encoded, seq_len):
   mask = np.zeros(seq_len, np.float32)
   for start, end in encoded.answer_spans:
@@ -176,6 +201,25 @@ def test_packed_task_rows_mask_answers_or_every_pair(data_dir):
     np.testing.assert_array_equal(row['loss_mask'], (row['segment_ids'] > 0).astype(np.float32))
 
 
+def test_a_spec_at_a_fixed_length_packs_its_short_examples_beside_row_length_ones(data_dir):
+  seq_len = 128
+  cfg = data_config(data_dir, task_fraction=1.0, tasks=('test_copy:keys=1@32', 'test_copy'))
+  rows = rows_of(take(train_iterator(cfg, seq_len=seq_len), 4))
+  lengths = []  # pairs of each example (segment) in the rows
+  for row in rows:
+    segments = row['segment_ids'][row['segment_ids'] > 0]
+    lengths += [int(np.sum(segments == s)) for s in sorted(set(segments))]
+  # 'test_copy@32' examples fill 32 pairs exactly; plain specs are made for seq_len (task_min_len 0).
+  assert set(lengths) == {32, seq_len} and lengths.count(32) >= 2
+  assert any(len(set(row['segment_ids'][row['segment_ids'] > 0])) == 4 for row in rows)  # four short ones in a row
+  with_resume = train_iterator(cfg, seq_len=seq_len)
+  take(with_resume, 2)
+  state = json.loads(json.dumps(with_resume.get_state()))
+  resumed = train_iterator(cfg, seq_len=seq_len)
+  resumed.set_state(state)
+  assert_batches_equal(take(with_resume, 2), take(resumed, 2))
+
+
 def test_processes_make_different_task_rows(data_dir):
   cfg = data_config(data_dir, task_fraction=1.0)
   one, two = (take(train_iterator(cfg, process_index=p, process_count=2), 2) for p in (0, 1))
@@ -197,6 +241,10 @@ def test_a_task_too_long_for_the_rows_fails_when_the_iterator_is_built(data_dir)
     train_iterator(data_config(data_dir, task_fraction=1.0, tasks=('test_copy', 'test_copy:keys=9')))
   with pytest.raises(UserError, match=r"data.tasks: 'test_copy' at data.task_min_len 10: .*needs 26 tokens"):
     train_iterator(data_config(data_dir, task_fraction=0.5, task_min_len=10))
+  with pytest.raises(UserError, match=r"data.tasks: 'test_copy@20' at its length 20: .*needs 26 tokens"):
+    train_iterator(data_config(data_dir, task_fraction=0.5, tasks=('test_copy@20',)))
+  with pytest.raises(UserError, match=r"data.tasks: 'test_copy@65': @65 is longer than the rows \(64 tokens\)"):
+    train_iterator(data_config(data_dir, task_fraction=0.5, tasks=('test_copy@65',)))
 
 
 @pytest.mark.parametrize('fields,message', [
@@ -210,6 +258,11 @@ def test_a_task_too_long_for_the_rows_fails_when_the_iterator_is_built(data_dir)
     ({'task_min_len': -1}, r'data.task_min_len=-1: use 0 .* or a length in \[1, 256\]'),
     ({'task_min_len': 257}, r'data.task_min_len=257'),
     ({'task_loss': 'answer'}, r"data.task_loss='answer': use answers or all"),
+    ({'workers': -1}, r'data.workers=-1: use a count of processes >= 0'),
+    ({'tasks': ('test_copy@',)}, r"data.tasks\[0\]: .*after @ give the example length in tokens, e.g. test_copy@512"),
+    ({'tasks': ('test_copy:keys=2@0',)}, r"data.tasks\[0\]: .*after @ give the example length"),
+    ({'tasks': ('test_copy@300',)}, r"data.tasks\[0\]: 'test_copy@300': @300 is longer than the rows "
+     r"\(data.seq_len=256\)"),
 ])
 def test_bad_task_settings_are_user_errors(fields, message):
   cfg = config_lib.base_config()
@@ -221,6 +274,13 @@ def test_bad_task_settings_are_user_errors(fields, message):
 def test_good_task_settings_pass():
   cfg = config_lib.base_config()
   config_lib.validate_data(cfg.data)
-  cfg.data.update({'tasks': ('test_copy', 'test_copy:keys=2'), 'task_fraction': 1.0, 'task_min_len': 256,
+  cfg.data.update({'tasks': ('test_copy', 'test_copy:keys=2@128'), 'task_fraction': 1.0, 'task_min_len': 256,
                    'task_loss': 'all'})
   config_lib.validate_data(cfg.data)
+
+
+def test_an_example_length_in_eval_tasks_is_a_user_error():
+  cfg = config_lib.base_config()
+  cfg.eval.tasks = ('passkey@512',)
+  with pytest.raises(UserError, match=r"eval.tasks\[0\]: 'passkey@512': @L .* is for data.tasks; .*eval.task_lengths"):
+    config_lib.validate_eval(cfg.eval)

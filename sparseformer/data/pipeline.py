@@ -16,6 +16,13 @@ its state is {'parents': [book rows' state, task rows' state], 'index': rows mix
 'stop': False}, still small and JSON-able. With task_fraction 1 every row is a task row
 and the train split is not read.
 
+data.workers > 0 makes the batches in that many worker processes (grain's mp_prefetch):
+each worker runs the whole pipeline above on its slice of the documents and of the task
+examples, and the batches come from the workers in turn. That lifts the one-core limit of
+making task rows in Python threads. The batches are then a different (still
+deterministic) sequence for each worker count, and the saved state holds one position per
+worker, so a run resumes only with the worker count it had.
+
 Evaluation: one ordered pass. Every process packs the whole split identically and
 takes its slice of each global batch of rows, so all processes yield the same number
 of batches (collectives stay in step) and every row is read exactly once.
@@ -93,7 +100,41 @@ def train_iterator(data_cfg, *, seq_len, global_batch_size, seed, process_index=
     rows = tasks = task_rows(data_cfg, tokenizer, seq_len=seq_len, seed=seed, process_index=process_index)
   if 0 < fraction < 1:
     rows = grain.IterDataset.mix([book_rows, tasks], [1 - fraction, fraction])
-  return iter(rows.batch(batch_size, batch_fn=stack_rows))
+  batches = rows.batch(batch_size, batch_fn=stack_rows)
+  workers = data_cfg.get('workers', 0)
+  return WorkerBatches(batches, workers) if workers else iter(batches)
+
+
+class WorkerBatches:
+  """The iterator of `batches` made in `workers` spawned processes (2 batches ahead in
+  each). Its state is {'workers': count, 'batches': grain's state}: a state saved with
+  another worker count is refused (grain would take it and read other batches)."""
+
+  def __init__(self, batches, workers):
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; our CLIs parse none
+      flags.FLAGS.mark_as_parsed()
+    self.workers = workers
+    options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+    self.iterator = iter(batches.mp_prefetch(options))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self.iterator)
+
+  def get_state(self):
+    return {'workers': self.workers, 'batches': self.iterator.get_state()}
+
+  def set_state(self, state):
+    if state.get('workers') != self.workers:
+      raise ValueError(f'the state was saved with data.workers={state.get("workers", 0)}, this pipeline has '
+                       f'{self.workers}')
+    self.iterator.set_state(state['batches'])
+
+  def close(self):
+    self.iterator.close()
 
 
 def task_fraction(data_cfg):

@@ -8,12 +8,17 @@ make_example(spec, tokenizer, length, seed=<run seed mixed with p>, index=k,
 split='train'). Its document is encode(example).tokens + [eos]: an example of L tokens
 (bos included) gives L pairs, so an example made for length seq_len fills a row.
 
-  - task_min_len == 0: row k is example k alone (made for seq_len tokens), padded if
-    shorter. The rows are grain.MapDataset.range(...).map(row of k): the iterator state
-    is {'next_index': k}.
-  - task_min_len > 0: the documents of examples 0, 1, ... are packed by
-    packing.PackedRows with the book rules; its state is the document index and the
-    pairs of it already emitted.
+A spec may end in '@L' ('mqar:pairs=8@256'): its examples are always made for L tokens,
+whatever task_min_len says. Several short examples then share a row, which is how a
+curriculum of easy, short examples is mixed with long ones (Zoology trains MQAR on a mix
+of lengths and pair counts). To repeat a spec weights it.
+
+  - task_min_len == 0 and no '@L': row k is example k alone (made for seq_len tokens),
+    padded if shorter. The rows are grain.MapDataset.range(...).map(row of k): the
+    iterator state is {'next_index': k}.
+  - otherwise: the documents of examples 0, 1, ... are packed by packing.PackedRows with
+    the book rules (an example is never split across rows); its state is the document
+    index and the pairs of it already emitted.
 
 Loss mask (data.task_loss): 'answers' puts 1 only on the pairs that predict an answer
 token: the answer token at index j of the tokens is the target of pair j - 1 (tokens[j - 1]
@@ -33,6 +38,17 @@ TASK_LOSSES = ('answers', 'all')
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
 ENDLESS = sys.maxsize  # rows / documents in the "endless" range (a process never reaches it)
 DRAW_TAG = 0x7461736b  # separates the spec/length draws from the seeds make_example uses
+
+
+def row_spec(spec):
+  """'SPEC@L' -> ('SPEC', L); 'SPEC' -> ('SPEC', None). UserError for an L that is not a
+  positive integer."""
+  bare, at, length = spec.rpartition('@') if '@' in spec else (spec, '', '')
+  if not at:
+    return spec, None
+  if not (length.isdigit() and int(length) > 0):
+    raise UserError(f'task spec {spec!r}: after @ give the example length in tokens, e.g. {bare}@512')
+  return bare, int(length)
 
 
 def task_seed(seed, process_index):
@@ -56,12 +72,30 @@ class TaskDocuments:
       raise UserError(f'data.task_min_len={min_len}: use 0 (examples of seq_len) or a length in [1, {seq_len}]')
     self.tasks, self.tokenizer, self.task_loss, self.seed = tuple(tasks), tokenizer, task_loss, seed
     self.seq_len, self.min_len = seq_len, min_len
+    self.specs = tuple(row_spec(spec) for spec in self.tasks)  # (spec, fixed length or None)
+    from sparseformer.evaluation.tasks.base import generator, parse_task_spec
+    names = {parse_task_spec(spec)[0] for spec, _ in self.specs}
+    self.generators = {name: generator(name) for name in names}  # travel to data worker processes
+    for spec, (_, fixed) in zip(self.tasks, self.specs):
+      if fixed is not None and fixed > seq_len:
+        raise UserError(f'data.tasks: {spec!r}: @{fixed} is longer than the rows ({seq_len} tokens)')
+
+  @property
+  def packed(self):
+    """Whether examples shorter than a row are packed (else each row holds one example)."""
+    return bool(self.min_len) or any(fixed is not None for _, fixed in self.specs)
+
+  def __setstate__(self, state):  # unpickled in a data worker process (data.workers)
+    from sparseformer.evaluation.tasks.base import ensure_registered
+    self.__dict__.update(state)
+    for name, fn in self.generators.items():
+      ensure_registered(name, fn)
 
   def spec_and_length(self, index):
     rng = np.random.default_rng([self.seed, index, DRAW_TAG])
-    spec = self.tasks[int(rng.integers(len(self.tasks)))]
+    spec, fixed = self.specs[int(rng.integers(len(self.specs)))]
     length = int(rng.integers(self.min_len, self.seq_len + 1)) if self.min_len else self.seq_len
-    return spec, length
+    return spec, fixed or length
 
   def make(self, spec, length, index):
     from sparseformer.evaluation.tasks.base import encode, make_example
@@ -84,12 +118,13 @@ class TaskDocuments:
   def check(self):
     """UserError now, not at some later row, when a task cannot make an example at the
     shortest length drawn (or its spec is bad): makes one example of each task there."""
-    shortest, field = (self.min_len, 'data.task_min_len') if self.min_len else (self.seq_len, 'sequence length')
-    for spec in self.tasks:
+    for given, (spec, fixed) in zip(self.tasks, self.specs):
+      shortest, field = ((fixed, 'its length') if fixed else (self.min_len, 'data.task_min_len') if self.min_len
+                         else (self.seq_len, 'sequence length'))
       try:
         self.make(spec, shortest, 0)
       except UserError as e:
-        raise UserError(f'data.tasks: {spec!r} at {field} {shortest}: {e}') from None
+        raise UserError(f'data.tasks: {given!r} at {field} {shortest}: {e}') from None
 
 
 def single_example_row(document, seq_len, pad_id):
@@ -106,7 +141,7 @@ def task_rows(data_cfg, tokenizer, *, seq_len, seed, process_index=0):
                             task_loss=data_cfg.task_loss, seed=task_seed(seed, process_index))
   documents.check()
   indices = grain.MapDataset.range(ENDLESS)
-  if not documents.min_len:
+  if not documents.packed:
     pad_id = tokenizer.pad_id
     return indices.map(lambda index: single_example_row(documents(index), seq_len, pad_id)).to_iter_dataset(
         READ_OPTIONS)

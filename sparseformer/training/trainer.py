@@ -98,8 +98,9 @@ def check_resumable(checkpoint_dir, step, abstract_state, iterator):
     iterator.set_state(data_state)
   except (KeyError, IndexError, TypeError, ValueError) as e:
     raise UserError(f'{where}: the saved data position ({type(e).__name__}: {e}) does not fit this config\'s '
-                    'data pipeline: were data.tasks, data.task_fraction or data.task_min_len changed? Resume '
-                    'with the data settings the run had, or start a new workdir with --config.init_from') from None
+                    'data pipeline: were data.tasks, data.task_fraction, data.task_min_len or data.workers '
+                    'changed? Resume with the data settings the run had, or start a new workdir with '
+                    '--config.init_from') from None
 
 
 def check_splits(data_cfg):
@@ -255,3 +256,5 @@ class TrainLoop:
     if self.writer is not None:
       self.writer.close()
     self.checkpointer.close()
+    if hasattr(self.iterator, 'close'):  # data.workers > 0: stop the worker processes
+      self.iterator.close()

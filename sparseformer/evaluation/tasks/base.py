@@ -133,6 +133,17 @@ def register(name):
   return wrap
 
 
+def generator(name):
+  """The registered generator of task `name`."""
+  return _TASKS[name]
+
+
+def ensure_registered(name, fn):
+  """Registers fn as `name` unless a generator is there: a spawned data worker gets the
+  generators of its tasks this way, also those registered outside this package."""
+  _TASKS.setdefault(name, fn)
+
+
 def task_names():
   return tuple(sorted(_TASKS))
 
