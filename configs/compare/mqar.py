@@ -33,7 +33,7 @@ from sparseformer.cli.compare_arms import make_quick, paper_arms, suite_run
 LENGTHS = {None: 2048, '2k': 2048, '8k': 8192, '512': 512, 'quick': 256}
 
 
-CURRICULUM_SHARE = 4  # copies of each curriculum spec among the training specs (specs are drawn uniformly)
+CURRICULUM_SHARE = 16  # copies of each curriculum spec among the training specs (specs are drawn uniformly)
 
 
 def mqar_specs(seq_len):
