@@ -34,6 +34,9 @@ def base_config():
   m.head_dim = 0  # 0: d_model // num_heads
   m.mlp_dim = 0  # 0: 8/3 d_model rounded up to a multiple of 64 (SwiGLU)
   m.tie_embeddings = True
+  m.qkv_bias = False  # biases on the q, k, v projections (Qwen2, Llama's attention_bias)
+  m.out_bias = False  # a bias on the attention output projection (Llama's attention_bias)
+  m.qk_norm = False  # RMSNorm of each head's q and k before RoPE (Qwen3)
   m.norm_eps = 1e-6
   m.init_std = 0.02
   m.dtype = 'auto'  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
@@ -41,9 +44,11 @@ def base_config():
   m.remat = 'none'  # none | full | dots (save matmul outputs)
   m.rope = ml_collections.ConfigDict()
   m.rope.theta = 10000.0
-  m.rope.scaling = 'none'  # none | linear (position interpolation) | ntk | yarn (needs original_seq_len)
+  m.rope.scaling = 'none'  # none | linear (position interpolation) | ntk | yarn | llama3 (Llama 3.1)
   m.rope.factor = 1.0
-  m.rope.original_seq_len = 0  # the length the checkpoint was trained at (yarn)
+  m.rope.original_seq_len = 0  # the length the checkpoint was trained at (yarn, llama3)
+  m.rope.low_freq_factor = 1.0  # llama3: wavelengths above original_seq_len / low_freq_factor are divided by factor
+  m.rope.high_freq_factor = 4.0  # llama3: wavelengths below original_seq_len / high_freq_factor are kept
   m.attention = ml_collections.ConfigDict()
   m.attention.kind = 'dense'  # the mechanism of every layer not named in layer_attention: name[:argument]
   m.attention.full_layers = ''  # layers that use full_kind instead: bottom:N | top:N | every:K | 0,5,...

@@ -109,9 +109,59 @@ def test_remat_gives_the_same_loss_and_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads_plain, grads_remat)
 
 
+def randomized(model, seed=1):
+  """The model with every parameter (biases and norm scales included) drawn at random."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  drawn = [1.0 + 0.1 * jax.random.normal(key, x.shape) if x.ndim == 1 else 0.1 * jax.random.normal(key, x.shape)
+           for key, x in zip(keys, leaves)]
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, drawn))
+
+
+@pytest.mark.parametrize('overrides', [
+    {},
+    {'qkv_bias': True},  # Qwen2
+    {'qk_norm': True, 'norm_eps': 1e-5},  # Qwen3
+    {'qkv_bias': True, 'out_bias': True, 'tie_embeddings': False},  # Llama with attention_bias
+    {'num_kv_heads': 1, 'head_dim': 32, 'mlp_dim': 80, 'rope.theta': 500000.0},  # head_dim != d_model / heads
+    {'rope.scaling': 'llama3', 'rope.factor': 8.0, 'rope.original_seq_len': 16},
+    {'rope.scaling': 'yarn', 'rope.factor': 4.0, 'rope.original_seq_len': 8},
+], ids=lambda o: ','.join(o) or 'plain')
+def test_the_model_matches_a_numpy_decoder(overrides):
+  import reference_lm
+  from sparseformer.model import rope
+  cfg = base_config()
+  m = cfg.model
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.dtype = 64, 2, 4, 2, 'float32'
+  for key, value in overrides.items():
+    section, _, field = key.rpartition('.')
+    (m[section] if section else m)[field] = value
+  dims = resolve_dims(m, 259)
+  model = randomized(LanguageModel(dims, nnx.Rngs(0)))
+  tokens = np.random.default_rng(0).integers(3, 259, 24)
+  got, _ = model(jnp.asarray(tokens[None], jnp.int32), jnp.arange(24, dtype=jnp.int32)[None], None)
+  inv_freq, logit_scale = rope.inverse_frequencies(dims.head_dim, dims.rope)
+  want = reference_lm.logits(nnx.state(model, nnx.Param).to_pure_dict(), tokens, np.asarray(inv_freq, np.float64),
+                             dims.norm_eps, logit_scale)
+  np.testing.assert_allclose(np.asarray(got[0], np.float64), want, rtol=2e-4, atol=2e-4)
+
+
+def test_optional_parts_add_exactly_their_parameters():
+  def names(**overrides):
+    flat = nnx.state(small_model(**overrides), nnx.Param).flat_state()
+    return {'/'.join(map(str, path)) for path, _ in flat}
+  plain = names()
+  assert names(qkv_bias=True) - plain == {f'blocks/{i}/attention/{p}/bias' for i in (0, 1)
+                                          for p in ('query', 'key', 'value')}
+  assert names(out_bias=True) - plain == {f'blocks/{i}/attention/out/bias' for i in (0, 1)}
+  assert names(qk_norm=True) - plain == {f'blocks/{i}/attention/{p}_norm/scale' for i in (0, 1)
+                                         for p in ('query', 'key')}
+
+
 def test_every_parameter_has_logical_axes():
   for tied in (True, False):
-    params = nnx.state(small_model(tie_embeddings=tied), nnx.Param)
+    params = nnx.state(small_model(tie_embeddings=tied, qkv_bias=True, out_bias=True, qk_norm=True), nnx.Param)
     for path, variable in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
       axes = variable.get_metadata().get('logical_axes')
       assert axes is not None and len(axes) == variable.ndim, path

@@ -11,8 +11,9 @@ HEAD_DIM = 16
 THETA = 10000.0
 
 
-def cfg(scaling, factor=4.0, original_seq_len=256, theta=THETA):
-  return types.SimpleNamespace(theta=theta, scaling=scaling, factor=factor, original_seq_len=original_seq_len)
+def cfg(scaling, factor=4.0, original_seq_len=256, theta=THETA, low_freq_factor=1.0, high_freq_factor=4.0):
+  return types.SimpleNamespace(theta=theta, scaling=scaling, factor=factor, original_seq_len=original_seq_len,
+                               low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor)
 
 
 def base(theta=THETA, d=HEAD_DIM):
@@ -32,8 +33,46 @@ def yarn_reference(factor, original_seq_len, d=HEAD_DIM):
   return (1 - gamma) * inv_freq / factor + gamma * inv_freq, (0.1 * math.log(factor) + 1) ** 2
 
 
+def llama3_reference(factor, original_seq_len, low, high, theta=THETA, d=HEAD_DIM):
+  """Llama 3.1's rule written as its three cases (meta-llama/llama-models apply_scaling)."""
+  out = []
+  for f in base(theta, d):
+    wavelength = 2 * np.pi / f
+    if wavelength < original_seq_len / high:
+      out.append(f)
+    elif wavelength > original_seq_len / low:
+      out.append(f / factor)
+    else:
+      smooth = (original_seq_len / wavelength - low) / (high - low)
+      out.append((1 - smooth) * f / factor + smooth * f)
+  return np.array(out)
+
+
 def test_registry_names():
-  assert set(rope.scaling_names()) >= {'none', 'linear', 'ntk', 'yarn'}
+  assert set(rope.scaling_names()) >= {'none', 'linear', 'ntk', 'yarn', 'llama3'}
+
+
+@pytest.mark.parametrize('factor,original_seq_len,low,high,theta,d', [
+    (8.0, 8192, 1.0, 4.0, 500000.0, 64),  # Llama 3.1 / 3.2
+    (32.0, 8192, 1.0, 4.0, 500000.0, 128),  # Llama 3.2 1B/3B
+    (4.0, 256, 2.0, 8.0, THETA, HEAD_DIM),
+])
+def test_llama3_matches_its_three_cases(factor, original_seq_len, low, high, theta, d):
+  inv_freq, scale = freqs(cfg('llama3', factor, original_seq_len, theta, low, high), d)
+  want = llama3_reference(factor, original_seq_len, low, high, theta, d)
+  np.testing.assert_allclose(inv_freq, want, rtol=1e-5)
+  assert scale == 1.0
+  assert inv_freq[0] == pytest.approx(base(theta, d)[0], rel=1e-6)  # the fastest kept
+  assert inv_freq[-1] == pytest.approx(base(theta, d)[-1] / factor, rel=1e-5)  # the slowest divided
+  middle = (inv_freq < base(theta, d) * (1 - 1e-6)) & (inv_freq > base(theta, d) / factor * (1 + 1e-6))
+  assert middle.any()  # some frequencies are blended
+
+
+def test_llama3_needs_original_seq_len_and_ordered_factors():
+  with pytest.raises(UserError, match='model.rope.original_seq_len'):
+    rope.inverse_frequencies(HEAD_DIM, cfg('llama3', original_seq_len=0))
+  with pytest.raises(UserError, match='low_freq_factor=4.0, high_freq_factor=1.0: use 0 < low < high'):
+    rope.inverse_frequencies(HEAD_DIM, cfg('llama3', low_freq_factor=4.0, high_freq_factor=1.0))
 
 
 def test_none_and_linear():
@@ -72,14 +111,14 @@ def test_yarn_ends_and_ramp():
   assert scale == pytest.approx((0.1 * math.log(4.0) + 1) ** 2)
 
 
-@pytest.mark.parametrize('scaling', ['none', 'linear', 'ntk', 'yarn'])
+@pytest.mark.parametrize('scaling', ['none', 'linear', 'ntk', 'yarn', 'llama3'])
 def test_factor_one_is_unscaled(scaling):
   inv_freq, scale = freqs(cfg(scaling, factor=1.0))
   np.testing.assert_allclose(inv_freq, base(), rtol=1e-6)
   assert scale == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize('scaling', ['linear', 'ntk', 'yarn'])
+@pytest.mark.parametrize('scaling', ['linear', 'ntk', 'yarn', 'llama3'])
 @pytest.mark.parametrize('factor', [0.5, 0.0, -2.0])
 def test_factor_below_one_rejected(scaling, factor):
   with pytest.raises(UserError, match='model.rope.factor'):

@@ -19,6 +19,9 @@ class ModelDims:
   head_dim: int
   mlp_dim: int
   tie_embeddings: bool
+  qkv_bias: bool
+  out_bias: bool
+  qk_norm: bool
   norm_eps: float
   init_std: float
   dtype: str
@@ -97,6 +100,9 @@ def resolve_dims(model_cfg, tokenizer_vocab_size, platform=None):
       head_dim=m.head_dim or m.d_model // m.num_heads,
       mlp_dim=m.mlp_dim or round_up(8 * m.d_model // 3, 64),
       tie_embeddings=m.tie_embeddings,
+      qkv_bias=m.qkv_bias,
+      out_bias=m.out_bias,
+      qk_norm=m.qk_norm,
       norm_eps=m.norm_eps,
       init_std=m.init_std,
       dtype=dtype,

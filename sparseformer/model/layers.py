@@ -14,24 +14,34 @@ def param(rngs, shape, logical_axes, *, dtype, std=None, value=None):
 
 
 class Einsum(nnx.Module):
-  """A projection written as an einsum over named axes, e.g. 'btd,dhk->bthk'."""
+  """A projection written as an einsum over named axes, e.g. 'btd,dhk->bthk'; with
+  `bias_dims` (how many trailing output axes the bias spans: the kernel's last ones) a
+  bias, zero at initialisation, is added."""
 
-  def __init__(self, equation, shape, logical_axes, dims, rngs, *, std=None):
+  def __init__(self, equation, shape, logical_axes, dims, rngs, *, std=None, bias_dims=0):
     self.equation = equation
     self.kernel = param(rngs, shape, logical_axes, dtype=dims.weight_dtype,
                         std=dims.init_std if std is None else std)
+    if bias_dims:
+      bias_shape = tuple(shape[-bias_dims:])
+      self.bias = param(rngs, bias_shape, logical_axes[-bias_dims:], dtype=dims.weight_dtype,
+                        value=jnp.zeros(bias_shape))
     self.compute_dtype = dims.compute_dtype
 
   def __call__(self, x):
-    return jnp.einsum(self.equation, x.astype(self.compute_dtype),
-                      self.kernel[...].astype(self.compute_dtype))
+    y = jnp.einsum(self.equation, x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+    if hasattr(self, 'bias'):
+      y = y + self.bias[...].astype(self.compute_dtype)
+    return y
 
 
 class RMSNorm(nnx.Module):
+  """RMS normalisation over the last axis, of d_model features (or `size` features named
+  `axis`: Qwen3's per-head q/k norms)."""
 
-  def __init__(self, dims, rngs):
-    self.scale = param(rngs, (dims.d_model,), ('embed',), dtype=dims.weight_dtype,
-                       value=jnp.ones((dims.d_model,)))
+  def __init__(self, dims, rngs, *, size=None, axis='embed'):
+    size = size or dims.d_model
+    self.scale = param(rngs, (size,), (axis,), dtype=dims.weight_dtype, value=jnp.ones((size,)))
     self.eps = dims.norm_eps
     self.compute_dtype = dims.compute_dtype
 

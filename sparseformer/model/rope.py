@@ -73,13 +73,32 @@ def _yarn_scaling(inv_freq, rope_cfg):
   (0.1 ln(factor) + 1) ** 2.
   """
   factor = _factor(rope_cfg)
-  if rope_cfg.original_seq_len <= 0:
-    raise UserError(f'model.rope.scaling=\'yarn\' needs model.rope.original_seq_len (the context length '
-                    f'the checkpoint was trained at) > 0; got {rope_cfg.original_seq_len}')
-  ratio = rope_cfg.original_seq_len * inv_freq / (2 * math.pi)
+  ratio = _original_seq_len(rope_cfg) * inv_freq / (2 * math.pi)
   gamma = jnp.clip((ratio - YARN_BETA_SLOW) / (YARN_BETA_FAST - YARN_BETA_SLOW), 0.0, 1.0)
   scaled = (1 - gamma) * inv_freq / factor + gamma * inv_freq
   return scaled, (0.1 * math.log(factor) + 1) ** 2
+
+
+def _original_seq_len(rope_cfg):
+  if rope_cfg.original_seq_len <= 0:
+    raise UserError(f'model.rope.scaling={rope_cfg.scaling!r} needs model.rope.original_seq_len (the context '
+                    f'length the checkpoint was trained at) > 0; got {rope_cfg.original_seq_len}')
+  return rope_cfg.original_seq_len
+
+
+@register_scaling('llama3')
+def _llama3_scaling(inv_freq, rope_cfg):
+  """Llama 3.1's scaling (meta-llama/llama-models, `apply_scaling`): with L =
+  original_seq_len, frequencies whose wavelength is shorter than L / high_freq_factor keep
+  their value, those longer than L / low_freq_factor are divided by `factor`, and in
+  between the two are blended linearly in L / wavelength. No logit temperature."""
+  factor, original = _factor(rope_cfg), _original_seq_len(rope_cfg)
+  low, high = rope_cfg.low_freq_factor, rope_cfg.high_freq_factor
+  if not 0 < low < high:
+    raise UserError(f'model.rope.low_freq_factor={low}, high_freq_factor={high}: use 0 < low < high')
+  turns = original * inv_freq / (2 * math.pi)  # L / wavelength
+  blend = jnp.clip((turns - low) / (high - low), 0.0, 1.0)  # 0: long wavelengths, 1: short ones
+  return (1 - blend) * inv_freq / factor + blend * inv_freq, 1.0
 
 
 def scaling_names():

@@ -16,16 +16,24 @@ class AttentionLayer(nnx.Module):
 
   def __init__(self, dims, layer_index, rngs):
     d, h, kv, hd = dims.d_model, dims.num_heads, dims.num_kv_heads, dims.head_dim
-    self.query = Einsum('btd,dhk->bthk', (d, h, hd), ('embed', 'heads', 'head_dim'), dims, rngs)
-    self.key = Einsum('btd,dhk->bthk', (d, kv, hd), ('embed', 'kv_heads', 'head_dim'), dims, rngs)
-    self.value = Einsum('btd,dhk->bthk', (d, kv, hd), ('embed', 'kv_heads', 'head_dim'), dims, rngs)
+    qkv_bias = 2 if dims.qkv_bias else 0  # Qwen2: biases on the q, k and v projections
+    self.query = Einsum('btd,dhk->bthk', (d, h, hd), ('embed', 'heads', 'head_dim'), dims, rngs, bias_dims=qkv_bias)
+    self.key = Einsum('btd,dhk->bthk', (d, kv, hd), ('embed', 'kv_heads', 'head_dim'), dims, rngs,
+                      bias_dims=qkv_bias)
+    self.value = Einsum('btd,dhk->bthk', (d, kv, hd), ('embed', 'kv_heads', 'head_dim'), dims, rngs,
+                        bias_dims=qkv_bias)
     self.out = Einsum('bthk,hkd->btd', (h, hd, d), ('heads', 'head_dim', 'embed'), dims, rngs,
-                      std=output_std(dims))
+                      std=output_std(dims), bias_dims=1 if dims.out_bias else 0)
+    if dims.qk_norm:  # Qwen3: RMSNorm of each head's q and k (over head_dim) before RoPE
+      self.query_norm = RMSNorm(dims, rngs, size=hd, axis='head_dim')
+      self.key_norm = RMSNorm(dims, rngs, size=hd, axis='head_dim')
     mechanism_cls = get_mechanism(dims.layer_mechanisms[layer_index])
     self.mechanism = mechanism_cls(dims, layer_index, rngs)
 
   def __call__(self, x, ctx):
     q_pre, k_pre = self.query(x), self.key(x)
+    if hasattr(self, 'query_norm'):
+      q_pre, k_pre = self.query_norm(q_pre), self.key_norm(k_pre)
     q = rope.apply_rotary(q_pre, ctx.cos, ctx.sin)
     k = rope.apply_rotary(k_pre, ctx.cos, ctx.sin)
     inputs = {}
