@@ -45,12 +45,13 @@ READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
 
 
 def document_tokens(tokenizer, text_key):
-  """example -> [bos] + encode(example[text_key]) + [eos] as int32 (text is bytes or str)."""
+  """example -> [bos] + encode(example[text_key]) + [eos] as int32 (text is bytes or str);
+  no bos for a tokenizer without one (bos_id None: Qwen's)."""
+  lead = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+
   def tokenize(example):
     ids = tokenizer.encode(example[text_key])
-    tokens = np.empty(len(ids) + 2, np.int32)
-    tokens[0], tokens[1:-1], tokens[-1] = tokenizer.bos_id, ids, tokenizer.eos_id
-    return tokens
+    return np.concatenate([np.asarray(lead, np.int32), ids, np.asarray([tokenizer.eos_id], np.int32)])
   return tokenize
 
 

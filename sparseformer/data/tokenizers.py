@@ -77,15 +77,21 @@ class SentencePieceTokenizer:
 
 
 def make_tokenizer(spec):
-  """'byte' or 'spm:/path/to/model'."""
+  """'byte', 'spm:/path/to/model' or 'hf:/path/to/dir' (tokenizer.json)."""
   if spec == 'byte':
     return ByteTokenizer()
+  if spec.startswith('hf:'):
+    from sparseformer.data.hf_tokenizer import HFTokenizer
+    path = os.path.expanduser(spec[len('hf:'):])
+    if not os.path.isdir(path):
+      raise UserError(f'data.tokenizer={spec!r}: {path} is not a directory (give the folder of tokenizer.json)')
+    return HFTokenizer(path)
   if spec.startswith('spm:'):
     path = os.path.expanduser(spec[len('spm:'):])
     if not os.path.isfile(path):
       raise UserError(f'data.tokenizer={spec!r}: no SentencePiece model at {path}')
     return SentencePieceTokenizer(path)
-  raise UserError(f'data.tokenizer={spec!r}: use byte or spm:/path/to/model')
+  raise UserError(f'data.tokenizer={spec!r}: use byte, spm:/path/to/model or hf:/path/to/dir')
 
 
 def train_sentencepiece(texts, output, vocab_size, model_type='bpe', max_sentences=1_000_000):

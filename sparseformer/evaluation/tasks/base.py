@@ -64,7 +64,7 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class EncodedExample:
-  """tokens: int32 [bos] + every piece's tokens (no eos). Spans are [start, end) indices
+  """tokens: int32 [bos] (if the tokenizer has one) + every piece's tokens (no eos). Spans are [start, end) indices
   into tokens: the answer spans are the tokens the model must predict (scored), the
   needle spans where the retrieved information sits. context_tokens: tokens (bos
   included) before the first question."""
@@ -75,8 +75,9 @@ class EncodedExample:
 
 
 def encode(example, tokenizer):
-  chunks, answer_spans, needle_spans = [np.array([tokenizer.bos_id], np.int32)], [], []
-  position, context_tokens = 1, None
+  lead = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # no bos for Qwen's tokenizer
+  chunks, answer_spans, needle_spans = [np.array(lead, np.int32)], [], []
+  position, context_tokens = len(lead), None
   for piece in example.pieces:
     ids = piece_tokens(tokenizer, piece.text)
     if piece.role == 'question' and context_tokens is None:
