@@ -3,8 +3,11 @@ written from the published architecture, not from sparseformer's modules: the or
 for the model's optional parts (q/k/v and output biases, per-head q/k RMSNorm, untied
 embeddings, RoPE scalings) on one unpacked row of dense causal attention.
 
-`params` is sparseformer's parameter tree as a pure dict (nnx.state(model,
-nnx.Param).to_pure_dict()); its layout is the only thing taken from sparseformer."""
+`logits` reads sparseformer's parameter tree as a pure dict (nnx.state(model,
+nnx.Param).to_pure_dict()); its layout is the only thing taken from sparseformer.
+`hf_logits` reads transformers' tensor names and layouts and its config.json fields
+(as transformers' modeling_llama / mistral / qwen2 / qwen3 compute them), the oracle of
+the import mapping."""
 
 import numpy as np
 
@@ -29,6 +32,20 @@ def projection(x, layer, name, equation):
   return y
 
 
+def causal_attention(q, k, v, logit_scale=1.0, window=None):
+  """softmax(q k^T / sqrt(d)) v over keys at or before each query (within the last
+  `window` keys), with k, v [T, kv_heads, d] shared by groups of q's [T, heads, d]."""
+  group = q.shape[1] // k.shape[1]
+  k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+  scores = np.einsum('qhk,shk->hqs', q, k) * logit_scale / np.sqrt(q.shape[-1])
+  query, key = np.arange(q.shape[0])[:, None], np.arange(q.shape[0])[None, :]
+  visible = (key <= query) & ((query - key < window) if window else True)
+  scores = np.where(visible[None], scores, -np.inf)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum('hqs,shk->qhk', weights, v)
+
+
 def attention(x, layer, inv_freq, eps, logit_scale=1.0):
   q = projection(x, layer, 'query', 'td,dhk->thk')
   k = projection(x, layer, 'key', 'td,dhk->thk')
@@ -36,15 +53,7 @@ def attention(x, layer, inv_freq, eps, logit_scale=1.0):
   if 'query_norm' in layer:
     q = rms_norm(q, np.asarray(layer['query_norm']['scale'], np.float64), eps)
     k = rms_norm(k, np.asarray(layer['key_norm']['scale'], np.float64), eps)
-  q, k = rotate(q, inv_freq), rotate(k, inv_freq)
-  group = q.shape[1] // k.shape[1]
-  k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-  scores = np.einsum('qhk,shk->hqs', q, k) * logit_scale / np.sqrt(q.shape[-1])
-  length = x.shape[0]
-  scores = np.where(np.tril(np.ones((length, length), bool))[None], scores, -np.inf)
-  weights = np.exp(scores - scores.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  mixed = np.einsum('hqs,shk->qhk', weights, v)
+  mixed = causal_attention(rotate(q, inv_freq), rotate(k, inv_freq), v, logit_scale)
   return projection(mixed, layer, 'out', 'thk,hkd->td')
 
 
@@ -66,3 +75,61 @@ def logits(params, tokens, inv_freq, eps, logit_scale=1.0):
   x = rms_norm(x, np.asarray(params['final_norm']['scale'], np.float64), eps)
   unembedding = np.asarray(params['unembedding'], np.float64) if 'unembedding' in params else embedding.T
   return x @ unembedding
+
+
+# ---------------------------------------------------------------------------------------
+# transformers' layout: weight [out, in], y = x W^T + b
+
+
+def hf_inverse_frequencies(hf, head_dim):
+  """RoPE inverse frequencies of a config.json: default, linear or llama3 rope_scaling."""
+  inv_freq = 1.0 / float(hf.get('rope_theta', 10000.0)) ** (np.arange(0, head_dim, 2) / head_dim)
+  scaling = hf.get('rope_scaling') or {}
+  kind = scaling.get('rope_type', scaling.get('type', 'default'))
+  if kind == 'linear':
+    return inv_freq / scaling['factor']
+  if kind == 'llama3':
+    factor, original = scaling['factor'], scaling['original_max_position_embeddings']
+    low, high = scaling['low_freq_factor'], scaling['high_freq_factor']
+    wavelength = 2 * np.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return np.where(wavelength < original / high, inv_freq, np.where(wavelength > original / low,
+                                                                     inv_freq / factor, blended))
+  assert kind == 'default', kind
+  return inv_freq
+
+
+def hf_linear(x, tensors, name):
+  y = x @ np.asarray(tensors[f'{name}.weight'], np.float64).T
+  if f'{name}.bias' in tensors:
+    y = y + np.asarray(tensors[f'{name}.bias'], np.float64)
+  return y
+
+
+def hf_logits(tensors, hf, tokens):
+  """float64 logits [T, vocab] of token ids [T] from transformers-named tensors."""
+  heads, d_model = hf['num_attention_heads'], hf['hidden_size']
+  kv_heads, head_dim = hf.get('num_key_value_heads') or heads, hf.get('head_dim') or d_model // heads
+  eps, inv_freq = hf['rms_norm_eps'], hf_inverse_frequencies(hf, head_dim)
+  window = hf.get('sliding_window') if hf['model_type'] == 'mistral' else None
+  weight = lambda name: np.asarray(tensors[name], np.float64)  # noqa: E731
+  x = weight('model.embed_tokens.weight')[np.asarray(tokens)]
+  length = x.shape[0]
+  for i in range(hf['num_hidden_layers']):
+    prefix = f'model.layers.{i}'
+    h = rms_norm(x, weight(f'{prefix}.input_layernorm.weight'), eps)
+    q = hf_linear(h, tensors, f'{prefix}.self_attn.q_proj').reshape(length, heads, head_dim)
+    k = hf_linear(h, tensors, f'{prefix}.self_attn.k_proj').reshape(length, kv_heads, head_dim)
+    v = hf_linear(h, tensors, f'{prefix}.self_attn.v_proj').reshape(length, kv_heads, head_dim)
+    if f'{prefix}.self_attn.q_norm.weight' in tensors:
+      q = rms_norm(q, weight(f'{prefix}.self_attn.q_norm.weight'), eps)
+      k = rms_norm(k, weight(f'{prefix}.self_attn.k_norm.weight'), eps)
+    mixed = causal_attention(rotate(q, inv_freq), rotate(k, inv_freq), v, window=window)
+    x = x + hf_linear(mixed.reshape(length, heads * head_dim), tensors, f'{prefix}.self_attn.o_proj')
+    h = rms_norm(x, weight(f'{prefix}.post_attention_layernorm.weight'), eps)
+    gate, up = hf_linear(h, tensors, f'{prefix}.mlp.gate_proj'), hf_linear(h, tensors, f'{prefix}.mlp.up_proj')
+    x = x + hf_linear(gate / (1 + np.exp(-gate)) * up, tensors, f'{prefix}.mlp.down_proj')
+  x = rms_norm(x, weight('model.norm.weight'), eps)
+  head = weight('model.embed_tokens.weight') if hf.get('tie_word_embeddings') else weight('lm_head.weight')
+  return x @ head.T

@@ -48,6 +48,14 @@ class Checkpointer:
         meta=ocp.args.JsonSave({**meta, 'step': step})), force=True)
     return step
 
+  def save_model(self, step, model, meta):
+    """A step holding only the model ({'params', 'mechanism_state'}) and meta: an
+    imported checkpoint, which evaluation and --config.init_from read and training does
+    not resume (it has no optimizer or data position)."""
+    self.manager.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(model), meta=ocp.args.JsonSave({**meta, 'step': step})), force=True)
+    self.manager.wait_until_finished()
+
   def wait(self):
     self.manager.wait_until_finished()
 

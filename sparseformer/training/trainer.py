@@ -88,6 +88,11 @@ def check_resumable(checkpoint_dir, step, abstract_state, iterator):
   (then `iterator` is not positioned; otherwise it is, at the saved position)."""
   saved = Checkpointer(checkpoint_dir, keep=1, async_save=False, read_only=True)
   try:
+    imported = saved.restore_meta(step).get('imported_from')
+    if imported:
+      raise UserError(f'{os.path.dirname(checkpoint_dir)} holds a model imported from {imported} (no optimizer '
+                      'state or data position to resume): fine-tune it in a new workdir with '
+                      f'--config.init_from={os.path.dirname(checkpoint_dir)}')
     check_compatible(saved.saved_shapes(step, 'model'),
                      {k: abstract_state[k] for k in ('params', 'mechanism_state')}, saved.step_path(step))
     data_state = distributed.own_process_state(saved.restore_data(step))
