@@ -30,7 +30,13 @@ def load_run_config(workdir):
 def workdir_config(argv, doc, command):
   """The workdir and its run's config with the --config.* overrides of `argv`
   (`--workdir DIR [--config.a.b=v ...]`), or None after printing `doc` for --help."""
-  flags, overrides = parse_args(argv, allowed=('workdir',))
+  loaded = workdir_config_and_flags(argv, doc, command)
+  return None if loaded is None else loaded[:2]
+
+
+def workdir_config_and_flags(argv, doc, command, extra=()):
+  """workdir_config for a command with its own flags `extra`: (workdir, cfg, {flag: value})."""
+  flags, overrides = parse_args(argv, allowed=('workdir',) + tuple(extra))
   if flags.get('help'):
     print(doc)
     return None
@@ -39,7 +45,7 @@ def workdir_config(argv, doc, command):
   workdir = flags['workdir']
   cfg = load_run_config(workdir)
   config_lib.apply_overrides(cfg, overrides)
-  return workdir, cfg
+  return workdir, cfg, flags
 
 
 def restore_checkpoint(workdir, cfg, setup):

@@ -155,7 +155,7 @@ def updated_source_config(hf, model_cfg):
     if overrides[name] != value:
       raise UserError(f'{name}={value} differs from the imported config.json ({overrides[name]}): the weights '
                       'no longer fit that architecture')
-  updated = dict(hf)
-  updated['rope_scaling'] = rope_scaling_of(model_cfg.rope)
-  updated['rope_theta'] = model_cfg.rope.theta
-  return updated
+  source_rope = {k.split('.')[-1]: v for k, v in overrides.items() if k.startswith('model.rope.')}
+  if all(model_cfg.rope[k] == v for k, v in source_rope.items()):
+    return dict(hf)
+  return {**hf, 'rope_scaling': rope_scaling_of(model_cfg.rope), 'rope_theta': model_cfg.rope.theta}
