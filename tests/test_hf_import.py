@@ -96,7 +96,8 @@ def refused(tmp_path, message, overrides=None, **changes):
     ({'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32}},
      "rope_scaling 'yarn' is not imported"),
     ({'rope_scaling': {'rope_type': 'dynamic', 'factor': 2.0}}, "rope_scaling 'dynamic' is not imported"),
-    ({'family': 'qwen2', 'use_sliding_window': True}, 'use_sliding_window .* is not imported'),
+    ({'family': 'qwen2', 'use_sliding_window': True}, 'sliding windows on some layers .* are not imported'),
+    ({'layer_types': ['full_attention', 'sliding_attention']}, 'sliding windows on some layers'),
 ])
 def test_unsupported_configs_are_one_line_errors_before_anything_is_written(tmp_path, change, message):
   family = change.pop('family', 'llama') if 'family' in change else 'llama'
@@ -141,3 +142,16 @@ def test_a_non_empty_workdir_or_a_directory_without_weights_is_refused(tmp_path)
   with pytest.raises(UserError, match='no config.json'):
     import_model(str(tmp_path), str(tmp_path / 'other'), log=lambda *a: None)
   assert config_lib  # the module is used by the CLI test through load_run_config
+
+
+def test_transformers_5_rope_parameters_are_read_like_rope_scaling(tmp_path):
+  hf, tensors = hf_fixtures.write_model(tmp_path / 'source', 'llama')
+  v5 = {k: v for k, v in hf.items() if k not in ('rope_theta', 'rope_scaling')}
+  v5['rope_parameters'] = {**hf['rope_scaling'], 'rope_theta': hf['rope_theta']}
+  (tmp_path / 'source' / 'config.json').write_text(json.dumps(v5))
+  import_model(str(tmp_path / 'source'), str(tmp_path / 'run'), {'model.dtype': 'float32'}, log=lambda *a: None)
+  model, cfg = imported_model(tmp_path / 'run')
+  assert (cfg.model.rope.scaling, cfg.model.rope.factor, cfg.model.rope.theta) == ('llama3', 8.0, 500000.0)
+  tokens = np.arange(3, 3 + LENGTH)
+  want = reference_lm.hf_logits(tensors, hf, tokens)
+  np.testing.assert_allclose(logits_of(model, tokens), want, rtol=0, atol=2e-4 * np.abs(want).max())

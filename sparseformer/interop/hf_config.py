@@ -43,10 +43,12 @@ def field(hf, name, architecture):
 
 
 def rope_fields(hf, architecture):
-  """{'scaling', 'factor', 'original_seq_len', 'low_freq_factor', 'high_freq_factor', 'theta'}."""
-  rope = {'theta': float(field(hf, 'rope_theta', architecture)), 'scaling': 'none', 'factor': 1.0,
-          'original_seq_len': 0}
-  scaling = hf.get('rope_scaling') or {}
+  """{'scaling', 'factor', 'original_seq_len', 'low_freq_factor', 'high_freq_factor', 'theta'}.
+  transformers 4 writes rope_theta and rope_scaling; transformers 5 one rope_parameters."""
+  scaling = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  theta = scaling.get('rope_theta', hf.get('rope_theta'))
+  rope = {'theta': float(theta if theta is not None else field(hf, 'rope_theta', architecture)),
+          'scaling': 'none', 'factor': 1.0, 'original_seq_len': 0}
   kind = scaling.get('rope_type', scaling.get('type', 'default'))
   if kind == 'default':
     return rope
@@ -69,9 +71,11 @@ def attention_fields(hf, architecture):
             'kind': 'dense'}
   if model_type == 'mistral' and field(hf, 'sliding_window', architecture):
     fields['kind'] = f'window:{int(hf["sliding_window"])}'
-  if model_type in ('qwen2', 'qwen3') and field(hf, 'use_sliding_window', architecture):
-    raise UserError(f'config.json ({architecture}): use_sliding_window (windows on some layers only) is not '
-                    'imported')
+  windowed = set(hf.get('layer_types') or ()) - {'full_attention'}
+  if (model_type in ('qwen2', 'qwen3') and field(hf, 'use_sliding_window', architecture)) or (
+      model_type != 'mistral' and windowed):
+    raise UserError(f'config.json ({architecture}): sliding windows on some layers (use_sliding_window, '
+                    'layer_types) are not imported')
   return fields
 
 
@@ -158,4 +162,7 @@ def updated_source_config(hf, model_cfg):
   source_rope = {k.split('.')[-1]: v for k, v in overrides.items() if k.startswith('model.rope.')}
   if all(model_cfg.rope[k] == v for k, v in source_rope.items()):
     return dict(hf)
+  if 'rope_parameters' in hf:  # transformers 5
+    parameters = rope_scaling_of(model_cfg.rope) or {'rope_type': 'default'}
+    return {**hf, 'rope_parameters': {**parameters, 'rope_theta': model_cfg.rope.theta}}
   return {**hf, 'rope_scaling': rope_scaling_of(model_cfg.rope), 'rope_theta': model_cfg.rope.theta}
