@@ -18,9 +18,12 @@ PRESETS = {'default.py': ['smoke'], 'masformer_small.py': ['window', 'dense'], '
            'sse_hybrid.py': ['gla', 'dense', 'varlen'], 'mqar.py': ['quick']}
 
 
+NEEDS_A_WORKDIR = {'hf_finetune.py'}  # its argument is an imported workdir: tests/test_hf_finetune.py
+
+
 def test_every_shipped_config_and_preset_loads_and_validates():
   for name in sorted(os.listdir(os.path.join(ROOT, 'configs'))):
-    if name.endswith('.py') and not name.startswith('_'):
+    if name.endswith('.py') and not name.startswith('_') and name not in NEEDS_A_WORKDIR:
       for preset in [''] + [f':{p}' for p in PRESETS.get(name, [])]:
         cfg = config_lib.load_config_file(os.path.join(ROOT, 'configs', name) + preset)
         config_lib.validate(cfg)
