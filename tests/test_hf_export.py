@@ -82,3 +82,27 @@ def test_exporting_into_a_non_empty_directory_is_refused(tmp_path):
   (tmp_path / 'out' / 'keep.txt').write_text('x')
   with pytest.raises(UserError, match='is not empty: export into a new directory'):
     export_model(str(tmp_path / 'run'), load_run_config(str(tmp_path / 'run')), str(tmp_path / 'out'), **QUIET)
+
+
+MESH_SCRIPT = '''
+import json, sys
+from sparseformer.cli.eval import load_run_config
+from sparseformer.interop.hf_export import export_model
+from sparseformer.interop.hf_import import import_model
+source, run, out = json.loads(sys.argv[1])
+import_model(source, run, {'mesh.data': '2', 'mesh.fsdp': '2', 'mesh.tensor': '2'}, log=lambda *a: None)
+cfg = load_run_config(run)
+export_model(run, cfg, out, log=lambda *a: None)
+print('RESULTS ' + json.dumps(list(cfg.mesh.items())))
+'''
+
+
+@pytest.mark.time_limit(300)
+def test_import_and_export_on_a_sharded_mesh_keep_the_bits(tmp_path):
+  from mesh_helpers import results_on_8_cpu_devices
+  hf, tensors = hf_fixtures.write_model(tmp_path / 'source', 'qwen3')
+  mesh = results_on_8_cpu_devices(MESH_SCRIPT, [str(tmp_path / 'source'), str(tmp_path / 'run'), str(tmp_path / 'out')])
+  assert dict(mesh)['fsdp'] == 2 and dict(mesh)['tensor'] == 2
+  exported = safetensors.SafetensorsModel(str(tmp_path / 'out'))
+  for name, array in tensors.items():
+    assert exported.read(name).tobytes() == array.tobytes(), name
