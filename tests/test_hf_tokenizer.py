@@ -97,7 +97,7 @@ def test_sentencepiece_style_tokenizer_counts_byte_pieces(tmp_path):
 def test_bad_hf_tokenizer_paths_are_user_errors(tmp_path):
   with pytest.raises(UserError, match='is not a directory'):
     data.make_tokenizer(f'hf:{tmp_path / "missing"}')
-  with pytest.raises(UserError, match='no tokenizer.json in'):
+  with pytest.raises(UserError, match='no tokenizer.json or tokenizer.model in'):
     data.make_tokenizer(f'hf:{tmp_path}')
   (tmp_path / 'tokenizer.json').write_text('{"not": "a tokenizer"}')
   with pytest.raises(UserError, match='not a tokenizer the tokenizers library reads'):
@@ -109,3 +109,18 @@ def test_bad_hf_tokenizer_paths_are_user_errors(tmp_path):
   (tmp_path / 'tokenizer_config.json').write_text('{}')
   with pytest.raises(UserError, match='no eos token'):
     data.make_tokenizer(f'hf:{tmp_path}')
+
+
+def test_a_directory_with_only_a_sentencepiece_model_uses_its_own_ids(tmp_path):
+  import sentencepiece
+  sentencepiece.SentencePieceTrainer.train(  # Llama 2's special ids: unk 0, bos 1, eos 2, no pad
+      sentence_iterator=iter(TEXTS * 5), model_prefix=str(tmp_path / 'tokenizer'), vocab_size=320,
+      model_type='bpe', unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, minloglevel=2)
+  tokenizer = data.make_tokenizer(f'hf:{tmp_path}')
+  assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (1, 2, 2)
+  text = 'the lazy fox 日'
+  ids = tokenizer.encode(text)
+  assert tokenizer.decode(ids) == text
+  assert int(tokenizer.token_bytes[ids].sum()) == len((' ' + text).encode('utf-8'))  # + the dummy prefix
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'add_bos_token': False}))
+  assert data.make_tokenizer(f'hf:{tmp_path}').bos_id is None

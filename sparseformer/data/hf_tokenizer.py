@@ -1,6 +1,8 @@
 """Hugging Face tokenizers (`tokenizer.json`, the `tokenizers` library): the tokenizers of
 imported Llama, Mistral and Qwen models, `data.tokenizer=hf:DIR` (DIR holds tokenizer.json,
-and usually tokenizer_config.json and config.json).
+and usually tokenizer_config.json and config.json). A directory with only a SentencePiece
+`tokenizer.model` (older Llama 2 and Mistral releases) is read with sentencepiece, with
+that model's own special ids.
 
 Special tokens follow the source model: the BOS id is the one the tokenizer itself puts
 before a text (Llama does, Qwen does not: then documents start without one, bos_id is
@@ -45,6 +47,55 @@ def read_json(path):
 def token_text(value):
   """A special token as tokenizer_config.json writes it: a string or {'content': ...}."""
   return value.get('content') if isinstance(value, dict) else value
+
+
+def hf_tokenizer(directory):
+  """The tokenizer of a Hugging Face directory: tokenizer.json, else tokenizer.model."""
+  if os.path.isfile(os.path.join(directory, 'tokenizer.json')):
+    return HFTokenizer(directory)
+  if os.path.isfile(os.path.join(directory, 'tokenizer.model')):
+    return SourceSentencePiece(directory)
+  raise UserError(f'data.tokenizer=hf:{directory}: no tokenizer.json or tokenizer.model in {directory}')
+
+
+class SourceSentencePiece:
+  """A source model's SentencePiece tokenizer.model with its own ids (Llama 2: unk 0, bos
+  1, eos 2, no pad); BOS as tokenizer_config.json's add_bos_token says (default: on)."""
+
+  def __init__(self, directory):
+    import sentencepiece
+    self.spec = f'hf:{directory}'
+    path = os.path.join(directory, 'tokenizer.model')
+    self.processor = sentencepiece.SentencePieceProcessor()
+    try:
+      self.processor.Load(path)
+    except (OSError, RuntimeError) as e:
+      raise UserError(f'{path}: not a SentencePiece model ({e})') from None
+    settings = read_json(os.path.join(directory, 'tokenizer_config.json'))
+    p = self.processor
+    self.vocab_size = p.get_piece_size()
+    self.bos_id = p.bos_id() if settings.get('add_bos_token', True) and p.bos_id() >= 0 else None
+    if p.eos_id() < 0:
+      raise UserError(f'{path}: the model has no eos piece')
+    self.eos_id = p.eos_id()
+    self.pad_id = p.pad_id() if p.pad_id() >= 0 else self.eos_id
+    self.token_bytes = np.array([self.piece_bytes(i) for i in range(self.vocab_size)], np.int32)
+
+  def piece_bytes(self, token_id):
+    p = self.processor
+    if p.is_control(token_id) or p.is_unknown(token_id):
+      return 0
+    if p.is_byte(token_id):
+      return 1
+    return len(p.id_to_piece(token_id).replace('\u2581', ' ').encode('utf-8'))
+
+  def encode(self, text):
+    if isinstance(text, bytes):
+      text = text.decode('utf-8', errors='replace')
+    return np.asarray(self.processor.encode(text), np.int32)
+
+  def decode(self, ids):
+    return self.processor.decode([int(i) for i in ids])
 
 
 class HFTokenizer:

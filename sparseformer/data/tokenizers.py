@@ -81,11 +81,11 @@ def make_tokenizer(spec):
   if spec == 'byte':
     return ByteTokenizer()
   if spec.startswith('hf:'):
-    from sparseformer.data.hf_tokenizer import HFTokenizer
+    from sparseformer.data.hf_tokenizer import hf_tokenizer
     path = os.path.expanduser(spec[len('hf:'):])
     if not os.path.isdir(path):
       raise UserError(f'data.tokenizer={spec!r}: {path} is not a directory (give the folder of tokenizer.json)')
-    return HFTokenizer(path)
+    return hf_tokenizer(path)
   if spec.startswith('spm:'):
     path = os.path.expanduser(spec[len('spm:'):])
     if not os.path.isfile(path):

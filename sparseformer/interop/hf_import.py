@@ -3,7 +3,7 @@ checkpoint of the model at step 0) that eval.py, eval_tasks and --config.init_fr
 
     DIR/config.json                       architecture and sizes (interop/hf_config.py)
     DIR/model.safetensors                 or shards named by model.safetensors.index.json
-    DIR/tokenizer.json (+ tokenizer_config.json)
+    DIR/tokenizer.json (+ tokenizer_config.json), or a SentencePiece tokenizer.model
 
 Everything is checked before the workdir is written: the architecture and every field
 that changes the computation, every tensor's presence and shape, and that no tensor is
@@ -134,9 +134,6 @@ def import_model(model_dir, workdir, overrides=None, log=print):
     raise UserError(f'{workdir} is not empty: import into a new directory')
   hf = read_source_config(model_dir)
   architecture, _ = hf_config.family(hf)
-  if not os.path.isfile(os.path.join(model_dir, 'tokenizer.json')):
-    raise UserError(f'{model_dir}: no tokenizer.json (sparseformer reads Hugging Face tokenizers from it; a '
-                    'directory with only tokenizer.model can be converted by transformers\' save_pretrained)')
   cfg = import_config(hf, workdir, overrides or {})
   tensors = SafetensorsModel(model_dir)
   mesh = sharding.make_mesh(cfg.mesh)
