@@ -1,0 +1,134 @@
+"""Fine-tuning an imported Hugging Face model at long context: one train step of
+configs/hf_finetune.py for each mechanism preset, timed, with its peak memory and
+`sparseformer.cli.fit`'s estimate beside it.
+
+    python tests/fixtures/hf/make_fixtures.py --shape qwen2.5-0.5b --out /tmp/qwen   # transformers
+    python benchmarks/hf_finetune.py --source /tmp/qwen --out /tmp/bench --seq-len 32768
+    python benchmarks/hf_finetune.py --source DIR --out /tmp/bench --quick            # CPU smoke run
+
+The source directory goes through `python -m sparseformer.cli.import_hf` (timed), then
+each preset (dense, masformer, gated; --variants) runs in its own subprocess so its peak
+memory is its own: the config is `configs/hf_finetune.py:IMPORTED,PRESET,SEQ_LEN` with
+--batch rows, the step the trainer's (`cli.fit.build_train_step`), on one document per
+row of random tokens. The state is freshly initialised with the model's shapes: timing
+and memory do not depend on the weights' values. Reported per preset: compile time,
+median step time over --repeats of --steps back-to-back steps, tokens/s, the device's
+peak bytes in use, and fit's estimate (XLA's buffer assignment of this compiled step).
+The JSON goes to OUT/hf_finetune.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.train_throughput import peak_memory, progress, timed_steps  # noqa: E402
+
+CONFIG = os.path.join(ROOT, 'configs', 'hf_finetune.py')
+RESULT_PREFIX = 'RESULT '
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--source', required=True, help='a Hugging Face model directory')
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--seq-len', type=int, default=32768)
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--variants', default='dense,masformer,gated')
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--child-timeout', type=float, default=420.0)
+  parser.add_argument('--quick', action='store_true', help='CPU smoke run: 512 tokens, 1 step, no repeats')
+  parser.add_argument('--child', default='', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.seq_len, args.steps, args.repeats, args.warmup = 512, 1, 1, 1
+  return args
+
+
+def run_child(args, variant, imported):
+  """One preset's measurements (in this process)."""
+  import jax
+  from sparseformer import config as config_lib
+  from sparseformer import sharding
+  from sparseformer.cli.fit import build_train_step, compile_train_step, memory_per_device, synthetic_batch
+  from sparseformer.training.state import make_train_state
+  cfg = config_lib.load_config_file(f'{CONFIG}:{imported},{variant},{args.seq_len}')
+  cfg.train.global_batch_size = args.batch
+  parts = build_train_step(cfg, sharding.make_mesh(cfg.mesh))
+  progress(f'{variant}: {parts.spec.dims.layer_mechanisms[:4]}... compiling')
+  start = time.perf_counter()
+  compiled = compile_train_step(parts)
+  compile_s = time.perf_counter() - start
+  estimate = memory_per_device(compiled)['total']
+  state = make_train_state(parts.spec, parts.tx, parts.state_shardings, 0)
+  batch = synthetic_batch(parts, parts.spec.dims.vocab_size)
+  _, state, _ = timed_steps(compiled, state, batch, args.warmup)
+  per_step = []
+  for _ in range(args.repeats):
+    seconds, state, metrics = timed_steps(compiled, state, batch, args.steps)
+    per_step.append(seconds)
+  step_s = statistics.median(per_step)
+  peak_gib, source = peak_memory()
+  return {'variant': variant, 'layers': list(parts.spec.dims.layer_mechanisms), 'params': int(parts.spec.param_count),
+          'seq_len': args.seq_len, 'batch': args.batch, 'compile_s': compile_s, 'step_ms': 1e3 * step_s,
+          'step_ms_repeats': [1e3 * s for s in per_step], 'tokens_per_s': args.batch * args.seq_len / step_s,
+          'peak_gib': peak_gib, 'memory_source': source, 'fit_estimate_gib': estimate / 2**30,
+          'loss': float(jax.device_get(metrics['loss'])), 'device': jax.devices()[0].device_kind}
+
+
+def import_source(args):
+  from sparseformer.interop.hf_import import import_model
+  imported = os.path.join(args.out, 'imported')
+  start = time.perf_counter()
+  report = import_model(args.source, imported, {'model.param_dtype': 'float32'}, log=progress)
+  return imported, {**report, 'import_s': time.perf_counter() - start}
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.child:
+    variant, imported = args.child.split(',', 1)
+    print(RESULT_PREFIX + json.dumps(run_child(args, variant, imported)), flush=True)
+    return 0
+  os.makedirs(args.out, exist_ok=True)
+  imported, report = import_source(args)
+  progress(f'imported {report["architecture"]}: {report["parameters"] / 1e6:.1f}M parameters in '
+           f'{report["import_s"]:.1f} s')
+  rows = []
+  for variant in args.variants.split(','):
+    argv = [a for a in (sys.argv[1:] if argv is None else argv)] + ['--child', f'{variant},{imported}']
+    try:
+      done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
+                            timeout=args.child_timeout, cwd=ROOT)
+      lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+      rows.append(json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else
+                  {'variant': variant, 'error': done.stderr[-1500:]})
+    except subprocess.TimeoutExpired:
+      rows.append({'variant': variant, 'error': f'timed out after {args.child_timeout} s'})
+    progress(json.dumps(rows[-1])[:300])
+  result = {'source': args.source, 'import': report, 'rows': rows}
+  with open(os.path.join(args.out, 'hf_finetune.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  dense = next((r for r in rows if r.get('variant') == 'dense' and 'step_ms' in r), None)
+  print('| preset | tokens/s | vs dense | step ms | compile s | peak GiB | fit estimate GiB |')
+  print('| --- | --- | --- | --- | --- | --- | --- |')
+  for r in rows:
+    if 'step_ms' not in r:
+      print(f'| {r["variant"]} | error | | | | | |')
+      continue
+    ratio = f'{r["tokens_per_s"] / dense["tokens_per_s"]:.2f}x' if dense else ''
+    print(f'| {r["variant"]} | {r["tokens_per_s"]:.0f} | {ratio} | {r["step_ms"]:.1f} | {r["compile_s"]:.1f} | '
+          f'{r["peak_gib"]:.2f} | {r["fit_estimate_gib"]:.2f} |')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
