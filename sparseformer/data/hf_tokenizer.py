@@ -17,6 +17,7 @@ import re
 
 import numpy as np
 
+from sparseformer.data.tokenizers import SentencePieceTokenizer
 from sparseformer.errors import UserError
 
 BYTE_PIECE = re.compile(r'^<0x[0-9A-Fa-f]{2}>$')  # SentencePiece byte fallback pieces
@@ -58,11 +59,11 @@ def hf_tokenizer(directory):
   raise UserError(f'data.tokenizer=hf:{directory}: no tokenizer.json or tokenizer.model in {directory}')
 
 
-class SourceSentencePiece:
+class SourceSentencePiece(SentencePieceTokenizer):
   """A source model's SentencePiece tokenizer.model with its own ids (Llama 2: unk 0, bos
   1, eos 2, no pad); BOS as tokenizer_config.json's add_bos_token says (default: on)."""
 
-  def __init__(self, directory):
+  def __init__(self, directory):  # not the parent's: that one wants sparseformer's pad/bos/eos ids
     import sentencepiece
     self.spec = f'hf:{directory}'
     path = os.path.join(directory, 'tokenizer.model')
@@ -79,23 +80,7 @@ class SourceSentencePiece:
       raise UserError(f'{path}: the model has no eos piece')
     self.eos_id = p.eos_id()
     self.pad_id = p.pad_id() if p.pad_id() >= 0 else self.eos_id
-    self.token_bytes = np.array([self.piece_bytes(i) for i in range(self.vocab_size)], np.int32)
-
-  def piece_bytes(self, token_id):
-    p = self.processor
-    if p.is_control(token_id) or p.is_unknown(token_id):
-      return 0
-    if p.is_byte(token_id):
-      return 1
-    return len(p.id_to_piece(token_id).replace('\u2581', ' ').encode('utf-8'))
-
-  def encode(self, text):
-    if isinstance(text, bytes):
-      text = text.decode('utf-8', errors='replace')
-    return np.asarray(self.processor.encode(text), np.int32)
-
-  def decode(self, ids):
-    return self.processor.decode([int(i) for i in ids])
+    self.token_bytes = np.array([self._piece_bytes(i) for i in range(self.vocab_size)], np.int32)
 
 
 class HFTokenizer:
