@@ -143,6 +143,8 @@ def base_config():
   k.every_steps = 500
   k.keep = 3
   k.async_save = True
+  k.checksums = True  # record the SHA-256 of each file of a step when saving; verify before reading
+  k.fallback_to_readable = False  # newest step damaged: resume (evaluate) the newest readable one, not stop
 
   c.mesh = ml_collections.ConfigDict()
   ms = c.mesh
@@ -330,6 +332,7 @@ def validate(cfg):
   """Raises UserError for values that cannot work, before anything runs."""
   from sparseformer.model.attention import get_mechanism
   m, t = cfg.model, cfg.train
+  validate_finite(cfg)
   for field in ('num_layers', 'd_model', 'num_heads'):
     require(m[field] > 0, f'model.{field}={m[field]}: use a positive size')
   if m.head_dim == 0:
@@ -393,6 +396,12 @@ def validate(cfg):
 
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')  # the device mesh's axes, in order (sparseformer.sharding)
+
+
+def validate_finite(cfg):
+  """No float field may be inf or nan (train.lr=inf would pass `lr > 0`)."""
+  for key, value in flatten(cfg).items():
+    require(not isinstance(value, float) or math.isfinite(value), f'{key}={value}: use a finite number')
 
 
 def validate_model_numbers(m):

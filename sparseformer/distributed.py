@@ -146,3 +146,11 @@ def own_process_state(saved):
     raise UserError(f'the checkpoint holds the data positions of {len(states)} processes, this job has '
                     f'{jax.process_count()}: resume with {len(states)} processes')
   return states[jax.process_index()]
+
+
+def sync(name):
+  """A barrier of every process of the job (nothing to wait for with one)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -54,4 +54,4 @@ def test_finetuned_mixed_span_run_trains_and_evaluates_at_its_length(tmp_path, d
   outputs = [name for name in os.listdir(target / 'eval') if name.endswith('.json')]
   with open(target / 'eval' / outputs[0]) as f:
     report = json.load(f)
-  assert outputs == ['validation_step2_len64.json'] and np.isfinite(report['nll'])
+  assert outputs == ['sparseformer_text-tinyshakespeare_validation_step2_len64.json'] and np.isfinite(report['nll'])

@@ -42,8 +42,8 @@ def test_eval_perplexity_is_exp_of_mean_token_nll(tmp_path, data_dir, capsys):
   workdir = tmp_path / 'run'
   assert run_command(train_command, tiny_argv(workdir, data_dir, train__steps=4)) == 0
   assert run_command(eval_command, ['--workdir', str(workdir), '--config.eval.max_batches=3']) == 0
-  report = json.loads((workdir / 'eval' / 'validation_step4_len32.json').read_text())
-  assert (workdir / 'eval' / 'validation_step4_len32.png').stat().st_size > 1000
+  report = json.loads((workdir / 'eval' / 'sparseformer_text-tinyshakespeare_validation_step4_len32.json').read_text())
+  assert (workdir / 'eval' / 'sparseformer_text-tinyshakespeare_validation_step4_len32.png').stat().st_size > 1000
 
   # Independent computation: plain logits from the restored parameters, NLL in float64.
   cfg = load_run_config(str(workdir))

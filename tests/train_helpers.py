@@ -104,3 +104,19 @@ def logged_losses(workdir):
       if 'train/loss' in record:
         losses[record['step']] = record['train/loss']
   return losses
+
+
+TRAINED_FIELDS = {'train__steps': 4, 'checkpoint__every_steps': 2, 'train__eval_batches': 1}
+_trained = {}
+
+
+def trained_workdir(tmp_path_factory, data_dir):
+  """A finished tiny run (4 steps, checkpoints at 2 and 4) trained in process, once per test
+  process whichever modules ask for it: read it, or copy it to change it."""
+  if 'workdir' not in _trained:
+    from sparseformer.cli.main import run_command
+    from sparseformer.cli.train import train_command
+    workdir = tmp_path_factory.mktemp('trained') / 'run'
+    assert run_command(train_command, tiny_argv(workdir, data_dir, **TRAINED_FIELDS)) == 0
+    _trained['workdir'] = workdir
+  return _trained['workdir']

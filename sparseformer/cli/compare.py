@@ -260,12 +260,13 @@ def run_cli(command, argv, label):
 
 
 def evaluate_nll(arm_dir, cfg, step, log):
-  """eval.py on the arm's checkpoint of `step`; its JSON (NLL overall and by position)."""
-  from sparseformer.cli.eval import eval_command
+  """eval.py on the arm's newest checkpoint, `step`; its JSON (NLL overall and by position)."""
+  from sparseformer.cli.eval import evaluate_workdir
   log(f'=== eval.py --workdir {arm_dir}')
-  run_cli(eval_command, ['--workdir', arm_dir], 'eval')
-  split, seq_len, _ = config_lib.eval_settings(cfg)
-  return read_json(os.path.join(arm_dir, 'eval', f'{split}_step{step}_len{seq_len}.json'))
+  results = evaluate_workdir(['--workdir', arm_dir])
+  if results['step'] != step:
+    raise UserError(f'eval of {arm_dir} evaluated step {results["step"]}, not its newest step {step}')
+  return results
 
 
 def evaluate_arm_tasks(arm_dir, step, log):

@@ -1,4 +1,4 @@
-"""Runs a command and turns bad input into one line and exit code 2."""
+"""Runs a command and turns bad input into one line and exit code 2 (Ctrl-C: one line, 130)."""
 
 import sys
 
@@ -13,6 +13,9 @@ def run_command(command, argv=None):
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print('error: interrupted (Ctrl-C); finished checkpoints are kept', file=sys.stderr)
+    return 130
 
 
 def quiet_libraries():

@@ -9,7 +9,10 @@ from sparseformer.errors import UserError
 
 USAGE = __doc__ + """
 Relaunching with the same --workdir resumes from its last checkpoint (model, optimizer,
-step, data position). --config.init_from=PATH starts from another run's parameters.
+step, data position), verified against its checksums; changed config fields are printed
+and kept in config_history.jsonl. SIGTERM or Ctrl-C saves and stops (Ctrl-C twice: stop
+now). One train.py per workdir (train.lock). --config.init_from=PATH starts from another
+run's parameters. See docs/workdir.md.
 """
 
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,54 @@ def format_summary(split, results):
   return (f'{split}: nll {results["nll"]:.4f} nats/token, perplexity {results["perplexity"]:.3f}, '
           f'{results["nats_per_byte"]:.4f} nats/byte = {results["bits_per_byte"]:.4f} bits/byte '
           f'({results["tokens"]} tokens)')
+
+
+def result_name(dataset, split, step, seq_len):
+  """`<dataset>_<split>_step<K>_len<N>`, characters other than letters, digits, '.', '_'
+  and '-' written as '-' (sparseformer_text/books -> sparseformer_text-books)."""
+  return f'{file_safe(dataset)}_{file_safe(split)}_step{step}_len{seq_len}'
+
+
+def file_safe(text):
+  return re.sub(r'[^A-Za-z0-9._-]+', '-', text).strip('-') or '-'
+
+
+def unused_result_name(out_dir, name, settings, log=print):
+  """`name`, or `name-2`, `name-3`, ...: the first whose JSON is absent or holds an
+  evaluation with these `settings` (the same evaluation again: its file is replaced).
+  An evaluation with other settings, or a file that cannot be read, is never overwritten."""
+  candidate, number = name, 1
+  while os.path.exists(os.path.join(out_dir, f'{candidate}.json')):
+    existing = saved_settings(os.path.join(out_dir, f'{candidate}.json'))
+    if existing == settings:
+      break
+    number += 1
+    candidate = f'{name}-{number}'
+  if candidate != name:
+    differences = setting_differences(saved_settings(os.path.join(out_dir, f'{name}.json')), settings)
+    log(f'note: {name}.json holds an evaluation with other settings ({differences}): writing {candidate}.json')
+  return candidate
+
+
+def saved_settings(path):
+  """The `settings` a result JSON was written with; None if it has none or cannot be read."""
+  try:
+    with open(path) as f:
+      return json.load(f).get('settings')
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def setting_differences(old, new, shown=3):
+  """'key: old -> new; ...' for the first `shown` differing settings (model fields as model.x)."""
+  if old is None:
+    return 'written before settings were recorded, or unreadable'
+  flat = lambda d: {**{k: v for k, v in d.items() if k != 'model'},  # noqa: E731
+                    **{f'model.{k}': v for k, v in (d.get('model') or {}).items()}}
+  old, new = flat(old), flat(new)
+  keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  text = '; '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in keys[:shown])
+  return text + (f'; and {len(keys) - shown} more' if len(keys) > shown else '')
 
 
 def write_results(results, out_dir, name):

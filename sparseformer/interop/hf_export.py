@@ -118,7 +118,7 @@ def export_model(workdir, cfg, out, *, step=None, max_shard_bytes=MAX_SHARD_BYTE
     step = checkpointer.latest_step() if step is None else step
     if step is None:
       raise UserError(f'no finished checkpoint in {workdir}/checkpoints')
-    arrays = checkpointer.restore_model(step, abstract_model_arrays(spec))
+    arrays = checkpointer.checked(step, lambda: checkpointer.restore_model(step, abstract_model_arrays(spec)), log)
   finally:
     checkpointer.close()
   params = flat(arrays['params'])

@@ -1,30 +1,45 @@
 """Orbax checkpoints of the train state, the data iterator and the run's metadata.
 
-Layout: workdir/checkpoints/<step>/{model, optimizer, data, meta}. Orbax writes each
-step into a temporary directory and renames it when complete, so a step directory that
-exists is whole; a save interrupted by a kill leaves only a temporary directory, which
-is never restored (and is removed on the next start).
+Layout: workdir/checkpoints/<step>/{model, optimizer, data, meta, checksums.json}. Orbax
+writes each step into a temporary directory and renames it when complete, so a step
+directory that exists is whole; a save interrupted by a kill leaves only a temporary
+directory, which is never restored (and is removed on the next start). Process 0 writes
+the checksums of the step's files (training/checksums.py) into the temporary directory
+just before the rename; every read goes through `Checkpointer.checked`, which verifies
+them and turns any failure to read the step back into a `DamagedCheckpoint`.
 """
 
 import json
 import os
+import re
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
 from sparseformer.errors import UserError
+from sparseformer.training import checksums as checksums_lib
+from sparseformer.training.checksums import DamagedCheckpoint
+
+TMP_SUFFIX = '.orbax-checkpoint-tmp'  # orbax's temporary step directory: <step>.orbax-checkpoint-tmp
 
 PAUSE_DURING_SAVE_OF_STEP = int(os.environ.get('SPARSEFORMER_PAUSE_DURING_SAVE_OF_STEP', '0'))
 
 
 class Checkpointer:
 
-  def __init__(self, directory, *, keep, async_save, read_only=False):
+  def __init__(self, directory, *, keep, async_save, read_only=False, checksums=True):
     self.directory = os.path.abspath(directory)
+    self.async_save, self.checksums = async_save, checksums
+    self.saving_step = None
+    write_checksums = checksums and not read_only
+    # Orbax calls post_finalization_callback (process 0, after every process has written
+    # its files, before the rename) only from its asynchronous checkpointer: with checksums
+    # a synchronous save is an asynchronous one waited for.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
-        read_only=read_only, cleanup_tmp_directories=not read_only)
+        max_to_keep=keep, enable_async_checkpointing=async_save or write_checksums, create=not read_only,
+        read_only=read_only, cleanup_tmp_directories=not read_only,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums) if write_checksums else None)
     handlers = {'model': ocp.StandardCheckpointHandler(), 'optimizer': ocp.StandardCheckpointHandler(),
                 'data': ocp.JsonCheckpointHandler(),
                 'meta': pausing_json_handler(PAUSE_DURING_SAVE_OF_STEP) if PAUSE_DURING_SAVE_OF_STEP
@@ -41,19 +56,32 @@ class Checkpointer:
     step = int(jax.device_get(state['step']))
     model = {'params': state['params'], 'mechanism_state': state['mechanism_state']}
     optimizer = {'opt_state': state['opt_state'], 'step': state['step'], 'rng': state['rng']}
-    self.manager.save(step, args=ocp.args.Composite(
+    self._save(step, ocp.args.Composite(
         model=ocp.args.StandardSave(model),
         optimizer=ocp.args.StandardSave(optimizer),
         data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave({**meta, 'step': step})), force=True)
+        meta=ocp.args.JsonSave({**meta, 'step': step})))
     return step
+
+  def _save(self, step, args):
+    self.manager.wait_until_finished()  # the previous save, its checksums included, is done
+    self.saving_step = step
+    self.manager.save(step, args=args, force=True)
+    if not self.async_save:
+      self.manager.wait_until_finished()
+
+  def _write_checksums(self):
+    """Orbax's post-finalization callback: the step's files are all written, the rename is next."""
+    step_dir = self.step_path(self.saving_step)
+    temporary = step_dir + TMP_SUFFIX
+    checksums_lib.write_manifest(temporary if os.path.isdir(temporary) else step_dir)
 
   def save_model(self, step, model, meta):
     """A step holding only the model ({'params', 'mechanism_state'}) and meta: an
     imported checkpoint, which evaluation and --config.init_from read and training does
     not resume (it has no optimizer or data position)."""
-    self.manager.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(model), meta=ocp.args.JsonSave({**meta, 'step': step})), force=True)
+    self._save(step, ocp.args.Composite(model=ocp.args.StandardSave(model),
+                                        meta=ocp.args.JsonSave({**meta, 'step': step})))
     self.manager.wait_until_finished()
 
   def wait(self):
@@ -95,6 +123,56 @@ class Checkpointer:
 
   def step_path(self, step):
     return os.path.join(self.directory, str(step))
+
+  def checked(self, step, read, log=None):
+    """read() of `step` once its files match their checksums (unless checksums is off);
+    DamagedCheckpoint naming the file when they do not or when the read fails (out of
+    memory excepted). `log` gets a note when the step has no checksums to verify."""
+    step_dir = self.step_path(step)
+    if self.checksums and not checksums_lib.verify(step_dir) and log is not None:
+      log(f'note: checkpoint step {step} has no {checksums_lib.MANIFEST} (saved without checksums): read unverified')
+    try:
+      return read()
+    except UserError:
+      raise
+    except Exception as e:  # orbax and tensorstore raise ValueError, KeyError, OSError, bare Exception ...
+      if isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in str(e):
+        raise
+      raise DamagedCheckpoint(step_dir, file_named_in(str(e), step_dir), error_line(e)) from e
+
+
+def newest_readable(checkpointer, steps, read, *, fallback, log, hint, action):
+  """(step, read(step), damaged steps) for the newest of `steps` that reads back whole.
+  Without `fallback` a damaged newest step is a UserError ending in `hint`; with it the
+  next older step is tried, and one line says which steps were damaged and `action`
+  ('resuming from', 'evaluating') the step used."""
+  problems = []
+  for step in sorted(steps, reverse=True):
+    try:
+      value = checkpointer.checked(step, lambda: read(step), log)
+    except DamagedCheckpoint as e:
+      if not fallback:
+        raise UserError(f'{e}; {hint}') from None
+      problems.append((step, str(e)))
+      continue
+    if problems:
+      log('; '.join(text for _, text in problems) +
+          f'; {action} step {step}, the newest readable one (checkpoint.fallback_to_readable)')
+    return step, value, [damaged for damaged, _ in problems]
+  raise UserError(f'no readable checkpoint in {checkpointer.directory}: ' + '; '.join(text for _, text in problems))
+
+
+def file_named_in(message, step_dir):
+  """The file of `step_dir` that an error message names (relative), or None."""
+  match = re.search(re.escape(step_dir.rstrip(os.sep) + os.sep) + r'([^"\'\s:]+)', message)
+  return match.group(1).rstrip(os.sep) if match else None
+
+
+def error_line(error, limit=200):
+  """`Type: first line of the message`, cut to `limit` characters (tensorstore appends its spec)."""
+  first = (str(error).strip().splitlines() or [''])[0]
+  text = f'{type(error).__name__}: {first}'
+  return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def pausing_json_handler(step):

@@ -17,7 +17,7 @@ def plan_init_from(path, abstract_model):
   """Checks a checkpoint against the model before anything is written: (dir, step, report)."""
   directory, step = resolve_checkpoint_path(path)
   checkpointer = Checkpointer(directory, keep=1, async_save=False, read_only=True)
-  saved = checkpointer.saved_shapes(step, 'model')
+  saved = checkpointer.checked(step, lambda: checkpointer.saved_shapes(step, 'model'))  # verifies the checksums
   expected = {p: tuple(leaf.shape) for p, leaf in flatten_paths(abstract_model).items()}
   wrong = sorted(p for p in set(saved) & set(expected) if saved[p] != expected[p])
   if wrong:
@@ -39,8 +39,8 @@ def load_init_from(checkpointer, step, fresh_model, model_shardings, replicated)
   def target(path, leaf):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=wanted.get(path_name(path), replicated))
   abstract_saved = jax.tree_util.tree_map_with_path(target, metadata, is_leaf=lambda x: hasattr(x, 'shape'))
-  restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(abstract_saved))).model
+  restored = checkpointer.checked(step, lambda: checkpointer.manager.restore(step, args=ocp.args.Composite(
+      model=ocp.args.StandardRestore(abstract_saved))).model)
   saved = flatten_paths(restored)
 
   def pick(path, fresh):

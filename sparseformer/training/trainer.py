@@ -1,20 +1,22 @@
 """The training loop: resume or start, step, log, checkpoint, evaluate."""
 
+import dataclasses
 import math
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import numpy as np
 
-from sparseformer import config as config_lib
 from sparseformer import data, distributed, sharding
 from sparseformer.data.build import check_split
 from sparseformer.errors import UserError
 from sparseformer.evaluation.evaluate import evaluate, format_summary, make_eval_batch_fn
 from sparseformer.training import metrics as metrics_lib
-from sparseformer.training.checkpoint import Checkpointer, check_compatible
+from sparseformer.training import workdir as workdir_lib
+from sparseformer.training.checkpoint import Checkpointer, check_compatible, newest_readable
 from sparseformer.training.init_from import load_init_from, plan_init_from
 from sparseformer.training.optimizer import make_optimizer
 from sparseformer.training.setup import prepare_run, process_info
@@ -22,6 +24,7 @@ from sparseformer.training.state import abstract_train_state, make_train_state, 
 from sparseformer.training.step import jit_train_step, make_train_step
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # save and stop (Ctrl-C twice: stop at once)
 PAUSE_AFTER_STEP = int(os.environ.get('SPARSEFORMER_PAUSE_AFTER_STEP', '0'))
 
 
@@ -40,17 +43,54 @@ def finished_steps(checkpoint_dir):
 
 def train(cfg, workdir, log=print):
   """Trains to cfg.train.steps, resuming from workdir if it holds a checkpoint."""
-  t = cfg.train
-  if not distributed.is_main_process():  # process 0 logs for the job
+  main_process = distributed.is_main_process()
+  if not main_process:  # process 0 logs for the job
     log = lambda *args, **kwargs: None
+  plan = plan_training(cfg, workdir, log)
+  try:
+    # Everything that can be checked has been: from here on the workdir is written.
+    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lib.WorkdirLock.acquire(workdir, log) if main_process else None
+  except BaseException:
+    close_iterator(plan.iterator)
+    raise
+  try:
+    return run_training(plan, workdir, log)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+@dataclasses.dataclass
+class TrainingPlan:
+  """What plan_training found and built without writing anything."""
+  cfg: Any
+  setup: Any  # training.setup.RunSetup
+  tx: Any
+  schedule: Any
+  shardings: Any
+  steps: list  # the finished checkpoint steps found
+  init_plan: Any  # plan_init_from's (checkpointer, step, report), or None
+  iterator: Any  # the train iterator, at the resumed data position
+  resumed: Any  # Resumed, or None for a fresh start
+
+
+def plan_training(cfg, workdir, log):
+  """Checks everything that can be checked (path, lock, config against devices and data,
+  splits, the checkpoint to resume, init_from) and restores the state to resume, before
+  anything is written."""
+  t = cfg.train
+  workdir_lib.check_path(workdir)
+  if distributed.is_main_process():  # one train.py per workdir; the job's processes share process 0's lock
+    workdir_lib.check_unlocked(workdir)
   setup = prepare_run(cfg, seq_lens=[(cfg.data.seq_len, t.global_batch_size, t.grad_accum_steps)])
   spec = setup.spec
   tx, schedule = make_optimizer(t, spec.abstract_params)
   shardings = state_shardings(spec, tx)
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
-  resume_step = (finished_steps(checkpoint_dir) or [None])[-1]
+  steps = finished_steps(checkpoint_dir)
   init_plan = None
-  if resume_step is None and cfg.init_from:
+  if not steps and cfg.init_from:
     abstract_model = {'params': spec.abstract_params.to_pure_dict(),
                       'mechanism_state': spec.abstract_mechanism_state.to_pure_dict()}
     init_plan = plan_init_from(cfg.init_from, abstract_model)
@@ -58,54 +98,144 @@ def train(cfg, workdir, log=print):
   process_index, process_count = process_info()
   iterator = data.train_iterator(cfg.data, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size,
                                  seed=cfg.seed, process_index=process_index, process_count=process_count)
-  if resume_step is not None:
-    check_resumable(checkpoint_dir, resume_step, abstract_train_state(spec, tx, shardings, cfg.seed), iterator)
+  try:
+    resumed = None
+    if steps:
+      resumed = restore_resumable(cfg, checkpoint_dir, steps, abstract_train_state(spec, tx, shardings, cfg.seed),
+                                  iterator, log)
+  except BaseException:
+    close_iterator(iterator)
+    raise
+  return TrainingPlan(cfg, setup, tx, schedule, shardings, steps, init_plan, iterator, resumed)
 
-  # Everything that can be checked has been: from here on the workdir is written.
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-  state, data_state = start_state(cfg, spec, tx, shardings, checkpointer, resume_step, init_plan, log)
-  if distributed.is_main_process():
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_lib.to_json(cfg))
 
-  if data_state is not None:
-    iterator.set_state(data_state)
-  step_fn = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight,
-                                           t.loss_chunk),
-                           shardings, setup.batch_sharding, setup.mesh, spec.rules)
-  loop = TrainLoop(cfg, workdir, setup, checkpointer, iterator, step_fn, log)
+def run_training(plan, workdir, log):
+  """Sets damaged steps aside, records the config, and runs the loop (the lock is held)."""
+  cfg, t, spec, resumed = plan.cfg, plan.cfg.train, plan.setup.spec, plan.resumed
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  checkpointer = None
+  try:
+    set_aside_damaged(workdir, plan.steps, resumed, log)
+    if resumed:
+      log(f'resumed from step {resumed.step} in {checkpoint_dir}')
+    checkpointer = Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+                                checksums=cfg.checkpoint.checksums)
+    state = resumed.state if resumed else start_state(cfg, spec, plan.tx, plan.shardings, plan.init_plan, log)
+    if distributed.is_main_process():
+      workdir_lib.record_config(workdir, cfg, resumed.step if resumed else 0, log)
+    step_fn = jit_train_step(make_train_step(spec.graphdef, plan.tx, plan.schedule, t.grad_accum_steps,
+                                             t.lm_loss_weight, t.loss_chunk),
+                             plan.shardings, plan.setup.batch_sharding, plan.setup.mesh, spec.rules)
+  except BaseException:
+    if checkpointer is not None:
+      checkpointer.close()
+    close_iterator(plan.iterator)
+    raise
+  loop = TrainLoop(cfg, workdir, plan.setup, checkpointer, plan.iterator, step_fn, log)
   try:
     return loop.run(state)
   finally:
     loop.close()
 
 
+def close_iterator(iterator):
+  if hasattr(iterator, 'close'):  # data.workers > 0: stop the worker processes
+    iterator.close()
+
+
+@dataclasses.dataclass
+class Resumed:
+  step: int
+  state: dict  # the train state, restored with its shardings
+  damaged: list  # newer steps that could not be read back (checkpoint.fallback_to_readable)
+
+
+def restore_resumable(cfg, checkpoint_dir, steps, abstract_state, iterator, log):
+  """The newest step's train state, read before anything is written, with `iterator` set
+  to its data position. UserError if the saved arrays or data position do not fit this
+  config; a damaged step (checksums, unreadable files) is a UserError too, or with
+  checkpoint.fallback_to_readable the next older step is tried."""
+  saved = Checkpointer(checkpoint_dir, keep=1, async_save=False, read_only=True, checksums=cfg.checkpoint.checksums)
+  hint = ('set --config.checkpoint.fallback_to_readable=true to resume from the newest readable step '
+          f'(damaged steps are then moved to {os.path.join(os.path.dirname(checkpoint_dir), DAMAGED)}/)')
+  try:
+    step, state, damaged = newest_readable(
+        saved, steps, lambda step: read_resumable(saved, step, abstract_state, iterator),
+        fallback=cfg.checkpoint.fallback_to_readable, log=log, hint=hint, action='resuming from')
+  finally:
+    saved.close()
+  return Resumed(step, state, damaged)
+
+
+def read_resumable(saved, step, abstract_state, iterator):
+  """check_saved_step, then the train state of `step` (UserErrors for a mismatch, anything
+  else is the step's damage)."""
+  check_saved_step(saved, step, abstract_state, iterator)
+  state, _ = saved.restore(step, abstract_state)
+  return state
+
+
 def check_resumable(checkpoint_dir, step, abstract_state, iterator):
+  """check_saved_step on the checkpoints in `checkpoint_dir`."""
+  saved = Checkpointer(checkpoint_dir, keep=1, async_save=False, read_only=True)
+  try:
+    check_saved_step(saved, step, abstract_state, iterator)
+  finally:
+    saved.close()
+
+
+def check_saved_step(saved, step, abstract_state, iterator):
   """UserError if the saved model arrays do not fit this config (reads their metadata
   only; the optimizer's arrays follow the parameters: the config has no field that changes
   them alone), or if the saved data position does not fit this config's data pipeline
   (then `iterator` is not positioned; otherwise it is, at the saved position)."""
-  saved = Checkpointer(checkpoint_dir, keep=1, async_save=False, read_only=True)
-  try:
-    imported = saved.restore_meta(step).get('imported_from')
-    if imported:
-      raise UserError(f'{os.path.dirname(checkpoint_dir)} holds a model imported from {imported} (no optimizer '
-                      'state or data position to resume): fine-tune it in a new workdir with '
-                      f'--config.init_from={os.path.dirname(checkpoint_dir)}')
-    check_compatible(saved.saved_shapes(step, 'model'),
-                     {k: abstract_state[k] for k in ('params', 'mechanism_state')}, saved.step_path(step))
-    data_state = distributed.own_process_state(saved.restore_data(step))
-    where = saved.step_path(step)
-  finally:
-    saved.close()
+  checkpoint_dir = saved.directory
+  imported = saved.restore_meta(step).get('imported_from')
+  if imported:
+    raise UserError(f'{os.path.dirname(checkpoint_dir)} holds a model imported from {imported} (no optimizer '
+                    'state or data position to resume): fine-tune it in a new workdir with '
+                    f'--config.init_from={os.path.dirname(checkpoint_dir)}')
+  check_compatible(saved.saved_shapes(step, 'model'),
+                   {k: abstract_state[k] for k in ('params', 'mechanism_state')}, saved.step_path(step))
+  data_state = distributed.own_process_state(saved.restore_data(step))
   try:
     iterator.set_state(data_state)
   except (KeyError, IndexError, TypeError, ValueError) as e:
-    raise UserError(f'{where}: the saved data position ({type(e).__name__}: {e}) does not fit this config\'s '
-                    'data pipeline: were data.tasks, data.task_fraction, data.task_min_len or data.workers '
+    raise UserError(f'{saved.step_path(step)}: the saved data position ({type(e).__name__}: {e}) does not fit this '
+                    'config\'s data pipeline: were data.tasks, data.task_fraction, data.task_min_len or data.workers '
                     'changed? Resume with the data settings the run had, or start a new workdir with '
                     '--config.init_from') from None
+
+
+DAMAGED = 'damaged_checkpoints'
+
+
+def set_aside_damaged(workdir, steps, resumed, log):
+  """Moves the damaged steps skipped by the resume to workdir/damaged_checkpoints/ (nothing
+  is deleted; orbax would otherwise list them, and refuse to save their step numbers).
+  UserError if checkpoints appeared meanwhile (a run that finished after our check)."""
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  damaged = resumed.damaged if resumed else []
+  if distributed.is_main_process():
+    if finished_steps(checkpoint_dir) != steps:
+      raise UserError(f'{checkpoint_dir} changed while this run started (steps {steps} -> '
+                      f'{finished_steps(checkpoint_dir)}): did another train.py just finish? Relaunch')
+    for step in damaged:
+      os.makedirs(os.path.join(workdir, DAMAGED), exist_ok=True)
+      target = free_path(os.path.join(workdir, DAMAGED, str(step)))
+      os.rename(os.path.join(checkpoint_dir, str(step)), target)
+      log(f'moved the damaged step {step} to {target}')
+  if damaged:
+    distributed.sync('sparseformer_set_aside_damaged')
+
+
+def free_path(path):
+  """`path`, or `path-2`, `path-3`, ... whichever does not exist yet."""
+  candidate, number = path, 1
+  while os.path.exists(candidate):
+    number += 1
+    candidate = f'{path}-{number}'
+  return candidate
 
 
 def check_splits(data_cfg):
@@ -119,13 +249,8 @@ def check_splits(data_cfg):
       raise UserError(f'data.{field}: {e}') from None
 
 
-def start_state(cfg, spec, tx, shardings, checkpointer, resume_step, init_plan, log):
-  """(train state, data iterator state or None): resumed, fine-tuning start, or fresh."""
-  if resume_step is not None:
-    abstract = abstract_train_state(spec, tx, shardings, cfg.seed)
-    state, data_state = checkpointer.restore(resume_step, abstract)
-    log(f'resumed from step {resume_step} in {checkpointer.directory}')
-    return state, distributed.own_process_state(data_state)
+def start_state(cfg, spec, tx, shardings, init_plan, log):
+  """The train state of a fresh run: the fine-tuning start of init_from, or initialised."""
   state = make_train_state(spec, tx, shardings, cfg.seed)
   if init_plan is not None:
     source, step, report = init_plan
@@ -138,7 +263,7 @@ def start_state(cfg, spec, tx, shardings, checkpointer, resume_step, init_plan, 
     for kind in ('initialised', 'skipped'):
       for name in report[kind]:
         log(f'  {kind}: {name}')
-  return state, None
+  return state
 
 
 class TrainLoop:
@@ -146,9 +271,9 @@ class TrainLoop:
   def __init__(self, cfg, workdir, setup, checkpointer, iterator, step_fn, log):
     self.cfg, self.workdir, self.setup = cfg, workdir, setup
     self.checkpointer, self.iterator, self.step_fn, self.log = checkpointer, iterator, step_fn, log
-    self.stop_requested = False
-    self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self.stop_requested = None  # the name of the signal that asked to stop
     self.is_main_process = distributed.is_main_process()
+    self.previous_handlers = {signum: signal.signal(signum, self._on_stop_signal) for signum in STOP_SIGNALS}
     self.writer = None
     self.progress = None
     self.eval_fn = None
@@ -156,8 +281,15 @@ class TrainLoop:
     self.flops_per_token = metrics_lib.train_flops_per_token(setup.dims, cfg.data.seq_len)
     self.peak_flops = metrics_lib.peak_flops_per_device()
 
-  def _on_sigterm(self, signum, frame):
-    self.stop_requested = True
+  def _on_stop_signal(self, signum, frame):
+    """SIGTERM or a first Ctrl-C: save after this step and stop. A second Ctrl-C stops at
+    once (KeyboardInterrupt), without saving: the last finished checkpoint is kept."""
+    if signum == signal.SIGINT and self.stop_requested:
+      raise KeyboardInterrupt
+    self.stop_requested = signal.Signals(signum).name
+    if signum == signal.SIGINT and self.is_main_process:  # os.write: safe inside a handler, unlike print
+      os.write(2, b'\nCtrl-C: saving after this step, then stopping (Ctrl-C again: stop now, '
+               b'without saving)\n')
 
   def run(self, state):
     cfg, t = self.cfg, self.cfg.train
@@ -167,6 +299,7 @@ class TrainLoop:
              f'mesh {dict(self.setup.mesh.shape)}; training steps {step} -> {t.steps}')
     if step >= t.steps:
       self.log(f'already trained to step {step}')
+      self.restore_signal_handlers()  # nothing left to save: Ctrl-C stops the evaluation
       return self.evaluate(state, step)
     self.progress = metrics_lib.Progress(t.steps, step, t.log_every, enabled=self.is_main_process)
     self.log('compiling the train step (the first step takes longer) ...')
@@ -199,11 +332,12 @@ class TrainLoop:
         self.evaluate(state, step)
       if self.stop_requested:
         self.checkpointer.wait()
-        self.log(f'SIGTERM: saved step {step} and stopped; relaunch with the same workdir to continue')
+        self.log(f'{self.stop_requested}: saved step {step} and stopped; relaunch with the same workdir to continue')
         return None
     self.checkpointer.wait()
     self.progress.close()
     self.progress = None
+    self.restore_signal_handlers()  # the last step is saved: Ctrl-C stops the evaluation
     return self.evaluate(state, step)
 
   def pause(self, step):
@@ -254,12 +388,15 @@ class TrainLoop:
       self.log(message)
     return results
 
+  def restore_signal_handlers(self):
+    for signum, handler in self.previous_handlers.items():
+      signal.signal(signum, handler)
+
   def close(self):
-    signal.signal(signal.SIGTERM, self.previous_handler)
+    self.restore_signal_handlers()
     if self.progress is not None:
       self.progress.close()
     if self.writer is not None:
       self.writer.close()
     self.checkpointer.close()
-    if hasattr(self.iterator, 'close'):  # data.workers > 0: stop the worker processes
-      self.iterator.close()
+    close_iterator(self.iterator)
