@@ -5,12 +5,19 @@ on first use, or ahead of time with
 
     python -m sparseformer.cli.prepare_data --name=sparseformer_text/books [--data_dir=DIR]
 
-Any other name must be a TFDS dataset already prepared as ArrayRecord in the data dir
-(e.g. pg19); it is opened from its files only, never built or downloaded.
+Any other name must be a TFDS dataset already prepared as ArrayRecord in the data dir:
+your own documents prepared with `prepare_data --files` (user_files.py), or one prepared
+elsewhere (e.g. pg19); it is opened from its files only, never built or downloaded.
 
 An interrupted build is never taken as prepared: TFDS writes into
 `<config>/incomplete.XXXXXX_<version>/` and renames it to `<config>/<version>/` at the
-end, and only a directory named as a version holding dataset_info.json counts.
+end, and only a directory named as a version holding dataset_info.json counts. A build
+that replaces a prepared dataset (--overwrite, and every `--files` build) runs in a hidden
+folder of the data dir and is moved into place only once finished (build_and_swap).
+
+Every use checks the prepared files (integrity.py): a file cut short or missing is a
+UserError here, a changed source file a warning, and an unreadable record, when read, a
+UserError naming the file and the record.
 """
 
 import contextlib
@@ -18,7 +25,10 @@ import io
 import logging
 import os
 import re
+import shutil
+import tempfile
 
+from sparseformer.data import integrity
 from sparseformer.errors import UserError, closest_match
 
 SHIPPED = 'sparseformer_text'
@@ -65,9 +75,14 @@ def quiet_tfds():
     absl_logger.setLevel(level)
 
 
-def build_shipped(name, data_dir):
-  """The prepared builder of a shipped dataset, building it first if needed."""
+def build_shipped(name, data_dir, overwrite=False):
+  """The prepared builder of a shipped dataset, building it first if needed (again with
+  `overwrite`, the prepared copy replaced only once the new one is finished)."""
   builder = shipped_builder(name, data_dir)
+  if overwrite:
+    print(f'preparing dataset {name} again in {data_dir}', flush=True)
+    build_and_swap(lambda folder: shipped_builder(name, folder), data_dir, name.split('/'), overwrite=True)
+    return shipped_builder(name, data_dir)
   with quiet_tfds():
     if builder.is_prepared():
       return builder
@@ -84,13 +99,60 @@ def build_shipped(name, data_dir):
   return shipped_builder(name, data_dir)
 
 
+def build_and_swap(make_builder, data_dir, parts, overwrite):
+  """Builds `make_builder(folder)` in a hidden folder of data_dir, then moves its
+  `<folder>/<parts...>` to `<data_dir>/<parts...>`, replacing what was there. A failed or
+  interrupted build replaces nothing (a killed one leaves a `.preparing-*` folder, which
+  is never read and may be deleted)."""
+  os.makedirs(data_dir, exist_ok=True)
+  folder = tempfile.mkdtemp(prefix='.preparing-', dir=data_dir)
+  try:
+    builder = make_builder(folder)
+    with quiet_tfds():
+      builder.download_and_prepare(file_format='array_record')
+    final = os.path.join(data_dir, *parts)
+    if prepared_versions(final) and not overwrite:
+      raise UserError(f'{"/".join(parts)} was prepared in {data_dir} meanwhile; give --overwrite to replace it')
+    swap_in(os.path.join(folder, *parts), final, os.path.join(folder, 'replaced'))
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def swap_in(new, final, aside):
+  """Renames `new` to `final`, moving an existing `final` to `aside` first (and back if the
+  second rename fails)."""
+  os.makedirs(os.path.dirname(final), exist_ok=True)
+  replaced = os.path.lexists(final)
+  if replaced:
+    os.rename(final, aside)
+  try:
+    os.rename(new, final)
+  except OSError:
+    if replaced:
+      os.rename(aside, final)
+    raise
+
+
+def locate(name, data_dir):
+  """The builder of a prepared dataset as it is: nothing built, nothing checked."""
+  if is_shipped(name):
+    builder = shipped_builder(name, data_dir)
+    with quiet_tfds():
+      if builder.is_prepared():
+        return builder
+    raise UserError(f'{name} is not prepared in {data_dir}')
+  return prepared_builder(name, data_dir)
+
+
 def ensure_prepared(data_cfg):
   """The TFDS builder of data.name, prepared in the data dir: shipped datasets are built
-  if needed, any other one must already be there (UserError if not)."""
+  if needed, any other one must already be there (UserError if not). Its files are
+  checked (UserError for one cut short or missing; a warning per changed source file)."""
   name, data_dir = data_cfg.name, data_dir_of(data_cfg)
-  if is_shipped(name):
-    return build_shipped(name, data_dir)
-  return prepared_builder(name, data_dir)
+  builder = build_shipped(name, data_dir) if is_shipped(name) else prepared_builder(name, data_dir)
+  integrity.check_files(builder, name)
+  integrity.warn_changed_sources(str(builder.data_dir), name)
+  return builder
 
 
 def version_key(version):
@@ -122,7 +184,8 @@ def prepared_builder(name, data_dir):
     hint = closest_match(base.split('/')[0], present)
     raise UserError(f'data.name={name!r} is not prepared in {data_dir} (no {root}/<version>/dataset_info.json)'
                     + (f"; did you mean '{hint}'?" if hint else '')
-                    + '; prepare it there as array_record or set data.data_dir')
+                    + '; prepare it there as array_record or set data.data_dir (your own files: '
+                    f'python -m sparseformer.cli.prepare_data --name {base} --files GLOB)')
   import tensorflow_datasets as tfds
   return tfds.builder_from_directory(os.path.join(root, versions[-1]))
 
@@ -146,7 +209,8 @@ def check_text_key(data_cfg, builder):
 
 def open_split(data_cfg, split):
   """A random-access source over one split (len, [i] -> dict of bytes/arrays), as
-  tfds.data_source gives; UserError for a bad split, text key, format or an empty split."""
+  tfds.data_source gives; UserError for a bad split, text key, format or an empty split,
+  and, when read, for a record that cannot be read (integrity.CheckedSource)."""
   builder = ensure_prepared(data_cfg)
   check_split(data_cfg, builder, split)
   check_text_key(data_cfg, builder)
@@ -154,7 +218,7 @@ def open_split(data_cfg, split):
   if file_format is not None and file_format.value != 'array_record':
     raise UserError(f'{data_cfg.name} is prepared as {file_format.value}, which needs TensorFlow to read; '
                     'prepare it with file_format=array_record')
-  source = builder.as_data_source(split=split)
+  source = integrity.checked_source(builder, split, data_cfg.name)
   if len(source) == 0:
     raise UserError(f'split {split!r} of {data_cfg.name} is empty')
   return source

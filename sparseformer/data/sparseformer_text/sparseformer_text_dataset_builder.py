@@ -8,13 +8,16 @@ Configs:
 
 Features: `text` (the document) and `doc_id` (`tinyshakespeare-0042`, `pg9198`), which
 is also the example key. Examples are stored in corpus order (no TFDS shuffling): the
-training pipeline shuffles on its own, and evaluation reads in a predictable order.
+training pipeline shuffles on its own, and evaluation reads in a predictable order. The
+version folder also holds sparseformer_files.json, each ArrayRecord file's size and
+sha256, checked on use (integrity.py).
 """
 
 import re
 
 import tensorflow_datasets as tfds
 
+from sparseformer.data import integrity
 from sparseformer.data.corpora_text import CORPORA, VALIDATION_BOOKS, read_text, strip_gutenberg  # noqa: F401
 from sparseformer.errors import UserError
 
@@ -98,3 +101,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, documents):
     for doc_id, text in documents:
       yield doc_id, {'text': text, 'doc_id': doc_id}
+
+  def _download_and_prepare(self, dl_manager, download_config):
+    """Then records each file's size and sha256 (integrity.py), before TFDS renames the
+    finished folder into place."""
+    super()._download_and_prepare(dl_manager, download_config)
+    integrity.record_files(str(self.data_dir))
