@@ -29,6 +29,7 @@ of batches (collectives stay in step) and every row is read exactly once.
 """
 
 import itertools
+import signal
 
 import grain
 import numpy as np
@@ -117,7 +118,7 @@ class WorkerBatches:
       flags.FLAGS.mark_as_parsed()
     self.workers = workers
     options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
-    self.iterator = iter(batches.mp_prefetch(options))
+    self.iterator = iter(batches.mp_prefetch(options, worker_init_fn=ignore_sigint))
 
   def __iter__(self):
     return self
@@ -136,6 +137,13 @@ class WorkerBatches:
 
   def close(self):
     self.iterator.close()
+
+
+def ignore_sigint(worker_index, worker_count):
+  """In each worker: Ctrl-C reaches the whole process group, and the trainer (not the
+  workers) answers it by saving and stopping; the workers end when it closes them."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def task_fraction(data_cfg):
