@@ -68,9 +68,11 @@ def run_child(args, variant, imported):
   compiled = compile_train_step(parts)
   compile_s = time.perf_counter() - start
   estimate = memory_per_device(compiled)['total']
+  progress(f'{variant}: compiled in {compile_s:.1f} s (fit estimate {estimate / 2**30:.2f} GiB); initialising')
   state = make_train_state(parts.spec, parts.tx, parts.state_shardings, 0)
   batch = synthetic_batch(parts, parts.spec.dims.vocab_size)
-  _, state, _ = timed_steps(compiled, state, batch, args.warmup)
+  warmup_s, state, _ = timed_steps(compiled, state, batch, args.warmup)
+  progress(f'{variant}: {args.warmup} warm-up steps in {warmup_s * args.warmup:.1f} s')
   per_step = []
   for _ in range(args.repeats):
     seconds, state, metrics = timed_steps(compiled, state, batch, args.steps)
@@ -92,6 +94,13 @@ def import_source(args):
   return imported, {**report, 'import_s': time.perf_counter() - start}
 
 
+def child_output_tail(stderr):
+  """What a timed-out child had printed (its progress lines say where it stopped)."""
+  if isinstance(stderr, bytes):
+    stderr = stderr.decode('utf-8', 'replace')
+  return (stderr or '')[-1500:]
+
+
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.child:
@@ -111,8 +120,9 @@ def main(argv=None):
       lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
       rows.append(json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else
                   {'variant': variant, 'error': done.stderr[-1500:]})
-    except subprocess.TimeoutExpired:
-      rows.append({'variant': variant, 'error': f'timed out after {args.child_timeout} s'})
+    except subprocess.TimeoutExpired as stopped:
+      rows.append({'variant': variant, 'error': f'timed out after {args.child_timeout} s',
+                   'child_progress': child_output_tail(stopped.stderr)})
     progress(json.dumps(rows[-1])[:300])
   result = {'source': args.source, 'import': report, 'rows': rows}
   with open(os.path.join(args.out, 'hf_finetune.json'), 'w') as f:
