@@ -108,6 +108,10 @@ def main(argv=None):
     print(RESULT_PREFIX + json.dumps(run_child(args, variant, imported)), flush=True)
     return 0
   os.makedirs(args.out, exist_ok=True)
+  child_env = dict(os.environ)
+  # The import runs on the host: a JAX client here on the GPU would hold most of its memory
+  # (XLA preallocates 75%) while the presets run in their own processes.
+  os.environ['JAX_PLATFORMS'] = 'cpu'
   imported, report = import_source(args)
   progress(f'imported {report["architecture"]}: {report["parameters"] / 1e6:.1f}M parameters in '
            f'{report["import_s"]:.1f} s')
@@ -116,7 +120,7 @@ def main(argv=None):
     argv = [a for a in (sys.argv[1:] if argv is None else argv)] + ['--child', f'{variant},{imported}']
     try:
       done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
-                            timeout=args.child_timeout, cwd=ROOT)
+                            env=child_env, timeout=args.child_timeout, cwd=ROOT)
       lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
       rows.append(json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else
                   {'variant': variant, 'error': done.stderr[-1500:]})
