@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from sparseformer.cli import compare
-from sparseformer.cli.compare_report import describe_layers, frontier
+from sparseformer.cli.compare_report import describe_layers, frontier, task_mix
 from sparseformer.errors import UserError
 from tests.train_helpers import ROOT, child_env
 
@@ -144,3 +144,8 @@ def test_every_suite_preset_makes_its_training_rows_and_evaluation_examples(suit
   wanted = [(spec, length) for spec in run.eval.tasks for length in run.eval.task_lengths or (run.data.seq_len,)]
   for spec, length in wanted:
     assert len(encode(make_example(spec, tokenizer, length, split='validation'), tokenizer).tokens) <= length
+
+
+def test_the_report_writes_a_repeated_training_spec_once_with_its_count():
+  specs = ('mqar:pairs=32,vocab=676@512',) * 16 + ('mqar:pairs=64,vocab=676', 'mqar:pairs=128,vocab=676')
+  assert task_mix(specs) == 'mqar:pairs=32,vocab=676@512 x16, mqar:pairs=64,vocab=676, mqar:pairs=128,vocab=676'

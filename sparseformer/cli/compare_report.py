@@ -90,13 +90,22 @@ def position_table(results):
   return '\n'.join(lines)
 
 
+def task_mix(specs):
+  """Training task specs in first-seen order, a repeated one written once with its count
+  (`mqar:pairs=32@512 x16`): specs are drawn uniformly, so the count is its weight."""
+  counts = {}
+  for spec in specs:
+    counts[spec] = counts.get(spec, 0) + 1
+  return ', '.join(spec if count == 1 else f'{spec} x{count}' for spec, count in counts.items())
+
+
 def report_markdown(results):
   s = results['settings']
   if not results['arms']:
     return f'Suite `{results["suite"]}`: no arm has results yet.\n'
   parts = [f'Suite `{results["suite"]}` on {results["device"]}: {s["steps"]} steps x {s["global_batch_size"]} x '
            f'{s["seq_len"]} tokens, seed {s["seed"]}, data {s["data"]}'
-           + (f' with {s["task_fraction"]:.0%} task rows ({", ".join(s["tasks"])})' if s['tasks'] else '')
+           + (f' with {s["task_fraction"]:.0%} task rows ({task_mix(s["tasks"])})' if s['tasks'] else '')
            + '. Attention FLOPs: nominal forward FLOPs per token of all layers\' attention (scores and values, '
            'projections excluded). Step ms: median measured train step after compilation, less its wait for input data.',
            '', summary_table(results)]
