@@ -105,11 +105,11 @@ def precompile_main(args):
   import jax
   from sparseformer import config as config_lib, sharding
   from sparseformer.cli.args import parse_args as parse_train_args
-  from sparseformer.cli.fit import abstract_batch, build_train_step, compile_train_step
   from sparseformer.cli.main import configure_jax
   from sparseformer.data import make_tokenizer
   from sparseformer.evaluation.evaluate import make_eval_batch_fn
-  from sparseformer.training.state import abstract_train_state, train_state_factory
+  from sparseformer.training.assembly import abstract_batch, build_train_step, compile_train_step
+  from sparseformer.training.state import train_state_factory
   flags, overrides = parse_train_args(args.train_argv)
   cfg = config_lib.load_config_file(flags['config'])
   config_lib.apply_overrides(cfg, overrides)
@@ -120,7 +120,7 @@ def precompile_main(args):
   spec = parts.spec
   jax.jit(train_state_factory(spec, parts.tx, cfg.seed), out_shardings=parts.state_shardings).lower().compile()
   compile_train_step(parts, cfg.seed)
-  state = abstract_train_state(spec, parts.tx, parts.state_shardings, cfg.seed)
+  state = parts.abstract_state(cfg.seed)
   token_bytes = jax.ShapeDtypeStruct((len(make_tokenizer(cfg.data.tokenizer).token_bytes),), 'float32')
   with sharding.placing_activations(spec.mesh, spec.rules):  # as the trainer's evaluation traces it
     make_eval_batch_fn(spec.graphdef, cfg.data.seq_len, cfg.train.loss_chunk).lower(

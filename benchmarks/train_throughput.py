@@ -5,8 +5,8 @@
 
 The model comes from `base_config()` with the flags' sizes (the byte tokenizer's
 vocabulary unless --vocab-size, bf16 compute, float32 parameters) and the step is the
-project's own (`training.step.make_train_step`: forward, backward, gradient clipping,
-AdamW), jitted with the trainer's shardings. Rows are
+trainer's (`training.assembly.build_train_step`: forward, backward, gradient clipping,
+AdamW, jitted with the trainer's shardings and activation placement). Rows are
 unpacked (segment ids None: one document per row), so dense layers run cuDNN flash
 attention on a GPU; window layers run the block-sparse kernels. Variants:
   dense      every layer dense;
@@ -107,23 +107,12 @@ def routing_spec(args):
 
 
 def build_step(cfg):
-  """The jitted project train step, a fresh state and the model spec."""
-  from sparseformer import data, sharding
-  from sparseformer.model import resolve_dims
-  from sparseformer.training.optimizer import make_optimizer
-  from sparseformer.training.state import make_train_state, model_spec, state_shardings
-  from sparseformer.training.step import jit_train_step, make_train_step
-  mesh = sharding.make_mesh(cfg.mesh)
-  rules = tuple(cfg.mesh.rules)
-  tokenizer = data.make_tokenizer(cfg.data.tokenizer)
-  spec = model_spec(resolve_dims(cfg.model, tokenizer.vocab_size), mesh, rules)
-  tx, schedule = make_optimizer(cfg.train, spec.abstract_params)
-  shardings = state_shardings(spec, tx)
-  state = make_train_state(spec, tx, shardings, cfg.seed)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  train_step = make_train_step(spec.graphdef, tx, schedule, 1, loss_chunk=cfg.train.loss_chunk)
-  step = jit_train_step(train_step, shardings, batch_sharding, mesh)
-  return step, state, spec, batch_sharding
+  """The trainer's jitted train step (training/assembly.py), a fresh state, the model spec
+  and the batch sharding."""
+  from sparseformer import sharding
+  from sparseformer.training.assembly import build_train_step
+  parts = build_train_step(cfg, sharding.make_mesh(cfg.mesh))
+  return parts.step, parts.fresh_state(cfg.seed), parts.spec, parts.batch_sharding
 
 
 def random_batch(batch, seq_len, vocab, batch_sharding):

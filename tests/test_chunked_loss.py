@@ -17,10 +17,10 @@ from sparseformer.config import base_config, validate
 from sparseformer.errors import UserError
 from sparseformer.evaluation.evaluate import make_eval_batch_fn
 from sparseformer.model import resolve_dims
+from sparseformer.training.assembly import assemble_train_step
 from sparseformer.training.loss import DEFAULT_LOSS_CHUNK
-from sparseformer.training.optimizer import make_optimizer
-from sparseformer.training.state import make_train_state, model_arrays, model_spec, state_shardings
-from sparseformer.training.step import forward, make_train_step
+from sparseformer.training.state import model_arrays, model_spec
+from sparseformer.training.step import forward
 
 from mesh_helpers import results_on_8_cpu_devices
 
@@ -95,13 +95,13 @@ def test_evaluation_sums_are_those_of_the_one_shot_loss():
 def test_a_long_sequence_over_a_large_vocabulary_compiles_to_far_less_memory():
   """Logits of 1 x 4096 x 16384 float32 are 256 MiB; chunks of 512 positions hold 32 MiB."""
   cfg, spec = tiny_spec(vocab=16384, d_model=64, attention='window:128')
-  tx, schedule = make_optimizer(cfg.train, spec.abstract_params)
-  state = jax.eval_shape(lambda: make_train_state(spec, tx, state_shardings(spec, tx), seed=0))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_batch(1, 4096, 16384))
   temp_bytes = {}
   for chunk in (0, 512):
-    step = jax.jit(make_train_step(spec.graphdef, tx, schedule, 1, loss_chunk=chunk))
-    temp_bytes[chunk] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    cfg.train.loss_chunk = chunk
+    parts = assemble_train_step(cfg, spec)
+    state = jax.eval_shape(lambda: parts.fresh_state(seed=0))
+    temp_bytes[chunk] = parts.step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
   assert temp_bytes[0] > 256 * 2**20, temp_bytes
   assert temp_bytes[512] < 0.5 * temp_bytes[0], temp_bytes
 
@@ -116,12 +116,10 @@ def test_loss_chunk_default_and_validation():
 
 MESH_SCRIPT = r'''
 import json, sys
-import jax, numpy as np, optax
+import jax, numpy as np
 from sparseformer import sharding
-from sparseformer.training.optimizer import make_optimizer
-from sparseformer.training.state import make_train_state, state_shardings
+from sparseformer.training.assembly import assemble_train_step
 from tests.mesh_helpers import tiny_window_model
-from sparseformer.training.step import jit_train_step, make_train_step
 
 ROWS, LENGTH = 8, 256
 rng = np.random.default_rng(0)
@@ -133,13 +131,10 @@ batch = {'tokens': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': np.one
 
 def one_step(axes, loss_chunk):
   cfg, mesh, rules, spec = tiny_window_model(axes, 256)
-  tx, schedule = make_optimizer(cfg.train, spec.abstract_params)
-  shardings = state_shardings(spec, tx)
-  step = jit_train_step(make_train_step(spec.graphdef, tx, schedule, 1, loss_chunk=loss_chunk), shardings,
-                        sharding.batch_sharding(mesh, rules), mesh, rules)
-  state = make_train_state(spec, tx, shardings, cfg.seed)
-  placed = {k: jax.device_put(v, sharding.batch_sharding(mesh, rules)) for k, v in batch.items()}
-  _, metrics = step(state, placed)
+  cfg.train.loss_chunk = loss_chunk
+  parts = assemble_train_step(cfg, spec, sharding.batch_sharding(mesh, rules))
+  placed = {k: jax.device_put(v, parts.batch_sharding) for k, v in batch.items()}
+  _, metrics = parts.step(parts.fresh_state(cfg.seed), placed)
   return [float(metrics['loss']), float(metrics['grad_norm'])]
 
 

@@ -9,11 +9,11 @@ import numpy as np
 from train_helpers import run_script, tiny_argv
 
 from sparseformer.cli.eval import load_run_config
+from sparseformer.training.assembly import assemble_train_step
 from sparseformer.training.checkpoint import Checkpointer
 from sparseformer.training.init_from import load_init_from, plan_init_from
-from sparseformer.training.optimizer import make_optimizer
 from sparseformer.training.setup import prepare_run
-from sparseformer.training.state import abstract_model_arrays, make_train_state, state_shardings
+from sparseformer.training.state import abstract_model_arrays
 
 MIXED_SPAN = "('window:8', 'dense')"
 
@@ -26,13 +26,13 @@ def test_finetune_with_another_spec_and_length_restores_shared_parameters_exactl
   cfg.data.seq_len = 64
   cfg.model.rope.scaling, cfg.model.rope.factor = 'linear', 2.0
   spec = prepare_run(cfg).spec
-  tx, _ = make_optimizer(cfg.train, spec.abstract_params)
-  shardings = state_shardings(spec, tx)
+  parts = assemble_train_step(cfg, spec)
+  shardings = parts.state_shardings
   abstract = {'params': spec.abstract_params.to_pure_dict(),
               'mechanism_state': spec.abstract_mechanism_state.to_pure_dict()}
   checkpointer, step, report = plan_init_from(str(source), abstract)
   assert step == 4 and report['loaded'] and not report['initialised'] and not report['skipped']
-  fresh = make_train_state(spec, tx, shardings, seed=1)
+  fresh = parts.fresh_state(seed=1)
   loaded = load_init_from(checkpointer, step, {'params': fresh['params'], 'mechanism_state': fresh['mechanism_state']},
                           {'params': shardings['params'], 'mechanism_state': shardings['mechanism_state']},
                           shardings['step'])

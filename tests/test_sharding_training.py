@@ -22,10 +22,9 @@ RUN_MESHES = r'''
 import json, math, sys, tempfile
 import jax, numpy as np
 from sparseformer import config as config_lib, sharding
-from sparseformer.cli.fit import build_train_step
 from sparseformer.model.attention import context_parallel
+from sparseformer.training.assembly import build_train_step
 from sparseformer.training.checkpoint import Checkpointer
-from sparseformer.training.state import abstract_train_state, make_train_state
 
 STEPS, ROWS, LENGTH = 4, 8, 256
 LAYERS = tuple(json.loads(sys.argv[2]))
@@ -99,7 +98,7 @@ def train_checking_attention(parts, state, batches, axes):
 
 def fresh_run(axes):
   cfg, parts = parts_on(axes)
-  state = make_train_state(parts.spec, parts.tx, parts.state_shardings, cfg.seed)
+  state = parts.fresh_state(cfg.seed)
   check_sharded_init(parts, state)
   return train_checking_attention(parts, state, packed_batches(), axes)[1]
 
@@ -108,7 +107,7 @@ def checkpoint_run(save_axes, restore_axes):
   """2 steps on one mesh, saved; restored on another mesh, 2 more steps."""
   cfg, parts = parts_on(save_axes)
   batches = list(packed_batches())
-  state = make_train_state(parts.spec, parts.tx, parts.state_shardings, cfg.seed)
+  state = parts.fresh_state(cfg.seed)
   state, first = train_checking_attention(parts, state, batches[:2], save_axes)
   with tempfile.TemporaryDirectory() as directory:
     saver = Checkpointer(directory, keep=1, async_save=False)
@@ -116,7 +115,7 @@ def checkpoint_run(save_axes, restore_axes):
     saver.close()
     cfg, parts = parts_on(restore_axes)
     restorer = Checkpointer(directory, keep=1, async_save=False, read_only=True)
-    state, data_state = restorer.restore(2, abstract_train_state(parts.spec, parts.tx, parts.state_shardings, cfg.seed))
+    state, data_state = restorer.restore(2, parts.abstract_state(cfg.seed))
     assert data_state == {'batches_read': 2}, data_state
     assert state['params']['embedding'].sharding.is_equivalent_to(parts.state_shardings['params']['embedding'], 2)
   return first + train(parts, state, batches[2:])[1]

@@ -291,19 +291,16 @@ def test_sse_needs_a_positive_partition_count(spec):
 def test_a_tiny_sse_hybrid_model_trains():
   """SSE-H: sse:4 below a dense layer; the loss of one repeated batch falls."""
   from sparseformer import sharding
-  from sparseformer.training.optimizer import make_optimizer
-  from sparseformer.training.state import make_train_state, model_spec, state_shardings
-  from sparseformer.training.step import make_train_step
+  from sparseformer.training.assembly import assemble_train_step
+  from sparseformer.training.state import model_spec
   cfg = base_config()
   m = cfg.model
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.dtype = 32, 2, 4, 2, 'float32'
   m.attention.kind, m.attention.full_layers = 'sse:4', 'top:1'
   cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps = 1e-2, 1, 12
   mesh = sharding.make_mesh(cfg.mesh)
-  spec = model_spec(resolve_dims(m, 259), mesh, cfg.mesh.rules)
-  tx, schedule = make_optimizer(cfg.train, spec.abstract_params)
-  state = make_train_state(spec, tx, state_shardings(spec, tx), seed=0)
-  step = jax.jit(make_train_step(spec.graphdef, tx, schedule, 1))
+  parts = assemble_train_step(cfg, model_spec(resolve_dims(m, 259), mesh, cfg.mesh.rules))
+  step, state = parts.step, parts.fresh_state(seed=0)
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, 40, (4, 33)).astype(np.int32)
   batch = {'tokens': tokens[:, :-1], 'targets': tokens[:, 1:],

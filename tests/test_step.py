@@ -7,9 +7,9 @@ import numpy as np
 from sparseformer import sharding
 from sparseformer.config import base_config
 from sparseformer.model import resolve_dims
-from sparseformer.training.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
-from sparseformer.training.state import make_train_state, model_spec, state_shardings
-from sparseformer.training.step import make_train_step
+from sparseformer.training.assembly import assemble_train_step
+from sparseformer.training.optimizer import learning_rate_schedule, weight_decay_mask
+from sparseformer.training.state import model_spec
 
 
 def tiny_setup(grad_accum_steps):
@@ -18,10 +18,8 @@ def tiny_setup(grad_accum_steps):
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.dtype = 32, 2, 2, 1, 'float32'
   cfg.train.grad_accum_steps = grad_accum_steps
   mesh = sharding.make_mesh(cfg.mesh)
-  spec = model_spec(resolve_dims(m, 259), mesh, cfg.mesh.rules)
-  tx, schedule = make_optimizer(cfg.train, spec.abstract_params)
-  state = make_train_state(spec, tx, state_shardings(spec, tx), seed=0)
-  return jax.jit(make_train_step(spec.graphdef, tx, schedule, grad_accum_steps)), state, spec
+  parts = assemble_train_step(cfg, model_spec(resolve_dims(m, 259), mesh, cfg.mesh.rules))
+  return parts.step, parts.fresh_state(seed=0), parts.spec
 
 
 def random_batch(rows=4, length=16):

@@ -22,10 +22,8 @@ reference implementations there, so GPU/TPU temporaries differ (docs/scaling.md 
 an estimate with the measured peak of a GPU run).
 """
 
-import dataclasses
 import os
 import sys
-from typing import Any
 
 from sparseformer import config as config_lib
 from sparseformer.cli.args import describe_fields, parse_args
@@ -33,54 +31,15 @@ from sparseformer.cli.main import run_command
 from sparseformer.errors import UserError
 
 PLATFORMS = ('cpu', 'gpu', 'tpu')
+# Found in training/assembly.py (imported on first use: --devices must be set before JAX starts).
+ASSEMBLY_NAMES = ('TrainStepParts', 'abstract_batch', 'build_train_step', 'compile_train_step', 'synthetic_batch')
 
 
-@dataclasses.dataclass
-class TrainStepParts:
-  """What the train step is made of, built from a config and a mesh without data."""
-  spec: Any  # training.state.ModelSpec
-  tx: Any
-  state_shardings: Any
-  batch_sharding: Any
-  step: Any  # the jitted train step
-  batch_rows: int  # rows of one global batch
-  seq_len: int
-
-
-def build_train_step(cfg, mesh, platform=None):
-  """The jitted train step of `cfg` on `mesh`, sized for `platform` (default: this one)."""
-  from sparseformer import data, sharding
-  from sparseformer.model import resolve_dims
-  from sparseformer.training.optimizer import make_optimizer
-  from sparseformer.training.state import model_spec, state_shardings
-  from sparseformer.training.step import jit_train_step, make_train_step
-  t, rules = cfg.train, tuple(cfg.mesh.rules)
-  sharding.check_batch_fits(t.global_batch_size, t.grad_accum_steps, cfg.data.seq_len, mesh, rules)
-  dims = resolve_dims(cfg.model, data.make_tokenizer(cfg.data.tokenizer).vocab_size, platform=platform)
-  spec = model_spec(dims, mesh, rules)
-  tx, schedule = make_optimizer(t, spec.abstract_params)
-  shardings = state_shardings(spec, tx)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  step = jit_train_step(make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight,
-                                        t.loss_chunk),
-                        shardings, batch_sharding, mesh, rules)
-  return TrainStepParts(spec, tx, shardings, batch_sharding, step, t.global_batch_size, cfg.data.seq_len)
-
-
-def abstract_batch(parts):
-  import jax
-  import jax.numpy as jnp
-  shape = (parts.batch_rows, parts.seq_len)
-  fields = {'tokens': jnp.int32, 'targets': jnp.int32, 'positions': jnp.int32, 'segment_ids': jnp.int32,
-            'loss_mask': jnp.float32}
-  return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=parts.batch_sharding) for name, dtype in fields.items()}
-
-
-def compile_train_step(parts, seed=0):
-  """The compiled step for abstract inputs (nothing allocated)."""
-  from sparseformer.training.state import abstract_train_state
-  state = abstract_train_state(parts.spec, parts.tx, parts.state_shardings, seed)
-  return parts.step.lower(state, abstract_batch(parts)).compile()
+def __getattr__(name):
+  if name in ASSEMBLY_NAMES:
+    from sparseformer.training import assembly
+    return getattr(assembly, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def memory_per_device(compiled):
@@ -103,19 +62,6 @@ def format_memory(sizes):
   return '\n'.join(f'  {name:<15} {size / 2**30:10.3f} GiB  ({size} bytes)' for name, size in sizes.items())
 
 
-def synthetic_batch(parts, vocab_size, seed=0):
-  """One global batch of random tokens, one document per row, placed on the mesh."""
-  import jax
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  shape = (parts.batch_rows, parts.seq_len)
-  tokens = rng.integers(0, vocab_size, (shape[0], shape[1] + 1)).astype(np.int32)
-  batch = {'tokens': tokens[:, :-1], 'targets': tokens[:, 1:],
-           'positions': np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),
-           'segment_ids': np.ones(shape, np.int32), 'loss_mask': np.ones(shape, np.float32)}
-  return {name: jax.device_put(value, parts.batch_sharding) for name, value in batch.items()}
-
-
 def require_memory_statistics():
   import jax
   stats = jax.local_devices()[0].memory_stats()
@@ -126,8 +72,8 @@ def require_memory_statistics():
 def measure_peak(parts, compiled, steps, vocab_size, seed=0):
   """(peak bytes in use on the busiest device, last loss) after `steps` real train steps."""
   import jax
-  from sparseformer.training.state import make_train_state
-  state = make_train_state(parts.spec, parts.tx, parts.state_shardings, seed)
+  from sparseformer.training.assembly import synthetic_batch
+  state = parts.fresh_state(seed)
   batch = synthetic_batch(parts, vocab_size, seed)
   for _ in range(steps):
     state, metrics = compiled(state, batch)
@@ -174,6 +120,7 @@ def fit_command(argv):
   config_lib.validate(cfg)
   sized_for(cfg, platform)
   from sparseformer import sharding
+  from sparseformer.training.assembly import build_train_step, compile_train_step
   mesh = sharding.make_mesh(cfg.mesh)
   parts = build_train_step(cfg, mesh, platform)
   parts.spec.shardings(parts.spec.abstract_params)  # every parameter splits evenly, or a UserError

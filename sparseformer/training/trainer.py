@@ -16,12 +16,10 @@ from sparseformer.errors import UserError
 from sparseformer.evaluation.evaluate import evaluate, format_summary, make_eval_batch_fn
 from sparseformer.training import metrics as metrics_lib
 from sparseformer.training import workdir as workdir_lib
+from sparseformer.training.assembly import assemble_train_step
 from sparseformer.training.checkpoint import Checkpointer, check_compatible, newest_readable
 from sparseformer.training.init_from import load_init_from, plan_init_from
-from sparseformer.training.optimizer import make_optimizer
 from sparseformer.training.setup import prepare_run, process_info
-from sparseformer.training.state import abstract_train_state, make_train_state, state_shardings
-from sparseformer.training.step import jit_train_step, make_train_step
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # save and stop (Ctrl-C twice: stop at once)
@@ -66,9 +64,7 @@ class TrainingPlan:
   """What plan_training found and built without writing anything."""
   cfg: Any
   setup: Any  # training.setup.RunSetup
-  tx: Any
-  schedule: Any
-  shardings: Any
+  parts: Any  # training.assembly.TrainStepParts: optimizer, state shardings, the jitted step
   steps: list  # the finished checkpoint steps found
   init_plan: Any  # plan_init_from's (checkpointer, step, report), or None
   iterator: Any  # the train iterator, at the resumed data position
@@ -85,8 +81,7 @@ def plan_training(cfg, workdir, log):
     workdir_lib.check_unlocked(workdir)
   setup = prepare_run(cfg, seq_lens=[(cfg.data.seq_len, t.global_batch_size, t.grad_accum_steps)])
   spec = setup.spec
-  tx, schedule = make_optimizer(t, spec.abstract_params)
-  shardings = state_shardings(spec, tx)
+  parts = assemble_train_step(cfg, spec, setup.batch_sharding)
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   steps = finished_steps(checkpoint_dir)
   init_plan = None
@@ -101,17 +96,16 @@ def plan_training(cfg, workdir, log):
   try:
     resumed = None
     if steps:
-      resumed = restore_resumable(cfg, checkpoint_dir, steps, abstract_train_state(spec, tx, shardings, cfg.seed),
-                                  iterator, log)
+      resumed = restore_resumable(cfg, checkpoint_dir, steps, parts.abstract_state(cfg.seed), iterator, log)
   except BaseException:
     close_iterator(iterator)
     raise
-  return TrainingPlan(cfg, setup, tx, schedule, shardings, steps, init_plan, iterator, resumed)
+  return TrainingPlan(cfg, setup, parts, steps, init_plan, iterator, resumed)
 
 
 def run_training(plan, workdir, log):
   """Sets damaged steps aside, records the config, and runs the loop (the lock is held)."""
-  cfg, t, spec, resumed = plan.cfg, plan.cfg.train, plan.setup.spec, plan.resumed
+  cfg, resumed = plan.cfg, plan.resumed
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   checkpointer = None
   try:
@@ -120,18 +114,15 @@ def run_training(plan, workdir, log):
       log(f'resumed from step {resumed.step} in {checkpoint_dir}')
     checkpointer = Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
                                 checksums=cfg.checkpoint.checksums)
-    state = resumed.state if resumed else start_state(cfg, spec, plan.tx, plan.shardings, plan.init_plan, log)
+    state = resumed.state if resumed else start_state(cfg, plan.parts, plan.init_plan, log)
     if distributed.is_main_process():
       workdir_lib.record_config(workdir, cfg, resumed.step if resumed else 0, log)
-    step_fn = jit_train_step(make_train_step(spec.graphdef, plan.tx, plan.schedule, t.grad_accum_steps,
-                                             t.lm_loss_weight, t.loss_chunk),
-                             plan.shardings, plan.setup.batch_sharding, plan.setup.mesh, spec.rules)
   except BaseException:
     if checkpointer is not None:
       checkpointer.close()
     close_iterator(plan.iterator)
     raise
-  loop = TrainLoop(cfg, workdir, plan.setup, checkpointer, plan.iterator, step_fn, log)
+  loop = TrainLoop(cfg, workdir, plan.setup, checkpointer, plan.iterator, plan.parts.step, log)
   try:
     return loop.run(state)
   finally:
@@ -249,9 +240,10 @@ def check_splits(data_cfg):
       raise UserError(f'data.{field}: {e}') from None
 
 
-def start_state(cfg, spec, tx, shardings, init_plan, log):
+def start_state(cfg, parts, init_plan, log):
   """The train state of a fresh run: the fine-tuning start of init_from, or initialised."""
-  state = make_train_state(spec, tx, shardings, cfg.seed)
+  state = parts.fresh_state(cfg.seed)
+  shardings = parts.state_shardings
   if init_plan is not None:
     source, step, report = init_plan
     model = load_init_from(source, step, {'params': state['params'], 'mechanism_state': state['mechanism_state']},
