@@ -3,7 +3,8 @@
 # lacks (versions from requirements.lock; jax_triton 0.3.1, the one that runs under that
 # image's triton 3.6), and snapshots HEAD into .gpu/src.tar. Both folders are git-ignored
 # here (.git/info/exclude) and travel to the machine with `carry: [".whl", ".gpu"]`; a
-# command there starts with `source scripts/device/prelude.sh`.
+# command there starts with `source scripts/device/prelude.sh`. With --hf it also fills
+# .whl_hf/ (transformers; see scripts/device/hf_site.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 for path in /.whl/ /.gpu/; do
@@ -22,5 +23,12 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${specs[@]}"
 # promise ships only as an sdist; it is pure Python.
 ls .whl/promise-*.whl >/dev/null 2>&1 || python3 -m pip wheel -q --no-deps -w .whl "$(pinned promise)"
+if [ "${1:-}" = "--hf" ]; then  # transformers and friends for the HF fixtures (numpy: the image's)
+  grep -qxF /.whl_hf/ .git/info/exclude || echo /.whl_hf/ >> .git/info/exclude
+  python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl_hf transformers tokenizers safetensors
+  rm -f .whl_hf/numpy-*
+fi
 git archive HEAD -o .gpu/src.tar
 du -sh .whl .gpu
