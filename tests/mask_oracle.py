@@ -8,6 +8,7 @@ widens it to the query heads for a dense attention oracle."""
 import functools
 
 import numpy as np
+from oracles import repeat_heads
 
 from pallas_kernels.block_sparse_attention import masks
 
@@ -130,4 +131,4 @@ def block_scores_oracle(scores, keep, *, q_len, kv_len=None, block_q=128, block_
 
 def per_query_head(allowed, num_heads):
   """[B, Hp, Tq, Tk] -> [B, H, Tq, Tk]: query head h uses plan head h // (H // Hp)."""
-  return np.repeat(allowed, num_heads // allowed.shape[1], axis=1)
+  return repeat_heads(np.asarray(allowed), num_heads, axis=1)

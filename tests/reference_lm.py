@@ -10,6 +10,7 @@ nnx.Param).to_pure_dict()); its layout is the only thing taken from sparseformer
 the import mapping."""
 
 import numpy as np
+from oracles import masked_softmax_attention
 
 
 def rms_norm(x, scale, eps):
@@ -35,15 +36,8 @@ def projection(x, layer, name, equation):
 def causal_attention(q, k, v, logit_scale=1.0, window=None):
   """softmax(q k^T / sqrt(d)) v over keys at or before each query (within the last
   `window` keys), with k, v [T, kv_heads, d] shared by groups of q's [T, heads, d]."""
-  group = q.shape[1] // k.shape[1]
-  k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-  scores = np.einsum('qhk,shk->hqs', q, k) * logit_scale / np.sqrt(q.shape[-1])
-  query, key = np.arange(q.shape[0])[:, None], np.arange(q.shape[0])[None, :]
-  visible = (key <= query) & ((query - key < window) if window else True)
-  scores = np.where(visible[None], scores, -np.inf)
-  weights = np.exp(scores - scores.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  return np.einsum('hqs,shk->qhk', weights, v)
+  return masked_softmax_attention(q[None], k[None], v[None], causal=True, window=window,
+                                  scale=logit_scale / np.sqrt(q.shape[-1]), float64=True)[0]
 
 
 def attention(x, layer, inv_freq, eps, logit_scale=1.0):

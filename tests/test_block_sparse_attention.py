@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mask_oracle import block_mask_oracle, mask_oracle, per_query_head
+from oracles import masked_softmax_attention
 
 from pallas_kernels.block_sparse_attention import (block_sparse_attention, masks, plan_from_block_mask,
                                                    plan_from_block_scores, plan_from_mask)
@@ -16,24 +17,6 @@ from pallas_kernels.block_sparse_attention.plan import EMPTY, FULL, PARTIAL, den
 from pallas_kernels.block_sparse_attention.reference import EMPTY_ROW_LSE
 
 TOLERANCE = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-
-
-def dense_attention(q, k, v, allowed, key_bias, scale):
-  """The oracle: [B, H, Tq, Tk] allowed mask, float32, rows with no key give 0."""
-  group = q.shape[2] // k.shape[2]
-  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  s = jnp.einsum('bqhd,bkhd->bhqk', q, k) * scale
-  if key_bias is not None:
-    s = s + jnp.repeat(key_bias.astype(jnp.float32), group, axis=1)[:, :, None, :]
-  s = jnp.where(allowed, s, -jnp.inf)
-  m = jnp.max(s, -1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m)
-  l = p.sum(-1, keepdims=True)
-  out = jnp.einsum('bhqk,bkhd->bqhd', p / jnp.where(l > 0, l, 1.0), v)
-  lse = jnp.where(l[..., 0] > 0, m[..., 0] + jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1.0)), EMPTY_ROW_LSE)
-  return out, lse
 
 
 def plan_dense_mask(plan, num_heads):
@@ -74,7 +57,7 @@ def check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.float32, implement
     return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(jnp.where(lse > -1e29, lse, 0.0) * 0.1), (out, lse)
 
   def oracle(q, k, v, bias):
-    out, lse = dense_attention(q, k, v, allowed, bias, scale)
+    out, lse = masked_softmax_attention(q, k, v, allowed, key_bias=bias, scale=scale, return_lse=True)
     return jnp.sum(out * d_out) + jnp.sum(jnp.where(lse > -1e29, lse, 0.0) * 0.1), (out, lse)
 
   argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from mask_oracle import block_mask_oracle, mask_oracle
-from test_block_sparse_attention import dense_attention, oracle_or_plan_mask, random_inputs
+from oracles import masked_softmax_attention
+from test_block_sparse_attention import oracle_or_plan_mask, random_inputs
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
 from pallas_kernels.block_sparse_attention.api import select_implementation
@@ -35,7 +36,7 @@ def check_through_api(plan, allowed, q, k, v, bias, d_out, implementation):
     return jnp.sum(out.astype(jnp.float32) * d_out) + 0.1 * jnp.sum(jnp.where(lse > -1e29, lse, 0.0)), (out, lse)
 
   def oracle(q, k, v, bias):
-    out, lse = dense_attention(q, k, v, allowed, bias, scale)
+    out, lse = masked_softmax_attention(q, k, v, allowed, key_bias=bias, scale=scale, return_lse=True)
     return jnp.sum(out * d_out) + 0.1 * jnp.sum(jnp.where(lse > -1e29, lse, 0.0)), (out, lse)
 
   (_, (out, lse)), grads = jax.jit(jax.value_and_grad(ours, argnums, has_aux=True))(q, k, v, bias)

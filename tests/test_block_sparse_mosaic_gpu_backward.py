@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from mask_oracle import block_mask_oracle, mask_oracle
-from test_block_sparse_attention import dense_attention, oracle_or_plan_mask, random_inputs
+from oracles import masked_softmax_attention
+from test_block_sparse_attention import oracle_or_plan_mask, random_inputs
 
 from pallas_kernels.block_sparse_attention import masks, plan_from_block_mask, plan_from_mask, reference
 from pallas_kernels.block_sparse_attention import mosaic_gpu_backward
@@ -50,7 +51,8 @@ def dense_gradients(q, k, v, bias, plan, scale, d_out, d_lse, allowed=None):
   `allowed` [B, Hp, Tq, Tk] from mask_oracle.py (None: the plan's own rendering)."""
   allowed = oracle_or_plan_mask(allowed, plan, q.shape[2])
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
-  _, vjp = jax.vjp(lambda q, k, v, b: dense_attention(q, k, v, allowed, b, scale), *map(f32, (q, k, v, bias)))
+  oracle = lambda q, k, v, b: masked_softmax_attention(q, k, v, allowed, key_bias=b, scale=scale, return_lse=True)
+  _, vjp = jax.vjp(oracle, *map(f32, (q, k, v, bias)))
   return vjp((d_out, d_lse))
 
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from mask_oracle import block_mask_oracle, mask_oracle
-from test_block_sparse_attention import dense_attention, oracle_or_plan_mask, random_inputs
+from oracles import masked_softmax_attention
+from test_block_sparse_attention import oracle_or_plan_mask, random_inputs
 
 from pallas_kernels.block_sparse_attention import masks, plan_from_block_mask, plan_from_mask, reference
 from pallas_kernels.block_sparse_attention import mosaic_gpu_forward
@@ -38,7 +39,8 @@ def check_forward(plan, q, k, v, bias, *, interpret, persistent=False, dense=Tru
   np.testing.assert_allclose(out_f32, np.asarray(out_ref, np.float32), **OUT_TOLERANCE[dtype])
   np.testing.assert_allclose(lse, lse_ref, **LSE_TOLERANCE)
   if dense:
-    out_dense, lse_dense = dense_attention(q, k, v, oracle_or_plan_mask(allowed, plan, q.shape[2]), bias, scale)
+    allowed = oracle_or_plan_mask(allowed, plan, q.shape[2])
+    out_dense, lse_dense = masked_softmax_attention(q, k, v, allowed, key_bias=bias, scale=scale, return_lse=True)
     np.testing.assert_allclose(out_f32, out_dense, **OUT_TOLERANCE[dtype])
     np.testing.assert_allclose(lse, lse_dense, **LSE_TOLERANCE)
   return out, lse

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from oracles import masked_softmax_attention
 from train_helpers import logged_losses, run_script, tiny_argv
 
 from pallas_kernels.block_sparse_attention.plan import EMPTY, FULL, PARTIAL, dense_mask
@@ -144,13 +145,7 @@ def oracle_scores(v, dt_weight, dt_scale):
 @jax.jit
 def oracle_attention(q, k, v, dt_weight, dt_scale, keep):
   """Dense float32 attention under the explicit mask keep [B, Hkv, T, T] with the bias."""
-  d, hkv = v.shape[-1], v.shape[2]
-  delta = oracle_scores(v, dt_weight, dt_scale)
-  group = q.shape[2] // hkv
-  keep = jnp.repeat(keep, group, axis=1)
-  s = jnp.einsum('bqhd,bkhd->bhqk', q, jnp.repeat(k, group, axis=2)) / d ** 0.5
-  s = jnp.where(keep, s + jnp.repeat(delta, group, axis=1)[:, :, None, :], -jnp.inf)
-  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1), jnp.repeat(v, group, axis=2))
+  return masked_softmax_attention(q, k, v, keep, key_bias=oracle_scores(v, dt_weight, dt_scale))
 
 
 def qkv(seed, b, t, heads, kv_heads, d):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_block_sparse_attention import dense_attention
+from oracles import attention_probabilities, masked_softmax_attention
 from train_helpers import logged_losses, run_script, tiny_argv
 
 from sparseformer import config as config_lib
@@ -22,9 +22,8 @@ from sparseformer.model import resolve_dims
 from sparseformer.model.attention import AttentionContext, get_mechanism
 from sparseformer.model.attention import gate as gate_lib
 from sparseformer.training.checkpoint import path_name
-from sparseformer.training.optimizer import make_optimizer
-from sparseformer.training.state import make_train_state, model_spec, state_shardings
-from sparseformer.training.step import make_train_step
+from sparseformer.training.assembly import assemble_train_step
+from sparseformer.training.state import model_spec
 
 BLOCK = 16
 
@@ -123,17 +122,6 @@ def test_allowed_pairs_are_those_with_visible_tokens():
   assert forced[1, :, 0].all()
 
 
-def full_attention_probabilities(q, k, segments, scale):
-  """[B, H, T, T] softmax attention under the causal document mask, in float64."""
-  group = q.shape[2] // k.shape[2]
-  k = np.repeat(np.asarray(k, np.float64), group, axis=2)
-  s = np.einsum('bqhd,bkhd->bhqk', np.asarray(q, np.float64), k) * scale
-  s = np.where(visibility(segments)[:, None], s, -np.inf)
-  s = s - s.max(-1, keepdims=True)
-  p = np.exp(s)
-  return p / p.sum(-1, keepdims=True)
-
-
 @pytest.mark.parametrize('t,documents', [(75, True), (64, False), (53, False), (9, False)])  # 9: under one block
 def test_teacher_is_the_block_max_pooled_attention_map(t, documents):
   segments = SEGMENTS[:, :t] if documents else np.ones((2, t), np.int64)
@@ -147,7 +135,7 @@ def test_teacher_is_the_block_max_pooled_attention_map(t, documents):
     _, lse = mechanism.dense_attention(q, k, v, ctx, scale)
     return gate_lib.teacher_block_map(q, k, lse, scale, BLOCK, segment_ids)
   got = np.asarray(jax.jit(teacher)(q, k, v))
-  p = full_attention_probabilities(q, k, segments, scale)
+  p = attention_probabilities(q, k, visibility(segments), scale=scale, float64=True)
   p = np.where((segments != 0)[:, None, :, None], p, 0.0)  # padding queries have no teacher
   n = -(-t // BLOCK)
   padded = np.zeros(p.shape[:2] + (n * BLOCK, n * BLOCK))
@@ -159,14 +147,6 @@ def test_teacher_is_the_block_max_pooled_attention_map(t, documents):
   assert got.shape == (2, 4, n, n)
 
 
-def masked_attention(q, k, v, allowed):
-  group = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  s = jnp.einsum('bqhd,bkhd->bhqk', q, k) / q.shape[-1] ** 0.5
-  s = jnp.where(allowed[:, None], s, -jnp.inf)
-  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1), v)
-
-
 @pytest.mark.parametrize('gate', [dict(density=1.0), dict(eval_forward='dense', density=0.01),
                                   dict(selection='threshold', threshold=1e-30)])
 def test_all_blocks_selected_or_dense_forward_equals_dense_attention(gate):
@@ -176,7 +156,7 @@ def test_all_blocks_selected_or_dense_forward_equals_dense_attention(gate):
   segments = jnp.asarray(SEGMENTS)
   ctx = AttentionContext(jnp.zeros(segments.shape, jnp.int32), segments, None, None)
   y, aux = jax.jit(lambda q, k, v: mechanism(q, k, v, ctx, pre_rope=(q, k)))(q, k, v)
-  want = masked_attention(q, k, v, jnp.asarray(visibility(SEGMENTS)))
+  want = masked_softmax_attention(q, k, v, jnp.asarray(visibility(SEGMENTS)))
   real = SEGMENTS != 0  # padding queries see only their diagonal block in a gated plan
   np.testing.assert_allclose(np.asarray(y)[real], np.asarray(want)[real], rtol=2e-5, atol=2e-5)
   if gate.get('density') == 1.0:
@@ -239,11 +219,8 @@ def tiny_train_setup(gate=(), **train):
   for key, value in train.items():
     cfg.train[key] = value
   mesh = sharding.make_mesh(cfg.mesh)
-  spec = model_spec(resolve_dims(m, 259), mesh, cfg.mesh.rules)
-  tx, schedule = make_optimizer(cfg.train, spec.abstract_params)
-  state = make_train_state(spec, tx, state_shardings(spec, tx), seed=0)
-  step = jax.jit(make_train_step(spec.graphdef, tx, schedule, 1, cfg.train.lm_loss_weight))
-  return step, state
+  parts = assemble_train_step(cfg, model_spec(resolve_dims(m, 259), mesh, cfg.mesh.rules))
+  return parts.step, parts.fresh_state(seed=0)
 
 
 def train_batch(rows=2, length=64):
@@ -384,7 +361,7 @@ def test_partial_density_output_and_gradients_equal_dense_attention_on_the_chose
   allowed = jnp.asarray(chosen_block_visibility(chosen, segments))
 
   def dense(q, k, v):
-    y, _ = dense_attention(q, k, v, allowed, None, d ** -0.5)
+    y = masked_softmax_attention(q, k, v, allowed, scale=d ** -0.5)
     return jnp.sum(y * d_out), y
 
   (_, y_want), grads_want = jax.jit(jax.value_and_grad(dense, (0, 1, 2), has_aux=True))(q, k, v)

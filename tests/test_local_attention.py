@@ -6,21 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from oracles import masked_softmax_attention
 from train_helpers import logged_losses, run_script, tiny_argv
 
 from sparseformer.config import base_config
 from sparseformer.errors import UserError
 from sparseformer.model import resolve_dims
 from sparseformer.model.attention import AttentionContext, get_mechanism
-
-
-def masked_attention(q, k, v, allowed):
-  """Dense float32 softmax attention under an explicit [B, T, T] mask."""
-  group = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  s = jnp.einsum('bqhd,bkhd->bhqk', q, k) / q.shape[-1] ** 0.5
-  s = jnp.where(allowed[:, None], s, -jnp.inf)
-  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1), v)
 
 
 def explicit_mask(spec, segments):
@@ -53,7 +45,8 @@ def test_local_layer_equals_dense_masked_attention(spec, kv_heads):
   v = jax.random.normal(keys[2], (b, t, kv_heads, d))
   segments = jnp.asarray([[1] * 70 + [2] * 80, [1] * 150], jnp.int32)
   y = run_mechanism(spec, q, k, v, segments, block_size=64)
-  np.testing.assert_allclose(y, masked_attention(q, k, v, explicit_mask(spec, segments)), rtol=2e-5, atol=2e-5)
+  want = masked_softmax_attention(q, k, v, explicit_mask(spec, segments))
+  np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize('spec,message', [

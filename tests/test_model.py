@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from oracles import masked_softmax_attention
 
 from sparseformer.config import base_config
 from sparseformer.errors import UserError
@@ -64,17 +65,6 @@ def test_future_tokens_never_change_past_logits():
   assert not np.allclose(logits[0, 10:], logits_changed[0, 10:])
 
 
-def naive_attention(q, k, v, segment_ids):
-  """Dense f32 reference with explicit key/value head repetition."""
-  group = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / q.shape[-1] ** 0.5
-  t = q.shape[1]
-  allowed = jnp.tril(jnp.ones((t, t), bool))[None, None] & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-  probs = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-
-
 @pytest.mark.parametrize('heads,kv_heads', [(4, 4), (4, 2), (8, 1)])
 def test_dense_mechanism_matches_naive_reference(heads, kv_heads):
   key = jax.random.split(jax.random.key(1), 3)
@@ -87,7 +77,8 @@ def test_dense_mechanism_matches_naive_reference(heads, kv_heads):
   ctx = AttentionContext(positions, segments, None, None)
   dims = resolve_dims(base_config().model, 259)
   y, aux = DenseAttention(dims, 0, nnx.Rngs(0))(q, k, v, ctx)
-  np.testing.assert_allclose(y, naive_attention(q, k, v, segments), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y, masked_softmax_attention(q, k, v, causal=True, segment_ids=segments),
+                             rtol=1e-5, atol=1e-5)
   assert aux == {'losses': {}, 'stats': {}}
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from oracles import masked_softmax_attention
 from train_helpers import ROOT, logged_losses, run_script, tiny_argv
 
 from sparseformer import config as config_lib
@@ -124,7 +125,7 @@ def head_masks(q_pre, k_pre, centroids, docs, r, clusters, local, group, hi):
 def oracle(q, k, v, q_pre, k_pre, centroids, docs, r, clusters, local, group):
   """The mechanism's output [B, T, H, D]: dense attention under explicit masks, the mean
   over the clusters a token sits in for top-w."""
-  b, t, h, d = q.shape
+  b, t, h = q.shape[:3]
   docs = np.zeros((b, t), int) if docs is None else np.asarray(docs)
   masks_weights = [[head_masks(q_pre[bi], k_pre[bi], centroids, docs[bi], r, clusters, local, group, hi)
                     for hi in range(h)] for bi in range(b)]
@@ -135,12 +136,8 @@ def oracle(q, k, v, q_pre, k_pre, centroids, docs, r, clusters, local, group):
   kv_head = np.arange(h) // group
   keys = q if r.shared_qk else k[:, :, kv_head]
   keys = jnp.where((np.arange(h) < local)[None, None, :, None], k[:, :, kv_head], keys)
-  s = jnp.einsum('bqhd,bkhd->bhqk', q, keys)[:, :, None] * d ** -0.5
-  s = jnp.where(allowed, s, -jnp.inf)
-  p = jnp.where(allowed, jnp.exp(s - jnp.max(jnp.where(allowed, s, -1e30), -1, keepdims=True)), 0.0)
-  p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-  out = jnp.einsum('bhcqk,bkhd->bhcqd', p, v[:, :, kv_head])
-  return jnp.einsum('bhcqd,bhcq->bqhd', out, weights)
+  outs = [masked_softmax_attention(q, keys, v[:, :, kv_head], allowed[:, :, c]) for c in range(most)]
+  return sum(out * jnp.swapaxes(weights[:, :, c], 1, 2)[..., None] for c, out in enumerate(outs))
 
 
 CASES = [
@@ -312,19 +309,16 @@ def test_bad_routing_configs_are_one_line_errors(field, value, message):
 def routing_step(remat='none', clusters=4):
   """(jitted train step, fresh state, batch sharding) of a one-layer routing:K model."""
   from sparseformer import sharding
-  from sparseformer.training.optimizer import make_optimizer
-  from sparseformer.training.state import make_train_state, model_spec, state_shardings
-  from sparseformer.training.step import make_train_step
+  from sparseformer.training.assembly import assemble_train_step
+  from sparseformer.training.state import model_spec
   cfg = base_config()
   m = cfg.model
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.dtype, m.remat = 32, 1, 4, 2, 'float32', remat
   m.layer_attention, m.attention.block_size = (f'routing:{clusters}',), 64
   m.attention.routing.decay = 0.5  # a visible move in one step
   mesh = sharding.make_mesh(cfg.mesh)
-  spec = model_spec(resolve_dims(m, 259), mesh, cfg.mesh.rules)
-  tx, schedule = make_optimizer(cfg.train, spec.abstract_params)
-  state = make_train_state(spec, tx, state_shardings(spec, tx), seed=0)
-  return jax.jit(make_train_step(spec.graphdef, tx, schedule, 1)), state, sharding.batch_sharding(mesh, cfg.mesh.rules)
+  parts = assemble_train_step(cfg, model_spec(resolve_dims(m, 259), mesh, cfg.mesh.rules))
+  return parts.step, parts.fresh_state(seed=0), sharding.batch_sharding(mesh, cfg.mesh.rules)
 
 
 def token_batch(rows=8, length=32, seed=0):
