@@ -6,29 +6,32 @@ the validation books, NLL overall and by position.
     python benchmarks/books_quality.py --out runs/books_quality --variants dense,local,dma
     python benchmarks/books_quality.py --out /tmp/bq --quick                 # CPU smoke run
 
-Variants (the model of configs/long_pretrain.py: 8 layers, d_model 512, 8 heads, 2 kv
-heads, byte tokens; rows of --seq_len tokens):
-  dense    every layer dense;
-  local    every layer window:--window;
-  routing  the paper's mix: at the layers --routing_layers names, routing:--clusters with
-           --local_heads local heads (window --window) and the other heads routed
-           (shared QK, the causal selection); window:--window at the other layers;
-  dma      every layer dynamic_mask:--window: each query attends to the --window keys of
-           its past with the largest learned scores, plus the learned key bias (issue 7's
-           same keep budget as `local`);
-  dma_budget  the same with model.attention.dynamic_mask.block_smooth=budget: whole key
-           blocks per query block, the ceil(w / block) blocks holding most of the block's
-           first query's top-w keys (docs/dynamic_mask.md);
-  sse_h    SSE-H (issue 9): sse:4 (top 2 of 4 state partitions per token beside a shared
-           state, varlen mode) in three of every four layers, dense at layers 3 and 7
-           (full_layers every:4); about 6% more parameters than dense (the partition
-           branch's low-rank deltas, second decay, output gate, router);
-  gla      GLA-H: plain gated linear attention (sse:1, no shared branch, one state per
-           head, no routing) at the same layers, the same dense layers 3 and 7.
+Variants: each trains a shipped config (the model of configs/long_pretrain.py: 8 layers,
+d_model 512, 8 heads, 2 kv heads, byte tokens; the settings of configs/books_8192.py):
+  dense       configs/books_8192.py: every layer dense;
+  local       configs/routing_books.py:local: every layer window:--window;
+  routing     configs/routing_books.py: the paper's mix: at the layers --routing_layers
+              names, routing:--clusters with --local_heads local heads (window --window)
+              and the other heads routed (shared QK, the causal selection);
+              window:--window at the other layers;
+  dma         configs/dma_books.py: every layer dynamic_mask:--window: each query attends
+              to the --window keys of its past with the largest learned scores, plus the
+              learned key bias (issue 7's same keep budget as `local`);
+  dma_budget  configs/dma_books.py:budget: the same with block_smooth=budget: whole key
+              blocks per query block (docs/dynamic_mask.md);
+  sse_h       configs/books_8192.py with the attention of configs/sse_hybrid.py:varlen
+              (issue 9): sse:4 (top 2 of 4 state partitions per token beside a shared
+              state, varlen mode) in three of every four layers, dense at layers 3 and 7;
+              about 6% more parameters than dense;
+  gla         configs/books_8192.py with the attention of configs/sse_hybrid.py:gla: plain
+              gated linear attention (sse:1, no shared branch, one state per head, no
+              routing) at the same layers, the same dense layers 3 and 7.
+The script overrides only what its flags size (steps, batch, length, window, clusters,
+routing layout, --quick's model), and only where that differs from the config.
 Each phase is the ordinary CLI in this process, as in benchmarks/long_context_quality.py
 (whose phase runner this script reuses):
     python -m sparseformer.cli.prepare_data --name=sparseformer_text/books
-    python train.py --config configs/long_pretrain.py --workdir OUT/<variant> --config.data.seq_len=8192 ...
+    python train.py --config configs/routing_books.py --workdir OUT/routing ...
     python eval.py --workdir OUT/<variant> ...
 A workdir that already holds its final checkpoint is not retrained (train.py resumes),
 so `--variants` may split the work over several calls; results.json and results.md
@@ -44,12 +47,21 @@ import jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.long_context_quality import (DATASET, PRETRAIN_CONFIG, eval_phase, fmt, latest_eval,  # noqa: E402
-                                             experiment_parser, parse_sized, ratio, run_phase, step_times,
-                                             train_phase, write_report)
+from benchmarks.long_context_quality import (DATASET, eval_phase, fmt, latest_eval, experiment_parser,  # noqa: E402
+                                             parse_sized, ratio, run_phase, step_times, train_phase, write_report)
+from sparseformer import config as config_lib  # noqa: E402
 from sparseformer.cli.prepare_data import prepare_data_command  # noqa: E402
 
 VARIANTS = ('dense', 'local', 'routing', 'dma', 'dma_budget', 'sse_h', 'gla')
+CONFIGS = os.path.join(REPO, 'configs')
+# The shipped config each variant trains, and where its attention comes from when that
+# config is another's (no books config of SSE ships: sse_hybrid.py's model is smaller).
+VARIANT_CONFIGS = {'dense': 'books_8192.py', 'local': 'routing_books.py:local', 'routing': 'routing_books.py',
+                   'dma': 'dma_books.py', 'dma_budget': 'dma_books.py:budget', 'sse_h': 'books_8192.py',
+                   'gla': 'books_8192.py'}
+ATTENTION_FROM = {'sse_h': 'sse_hybrid.py:varlen', 'gla': 'sse_hybrid.py:gla'}
+# The size argument of these mechanisms, by flag.
+SIZED_KINDS = {'window': 'window', 'dynamic_mask': 'window', 'routing': 'clusters'}
 LABELS = {'dense': 'dense', 'local': 'all local', 'routing': 'routing', 'dma': 'DMA', 'dma_budget': 'DMA budget', 'sse_h': 'SSE-H',
           'gla': 'GLA-H (N=1)'}
 
@@ -76,8 +88,45 @@ def parse_args(argv):
   return args
 
 
+def config_path(variant):
+  return os.path.join(CONFIGS, VARIANT_CONFIGS[variant])
+
+
+def load_config(name):
+  return config_lib.load_config_file(os.path.join(CONFIGS, name))
+
+
 def train_overrides(args, variant):
-  """Overrides of configs/long_pretrain.py for one variant (model sizes shared by all)."""
+  """Overrides of the variant's shipped config: the flags' sizes where they differ from it."""
+  cfg = load_config(VARIANT_CONFIGS[variant])
+  fields = attention_overrides(cfg, ATTENTION_FROM[variant]) if variant in ATTENTION_FROM else {}
+  fields.update(run_overrides(args))
+  fields.update(mechanism_overrides(cfg, args))
+  return {key: value for key, value in fields.items() if value != field_value(cfg, key)}
+
+
+def train_config(args, variant):
+  """The config the variant trains: its shipped config with train_overrides applied."""
+  cfg = load_config(VARIANT_CONFIGS[variant])
+  overrides = train_overrides(args, variant)
+  return config_lib.apply_overrides(cfg, {key: str(value) for key, value in overrides.items()})
+
+
+def field_value(cfg, key):
+  node = cfg
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def attention_overrides(cfg, source):
+  """{'model.attention.x': value} of the shipped config `source` where it differs from cfg."""
+  theirs, ours = config_lib.flatten(load_config(source)), config_lib.flatten(cfg)
+  return {key: value for key, value in theirs.items() if key.startswith('model.attention.') and ours[key] != value}
+
+
+def run_overrides(args):
+  """Steps, batch and length of every run (the model of --quick too)."""
   fields = {'data.seq_len': args.seq_len, 'train.steps': args.steps, 'train.global_batch_size': args.batch,
             'train.warmup_steps': max(1, args.steps // 10), 'train.log_every': args.log_every,
             'train.eval_batches': 1, 'checkpoint.every_steps': args.steps}
@@ -85,25 +134,21 @@ def train_overrides(args, variant):
     fields['data.data_dir'] = args.data_dir
   if args.quick:
     fields.update(QUICK_MODEL)
-  window = f'window:{args.window}'
-  if variant == 'local':
-    fields['model.attention.kind'] = window
-  elif variant == 'routing':
-    fields.update({'model.attention.kind': window, 'model.attention.full_kind': f'routing:{args.clusters}',
-                   'model.attention.full_layers': args.routing_layers,
+  return fields
+
+
+def mechanism_overrides(cfg, args):
+  """--window and --clusters as the size of the config's window, dynamic_mask and routing
+  layers; --routing_layers and --local_heads where it has routing layers."""
+  a, fields = cfg.model.attention, {}
+  for field in ('kind', 'full_kind'):
+    name = a[field].partition(':')[0]
+    if name in SIZED_KINDS:
+      fields[f'model.attention.{field}'] = f'{name}:{getattr(args, SIZED_KINDS[name])}'
+  if a.full_kind.startswith('routing:'):
+    fields.update({'model.attention.full_layers': args.routing_layers,
                    'model.attention.routing.local_heads': args.local_heads,
                    'model.attention.routing.local_window': args.window})
-  elif variant in ('dma', 'dma_budget'):
-    fields['model.attention.kind'] = f'dynamic_mask:{args.window}'
-    if variant == 'dma_budget':
-      fields['model.attention.dynamic_mask.block_smooth'] = 'budget'
-  elif variant == 'sse_h':
-    fields.update({'model.attention.kind': 'sse:4', 'model.attention.full_kind': 'dense',
-                   'model.attention.full_layers': 'every:4', 'model.attention.sse.mode': 'varlen'})
-  elif variant == 'gla':
-    fields.update({'model.attention.kind': 'sse:1', 'model.attention.full_kind': 'dense',
-                   'model.attention.full_layers': 'every:4', 'model.attention.sse.top_k': 1,
-                   'model.attention.sse.shared': False})
   return fields
 
 
@@ -180,7 +225,8 @@ def run_experiment(args, log=print):
   commands = ['python -m sparseformer.cli.prepare_data ' + ' '.join(prepare_argv)]
   for name in args.variants:
     workdir = os.path.join(args.out, name)
-    commands.append(train_phase(PRETRAIN_CONFIG, workdir, train_overrides(args, name), f'train {name}', log)['command'])
+    phase = train_phase(config_path(name), workdir, train_overrides(args, name), f'train {name}', log)
+    commands.append(phase['command'])
     commands.append(eval_phase(workdir, eval_overrides(args), f'eval {name}', log)['command'])
   settings = {k: v for k, v in vars(args).items() if k not in ('out', 'variants')}
   results = {'settings': settings, 'device': device, 'commands': commands, 'variants': collected_results(args)}

@@ -279,8 +279,6 @@ def test_shipped_books_configs_are_the_books_quality_variants(config_name, varia
   args = books_quality.parse_args(['--out', '/unused'])
   for preset, variant in variants.items():
     shipped = config_lib.flatten(config_lib.load_config_file(os.path.join(REPO, 'configs', config_name) + preset))
-    script = config_lib.load_config_file(books_quality.PRETRAIN_CONFIG)
-    config_lib.apply_overrides(script, {key: str(value) for key, value in books_quality.train_overrides(args, variant).items()})
-    script = config_lib.flatten(script)
+    script = config_lib.flatten(books_quality.train_config(args, variant))
     differing = {key for key in shipped if shipped[key] != script[key] and not key.startswith('train.log')}
     assert not differing, (preset, {key: (shipped[key], script[key]) for key in differing})
