@@ -1,8 +1,10 @@
 """The config schema, loading of `configs/*.py`, command-line overrides and validation.
 
-Every field a run can set is declared in `base_config()` with its default and type;
+Every field a run can set is declared in `base_config()` with its default and type
+(an attention mechanism's options by the mechanism's class: model/attention/base.py);
 `configs/NAME.py:get_config(arg)` starts from it and changes values. Overrides
-(`--config.a.b=v`) may only set declared fields, parsed with the field's type.
+(`--config.a.b=v`) may only set declared fields, parsed with the field's type. A renamed
+field's old name keeps working (RENAMED), with one warning naming the new one.
 """
 
 import ast
@@ -10,6 +12,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import sys
 
 import ml_collections
 
@@ -51,41 +55,11 @@ def base_config():
   m.rope.high_freq_factor = 4.0  # llama3: wavelengths below original_seq_len / high_freq_factor are kept
   m.attention = ml_collections.ConfigDict()
   m.attention.kind = 'dense'  # the mechanism of every layer not named in layer_attention: name[:argument]
-  m.attention.full_layers = ''  # layers that use full_kind instead: bottom:N | top:N | every:K | 0,5,...
-  m.attention.full_kind = 'dense'
+  m.attention.alternate_layers = ''  # layers that use alternate_kind instead: bottom:N | top:N | every:K | 0,5,...
+  m.attention.alternate_kind = 'dense'  # e.g. MASFormer's dense layers among windows, or routing among windows
   m.attention.block_size = 128  # block of the block-sparse plans (window, block_local, ...)
-  m.attention.dense_backend = 'auto'  # dense layers on packed rows: auto | xla_mask | block_sparse
-  m.attention.gate = ml_collections.ConfigDict()  # the `gated` mechanism (SeerAttention), docs/gated_attention.md
-  g = m.attention.gate
-  g.width = 128  # gate width dg of the per-head maps and the block RoPE
-  g.q_pools = ('avg',)  # query pools per block, concatenated: avg | max | min
-  g.k_pools = ('max', 'min', 'avg')  # key pools per block, concatenated
-  g.selection = 'topk'  # topk: density of the causal blocks per row | threshold: softmax score > threshold
-  g.density = 0.2  # topk: fraction of the causal blocks kept (k = (1 - sqrt(1 - density)) * blocks per row)
-  g.threshold = 2e-3  # threshold: the least softmax gate score of a kept block
-  g.forward = 'sparse'  # training output: sparse (the gated plan) | dense (the base's dense attention: distillation)
-  g.eval_forward = 'sparse'  # evaluation output: sparse | dense
-  g.distill = True  # training: teacher map of the dense attention and gate_kl loss
-  g.loss_slice = 0.25  # query-block rows below this fraction of the blocks are left out of the KL
-  g.loss_scale = 10.0  # gate_kl = loss_scale x KL (element mean), per layer, summed over layers
-  m.attention.routing = ml_collections.ConfigDict()  # the `routing:K` mechanism, docs/routing_attention.md
-  r = m.attention.routing
-  r.local_heads = -1  # the first heads attend locally; -1: half the kv-head groups
-  r.local_window = 256  # causal window of the local heads
-  r.selection = 'causal'  # causal: own cluster, keys at or before | balanced_topw: the paper's top-w (leaks)
-  r.topw_window = 0  # balanced_topw: tokens per cluster; 0: length // clusters
-  r.shared_qk = True  # routing heads use their queries as keys (self pair masked unless alone)
-  r.decay = 0.999  # EMA decay of the centroid counts and sums
-  r.commitment = 1e-4  # weight of the commitment loss
-  m.attention.sse = ml_collections.ConfigDict()  # the `sse:N` mechanism (N state partitions), docs/sse_attention.md
-  se = m.attention.sse
-  se.top_k = 2  # partitions each token writes to and reads from (at most N)
-  se.shared = True  # a shared state branch beside the partitions (off with sse:1: plain GLA)
-  se.delta_rank = 0  # rank of the partition branch's q/k deltas and of the output gate; 0: head_dim
-  se.mode = 'mask'  # mask: each partition over the whole row, cost ~(1+N) GLA | varlen: packed, ~(1+top_k)
-  se.balance_weight = 0.01  # weight of the router balance loss
-  m.attention.dynamic_mask = ml_collections.ConfigDict()  # the `dynamic_mask:W` mechanism, docs/dynamic_mask.md
-  m.attention.dynamic_mask.block_smooth = 'none'  # none (exact top-W) | majority | budget: whole key blocks per q block
+  add_mechanism_options(m.attention)  # each mechanism's own options, declared in its module
+  add_renamed_aliases(c)
   m.layer_attention = ()  # optional: one spec per layer, e.g. ('dense', 'window:256', 'block_local:512', 'dense')
 
   c.data = ml_collections.ConfigDict()
@@ -165,6 +139,64 @@ def base_config():
   return c
 
 
+def add_mechanism_options(attention):
+  """model.attention.<section>.* of every mechanism, from the OPTIONS its class declares
+  (sparseformer/model/attention/base.py)."""
+  from sparseformer.model.attention import base as mechanisms
+  mechanisms.add_options(attention)
+
+
+# ---------------------------------------------------------------------------------------
+# Renamed fields: the old name still works, with one warning naming the new one
+
+RENAMED = {  # old path -> new path
+    'model.attention.full_layers': 'model.attention.alternate_layers',
+    'model.attention.full_kind': 'model.attention.alternate_kind',
+}
+_warned_renames = set()
+
+
+def add_renamed_aliases(cfg):
+  """Each old name as an alias of its new field (reading or setting either is the same
+  field), so that config files that set the old names keep working. Aliases are not
+  fields of the schema (`flatten` leaves them out) but are written to config.json beside
+  the new names, for scripts that read them."""
+  for old, new in RENAMED.items():
+    *parents, old_leaf = old.split('.')
+    node = cfg
+    for part in parents:
+      node = node[part]
+    node[old_leaf] = node.get_ref(new.rpartition('.')[2])
+
+
+def is_alias(key):
+  """Whether a flattened key (of the root config or a part of it) is an old name."""
+  return any(old == key or old.endswith('.' + key) for old in RENAMED)
+
+
+def renamed(key, origin):
+  """The current name of a config key; an old name is mapped with one warning per name."""
+  if key not in RENAMED:
+    return key
+  if key not in _warned_renames:
+    _warned_renames.add(key)
+    print(f'warning: {origin}: {key} is renamed {RENAMED[key]}; the old name works for now', file=sys.stderr)
+  return RENAMED[key]
+
+
+def warn_renamed_in_source(path):
+  """One warning per old name that the config file at `path` mentions (a config file sets
+  fields through the aliases, which cannot tell which name was used)."""
+  try:
+    with open(path) as handle:
+      source = handle.read()
+  except OSError:
+    return
+  for old in RENAMED:
+    if re.search(r'\b' + re.escape(old.rpartition('.')[2]) + r'\b', source):
+      renamed(old, path)
+
+
 # ---------------------------------------------------------------------------------------
 # Loading a config file
 
@@ -192,6 +224,7 @@ def call_get_config(spec, what='config'):
     raise UserError(f'cannot load {what} {path}: {type(e).__name__}: {e}') from e
   if not hasattr(module, 'get_config'):
     raise UserError(f'{what} file {path} defines no get_config(arg=None)')
+  warn_renamed_in_source(path)
   try:
     return module.get_config(arg or None)
   except UserError:
@@ -223,10 +256,12 @@ def check_schema(cfg, origin):
 
 
 def flatten(cfg, prefix=''):
-  """ConfigDict -> {'a.b': value} for every leaf field."""
+  """ConfigDict -> {'a.b': value} for every leaf field (old names left out)."""
   out = {}
   for key, value in cfg.items():
     name = f'{prefix}{key}'
+    if is_alias(name):
+      continue
     if isinstance(value, ml_collections.ConfigDict):
       out.update(flatten(value, name + '.'))
     else:
@@ -248,6 +283,7 @@ def apply_overrides(cfg, overrides):
   """Sets `{'a.b': 'text'}` overrides, each parsed with the type of the field it sets."""
   fields = flatten(cfg)
   for key, text in overrides.items():
+    key = renamed(key, '--config')
     if key not in fields:
       raise UserError(unknown_key_message(key, '--config'))
     value = parse_value(key, text, fields[key])
@@ -301,7 +337,7 @@ def from_json(text, origin):
   """Rebuilds a config written by `to_json`, typed by the schema (lists back to tuples)."""
   payload = json.loads(text)
   cfg = base_config()
-  saved = flatten(ml_collections.ConfigDict(payload['config']))
+  saved = saved_fields(payload['config'], origin)
   fields = flatten(cfg)
   for key, value in saved.items():
     if key not in fields:
@@ -318,6 +354,34 @@ def from_json(text, origin):
   return cfg
 
 
+def saved_fields(config_dict, origin):
+  """{'a.b': value} of a saved config, old names mapped: a config.json written before a
+  rename has only the old name; one written since has both, equal."""
+  flat = flatten_dict(config_dict)
+  saved = {}
+  for key, value in flat.items():
+    new = RENAMED.get(key)
+    if new is None:
+      saved.setdefault(key, value)
+    elif new not in flat:
+      saved[renamed(key, origin)] = value
+    elif flat[new] != value:
+      raise UserError(f'{origin}: {key}={value!r} and {new}={flat[new]!r} disagree; {key} is the old name of '
+                      f'{new}: remove it')
+  return saved
+
+
+def flatten_dict(tree, prefix=''):
+  """Nested dicts -> {'a.b': value} (no alias is skipped: for reading saved files)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten_dict(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
 def to_tuple(value):
   if isinstance(value, (list, tuple)):
     return tuple(to_tuple(v) for v in value)
@@ -330,7 +394,6 @@ def to_tuple(value):
 
 def validate(cfg):
   """Raises UserError for values that cannot work, before anything runs."""
-  from sparseformer.model.attention import get_mechanism
   m, t = cfg.model, cfg.train
   validate_finite(cfg)
   for field in ('num_layers', 'd_model', 'num_heads'):
@@ -342,32 +405,7 @@ def validate(cfg):
   require(m.dtype in ('auto', 'float32', 'bfloat16', 'float16'), f'model.dtype={m.dtype!r}: use auto, float32, bfloat16 or float16')
   require(m.param_dtype in ('float32', 'bfloat16'), f'model.param_dtype={m.param_dtype!r}: use float32 or bfloat16')
   require(m.remat in ('none', 'full', 'dots'), f'model.remat={m.remat!r}: use none, full or dots')
-  from sparseformer.model.dims import full_layer_indices
-  try:
-    full_layer_indices(m.attention.full_layers, m.num_layers)
-  except ValueError as e:
-    raise UserError(f'model.attention.full_layers={m.attention.full_layers!r}: {e}') from None
-  for where, spec in [('model.attention.kind', m.attention.kind), ('model.attention.full_kind', m.attention.full_kind)] + [
-      (f'model.layer_attention[{i}]', spec) for i, spec in enumerate(m.layer_attention)]:
-    try:
-      get_mechanism(spec)
-    except UserError as e:
-      raise UserError(f'{where}: {e}') from None
-  require(m.attention.block_size in (64, 128, 256, 512),
-          f'model.attention.block_size={m.attention.block_size}: use 64 or 128 (GPU kernels), 256 or 512')
-  from sparseformer.model.attention.dense import DENSE_BACKENDS
-  require(m.attention.dense_backend in DENSE_BACKENDS,
-          f'model.attention.dense_backend={m.attention.dense_backend!r}: use {", ".join(DENSE_BACKENDS)}')
-  from sparseformer.model.attention.gated import gate_config_problem
-  gate_problem = gate_config_problem(m.attention.gate)
-  require(gate_problem is None, gate_problem)
-  routing_problem = routing_problem_of(m)
-  require(routing_problem is None, routing_problem)
-  sse_problem = sse_problem_of(m)
-  require(sse_problem is None, sse_problem)
-  from sparseformer.model.attention.dynamic_mask import dynamic_mask_config_problem
-  dynamic_mask_problem = dynamic_mask_config_problem(m.attention.dynamic_mask)
-  require(dynamic_mask_problem is None, dynamic_mask_problem)
+  validate_attention(m)
   if m.layer_attention:
     require(len(m.layer_attention) == m.num_layers,
             f'model.layer_attention has {len(m.layer_attention)} entries for {m.num_layers} layers')
@@ -396,6 +434,30 @@ def validate(cfg):
 
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')  # the device mesh's axes, in order (sparseformer.sharding)
+
+
+def validate_attention(m):
+  """model.attention and model.layer_attention: the layer pattern, every spec, and every
+  registered mechanism's options (each option's own check always; checks against the
+  model and the layers' arguments for the mechanisms some layer uses)."""
+  from sparseformer.model.attention import base as mechanisms
+  from sparseformer.model.dims import alternate_layer_indices
+  try:
+    alternate_layer_indices(m.attention.alternate_layers, m.num_layers)
+  except ValueError as e:
+    raise UserError(f'model.attention.alternate_layers={m.attention.alternate_layers!r}: {e}') from None
+  where_specs = [('model.attention.kind', m.attention.kind), ('model.attention.alternate_kind',
+                                                              m.attention.alternate_kind)]
+  where_specs += [(f'model.layer_attention[{i}]', spec) for i, spec in enumerate(m.layer_attention)]
+  for where, spec in where_specs:
+    try:
+      mechanisms.get_mechanism(spec)
+    except UserError as e:
+      raise UserError(f'{where}: {e}') from None
+  require(m.attention.block_size in (64, 128, 256, 512),
+          f'model.attention.block_size={m.attention.block_size}: use 64 or 128 (GPU kernels), 256 or 512')
+  problem = mechanisms.options_problem(m, [spec for _, spec in where_specs])
+  require(problem is None, problem)
 
 
 def validate_finite(cfg):
@@ -525,26 +587,6 @@ def mesh_rules_problem(rules):
   if repeated:
     return f'mesh.rules: logical axis {repeated[0]!r} has more than one rule'
   return None
-
-
-def routing_problem_of(m):
-  """The message for bad routing options when some layer uses the routing mechanism, or None."""
-  from sparseformer.model.attention import split_spec
-  from sparseformer.model.attention.routing import routing_config_problem
-  specs = (m.attention.kind, m.attention.full_kind) + tuple(m.layer_attention)
-  if all(split_spec(spec)[0] != 'routing' for spec in specs):
-    return None
-  return routing_config_problem(m.attention.routing, m.num_heads, m.num_kv_heads or m.num_heads)
-
-
-def sse_problem_of(m):
-  """The message for bad sse options with some layer's `sse:N`, or None."""
-  from sparseformer.model.attention import split_spec
-  from sparseformer.model.attention.sse import sse_config_problem
-  specs = (m.attention.kind, m.attention.full_kind) + tuple(m.layer_attention)
-  partitions = {int(argument) for name, argument in map(split_spec, specs) if name == 'sse'}
-  problems = [sse_config_problem(m.attention.sse, n) for n in sorted(partitions)]
-  return next((p for p in problems if p), None)
 
 
 def valid_regex(pattern):

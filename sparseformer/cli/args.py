@@ -34,6 +34,10 @@ def parse_args(argv, *, allowed=('config', 'workdir')):
 
 
 def describe_fields(cfg):
-  """One line per config field with its current value (for --help)."""
+  """One line per config field with its current value (for --help), and the doc of each
+  mechanism option."""
   from sparseformer.config import flatten
-  return '\n'.join(f'  --config.{key}={value!r}' for key, value in flatten(cfg).items())
+  from sparseformer.model.attention.base import option_docs
+  docs = option_docs()
+  return '\n'.join(f'  --config.{key}={value!r}' + (f'  # {docs[key]}' if key in docs else '')
+                   for key, value in flatten(cfg).items())

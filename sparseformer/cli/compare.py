@@ -100,6 +100,7 @@ def arm_config(run, name, changes):
   cfg = copy.deepcopy(run)
   fields = config_lib.flatten(cfg)
   for key, value in changes.items():
+    key = config_lib.renamed(key, f'arm {name}')
     if key not in fields:
       raise UserError(f'arm {name}: ' + config_lib.unknown_key_message(key, 'field').split(': ', 1)[1])
     if not key.startswith('model.'):

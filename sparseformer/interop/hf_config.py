@@ -104,7 +104,7 @@ def model_overrides(hf):
       'model.out_bias': attention['out_bias'],
       'model.qk_norm': attention['qk_norm'],
       'model.attention.kind': attention['kind'],
-      'model.attention.full_layers': '',
+      'model.attention.alternate_layers': '',
       'model.layer_attention': (),
   }
   overrides.update({f'model.rope.{k}': v for k, v in rope_fields(hf, architecture).items()})

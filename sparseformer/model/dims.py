@@ -45,8 +45,8 @@ class ModelDims:
     return self.num_heads // self.num_kv_heads
 
 
-def full_layer_indices(pattern, num_layers):
-  """The layers a `model.attention.full_layers` pattern names: '' (none), 'bottom:N',
+def alternate_layer_indices(pattern, num_layers):
+  """The layers a `model.attention.alternate_layers` pattern names: '' (none), 'bottom:N',
   'top:N', 'every:K' (layers K-1, 2K-1, ...), or explicit indices '0,5,11'.
   ValueError for a pattern that does not parse or names a layer past num_layers."""
   if not pattern:
@@ -69,12 +69,13 @@ def full_layer_indices(pattern, num_layers):
 
 
 def layer_mechanism_specs(m):
-  """One mechanism spec per layer: model.layer_attention if given, else attention.kind
-  with attention.full_kind at the layers attention.full_layers names (MASFormer)."""
+  """One mechanism spec per layer: model.layer_attention if given, else attention.kind with
+  attention.alternate_kind at the layers attention.alternate_layers names (MASFormer's
+  dense layers among windows, routing layers among windows, a dense layer among SSE...)."""
   if m.layer_attention:
     return tuple(m.layer_attention)
-  full = full_layer_indices(m.attention.full_layers, m.num_layers)
-  return tuple(m.attention.full_kind if i in full else m.attention.kind for i in range(m.num_layers))
+  alternate = alternate_layer_indices(m.attention.alternate_layers, m.num_layers)
+  return tuple(m.attention.alternate_kind if i in alternate else m.attention.kind for i in range(m.num_layers))
 
 
 def round_up(n, multiple):

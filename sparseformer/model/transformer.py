@@ -12,7 +12,8 @@ from sparseformer.model.layers import Einsum, RMSNorm, SwiGLU, output_std, param
 
 class AttentionLayer(nnx.Module):
   """Projections, rotary embedding and grouped-query layout shared by all mechanisms;
-  the mechanism only decides which keys each query sees."""
+  the mechanism decides which keys each query sees, and which inputs it reads (RoPE is
+  computed only for a mechanism that reads rotated q and k)."""
 
   def __init__(self, dims, layer_index, rngs):
     d, h, kv, hd = dims.d_model, dims.num_heads, dims.num_kv_heads, dims.head_dim
@@ -34,14 +35,12 @@ class AttentionLayer(nnx.Module):
     q_pre, k_pre = self.query(x), self.key(x)
     if hasattr(self, 'query_norm'):
       q_pre, k_pre = self.query_norm(q_pre), self.key_norm(k_pre)
-    q = rope.apply_rotary(q_pre, ctx.cos, ctx.sin)
-    k = rope.apply_rotary(k_pre, ctx.cos, ctx.sin)
-    inputs = {}
-    if self.mechanism.needs_pre_rope:  # learned gates pool un-rotated q, k (SeerAttention)
-      inputs['pre_rope'] = (q_pre, k_pre)
-    if self.mechanism.needs_layer_input:  # decays and gates of linear attention (SSE)
-      inputs['layer_input'] = x
-    y, aux = self.mechanism(q, k, self.value(x), ctx, **inputs)
+    mechanism = self.mechanism
+    q, k = None, None
+    if mechanism.rotary:
+      q, k = rope.apply_rotary(q_pre, ctx.cos, ctx.sin), rope.apply_rotary(k_pre, ctx.cos, ctx.sin)
+    inputs = mechanism.layer_inputs(pre_rope=(q_pre, k_pre), layer_input=x)
+    y, aux = mechanism(q, k, self.value(x), ctx, **inputs)
     return self.out(y), aux
 
 
@@ -77,20 +76,20 @@ class LanguageModel(nnx.Module):
       self.unembedding = param(rngs, (dims.d_model, dims.vocab_size), ('embed', 'vocab'),
                                dtype=dims.weight_dtype, std=dims.init_std)
 
-  def __call__(self, tokens, positions, segment_ids, *, training=False, rng=None):
+  def __call__(self, tokens, positions, segment_ids, *, training=False):
     """logits [B, T, vocab] (float32) and aux {'losses': {...}, 'stats': {...}} per layer.
     segment_ids None: each row is one document starting at position 0 (no document masks)."""
-    hidden, aux = self.hidden(tokens, positions, segment_ids, training=training, rng=rng)
+    hidden, aux = self.hidden(tokens, positions, segment_ids, training=training)
     return self.logits(hidden), aux
 
-  def hidden(self, tokens, positions, segment_ids, *, training=False, rng=None):
+  def hidden(self, tokens, positions, segment_ids, *, training=False):
     """The final hidden states [B, T, d_model] (after the final norm, compute dtype) and aux:
     the loss can then unembed them a chunk at a time (training/loss.py)."""
     dims = self.dims
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(dims.compute_dtype)
     inv_freq, logit_scale = rope.inverse_frequencies(dims.head_dim, dims.rope)
     cos, sin = rope.rotary_angles(positions, inv_freq)
-    ctx = AttentionContext(positions, segment_ids, cos, sin, rng, logit_scale, training)
+    ctx = AttentionContext(positions, segment_ids, cos, sin, logit_scale=logit_scale, training=training)
     aux = {'losses': {}, 'stats': {}}
     for i, block in enumerate(self.blocks):
       x, layer_aux = self._run_block(block, x, ctx)

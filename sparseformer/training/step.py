@@ -10,11 +10,11 @@ from sparseformer.model.attention import MechanismState
 from sparseformer.training.loss import DEFAULT_LOSS_CHUNK, token_nll
 
 
-def forward(graphdef, params, mechanism_state, batch, *, training, rng=None, loss_chunk=DEFAULT_LOSS_CHUNK):
+def forward(graphdef, params, mechanism_state, batch, *, training, loss_chunk=DEFAULT_LOSS_CHUNK):
   """Per-token NLL [B, T], the sum of auxiliary losses, stats, and the new mechanism state.
   The NLL unembeds `loss_chunk` positions at a time (0: all at once), see training/loss.py."""
   model = nnx.merge(graphdef, params, mechanism_state)
-  hidden, aux = model.hidden(batch['tokens'], batch['positions'], batch['segment_ids'], training=training, rng=rng)
+  hidden, aux = model.hidden(batch['tokens'], batch['positions'], batch['segment_ids'], training=training)
   nll = token_nll(model, hidden, batch['targets'], loss_chunk)
   aux_loss = sum(aux['losses'].values(), jnp.zeros((), jnp.float32))
   new_mechanism_state = nnx.state(model, MechanismState).to_pure_dict()
@@ -33,17 +33,15 @@ def make_train_step(graphdef, tx, schedule, grad_accum_steps, lm_loss_weight=1.0
   loss_chunk: positions unembedded at a time (train.loss_chunk; 0: all at once)."""
 
   def train_step(state, batch):
-    step_rng = jax.random.fold_in(state['rng'], state['step'])
     total_tokens = jnp.maximum(batch['loss_mask'].sum(), 1.0)
     micro_batches = split_micro_batches(batch, grad_accum_steps)
 
     def micro_step(carry, micro):
-      grads_sum, mechanism_state, index = carry
+      grads_sum, mechanism_state = carry
 
       def objective(params):
-        nll, aux_loss, stats, new_mechanism_state = forward(
-            graphdef, params, mechanism_state, micro, training=True, rng=jax.random.fold_in(step_rng, index),
-            loss_chunk=loss_chunk)
+        nll, aux_loss, stats, new_mechanism_state = forward(graphdef, params, mechanism_state, micro, training=True,
+                                                            loss_chunk=loss_chunk)
         loss = aux_loss / grad_accum_steps
         if lm_loss_weight:
           loss = loss + lm_loss_weight * nll.sum() / total_tokens
@@ -52,11 +50,11 @@ def make_train_step(graphdef, tx, schedule, grad_accum_steps, lm_loss_weight=1.0
       (_, (nll_sum, aux_loss, stats, new_mechanism_state)), grads = jax.value_and_grad(
           objective, has_aux=True)(state['params'])
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-      return (grads_sum, new_mechanism_state, index + 1), (nll_sum, aux_loss, stats)
+      return (grads_sum, new_mechanism_state), (nll_sum, aux_loss, stats)
 
     zeros = jax.tree.map(jnp.zeros_like, state['params'])
-    (grads, mechanism_state, _), (nll_sums, aux_losses, stats) = jax.lax.scan(
-        micro_step, (zeros, state['mechanism_state'], 0), micro_batches)
+    (grads, mechanism_state), (nll_sums, aux_losses, stats) = jax.lax.scan(
+        micro_step, (zeros, state['mechanism_state']), micro_batches)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {
         'params': optax.apply_updates(state['params'], updates),

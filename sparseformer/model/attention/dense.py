@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
 from sparseformer.model.attention import context_parallel
-from sparseformer.model.attention.base import Mechanism, no_aux, register
+from sparseformer.model.attention.base import CUSTOM, Mechanism, Option, no_aux, register, softmax_scale
 
 DENSE_BACKENDS = ('auto', 'xla_mask', 'block_sparse')
 
@@ -43,22 +43,31 @@ def causal_implementation(dtype, platform=None):
 
 @register('dense')
 class DenseAttention(Mechanism):
+  options_section = ''  # model.attention.dense_backend
+  OPTIONS = {'dense_backend': Option('auto', 'dense layers on packed rows: auto | xla_mask | block_sparse',
+                                     choices=DENSE_BACKENDS)}
+  placement = CUSTOM  # context parallelism: every device gathers the kv shards its queries see
 
-  def __call__(self, q, k, v, ctx):
-    scale = ctx.logit_scale / q.shape[-1] ** 0.5
-    uses_kernels = ctx.segment_ids is not None and resolve_backend(self.options.dense_backend) == 'block_sparse'
-    placement = context_parallel.placement_for_kernels(sequence_split_only=not uses_kernels)
-    if placement is not None:  # a sharded sequence, or kernels on a multi-device mesh
-      y = context_parallel.sharded_attention(q, k, v, ctx.segment_ids, mask=masks.Causal(),
-                                             block=self.options.block_size, scale=scale, placement=placement)
-    elif ctx.segment_ids is None:
+  def uses_kernels(self, ctx):
+    return ctx.segment_ids is not None and resolve_backend(self.options.dense_backend) == 'block_sparse'
+
+  def forward(self, q, k, v, ctx):
+    scale = softmax_scale(q, ctx)
+    if ctx.segment_ids is None:
       y = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                        implementation=causal_implementation(q.dtype))
-    elif uses_kernels:
-      block = self.options.block_size
+    elif self.uses_kernels(ctx):
+      block = self.block_size
       plan = plan_from_mask(masks.Causal(), q_len=q.shape[1], block_q=block, block_kv=block,
                             segment_ids=ctx.segment_ids)
       y = block_sparse_attention(q, k, v, plan, scale=scale)
     else:
       y = jax.nn.dot_product_attention(q, k, v, mask=document_mask(ctx.segment_ids), is_causal=True, scale=scale)
     return y, no_aux()
+
+  def sharded_forward(self, placement, q, k, v, ctx):
+    """XLA partitions the jnp paths by itself unless the sequence is split."""
+    if not self.uses_kernels(ctx) and context_parallel.sequence_shards(placement) == 1:
+      return self.forward(q, k, v, ctx)
+    return context_parallel.sharded_attention(q, k, v, ctx.segment_ids, mask=masks.Causal(), block=self.block_size,
+                                              scale=softmax_scale(q, ctx), placement=placement), no_aux()

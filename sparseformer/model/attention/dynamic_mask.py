@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention
-from sparseformer.model.attention import context_parallel
 from sparseformer.model.attention import dynamic_mask_plan as dmp
-from sparseformer.model.attention.base import Mechanism, mean_causal_keys, no_aux, register, softmax_flops
+from sparseformer.model.attention.base import (KEYS, QUERIES, Mechanism, Option, kernel, mean_causal_keys, no_aux,
+                                               plan_layout, register, softmax_flops, softmax_scale)
 from sparseformer.model.layers import param
 
 
@@ -74,6 +74,10 @@ def _decode_keep_smoothed(cache_scores, length, window, block_smooth, block):
 
 @register('dynamic_mask')
 class DynamicMaskAttention(Mechanism):
+  argument_meaning = ('keep count', 1024)
+  options_section = 'dynamic_mask'  # model.attention.dynamic_mask, docs/dynamic_mask.md
+  OPTIONS = {'block_smooth': Option('none', 'none (exact top-W) | majority | budget: whole key blocks per q block',
+                                    choices=dmp.SMOOTHINGS)}
 
   def __init__(self, dims, layer_index, rngs):
     super().__init__(dims, layer_index, rngs)
@@ -83,24 +87,18 @@ class DynamicMaskAttention(Mechanism):
     # Doge initialises A with N(0, initializer_range), so the bias starts near zero.
     self.dt_scale = param(rngs, (kv_heads,), ('kv_heads',), dtype=dims.weight_dtype, std=dims.init_std)
 
-  @classmethod
-  def check_argument(cls, argument):
-    if argument is None or not argument.isdigit() or int(argument) < 1:
-      return f'{cls.name} needs a positive keep count, e.g. {cls.name}:1024'
-    return None
-
   @property
   def window(self):
-    return int(self.argument)
+    return self.argument
 
   @classmethod
   def attention_flops(cls, argument, options, dims, seq_len):
     """Each query's top-w keys of its past (the tiles the kernel visits are logged as
     dma_tile_fraction; partial tiles cost more than this)."""
-    return softmax_flops(dims.num_heads, dims.head_dim, mean_causal_keys(seq_len, int(argument)))
+    return softmax_flops(dims.num_heads, dims.head_dim, mean_causal_keys(seq_len, argument))
 
-  def __call__(self, q, k, v, ctx):
-    block, smoothing = self.options.block_size, self.options.dynamic_mask.block_smooth
+  def forward(self, q, k, v, ctx):
+    block, smoothing = self.block_size, self.options.dynamic_mask.block_smooth
     delta = key_scores(v, self.dt_weight[...], self.dt_scale[...])
     segments = None if ctx.segment_ids is None else ctx.segment_ids.astype(jnp.int32)
     if smoothing == 'none':
@@ -110,22 +108,13 @@ class DynamicMaskAttention(Mechanism):
       plan, block_keep = dmp.smoothed_plan(delta, self.window, smoothing, block_q=block, block_kv=block,
                                            segment_ids=segments)
       kept = dmp.smoothed_kept_fraction(block_keep, q.shape[1], block, block, segments)
-    scale = ctx.logit_scale / q.shape[-1] ** 0.5
-    attend = lambda q, k, v, plan, delta: block_sparse_attention(q, k, v, plan, scale=scale,  # noqa: E731
-                                                                 key_bias=delta)
-    plan_names = context_parallel.plan_names(plan, q.shape[0], 'kv_heads')
-    names = context_parallel.QKV_NAMES + (plan_names, 'batch kv_heads .')
-    y = context_parallel.per_row_and_head('dynamic_mask', attend, (q, k, v, plan, delta), names,
-                                          context_parallel.Q_NAMES)
+    y = self.attend(q, k, v, plan, delta, scale=softmax_scale(q, ctx))
     aux = no_aux()
     aux['stats']['dma_kept_fraction'] = kept
     aux['stats']['dma_tile_fraction'] = dmp.active_tile_fraction(plan, segments)
     return y, aux
 
-
-def dynamic_mask_config_problem(options):
-  """The message for bad `model.attention.dynamic_mask` values, or None."""
-  smoothing = options.block_smooth
-  if smoothing not in dmp.SMOOTHINGS:
-    return f'model.attention.dynamic_mask.block_smooth={smoothing!r}: use {", ".join(dmp.SMOOTHINGS)}'
-  return None
+  @kernel(QUERIES, KEYS, KEYS, plan_layout('kv_heads'), 'batch kv_heads .', out=QUERIES)
+  def attend(self, q, k, v, plan, delta, *, scale):
+    """Attention over the plan, with the key bias delta [B, Hkv, T] on every logit."""
+    return block_sparse_attention(q, k, v, plan, scale=scale, key_bias=delta)

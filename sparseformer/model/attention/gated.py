@@ -7,7 +7,7 @@ paper's nz_ratio rule) or those whose softmax score passes `gate.threshold` form
 per query head, with the diagonal block and the first block of the document always
 kept, and the block-sparse kernels attend over it.
 
-Training (`model.attention.gate`, see sparseformer/config.py):
+Training (`model.attention.gate`, the OPTIONS below):
   forward=dense   the output comes from the layer's dense causal attention, so the model
                   behaves as its base (distillation of gates on a frozen checkpoint);
   forward=sparse  the output comes from the gated plan (joint training with the LM loss);
@@ -26,34 +26,13 @@ from flax import nnx
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
 from sparseformer.model import rope
-from sparseformer.model.attention import context_parallel
 from sparseformer.model.attention import gate as gate_lib
-from sparseformer.model.attention.base import Mechanism, no_aux, register, softmax_flops
+from sparseformer.model.attention.base import (HEAD_BLOCKS, KEYS, QUERIES, ROWS, Mechanism, Option, kernel, no_aux,
+                                               register, softmax_flops, softmax_scale)
 from sparseformer.model.layers import param
 
 FORWARDS = ('sparse', 'dense')
 SELECTIONS = ('topk', 'threshold')
-
-
-def gate_config_problem(g):
-  """The message for bad `model.attention.gate` values, or None."""
-  for name, pools in (('q_pools', g.q_pools), ('k_pools', g.k_pools)):
-    if not pools or any(p not in gate_lib.POOLS for p in pools) or len(set(pools)) != len(pools):
-      return f'model.attention.gate.{name}={tuple(pools)!r}: use distinct names from {", ".join(gate_lib.POOLS)}'
-  checks = [
-      (g.width > 0 and g.width % 2 == 0, f'gate.width={g.width}: use a positive even width (RoPE pairs dims)'),
-      (g.selection in SELECTIONS, f'gate.selection={g.selection!r}: use {" or ".join(SELECTIONS)}'),
-      (0 < g.density <= 1, f'gate.density={g.density}: use a fraction in (0, 1]'),
-      (0 < g.threshold < 1, f'gate.threshold={g.threshold}: use a probability in (0, 1)'),
-      (g.forward in FORWARDS, f'gate.forward={g.forward!r}: use {" or ".join(FORWARDS)}'),
-      (g.eval_forward in FORWARDS, f'gate.eval_forward={g.eval_forward!r}: use {" or ".join(FORWARDS)}'),
-      (0 <= g.loss_slice < 1, f'gate.loss_slice={g.loss_slice}: use a fraction in [0, 1)'),
-      (g.loss_scale >= 0, f'gate.loss_scale={g.loss_scale}: use a value >= 0'),
-  ]
-  for ok, message in checks:
-    if not ok:
-      return 'model.attention.' + message
-  return None
 
 
 class BlockGate(nnx.Module):
@@ -114,9 +93,38 @@ class BlockGate(nnx.Module):
     return jnp.broadcast_to(present, (x.shape[0], 1, self.block))
 
 
+def distinct_pools(pools):
+  return bool(pools) and all(p in gate_lib.POOLS for p in pools) and len(set(pools)) == len(pools)
+
+
+POOLS_ADVICE = f'use distinct names from {", ".join(gate_lib.POOLS)}'
+
+
 @register('gated')
 class GatedAttention(Mechanism):
-  needs_pre_rope = True  # the layer passes pre_rope=(q, k) before rotation
+  extra_inputs = ('pre_rope',)  # the gate pools q, k before rotation
+  options_section = 'gate'  # model.attention.gate, docs/gated_attention.md
+  OPTIONS = {
+      'width': Option(128, 'gate width dg of the per-head maps and the block RoPE',
+                      lambda w: w > 0 and w % 2 == 0, 'use a positive even width (RoPE pairs dims)'),
+      'q_pools': Option(('avg',), 'query pools per block, concatenated: avg | max | min', distinct_pools,
+                        POOLS_ADVICE),
+      'k_pools': Option(('max', 'min', 'avg'), 'key pools per block, concatenated', distinct_pools, POOLS_ADVICE),
+      'selection': Option('topk', 'topk: density of the causal blocks per row | threshold: softmax score > threshold',
+                          choices=SELECTIONS),
+      'density': Option(0.2, 'topk: fraction of the causal blocks kept (k = (1 - sqrt(1 - density)) x blocks per row)',
+                        lambda d: 0 < d <= 1, 'use a fraction in (0, 1]'),
+      'threshold': Option(2e-3, 'threshold: the least softmax gate score of a kept block',
+                          lambda p: 0 < p < 1, 'use a probability in (0, 1)'),
+      'forward': Option('sparse', 'training output: sparse (the gated plan) | dense (the base\'s dense attention: '
+                        'distillation)', choices=FORWARDS),
+      'eval_forward': Option('sparse', 'evaluation output: sparse | dense', choices=FORWARDS),
+      'distill': Option(True, 'training: teacher map of the dense attention and gate_kl loss'),
+      'loss_slice': Option(0.25, 'query-block rows below this fraction of the blocks are left out of the KL',
+                           lambda f: 0 <= f < 1, 'use a fraction in [0, 1)'),
+      'loss_scale': Option(10.0, 'gate_kl = loss_scale x KL (element mean), per layer, summed over layers',
+                           lambda s: s >= 0, 'use a value >= 0'),
+  }
 
   def __init__(self, dims, layer_index, rngs):
     super().__init__(dims, layer_index, rngs)
@@ -132,25 +140,23 @@ class GatedAttention(Mechanism):
     gate = 2 * g.width * blocks / block * blocks / 2  # one dg-wide score per causal block pair, per q token
     return softmax_flops(dims.num_heads, dims.head_dim, keys) + dims.num_heads * gate
 
-  def __call__(self, q, k, v, ctx, pre_rope=None):
-    if pre_rope is None:
-      raise ValueError('the gated mechanism needs the pre-RoPE projections: call it with pre_rope=(q, k)')
+  def forward(self, q, k, v, ctx, pre_rope):
     g = self.options.gate
-    scale = ctx.logit_scale / q.shape[-1] ** 0.5
-    forward = g.forward if ctx.training else g.eval_forward
+    scale = softmax_scale(q, ctx)
+    output = g.forward if ctx.training else g.eval_forward
     distill = ctx.training and g.distill
-    docs = gate_lib.block_documents(ctx.segment_ids, q.shape[1], self.options.block_size, q.shape[0])
+    docs = gate_lib.block_documents(ctx.segment_ids, q.shape[1], self.block_size, q.shape[0])
     scores = self.block_gate.scores(*pre_rope, docs)
     chosen = self.select(scores, docs)
     aux = no_aux()
     aux['stats']['gate_density'] = chosen.sum() / (docs.allowed.sum() * q.shape[2])
-    if forward == 'dense' or distill:
+    if output == 'dense' or distill:
       # With a sparse output the dense pass only gives the teacher its LSE: no gradient.
-      inputs = (q, k, v) if forward == 'dense' else jax.lax.stop_gradient((q, k, v))
+      inputs = (q, k, v) if output == 'dense' else jax.lax.stop_gradient((q, k, v))
       dense_y, lse = self.dense_attention(*inputs, ctx, scale)
-    y = dense_y if forward == 'dense' else self.sparse_attention(q, k, v, chosen, ctx, scale)
+    y = dense_y if output == 'dense' else self.sparse_attention(q, k, v, chosen, ctx.segment_ids, scale=scale)
     if distill:
-      teacher = gate_lib.teacher_block_map(*jax.lax.stop_gradient((q, k, lse)), scale, self.options.block_size,
+      teacher = gate_lib.teacher_block_map(*jax.lax.stop_gradient((q, k, lse)), scale, self.block_size,
                                            ctx.segment_ids)
       aux['losses']['gate_kl'] = g.loss_scale * gate_lib.gate_kl(teacher, scores, g.loss_slice)
       aux['stats']['gate_recall'] = gate_lib.teacher_recall(teacher, chosen)
@@ -162,26 +168,19 @@ class GatedAttention(Mechanism):
       return gate_lib.select_threshold(scores, docs, g.threshold)
     return gate_lib.select_topk(scores, docs, gate_lib.topk_blocks_per_row(g.density, scores.shape[-2]))
 
-  def sparse_attention(self, q, k, v, chosen, ctx, scale):
+  @kernel(QUERIES, KEYS, KEYS, HEAD_BLOCKS, ROWS, out=QUERIES)
+  def sparse_attention(self, q, k, v, chosen, segment_ids, *, scale):
     """Attention over the chosen blocks [B, H, nb, nb] (a plan per query head)."""
-    block = self.options.block_size
-
-    def attend(q, k, v, chosen, segment_ids):
-      plan = plan_from_block_mask(chosen, q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=segment_ids)
-      return block_sparse_attention(q, k, v, plan, scale=scale)
-
-    names = context_parallel.QKV_NAMES + ('batch heads . .', context_parallel.row_names(ctx.segment_ids))
-    return context_parallel.per_row_and_head('gated', attend, (q, k, v, chosen, ctx.segment_ids), names,
-                                             context_parallel.Q_NAMES)
+    block = self.block_size
+    plan = plan_from_block_mask(chosen, q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=segment_ids)
+    return block_sparse_attention(q, k, v, plan, scale=scale)
 
   def dense_attention(self, q, k, v, ctx, scale):
     """(output, LSE [B, H, T]) of causal attention within documents."""
-    block = self.options.block_size
+    return self.dense_kernel(q, k, v, ctx.segment_ids, scale=scale)
 
-    def attend(q, k, v, segment_ids):
-      plan = plan_from_mask(masks.Causal(), q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=segment_ids)
-      return block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True)
-
-    names = context_parallel.QKV_NAMES + (context_parallel.row_names(ctx.segment_ids),)
-    return context_parallel.per_row_and_head('gated', attend, (q, k, v, ctx.segment_ids), names,
-                                             (context_parallel.Q_NAMES, 'batch heads .'))
+  @kernel(QUERIES, KEYS, KEYS, ROWS, out=(QUERIES, 'batch heads .'))
+  def dense_kernel(self, q, k, v, segment_ids, *, scale):
+    block = self.block_size
+    plan = plan_from_mask(masks.Causal(), q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=segment_ids)
+    return block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True)

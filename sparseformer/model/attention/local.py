@@ -11,34 +11,30 @@ skipped. The plan is built from the mask function at block granularity: no T x T
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
 from sparseformer.model.attention import context_parallel
-from sparseformer.model.attention.base import Mechanism, mean_causal_keys, no_aux, register, softmax_flops
+from sparseformer.model.attention.base import (CUSTOM, Mechanism, mean_causal_keys, no_aux, register, softmax_flops,
+                                               softmax_scale)
 
 
 class LocalAttention(Mechanism):
   """Base of the mechanisms that attend through a static mask function of positions."""
-
-  @classmethod
-  def check_argument(cls, argument):
-    if argument is None or not argument.isdigit() or int(argument) < 1:
-      return f'{cls.name} needs a positive size, e.g. {cls.name}:256'
-    return None
+  argument_meaning = ('size', 256)
+  placement = CUSTOM  # context parallelism: each device gathers only the kv shards its window reaches
 
   @property
   def size(self):
-    return int(self.argument)
+    return self.argument
 
   def mask(self):
     raise NotImplementedError
 
-  def __call__(self, q, k, v, ctx):
-    block = self.options.block_size
-    scale = ctx.logit_scale / q.shape[-1] ** 0.5
-    placement = context_parallel.placement_for_kernels()
-    if placement is not None:
-      return context_parallel.sharded_attention(q, k, v, ctx.segment_ids, mask=self.mask(), block=block,
-                                                scale=scale, placement=placement), no_aux()
+  def forward(self, q, k, v, ctx):
+    block = self.block_size
     plan = plan_from_mask(self.mask(), q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=ctx.segment_ids)
-    return block_sparse_attention(q, k, v, plan, scale=scale), no_aux()
+    return block_sparse_attention(q, k, v, plan, scale=softmax_scale(q, ctx)), no_aux()
+
+  def sharded_forward(self, placement, q, k, v, ctx):
+    return context_parallel.sharded_attention(q, k, v, ctx.segment_ids, mask=self.mask(), block=self.block_size,
+                                              scale=softmax_scale(q, ctx), placement=placement), no_aux()
 
 
 @register('window')
@@ -49,7 +45,7 @@ class SlidingWindowAttention(LocalAttention):
 
   @classmethod
   def attention_flops(cls, argument, options, dims, seq_len):
-    return softmax_flops(dims.num_heads, dims.head_dim, mean_causal_keys(seq_len, int(argument)))
+    return softmax_flops(dims.num_heads, dims.head_dim, mean_causal_keys(seq_len, argument))
 
 
 @register('block_local')
@@ -60,5 +56,5 @@ class BlockLocalAttention(LocalAttention):
 
   @classmethod
   def attention_flops(cls, argument, options, dims, seq_len):
-    chunk = min(int(argument), seq_len)
+    chunk = min(argument, seq_len)
     return softmax_flops(dims.num_heads, dims.head_dim, (chunk + 1) / 2)

@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
-from sparseformer.model.attention import context_parallel
 from sparseformer.model.attention import routing_kmeans as kmeans
 from sparseformer.model.attention import routing_plan
-from sparseformer.model.attention.base import (Mechanism, MechanismState, mean_causal_keys, no_aux, register,
-                                               softmax_flops)
+from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, MechanismState, Option, first_problem,
+                                               kernel, mean_causal_keys, no_aux, register, softmax_flops,
+                                               softmax_scale, token_weights)
 
 
 def local_head_count(r, num_heads, num_kv_heads):
@@ -48,37 +48,24 @@ def local_head_count(r, num_heads, num_kv_heads):
   return (num_kv_heads // 2) * (num_heads // num_kv_heads)
 
 
-def routing_config_problem(r, num_heads, num_kv_heads):
-  """The message for bad `model.attention.routing` values with these heads, or None."""
-  local = local_head_count(r, num_heads, num_kv_heads)
-  group = num_heads // num_kv_heads
-  checks = [
-      (r.local_heads >= -1, f'routing.local_heads={r.local_heads}: use a count >= 0, or -1 (half the kv groups)'),
-      (local < num_heads, f'routing.local_heads={local} leaves no routing head of {num_heads}'),
-      (local % group == 0, f'routing.local_heads={local} must be a multiple of the GQA group size {group}'),
-      (r.local_window > 0, f'routing.local_window={r.local_window}: use a positive window'),
-      (r.selection in routing_plan.SELECTIONS,
-       f'routing.selection={r.selection!r}: use {" or ".join(routing_plan.SELECTIONS)}'),
-      (r.topw_window >= 0, f'routing.topw_window={r.topw_window}: use a size >= 0 (0: length // clusters)'),
-      (0 <= r.decay < 1, f'routing.decay={r.decay}: use a value in [0, 1)'),
-      (r.commitment >= 0, f'routing.commitment={r.commitment}: use a weight >= 0'),
-  ]
-  for ok, message in checks:
-    if not ok:
-      return 'model.attention.' + message
-  return None
-
-
-def token_weights(segment_ids, batch, length):
-  """[B, T] float32: 1 for tokens, 0 for padding (segment id 0)."""
-  if segment_ids is None:
-    return jnp.ones((batch, length), jnp.float32)
-  return (segment_ids != 0).astype(jnp.float32)
-
-
 @register('routing')
 class RoutingAttention(Mechanism):
-  needs_pre_rope = True  # routing reads the un-rotated q, k (content, not position)
+  argument_meaning = ('number of clusters', 16)
+  extra_inputs = ('pre_rope',)  # routing reads the un-rotated q, k (content, not position)
+  options_section = 'routing'  # model.attention.routing, docs/routing_attention.md
+  OPTIONS = {
+      'local_heads': Option(-1, 'the first heads attend locally; -1: half the kv-head groups', lambda n: n >= -1,
+                            'use a count >= 0, or -1 (half the kv groups)'),
+      'local_window': Option(256, 'causal window of the local heads', lambda w: w > 0, 'use a positive window'),
+      'selection': Option('causal', "causal: own cluster, keys at or before | balanced_topw: the paper's top-w "
+                          '(leaks)', choices=routing_plan.SELECTIONS),
+      'topw_window': Option(0, 'balanced_topw: tokens per cluster; 0: length // clusters', lambda w: w >= 0,
+                            'use a size >= 0 (0: length // clusters)'),
+      'shared_qk': Option(True, 'routing heads use their queries as keys (self pair masked unless alone)'),
+      'decay': Option(0.999, 'EMA decay of the centroid counts and sums', lambda d: 0 <= d < 1,
+                      'use a value in [0, 1)'),
+      'commitment': Option(1e-4, 'weight of the commitment loss', lambda w: w >= 0, 'use a weight >= 0'),
+  }
 
   def __init__(self, dims, layer_index, rngs):
     super().__init__(dims, layer_index, rngs)
@@ -91,49 +78,50 @@ class RoutingAttention(Mechanism):
     self.sums = MechanismState(state['sums'])
 
   @classmethod
-  def check_argument(cls, argument):
-    if argument is None or not argument.isdigit() or int(argument) < 1:
-      return f'{cls.name} needs a positive number of clusters, e.g. {cls.name}:16'
-    return None
+  def validate_options(cls, options, model_cfg, arguments):
+    """Own values; with routing layers, the local heads against the model's heads."""
+    problem = super().validate_options(options, model_cfg, arguments)
+    if problem or not arguments:
+      return problem
+    num_heads, num_kv_heads = model_cfg.num_heads, model_cfg.num_kv_heads or model_cfg.num_heads
+    local, group = local_head_count(options, num_heads, num_kv_heads), num_heads // num_kv_heads
+    return first_problem([
+        (local < num_heads, f'routing.local_heads={local} leaves no routing head of {num_heads}'),
+        (local % group == 0, f'routing.local_heads={local} must be a multiple of the GQA group size {group}'),
+    ], 'model.attention.')
 
   @property
   def clusters(self):
-    return int(self.argument)
+    return self.argument
 
   @classmethod
   def attention_flops(cls, argument, options, dims, seq_len):
     """Local heads: their window. Routing heads: 1/K of the causal keys (balanced
     clusters) plus scoring K centroids."""
-    clusters, r = int(argument), options.routing
+    r = options.routing
     local = local_head_count(r, dims.num_heads, dims.num_kv_heads)
     routed = dims.num_heads - local
     return (softmax_flops(local, dims.head_dim, mean_causal_keys(seq_len, r.local_window))
-            + softmax_flops(routed, dims.head_dim, mean_causal_keys(seq_len) / clusters)
-            + routed * 2 * dims.head_dim * clusters)
+            + softmax_flops(routed, dims.head_dim, mean_causal_keys(seq_len) / argument)
+            + routed * 2 * dims.head_dim * argument)
 
-  def __call__(self, q, k, v, ctx, pre_rope=None):
-    if pre_rope is None:
-      raise ValueError('the routing mechanism needs the pre-RoPE projections: call it with pre_rope=(q, k)')
-    scale = ctx.logit_scale / q.shape[-1] ** 0.5
+  def forward(self, q, k, v, ctx, pre_rope):
+    scale = softmax_scale(q, ctx)
     local = self.local_heads
     y_routed, aux = self.routing_attention(q[:, :, local:], k, v, pre_rope, ctx, scale)
     if not local:
       return y_routed, aux
     kv_local = local // self.group
-    y_local = self.local_attention(q[:, :, :local], k[:, :, :kv_local], v[:, :, :kv_local], ctx, scale)
+    y_local = self.local_attention(q[:, :, :local], k[:, :, :kv_local], v[:, :, :kv_local], ctx.segment_ids,
+                                   scale=scale)
     return jnp.concatenate([y_local, y_routed.astype(y_local.dtype)], axis=2), aux
 
-  def local_attention(self, q, k, v, ctx, scale):
-    window = self.options.routing.local_window
-
-    def attend(q, k, v, segment_ids):
-      plan = plan_from_mask(masks.causal_window(window), q_len=q.shape[1], block_q=self.options.block_size,
-                            block_kv=self.options.block_size, segment_ids=segment_ids)
-      return block_sparse_attention(q, k, v, plan, scale=scale)
-
-    names = context_parallel.QKV_NAMES + (context_parallel.row_names(ctx.segment_ids),)
-    return context_parallel.per_row_and_head('routing', attend, (q, k, v, ctx.segment_ids), names,
-                                             context_parallel.Q_NAMES)
+  @kernel(QUERIES, KEYS, KEYS, ROWS, out=QUERIES)
+  def local_attention(self, q, k, v, segment_ids, *, scale):
+    block = self.block_size
+    plan = plan_from_mask(masks.causal_window(self.options.routing.local_window), q_len=q.shape[1], block_q=block,
+                          block_kv=block, segment_ids=segment_ids)
+    return block_sparse_attention(q, k, v, plan, scale=scale)
 
   def routing_kv_heads(self):
     """The kv head of each routing head (static)."""
@@ -148,7 +136,6 @@ class RoutingAttention(Mechanism):
 
   def routing_attention(self, q, k, v, pre_rope, ctx, scale):
     """Outputs [B, T, Hr, D] of the routing heads (queries q [B, T, Hr, D]) and aux."""
-    r = self.options.routing
     xq, xk = self.routed_vectors(*pre_rope)
     centroids = self.centroids[...]
     kv_heads = self.routing_kv_heads()
@@ -158,30 +145,25 @@ class RoutingAttention(Mechanism):
     q_clusters = jnp.argmax(q_scores, -1).astype(jnp.int32)
     k_clusters = jnp.argmax(k_scores, -1).astype(jnp.int32)
     y = self.clustered_attention(q, keys, values, (q_clusters, k_clusters, q_scores, k_scores), ctx.segment_ids,
-                                 scale)
+                                 scale=scale)
     weights = token_weights(ctx.segment_ids, q.shape[0], q.shape[1])
     aux = self.routing_aux(xq, xk, q_clusters, k_clusters, centroids, weights)
     if ctx.training:
       self.update_state(xq, xk, q_clusters, k_clusters, weights)
     return y, aux
 
-  def clustered_attention(self, q, keys, values, routes, segment_ids, scale):
-    """Outputs [B, T, Hr, D] of the routing heads, per device over rows and heads on a mesh
-    (each (row, head) sorts its own tokens by cluster); routes = (q_clusters, k_clusters
-    [B, T, Hr], q_scores, k_scores [B, T, Hr, K])."""
+  # routes: (q_clusters, k_clusters [B, T, Hr], q_scores, k_scores [B, T, Hr, K])
+  @kernel(QUERIES, QUERIES, QUERIES, ('batch . heads', 'batch . heads', QUERIES, QUERIES), ROWS, out=QUERIES)
+  def clustered_attention(self, q, keys, values, routes, segment_ids, *, scale):
+    """Outputs [B, T, Hr, D] of the routing heads; each (row, head) sorts its own tokens by
+    cluster."""
     r = self.options.routing
-    options = dict(block=self.options.block_size, scale=scale, shared_qk=r.shared_qk)
+    options = dict(block=self.block_size, scale=scale, shared_qk=r.shared_qk)
+    q_clusters, k_clusters, q_scores, k_scores = routes
+    if r.selection == 'causal':
+      return routing_plan.cluster_attention(q, keys, values, q_clusters, k_clusters, segment_ids, **options)
     window = r.topw_window or max(q.shape[1] // self.clusters, 1)
-
-    def attend(q, keys, values, routes, segment_ids):
-      q_clusters, k_clusters, q_scores, k_scores = routes
-      if r.selection == 'causal':
-        return routing_plan.cluster_attention(q, keys, values, q_clusters, k_clusters, segment_ids, **options)
-      return routing_plan.topw_attention(q, keys, values, q_scores, k_scores, segment_ids, window=window, **options)
-
-    heads = context_parallel.Q_NAMES
-    names = (heads, heads, heads, ('batch . heads',) * 2 + (heads,) * 2, context_parallel.row_names(segment_ids))
-    return context_parallel.per_row_and_head('routing', attend, (q, keys, values, routes, segment_ids), names, heads)
+    return routing_plan.topw_attention(q, keys, values, q_scores, k_scores, segment_ids, window=window, **options)
 
   def routed_pairs(self, xq, xk, q_clusters, k_clusters):
     """(vectors, clusters) the clustering sees: queries, and keys unless shared."""

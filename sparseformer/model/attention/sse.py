@@ -43,31 +43,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.linear_attention import gated_linear_attention
-from pallas_kernels.linear_attention.reference import CHUNK as LINEAR_CHUNK
+from pallas_kernels.linear_attention.reference import CHUNK as LINEAR_CHUNK  # (for the FLOP estimate)
 from sparseformer.model.attention import context_parallel, context_parallel_linear
 from sparseformer.model.attention import sse_router as router_lib
-from sparseformer.model.attention.base import Mechanism, mean_causal_keys, no_aux, register, softmax_flops
+from sparseformer.model.attention.base import (CUSTOM, Mechanism, Option, mean_causal_keys, no_aux, register,
+                                               softmax_flops, token_weights)
 from sparseformer.model.layers import Einsum, param
 
 MODES = ('mask', 'varlen')
 DECAY_RANK = 16
-DECAY_NORMALISER = 16.0
-LINEAR_CHUNK = 64  # the chunk of the linear-attention kernels (for the FLOP estimate)  # logsigmoid(.) / 16: per-token decays close to 1 (GLA's normaliser)
-
-
-def sse_config_problem(s, partitions):
-  """The message for bad `model.attention.sse` values for `sse:partitions`, or None."""
-  checks = [
-      (s.mode in MODES, f'sse.mode={s.mode!r}: use {" or ".join(MODES)}'),
-      (s.top_k >= 1, f'sse.top_k={s.top_k}: use a count >= 1'),
-      (s.top_k <= partitions, f'sse.top_k={s.top_k} exceeds the {partitions} partitions of sse:{partitions}'),
-      (s.delta_rank >= 0, f'sse.delta_rank={s.delta_rank}: use a rank >= 0 (0: head_dim)'),
-      (s.balance_weight >= 0, f'sse.balance_weight={s.balance_weight}: use a weight >= 0'),
-  ]
-  for ok, message in checks:
-    if not ok:
-      return 'model.attention.' + message
-  return None
+DECAY_NORMALISER = 16.0  # logsigmoid(.) / 16: per-token decays close to 1 (GLA's normaliser)
 
 
 class LowRank(nnx.Module):
@@ -99,8 +84,31 @@ class Branches(typing.NamedTuple):
 
 @register('sse')
 class SparseStateExpansion(Mechanism):
-  needs_pre_rope = True  # SSE reads the un-rotated projections: no RoPE on SSE layers
-  needs_layer_input = True  # decays, router, deltas and output gate come from the layer input
+  argument_meaning = ('number of state partitions', 4)
+  rotary = False  # SSE layers use no RoPE: they read the projections before it
+  extra_inputs = ('pre_rope', 'layer_input')  # decays, router, deltas and output gate come from the layer input
+  placement = CUSTOM  # linear attention passes its state between sequence shards
+  options_section = 'sse'  # model.attention.sse, docs/sse_attention.md
+  OPTIONS = {
+      'top_k': Option(2, 'partitions each token writes to and reads from (at most N)', lambda k: k >= 1,
+                      'use a count >= 1'),
+      'shared': Option(True, 'a shared state branch beside the partitions (off with sse:1: plain GLA)'),
+      'delta_rank': Option(0, "rank of the partition branch's q/k deltas and of the output gate; 0: head_dim",
+                           lambda r: r >= 0, 'use a rank >= 0 (0: head_dim)'),
+      'mode': Option('mask', 'mask: each partition over the whole row, cost ~(1+N) GLA | varlen: packed, '
+                     '~(1+top_k)', choices=MODES),
+      'balance_weight': Option(0.01, 'weight of the router balance loss', lambda w: w >= 0, 'use a weight >= 0'),
+  }
+
+  @classmethod
+  def validate_options(cls, options, model_cfg, arguments):
+    """Own values; top_k against the partitions of every sse:N layer."""
+    problem = super().validate_options(options, model_cfg, arguments)
+    for partitions in sorted(set(arguments)):
+      if problem is None and options.top_k > partitions:
+        problem = (f'model.attention.sse.top_k={options.top_k} exceeds the {partitions} partitions of '
+                   f'sse:{partitions}')
+    return problem
 
   def __init__(self, dims, layer_index, rngs):
     super().__init__(dims, layer_index, rngs)
@@ -121,15 +129,9 @@ class SparseStateExpansion(Mechanism):
     self.norm_scale = param(rngs, (dims.head_dim,), ('head_dim',), dtype=dims.weight_dtype,
                             value=jnp.ones((dims.head_dim,)))
 
-  @classmethod
-  def check_argument(cls, argument):
-    if argument is None or not argument.isdigit() or int(argument) < 1:
-      return f'{cls.name} needs a positive number of state partitions, e.g. {cls.name}:4'
-    return None
-
   @property
   def partitions(self):
-    return int(self.argument)
+    return self.argument
 
   @classmethod
   def attention_flops(cls, argument, options, dims, seq_len):
@@ -137,17 +139,17 @@ class SparseStateExpansion(Mechanism):
     head_dim x head_dim each, plus causal attention inside a chunk. The branches a token
     costs: the shared one and top_k partitions in varlen mode, all N in mask mode."""
     s, d = options.sse, dims.head_dim
-    branches = int(s.shared) + (s.top_k if s.mode == 'varlen' else int(argument))
+    branches = int(s.shared) + (s.top_k if s.mode == 'varlen' else argument)
     per_branch = 4 * d * d + softmax_flops(1, d, mean_causal_keys(min(LINEAR_CHUNK, seq_len)))
     return dims.num_heads * branches * per_branch
 
-  def __call__(self, q, k, v, ctx, pre_rope=None, layer_input=None):
-    if pre_rope is None or layer_input is None:
-      raise ValueError('the sse mechanism needs pre_rope=(q, k) and layer_input=x')
-    del q, k  # rotated: SSE uses the pre-RoPE projections
+  def forward(self, q, k, v, ctx, pre_rope, layer_input):
+    return self.sharded_forward(None, q, k, v, ctx, pre_rope, layer_input)
+
+  def sharded_forward(self, placement, q, k, v, ctx, pre_rope, layer_input):
+    del q, k  # None: SSE reads the projections before RoPE
     branches = self.branches(*pre_rope, v, layer_input)
     probs, mask = self.route(layer_input)
-    placement = context_parallel.placement_for_kernels()
     if placement is not None:
       o = self.attention_per_device(branches, probs, mask, ctx.segment_ids, placement)
     elif self.mode == 'varlen':
@@ -180,7 +182,7 @@ class SparseStateExpansion(Mechanism):
     return probs, router_lib.top_k_mask(jax.lax.stop_gradient(probs), self.top_k)
 
   def router_aux(self, probs, mask, segment_ids):
-    weights = router_lib.token_weights(segment_ids, *probs.shape[:2])
+    weights = token_weights(segment_ids, *probs.shape[:2])
     aux = no_aux()
     aux['losses']['sse_balance'] = self.options.sse.balance_weight * router_lib.balance_loss(
         probs, mask, weights, self.top_k)

@@ -28,13 +28,6 @@ def chosen_partitions(mask, k):
   return jnp.argsort(jnp.where(mask, 0, 1), axis=-1, stable=True)[..., :k].astype(jnp.int32)
 
 
-def token_weights(segment_ids, batch, length):
-  """[B, T] float32: 1 for tokens, 0 for padding (segment id 0)."""
-  if segment_ids is None:
-    return jnp.ones((batch, length), jnp.float32)
-  return (segment_ids != 0).astype(jnp.float32)
-
-
 def balance_terms(probs, mask, weights):
   """(P, f) [N]: the mean router probability and the fraction of tokens writing to each
   partition, over the tokens of weights [B, T] (padding left out)."""
