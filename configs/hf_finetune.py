@@ -80,11 +80,11 @@ def get_config(arg=None):
   c.checkpoint.every_steps = 250
   window = f'window:{max(seq_len // 8, 64)}'
   return with_preset(c, preset, {
-      'masformer': {'model.attention.kind': window, 'model.attention.full_layers': 'every:4',
-                    'model.attention.full_kind': 'dense'},
-      'window': {'model.attention.kind': window, 'model.attention.full_layers': ''},
-      'dense': {'model.attention.kind': 'dense', 'model.attention.full_layers': ''},
-      'gated': {'model.attention.kind': 'gated', 'model.attention.full_layers': '',
+      'masformer': {'model.attention.kind': window, 'model.attention.alternate_layers': 'every:4',
+                    'model.attention.alternate_kind': 'dense'},
+      'window': {'model.attention.kind': window, 'model.attention.alternate_layers': ''},
+      'dense': {'model.attention.kind': 'dense', 'model.attention.alternate_layers': ''},
+      'gated': {'model.attention.kind': 'gated', 'model.attention.alternate_layers': '',
                 'model.attention.block_size': '64', 'model.attention.gate.forward': 'dense',
                 'model.attention.gate.distill': 'True', 'model.attention.gate.density': '0.2',
                 'train.trainable': '/block_gate/', 'train.lm_loss_weight': '0.0', 'train.lr': '1e-3',

@@ -35,7 +35,7 @@ def get_config(arg=None):
   c.model.num_kv_heads = 2
   c.model.remat = 'full'
   c.model.attention.kind = 'window:1024'
-  c.model.attention.full_layers = 'every:4'
+  c.model.attention.alternate_layers = 'every:4'
   c.model.rope.scaling = 'yarn'
   c.model.rope.original_seq_len = 1024
   c.model.rope.factor = 8.0
@@ -46,6 +46,6 @@ def get_config(arg=None):
   c.train.log_every = 10
   c.checkpoint.every_steps = 250
   return with_preset(c, arg, {
-      'dense': {'model.attention.kind': 'dense', 'model.attention.full_layers': ''},
-      'window': {'model.attention.full_layers': ''},
+      'dense': {'model.attention.kind': 'dense', 'model.attention.alternate_layers': ''},
+      'window': {'model.attention.alternate_layers': ''},
   })

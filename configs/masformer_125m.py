@@ -37,7 +37,7 @@ def get_config(arg=None):
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = 12, 768, 12, 12
   m.attention.kind = 'window:1024'
-  m.attention.full_layers = 'every:6'
+  m.attention.alternate_layers = 'every:6'
   m.attention.block_size = 128
   m.remat = 'none'
   return c

@@ -21,7 +21,7 @@ def get_config(arg=None):
   c.model.num_heads = 4
   c.model.num_kv_heads = 2
   c.model.attention.kind = 'window:64'
-  c.model.attention.full_layers = 'top:1'
+  c.model.attention.alternate_layers = 'top:1'
   c.model.attention.block_size = 64
   c.train.steps = 600
   c.train.global_batch_size = 16
@@ -29,6 +29,6 @@ def get_config(arg=None):
   c.train.log_every = 20
   c.checkpoint.every_steps = 200
   return with_preset(c, arg, {
-      'window': {'model.attention.full_layers': ''},
-      'dense': {'model.attention.kind': 'dense', 'model.attention.full_layers': ''},
+      'window': {'model.attention.alternate_layers': ''},
+      'dense': {'model.attention.kind': 'dense', 'model.attention.alternate_layers': ''},
   })

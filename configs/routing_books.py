@@ -24,8 +24,8 @@ def get_config(arg=None):
   c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'books_8192.py'))
   c.model.attention.kind = f'window:{WINDOW}'
   if arg is None:
-    c.model.attention.full_kind = 'routing:16'
-    c.model.attention.full_layers = 'every:2'
+    c.model.attention.alternate_kind = 'routing:16'
+    c.model.attention.alternate_layers = 'every:2'
     c.model.attention.routing.local_heads = 4
     c.model.attention.routing.local_window = WINDOW
   return with_preset(c, arg, {'local': {}, 'dense': {'model.attention.kind': 'dense'}})

@@ -1,6 +1,6 @@
 """SSE-H on one CPU: sparse state expansion (sse:4, each token routed to 2 of 4 state
 partitions beside a shared state; arXiv 2507.16577) in three of every four layers, dense
-softmax attention in the fourth (model.attention.full_layers=every:4), the default model
+softmax attention in the fourth (model.attention.alternate_layers=every:4), the default model
 otherwise, at 256 tokens on tinyshakespeare.
 
     python train.py --config configs/sse_hybrid.py --workdir runs/sse_hybrid
@@ -30,8 +30,8 @@ def get_config(arg=None):
   c.model.num_heads = 4
   c.model.num_kv_heads = 2
   c.model.attention.kind = 'sse:4'
-  c.model.attention.full_kind = 'dense'
-  c.model.attention.full_layers = 'every:4'
+  c.model.attention.alternate_kind = 'dense'
+  c.model.attention.alternate_layers = 'every:4'
   c.model.attention.sse.top_k = 2
   c.train.steps = 600
   c.train.global_batch_size = 16
@@ -41,6 +41,6 @@ def get_config(arg=None):
   return with_preset(c, arg, {
       'gla': {'model.attention.kind': 'sse:1', 'model.attention.sse.top_k': '1',
               'model.attention.sse.shared': 'false'},
-      'dense': {'model.attention.kind': 'dense', 'model.attention.full_layers': ''},
+      'dense': {'model.attention.kind': 'dense', 'model.attention.alternate_layers': ''},
       'varlen': {'model.attention.sse.mode': 'varlen'},
   })

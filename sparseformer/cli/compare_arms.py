@@ -34,7 +34,7 @@ ARM_NAMES = ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h',
 def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, gate_width=64, cluster_window=512):
   """The arms named, in `names` order, for training rows of `seq_len` tokens."""
   window = f'window:{max(seq_len // 8, 64)}'
-  hybrid = {'model.attention.full_kind': 'dense', 'model.attention.full_layers': f'every:{hybrid_every}'}
+  hybrid = {'model.attention.alternate_kind': 'dense', 'model.attention.alternate_layers': f'every:{hybrid_every}'}
   arms = {
       'dense': {'model.attention.kind': 'dense'},
       'window': {'model.attention.kind': window},
