@@ -79,7 +79,7 @@ def parse_args(argv):
   parser = experiment_parser(__doc__, FULL, QUICK)
   parser.add_argument('--variants', default=','.join(VARIANTS), help='a comma-separated subset to train now')
   parser.add_argument('--routing_layers', default=FULL_ROUTING_LAYERS,
-                      help='layers with routing heads (model.attention.full_layers syntax)')
+                      help='layers with routing heads (model.attention.alternate_layers syntax)')
   args = parse_sized(parser, argv, FULL, QUICK)
   args.variants = [v for v in args.variants.split(',') if v]
   unknown = set(args.variants) - set(VARIANTS)
@@ -141,12 +141,12 @@ def mechanism_overrides(cfg, args):
   """--window and --clusters as the size of the config's window, dynamic_mask and routing
   layers; --routing_layers and --local_heads where it has routing layers."""
   a, fields = cfg.model.attention, {}
-  for field in ('kind', 'full_kind'):
+  for field in ('kind', 'alternate_kind'):
     name = a[field].partition(':')[0]
     if name in SIZED_KINDS:
       fields[f'model.attention.{field}'] = f'{name}:{getattr(args, SIZED_KINDS[name])}'
-  if a.full_kind.startswith('routing:'):
-    fields.update({'model.attention.full_layers': args.routing_layers,
+  if a.alternate_kind.startswith('routing:'):
+    fields.update({'model.attention.alternate_layers': args.routing_layers,
                    'model.attention.routing.local_heads': args.local_heads,
                    'model.attention.routing.local_window': args.window})
   return fields
