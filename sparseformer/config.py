@@ -4,7 +4,7 @@ Every field a run can set is declared in `base_config()` with its default and ty
 (an attention mechanism's options by the mechanism's class: model/attention/base.py);
 `configs/NAME.py:get_config(arg)` starts from it and changes values. Overrides
 (`--config.a.b=v`) may only set declared fields, parsed with the field's type. A renamed
-field's old name keeps working (RENAMED), with one warning naming the new one.
+field's old name keeps working, with one warning naming the new one (renamed_fields.py).
 """
 
 import ast
@@ -12,11 +12,10 @@ import importlib.util
 import json
 import math
 import os
-import re
-import sys
 
 import ml_collections
 
+from sparseformer import renamed_fields
 from sparseformer.errors import UserError, closest_match
 
 FORMAT_VERSION = 1
@@ -59,7 +58,7 @@ def base_config():
   m.attention.alternate_kind = 'dense'  # e.g. MASFormer's dense layers among windows, or routing among windows
   m.attention.block_size = 128  # block of the block-sparse plans (window, block_local, ...)
   add_mechanism_options(m.attention)  # each mechanism's own options, declared in its module
-  add_renamed_aliases(c)
+  renamed_fields.add_aliases(c)
   m.layer_attention = ()  # optional: one spec per layer, e.g. ('dense', 'window:256', 'block_local:512', 'dense')
 
   c.data = ml_collections.ConfigDict()
@@ -147,57 +146,6 @@ def add_mechanism_options(attention):
 
 
 # ---------------------------------------------------------------------------------------
-# Renamed fields: the old name still works, with one warning naming the new one
-
-RENAMED = {  # old path -> new path
-    'model.attention.full_layers': 'model.attention.alternate_layers',
-    'model.attention.full_kind': 'model.attention.alternate_kind',
-}
-_warned_renames = set()
-
-
-def add_renamed_aliases(cfg):
-  """Each old name as an alias of its new field (reading or setting either is the same
-  field), so that config files that set the old names keep working. Aliases are not
-  fields of the schema (`flatten` leaves them out) but are written to config.json beside
-  the new names, for scripts that read them."""
-  for old, new in RENAMED.items():
-    *parents, old_leaf = old.split('.')
-    node = cfg
-    for part in parents:
-      node = node[part]
-    node[old_leaf] = node.get_ref(new.rpartition('.')[2])
-
-
-def is_alias(key):
-  """Whether a flattened key (of the root config or a part of it) is an old name."""
-  return any(old == key or old.endswith('.' + key) for old in RENAMED)
-
-
-def renamed(key, origin):
-  """The current name of a config key; an old name is mapped with one warning per name."""
-  if key not in RENAMED:
-    return key
-  if key not in _warned_renames:
-    _warned_renames.add(key)
-    print(f'warning: {origin}: {key} is renamed {RENAMED[key]}; the old name works for now', file=sys.stderr)
-  return RENAMED[key]
-
-
-def warn_renamed_in_source(path):
-  """One warning per old name that the config file at `path` mentions (a config file sets
-  fields through the aliases, which cannot tell which name was used)."""
-  try:
-    with open(path) as handle:
-      source = handle.read()
-  except OSError:
-    return
-  for old in RENAMED:
-    if re.search(r'\b' + re.escape(old.rpartition('.')[2]) + r'\b', source):
-      renamed(old, path)
-
-
-# ---------------------------------------------------------------------------------------
 # Loading a config file
 
 
@@ -224,7 +172,7 @@ def call_get_config(spec, what='config'):
     raise UserError(f'cannot load {what} {path}: {type(e).__name__}: {e}') from e
   if not hasattr(module, 'get_config'):
     raise UserError(f'{what} file {path} defines no get_config(arg=None)')
-  warn_renamed_in_source(path)
+  renamed_fields.warn_in_source(path)
   try:
     return module.get_config(arg or None)
   except UserError:
@@ -260,7 +208,7 @@ def flatten(cfg, prefix=''):
   out = {}
   for key, value in cfg.items():
     name = f'{prefix}{key}'
-    if is_alias(name):
+    if renamed_fields.is_alias(name):
       continue
     if isinstance(value, ml_collections.ConfigDict):
       out.update(flatten(value, name + '.'))
@@ -283,7 +231,7 @@ def apply_overrides(cfg, overrides):
   """Sets `{'a.b': 'text'}` overrides, each parsed with the type of the field it sets."""
   fields = flatten(cfg)
   for key, text in overrides.items():
-    key = renamed(key, '--config')
+    key = renamed_fields.renamed(key, '--config')
     if key not in fields:
       raise UserError(unknown_key_message(key, '--config'))
     value = parse_value(key, text, fields[key])
@@ -337,7 +285,7 @@ def from_json(text, origin):
   """Rebuilds a config written by `to_json`, typed by the schema (lists back to tuples)."""
   payload = json.loads(text)
   cfg = base_config()
-  saved = saved_fields(payload['config'], origin)
+  saved = renamed_fields.saved_fields(payload['config'], origin)
   fields = flatten(cfg)
   for key, value in saved.items():
     if key not in fields:
@@ -352,34 +300,6 @@ def from_json(text, origin):
       node = node[part]
     node[leaf] = value
   return cfg
-
-
-def saved_fields(config_dict, origin):
-  """{'a.b': value} of a saved config, old names mapped: a config.json written before a
-  rename has only the old name; one written since has both, equal."""
-  flat = flatten_dict(config_dict)
-  saved = {}
-  for key, value in flat.items():
-    new = RENAMED.get(key)
-    if new is None:
-      saved.setdefault(key, value)
-    elif new not in flat:
-      saved[renamed(key, origin)] = value
-    elif flat[new] != value:
-      raise UserError(f'{origin}: {key}={value!r} and {new}={flat[new]!r} disagree; {key} is the old name of '
-                      f'{new}: remove it')
-  return saved
-
-
-def flatten_dict(tree, prefix=''):
-  """Nested dicts -> {'a.b': value} (no alias is skipped: for reading saved files)."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten_dict(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
 
 
 def to_tuple(value):

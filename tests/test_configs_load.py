@@ -13,7 +13,7 @@ import re
 import pytest
 
 import hf_fixtures
-from sparseformer import config as config_lib
+from sparseformer import config as config_lib, renamed_fields
 from sparseformer.cli import compare
 from sparseformer.errors import UserError
 from sparseformer.interop.hf_import import import_model
@@ -99,7 +99,7 @@ def test_hf_finetune_loads_and_validates_with_every_preset(imported):
 @pytest.fixture
 def warnings_shown(monkeypatch, capsys):
   """The rename warnings printed from here on (each old name warns once per process)."""
-  monkeypatch.setattr(config_lib, '_warned_renames', set())
+  monkeypatch.setattr(renamed_fields, '_warned', set())
   return lambda: [line for line in capsys.readouterr().err.splitlines() if 'is renamed' in line]
 
 

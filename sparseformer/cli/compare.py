@@ -42,7 +42,7 @@ import sys
 
 import ml_collections
 
-from sparseformer import config as config_lib
+from sparseformer import config as config_lib, renamed_fields
 from sparseformer.cli.args import parse_args
 from sparseformer.cli.main import configure_jax, run_command
 from sparseformer.errors import UserError, closest_match
@@ -100,7 +100,7 @@ def arm_config(run, name, changes):
   cfg = copy.deepcopy(run)
   fields = config_lib.flatten(cfg)
   for key, value in changes.items():
-    key = config_lib.renamed(key, f'arm {name}')
+    key = renamed_fields.renamed(key, f'arm {name}')
     if key not in fields:
       raise UserError(f'arm {name}: ' + config_lib.unknown_key_message(key, 'field').split(': ', 1)[1])
     if not key.startswith('model.'):

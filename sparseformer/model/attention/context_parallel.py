@@ -23,8 +23,9 @@ permutes). Causal shards are not load-balanced: shard s computes s + 1 shards' t
 
 The other mechanisms run their attention per device through `per_device` (arguments
 named by logical axes): sse per row, head and sequence shard, passing linear-attention
-state between shards (context_parallel_linear.py); gated, dynamic_mask and routing per
-row and head (`per_row_and_head`), gathering the sequence where it is split.
+state between shards (context_parallel_linear.py); the kernel methods a mechanism marks
+with `base.kernel(...)` (gated, dynamic_mask, routing, strided) per row and head
+(`per_row_and_head`), gathering the sequence where it is split.
 """
 
 import dataclasses
@@ -165,8 +166,8 @@ def sharded_attention(q, k, v, segment_ids, *, mask, block, scale, placement):
 
 
 # --------------------------------------------------------------------------------------
-# Any per-(row, head) computation run per device: the one helper of the mechanisms whose
-# kernels XLA cannot partition (gated, dynamic_mask, routing, sse).
+# Any per-(row, head) computation run per device, for the kernels XLA cannot partition
+# (a mechanism reaches it through base.kernel, or per_device from its sharded_forward).
 
 UNSPLIT = '.'  # a dim of an argument that no mesh axis splits
 Q_NAMES = 'batch . heads .'  # q [B, T, H, D] split over rows and heads, whole along the sequence
