@@ -53,7 +53,7 @@ QUICK = dict(pretrain_len=128, finetune_len=512, window=64, pretrain_steps=8, fi
              pretrain_batch=4, finetune_batch=2, eval_batches=3, log_every=2)
 QUICK_MODEL = {'model.d_model': 64, 'model.num_layers': 2, 'model.num_heads': 2, 'model.num_kv_heads': 1,
                'model.attention.block_size': 64}
-QUICK_MASFORMER = {'model.attention.full_layers': 'every:2'}  # the top layer of 2 dense
+QUICK_MASFORMER = {'model.attention.alternate_layers': 'every:2'}  # the top layer of 2 dense
 
 
 def experiment_parser(doc, full, quick):

@@ -53,7 +53,7 @@ FULL = dict(steps=200, batch=8, seq_len=8192, warmup=5, cp_len=1 << 20, cp_windo
 QUICK = dict(steps=6, batch=8, seq_len=256, warmup=2, cp_len=1024, cp_window=300, cp_check_heads=2,
              cp_ref_queries=128, budget=900)
 QUICK_MODEL = {'model.d_model': 64, 'model.num_layers': 2, 'model.num_heads': 4, 'model.num_kv_heads': 4,
-               'model.attention.kind': 'window:64', 'model.attention.full_layers': 'every:2',
+               'model.attention.kind': 'window:64', 'model.attention.alternate_layers': 'every:2',
                'model.attention.block_size': 64}
 QUICK_DEVICES = 4
 

@@ -54,7 +54,7 @@ def parse_args(argv):
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--window', type=int, default=1024)
   parser.add_argument('--vocab-size', type=int, default=0, help='0: the byte tokenizer (padded to 384)')
-  parser.add_argument('--full-layers', default='every:6', help='MASFormer dense layers (model.attention.full_layers)')
+  parser.add_argument('--full-layers', default='every:6', help='MASFormer dense layers (model.attention.alternate_layers)')
   parser.add_argument('--block-size', type=int, default=128)
   parser.add_argument('--dtype', default='bfloat16')
   parser.add_argument('--remat', default='none', choices=('none', 'dots', 'full'))
@@ -96,7 +96,7 @@ def variant_config(args, variant, remat):
   window = f'window:{args.window}'
   m.attention.kind = {'dense': 'dense', 'routing': routing_spec(args)}.get(variant, window)
   m.attention.routing.local_window = args.window
-  m.attention.full_layers = args.full_layers if variant == 'masformer' else ''
+  m.attention.alternate_layers = args.full_layers if variant == 'masformer' else ''
   cfg.data.seq_len, t.global_batch_size, t.steps = args.seq_len, args.batch, 1000
   validate(cfg)
   return cfg
@@ -418,7 +418,7 @@ def main(argv=None):
   summary += kernel_profile_lines(rows)
   print(f'\nB={args.batch} T={args.seq_len} layers={args.layers} d_model={args.d_model} heads={args.heads}/'
         f'{args.kv_heads} vocab={args.vocab_size or "byte"} window={args.window} '
-        f'full_layers={args.full_layers} dtype={args.dtype} block={args.block_size}; '
+        f'alternate_layers={args.full_layers} dtype={args.dtype} block={args.block_size}; '
         f'step = median of {args.repeats} x {args.steps} back-to-back steps')
   print(format_table(rows))
   print('\n'.join(summary))
