@@ -101,6 +101,7 @@ def run_train_throughput_quick(tmp_path, variants):
   return result.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.slow  # a benchmark script's CPU smoke run (20-70 s): bash scripts/test.sh -m slow
 def test_train_throughput_quick_run_has_every_variant_and_the_routing_attention_time(tmp_path):
   """One run of the three variants (each run starts a Python and compiles dense again)."""
   stdout, report = run_train_throughput_quick(tmp_path, 'dense,masformer,routing')
@@ -143,6 +144,7 @@ def test_train_throughput_kernel_profile_sorts_kernels_by_kind():
   assert line == 'dense: kernels 8.0 ms of a 10.0 ms step (matmul 5.0, other 3.0); longest: nvjet_a 5.00, loop_fusion 3.00'
 
 
+@pytest.mark.slow  # a benchmark script's CPU smoke run (20-70 s): bash scripts/test.sh -m slow
 def test_gated_attention_quick_run_times_every_row(tmp_path):
   out = tmp_path / 'gated.json'
   result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'gated_attention.py'), '--quick',
@@ -162,6 +164,7 @@ def test_gated_attention_quick_run_times_every_row(tmp_path):
     assert row['err'] < 0.05 and 0 < row['density'] <= 1 and row['kernel'] == 'reference', row
 
 
+@pytest.mark.slow  # a benchmark script's CPU smoke run (20-70 s): bash scripts/test.sh -m slow
 def test_seer_quality_quick_run_tabulates_dense_and_three_densities(tmp_path):
   out = tmp_path / 'seer'
   env = child_env()
@@ -207,6 +210,7 @@ def test_seer_quality_target_verdict():
   assert seer_quality.target_line(rows[:1]).endswith('not measured')
 
 
+@pytest.mark.slow  # a benchmark script's CPU smoke run (20-70 s): bash scripts/test.sh -m slow
 def test_dma_attention_quick_run_times_every_row(tmp_path):
   out = tmp_path / 'dma.json'
   result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'dma_attention.py'), '--quick',
@@ -240,6 +244,7 @@ def run_books_quality_quick(tmp_path, variants, timeout=300):
   return out, json.loads((out / 'results.json').read_text())
 
 
+@pytest.mark.slow  # a benchmark script's CPU smoke run (20-70 s): bash scripts/test.sh -m slow
 def test_books_quality_quick_run_tabulates_the_variants_it_ran(tmp_path):
   out, results = run_books_quality_quick(tmp_path, 'dense,routing,dma')
   assert list(results['variants']) == ['dense', 'routing', 'dma']  # 'local' was not asked for

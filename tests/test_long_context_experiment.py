@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from train_helpers import child_env
 
 from benchmarks import long_context_quality as experiment
@@ -19,6 +21,7 @@ def run_config(workdir):
     return json.load(f)['config']
 
 
+@pytest.mark.slow  # three fine-tunes on the CPU (45 s): bash scripts/test.sh -m slow
 def test_quick_run_fine_tunes_three_variants_from_one_checkpoint_and_tabulates_them(tmp_path):
   out = tmp_path / 'experiment'
   env = child_env()

