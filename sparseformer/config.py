@@ -205,16 +205,7 @@ def check_schema(cfg, origin):
 
 def flatten(cfg, prefix=''):
   """ConfigDict -> {'a.b': value} for every leaf field (old names left out)."""
-  out = {}
-  for key, value in cfg.items():
-    name = f'{prefix}{key}'
-    if renamed_fields.is_alias(name):
-      continue
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(flatten(value, name + '.'))
-    else:
-      out[name] = value
-  return out
+  return renamed_fields.flatten_dict(cfg, prefix, skip=renamed_fields.is_alias)
 
 
 def unknown_key_message(key, origin):

@@ -6,6 +6,8 @@ preset (`--config.old=v`), a comparison arm, or a saved config.json.
 import re
 import sys
 
+import ml_collections
+
 from sparseformer.errors import UserError
 
 RENAMED = {  # old path -> new path
@@ -73,12 +75,16 @@ def saved_fields(config_dict, origin):
   return saved
 
 
-def flatten_dict(tree, prefix=''):
-  """Nested dicts -> {'a.b': value} (no alias is skipped: for reading saved files)."""
+def flatten_dict(tree, prefix='', skip=None):
+  """Nested dicts or ConfigDicts -> {'a.b': value}, leaving out the names `skip` accepts
+  (none by default: saved files are read whole)."""
   out = {}
   for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten_dict(value, f'{prefix}{key}.'))
+    name = f'{prefix}{key}'
+    if skip is not None and skip(name):
+      continue
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update(flatten_dict(value, name + '.', skip))
     else:
-      out[f'{prefix}{key}'] = value
+      out[name] = value
   return out
