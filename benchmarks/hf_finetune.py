@@ -58,8 +58,8 @@ def run_child(args, variant, imported):
   import jax
   from sparseformer import config as config_lib
   from sparseformer import sharding
-  from sparseformer.cli.fit import build_train_step, compile_train_step, memory_per_device, synthetic_batch
-  from sparseformer.training.state import make_train_state
+  from sparseformer.cli.fit import memory_per_device
+  from sparseformer.training.assembly import build_train_step, compile_train_step, synthetic_batch
   cfg = config_lib.load_config_file(f'{CONFIG}:{imported},{variant},{args.seq_len}')
   cfg.train.global_batch_size = args.batch
   parts = build_train_step(cfg, sharding.make_mesh(cfg.mesh))
@@ -69,7 +69,7 @@ def run_child(args, variant, imported):
   compile_s = time.perf_counter() - start
   estimate = memory_per_device(compiled)['total']
   progress(f'{variant}: compiled in {compile_s:.1f} s (fit estimate {estimate / 2**30:.2f} GiB); initialising')
-  state = make_train_state(parts.spec, parts.tx, parts.state_shardings, 0)
+  state = parts.fresh_state(0)
   batch = synthetic_batch(parts, parts.spec.dims.vocab_size)
   warmup_s, state, _ = timed_steps(compiled, state, batch, args.warmup)
   progress(f'{variant}: {args.warmup} warm-up steps in {warmup_s * args.warmup:.1f} s')
