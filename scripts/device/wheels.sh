@@ -28,7 +28,8 @@ if [ "${1:-}" = "--hf" ]; then  # transformers and friends for the HF fixtures (
   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl_hf transformers tokenizers safetensors
-  rm -f .whl_hf/numpy-*
+  # numpy: the image's; hf_xet and kernels: optional, and carry is capped at 64 MiB
+  rm -f .whl_hf/numpy-* .whl_hf/hf_xet-* .whl_hf/kernels-*
 fi
 git archive HEAD -o .gpu/src.tar
 du -sh .whl .gpu
