@@ -1,0 +1,113 @@
+"""Key-block selection scores from attention over compressed keys: the selection rule of
+Native Sparse Attention (Yuan et al., 2025, "Native Sparse Attention: Hardware-Aligned and
+Natively Trainable Sparse Attention", arXiv 2502.11089, section 3.3.2), shared by the
+mechanisms that choose key blocks this way (nsa.py, InfLLM-V2).
+
+Compressed key j summarises the tokens [j d, j d + l) (l = cmp_len, d = cmp_stride). A
+query at t sees it once its span is complete, j d + l - 1 <= t, and, in a packed row, only
+when the whole span lies in the query's document. p_cmp[t, h, j] is the softmax of the
+scores q_t . k_j x scale over the compressed keys t sees (exp(s - lse) with the log-sum-exp
+of that attention). Selection block s, the tokens [s l', (s + 1) l') (l' = select_block),
+scores:
+
+  - the p_cmp of every compressed key whose span overlaps it (paper eq. 9, which for l and
+    l' multiples of d sums the keys the block's span touches);
+  - summed over the query heads of a GQA group (eq. 10), so the group shares one choice;
+  - summed over the tokens of a query block of `query_block` tokens. This is our deviation
+    from the paper, which chooses per query token: the block-sparse plans choose key blocks
+    per query block, so the block's tokens vote together. Padding queries (segment 0) do
+    not vote.
+
+The scores are computed under stop_gradient (the choice is discrete; the paper does not
+differentiate it), one query block against all compressed keys at a time: memory
+O(query_block x Tc) per head, never [T, Tc] for all heads at once.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparseformer.model.attention.gate import num_blocks, to_blocks
+
+CROSSES_DOCUMENTS = -1  # segment id of a compressed key whose span crosses documents: no query has it
+
+
+def num_compressed(length, cmp_len, cmp_stride):
+  """Compressed keys of a row of `length` tokens: its complete spans [j d, j d + l)."""
+  return max(0, (length - cmp_len) // cmp_stride + 1)
+
+
+def compressed_key_segments(segment_ids, cmp_len, cmp_stride):
+  """[B, Tc] int32: the document of each compressed key's span when the whole span lies in
+  one document (0 for a span of padding, which only padding queries see), CROSSES_DOCUMENTS
+  otherwise; None for segment_ids None (each row one document)."""
+  if segment_ids is None:
+    return None
+  count = num_compressed(segment_ids.shape[1], cmp_len, cmp_stride)
+  tokens = np.arange(count)[:, None] * cmp_stride + np.arange(cmp_len)[None, :]  # [Tc, l]
+  spans = segment_ids.astype(jnp.int32)[:, tokens]  # [B, Tc, l]
+  one_document = spans.min(-1) == spans.max(-1)
+  return jnp.where(one_document, spans[..., 0], CROSSES_DOCUMENTS)
+
+
+def span_overlaps(count, cmp_len, cmp_stride, num_select, select_block):
+  """float32 [Tc, nS]: 1 where compressed key j's span overlaps selection block s."""
+  start = np.arange(count)[:, None] * cmp_stride
+  block_start = np.arange(num_select)[None, :] * select_block
+  return ((start < block_start + select_block) & (start + cmp_len > block_start)).astype(np.float32)
+
+
+def compressed_visibility(query_index, length, cmp_len, cmp_stride, count):
+  """bool [q, Tc]: compressed key j complete at query t (t < length), documents aside."""
+  key_end = np.arange(count) * cmp_stride + cmp_len - 1
+  return (key_end[None, :] <= query_index[:, None]) & (query_index < length)[:, None]
+
+
+def selection_scores(q, k_cmp, lse, *, scale, cmp_len, cmp_stride, select_block, query_block, segment_ids,
+                     kv_segment_ids):
+  """float32 [B, Hkv, nQ, nS]: the compressed attention's probability mass of each
+  selection block (module docstring), per kv head and query block.
+
+  q [B, T, H, D] (post-RoPE), k_cmp [B, Tc, Hkv, D], lse [B, H, T] the compressed
+  attention's log-sum-exp (None: computed here), nQ = ceil(T / query_block), nS =
+  ceil(T / select_block), segment_ids [B, T] or None, kv_segment_ids [B, Tc] (from
+  compressed_key_segments) or None."""
+  b, length, heads, dim = q.shape
+  count, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
+  group = heads // kv_heads
+  nq, ns = num_blocks(length, query_block), num_blocks(length, select_block)
+  if count == 0:
+    return jnp.zeros((b, kv_heads, nq, ns), jnp.float32)
+  q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
+  overlaps = jnp.asarray(span_overlaps(count, cmp_len, cmp_stride, ns, select_block))
+  queries = to_blocks(q.reshape(b, length, kv_heads, group, dim), query_block)  # [B, nQ, qb, Hkv, G, D]
+  voters = to_blocks(jnp.ones((b, length), bool) if segment_ids is None else segment_ids != 0, query_block)
+  blocks = [jnp.moveaxis(queries, 1, 0), jnp.moveaxis(voters, 1, 0)]
+  if segment_ids is not None:
+    blocks.append(jnp.moveaxis(to_blocks(segment_ids.astype(jnp.int32), query_block), 1, 0))  # [nQ, B, qb]
+  if lse is not None:
+    lse = jnp.moveaxis(lse.astype(jnp.float32).reshape(b, kv_heads, group, length), -1, 1)  # [B, T, Hkv, G]
+    blocks.append(jnp.moveaxis(to_blocks(lse, query_block), 1, 0))  # [nQ, B, qb, Hkv, G]
+
+  def block_votes(args):
+    index, queries, voters, *rest = args
+    segments = rest.pop(0) if segment_ids is not None else None
+    query_index = index * query_block + jnp.arange(query_block)
+    visible = compressed_visibility(query_index, length, cmp_len, cmp_stride, count)[None]  # [1, qb, Tc]
+    if segments is not None:
+      visible = visible & (segments[:, :, None] == kv_segment_ids[:, None, :])
+    visible = (visible & voters[:, :, None])[:, :, None, None, :]  # [B, qb, 1, 1, Tc]
+    s = jnp.einsum('bqkgd,bjkd->bqkgj', queries, k_cmp, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(visible, s, -jnp.inf)
+    if lse is None:
+      row_max = s.max(-1, keepdims=True)
+      row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+      p = jnp.exp(s - row_max)
+      p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+    else:
+      p = jnp.exp(s - rest[0][..., None])  # -inf where not visible: exactly 0
+    mass = p.sum((1, 3))  # [B, Hkv, Tc]
+    return mass @ overlaps  # [B, Hkv, nS]
+
+  scores = jax.lax.map(block_votes, (jnp.arange(nq), *blocks))  # [nQ, B, Hkv, nS]
+  return jnp.moveaxis(scores, 0, 2)
