@@ -29,11 +29,15 @@ every choice). Each arm is (name, {model field: value}), changes to the suite's 
              part, plus every L/8-th block back (the paper takes the stride near sqrt(L)
              tokens; block kernels skip only whole blocks, so ours is a block multiple).
              Not in the shipped suites' lists yet: name it there to run it.
+  moba       MoBA (Lu et al., 2025): mean-pooled key blocks of L/16 tokens, each query
+             block attends its own block and the top 2 others (top_k 3), a GQA group
+             sharing the choice: the paper's scaling-law setting (block 512, top-3 at
+             8k) scaled to L, at most 3L/16 keys per query.
 """
 
 from sparseformer.config import base_config
 
-ARM_NAMES = ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h', 'strided')
+ARM_NAMES = ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h', 'strided', 'moba')
 
 
 def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, gate_width=64, cluster_window=512):
@@ -54,6 +58,8 @@ def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, g
       'gla_h': {'model.attention.kind': 'sse:1', 'model.attention.sse.top_k': 1,
                 'model.attention.sse.shared': False, **hybrid},
       'strided': {'model.attention.kind': f'strided:{max(seq_len // 8, 64)}'},
+      'moba': {'model.attention.kind': 'moba', 'model.attention.moba.block': max(seq_len // 16, 64),
+               'model.attention.moba.top_k': 3},
   }
   unknown = [n for n in names if n not in arms]
   if unknown:

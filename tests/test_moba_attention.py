@@ -1,0 +1,244 @@
+"""MoBA against dense softmax attention restricted to the blocks MoBA's rule picks, the
+rule written out here from its definition in NumPy (mean query of a block's first
+document, mean key of a block's last document, scores summed over a GQA group, own block
+plus the best top_k - 1 earlier blocks of the document): outputs and gradients, single
+and packed rows, GQA, ragged lengths; the choice shared by a group; config errors; FLOPs;
+a model with MoBA layers trains; the kernel per device on a mesh of 8 CPU devices.
+
+Tolerance: float32, |moba - dense| <= 2e-5 + 2e-5 |dense| (as the other mechanisms')."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from mesh_helpers import results_on_8_cpu_devices
+from oracles import masked_softmax_attention
+
+from sparseformer import config as config_lib
+from sparseformer.cli import compare
+from sparseformer.cli.compare_arms import paper_arms, suite_run
+from sparseformer.config import base_config
+from sparseformer.errors import UserError
+from sparseformer.model import LanguageModel, resolve_dims
+from sparseformer.model.attention import AttentionContext, get_mechanism
+from sparseformer.model.attention.base import layer_attention_flops
+
+BLOCK = 16
+
+
+def make_layer(kv_heads=2, heads=4, head_dim=16, moba_block=32, top_k=2, share='group'):
+  cfg = base_config().model
+  cfg.num_layers, cfg.layer_attention, cfg.attention.block_size = 1, ('moba',), BLOCK
+  cfg.num_heads, cfg.num_kv_heads, cfg.d_model = heads, kv_heads, heads * head_dim
+  cfg.attention.moba.block, cfg.attention.moba.top_k, cfg.attention.moba.share = moba_block, top_k, share
+  return get_mechanism('moba')(resolve_dims(cfg, 259), 0, nnx.Rngs(0))
+
+
+def moba_mask(q, k, segments, block, top_k, share):
+  """bool [B, Hp, T, T] from MoBA's rule, token by token (Hp: kv heads or query heads)."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  b, t, h, _ = q.shape
+  hkv = k.shape[2]
+  segments = np.ones((b, t), int) if segments is None else np.asarray(segments)
+  n = -(-t // block)
+  plan_heads = hkv if share == 'group' else h
+  allowed = np.zeros((b, plan_heads, t, t), bool)
+  for row in range(b):
+    seg = segments[row]
+    starts = [i * block for i in range(n)]
+    ends = [min(t, (i + 1) * block) for i in range(n)]
+    first_doc = [seg[s] for s in starts]
+    last_doc = [seg[e - 1] for e in ends]
+    mean_q = [q[row, s:e][seg[s:e] == d].mean(0) for s, e, d in zip(starts, ends, first_doc)]  # [H, D]
+    mean_k = [k[row, s:e][seg[s:e] == d].mean(0) for s, e, d in zip(starts, ends, last_doc)]  # [Hkv, D]
+    for head in range(plan_heads):
+      heads = range(head * (h // hkv), (head + 1) * (h // hkv)) if share == 'group' else [head]
+      for i in range(n):
+        candidates = [j for j in range(i) if last_doc[j] == first_doc[i] and first_doc[i] != 0]
+        score = {j: sum(mean_q[i][x] @ mean_k[j][x // (h // hkv)] for x in heads) for j in candidates}
+        chosen = {i} | set(sorted(candidates, key=lambda j: -score[j])[:top_k - 1])
+        for j in chosen:
+          allowed[row, head, starts[i]:ends[i], starts[j]:ends[j]] = True
+  causal = np.tril(np.ones((t, t), bool))
+  same_doc = segments[:, :, None] == segments[:, None, :]  # padding (0) sees padding, as in the kernels
+  return allowed & causal & same_doc[:, None]
+
+
+CASES = [  # t, kv_heads, moba block, top_k, share, packed
+    (150, 2, 32, 2, 'group', False), (150, 2, 32, 3, 'group', True), (160, 4, 16, 4, 'group', True),
+    (200, 2, 48, 2, 'head', True), (100, 1, 32, 1, 'group', False),
+]
+
+
+@pytest.mark.parametrize('t,kv_heads,moba_block,top_k,share,packed', CASES)
+def test_layer_equals_dense_attention_on_the_blocks_moba_picks(t, kv_heads, moba_block, top_k, share, packed):
+  b, h, d = 2, 4, 16
+  keys = jax.random.split(jax.random.key(5), 4)
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k, v = (jax.random.normal(key, (b, t, kv_heads, d)) for key in keys[1:3])
+  d_out = jax.random.normal(keys[3], (b, t, h, d))
+  docs = [1] * (t // 2 - 7) + [2] * (t // 2 - 5) + [3] * 8
+  segments = jnp.asarray([docs + [0] * (t - len(docs)), [1] * t], jnp.int32) if packed else None
+  layer = make_layer(kv_heads, h, d, moba_block, top_k, share)
+  ctx = AttentionContext(jnp.zeros((b, t), jnp.int32), segments, None, None)
+  allowed = moba_mask(q, k, segments, moba_block, top_k, share)
+
+  def ours(q, k, v):
+    y, aux = layer(q, k, v, ctx)
+    return jnp.sum(y * d_out), (y, aux['stats']['moba_density'])
+
+  def dense(q, k, v):
+    y = masked_softmax_attention(q, k, v, allowed, segment_ids=segments)
+    return jnp.sum(y * d_out), y
+
+  (_, (y, density)), grads = jax.jit(jax.value_and_grad(ours, (0, 1, 2), has_aux=True))(q, k, v)
+  (_, y_dense), dense_grads = jax.jit(jax.value_and_grad(dense, (0, 1, 2), has_aux=True))(q, k, v)
+  np.testing.assert_allclose(y, y_dense, rtol=2e-5, atol=2e-5)
+  for name, got, want in zip(('dq', 'dk', 'dv'), grads, dense_grads):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)
+  assert 0 < float(density) <= 1
+
+
+def test_a_group_shares_its_blocks_and_more_blocks_cost_more():
+  b, t, h, d = 1, 256, 4, 16
+  keys = jax.random.split(jax.random.key(2), 3)
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k, v = (jax.random.normal(key, (b, t, 2, d)) for key in keys[1:])
+  by_group = moba_mask(q, k, None, 32, 3, 'group')
+  by_head = moba_mask(q, k, None, 32, 3, 'head')
+  assert by_group.shape[1] == 2 and by_head.shape[1] == 4
+  assert (by_head[:, 0::2] != by_head[:, 1::2]).any()  # heads of a group differ when ranking alone
+  ctx = AttentionContext(jnp.zeros((b, t), jnp.int32), None, None, None)
+  density = [float(make_layer(2, h, d, 32, top_k)(q, k, v, ctx)[1]['stats']['moba_density']) for top_k in (1, 3, 8)]
+  assert density[0] < density[1] < density[2] <= 0.5 + 1 / 16
+
+
+def test_a_query_never_sees_the_future():
+  b, t, h, d = 1, 128, 2, 16
+  keys = jax.random.split(jax.random.key(4), 3)
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k, v = (jax.random.normal(key, (b, t, 1, d)) for key in keys[1:])
+  layer = make_layer(1, h, d, 32, 4)
+  ctx = AttentionContext(jnp.zeros((b, t), jnp.int32), None, None, None)
+  y = layer(q, k, v, ctx)[0]
+  later = 70
+  k2, v2 = k.at[:, later:].set(jax.random.normal(keys[0], (b, t - later, 1, d))), v.at[:, later:].multiply(-3.0)
+  y2 = layer(q, k2, v2, ctx)[0]
+  np.testing.assert_allclose(y[:, :later], y2[:, :later], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(y[:, later:], y2[:, later:])
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('block', 40, 'model.attention.moba.block=40: use a multiple of model.attention.block_size'),
+    ('block', 0, 'model.attention.moba.block=0: use a positive number of tokens'),
+    ('top_k', 0, 'model.attention.moba.top_k=0: use at least 1'),
+    ('share', 'row', "model.attention.moba.share='row': use group or head"),
+])
+def test_bad_moba_configs_are_one_line_errors(field, value, message):
+  cfg = base_config()
+  cfg.model.attention.kind = 'moba'
+  cfg.model.attention.moba[field] = value
+  with pytest.raises(UserError, match=message) as error:
+    config_lib.validate(cfg)
+  assert '\n' not in str(error.value)
+
+
+def test_moba_takes_no_argument():
+  with pytest.raises(UserError, match='moba takes no argument'):
+    get_mechanism('moba:4')
+
+
+def test_flops_count_own_block_and_top_k_minus_one_blocks():
+  def flops(block, top_k, seq_len=2048):
+    m = base_config().model
+    m.d_model, m.num_layers, m.num_heads, m.attention.kind = 256, 1, 4, 'moba'
+    m.attention.moba.block, m.attention.moba.top_k = block, top_k
+    return layer_attention_flops(resolve_dims(m, 259), seq_len)[0]
+  dense = base_config().model
+  dense.d_model, dense.num_layers, dense.num_heads = 256, 1, 4
+  assert flops(512, 4) == pytest.approx(layer_attention_flops(resolve_dims(dense, 259), 2048)[0])
+  keys = sum(512 * 513 / 2 + 512 * min(2, i) * 512 for i in range(4)) / 2048
+  assert flops(512, 3) == pytest.approx(4 * 4 * 64 * keys)
+  assert flops(256, 3) < flops(512, 3)
+
+
+@pytest.mark.parametrize('seq_len', [256, 512, 2048, 8192])
+def test_the_comparison_arm_validates_at_the_suites_lengths(seq_len):
+  run = suite_run()
+  run.data.seq_len = seq_len
+  (name, changes), = paper_arms(seq_len, names=('moba',))
+  cfg = compare.arm_config(run, name, changes)
+  assert cfg.model.attention.kind == 'moba' and cfg.model.attention.moba.block == max(seq_len // 16, 64)
+
+
+def test_a_model_with_moba_layers_gives_finite_outputs_and_gradients():
+  m = base_config().model
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.dtype = 32, 2, 2, 1, 'float32'
+  m.attention.kind, m.attention.alternate_kind, m.attention.alternate_layers = 'moba', 'dense', 'top:1'
+  m.attention.moba.block = 128
+  model = LanguageModel(resolve_dims(m, 259), nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 300), 3, 259)
+  positions = jnp.broadcast_to(jnp.arange(300), tokens.shape)
+  loss, grads = nnx.value_and_grad(lambda model: model(tokens, positions, None)[0].mean())(model)
+  assert np.isfinite(float(loss))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+PER_DEVICE = r'''
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from sparseformer import sharding
+from sparseformer.config import base_config
+from sparseformer.model import resolve_dims
+from sparseformer.model.attention import AttentionContext, get_mechanism, moba
+
+sizes = []
+kernel = moba.block_sparse_attention
+moba.block_sparse_attention = lambda q, *a, **k: sizes.append(q.size) or kernel(q, *a, **k)
+B, T, H, HKV, D = 4, 128, 4, 2, 16
+cfg = base_config()
+m = cfg.model
+m.num_layers, m.layer_attention, m.attention.block_size = 1, ('moba',), 16
+m.num_heads, m.num_kv_heads, m.d_model = H, HKV, H * D
+m.attention.moba.block, m.attention.moba.top_k = 32, 2
+layer = get_mechanism('moba')(resolve_dims(m, 259), 0, nnx.Rngs(0))
+keys = jax.random.split(jax.random.key(1), 4)
+arrays = (jax.random.normal(keys[0], (B, T, H, D)), jax.random.normal(keys[1], (B, T, HKV, D)),
+          jax.random.normal(keys[2], (B, T, HKV, D)))
+cotangent = jax.random.normal(keys[3], (B, T, H, D))
+segments = jnp.asarray(np.stack([np.ones(T), 1 + (np.arange(T) >= 40), np.ones(T), 1 + (np.arange(T) >= 100)]),
+                       jnp.int32)
+
+def loss(arrays):
+  y, _ = layer(*arrays, AttentionContext(jnp.zeros((B, T), jnp.int32), segments, None, None))
+  return jnp.sum(y * cotangent), y
+
+results = {}
+for axes in json.loads(sys.argv[1]):
+  mesh_cfg = {'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1, **axes}
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:int(np.prod(list(mesh_cfg.values())))])
+  rules = base_config().mesh.rules
+  grad = jax.value_and_grad(loss, has_aux=True)
+  sizes.clear()
+  (_, y), grads = jax.jit(grad)(arrays)
+  whole = list(sizes)
+  sizes.clear()
+  placed = jax.device_put(arrays, jax.NamedSharding(mesh, sharding.logical_spec(('batch', 'length'), rules)))
+  (_, y_mesh), grads_mesh = jax.jit(sharding.with_activation_placement(grad, mesh, rules))(placed)
+  worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+              zip(jax.tree.leaves((y, grads)), jax.tree.leaves((y_mesh, grads_mesh))))
+  results[json.dumps(axes)] = {'worst': worst, 'whole': whole, 'per_device': list(sizes)}
+print('RESULTS ' + json.dumps(results))
+'''
+
+
+def test_the_declared_layout_runs_the_kernel_per_row_and_kv_head_and_equals_one_device():
+  meshes = [{'data': 2, 'fsdp': 2, 'tensor': 2}]
+  results = results_on_8_cpu_devices(PER_DEVICE, meshes)
+  got = results[json.dumps(meshes[0])]
+  assert got['worst'] < 1e-5, got
+  assert got['whole'] and sorted(got['per_device']) == sorted(s // 8 for s in got['whole']), got
