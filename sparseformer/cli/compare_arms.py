@@ -33,11 +33,16 @@ every choice). Each arm is (name, {model field: value}), changes to the suite's 
              block attends its own block and the top 2 others (top_k 3), a GQA group
              sharing the choice: the paper's scaling-law setting (block 512, top-3 at
              8k) scaled to L, at most 3L/16 keys per query.
+  infllm_v2  InfLLM-V2 (Zhao et al., 2025): no new parameters; 64-token selection
+             blocks scored by each query's softmax over mean-pooled 32-token key spans
+             (stride 16), its GQA group sharing the choice; L/8 keys per query (the
+             window's): the document's first block, 2 local blocks and the best others;
+             sparse at the suite's length (the paper switches to sparse above a length).
 """
 
 from sparseformer.config import base_config
 
-ARM_NAMES = ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h', 'strided', 'moba')
+ARM_NAMES = ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h', 'strided', 'moba', 'infllm_v2')
 
 
 def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, gate_width=64, cluster_window=512):
@@ -60,6 +65,8 @@ def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, g
       'strided': {'model.attention.kind': f'strided:{max(seq_len // 8, 64)}'},
       'moba': {'model.attention.kind': 'moba', 'model.attention.moba.block': max(seq_len // 16, 64),
                'model.attention.moba.top_k': 3},
+      'infllm_v2': {'model.attention.kind': 'infllm_v2', 'model.attention.infllm_v2.sparse_from': seq_len,
+                    'model.attention.infllm_v2.select_count': max(seq_len // 8 // 64, 3)},
   }
   unknown = [n for n in names if n not in arms]
   if unknown:

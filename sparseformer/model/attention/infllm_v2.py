@@ -1,0 +1,167 @@
+"""InfLLM-V2: dense-sparse switchable attention (Zhao et al., OpenBMB, 2025, arXiv
+2509.24663; github.com/OpenBMB/infllmv2_cuda_impl, MiniCPM4): block-sparse attention that
+reuses the dense layer's projections unchanged, so a dense checkpoint continues training
+or runs inference with it as it is (no new parameters), dense for short rows and sparse
+above a length.
+
+    infllm_v2    options model.attention.infllm_v2
+
+Rows shorter than `sparse_from` tokens run dense causal attention (the switch is by the
+row length, known when the step is traced). Longer rows:
+
+  1. Stage 1, choosing blocks: the keys are mean-pooled over spans of `cmp_len` tokens
+     every `cmp_stride` tokens (the paper's compressed "semantic kernels"; no learned
+     map, unlike NSA). Each query's softmax over the spans it can see (a span is visible
+     once complete, and only within the query's document) is summed over the query heads
+     of its GQA group, onto the selection blocks of `select_block` tokens each span
+     overlaps, and over the tokens of the query's block of model.attention.block_size
+     (compressed_scores.selection_scores, shared with NSA; the paper chooses per query
+     token, our plans per query block). No gradient flows through the choice.
+  2. Stage 2: per query block, the first block of its document, its own selection block
+     and the `local_blocks - 1` before it (the paper's initial and local tokens) and the
+     best-scoring others up to `select_count` blocks in all, one choice per kv head; the
+     block-sparse kernel attends over them (causal, within documents).
+
+The paper's kernels fuse stage 1 with a max-pooling and an LSE approximation; here stage 1
+is plain jax.numpy, one query block at a time (its cost, T x T / cmp_stride dot products
+per head, is 1/cmp_stride of dense attention's).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
+from sparseformer.model.attention import compressed_scores
+from sparseformer.model.attention import gate as gate_lib
+from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, Option, first_problem, kernel,
+                                               mean_causal_keys, no_aux, plan_layout, register, softmax_flops,
+                                               softmax_scale)
+
+
+def mean_pooled_keys(k, cmp_len, cmp_stride):
+  """[B, Tc, Hkv, D] float32: the mean of each span [j d, j d + l) of k [B, T, Hkv, D]."""
+  count = compressed_scores.num_compressed(k.shape[1], cmp_len, cmp_stride)
+  starts = jnp.arange(count) * cmp_stride
+  windows = jax.vmap(lambda start: jax.lax.dynamic_slice_in_dim(k, start, cmp_len, axis=1), out_axes=1)(starts)
+  return windows.astype(jnp.float32).mean(2)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ChoiceRules:
+  """What gate.select_topk reads: the blocks a query block may take and those it must."""
+  allowed: jax.Array  # [B, nQ, nS] bool
+  forced: jax.Array  # [B, nQ, nS] bool
+
+
+def block_choices(segment_ids, length, query_block, select_block, local_blocks, batch):
+  """BlockDocuments-like (allowed, forced) [B, nQ, nS] for gate.select_topk: selection
+  blocks at or before each query block's last token; forced, the block of its first
+  document's start and its own block with the local_blocks - 1 before it."""
+  nq, ns = gate_lib.num_blocks(length, query_block), gate_lib.num_blocks(length, select_block)
+  q_first = jnp.arange(nq) * query_block
+  q_last = jnp.minimum(q_first + query_block, length) - 1
+  selection = jnp.arange(ns)
+  own = (q_last // select_block)[:, None]
+  allowed = selection[None, :] <= own
+  local = allowed & (selection[None, :] > own - local_blocks)
+  if segment_ids is None:
+    document_start = jnp.zeros((1, nq), jnp.int32)
+  else:
+    position = jnp.arange(length)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    document_start = jax.lax.cummax(jnp.where(starts, position, 0), axis=1)[:, q_first]
+  first = selection[None, None, :] == (document_start // select_block)[..., None]
+  forced = local[None] | first
+  allowed = jnp.broadcast_to(allowed[None], forced.shape)
+  return ChoiceRules(jnp.broadcast_to(allowed, (batch,) + allowed.shape[1:]),
+                     jnp.broadcast_to(forced, (batch,) + forced.shape[1:]))
+
+
+def spread_columns(chosen, ratio, num_k):
+  """A choice over selection blocks [B, Hp, nQ, nS] on the kernel's key blocks [.., num_k]."""
+  return jnp.repeat(chosen, ratio, axis=-1)[..., :num_k]
+
+
+@register('infllm_v2')
+class InfLLMv2Attention(Mechanism):
+  options_section = 'infllm_v2'  # model.attention.infllm_v2
+  OPTIONS = {
+      'sparse_from': Option(8192, 'rows of at least this many tokens run sparse, shorter ones dense',
+                            lambda n: n >= 1, 'use a length of at least 1'),
+      'cmp_len': Option(32, 'tokens of each mean-pooled key span (stage 1)', lambda n: n >= 1, 'use at least 1'),
+      'cmp_stride': Option(16, 'tokens between the starts of consecutive spans', lambda n: n >= 1, 'use at least 1'),
+      'select_block': Option(128, 'tokens of a selection block, a multiple of model.attention.block_size (the '
+                             'paper: 64, with block_size 64)',
+                             lambda n: n >= 1, 'use at least 1'),
+      'select_count': Option(16, 'selection blocks per query block, the forced ones included',
+                             lambda n: n >= 1, 'use at least 1'),
+      'local_blocks': Option(2, 'local selection blocks always kept: the own block and the ones before it',
+                             lambda n: n >= 1, 'use at least 1 (the own block)'),
+  }
+
+  @classmethod
+  def validate_options(cls, options, model_cfg, arguments):
+    problem = super().validate_options(options, model_cfg, arguments)
+    if problem or not arguments:
+      return problem
+    block, path = model_cfg.attention.block_size, 'model.attention.infllm_v2'
+    return first_problem([
+        (options.select_block % block == 0, f'{path}.select_block={options.select_block}: use a multiple of '
+                                            f'model.attention.block_size ({block})'),
+        (options.cmp_stride <= options.cmp_len, f'{path}.cmp_stride={options.cmp_stride}: use at most cmp_len '
+                                                f'({options.cmp_len}), or spans leave tokens out'),
+        (options.local_blocks + 1 <= options.select_count,
+         f'{path}.select_count={options.select_count}: use at least local_blocks + 1 ({options.local_blocks + 1}): '
+         'the first and the local blocks are always kept'),
+    ])
+
+  def forward(self, q, k, v, ctx):
+    o = self.options.infllm_v2
+    scale = softmax_scale(q, ctx)
+    if q.shape[1] < o.sparse_from:
+      return self.dense_attention(q, k, v, ctx.segment_ids, scale=scale), no_aux()
+    chosen = self.choose(q, k, ctx.segment_ids, scale)
+    aux = no_aux()
+    aux['stats']['infllm_v2_density'] = chosen.mean()
+    plan = plan_from_block_mask(chosen, q_len=q.shape[1], block_q=self.block_size, block_kv=self.block_size,
+                                segment_ids=ctx.segment_ids)
+    return self.sparse_attention(q, k, v, plan, scale=scale), aux
+
+  def choose(self, q, k, segment_ids, scale):
+    """bool [B, Hkv, nQ, nK]: the kernel's key blocks each query block visits, per kv head."""
+    o, block = self.options.infllm_v2, self.block_size
+    batch, length = q.shape[:2]
+    k_cmp = mean_pooled_keys(jax.lax.stop_gradient(k), o.cmp_len, o.cmp_stride)
+    scores = compressed_scores.selection_scores(
+        q, k_cmp, None, scale=scale, cmp_len=o.cmp_len, cmp_stride=o.cmp_stride, select_block=o.select_block,
+        query_block=block, segment_ids=segment_ids,
+        kv_segment_ids=compressed_scores.compressed_key_segments(segment_ids, o.cmp_len, o.cmp_stride))
+    rules = block_choices(segment_ids, length, block, o.select_block, o.local_blocks, batch)
+    chosen = gate_lib.select_topk(scores, rules, o.select_count)
+    blocks = gate_lib.num_blocks(length, block)
+    causal = jnp.tril(jnp.ones((blocks, blocks), bool))  # an own selection block's later kernel blocks are not
+    return spread_columns(chosen, o.select_block // block, blocks) & causal
+
+  @kernel(QUERIES, KEYS, KEYS, plan_layout('kv_heads'), out=QUERIES)
+  def sparse_attention(self, q, k, v, plan, *, scale):
+    return block_sparse_attention(q, k, v, plan, scale=scale)
+
+  @kernel(QUERIES, KEYS, KEYS, ROWS, out=QUERIES)
+  def dense_attention(self, q, k, v, segment_ids, *, scale):
+    block = self.block_size
+    plan = plan_from_mask(masks.Causal(), q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=segment_ids)
+    return block_sparse_attention(q, k, v, plan, scale=scale)
+
+  @classmethod
+  def attention_flops(cls, argument, options, dims, seq_len):
+    """Dense below sparse_from; above, the select_count blocks of each query (fewer near
+    the start) plus stage 1's scores against the spans (one D-wide dot per span and head)."""
+    o = options.infllm_v2
+    if seq_len < o.sparse_from:
+      return super().attention_flops(argument, options, dims, seq_len)
+    keys = mean_causal_keys(seq_len, o.select_count * o.select_block)
+    spans = compressed_scores.num_compressed(seq_len, o.cmp_len, o.cmp_stride) / 2  # a query sees half on average
+    return softmax_flops(dims.num_heads, dims.head_dim, keys) + 2 * dims.num_heads * dims.head_dim * spans

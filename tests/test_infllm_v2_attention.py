@@ -1,0 +1,225 @@
+"""InfLLM-V2 against dense softmax attention restricted to the blocks its rule picks, the
+rule written out here in NumPy float64 from its definition (mean-pooled key spans, each
+query's softmax over the complete spans of its document, summed over its GQA group and
+query block onto the selection blocks the spans overlap; the document's first block, the
+local blocks, then the best up to select_count): outputs and gradients, single and packed
+rows, GQA, ragged lengths; dense below sparse_from; the choice shared by a group; config
+errors; FLOPs; continued training from a dense checkpoint keeps every parameter.
+
+Tolerance: float32, |infllm_v2 - dense| <= 2e-5 + 2e-5 |dense| (as the other mechanisms')."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from oracles import masked_softmax_attention
+from train_helpers import run_script, tiny_argv
+
+from sparseformer import config as config_lib
+from sparseformer.cli import compare
+from sparseformer.cli.compare_arms import paper_arms, suite_run
+from sparseformer.cli.eval import load_run_config
+from sparseformer.config import base_config
+from sparseformer.errors import UserError
+from sparseformer.model import resolve_dims
+from sparseformer.model.attention import AttentionContext, get_mechanism
+from sparseformer.model.attention.base import layer_attention_flops
+from sparseformer.training.assembly import assemble_train_step
+from sparseformer.training.checkpoint import Checkpointer
+from sparseformer.training.init_from import load_init_from, plan_init_from
+from sparseformer.training.setup import prepare_run
+from sparseformer.training.state import abstract_model_arrays
+
+BLOCK = 16
+SMALL = dict(cmp_len=16, cmp_stride=8, select_block=32, select_count=3, local_blocks=1, sparse_from=64)
+
+
+def make_layer(kv_heads=2, heads=4, head_dim=16, **options):
+  cfg = base_config().model
+  cfg.num_layers, cfg.layer_attention, cfg.attention.block_size = 1, ('infllm_v2',), BLOCK
+  cfg.num_heads, cfg.num_kv_heads, cfg.d_model = heads, kv_heads, heads * head_dim
+  for name, value in {**SMALL, **options}.items():
+    cfg.attention.infllm_v2[name] = value
+  return get_mechanism('infllm_v2')(resolve_dims(cfg, 259), 0, nnx.Rngs(0))
+
+
+def chosen_mask(q, k, segments, *, cmp_len, cmp_stride, select_block, select_count, local_blocks, **_):
+  """bool [B, Hkv, T, T]: the keys InfLLM-V2's rule gives each query, token by token."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  group = h // hkv
+  segments = np.ones((b, t), int) if segments is None else np.asarray(segments)
+  spans = [(j * cmp_stride, j * cmp_stride + cmp_len) for j in range((t - cmp_len) // cmp_stride + 1)]
+  ns, nq = -(-t // select_block), -(-t // BLOCK)
+  visible = np.zeros((b, hkv, t, t), bool)
+  for row in range(b):
+    seg = segments[row]
+    k_cmp = np.stack([k[row, s:e].mean(0) for s, e in spans])  # [Tc, Hkv, D]
+    starts = [i for i in range(t) if i == 0 or seg[i] != seg[i - 1]]
+    for kv in range(hkv):
+      mass = np.zeros((nq, ns))
+      for i in range(t):
+        seen = [j for j, (s, e) in enumerate(spans) if e - 1 <= i and (seg[s:e] == seg[i]).all()]
+        if seg[i] == 0 or not seen:
+          continue
+        for head in range(kv * group, (kv + 1) * group):
+          logits = np.array([q[row, i, head] @ k_cmp[j, kv] for j in seen]) / np.sqrt(d)
+          p = np.exp(logits - logits.max())
+          p /= p.sum()
+          for weight, j in zip(p, seen):
+            s, e = spans[j]
+            for block in range(s // select_block, (e - 1) // select_block + 1):
+              mass[i // BLOCK, block] += weight
+      for query_block in range(nq):
+        first, last = query_block * BLOCK, min(t, (query_block + 1) * BLOCK) - 1
+        own = last // select_block
+        document_start = max(x for x in starts if x <= first)
+        forced = {document_start // select_block} | set(range(max(0, own - local_blocks + 1), own + 1))
+        scores = sorted((mass[query_block, s] for s in range(own + 1) if s not in forced), reverse=True)
+        wanted = select_count - len(forced)  # the best others, all of them on a tie with the last
+        kth = np.inf if wanted <= 0 else scores[wanted - 1] if wanted <= len(scores) else -np.inf
+        others = {s for s in range(own + 1) if s not in forced and mass[query_block, s] >= kth}
+        for s in forced | others:
+          visible[row, kv, first:last + 1, s * select_block:(s + 1) * select_block] = True
+  causal = np.tril(np.ones((t, t), bool))
+  same_doc = segments[:, :, None] == segments[:, None, :]
+  return visible & causal & same_doc[:, None]
+
+
+CASES = [  # t, kv_heads, options, packed
+    (200, 2, {}, False), (200, 2, {'local_blocks': 2, 'select_count': 4}, True),
+    (150, 4, {'select_block': 16, 'cmp_len': 8, 'cmp_stride': 8}, True), (170, 1, {'select_count': 2}, False),
+]
+
+
+@pytest.mark.parametrize('t,kv_heads,options,packed', CASES)
+def test_layer_equals_dense_attention_on_the_blocks_its_rule_picks(t, kv_heads, options, packed):
+  b, h, d = 2, 4, 16
+  keys = jax.random.split(jax.random.key(7), 4)
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k, v = (jax.random.normal(key, (b, t, kv_heads, d)) for key in keys[1:3])
+  d_out = jax.random.normal(keys[3], (b, t, h, d))
+  docs = [1] * (t // 2 - 3) + [2] * (t // 2 - 9) + [3] * 7
+  segments = jnp.asarray([docs + [0] * (t - len(docs)), [1] * t], jnp.int32) if packed else None
+  layer = make_layer(kv_heads, h, d, **options)
+  ctx = AttentionContext(jnp.zeros((b, t), jnp.int32), segments, None, None)
+  allowed = chosen_mask(q, k, segments, **{**SMALL, **options})
+
+  def ours(q, k, v):
+    y, aux = layer(q, k, v, ctx)
+    return jnp.sum(y * d_out), (y, aux['stats']['infllm_v2_density'])
+
+  def dense(q, k, v):
+    y = masked_softmax_attention(q, k, v, allowed, segment_ids=segments)
+    return jnp.sum(y * d_out), y
+
+  (_, (y, density)), grads = jax.jit(jax.value_and_grad(ours, (0, 1, 2), has_aux=True))(q, k, v)
+  (_, y_dense), dense_grads = jax.jit(jax.value_and_grad(dense, (0, 1, 2), has_aux=True))(q, k, v)
+  np.testing.assert_allclose(y, y_dense, rtol=2e-5, atol=2e-5)
+  for name, got, want in zip(('dq', 'dk', 'dv'), grads, dense_grads):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)
+  assert 0 < float(density) < 1
+
+
+def test_short_rows_run_dense_and_long_rows_sparse():
+  b, t, h, d = 1, 128, 4, 16
+  keys = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k, v = (jax.random.normal(key, (b, t, 2, d)) for key in keys[1:])
+  ctx = AttentionContext(jnp.zeros((b, t), jnp.int32), None, None, None)
+  dense = masked_softmax_attention(q, k, v, causal=True)
+  y_short, aux = make_layer(sparse_from=129)(q, k, v, ctx)
+  np.testing.assert_allclose(y_short, dense, rtol=2e-5, atol=2e-5)
+  assert aux['stats'] == {}
+  y_long, aux = make_layer(sparse_from=128)(q, k, v, ctx)
+  assert float(aux['stats']['infllm_v2_density']) < 1 and not np.allclose(y_long, dense, atol=1e-3)
+
+
+def test_a_group_shares_its_blocks_and_nothing_later_is_seen():
+  b, t, h, d = 1, 192, 4, 16
+  keys = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k, v = (jax.random.normal(key, (b, t, 2, d)) for key in keys[1:])
+  layer = make_layer()
+  chosen = layer.choose(q, k, None, d ** -0.5)
+  assert chosen.shape == (1, 2, 12, 12)  # one choice per kv head: the group's heads share it
+  assert not np.triu(np.asarray(chosen), 1).any()
+  ctx = AttentionContext(jnp.zeros((b, t), jnp.int32), None, None, None)
+  later = 100
+  y = layer(q, k, v, ctx)[0]
+  y2 = layer(q, k.at[:, later:].multiply(-2.0), v.at[:, later:].multiply(3.0), ctx)[0]
+  np.testing.assert_allclose(y[:, :later], y2[:, :later], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('select_block', 40, 'model.attention.infllm_v2.select_block=40: use a multiple of model.attention.block_size'),
+    ('cmp_stride', 64, r'model.attention.infllm_v2.cmp_stride=64: use at most cmp_len \(32\)'),
+    ('select_count', 2, r'model.attention.infllm_v2.select_count=2: use at least local_blocks \+ 1 \(3\)'),
+    ('sparse_from', 0, 'model.attention.infllm_v2.sparse_from=0: use a length of at least 1'),
+])
+def test_bad_infllm_v2_configs_are_one_line_errors(field, value, message):
+  cfg = base_config()
+  cfg.model.attention.kind, cfg.model.attention.block_size = 'infllm_v2', 64
+  cfg.model.attention.infllm_v2[field] = value
+  with pytest.raises(UserError, match=message) as error:
+    config_lib.validate(cfg)
+  assert '\n' not in str(error.value)
+
+
+def test_flops_are_dense_below_the_switch_and_fewer_above():
+  def flops(seq_len, sparse_from):
+    m = base_config().model
+    m.d_model, m.num_layers, m.num_heads, m.attention.kind = 256, 1, 4, 'infllm_v2'
+    m.attention.infllm_v2.sparse_from = sparse_from
+    return layer_attention_flops(resolve_dims(m, 259), seq_len)[0]
+  dense = base_config().model
+  dense.d_model, dense.num_layers, dense.num_heads = 256, 1, 4
+  dense_flops = layer_attention_flops(resolve_dims(dense, 259), 8192)[0]
+  assert flops(8192, 16384) == pytest.approx(dense_flops)
+  keys = (2048 * 2049 / 2 + (8192 - 2048) * 2048) / 8192  # 16 blocks of 128 tokens, fewer at the start
+  spans = ((8192 - 32) // 16 + 1) / 2
+  assert flops(8192, 8192) == pytest.approx(4 * 4 * 64 * keys + 2 * 4 * 64 * spans)
+  assert flops(8192, 8192) < dense_flops / 2
+
+
+@pytest.mark.parametrize('seq_len', [256, 512, 2048, 8192])
+def test_the_comparison_arm_validates_and_runs_sparse_at_the_suites_lengths(seq_len):
+  run = suite_run()
+  run.data.seq_len = seq_len
+  (name, changes), = paper_arms(seq_len, names=('infllm_v2',))
+  cfg = compare.arm_config(run, name, changes)
+  assert cfg.model.attention.kind == 'infllm_v2' and cfg.model.attention.infllm_v2.sparse_from <= seq_len
+
+
+def test_continued_training_from_a_dense_checkpoint_keeps_every_parameter(tmp_path, data_dir):
+  """InfLLM-V2 adds no parameter: a dense checkpoint loads whole into it (nothing fresh,
+  nothing skipped), bitwise, and the run trains on at a length where it is sparse."""
+  dense, sparse = tmp_path / 'dense', tmp_path / 'sparse'
+  assert run_script('train.py', tiny_argv(dense, data_dir, train__steps=2)).returncode == 0
+  cfg = load_run_config(str(dense))
+  cfg.model.attention.kind, cfg.model.attention.block_size, cfg.data.seq_len = 'infllm_v2', 64, 128
+  for name, value in {**SMALL, 'select_block': 64, 'select_count': 2}.items():
+    cfg.model.attention.infllm_v2[name] = value
+  spec = prepare_run(cfg).spec
+  parts = assemble_train_step(cfg, spec)
+  shardings = parts.state_shardings
+  abstract = {'params': spec.abstract_params.to_pure_dict(),
+              'mechanism_state': spec.abstract_mechanism_state.to_pure_dict()}
+  checkpointer, step, report = plan_init_from(str(dense), abstract)
+  assert step == 2 and report['loaded'] and not report['initialised'] and not report['skipped'], report
+  fresh = parts.fresh_state(seed=1)
+  loaded = load_init_from(checkpointer, step, {'params': fresh['params'], 'mechanism_state': fresh['mechanism_state']},
+                          {'params': shardings['params'], 'mechanism_state': shardings['mechanism_state']},
+                          shardings['step'])
+  saved = Checkpointer(str(dense / 'checkpoints'), keep=1, async_save=False, read_only=True).restore_model(
+      2, abstract_model_arrays(spec))
+  jax.tree.map(np.testing.assert_array_equal, saved['params'], loaded['params'])
+  options = {f'model__attention__infllm_v2__{name}': value for name, value in
+             {**SMALL, 'select_block': 64, 'select_count': 2}.items()}
+  result = run_script('train.py', tiny_argv(sparse, data_dir, train__steps=2, data__seq_len=128,
+                                            model__attention__kind='infllm_v2', model__attention__block_size=64,
+                                            init_from=str(dense), **options))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'initialised 0 fresh' in result.stdout, result.stdout[-2000:]
