@@ -118,6 +118,22 @@ class GlobalPrefix(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
+class CompressedCausal(Mask):
+  """Queries over compressed keys (NSA's compression branch): key k summarises the tokens
+  [k stride, k stride + length) and is visible once they are all at or before the query,
+  k stride + length - 1 <= q."""
+  length: int
+  stride: int
+
+  def elements(self, q_index, k_index):
+    return k_index * self.stride + self.length - 1 <= q_index
+
+  def block_kind(self, q0, q1, k0, k1):
+    last_complete = lambda k: k * self.stride + self.length - 1
+    return _kind(last_complete(k1 - 1) <= q0, last_complete(k0) <= q1 - 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Combination(Mask):
   """Parts folded element by element with `combine` and tile by tile with `fold_kinds`."""
   parts: tuple

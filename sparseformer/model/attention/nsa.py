@@ -1,0 +1,276 @@
+"""Native Sparse Attention (NSA; Yuan et al., 2025, "Native Sparse Attention: Hardware-Aligned
+and Natively Trainable Sparse Attention", arXiv 2502.11089), through the block-sparse plan.
+
+    nsa    (no argument; options model.attention.nsa.*, docs/nsa.md)
+
+Three branches over the same rotated q, k, v, mixed per token and query head by learned
+sigmoid gates of the layer input x (paper eq. 5):
+
+    y = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win,    (g_cmp, g_slc, g_win) = sigmoid(x W_g)
+
+1. Compression (section 3.3.1): keys and values are cut into spans of l = cmp_len tokens
+   every d = cmp_stride tokens; phi turns span j, the tokens [j d, j d + l), into one key
+   (and, with its own weights, one value) per kv head: a learned position embedding
+   [l, D] added to the span's tokens, flattened to l x D, a linear map to D. phi starts as
+   mean pooling (identity / l per position, no position embedding), so a layer converted
+   from a dense checkpoint starts from pooled keys. The keys are made from post-RoPE keys
+   (ours; the paper leaves it open). Queries attend densely over the compressed keys a
+   span at a time complete, j d + l - 1 <= t, within their document
+   (masks.CompressedCausal; a span that crosses documents is seen by no query). The first
+   l - 1 tokens see none and get 0 from this branch.
+2. Selection (section 3.3.2): blocks of l' = select_block tokens scored by the
+   compression branch's attention probabilities (compressed_scores.py: eq. 9 maps keys to
+   blocks, eq. 10 sums a GQA group's heads, so the group shares the choice). The top
+   n = select_count blocks, always including the first block of the document and the
+   local_blocks most recent (the query's own and those before it), form a plan per kv
+   head. Two deviations, both because our plans choose key blocks per query block of
+   model.attention.block_size tokens, not per query token as the paper's kernel does:
+   the block's tokens vote together (their scores summed), and query block I takes the
+   votes of the query block before it, I - 1. Votes of block I itself would make token t's
+   choice depend on the queries and keys of the later tokens of its block: a leak of the
+   future in training, and a choice decoding could not make. With the previous block's
+   votes every choice is known when the block's first token arrives. Query block 0 has
+   the forced blocks only. The choice is not differentiated (as in the paper).
+3. Sliding window (section 3.3.3): the last `window` tokens of the query's document.
+
+Gates: W_g [d_model, 3, H] starts at zero, so every gate starts at sigmoid(0) = 1/2: no
+branch is preferred before training, and the three branches (each a convex combination of
+values) start summed at the scale of 1.5 dense outputs; the paper leaves the gates'
+initialisation open.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
+from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, Option, first_problem, kernel,
+                                               mean_causal_keys, no_aux, register, softmax_flops, softmax_scale)
+from sparseformer.model.attention.compressed_scores import (compressed_key_segments, num_compressed,
+                                                            selection_scores)
+from sparseformer.model.attention.gate import num_blocks
+from sparseformer.model.layers import param
+
+BRANCHES = ('cmp', 'slc', 'win')  # the order of the gates in W_g
+KV_HEAD_BLOCKS = 'batch kv_heads . .'  # [B, Hkv, nQ, nK] per-kv-head block choices
+
+
+def positive(n):
+  return n >= 1
+
+
+def compress(x, position, weight, cmp_len, cmp_stride):
+  """phi of every complete span: x [B, T, Hkv, D], position [Hkv, l, D], weight [Hkv, l, D, D]
+  -> [B, Tc, Hkv, D]. cmp_len is a multiple of cmp_stride: span j is the stride chunks
+  j .. j + l/d - 1."""
+  b, length, heads, dim = x.shape
+  count = num_compressed(length, cmp_len, cmp_stride)
+  if count == 0:
+    return jnp.zeros((b, 0, heads, dim), x.dtype)
+  parts = cmp_len // cmp_stride
+  chunks = x[:, :(count + parts - 1) * cmp_stride].reshape(b, count + parts - 1, cmp_stride, heads, dim)
+  spans = jnp.concatenate([chunks[:, i:i + count] for i in range(parts)], axis=2)  # [B, Tc, l, Hkv, D]
+  spans = spans + jnp.swapaxes(position, 0, 1).astype(x.dtype)
+  return jnp.einsum('bjlhd,hlde->bjhe', spans, weight.astype(x.dtype))
+
+
+def mean_pooling_map(kv_heads, cmp_len, dim):
+  """phi's initial weight [Hkv, l, D, D]: the mean of the span's tokens."""
+  return jnp.broadcast_to(jnp.eye(dim) / cmp_len, (kv_heads, cmp_len, dim, dim))
+
+
+def selection_documents(segment_ids, batch, length, block, select_block):
+  """(allowed, first) of query blocks of `block` tokens against selection blocks:
+  allowed [B, nQ, nS] the blocks whose keys some query of the block may see (at or before
+  its own selection block; an earlier block only when its last document is the query
+  block's first), first [B, nQ] the selection block where that document starts (0 without
+  documents)."""
+  nq, ns = num_blocks(length, block), num_blocks(length, select_block)
+  own = np.arange(nq) * block // select_block
+  causal = np.arange(ns)[None, :] <= own[:, None]
+  if segment_ids is None:
+    return jnp.broadcast_to(causal, (batch, nq, ns)), jnp.zeros((batch, nq), jnp.int32)
+  segment_ids = segment_ids.astype(jnp.int32)
+  query_first = segment_ids[:, np.arange(nq) * block]
+  key_last = segment_ids[:, np.minimum((np.arange(ns) + 1) * select_block, length) - 1]
+  same = query_first[:, :, None] == key_last[:, None, :]
+  allowed = causal & (same | (np.arange(ns)[None, :] == own[:, None]))
+  position = jnp.arange(length)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  document_start = jax.lax.cummax(jnp.where(starts, position, 0), axis=1)[:, np.arange(nq) * block]
+  return allowed, document_start // select_block
+
+
+def choose_blocks(scores, allowed, first, *, block, select_block, count, local):
+  """bool [B, Hkv, nQ, nK]: per query block, the first block of its document, its
+  `local` most recent selection blocks and the best-scoring allowed ones up to `count`
+  selection blocks (ties to the earlier block), at the granularity of kernel blocks.
+
+  Exactly `count` (or all allowed) blocks: a rule keeping every block tied with the
+  count-th score (gate.select_topk) would keep every block of zero probability in rows
+  where fewer than `count` blocks have any."""
+  nq, ns = scores.shape[-2:]
+  own = jnp.arange(nq) * block // select_block
+  selection = jnp.arange(ns)
+  recent = (selection[None, :] <= own[:, None]) & (selection[None, :] > own[:, None] - local)
+  forced = (recent[None] | (selection[None, None, :] == first[:, :, None])) & allowed  # [B, nQ, nS]
+  ranked = jnp.where(forced[:, None], jnp.inf, jnp.where(allowed[:, None], scores, -jnp.inf))
+  _, best = jax.lax.top_k(ranked, min(count, ns))
+  chosen = jax.nn.one_hot(best, ns, dtype=bool).any(-2) & allowed[:, None]
+  chosen = chosen | forced[:, None]
+  return jnp.repeat(chosen, select_block // block, axis=-1)[..., :nq]  # key blocks: as many as query blocks
+
+
+def previous_block_votes(scores):
+  """scores [B, Hkv, nQ, nS] moved one query block on: block I gets block I - 1's (0 for I = 0)."""
+  return jnp.pad(scores, ((0, 0), (0, 0), (1, 0), (0, 0)))[:, :, :-1]
+
+
+@register('nsa')
+class NativeSparseAttention(Mechanism):
+  extra_inputs = ('layer_input',)  # the branch gates read the normed layer input
+  options_section = 'nsa'  # model.attention.nsa, docs/nsa.md
+  OPTIONS = {
+      'cmp_len': Option(32, 'tokens each compressed key summarises (l), a multiple of cmp_stride', positive,
+                        'use a positive length'),
+      'cmp_stride': Option(16, 'tokens between the starts of consecutive compressed keys (d)', positive,
+                           'use a positive stride'),
+      'select_block': Option(64, 'tokens of a selection block (l\'), a multiple of block_size and of cmp_stride',
+                             positive, 'use a positive length'),
+      'select_count': Option(16, 'selection blocks per query block (n), the first and the local ones included',
+                             positive, 'use a count >= 1'),
+      'local_blocks': Option(2, 'most recent selection blocks always chosen, the query\'s own included', positive,
+                             'use a count >= 1'),
+      'window': Option(512, 'tokens of the sliding-window branch (w), the query included', positive,
+                       'use a positive length'),
+  }
+
+  @classmethod
+  def validate_options(cls, options, model_cfg, arguments):
+    """Own values; with nsa layers, the lengths the compression and the plans need."""
+    problem = super().validate_options(options, model_cfg, arguments)
+    if problem or not arguments:
+      return problem
+    block, o, path = model_cfg.attention.block_size, options, 'model.attention.nsa'
+    return first_problem([
+        (o.cmp_len % o.cmp_stride == 0, f'{path}.cmp_len={o.cmp_len}: use a multiple of {path}.cmp_stride '
+                                        f'({o.cmp_stride})'),
+        (o.select_block % block == 0, f'{path}.select_block={o.select_block}: use a multiple of '
+                                      f'model.attention.block_size ({block})'),
+        (o.select_block % o.cmp_stride == 0, f'{path}.select_block={o.select_block}: use a multiple of '
+                                             f'{path}.cmp_stride ({o.cmp_stride})'),
+    ])
+
+  def __init__(self, dims, layer_index, rngs):
+    super().__init__(dims, layer_index, rngs)
+    o = self.options.nsa
+    kv_heads, dim = dims.num_kv_heads, dims.head_dim
+    positions, maps = ('kv_heads', 'nsa_span', 'head_dim'), ('kv_heads', 'nsa_span', 'head_dim', 'nsa_out')
+
+    def position():
+      return param(rngs, (kv_heads, o.cmp_len, dim), positions, dtype=dims.weight_dtype,
+                   value=jnp.zeros((kv_heads, o.cmp_len, dim)))
+
+    def linear_map():
+      return param(rngs, (kv_heads, o.cmp_len, dim, dim), maps, dtype=dims.weight_dtype,
+                   value=mean_pooling_map(kv_heads, o.cmp_len, dim))
+
+    self.key_position, self.key_map = position(), linear_map()
+    self.value_position, self.value_map = position(), linear_map()
+    # Zero: every gate starts at 1/2 (module docstring).
+    self.gate = param(rngs, (dims.d_model, len(BRANCHES), dims.num_heads), ('embed', 'nsa_branch', 'heads'),
+                      dtype=dims.weight_dtype, value=jnp.zeros((dims.d_model, len(BRANCHES), dims.num_heads)))
+
+  @classmethod
+  def attention_flops(cls, argument, options, dims, seq_len):
+    """Per token: the complete compressed keys, the keys of the chosen blocks (count of them
+    or all the causal ones; the own block up to the query) and the window, averaged over
+    the positions of one document; plus the selection's second pass over the compressed
+    keys (scores, no values) and phi's maps of keys and values (one span every stride
+    tokens). The gates are a projection of the layer input, as q, k, v: not counted."""
+    o, heads, dim = options.nsa, dims.num_heads, dims.head_dim
+    t = np.arange(seq_len)
+    compressed = np.maximum(0, (t - o.cmp_len + 1) // o.cmp_stride + 1).mean()
+    own = t // o.select_block
+    selected = ((np.minimum(o.select_count, own + 1) - 1) * o.select_block + t - own * o.select_block + 1).mean()
+    keys = compressed + selected + mean_causal_keys(seq_len, o.window)
+    scoring = 2 * heads * dim * compressed
+    phi = 2 * 2 * dims.num_kv_heads * o.cmp_len * dim * dim / o.cmp_stride
+    return softmax_flops(heads, dim, keys) + scoring + phi
+
+  # --------------------------------------------------------------------------------------
+  # the layer
+
+  def forward(self, q, k, v, ctx, layer_input):
+    scale = softmax_scale(q, ctx)
+    segments = None if ctx.segment_ids is None else ctx.segment_ids.astype(jnp.int32)
+    k_cmp, v_cmp = self.compressed_keys(k, v)
+    o_cmp, lse = self.compressed_attention(q, k_cmp, v_cmp, segments, self.compressed_segments(segments), scale=scale)
+    chosen, allowed = self.choose(q, k_cmp, lse, segments, scale)
+    o_slc = self.selected_attention(q, k, v, chosen, segments, scale=scale)
+    o_win = self.window_attention(q, k, v, segments, scale=scale)
+    gates = self.branch_gates(layer_input)  # [B, T, 3, H]
+    y = sum(gates[:, :, i, :, None] * branch for i, branch in enumerate((o_cmp, o_slc, o_win)))
+    aux = no_aux()
+    aux['stats']['nsa_select_fraction'] = chosen_fraction(chosen, allowed, self.block_size,
+                                                          self.options.nsa.select_block)
+    return y.astype(q.dtype), aux
+
+  def compressed_keys(self, k, v):
+    """(k_cmp, v_cmp) [B, Tc, Hkv, D]: phi of every complete span of the keys and values."""
+    o = self.options.nsa
+    return (compress(k, self.key_position[...], self.key_map[...], o.cmp_len, o.cmp_stride),
+            compress(v, self.value_position[...], self.value_map[...], o.cmp_len, o.cmp_stride))
+
+  def compressed_segments(self, segment_ids):
+    return compressed_key_segments(segment_ids, self.options.nsa.cmp_len, self.options.nsa.cmp_stride)
+
+  def branch_gates(self, x):
+    """[B, T, 3, H] float32: sigmoid(x W_g), the gates of BRANCHES."""
+    return jax.nn.sigmoid(jnp.einsum('btd,dnh->btnh', x.astype(jnp.float32), self.gate[...].astype(jnp.float32)))
+
+  def choose(self, q, k_cmp, lse, segment_ids, scale):
+    """(chosen [B, Hkv, nQ, nK] kernel blocks, allowed [B, nQ, nS] selection blocks) of
+    every query block, from the previous query block's votes (module docstring)."""
+    o, block = self.options.nsa, self.block_size
+    batch, length = q.shape[:2]
+    scores = selection_scores(q, k_cmp, lse, scale=scale, cmp_len=o.cmp_len, cmp_stride=o.cmp_stride,
+                              select_block=o.select_block, query_block=block, segment_ids=segment_ids,
+                              kv_segment_ids=self.compressed_segments(segment_ids))
+    allowed, first = selection_documents(segment_ids, batch, length, block, o.select_block)
+    chosen = choose_blocks(previous_block_votes(scores), allowed, first, block=block, select_block=o.select_block,
+                           count=o.select_count, local=o.local_blocks)
+    return chosen, allowed
+
+  # --------------------------------------------------------------------------------------
+  # kernels
+
+  @kernel(QUERIES, KEYS, KEYS, ROWS, ROWS, out=(QUERIES, 'batch heads .'))
+  def compressed_attention(self, q, k_cmp, v_cmp, segment_ids, cmp_segment_ids, *, scale):
+    """(output [B, T, H, D], LSE [B, H, T]) of the queries over the compressed keys."""
+    o, block = self.options.nsa, self.block_size
+    if k_cmp.shape[1] == 0:  # a row shorter than one span: no query sees a compressed key
+      return jnp.zeros_like(q), jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32)
+    plan = plan_from_mask(masks.CompressedCausal(o.cmp_len, o.cmp_stride), q_len=q.shape[1], kv_len=k_cmp.shape[1],
+                          block_q=block, block_kv=block, q_segment_ids=segment_ids, kv_segment_ids=cmp_segment_ids)
+    return block_sparse_attention(q, k_cmp, v_cmp, plan, scale=scale, return_lse=True)
+
+  @kernel(QUERIES, KEYS, KEYS, KV_HEAD_BLOCKS, ROWS, out=QUERIES)
+  def selected_attention(self, q, k, v, chosen, segment_ids, *, scale):
+    """Attention over the chosen blocks [B, Hkv, nQ, nK] (a plan per kv head), causal."""
+    block = self.block_size
+    plan = plan_from_block_mask(chosen, q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=segment_ids)
+    return block_sparse_attention(q, k, v, plan, scale=scale)
+
+  @kernel(QUERIES, KEYS, KEYS, ROWS, out=QUERIES)
+  def window_attention(self, q, k, v, segment_ids, *, scale):
+    block = self.block_size
+    plan = plan_from_mask(masks.causal_window(self.options.nsa.window), q_len=q.shape[1], block_q=block,
+                          block_kv=block, segment_ids=segment_ids)
+    return block_sparse_attention(q, k, v, plan, scale=scale)
+
+
+def chosen_fraction(chosen, allowed, block, select_block):
+  """Chosen selection blocks over the allowed ones (every kv head, query block and row)."""
+  per_selection = chosen[..., ::select_block // block]  # [B, Hkv, nQ, nS]
+  return (per_selection & allowed[:, None]).sum() / (allowed.sum() * chosen.shape[1])
