@@ -80,11 +80,6 @@ def block_choices(segment_ids, length, query_block, select_block, local_blocks, 
                      jnp.broadcast_to(forced, (batch,) + forced.shape[1:]))
 
 
-def spread_columns(chosen, ratio, num_k):
-  """A choice over selection blocks [B, Hp, nQ, nS] on the kernel's key blocks [.., num_k]."""
-  return jnp.repeat(chosen, ratio, axis=-1)[..., :num_k]
-
-
 @register('infllm_v2')
 class InfLLMv2Attention(Mechanism):
   options_section = 'infllm_v2'  # model.attention.infllm_v2
@@ -141,9 +136,7 @@ class InfLLMv2Attention(Mechanism):
         kv_segment_ids=compressed_scores.compressed_key_segments(segment_ids, o.cmp_len, o.cmp_stride))
     rules = block_choices(segment_ids, length, block, o.select_block, o.local_blocks, batch)
     chosen = gate_lib.select_topk(scores, rules, o.select_count)
-    blocks = gate_lib.num_blocks(length, block)
-    causal = jnp.tril(jnp.ones((blocks, blocks), bool))  # an own selection block's later kernel blocks are not
-    return spread_columns(chosen, o.select_block // block, blocks) & causal
+    return gate_lib.spread_causal(chosen, 1, o.select_block // block, gate_lib.num_blocks(length, block))
 
   @kernel(QUERIES, KEYS, KEYS, plan_layout('kv_heads'), out=QUERIES)
   def sparse_attention(self, q, k, v, plan, *, scale):

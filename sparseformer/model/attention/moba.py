@@ -48,12 +48,6 @@ def group_sum(scores, groups):
   return scores.reshape(b, groups, h // groups, nq, nk).sum(2)
 
 
-def spread_blocks(chosen, ratio, num_q, num_k):
-  """A choice over MoBA blocks [B, Hp, n, n] on the kernel's blocks [B, Hp, num_q, num_k]."""
-  spread = jnp.repeat(jnp.repeat(chosen, ratio, axis=-2), ratio, axis=-1)
-  return spread[..., :num_q, :num_k]
-
-
 def choice_layout(chosen, args):
   """The mesh layout of the chosen blocks: one plan head per kv head or per query head."""
   return 'batch kv_heads . .' if chosen.shape[1] == args[1].shape[2] else HEAD_BLOCKS
@@ -83,20 +77,25 @@ class MobaAttention(Mechanism):
     ])
 
   def forward(self, q, k, v, ctx):
+    chosen = self.choose(q, k, ctx.segment_ids)
+    aux = no_aux()
+    aux['stats']['moba_density'] = chosen.mean()
+    return self.attend(q, k, v, chosen, ctx.segment_ids, scale=softmax_scale(q, ctx)), aux
+
+  def choose(self, q, k, segment_ids):
+    """bool [B, Hp, nQ, nK]: the kernel's key blocks each query block visits (Hp: kv heads
+    with share=group, query heads with share=head)."""
     m = self.options.moba
     batch, length = q.shape[:2]
-    docs = gate_lib.block_documents(ctx.segment_ids, length, m.block, batch)
+    docs = gate_lib.block_documents(segment_ids, length, m.block, batch)
     diagonal = jnp.eye(docs.allowed.shape[-1], dtype=bool)[None]
     docs = gate_lib.BlockDocuments(docs.query_tokens, docs.key_tokens, docs.allowed, diagonal & docs.allowed)
     scores = mean_gate_scores(q, k, docs)
     if m.share == 'group':
       scores = group_sum(scores, k.shape[2])
     chosen = gate_lib.select_topk(scores, docs, m.top_k)
-    blocks = -(-length // self.block_size)
-    chosen = spread_blocks(chosen, m.block // self.block_size, blocks, blocks)
-    aux = no_aux()
-    aux['stats']['moba_density'] = chosen.mean()
-    return self.attend(q, k, v, chosen, ctx.segment_ids, scale=softmax_scale(q, ctx)), aux
+    ratio = m.block // self.block_size
+    return gate_lib.spread_causal(chosen, ratio, ratio, gate_lib.num_blocks(length, self.block_size))
 
   @kernel(QUERIES, KEYS, KEYS, choice_layout, ROWS, out=QUERIES)
   def attend(self, q, k, v, chosen, segment_ids, *, scale):
