@@ -147,12 +147,12 @@ def test_compressed_causal_tiles_agree_with_their_elements(length, stride, block
 # each branch
 
 
-@pytest.mark.parametrize('packed', [False, True])
-def test_compression_branch_is_softmax_over_the_complete_compressed_keys(packed):
+def test_compression_branch_is_softmax_over_the_complete_compressed_keys():
+  """Packed rows (rows of one document: the whole layer's test below)."""
   length = 200
   layer = make_layer()
   q, k, v, _, d_out = inputs(length)
-  segments = packed_segments(length) if packed else None
+  segments = packed_segments(length)
   visible = compressed_visible(segments, length)
 
   def ours(q, k, v):
@@ -190,12 +190,12 @@ def test_phi_starts_as_mean_pooling():
   assert not np.any(np.asarray(layer.gate[...]))  # every gate starts at 1/2
 
 
-@pytest.mark.parametrize('packed', [False, True])
-def test_selection_branch_is_dense_attention_over_the_chosen_blocks(packed):
+def test_selection_branch_is_dense_attention_over_the_chosen_blocks():
+  """Packed rows (rows of one document: the whole layer's test below)."""
   length = 200
   layer = make_layer()
   q, k, v, _, d_out = inputs(length)
-  segments = packed_segments(length) if packed else None
+  segments = packed_segments(length)
   chosen = layer_choice(layer, q, k, v, segments)
   allowed = chosen_tokens(chosen, segments, length)
 
@@ -253,8 +253,7 @@ def expected_choice(scores, segments, length, count, local):
   return out
 
 
-@pytest.mark.parametrize('packed', [False, True])
-@pytest.mark.parametrize('count,local', [(3, 1), (4, 2), (2, 2)])
+@pytest.mark.parametrize('packed,count,local', [(True, 3, 1), (False, 3, 1), (True, 4, 2), (False, 2, 2)])
 def test_the_chosen_blocks_are_the_previous_query_blocks_best_plus_the_forced_ones(packed, count, local):
   length = 200
   layer = make_layer(select_count=count, local_blocks=local)
@@ -275,7 +274,7 @@ def test_the_chosen_blocks_are_the_previous_query_blocks_best_plus_the_forced_on
 # the whole layer
 
 
-@pytest.mark.parametrize('kv_heads,packed', [(2, True), (4, False)])
+@pytest.mark.parametrize('kv_heads,packed', [(2, True), pytest.param(4, False, marks=pytest.mark.slow)])
 def test_layer_and_every_gradient_equal_the_gated_sum_of_the_oracles(kv_heads, packed):
   length = 200
   layer = make_layer(kv_heads=kv_heads)
