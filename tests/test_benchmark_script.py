@@ -287,3 +287,16 @@ def test_shipped_books_configs_are_the_books_quality_variants(config_name, varia
     script = config_lib.flatten(books_quality.train_config(args, variant))
     differing = {key for key in shipped if shipped[key] != script[key] and not key.startswith('train.log')}
     assert not differing, (preset, {key: (shipped[key], script[key]) for key in differing})
+
+
+@pytest.mark.slow  # a benchmark script's CPU smoke run (20-70 s): bash scripts/test.sh -m slow
+def test_block_selection_quick_run_times_every_mechanism_and_dense(tmp_path):
+  out = tmp_path / 'block_selection.json'
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'block_selection.py'), '--quick',
+                           '--out', str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  rows = json.loads(out.read_text())['rows']
+  whats = ('xla', 'nsa', 'nsa_nowin', 'moba', 'infllm_v2')
+  assert [(r['what'], r['direction']) for r in rows] == [(w, d) for w in whats for d in ('fwd', 'fwd+bwd')]
+  for row in rows:
+    assert row['ms'] > 0 and np.isfinite(row['vs_cudnn']) and not row['note'], row
