@@ -8,11 +8,14 @@ config errors, flops, the comparison arm and a short training run.
 
 Tolerance: float32, |nsa - dense| <= 2e-5 + 2e-5 |dense| (as the other mechanisms')."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from mesh_helpers import results_on_8_cpu_devices
 from oracles import masked_softmax_attention
 from train_helpers import logged_losses, run_script, tiny_argv
 
@@ -44,7 +47,7 @@ def make_layer(heads=4, kv_heads=2, head_dim=16, select_count=3, local_blocks=1,
   for name, std in (('key_position', 0.3), ('key_map', 0.05), ('value_position', 0.3), ('value_map', 0.05),
                     ('gate', 0.3)):  # away from the initial values, so that every parameter matters
     variable = getattr(layer, name)
-    variable.value = variable.value + std * jax.random.normal(next(keys), variable.value.shape)
+    variable[...] = variable[...] + std * jax.random.normal(next(keys), variable.shape)
   return layer
 
 
@@ -396,3 +399,66 @@ def test_a_model_with_nsa_layers_trains(tmp_path, data_dir):
   assert result.returncode == 0, result.stderr[-2000:]
   losses = logged_losses(tmp_path / 'run')
   assert losses[10] < losses[1] - 0.3, losses
+
+
+PER_DEVICE = r'''
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from sparseformer import sharding
+from sparseformer.config import base_config
+from sparseformer.model import resolve_dims
+from sparseformer.model.attention import AttentionContext, get_mechanism, nsa
+
+sizes = []
+kernel = nsa.block_sparse_attention
+nsa.block_sparse_attention = lambda q, *a, **k: sizes.append(q.size) or kernel(q, *a, **k)
+B, T, H, HKV, D = 4, 128, 4, 2, 16
+m = base_config().model
+m.num_layers, m.layer_attention, m.attention.block_size = 1, ('nsa',), 16
+m.num_heads, m.num_kv_heads, m.d_model, m.dtype = H, HKV, H * D, 'float32'
+n = m.attention.nsa
+n.cmp_len, n.cmp_stride, n.select_block, n.select_count, n.local_blocks, n.window = 16, 8, 32, 2, 1, 32
+layer = get_mechanism('nsa')(resolve_dims(m, 259), 0, nnx.Rngs(0))
+layer.gate[...] = 0.3 * jax.random.normal(jax.random.key(5), layer.gate.shape)
+keys = jax.random.split(jax.random.key(1), 5)
+arrays = (jax.random.normal(keys[0], (B, T, H, D)), jax.random.normal(keys[1], (B, T, HKV, D)),
+          jax.random.normal(keys[2], (B, T, HKV, D)), jax.random.normal(keys[3], (B, T, H * D)))
+cotangent = jax.random.normal(keys[4], (B, T, H, D))
+segments = jnp.asarray(np.stack([np.ones(T), 1 + (np.arange(T) >= 40), np.ones(T), 1 + (np.arange(T) >= 100)]),
+                       jnp.int32)
+
+def loss(arrays):
+  q, k, v, x = arrays
+  y, _ = layer(q, k, v, AttentionContext(jnp.zeros((B, T), jnp.int32), segments, None, None), layer_input=x)
+  return jnp.sum(y * cotangent), y
+
+results = {}
+for axes in json.loads(sys.argv[1]):
+  mesh_cfg = {'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1, **axes}
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:int(np.prod(list(mesh_cfg.values())))])
+  rules = base_config().mesh.rules
+  grad = jax.value_and_grad(loss, has_aux=True)
+  sizes.clear()
+  (_, y), grads = jax.jit(grad)(arrays)
+  whole = list(sizes)
+  sizes.clear()
+  placed = jax.device_put(arrays, jax.NamedSharding(mesh, sharding.logical_spec(('batch', 'length'), rules)))
+  (_, y_mesh), grads_mesh = jax.jit(sharding.with_activation_placement(grad, mesh, rules))(placed)
+  worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+              zip(jax.tree.leaves((y, grads)), jax.tree.leaves((y_mesh, grads_mesh))))
+  results[json.dumps(axes)] = {'worst': worst, 'whole': whole, 'per_device': list(sizes)}
+print('RESULTS ' + json.dumps(results))
+'''
+
+
+@pytest.mark.slow
+def test_the_declared_layouts_run_the_kernels_per_row_and_head_and_equal_one_device():
+  """data x fsdp x tensor: each device runs the three kernels on its rows and heads (1/8
+  of q); with the sequence split 2 ways, the rows are gathered whole along it (1/4 of q)."""
+  meshes = [{'data': 2, 'fsdp': 2, 'tensor': 2}, {'data': 2, 'tensor': 2, 'sequence': 2}]
+  results = results_on_8_cpu_devices(PER_DEVICE, meshes)
+  for axes, ways in zip(meshes, (8, 4)):
+    got = results[json.dumps(axes)]
+    assert got['worst'] < 1e-5, (axes, got)
+    assert len(got['whole']) == 3 and sorted(got['per_device']) == sorted(s // ways for s in got['whole']), (axes, got)
