@@ -48,8 +48,8 @@ every choice). Each arm is (name, {model field: value}), changes to the suite's 
 
 from sparseformer.config import base_config
 
-ARM_NAMES = ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h', 'strided', 'moba', 'infllm_v2',
-             'nsa')
+ARM_NAMES = ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h', 'strided', 'moba',
+             'infllm_v2', 'nsa')
 
 
 def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, gate_width=64, cluster_window=512):
