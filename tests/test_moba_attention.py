@@ -37,31 +37,42 @@ def make_layer(kv_heads=2, heads=4, head_dim=16, moba_block=32, top_k=2, share='
   return get_mechanism('moba')(resolve_dims(cfg, 259), 0, nnx.Rngs(0))
 
 
+def best_others(scores, candidates, wanted):
+  """The `wanted` best candidates by score, ties to the earlier block."""
+  return set(sorted(candidates, key=lambda j: (-scores[j], j))[:max(wanted, 0)])
+
+
 def moba_mask(q, k, segments, block, top_k, share):
-  """bool [B, Hp, T, T] from MoBA's rule, token by token (Hp: kv heads or query heads)."""
+  """bool [B, Hp, T, T] from MoBA's rule as sparseformer applies it, token by token (Hp:
+  kv heads or query heads): query block I (of BLOCK tokens) takes its own MoBA block and
+  the top_k - 1 best earlier MoBA blocks of its document, ranked by the mean query of
+  query block I - 1 (its first document's tokens) against each block's mean key (its last
+  document's), summed over the group's heads."""
   q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
   b, t, h, _ = q.shape
   hkv = k.shape[2]
   segments = np.ones((b, t), int) if segments is None else np.asarray(segments)
-  n = -(-t // block)
+  nq, nm = -(-t // BLOCK), -(-t // block)
   plan_heads = hkv if share == 'group' else h
   allowed = np.zeros((b, plan_heads, t, t), bool)
+
+  def pooled(x, seg, start, end, doc):
+    tokens = seg[start:end] == doc
+    return x[start:end][tokens].mean(0) if tokens.any() else np.zeros(x.shape[1:])
   for row in range(b):
     seg = segments[row]
-    starts = [i * block for i in range(n)]
-    ends = [min(t, (i + 1) * block) for i in range(n)]
-    first_doc = [seg[s] for s in starts]
-    last_doc = [seg[e - 1] for e in ends]
-    mean_q = [q[row, s:e][seg[s:e] == d].mean(0) for s, e, d in zip(starts, ends, first_doc)]  # [H, D]
-    mean_k = [k[row, s:e][seg[s:e] == d].mean(0) for s, e, d in zip(starts, ends, last_doc)]  # [Hkv, D]
+    mean_q = [pooled(q[row], seg, i * BLOCK, min(t, (i + 1) * BLOCK), seg[i * BLOCK]) for i in range(nq)]
+    last_doc = [seg[min(t, (j + 1) * block) - 1] for j in range(nm)]
+    mean_k = [pooled(k[row], seg, j * block, min(t, (j + 1) * block), last_doc[j]) for j in range(nm)]
     for head in range(plan_heads):
       heads = range(head * (h // hkv), (head + 1) * (h // hkv)) if share == 'group' else [head]
-      for i in range(n):
-        candidates = [j for j in range(i) if last_doc[j] == first_doc[i] and first_doc[i] != 0]
-        score = {j: sum(mean_q[i][x] @ mean_k[j][x // (h // hkv)] for x in heads) for j in candidates}
-        chosen = {i} | set(sorted(candidates, key=lambda j: -score[j])[:top_k - 1])
-        for j in chosen:
-          allowed[row, head, starts[i]:ends[i], starts[j]:ends[j]] = True
+      for i in range(nq):
+        own = i * BLOCK // block
+        candidates = [j for j in range(own) if last_doc[j] == seg[i * BLOCK]]
+        votes = mean_q[i - 1] if i else np.zeros_like(mean_q[0])
+        score = {j: sum(votes[x] @ mean_k[j][x // (h // hkv)] for x in heads) for j in candidates}
+        for j in {own} | best_others(score, candidates, top_k - 1):
+          allowed[row, head, i * BLOCK:(i + 1) * BLOCK, j * block:(j + 1) * block] = True
   causal = np.tril(np.ones((t, t), bool))
   same_doc = segments[:, :, None] == segments[:, None, :]  # padding (0) sees padding, as in the kernels
   return allowed & causal & same_doc[:, None]
@@ -88,7 +99,7 @@ def test_layer_equals_dense_attention_on_the_blocks_moba_picks(t, kv_heads, moba
 
   def ours(q, k, v):
     y, aux = layer(q, k, v, ctx)
-    return jnp.sum(y * d_out), (y, aux['stats']['moba_density'])
+    return jnp.sum(y * d_out), (y, aux['stats']['moba_select_fraction'])
 
   def dense(q, k, v):
     y = masked_softmax_attention(q, k, v, allowed, segment_ids=segments)
@@ -112,11 +123,13 @@ def test_a_group_shares_its_blocks_and_more_blocks_cost_more():
   assert by_group.shape[1] == 2 and by_head.shape[1] == 4
   assert (by_head[:, 0::2] != by_head[:, 1::2]).any()  # heads of a group differ when ranking alone
   ctx = AttentionContext(jnp.zeros((b, t), jnp.int32), None, None, None)
-  density = [float(make_layer(2, h, d, 32, top_k)(q, k, v, ctx)[1]['stats']['moba_density']) for top_k in (1, 3, 8)]
-  assert density[0] < density[1] < density[2] <= 0.5 + 1 / 16
+  fraction = [float(make_layer(2, h, d, 32, top_k)(q, k, v, ctx)[1]['stats']['moba_select_fraction'])
+              for top_k in (1, 3, 8)]
+  assert fraction[0] < fraction[1] < fraction[2] == 1  # top 8 of 8 MoBA blocks: every allowed one
 
 
-def test_a_query_never_sees_the_future():
+def test_no_output_depends_on_a_later_token():
+  """Every q, k and v after token 70 (inside a query block) changed: nothing before it moves."""
   b, t, h, d = 1, 128, 2, 16
   keys = jax.random.split(jax.random.key(4), 3)
   q = jax.random.normal(keys[0], (b, t, h, d))
@@ -126,7 +139,8 @@ def test_a_query_never_sees_the_future():
   y = layer(q, k, v, ctx)[0]
   later = 70
   k2, v2 = k.at[:, later:].set(jax.random.normal(keys[0], (b, t - later, 1, d))), v.at[:, later:].multiply(-3.0)
-  y2 = layer(q, k2, v2, ctx)[0]
+  q2 = q.at[:, later:].set(jax.random.normal(keys[1], (b, t - later, h, d)))
+  y2 = layer(q2, k2, v2, ctx)[0]
   np.testing.assert_allclose(y[:, :later], y2[:, :later], rtol=1e-6, atol=1e-6)
   assert not np.allclose(y[:, later:], y2[:, later:])
 

@@ -150,14 +150,6 @@ def select_topk(scores, docs, keep):
   return ((ranked >= kth) & docs.allowed[:, None]) | forced
 
 
-def spread_causal(chosen, row_ratio, column_ratio, num_blocks_):
-  """A choice over coarse blocks [B, Hp, nI, nJ] on the kernel's [B, Hp, n, n] blocks (a
-  coarse block spans row_ratio query and column_ratio key blocks), those above the
-  diagonal left out: they hold no visible key."""
-  spread = jnp.repeat(jnp.repeat(chosen, row_ratio, axis=-2), column_ratio, axis=-1)
-  return spread[..., :num_blocks_, :num_blocks_] & jnp.tril(jnp.ones((num_blocks_, num_blocks_), bool))
-
-
 def select_threshold(scores, docs, threshold):
   """[B, H, nQ, nK] bool: blocks whose softmax gate probability passes `threshold`, plus
   the forced ones."""

@@ -14,27 +14,28 @@ row length, known when the step is traced). Longer rows:
      map, unlike NSA). Each query's softmax over the spans it can see (a span is visible
      once complete, and only within the query's document) is summed over the query heads
      of its GQA group, onto the selection blocks of `select_block` tokens each span
-     overlaps, and over the tokens of the query's block of model.attention.block_size
-     (compressed_scores.selection_scores, shared with NSA; the paper chooses per query
-     token, our plans per query block). No gradient flows through the choice.
+     overlaps, and over the tokens of a query block of model.attention.block_size
+     (compressed_scores.selection_scores, shared with NSA). No gradient flows through
+     the choice.
   2. Stage 2: per query block, the first block of its document, its own selection block
      and the `local_blocks - 1` before it (the paper's initial and local tokens) and the
      best-scoring others up to `select_count` blocks in all, one choice per kv head; the
      block-sparse kernel attends over them (causal, within documents).
+
+Where it differs from the paper: the paper chooses per query token; our plans choose per
+query block, and a query block ranks with the previous query block's scores, so that no
+token's choice depends on later tokens (block_selection.py says why).
 
 The paper's kernels fuse stage 1 with a max-pooling and an LSE approximation; here stage 1
 is plain jax.numpy, one query block at a time (its cost, T x T / cmp_stride dot products
 per head, is 1/cmp_stride of dense attention's).
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
-from sparseformer.model.attention import compressed_scores
-from sparseformer.model.attention import gate as gate_lib
+from sparseformer.model.attention import block_selection, compressed_scores
 from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, Option, first_problem, kernel,
                                                mean_causal_keys, no_aux, plan_layout, register, softmax_flops,
                                                softmax_scale)
@@ -46,38 +47,6 @@ def mean_pooled_keys(k, cmp_len, cmp_stride):
   starts = jnp.arange(count) * cmp_stride
   windows = jax.vmap(lambda start: jax.lax.dynamic_slice_in_dim(k, start, cmp_len, axis=1), out_axes=1)(starts)
   return windows.astype(jnp.float32).mean(2)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class ChoiceRules:
-  """What gate.select_topk reads: the blocks a query block may take and those it must."""
-  allowed: jax.Array  # [B, nQ, nS] bool
-  forced: jax.Array  # [B, nQ, nS] bool
-
-
-def block_choices(segment_ids, length, query_block, select_block, local_blocks, batch):
-  """BlockDocuments-like (allowed, forced) [B, nQ, nS] for gate.select_topk: selection
-  blocks at or before each query block's last token; forced, the block of its first
-  document's start and its own block with the local_blocks - 1 before it."""
-  nq, ns = gate_lib.num_blocks(length, query_block), gate_lib.num_blocks(length, select_block)
-  q_first = jnp.arange(nq) * query_block
-  q_last = jnp.minimum(q_first + query_block, length) - 1
-  selection = jnp.arange(ns)
-  own = (q_last // select_block)[:, None]
-  allowed = selection[None, :] <= own
-  local = allowed & (selection[None, :] > own - local_blocks)
-  if segment_ids is None:
-    document_start = jnp.zeros((1, nq), jnp.int32)
-  else:
-    position = jnp.arange(length)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-    document_start = jax.lax.cummax(jnp.where(starts, position, 0), axis=1)[:, q_first]
-  first = selection[None, None, :] == (document_start // select_block)[..., None]
-  forced = local[None] | first
-  allowed = jnp.broadcast_to(allowed[None], forced.shape)
-  return ChoiceRules(jnp.broadcast_to(allowed, (batch,) + allowed.shape[1:]),
-                     jnp.broadcast_to(forced, (batch,) + forced.shape[1:]))
 
 
 @register('infllm_v2')
@@ -118,25 +87,23 @@ class InfLLMv2Attention(Mechanism):
     scale = softmax_scale(q, ctx)
     if q.shape[1] < o.sparse_from:
       return self.dense_attention(q, k, v, ctx.segment_ids, scale=scale), no_aux()
-    chosen = self.choose(q, k, ctx.segment_ids, scale)
+    chosen, allowed = self.choose(q, k, ctx.segment_ids, scale)
     aux = no_aux()
-    aux['stats']['infllm_v2_density'] = chosen.mean()
+    aux['stats']['infllm_v2_select_fraction'] = block_selection.chosen_fraction(chosen, allowed, self.block_size,
+                                                                                o.select_block)
     plan = plan_from_block_mask(chosen, q_len=q.shape[1], block_q=self.block_size, block_kv=self.block_size,
                                 segment_ids=ctx.segment_ids)
     return self.sparse_attention(q, k, v, plan, scale=scale), aux
 
   def choose(self, q, k, segment_ids, scale):
-    """bool [B, Hkv, nQ, nK]: the kernel's key blocks each query block visits, per kv head."""
-    o, block = self.options.infllm_v2, self.block_size
-    batch, length = q.shape[:2]
+    """(chosen [B, Hkv, nQ, nK] kernel blocks, allowed [B, nQ, nS] selection blocks) of
+    every query block (block_selection.py: from the previous query block's votes)."""
+    o = self.options.infllm_v2
     k_cmp = mean_pooled_keys(jax.lax.stop_gradient(k), o.cmp_len, o.cmp_stride)
-    scores = compressed_scores.selection_scores(
-        q, k_cmp, None, scale=scale, cmp_len=o.cmp_len, cmp_stride=o.cmp_stride, select_block=o.select_block,
-        query_block=block, segment_ids=segment_ids,
-        kv_segment_ids=compressed_scores.compressed_key_segments(segment_ids, o.cmp_len, o.cmp_stride))
-    rules = block_choices(segment_ids, length, block, o.select_block, o.local_blocks, batch)
-    chosen = gate_lib.select_topk(scores, rules, o.select_count)
-    return gate_lib.spread_causal(chosen, 1, o.select_block // block, gate_lib.num_blocks(length, block))
+    return block_selection.choose_by_compressed_scores(
+        q, k_cmp, None, segment_ids, scale=scale, block=self.block_size, cmp_len=o.cmp_len,
+        cmp_stride=o.cmp_stride, select_block=o.select_block, select_count=o.select_count,
+        local_blocks=o.local_blocks)
 
   @kernel(QUERIES, KEYS, KEYS, plan_layout('kv_heads'), out=QUERIES)
   def sparse_attention(self, q, k, v, plan, *, scale):

@@ -6,25 +6,29 @@ MoBA as it is.
     moba    options model.attention.moba: block (tokens of a MoBA block) and top_k
 
 The gate of query token i for key block J is s_iJ = q_i . mean_{j in J} k_j (post-RoPE q
-and k, as the reference applies it after rotation). MoBA ranks blocks per token; our
-plans are per query block, so a block's tokens share one choice, ranked by their mean
-gate s_IJ = mean_{i in I} q_i . mean_{j in J} k_j (the two means commute with the dot
-product). The scores are summed over the query heads of each GQA group, so a group
-shares its blocks (the plan has one head per kv head), as NSA and InfLLM-V2 choose; with
-`share=head` every query head ranks on its own, as the MoBA reference does.
+and k, as the reference applies it after rotation). Each query attends its own MoBA block
+(causal inside it) and the top_k - 1 earlier blocks of its document with the best gates
+(the reference's top-k counts the current block).
 
-Per query block: its own block always (causal inside it), then the best top_k - 1 earlier
-blocks of its document (the reference's top-k counts the current block). Future blocks
-and other documents' blocks are never chosen (gate.block_documents: a query block pools
-the queries of its first document, a key block the keys of its last). The choice is made
-at MoBA blocks of `moba.block` tokens (512 in the paper's scaling runs, 4096 at 1M) and
-spread onto the kernel's blocks of `model.attention.block_size`; the selection is
-discrete, so gradients reach q and k only through the attention itself, as in MoBA.
+Where it differs from the reference, which ranks per query token: our plans choose per
+query block of model.attention.block_size tokens, and a query block ranks with the mean
+gate of the query block before it, s_IJ = mean_{i in I-1} q_i . mean_{j in J} k_j (the
+two means commute with the dot product): with its own tokens' gates a token's blocks
+would depend on the later tokens of its block, a leak of the future in training
+(block_selection.py). So the first query block of a row has its own MoBA block only. The
+scores are summed over the query heads of each GQA group, so a group shares its blocks
+(the plan has one head per kv head), as NSA and InfLLM-V2 choose; with `share=head` every
+query head ranks on its own, as the MoBA reference does. A query block pools the queries
+of its first document, a key block the keys of its last (gate.block_documents), and only
+blocks of the query block's document compete. MoBA blocks are `moba.block` tokens (512 in
+the paper's scaling runs, 4096 at 1M), whole kernel blocks; the selection is discrete, so
+gradients reach q and k only through the attention itself, as in MoBA.
 """
 
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, plan_from_block_mask
+from sparseformer.model.attention import block_selection
 from sparseformer.model.attention import gate as gate_lib
 from sparseformer.model.attention.base import (HEAD_BLOCKS, KEYS, QUERIES, ROWS, Mechanism, Option, first_problem, kernel, no_aux,
                                                register, softmax_flops, softmax_scale)
@@ -32,18 +36,21 @@ from sparseformer.model.attention.base import (HEAD_BLOCKS, KEYS, QUERIES, ROWS,
 SHARING = ('group', 'head')
 
 
-def mean_gate_scores(q, k, docs):
-  """s [B, H, nb, nb] float32: the mean query of each block (its first document's tokens)
-  dotted with the mean key of each block (its last document's), -inf where not allowed."""
-  queries = gate_lib.pool_blocks(q, docs.query_tokens, ('avg',))  # [B, nb, H, D]
-  keys = gate_lib.pool_blocks(k, docs.key_tokens, ('avg',))  # [B, nb, Hkv, D]
+def mean_gate_scores(q, k, segment_ids, block, moba_block):
+  """s [B, H, nQ, nM] float32: the mean query of each query block of `block` tokens (its
+  first document's tokens) dotted with the mean key of each MoBA block (its last
+  document's)."""
+  batch, length = q.shape[:2]
+  query_tokens = gate_lib.block_documents(segment_ids, length, block, batch).query_tokens
+  key_tokens = gate_lib.block_documents(segment_ids, length, moba_block, batch).key_tokens
+  queries = gate_lib.pool_blocks(q, query_tokens, ('avg',))  # [B, nQ, H, D]
+  keys = gate_lib.pool_blocks(k, key_tokens, ('avg',))  # [B, nM, Hkv, D]
   keys = jnp.repeat(keys, q.shape[2] // k.shape[2], axis=2)
-  scores = jnp.einsum('bihd,bjhd->bhij', queries, keys)
-  return jnp.where(docs.allowed[:, None], scores, -jnp.inf)
+  return jnp.einsum('bihd,bjhd->bhij', queries, keys)
 
 
 def group_sum(scores, groups):
-  """[B, H, n, n] -> [B, groups, n, n]: summed over the query heads of each group (-inf stays -inf)."""
+  """[B, H, nQ, nM] -> [B, groups, nQ, nM]: summed over the query heads of each group."""
   b, h, nq, nk = scores.shape
   return scores.reshape(b, groups, h // groups, nq, nk).sum(2)
 
@@ -77,25 +84,24 @@ class MobaAttention(Mechanism):
     ])
 
   def forward(self, q, k, v, ctx):
-    chosen = self.choose(q, k, ctx.segment_ids)
+    chosen, allowed = self.choose(q, k, ctx.segment_ids)
     aux = no_aux()
-    aux['stats']['moba_density'] = chosen.mean()
+    aux['stats']['moba_select_fraction'] = block_selection.chosen_fraction(chosen, allowed, self.block_size,
+                                                                           self.options.moba.block)
     return self.attend(q, k, v, chosen, ctx.segment_ids, scale=softmax_scale(q, ctx)), aux
 
   def choose(self, q, k, segment_ids):
-    """bool [B, Hp, nQ, nK]: the kernel's key blocks each query block visits (Hp: kv heads
-    with share=group, query heads with share=head)."""
+    """(chosen [B, Hp, nQ, nK] kernel blocks, allowed [B, nQ, nM] MoBA blocks) of every
+    query block (Hp: kv heads with share=group, query heads with share=head)."""
     m = self.options.moba
     batch, length = q.shape[:2]
-    docs = gate_lib.block_documents(segment_ids, length, m.block, batch)
-    diagonal = jnp.eye(docs.allowed.shape[-1], dtype=bool)[None]
-    docs = gate_lib.BlockDocuments(docs.query_tokens, docs.key_tokens, docs.allowed, diagonal & docs.allowed)
-    scores = mean_gate_scores(q, k, docs)
+    scores = mean_gate_scores(q, k, segment_ids, self.block_size, m.block)
     if m.share == 'group':
       scores = group_sum(scores, k.shape[2])
-    chosen = gate_lib.select_topk(scores, docs, m.top_k)
-    ratio = m.block // self.block_size
-    return gate_lib.spread_causal(chosen, ratio, ratio, gate_lib.num_blocks(length, self.block_size))
+    allowed, _ = block_selection.selection_documents(segment_ids, batch, length, self.block_size, m.block)
+    chosen = block_selection.choose_blocks(block_selection.previous_block_votes(scores), allowed, None,
+                                           block=self.block_size, select_block=m.block, count=m.top_k, local=1)
+    return chosen, allowed
 
   @kernel(QUERIES, KEYS, KEYS, choice_layout, ROWS, out=QUERIES)
   def attend(self, q, k, v, chosen, segment_ids, *, scale):

@@ -46,9 +46,8 @@ import numpy as np
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
 from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, Option, first_problem, kernel,
                                                mean_causal_keys, no_aux, register, softmax_flops, softmax_scale)
-from sparseformer.model.attention.compressed_scores import (compressed_key_segments, num_compressed,
-                                                            selection_scores)
-from sparseformer.model.attention.gate import num_blocks
+from sparseformer.model.attention.block_selection import choose_by_compressed_scores, chosen_fraction
+from sparseformer.model.attention.compressed_scores import compressed_key_segments, num_compressed
 from sparseformer.model.layers import param
 
 BRANCHES = ('cmp', 'slc', 'win')  # the order of the gates in W_g
@@ -77,53 +76,6 @@ def compress(x, position, weight, cmp_len, cmp_stride):
 def mean_pooling_map(kv_heads, cmp_len, dim):
   """phi's initial weight [Hkv, l, D, D]: the mean of the span's tokens."""
   return jnp.broadcast_to(jnp.eye(dim) / cmp_len, (kv_heads, cmp_len, dim, dim))
-
-
-def selection_documents(segment_ids, batch, length, block, select_block):
-  """(allowed, first) of query blocks of `block` tokens against selection blocks:
-  allowed [B, nQ, nS] the blocks whose keys some query of the block may see (at or before
-  its own selection block; an earlier block only when its last document is the query
-  block's first), first [B, nQ] the selection block where that document starts (0 without
-  documents)."""
-  nq, ns = num_blocks(length, block), num_blocks(length, select_block)
-  own = np.arange(nq) * block // select_block
-  causal = np.arange(ns)[None, :] <= own[:, None]
-  if segment_ids is None:
-    return jnp.broadcast_to(causal, (batch, nq, ns)), jnp.zeros((batch, nq), jnp.int32)
-  segment_ids = segment_ids.astype(jnp.int32)
-  query_first = segment_ids[:, np.arange(nq) * block]
-  key_last = segment_ids[:, np.minimum((np.arange(ns) + 1) * select_block, length) - 1]
-  same = query_first[:, :, None] == key_last[:, None, :]
-  allowed = causal & (same | (np.arange(ns)[None, :] == own[:, None]))
-  position = jnp.arange(length)
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-  document_start = jax.lax.cummax(jnp.where(starts, position, 0), axis=1)[:, np.arange(nq) * block]
-  return allowed, document_start // select_block
-
-
-def choose_blocks(scores, allowed, first, *, block, select_block, count, local):
-  """bool [B, Hkv, nQ, nK]: per query block, the first block of its document, its
-  `local` most recent selection blocks and the best-scoring allowed ones up to `count`
-  selection blocks (ties to the earlier block), at the granularity of kernel blocks.
-
-  Exactly `count` (or all allowed) blocks: a rule keeping every block tied with the
-  count-th score (gate.select_topk) would keep every block of zero probability in rows
-  where fewer than `count` blocks have any."""
-  nq, ns = scores.shape[-2:]
-  own = jnp.arange(nq) * block // select_block
-  selection = jnp.arange(ns)
-  recent = (selection[None, :] <= own[:, None]) & (selection[None, :] > own[:, None] - local)
-  forced = (recent[None] | (selection[None, None, :] == first[:, :, None])) & allowed  # [B, nQ, nS]
-  ranked = jnp.where(forced[:, None], jnp.inf, jnp.where(allowed[:, None], scores, -jnp.inf))
-  _, best = jax.lax.top_k(ranked, min(count, ns))
-  chosen = jax.nn.one_hot(best, ns, dtype=bool).any(-2) & allowed[:, None]
-  chosen = chosen | forced[:, None]
-  return jnp.repeat(chosen, select_block // block, axis=-1)[..., :nq]  # key blocks: as many as query blocks
-
-
-def previous_block_votes(scores):
-  """scores [B, Hkv, nQ, nS] moved one query block on: block I gets block I - 1's (0 for I = 0)."""
-  return jnp.pad(scores, ((0, 0), (0, 0), (1, 0), (0, 0)))[:, :, :-1]
 
 
 @register('nsa')
@@ -232,15 +184,10 @@ class NativeSparseAttention(Mechanism):
   def choose(self, q, k_cmp, lse, segment_ids, scale):
     """(chosen [B, Hkv, nQ, nK] kernel blocks, allowed [B, nQ, nS] selection blocks) of
     every query block, from the previous query block's votes (module docstring)."""
-    o, block = self.options.nsa, self.block_size
-    batch, length = q.shape[:2]
-    scores = selection_scores(q, k_cmp, lse, scale=scale, cmp_len=o.cmp_len, cmp_stride=o.cmp_stride,
-                              select_block=o.select_block, query_block=block, segment_ids=segment_ids,
-                              kv_segment_ids=self.compressed_segments(segment_ids))
-    allowed, first = selection_documents(segment_ids, batch, length, block, o.select_block)
-    chosen = choose_blocks(previous_block_votes(scores), allowed, first, block=block, select_block=o.select_block,
-                           count=o.select_count, local=o.local_blocks)
-    return chosen, allowed
+    o = self.options.nsa
+    return choose_by_compressed_scores(q, k_cmp, lse, segment_ids, scale=scale, block=self.block_size,
+                                       cmp_len=o.cmp_len, cmp_stride=o.cmp_stride, select_block=o.select_block,
+                                       select_count=o.select_count, local_blocks=o.local_blocks)
 
   # --------------------------------------------------------------------------------------
   # kernels
@@ -269,8 +216,3 @@ class NativeSparseAttention(Mechanism):
                           block_kv=block, segment_ids=segment_ids)
     return block_sparse_attention(q, k, v, plan, scale=scale)
 
-
-def chosen_fraction(chosen, allowed, block, select_block):
-  """Chosen selection blocks over the allowed ones (every kv head, query block and row)."""
-  per_selection = chosen[..., ::select_block // block]  # [B, Hkv, nQ, nS]
-  return (per_selection & allowed[:, None]).sum() / (allowed.sum() * chosen.shape[1])
