@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from oracles import attention_probabilities, masked_softmax_attention
 
+from sparseformer.model.attention import compressed_scores
 from sparseformer.model.attention.compressed_scores import (CROSSES_DOCUMENTS, compressed_key_segments, num_compressed,
                                                             selection_scores)
 
@@ -88,6 +89,20 @@ def test_scores_equal_the_dense_probabilities_summed_by_the_definition(length, p
   voters = visible_compressed(segments, length, CMP_LEN, CMP_STRIDE).any(-1) & (np.asarray(segments) != 0 if packed
                                                                                 else True)
   assert float(got.sum()) >= voters.sum() * 4 - 1e-3 > 0
+
+
+@pytest.mark.parametrize('blocks_per_step', [1, 3])
+def test_query_blocks_in_steps_of_any_size_give_the_same_scores(monkeypatch, blocks_per_step):
+  length = 200  # 13 query blocks: 13 steps, or 4 of 3 blocks and a remainder of 1
+  q, k_cmp = inputs(length)
+  segments = packed_segments(length)
+  score = lambda: selection_scores(q, k_cmp, None, scale=0.7, cmp_len=CMP_LEN, cmp_stride=CMP_STRIDE,
+                                   select_block=SELECT_BLOCK, query_block=QUERY_BLOCK, segment_ids=segments,
+                                   kv_segment_ids=compressed_key_segments(segments, CMP_LEN, CMP_STRIDE))
+  whole = score()
+  monkeypatch.setattr(compressed_scores, 'STEP_ELEMENTS', blocks_per_step * 2 * QUERY_BLOCK * 4 * k_cmp.shape[1])
+  np.testing.assert_allclose(score(), whole, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(whole, dense_scores(q, k_cmp, segments, length, 0.7), rtol=2e-5, atol=2e-5)
 
 
 def test_query_block_and_select_block_of_other_sizes():

