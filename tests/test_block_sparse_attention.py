@@ -98,7 +98,7 @@ RANDOM_BLOCK_PLANS = given(
     density=st.floats(0.0, 1.0), documents=st.booleans(), with_bias=st.booleans())
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @RANDOM_BLOCK_PLANS
 def test_random_block_plans_match_dense(**draw):
   check_random_block_plan(**draw)
