@@ -63,9 +63,10 @@ def rotate(x, position, width, theta=10000.0):
   return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
 
 
-def direct_scores(q, k, segments, query_map, key_map, width):
+def direct_scores(q, k, segments, query_map, key_map, width, previous=False):
   """Gate scores block by block in numpy: pools over the tokens that can meet (read off
-  the token visibility), per-head maps, block RoPE, block-causal allowed pairs."""
+  the token visibility), per-head maps, block RoPE, block-causal allowed pairs. previous:
+  query block i pools the tokens of block i - 1 in block i's first document."""
   q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
   b, t, heads, _ = q.shape
   n = -(-t // BLOCK)
@@ -85,6 +86,9 @@ def direct_scores(q, k, segments, query_map, key_map, width):
         if j == i:  # the diagonal pools the block's first / last document
           q_tokens = [r for r in rows if segments[row, r] == segments[row, rows[0]] and segments[row, r]]
           k_tokens = [c for c in cols if segments[row, c] == segments[row, cols[-1]] and segments[row, c]]
+        if previous:
+          q_tokens = [r for r in range((i - 1) * BLOCK, i * BLOCK) if i and segments[row, r] == segments[row, rows[0]]
+                      and segments[row, r]]
         q_pool = q[row, q_tokens].mean(0) if q_tokens else np.zeros(q.shape[2:])
         k_sel = k[row, k_tokens] if k_tokens else np.zeros((1,) + k.shape[2:])
         k_pool = np.concatenate([k_sel.max(0), k_sel.min(0), k_sel.mean(0)], -1)
@@ -95,15 +99,17 @@ def direct_scores(q, k, segments, query_map, key_map, width):
   return scores
 
 
-def test_gate_pools_and_scores_match_a_direct_computation():
-  dims = gated_dims()
+@pytest.mark.parametrize('query_block', ['previous', 'own'])
+def test_gate_pools_and_scores_match_a_direct_computation(query_block):
+  dims = gated_dims(query_block=query_block)
   mechanism = get_mechanism('gated')(dims, 0, nnx.Rngs(1))
   q, k, _ = random_qkv(2, SEGMENTS.shape[1], 4, 2, 16)
   segments = jnp.asarray(SEGMENTS)
   got = np.asarray(jax.jit(lambda q, k: mechanism.block_gate.scores(
       q, k, gate_lib.block_documents(segments, q.shape[1], BLOCK)))(q, k))
   gate = mechanism.block_gate
-  want = direct_scores(q, k, SEGMENTS, np.asarray(gate.query[...]), np.asarray(gate.key[...]), 8)
+  want = direct_scores(q, k, SEGMENTS, np.asarray(gate.query[...]), np.asarray(gate.key[...]), 8,
+                       previous=query_block == 'previous')
   np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
   np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-4, atol=1e-4)
 
@@ -179,9 +185,10 @@ def test_topk_keeps_the_rule_count_and_the_forced_blocks():
   assert set(np.flatnonzero(chosen[0, 1, 8, 1:8])) == set(np.argsort(-best)[:keep - 2])
 
 
-@pytest.mark.parametrize('heads,kv_heads,width', [(4, 2, 8), (2, 1, 16)])
-def test_incremental_scores_equal_prefill_scores(heads, kv_heads, width):
-  dims = gated_dims(heads=heads, kv_heads=kv_heads, width=width)
+@pytest.mark.parametrize('heads,kv_heads,width,query_block', [(4, 2, 8, 'previous'), (2, 1, 16, 'previous'),
+                                                             (4, 2, 8, 'own')])
+def test_incremental_scores_equal_prefill_scores(heads, kv_heads, width, query_block):
+  dims = gated_dims(heads=heads, kv_heads=kv_heads, width=width, query_block=query_block)
   gate = get_mechanism('gated')(dims, 0, nnx.Rngs(2)).block_gate
   assert (gate.query is None) == (width == 16)  # one query pool at the head width: no query map
   t = 3 * BLOCK + 7  # a partial last block
@@ -195,7 +202,11 @@ def test_incremental_scores_equal_prefill_scores(heads, kv_heads, width):
     tokens = slice(i * BLOCK, min(t, (i + 1) * BLOCK))
     entry = key_entry(k[:, tokens], i)
     cache = entry if cache is None else jnp.concatenate([cache, entry], axis=1)
-    row = query_row(q[:, tokens], i, cache)[:, :, 0]
+    if query_block == 'own':
+      queries = q[:, tokens]
+    else:  # the block before; block 0 has none, and zeros pool as an empty pool does
+      queries = q[:, (i - 1) * BLOCK:i * BLOCK] if i else jnp.zeros_like(q[:, :BLOCK])
+    row = query_row(queries, i, cache)[:, :, 0]
     # The same formula on other shapes: equal up to float32 summation order.
     np.testing.assert_allclose(row, prefill[:, :, i, :i + 1], rtol=1e-5, atol=1e-6, err_msg=f'row {i}')
     incremental = incremental.at[:, :, i, :i + 1].set(row)
@@ -371,3 +382,20 @@ def test_partial_density_output_and_gradients_equal_dense_attention_on_the_chose
   # The gate reads q and k under stop_gradient: the output gives its query and key maps nothing.
   param_grads = jax.tree.leaves(param_grads)
   assert len(param_grads) == 2 and not any(np.asarray(g).any() for g in param_grads)
+
+
+@pytest.mark.parametrize('query_block', ['previous', 'own'])
+def test_only_the_previous_query_block_keeps_outputs_independent_of_later_tokens(query_block):
+  """Every q, k and v after token 250 (inside block 15 of 16 tokens, which keeps 5 of its
+  16 blocks) changed: with query_block previous no earlier output moves; with own
+  (SeerAttention's prefill rule) the tokens 240..249 get other blocks, since their block's
+  pooled query includes the later tokens."""
+  mechanism = get_mechanism('gated')(gated_dims(density=0.5, query_block=query_block), 0, nnx.Rngs(1))
+  t, later = 320, 250
+  q, k, v = random_qkv(1, t, 4, 2, 16, seed=3)
+  q2, k2, v2 = (x.at[:, later:].set(y[:, later:]) for x, y in zip((q, k, v), random_qkv(1, t, 4, 2, 16, seed=9)))
+  ctx = AttentionContext(jnp.zeros((1, t), jnp.int32), None, None, None)
+  y = mechanism(q, k, v, ctx, pre_rope=(q, k))[0]
+  y2 = mechanism(q2, k2, v2, ctx, pre_rope=(q2, k2))[0]
+  unchanged = np.allclose(y[:, :later], y2[:, :later], rtol=1e-6, atol=1e-6)
+  assert unchanged == (query_block == 'previous')

@@ -1,7 +1,9 @@
 """SeerAttention's block gate and its teacher, as pure functions (arXiv 2410.13276).
 
 A gate scores (query block I, key block J) pairs from pooled PRE-RoPE projections:
-  1. pool each block of queries (average) and keys (max, min, average, concatenated);
+  1. pool each block of queries (average) and keys (max, min, average, concatenated); with
+     `previous`, query block I pools the queries of block I - 1 (of I's first document),
+     so that no token's blocks depend on later tokens (see gated.py);
   2. per-head linear maps without bias to width dg (no query map when the query has one
      pool and dg == head_dim: keys are then mapped per query head);
   3. rotate both with a dg-dim RoPE table at the block start positions J * block;
@@ -46,6 +48,7 @@ def to_blocks(x, block):
 class BlockDocuments:
   """Which tokens each block's pools cover and which block pairs may meet."""
   query_tokens: jax.Array  # [B, nb, block] bool: tokens of the block's query pool
+  previous_query_tokens: jax.Array  # [B, nb, block] bool: row I, block I - 1's tokens of block I's first document
   key_tokens: jax.Array  # [B, nb, block] bool: tokens of the block's key pool
   allowed: jax.Array  # [B, nb, nb] bool: pairs with visible tokens (block causal, same document)
   forced: jax.Array  # [B, nb, nb] bool: kept whatever the scores (diagonal, start of the document)
@@ -61,12 +64,14 @@ def block_documents(segment_ids, length, block, batch=1):
     tokens = jnp.broadcast_to(in_row, (batch, n, block))
     allowed = jnp.broadcast_to(index[None, :] <= index[:, None], (batch, n, n))
     forced = jnp.broadcast_to(diagonal | (index[None, :] == 0), (batch, n, n))
-    return BlockDocuments(tokens, tokens, allowed, forced)
+    return BlockDocuments(tokens, previous_block(tokens), tokens, allowed, forced)
   segment_ids = segment_ids.astype(jnp.int32)
   first = segment_ids[:, index * block]  # document of each block's first token
   last = segment_ids[:, jnp.minimum((index + 1) * block, length) - 1]
   blocks = to_blocks(segment_ids, block)
   query_tokens = in_row & (blocks == first[..., None]) & (first != 0)[..., None]
+  previous_query_tokens = ((previous_block(blocks) == first[..., None]) & (first != 0)[..., None]
+                           & previous_block(jnp.broadcast_to(in_row, blocks.shape)))
   key_tokens = in_row & (blocks == last[..., None]) & (last != 0)[..., None]
   meets = (first[:, :, None] == last[:, None, :]) & (first != 0)[:, :, None] & (index[None, :] < index[:, None])
   allowed = meets | diagonal
@@ -75,14 +80,22 @@ def block_documents(segment_ids, length, block, batch=1):
   starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
   document_start = jax.lax.cummax(jnp.where(starts, position, 0), axis=1)[:, index * block] // block
   forced = diagonal | ((index[None, None, :] == document_start[:, :, None]) & allowed)
-  return BlockDocuments(query_tokens, key_tokens, allowed, forced)
+  return BlockDocuments(query_tokens, previous_query_tokens, key_tokens, allowed, forced)
 
 
-def pool_blocks(x, tokens, kinds):
+def previous_block(xb):
+  """[B, nb, ...] blocks moved one on: block I holds block I - 1's (zeros / False in block 0)."""
+  return jnp.pad(xb, [(0, 0), (1, 0)] + [(0, 0)] * (xb.ndim - 2))[:, :-1]
+
+
+def pool_blocks(x, tokens, kinds, previous=False):
   """x [B, T, h, d] pooled per block over `tokens` [B, nb, block] -> [B, nb, h, d * len(kinds)]
-  in float32; an empty pool is zero."""
+  in float32; an empty pool is zero. previous: block I pools block I - 1's tokens (the
+  tokens mask is then BlockDocuments.previous_query_tokens)."""
   block = tokens.shape[-1]
   xb = to_blocks(x.astype(jnp.float32), block)  # [B, nb, block, h, d]
+  if previous:
+    xb = previous_block(xb)
   weight = tokens[:, :, :, None, None]
   count = weight.sum(2)
   nonempty = count > 0
@@ -108,9 +121,10 @@ def rotate_blocks(x, first_block, block, inv_freq):
   return rope.apply_rotary(x, cos, sin)
 
 
-def gate_queries(q_pre, tokens, kinds, weight, first_block, inv_freq):
-  """Pooled, projected, rotated queries [B, nb, H, dg] of pre-RoPE queries [B, T, H, d]."""
-  pooled = project(pool_blocks(q_pre, tokens, kinds), weight)
+def gate_queries(q_pre, tokens, kinds, weight, first_block, inv_freq, previous=False):
+  """Pooled, projected, rotated queries [B, nb, H, dg] of pre-RoPE queries [B, T, H, d]
+  (previous: each block's from the block before it, rotated at its own start)."""
+  pooled = project(pool_blocks(q_pre, tokens, kinds, previous), weight)
   return rotate_blocks(pooled, first_block, tokens.shape[-1], inv_freq)
 
 

@@ -18,6 +18,14 @@ Evaluation uses `gate.eval_forward` (sparse by default) at `gate.density`.
 
 The gate reads its inputs under stop_gradient: the KL trains the gate only, the LM loss
 trains the rest (it cannot reach the gate through a discrete block choice).
+
+Query block I is scored, by default (`gate.query_block=previous`), from the pooled queries
+of block I - 1 (rotated at block I's start): the gate learns to predict block I's map from
+the queries before it. SeerAttention pools block I's own queries (`own`), which suits
+prefill, where the whole prompt is known; but in language-model training with the sparse
+output and in perplexity evaluation a token's blocks then depend on the queries of the
+later tokens of its block, a leak of the future (and decoding could not make the same
+choice). Block 0 keeps its forced blocks only.
 """
 
 import jax
@@ -32,6 +40,7 @@ from sparseformer.model.attention.base import (HEAD_BLOCKS, KEYS, QUERIES, ROWS,
 from sparseformer.model.layers import param
 
 FORWARDS = ('sparse', 'dense')
+QUERY_BLOCKS = ('previous', 'own')
 SELECTIONS = ('topk', 'threshold')
 
 
@@ -42,6 +51,7 @@ class BlockGate(nnx.Module):
     g = dims.attention.gate
     d, heads, kv_heads = dims.head_dim, dims.num_heads, dims.num_kv_heads
     self.q_pools, self.k_pools = tuple(g.q_pools), tuple(g.k_pools)
+    self.previous_queries = g.query_block == 'previous'
     self.block = dims.attention.block_size
     self.num_heads = heads
     self.rope_cfg = dims.rope
@@ -68,7 +78,9 @@ class BlockGate(nnx.Module):
     """S [B, H, nb, nb] float32 of pre-RoPE q [B, T, H, d], k [B, T, Hkv, d]."""
     q_pre, k_pre = jax.lax.stop_gradient(q_pre), jax.lax.stop_gradient(k_pre)
     inv_freq = self.frequencies()
-    queries = gate_lib.gate_queries(q_pre, docs.query_tokens, self.q_pools, self.query_weight(), 0, inv_freq)
+    tokens = docs.previous_query_tokens if self.previous_queries else docs.query_tokens
+    queries = gate_lib.gate_queries(q_pre, tokens, self.q_pools, self.query_weight(), 0, inv_freq,
+                                    self.previous_queries)
     keys = gate_lib.gate_keys(k_pre, docs.key_tokens, self.k_pools, self.key[...], 0, inv_freq, self.num_heads)
     return gate_lib.block_scores(queries, keys, docs.allowed)
 
@@ -80,8 +92,10 @@ class BlockGate(nnx.Module):
                               self.num_heads)
 
   def query_row(self, q_pre_block, block_index, key_cache):
-    """Scores [B, H, 1, I + 1] of query block I = `block_index` (tokens [B, n, H, d])
-    against the cached key blocks [B, I + 1, Hg, dg]: row I of the prefill scores."""
+    """Scores [B, H, 1, I + 1] of query block I = `block_index` against the cached key
+    blocks [B, I + 1, Hg, dg]: row I of the prefill scores. q_pre_block [B, n, H, d] are
+    the queries that score it: block I's own tokens (query_block=own) or block I - 1's
+    (query_block=previous, I >= 1)."""
     tokens = self._block_tokens(q_pre_block)
     queries = gate_lib.gate_queries(q_pre_block, tokens, self.q_pools, self.query_weight(), block_index,
                                     self.frequencies())
@@ -107,6 +121,9 @@ class GatedAttention(Mechanism):
   OPTIONS = {
       'width': Option(128, 'gate width dg of the per-head maps and the block RoPE',
                       lambda w: w > 0 and w % 2 == 0, 'use a positive even width (RoPE pairs dims)'),
+      'query_block': Option('previous', 'the queries that score query block I: previous (block I - 1\'s: no token\'s '
+                            'blocks depend on later tokens) | own (the paper\'s, for prefill only: a token\'s blocks '
+                            'then depend on the later tokens of its block)', choices=QUERY_BLOCKS),
       'q_pools': Option(('avg',), 'query pools per block, concatenated: avg | max | min', distinct_pools,
                         POOLS_ADVICE),
       'k_pools': Option(('max', 'min', 'avg'), 'key pools per block, concatenated', distinct_pools, POOLS_ADVICE),
