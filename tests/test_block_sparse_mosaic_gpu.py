@@ -56,6 +56,19 @@ def test_interpret_through_the_api():
   check_through_api(plan, mask_oracle(masks.Causal(), q_len=150), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
 
 
+def test_interpret_compressed_keys_with_documents():
+  """NSA's compression branch: 180 queries over 10 compressed keys (spans of 32 every 16),
+  kv length unlike q length, keys' documents their own (-1 for spans crossing documents)."""
+  mask = masks.CompressedCausal(32, 16)
+  q_segments = np.asarray([[1] * 100 + [2] * 70 + [0] * 10])
+  kv_segments = np.asarray([[1] * 5 + [-1] * 2 + [2] * 3])  # spans 0-4 in doc 1, 5-6 cross, 7-9 in doc 2
+  layout = dict(q_len=180, kv_len=10, q_segment_ids=jnp.asarray(q_segments, jnp.int32),
+                kv_segment_ids=jnp.asarray(kv_segments, jnp.int32))
+  plan = plan_from_mask(mask, block_q=64, block_kv=64, **layout)
+  q, k, v, bias, d_out = random_inputs(2, 1, 180, 10, 2, 1, 64, jnp.bfloat16, with_bias=False)
+  check_through_api(plan, mask_oracle(mask, **layout), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
+
+
 GPU_MASKS = {
     'causal': masks.Causal(),
     'window_256': masks.causal_window(256),
