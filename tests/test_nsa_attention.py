@@ -193,6 +193,26 @@ def test_phi_starts_as_mean_pooling():
   assert not np.any(np.asarray(layer.gate[...]))  # every gate starts at 1/2
 
 
+def test_weighted_phi_is_a_learned_weight_per_span_position():
+  cfg = base_config().model
+  cfg.num_layers, cfg.layer_attention, cfg.attention.block_size, cfg.dtype = 1, ('nsa',), BLOCK, 'float32'
+  cfg.attention.nsa.compression = 'weighted'
+  dims = resolve_dims(cfg, 259)
+  layer = get_mechanism('nsa')(dims, 0, nnx.Rngs(0))
+  n, heads = cfg.attention.nsa, dims.num_kv_heads
+  assert layer.key_map[...].shape == (heads, n.cmp_len)
+  keys = jax.random.split(jax.random.key(1), 3)
+  k = jax.random.normal(keys[0], (1, 100, heads, dims.head_dim))
+  np.testing.assert_allclose(layer.compressed_keys(k, k)[0], jnp.stack(
+      [k[:, j * n.cmp_stride:j * n.cmp_stride + n.cmp_len].mean(1) for j in range(5)], 1), rtol=1e-5, atol=1e-6)
+  weight = jax.random.normal(keys[1], (heads, n.cmp_len))
+  position = jax.random.normal(keys[2], (heads, n.cmp_len, dims.head_dim))
+  layer.key_map[...], layer.key_position[...] = weight, position
+  want = jnp.stack([jnp.einsum('blhd,hl->bhd', k[:, j * n.cmp_stride:j * n.cmp_stride + n.cmp_len]
+                               + jnp.swapaxes(position, 0, 1), weight) for j in range(5)], 1)
+  np.testing.assert_allclose(layer.compressed_keys(k, k)[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_selection_branch_is_dense_attention_over_the_chosen_blocks():
   """Packed rows (rows of one document: the whole layer's test below)."""
   length = 200

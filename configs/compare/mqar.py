@@ -7,8 +7,9 @@ trained from scratch on task rows only, on an equal budget.
 
 Zoology trains 2-layer models on MQAR alone and reports recall against model width,
 sequence length and key-value pairs. Here every arm (sparseformer/cli/compare_arms.py:
-dense, window, MASFormer, gated, DMA, routing, SSE-H, GLA-H) is a 4-layer, d_model 256
-byte-level model (4 heads, 2 kv heads), so that the hybrids have a dense top layer.
+dense, window, MASFormer, gated, DMA, routing, SSE-H, GLA-H, NSA, MoBA, InfLLM-V2) is a
+4-layer, d_model 256 byte-level model (4 heads, 2 kv heads), so that the hybrids have a
+dense top layer.
 Training rows mix examples with 64, 128 and 256 pairs at the row length with a
 curriculum of short, easy ones (32 pairs in 512 tokens, four to a row; at 8k also 64
 pairs in 2048), as Zoology trains on a mix of lengths and pair counts: without them a
@@ -87,7 +88,8 @@ def get_config(arg=None):
   suite = ml_collections.ConfigDict()
   suite.run = run_config(seq_len, quick)
   suite.arms = paper_arms(seq_len, names=('dense', 'window') if quick else
-                          ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h'))
+                          ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h', 'nsa', 'moba',
+                           'infllm_v2'))
   suite.param_tolerance = 0.03
   suite.match_params = True
   suite.score_nll = False

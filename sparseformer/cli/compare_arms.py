@@ -43,7 +43,9 @@ every choice). Each arm is (name, {model field: value}), changes to the suite's 
              selection blocks (the paper's), the top L/512 blocks (at least 3: the
              first and 2 local ones; the paper's 16 at L = 8192, 1/8 of the row) and a
              window of min(512, L/8) tokens (the paper's 512; the window arm's span at
-             shorter rows). Not in the shipped suites' lists yet: name it there to run it.
+             shorter rows). phi is `weighted` (a learned weight per span position):
+             the paper's linear map, 2 x 32 x 64 x 64 per kv head and layer, would be
+             2.1M of the suite model's 3.05M parameters.
 """
 
 from sparseformer.config import base_config
@@ -75,7 +77,7 @@ def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, g
       'infllm_v2': {'model.attention.kind': 'infllm_v2', 'model.attention.infllm_v2.sparse_from': seq_len,
                     'model.attention.infllm_v2.select_count': max(seq_len // 8 // 64, 3)},
       'nsa': {'model.attention.kind': 'nsa', 'model.attention.nsa.select_count': max(seq_len // 512, 3),
-              'model.attention.nsa.window': min(512, seq_len // 8)},
+              'model.attention.nsa.window': min(512, seq_len // 8), 'model.attention.nsa.compression': 'weighted'},
   }
   unknown = [n for n in names if n not in arms]
   if unknown:

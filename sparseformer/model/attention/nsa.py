@@ -11,8 +11,11 @@ sigmoid gates of the layer input x (paper eq. 5):
 1. Compression (section 3.3.1): keys and values are cut into spans of l = cmp_len tokens
    every d = cmp_stride tokens; phi turns span j, the tokens [j d, j d + l), into one key
    (and, with its own weights, one value) per kv head: a learned position embedding
-   [l, D] added to the span's tokens, flattened to l x D, a linear map to D. phi starts as
-   mean pooling (identity / l per position, no position embedding), so a layer converted
+   [l, D] added to the span's tokens, flattened to l x D, a linear map to D
+   (`compression=linear`: 2 l D^2 parameters per kv head and layer, the bulk of a small
+   model's; `weighted` keeps the position embedding and learns one weight per span
+   position instead). phi starts as mean pooling (identity / l per position, no position
+   embedding), so a layer converted
    from a dense checkpoint starts from pooled keys. The keys are made from post-RoPE keys
    (ours; the paper leaves it open). Queries attend densely over the compressed keys a
    span at a time complete, j d + l - 1 <= t, within their document
@@ -51,6 +54,7 @@ from sparseformer.model.attention.compressed_scores import compressed_key_segmen
 from sparseformer.model.layers import param
 
 BRANCHES = ('cmp', 'slc', 'win')  # the order of the gates in W_g
+COMPRESSIONS = ('linear', 'weighted')
 KV_HEAD_BLOCKS = 'batch kv_heads . .'  # [B, Hkv, nQ, nK] per-kv-head block choices
 
 
@@ -60,8 +64,8 @@ def positive(n):
 
 def compress(x, position, weight, cmp_len, cmp_stride):
   """phi of every complete span: x [B, T, Hkv, D], position [Hkv, l, D], weight [Hkv, l, D, D]
-  -> [B, Tc, Hkv, D]. cmp_len is a multiple of cmp_stride: span j is the stride chunks
-  j .. j + l/d - 1."""
+  (compression=linear) or [Hkv, l] (weighted: a learned weight per position) -> [B, Tc, Hkv, D].
+  cmp_len is a multiple of cmp_stride: span j is the stride chunks j .. j + l/d - 1."""
   b, length, heads, dim = x.shape
   count = num_compressed(length, cmp_len, cmp_stride)
   if count == 0:
@@ -70,11 +74,16 @@ def compress(x, position, weight, cmp_len, cmp_stride):
   chunks = x[:, :(count + parts - 1) * cmp_stride].reshape(b, count + parts - 1, cmp_stride, heads, dim)
   spans = jnp.concatenate([chunks[:, i:i + count] for i in range(parts)], axis=2)  # [B, Tc, l, Hkv, D]
   spans = spans + jnp.swapaxes(position, 0, 1).astype(x.dtype)
+  if weight.ndim == 2:
+    return jnp.einsum('bjlhd,hl->bjhd', spans, weight.astype(x.dtype))
   return jnp.einsum('bjlhd,hlde->bjhe', spans, weight.astype(x.dtype))
 
 
-def mean_pooling_map(kv_heads, cmp_len, dim):
-  """phi's initial weight [Hkv, l, D, D]: the mean of the span's tokens."""
+def mean_pooling_map(kv_heads, cmp_len, dim, compression):
+  """phi's initial weight, [Hkv, l, D, D] (linear) or [Hkv, l] (weighted): the mean of the
+  span's tokens."""
+  if compression == 'weighted':
+    return jnp.full((kv_heads, cmp_len), 1 / cmp_len)
   return jnp.broadcast_to(jnp.eye(dim) / cmp_len, (kv_heads, cmp_len, dim, dim))
 
 
@@ -93,6 +102,9 @@ class NativeSparseAttention(Mechanism):
                              positive, 'use a count >= 1'),
       'local_blocks': Option(2, 'most recent selection blocks always chosen, the query\'s own included', positive,
                              'use a count >= 1'),
+      'compression': Option('linear', 'phi: linear (the span flattened, mapped l x D -> D per kv head: the paper\'s '
+                            'learned map) | weighted (a learned weight per span position: l parameters, for models '
+                            'too small for l x D x D)', choices=COMPRESSIONS),
       'window': Option(512, 'tokens of the sliding-window branch (w), the query included', positive,
                        'use a positive length'),
   }
@@ -124,8 +136,8 @@ class NativeSparseAttention(Mechanism):
                    value=jnp.zeros((kv_heads, o.cmp_len, dim)))
 
     def linear_map():
-      return param(rngs, (kv_heads, o.cmp_len, dim, dim), maps, dtype=dims.weight_dtype,
-                   value=mean_pooling_map(kv_heads, o.cmp_len, dim))
+      value = mean_pooling_map(kv_heads, o.cmp_len, dim, o.compression)
+      return param(rngs, value.shape, maps[:value.ndim], dtype=dims.weight_dtype, value=value)
 
     self.key_position, self.key_map = position(), linear_map()
     self.value_position, self.value_map = position(), linear_map()
@@ -147,7 +159,7 @@ class NativeSparseAttention(Mechanism):
     selected = ((np.minimum(o.select_count, own + 1) - 1) * o.select_block + t - own * o.select_block + 1).mean()
     keys = compressed + selected + mean_causal_keys(seq_len, o.window)
     scoring = 2 * heads * dim * compressed
-    phi = 2 * 2 * dims.num_kv_heads * o.cmp_len * dim * dim / o.cmp_stride
+    phi = 2 * 2 * dims.num_kv_heads * o.cmp_len * dim * (dim if o.compression == 'linear' else 1) / o.cmp_stride
     return softmax_flops(heads, dim, keys) + scoring + phi
 
   # --------------------------------------------------------------------------------------
