@@ -43,3 +43,48 @@ def results_on_8_cpu_devices(script, cases, timeout=300):
   assert result.returncode == 0, result.stderr[-4000:]
   line = [line for line in result.stdout.splitlines() if line.startswith('RESULTS ')][-1]
   return json.loads(line[len('RESULTS '):])
+
+
+LAYER_SCRIPT_HEADER = r'''
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from sparseformer import sharding
+from sparseformer.config import base_config
+from sparseformer.model import resolve_dims
+from sparseformer.model.attention import AttentionContext, get_mechanism
+'''
+
+LAYER_SCRIPT_MESHES = r'''
+sizes = []
+kernel = MODULE.block_sparse_attention
+MODULE.block_sparse_attention = lambda q, *a, **k: sizes.append(q.size) or kernel(q, *a, **k)
+results = {}
+for axes in json.loads(sys.argv[1]):
+  mesh_cfg = {'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1, **axes}
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:int(np.prod(list(mesh_cfg.values())))])
+  rules = base_config().mesh.rules
+  grad = jax.value_and_grad(loss, has_aux=True)
+  sizes.clear()
+  (_, y), grads = jax.jit(grad)(arrays)
+  whole = list(sizes)
+  sizes.clear()
+  placed = jax.device_put(arrays, jax.NamedSharding(mesh, sharding.logical_spec(('batch', 'length'), rules)))
+  (_, y_mesh), grads_mesh = jax.jit(sharding.with_activation_placement(grad, mesh, rules))(placed)
+  worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+              zip(jax.tree.leaves((y, grads)), jax.tree.leaves((y_mesh, grads_mesh))))
+  results[json.dumps(axes)] = {'worst': worst, 'whole': whole, 'per_device': list(sizes)}
+print('RESULTS ' + json.dumps(results))
+'''
+
+
+def layer_on_meshes(setup, module, meshes):
+  """A mechanism layer's loss and gradients on each mesh of `meshes` (axis sizes over 8 CPU
+  devices) against one device, and the size of q at each kernel call, in a child process.
+  `setup` (script text after LAYER_SCRIPT_HEADER's imports) defines `arrays` (a tuple
+  whose leading dims are batch and length) and `loss(arrays) -> (scalar, output)`; the
+  kernel calls counted are `sparseformer.model.attention.<module>.block_sparse_attention`.
+  Returns {json.dumps(axes): {'worst': max |mesh - one device|, 'whole': q sizes on one
+  device, 'per_device': q sizes on the mesh}}."""
+  patch = f'from sparseformer.model.attention import {module} as MODULE\n'
+  return results_on_8_cpu_devices(LAYER_SCRIPT_HEADER + setup + patch + LAYER_SCRIPT_MESHES, meshes)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from oracles import masked_softmax_attention
-from train_helpers import run_script, tiny_argv
+from train_helpers import init_from_parameters, run_script, tiny_argv
 
 from sparseformer import config as config_lib
 from sparseformer.cli import compare
@@ -25,11 +25,6 @@ from sparseformer.errors import UserError
 from sparseformer.model import resolve_dims
 from sparseformer.model.attention import AttentionContext, get_mechanism
 from sparseformer.model.attention.base import layer_attention_flops
-from sparseformer.training.assembly import assemble_train_step
-from sparseformer.training.checkpoint import Checkpointer
-from sparseformer.training.init_from import load_init_from, plan_init_from
-from sparseformer.training.setup import prepare_run
-from sparseformer.training.state import abstract_model_arrays
 
 BLOCK = 16
 SMALL = dict(cmp_len=16, cmp_stride=8, select_block=32, select_count=3, local_blocks=1, sparse_from=64)
@@ -204,20 +199,9 @@ def test_continued_training_from_a_dense_checkpoint_keeps_every_parameter(tmp_pa
   cfg.model.attention.kind, cfg.model.attention.block_size, cfg.data.seq_len = 'infllm_v2', 64, 128
   for name, value in {**SMALL, 'select_block': 64, 'select_count': 2}.items():
     cfg.model.attention.infllm_v2[name] = value
-  spec = prepare_run(cfg).spec
-  parts = assemble_train_step(cfg, spec)
-  shardings = parts.state_shardings
-  abstract = {'params': spec.abstract_params.to_pure_dict(),
-              'mechanism_state': spec.abstract_mechanism_state.to_pure_dict()}
-  checkpointer, step, report = plan_init_from(str(dense), abstract)
-  assert step == 2 and report['loaded'] and not report['initialised'] and not report['skipped'], report
-  fresh = parts.fresh_state(seed=1)
-  loaded = load_init_from(checkpointer, step, {'params': fresh['params'], 'mechanism_state': fresh['mechanism_state']},
-                          {'params': shardings['params'], 'mechanism_state': shardings['mechanism_state']},
-                          shardings['step'])
-  saved = Checkpointer(str(dense / 'checkpoints'), keep=1, async_save=False, read_only=True).restore_model(
-      2, abstract_model_arrays(spec))
-  jax.tree.map(np.testing.assert_array_equal, saved['params'], loaded['params'])
+  report, loaded, saved = init_from_parameters(cfg, dense, 2)
+  assert report['loaded'] and not report['initialised'] and not report['skipped'], report
+  jax.tree.map(np.testing.assert_array_equal, saved, loaded)
   options = {f'model__attention__infllm_v2__{name}': value for name, value in
              {**SMALL, 'select_block': 64, 'select_count': 2}.items()}
   result = run_script('train.py', tiny_argv(sparse, data_dir, train__steps=2, data__seq_len=128,

@@ -6,14 +6,9 @@ import os
 
 import jax
 import numpy as np
-from train_helpers import run_script, tiny_argv
+from train_helpers import init_from_parameters, run_script, tiny_argv
 
 from sparseformer.cli.eval import load_run_config
-from sparseformer.training.assembly import assemble_train_step
-from sparseformer.training.checkpoint import Checkpointer
-from sparseformer.training.init_from import load_init_from, plan_init_from
-from sparseformer.training.setup import prepare_run
-from sparseformer.training.state import abstract_model_arrays
 
 MIXED_SPAN = "('window:8', 'dense')"
 
@@ -25,20 +20,9 @@ def test_finetune_with_another_spec_and_length_restores_shared_parameters_exactl
   cfg.model.layer_attention = ('window:8', 'dense')
   cfg.data.seq_len = 64
   cfg.model.rope.scaling, cfg.model.rope.factor = 'linear', 2.0
-  spec = prepare_run(cfg).spec
-  parts = assemble_train_step(cfg, spec)
-  shardings = parts.state_shardings
-  abstract = {'params': spec.abstract_params.to_pure_dict(),
-              'mechanism_state': spec.abstract_mechanism_state.to_pure_dict()}
-  checkpointer, step, report = plan_init_from(str(source), abstract)
-  assert step == 4 and report['loaded'] and not report['initialised'] and not report['skipped']
-  fresh = parts.fresh_state(seed=1)
-  loaded = load_init_from(checkpointer, step, {'params': fresh['params'], 'mechanism_state': fresh['mechanism_state']},
-                          {'params': shardings['params'], 'mechanism_state': shardings['mechanism_state']},
-                          shardings['step'])
-  saved = Checkpointer(str(source / 'checkpoints'), keep=1, async_save=False, read_only=True).restore_model(
-      4, abstract_model_arrays(spec))
-  jax.tree.map(np.testing.assert_array_equal, saved['params'], loaded['params'])
+  report, loaded, saved = init_from_parameters(cfg, source, 4)
+  assert report['loaded'] and not report['initialised'] and not report['skipped']
+  jax.tree.map(np.testing.assert_array_equal, saved, loaded)
 
 
 def test_finetuned_mixed_span_run_trains_and_evaluates_at_its_length(tmp_path, data_dir):

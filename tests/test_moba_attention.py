@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from mesh_helpers import results_on_8_cpu_devices
+from mesh_helpers import layer_on_meshes
 from oracles import masked_softmax_attention
 
 from sparseformer import config as config_lib
@@ -201,18 +201,7 @@ def test_a_model_with_moba_layers_gives_finite_outputs_and_gradients():
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
-PER_DEVICE = r'''
-import json, sys
-import jax, jax.numpy as jnp, numpy as np
-from flax import nnx
-from sparseformer import sharding
-from sparseformer.config import base_config
-from sparseformer.model import resolve_dims
-from sparseformer.model.attention import AttentionContext, get_mechanism, moba
-
-sizes = []
-kernel = moba.block_sparse_attention
-moba.block_sparse_attention = lambda q, *a, **k: sizes.append(q.size) or kernel(q, *a, **k)
+LAYER = r'''
 B, T, H, HKV, D = 4, 128, 4, 2, 16
 cfg = base_config()
 m = cfg.model
@@ -230,29 +219,12 @@ segments = jnp.asarray(np.stack([np.ones(T), 1 + (np.arange(T) >= 40), np.ones(T
 def loss(arrays):
   y, _ = layer(*arrays, AttentionContext(jnp.zeros((B, T), jnp.int32), segments, None, None))
   return jnp.sum(y * cotangent), y
-
-results = {}
-for axes in json.loads(sys.argv[1]):
-  mesh_cfg = {'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1, **axes}
-  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:int(np.prod(list(mesh_cfg.values())))])
-  rules = base_config().mesh.rules
-  grad = jax.value_and_grad(loss, has_aux=True)
-  sizes.clear()
-  (_, y), grads = jax.jit(grad)(arrays)
-  whole = list(sizes)
-  sizes.clear()
-  placed = jax.device_put(arrays, jax.NamedSharding(mesh, sharding.logical_spec(('batch', 'length'), rules)))
-  (_, y_mesh), grads_mesh = jax.jit(sharding.with_activation_placement(grad, mesh, rules))(placed)
-  worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-              zip(jax.tree.leaves((y, grads)), jax.tree.leaves((y_mesh, grads_mesh))))
-  results[json.dumps(axes)] = {'worst': worst, 'whole': whole, 'per_device': list(sizes)}
-print('RESULTS ' + json.dumps(results))
 '''
 
 
 def test_the_declared_layout_runs_the_kernel_per_row_and_kv_head_and_equals_one_device():
   meshes = [{'data': 2, 'fsdp': 2, 'tensor': 2}]
-  results = results_on_8_cpu_devices(PER_DEVICE, meshes)
+  results = layer_on_meshes(LAYER, 'moba', meshes)
   got = results[json.dumps(meshes[0])]
   assert got['worst'] < 1e-5, got
   assert got['whole'] and sorted(got['per_device']) == sorted(s // 8 for s in got['whole']), got

@@ -120,3 +120,28 @@ def trained_workdir(tmp_path_factory, data_dir):
     assert run_command(train_command, tiny_argv(workdir, data_dir, **TRAINED_FIELDS)) == 0
     _trained['workdir'] = workdir
   return _trained['workdir']
+
+
+def init_from_parameters(cfg, source, step):
+  """(report, loaded, saved) of loading run `source`'s checkpoint at `step` into a fresh
+  model of `cfg` through init_from: plan_init_from's report, the parameters after loading
+  (fresh ones seeded 1) and the checkpoint's own, restored with cfg's shapes."""
+  from sparseformer.training.assembly import assemble_train_step
+  from sparseformer.training.checkpoint import Checkpointer
+  from sparseformer.training.init_from import load_init_from, plan_init_from
+  from sparseformer.training.setup import prepare_run
+  from sparseformer.training.state import abstract_model_arrays
+  spec = prepare_run(cfg).spec
+  parts = assemble_train_step(cfg, spec)
+  shardings = parts.state_shardings
+  abstract = {'params': spec.abstract_params.to_pure_dict(),
+              'mechanism_state': spec.abstract_mechanism_state.to_pure_dict()}
+  checkpointer, found, report = plan_init_from(str(source), abstract)
+  assert found == step, (found, step)
+  fresh = parts.fresh_state(seed=1)
+  loaded = load_init_from(checkpointer, step, {'params': fresh['params'], 'mechanism_state': fresh['mechanism_state']},
+                          {'params': shardings['params'], 'mechanism_state': shardings['mechanism_state']},
+                          shardings['step'])
+  saved = Checkpointer(os.path.join(str(source), 'checkpoints'), keep=1, async_save=False, read_only=True).restore_model(
+      step, abstract_model_arrays(spec))
+  return report, loaded['params'], saved['params']
