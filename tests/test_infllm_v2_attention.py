@@ -152,7 +152,8 @@ def test_a_group_shares_its_blocks_and_nothing_later_is_seen():
 
 @pytest.mark.parametrize('field,value,message', [
     ('select_block', 40, 'model.attention.infllm_v2.select_block=40: use a multiple of model.attention.block_size'),
-    ('cmp_stride', 64, r'model.attention.infllm_v2.cmp_stride=64: use at most cmp_len \(32\)'),
+    ('cmp_stride', 24,
+     r'model.attention.infllm_v2.cmp_len=32: use a multiple of model.attention.infllm_v2.cmp_stride \(24\)'),
     ('select_count', 2, r'model.attention.infllm_v2.select_count=2: use at least local_blocks \+ 1 \(3\)'),
     ('sparse_from', 0, 'model.attention.infllm_v2.sparse_from=0: use a length of at least 1'),
 ])

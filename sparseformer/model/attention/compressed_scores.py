@@ -42,6 +42,18 @@ def num_compressed(length, cmp_len, cmp_stride):
   return max(0, (length - cmp_len) // cmp_stride + 1)
 
 
+def span_tokens(x, cmp_len, cmp_stride):
+  """[B, Tc, l, ...]: the tokens of every complete span [j d, j d + l) of x [B, T, ...], for
+  cmp_len a multiple of cmp_stride (span j is the stride chunks j .. j + l/d - 1: no gather)."""
+  b, length = x.shape[:2]
+  count = num_compressed(length, cmp_len, cmp_stride)
+  parts = cmp_len // cmp_stride
+  if count == 0:
+    return jnp.zeros((b, 0, cmp_len) + x.shape[2:], x.dtype)
+  chunks = x[:, :(count + parts - 1) * cmp_stride].reshape(b, count + parts - 1, cmp_stride, *x.shape[2:])
+  return jnp.concatenate([chunks[:, i:i + count] for i in range(parts)], axis=2)
+
+
 def compressed_key_segments(segment_ids, cmp_len, cmp_stride):
   """[B, Tc] int32: the document of each compressed key's span when the whole span lies in
   one document (0 for a span of padding, which only padding queries see), CROSSES_DOCUMENTS

@@ -43,10 +43,7 @@ from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, O
 
 def mean_pooled_keys(k, cmp_len, cmp_stride):
   """[B, Tc, Hkv, D] float32: the mean of each span [j d, j d + l) of k [B, T, Hkv, D]."""
-  count = compressed_scores.num_compressed(k.shape[1], cmp_len, cmp_stride)
-  starts = jnp.arange(count) * cmp_stride
-  windows = jax.vmap(lambda start: jax.lax.dynamic_slice_in_dim(k, start, cmp_len, axis=1), out_axes=1)(starts)
-  return windows.astype(jnp.float32).mean(2)
+  return compressed_scores.span_tokens(k.astype(jnp.float32), cmp_len, cmp_stride).mean(2)
 
 
 @register('infllm_v2')
@@ -55,7 +52,8 @@ class InfLLMv2Attention(Mechanism):
   OPTIONS = {
       'sparse_from': Option(8192, 'rows of at least this many tokens run sparse, shorter ones dense',
                             lambda n: n >= 1, 'use a length of at least 1'),
-      'cmp_len': Option(32, 'tokens of each mean-pooled key span (stage 1)', lambda n: n >= 1, 'use at least 1'),
+      'cmp_len': Option(32, 'tokens of each mean-pooled key span (stage 1), a multiple of cmp_stride',
+                        lambda n: n >= 1, 'use at least 1'),
       'cmp_stride': Option(16, 'tokens between the starts of consecutive spans', lambda n: n >= 1, 'use at least 1'),
       'select_block': Option(128, 'tokens of a selection block, a multiple of model.attention.block_size (the '
                              'paper: 64, with block_size 64)',
@@ -75,8 +73,8 @@ class InfLLMv2Attention(Mechanism):
     return first_problem([
         (options.select_block % block == 0, f'{path}.select_block={options.select_block}: use a multiple of '
                                             f'model.attention.block_size ({block})'),
-        (options.cmp_stride <= options.cmp_len, f'{path}.cmp_stride={options.cmp_stride}: use at most cmp_len '
-                                                f'({options.cmp_len}), or spans leave tokens out'),
+        (options.cmp_len % options.cmp_stride == 0, f'{path}.cmp_len={options.cmp_len}: use a multiple of '
+                                                    f'{path}.cmp_stride ({options.cmp_stride})'),
         (options.local_blocks + 1 <= options.select_count,
          f'{path}.select_count={options.select_count}: use at least local_blocks + 1 ({options.local_blocks + 1}): '
          'the first and the local blocks are always kept'),

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from pallas_kernels.block_sparse_attention import block_sparse_attention, plan_from_block_mask
 from sparseformer.model.attention import block_selection
 from sparseformer.model.attention import gate as gate_lib
-from sparseformer.model.attention.base import (HEAD_BLOCKS, KEYS, QUERIES, ROWS, Mechanism, Option, first_problem, kernel, no_aux,
-                                               register, softmax_flops, softmax_scale)
+from sparseformer.model.attention.base import (HEAD_BLOCKS, KEYS, QUERIES, ROWS, Mechanism, Option, first_problem,
+                                               kernel, no_aux, register, softmax_flops, softmax_scale)
 
 SHARING = ('group', 'head')
 

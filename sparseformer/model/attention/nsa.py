@@ -50,7 +50,7 @@ from pallas_kernels.block_sparse_attention import block_sparse_attention, masks,
 from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, Option, first_problem, kernel,
                                                mean_causal_keys, no_aux, register, softmax_flops, softmax_scale)
 from sparseformer.model.attention.block_selection import choose_by_compressed_scores, chosen_fraction
-from sparseformer.model.attention.compressed_scores import compressed_key_segments, num_compressed
+from sparseformer.model.attention.compressed_scores import compressed_key_segments, span_tokens
 from sparseformer.model.layers import param
 
 BRANCHES = ('cmp', 'slc', 'win')  # the order of the gates in W_g
@@ -66,14 +66,7 @@ def compress(x, position, weight, cmp_len, cmp_stride):
   """phi of every complete span: x [B, T, Hkv, D], position [Hkv, l, D], weight [Hkv, l, D, D]
   (compression=linear) or [Hkv, l] (weighted: a learned weight per position) -> [B, Tc, Hkv, D].
   cmp_len is a multiple of cmp_stride: span j is the stride chunks j .. j + l/d - 1."""
-  b, length, heads, dim = x.shape
-  count = num_compressed(length, cmp_len, cmp_stride)
-  if count == 0:
-    return jnp.zeros((b, 0, heads, dim), x.dtype)
-  parts = cmp_len // cmp_stride
-  chunks = x[:, :(count + parts - 1) * cmp_stride].reshape(b, count + parts - 1, cmp_stride, heads, dim)
-  spans = jnp.concatenate([chunks[:, i:i + count] for i in range(parts)], axis=2)  # [B, Tc, l, Hkv, D]
-  spans = spans + jnp.swapaxes(position, 0, 1).astype(x.dtype)
+  spans = span_tokens(x, cmp_len, cmp_stride) + jnp.swapaxes(position, 0, 1).astype(x.dtype)  # [B, Tc, l, Hkv, D]
   if weight.ndim == 2:
     return jnp.einsum('bjlhd,hl->bjhd', spans, weight.astype(x.dtype))
   return jnp.einsum('bjlhd,hlde->bjhe', spans, weight.astype(x.dtype))
