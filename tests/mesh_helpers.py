@@ -78,6 +78,33 @@ print('RESULTS ' + json.dumps(results))
 '''
 
 
+QKV_LAYER = r'''
+B, T, H, HKV, D = 4, 128, 4, 2, 16
+m = base_config().model
+m.num_layers, m.layer_attention, m.attention.block_size = 1, ({spec!r},), 16
+m.num_heads, m.num_kv_heads, m.d_model = H, HKV, H * D
+{options}
+layer = get_mechanism({spec!r})(resolve_dims(m, 259), 0, nnx.Rngs(0))
+keys = jax.random.split(jax.random.key(1), 4)
+arrays = (jax.random.normal(keys[0], (B, T, H, D)), jax.random.normal(keys[1], (B, T, HKV, D)),
+          jax.random.normal(keys[2], (B, T, HKV, D)))
+cotangent = jax.random.normal(keys[3], (B, T, H, D))
+segments = jnp.asarray(np.stack([np.ones(T), 1 + (np.arange(T) >= 40), np.ones(T), 1 + (np.arange(T) >= 100)]),
+                       jnp.int32)
+
+def loss(arrays):
+  y, _ = layer(*arrays, AttentionContext(jnp.zeros((B, T), jnp.int32), segments, None, None))
+  return jnp.sum(y * cotangent), y
+'''
+
+
+def qkv_layer(spec, options=''):
+  """The setup of layer_on_meshes for a mechanism that reads q, k, v only: one layer of
+  `spec` (4 heads, 2 kv heads, head_dim 16, 16-token blocks; `options`: lines setting
+  fields of the model config `m`) on 4 rows of 128 tokens, two of them packed."""
+  return QKV_LAYER.format(spec=spec, options=options)
+
+
 def layer_on_meshes(setup, module, meshes):
   """A mechanism layer's loss and gradients on each mesh of `meshes` (axis sizes over 8 CPU
   devices) against one device, and the size of q at each kernel call, in a child process.

@@ -28,6 +28,7 @@ weights [B, H, Tq, Tk] themselves. tests/mask_oracle.py builds the `allowed` mas
 block-sparse plans stand for.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -111,3 +112,23 @@ def repeat_heads(x, heads, axis, xp=np):
 def as_float(x, float64):
   """float64 NumPy, or float32 jax.numpy."""
   return np.asarray(x, np.float64) if float64 else jnp.asarray(x).astype(jnp.float32)
+
+
+def check_layer_against_oracle(layer_call, q, k, v, d_out, allowed, segment_ids=None, tolerance=2e-5):
+  """A layer's output and q, k, v gradients (of sum(y * d_out), under jit) against
+  masked_softmax_attention with `allowed`, to `tolerance` absolute and relative; returns
+  the layer's aux. layer_call(q, k, v) -> (y, aux)."""
+  def ours(q, k, v):
+    y, aux = layer_call(q, k, v)
+    return jnp.sum(y * d_out), (y, aux)
+
+  def dense(q, k, v):
+    y = masked_softmax_attention(q, k, v, allowed, segment_ids=segment_ids)
+    return jnp.sum(y * d_out), y
+
+  (_, (y, aux)), grads = jax.jit(jax.value_and_grad(ours, (0, 1, 2), has_aux=True))(q, k, v)
+  (_, y_dense), dense_grads = jax.jit(jax.value_and_grad(dense, (0, 1, 2), has_aux=True))(q, k, v)
+  np.testing.assert_allclose(y, y_dense, rtol=tolerance, atol=tolerance)
+  for name, got, want in zip(('dq', 'dk', 'dv'), grads, dense_grads):
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance, err_msg=name)
+  return aux

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from mesh_helpers import layer_on_meshes
-from oracles import masked_softmax_attention
+from mesh_helpers import layer_on_meshes, qkv_layer
+from oracles import check_layer_against_oracle
 
 from sparseformer import config as config_lib
 from sparseformer.cli import compare
@@ -97,20 +97,8 @@ def test_layer_equals_dense_attention_on_the_blocks_moba_picks(t, kv_heads, moba
   ctx = AttentionContext(jnp.zeros((b, t), jnp.int32), segments, None, None)
   allowed = moba_mask(q, k, segments, moba_block, top_k, share)
 
-  def ours(q, k, v):
-    y, aux = layer(q, k, v, ctx)
-    return jnp.sum(y * d_out), (y, aux['stats']['moba_select_fraction'])
-
-  def dense(q, k, v):
-    y = masked_softmax_attention(q, k, v, allowed, segment_ids=segments)
-    return jnp.sum(y * d_out), y
-
-  (_, (y, density)), grads = jax.jit(jax.value_and_grad(ours, (0, 1, 2), has_aux=True))(q, k, v)
-  (_, y_dense), dense_grads = jax.jit(jax.value_and_grad(dense, (0, 1, 2), has_aux=True))(q, k, v)
-  np.testing.assert_allclose(y, y_dense, rtol=2e-5, atol=2e-5)
-  for name, got, want in zip(('dq', 'dk', 'dv'), grads, dense_grads):
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)
-  assert 0 < float(density) <= 1
+  aux = check_layer_against_oracle(lambda q, k, v: layer(q, k, v, ctx), q, k, v, d_out, allowed, segments)
+  assert 0 < float(aux['stats']['moba_select_fraction']) <= 1
 
 
 def test_a_group_shares_its_blocks_and_more_blocks_cost_more():
@@ -201,25 +189,7 @@ def test_a_model_with_moba_layers_gives_finite_outputs_and_gradients():
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
-LAYER = r'''
-B, T, H, HKV, D = 4, 128, 4, 2, 16
-cfg = base_config()
-m = cfg.model
-m.num_layers, m.layer_attention, m.attention.block_size = 1, ('moba',), 16
-m.num_heads, m.num_kv_heads, m.d_model = H, HKV, H * D
-m.attention.moba.block, m.attention.moba.top_k = 32, 2
-layer = get_mechanism('moba')(resolve_dims(m, 259), 0, nnx.Rngs(0))
-keys = jax.random.split(jax.random.key(1), 4)
-arrays = (jax.random.normal(keys[0], (B, T, H, D)), jax.random.normal(keys[1], (B, T, HKV, D)),
-          jax.random.normal(keys[2], (B, T, HKV, D)))
-cotangent = jax.random.normal(keys[3], (B, T, H, D))
-segments = jnp.asarray(np.stack([np.ones(T), 1 + (np.arange(T) >= 40), np.ones(T), 1 + (np.arange(T) >= 100)]),
-                       jnp.int32)
-
-def loss(arrays):
-  y, _ = layer(*arrays, AttentionContext(jnp.zeros((B, T), jnp.int32), segments, None, None))
-  return jnp.sum(y * cotangent), y
-'''
+LAYER = qkv_layer('moba', 'm.attention.moba.block, m.attention.moba.top_k = 32, 2')
 
 
 def test_the_declared_layout_runs_the_kernel_per_row_and_kv_head_and_equals_one_device():
