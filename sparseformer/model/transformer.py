@@ -32,6 +32,23 @@ class AttentionLayer(nnx.Module):
     self.mechanism = mechanism_cls(dims, layer_index, rngs)
 
   def __call__(self, x, ctx):
+    q, k, v, inputs = self.project(x, ctx)
+    y, aux = self.mechanism(q, k, v, ctx, **inputs)
+    return self.out(y), aux
+
+  def prefill(self, x, ctx, cache, lengths):
+    q, k, v, inputs = self.project(x, ctx)
+    y, cache = self.mechanism.prefill(q, k, v, ctx, cache, lengths, **inputs)
+    return self.out(y), cache
+
+  def decode(self, x, ctx, cache):
+    q, k, v, inputs = self.project(x, ctx)
+    y, cache = self.mechanism.decode(q, k, v, ctx, cache, **inputs)
+    return self.out(y), cache
+
+  def project(self, x, ctx):
+    """q, k (rotated; None for a mechanism that does not read them), v and the
+    mechanism's extra inputs."""
     q_pre, k_pre = self.query(x), self.key(x)
     if hasattr(self, 'query_norm'):
       q_pre, k_pre = self.query_norm(q_pre), self.key_norm(k_pre)
@@ -39,9 +56,7 @@ class AttentionLayer(nnx.Module):
     q, k = None, None
     if mechanism.rotary:
       q, k = rope.apply_rotary(q_pre, ctx.cos, ctx.sin), rope.apply_rotary(k_pre, ctx.cos, ctx.sin)
-    inputs = mechanism.layer_inputs(pre_rope=(q_pre, k_pre), layer_input=x)
-    y, aux = mechanism(q, k, self.value(x), ctx, **inputs)
-    return self.out(y), aux
+    return q, k, self.value(x), mechanism.layer_inputs(pre_rope=(q_pre, k_pre), layer_input=x)
 
 
 class Block(nnx.Module):
@@ -54,8 +69,18 @@ class Block(nnx.Module):
 
   def __call__(self, x, ctx):
     y, aux = self.attention(self.attention_norm(x), ctx)
-    x = x + y
-    return x + self.mlp(self.mlp_norm(x)), aux
+    return self.add_mlp(x + y), aux
+
+  def prefill(self, x, ctx, cache, lengths):
+    y, cache = self.attention.prefill(self.attention_norm(x), ctx, cache, lengths)
+    return self.add_mlp(x + y), cache
+
+  def decode(self, x, ctx, cache):
+    y, cache = self.attention.decode(self.attention_norm(x), ctx, cache)
+    return self.add_mlp(x + y), cache
+
+  def add_mlp(self, x):
+    return x + self.mlp(self.mlp_norm(x))
 
 
 REMAT_POLICIES = {
@@ -85,17 +110,58 @@ class LanguageModel(nnx.Module):
   def hidden(self, tokens, positions, segment_ids, *, training=False):
     """The final hidden states [B, T, d_model] (after the final norm, compute dtype) and aux:
     the loss can then unembed them a chunk at a time (training/loss.py)."""
-    dims = self.dims
-    x = jnp.take(self.embedding[...], tokens, axis=0).astype(dims.compute_dtype)
-    inv_freq, logit_scale = rope.inverse_frequencies(dims.head_dim, dims.rope)
-    cos, sin = rope.rotary_angles(positions, inv_freq)
-    ctx = AttentionContext(positions, segment_ids, cos, sin, logit_scale=logit_scale, training=training)
+    x, ctx = self.embed(tokens, positions, segment_ids, training)
     aux = {'losses': {}, 'stats': {}}
     for i, block in enumerate(self.blocks):
       x, layer_aux = self._run_block(block, x, ctx)
       for kind in ('losses', 'stats'):
         aux[kind].update({f'layer{i}/{name}': value for name, value in layer_aux[kind].items()})
     return self.final_norm(x), aux
+
+  def embed(self, tokens, positions, segment_ids, training=False):
+    """The embedded tokens (compute dtype) and the layers' AttentionContext."""
+    dims = self.dims
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(dims.compute_dtype)
+    inv_freq, logit_scale = rope.inverse_frequencies(dims.head_dim, dims.rope)
+    cos, sin = rope.rotary_angles(positions, inv_freq)
+    return x, AttentionContext(positions, segment_ids, cos, sin, logit_scale=logit_scale, training=training)
+
+  # --------------------------------------------------------------------------------------
+  # decoding (sparseformer/generation.py drives these)
+
+  def undecodable_layers(self):
+    """'layer i (spec)' of each layer whose mechanism has no decoding."""
+    return [f'layer {i} ({spec})' for i, spec in enumerate(self.dims.layer_mechanisms)
+            if not get_mechanism(spec).can_decode()]
+
+  def init_cache(self, batch, max_len):
+    """Every layer's empty cache, for `batch` rows of up to `max_len` tokens."""
+    dims = self.dims
+    return [block.attention.mechanism.init_cache(batch, max_len, dims.num_kv_heads, dims.head_dim,
+                                                 dims.compute_dtype) for block in self.blocks]
+
+  def prefill(self, tokens, lengths, cache):
+    """(logits [B, vocab] float32 of each row's last prompt token, cache) of prompts
+    `tokens` [B, P] right-padded past `lengths` [B] (each row one document)."""
+    length = tokens.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+    x, ctx = self.embed(tokens, positions, segment_ids)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache, strict=True):
+      x, layer_cache = block.prefill(x, ctx, layer_cache, lengths)
+      new_cache.append(layer_cache)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return self.logits(self.final_norm(last)), new_cache
+
+  def decode(self, tokens, positions, cache):
+    """(logits [B, vocab] float32, cache) of one token per row, `tokens` [B] at `positions` [B]."""
+    x, ctx = self.embed(tokens[:, None], positions[:, None], None)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache, strict=True):
+      x, layer_cache = block.decode(x, ctx, layer_cache)
+      new_cache.append(layer_cache)
+    return self.logits(self.final_norm(x[:, 0])), new_cache
 
   def logits(self, hidden):
     """float32 logits [..., vocab] of hidden states [..., d_model] (tied or untied unembedding)."""

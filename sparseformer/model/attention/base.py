@@ -18,6 +18,11 @@ walks through one), registered by name with `@register('name')`. It declares:
 and implements `forward(q, k, v, ctx, **extra_inputs) -> (y, aux)` with q [B, T, H, D],
 k and v [B, T, Hkv, D], y [B, T, H, D]; aux holds auxiliary losses (added to the
 training loss) and statistics (logged), never hidden globals.
+
+Decoding (docs/generation.md) goes through `init_cache`, `prefill` and `decode`. A
+softmax mechanism that reads a key/value cache implements only `decode_visible` (which
+cached slots the new query sees) and, if it keeps fewer than all tokens, `cache_slots`;
+one with a cache of another kind (a recurrent state) overrides the three.
 """
 
 import dataclasses
@@ -30,7 +35,7 @@ import ml_collections
 from flax import nnx
 
 from sparseformer.errors import UserError, closest_match
-from sparseformer.model.attention import context_parallel
+from sparseformer.model.attention import context_parallel, kv_cache
 
 
 class MechanismState(nnx.Variable):
@@ -202,6 +207,39 @@ class Mechanism(nnx.Module):
     """forward under a placement of several devices, for `placement = CUSTOM`: the
     mechanism runs its kernels per device itself (context_parallel.per_device)."""
     raise NotImplementedError
+
+  # --------------------------------------------------------------------------------------
+  # decoding: a cache per layer, filled by prefill, advanced one token per row by decode
+
+  @classmethod
+  def can_decode(cls):
+    """Whether the mechanism implements decoding (decode_visible, or decode itself)."""
+    return cls.decode_visible is not Mechanism.decode_visible or cls.decode is not Mechanism.decode
+
+  def cache_slots(self, max_len):
+    """Key/value slots per row the cache needs for rows of up to `max_len` tokens."""
+    return max_len
+
+  def init_cache(self, batch, max_len, kv_heads, head_dim, dtype):
+    """An empty cache (a pytree of arrays) for `batch` rows of up to `max_len` tokens."""
+    return kv_cache.empty(batch, self.cache_slots(max_len), kv_heads, head_dim, dtype)
+
+  def prefill(self, q, k, v, ctx, cache, lengths, **inputs):
+    """(y, cache) of prompts right-padded to T: the training forward over them (ctx's
+    segment ids mark the padding) and the cache holding their `lengths` [B] tokens."""
+    y, _ = self(q, k, v, ctx, **inputs)
+    return y, kv_cache.fill(cache, k, v, lengths)
+
+  def decode(self, q, k, v, ctx, cache, **inputs):
+    """(y [B, 1, H, D], cache) of one new token per row, at ctx.positions [B, 1]."""
+    positions = ctx.positions[:, 0]
+    cache = kv_cache.append(cache, k, v, positions)
+    return kv_cache.attend(q, cache, self.decode_visible(cache, positions), softmax_scale(q, ctx)), cache
+
+  def decode_visible(self, cache, positions):
+    """bool [B, S], [B, Hkv, S] or [B, H, S]: the cache slots the query at `positions`
+    [B] attends (kv_cache.attend), the same keys its training forward would."""
+    raise NotImplementedError(f'the {self.name} mechanism has no decoding')
 
   # --------------------------------------------------------------------------------------
   # the `name:argument` spec

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
-from sparseformer.model.attention import context_parallel
+from sparseformer.model.attention import context_parallel, kv_cache
 from sparseformer.model.attention.base import CUSTOM, Mechanism, Option, no_aux, register, softmax_scale
 
 DENSE_BACKENDS = ('auto', 'xla_mask', 'block_sparse')
@@ -71,3 +71,6 @@ class DenseAttention(Mechanism):
       return self.forward(q, k, v, ctx)
     return context_parallel.sharded_attention(q, k, v, ctx.segment_ids, mask=masks.Causal(), block=self.block_size,
                                               scale=softmax_scale(q, ctx), placement=placement), no_aux()
+
+  def decode_visible(self, cache, positions):
+    return kv_cache.causal(cache, positions)

@@ -10,7 +10,7 @@ skipped. The plan is built from the mask function at block granularity: no T x T
 """
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
-from sparseformer.model.attention import context_parallel
+from sparseformer.model.attention import context_parallel, kv_cache
 from sparseformer.model.attention.base import (CUSTOM, Mechanism, mean_causal_keys, no_aux, register, softmax_flops,
                                                softmax_scale)
 
@@ -47,6 +47,14 @@ class SlidingWindowAttention(LocalAttention):
   def attention_flops(cls, argument, options, dims, seq_len):
     return softmax_flops(dims.num_heads, dims.head_dim, mean_causal_keys(seq_len, argument))
 
+  def cache_slots(self, max_len):
+    """A ring buffer of the last W tokens."""
+    return min(self.size, max_len)
+
+  def decode_visible(self, cache, positions):
+    """The ring buffer holds the window (the check keeps a larger cache right too)."""
+    return kv_cache.causal(cache, positions) & (positions[:, None] - cache['position'] < self.size)
+
 
 @register('block_local')
 class BlockLocalAttention(LocalAttention):
@@ -58,3 +66,10 @@ class BlockLocalAttention(LocalAttention):
   def attention_flops(cls, argument, options, dims, seq_len):
     chunk = min(argument, seq_len)
     return softmax_flops(dims.num_heads, dims.head_dim, (chunk + 1) / 2)
+
+  def cache_slots(self, max_len):
+    """The current chunk: C slots, the chunk's tokens so far the filled ones."""
+    return min(self.size, max_len)
+
+  def decode_visible(self, cache, positions):
+    return kv_cache.causal(cache, positions) & (cache['position'] // self.size == positions[:, None] // self.size)

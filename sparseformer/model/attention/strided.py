@@ -23,6 +23,7 @@ are counted in the packed row, as block_local's chunks are); the plan adds docum
 import numpy as np
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, plan_from_block_mask
+from sparseformer.model.attention import kv_cache
 from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, Option, first_problem, kernel, no_aux,
                                                register, softmax_flops, softmax_scale)
 
@@ -70,6 +71,13 @@ class StridedAttention(Mechanism):
     plan = plan_from_block_mask(pattern[None, None], q_len=length, block_q=block, block_kv=block,
                                 segment_ids=segment_ids)
     return block_sparse_attention(q, k, v, plan, scale=scale)
+
+  def decode_visible(self, cache, positions):
+    """The pattern's rule for the query's block I and each cached key's block J."""
+    block = self.block_size
+    stride, local = self.argument // block, (self.options.strided.local or self.argument) // block
+    distance = positions[:, None] // block - cache['position'] // block
+    return kv_cache.causal(cache, positions) & ((distance < local) | (distance % stride == 0))
 
   @classmethod
   def attention_flops(cls, argument, options, dims, seq_len):

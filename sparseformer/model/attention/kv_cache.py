@@ -1,0 +1,92 @@
+"""The key/value cache of decoding: a fixed number of slots per row, written in place.
+
+A cache is a dict of arrays (a pytree, so it passes through `jax.jit` and is sharded like
+the activations):
+
+    k, v      [B, S, Hkv, D]   the keys (rotated) and values of the cached tokens
+    position  [B, S] int32     each slot's position in its row's document, -1: empty
+
+Token p of a row lives in slot p % S. With S the longest length a row reaches (dense
+attention) no token is ever overwritten; with S = W (a window) the slots are a ring
+buffer holding the last W tokens. Each row is one document (one prompt and what is
+generated after it): rows of different lengths write to different slots, so nothing in
+the cache depends on the batch's longest prompt.
+"""
+
+import jax
+import jax.numpy as jnp
+
+EMPTY = -1
+NEG_INF = -1e30
+
+
+def empty(batch, slots, kv_heads, head_dim, dtype):
+  """A cache of `slots` empty slots per row."""
+  return {'k': jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
+          'v': jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
+          'position': jnp.full((batch, slots), EMPTY, jnp.int32)}
+
+
+def slot_positions(lengths, slots):
+  """int32 [B, S]: the position each slot holds once a row of `lengths` [B] tokens is
+  written (the newest token p with p % S == slot), -1 where none is."""
+  slot = jnp.arange(slots, dtype=jnp.int32)
+  last = lengths.astype(jnp.int32)[:, None] - 1
+  position = last - jnp.mod(last - slot[None, :], slots)
+  return jnp.where(position >= 0, position, EMPTY)
+
+
+def fill(cache, k, v, lengths):
+  """The cache after a prompt: k, v [B, P, Hkv, D] of prompts of `lengths` [B] tokens
+  (right-padded to P); each slot takes the newest prompt token that maps to it."""
+  position = slot_positions(lengths, cache['position'].shape[1])
+  source = jnp.clip(position, 0, k.shape[1] - 1)
+  take = lambda a: jnp.take_along_axis(a, source[:, :, None, None], axis=1)  # noqa: E731
+  present = (position >= 0)[:, :, None, None]
+  return {'k': jnp.where(present, take(k), 0).astype(cache['k'].dtype),
+          'v': jnp.where(present, take(v), 0).astype(cache['v'].dtype),
+          'position': position}
+
+
+def append(cache, k_new, v_new, positions):
+  """The cache with one token per row written: k_new, v_new [B, 1, Hkv, D] at
+  `positions` [B] (slot position % S)."""
+  slots = cache['position'].shape[1]
+  here = jnp.arange(slots)[None, :] == jnp.mod(positions, slots)[:, None]  # [B, S]
+  put = lambda old, new: jnp.where(here[:, :, None, None], new.astype(old.dtype), old)  # noqa: E731
+  return {'k': put(cache['k'], k_new), 'v': put(cache['v'], v_new),
+          'position': jnp.where(here, positions[:, None].astype(jnp.int32), cache['position'])}
+
+
+def causal(cache, positions):
+  """bool [B, S]: the filled slots at or before the query's position [B]."""
+  held = cache['position']
+  return (held >= 0) & (held <= positions[:, None])
+
+
+def attend(q, cache, visible, scale):
+  """Softmax attention of one query per row, q [B, 1, H, D], over the cached slots a
+  `visible` mask allows: bool [B, S] (every head), [B, Hkv, S] (per kv head) or
+  [B, H, S] (per query head). float32 scores; y [B, 1, H, D] in q's dtype. A query that
+  sees no slot gets zeros."""
+  b, _, heads, d = q.shape
+  kv_heads = cache['k'].shape[2]
+  group = heads // kv_heads
+  qg = q[:, 0].reshape(b, kv_heads, group, d).astype(jnp.float32)
+  scores = jnp.einsum('bhgd,bshd->bhgs', qg, cache['k'].astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST) * scale
+  allowed = visible_per_group(visible, kv_heads, group)
+  scores = jnp.where(allowed, scores, NEG_INF)
+  weights = jnp.exp(scores - scores.max(-1, keepdims=True)) * allowed
+  weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-30)
+  y = jnp.einsum('bhgs,bshd->bhgd', weights, cache['v'].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return y.reshape(b, 1, heads, d).astype(q.dtype)
+
+
+def visible_per_group(visible, kv_heads, group):
+  """A visibility mask as bool [B, Hkv, G or 1, S] (query head h = kv head h // G)."""
+  if visible.ndim == 2:
+    return visible[:, None, None, :]
+  if visible.shape[1] == kv_heads:
+    return visible[:, :, None, :]
+  return visible.reshape(visible.shape[0], kv_heads, group, visible.shape[-1])
