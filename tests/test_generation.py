@@ -1,0 +1,99 @@
+"""Generation (sparseformer/generation): greedy decoding through the caches picks the
+tokens that recomputing the whole forward pass each step picks; seeded sampling repeats;
+stop tokens end a row; top-k and top-p keep the tokens they should."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from decode_helpers import VOCAB, model_for
+from flax import nnx
+
+from sparseformer.errors import UserError
+from sparseformer.generation import Generator, Sampling
+from sparseformer.generation.sampling import keep_top_k, keep_top_p, next_tokens
+from sparseformer.training.state import split_model
+
+PROMPTS = [[5, 9, 200, 31, 7], list(range(40, 57)), [3]]
+
+
+def generator_for(specs):
+  model = model_for(specs)
+  graphdef, params, mechanism_state = split_model(model)
+  arrays = {'params': params.to_pure_dict(), 'mechanism_state': mechanism_state.to_pure_dict()}
+  return model, Generator(graphdef, arrays, vocab_size=VOCAB)
+
+
+def recomputed_greedy(model, prompt, count):
+  """Greedy continuation by running the whole forward pass again for every token."""
+  tokens = list(prompt)
+  for _ in range(count):
+    logits, _ = model(jnp.asarray([tokens]), jnp.arange(len(tokens))[None], None)
+    tokens.append(int(jnp.argmax(logits[0, -1, :VOCAB])))
+  return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize('specs', [['dense'], ['dense', 'window:8']], ids=['dense', 'masformer'])
+def test_greedy_generation_matches_recomputing_the_forward_pass(specs):
+  model, generator = generator_for(specs)
+  result = generator.generate(PROMPTS, max_new_tokens=12)
+  for prompt, tokens in zip(PROMPTS, result.tokens):
+    assert tokens == recomputed_greedy(model, prompt, 12)
+  assert result.finish_reasons == ['length'] * 3
+  assert result.decode_steps == 11
+
+
+def test_seeded_sampling_repeats_and_seeds_differ():
+  _, generator = generator_for(['dense'])
+  sampling = Sampling(temperature=1.0, top_k=50, top_p=0.95)
+  run = lambda seed: generator.generate(PROMPTS, max_new_tokens=16, sampling=sampling, seed=seed).tokens  # noqa: E731
+  first = run(3)
+  assert run(3) == first
+  assert run(4) != first
+
+
+def test_a_stop_token_ends_its_row_only():
+  _, generator = generator_for(['dense'])
+  free = generator.generate(PROMPTS, max_new_tokens=10).tokens
+  stop = free[0][3]
+  assert stop not in free[1]
+  result = generator.generate(PROMPTS, max_new_tokens=10, stop_tokens=[stop])
+  assert result.tokens[0] == free[0][:free[0].index(stop) + 1]
+  assert result.finish_reasons[0] == 'stop'
+  assert result.tokens[1] == free[1] and result.finish_reasons[1] == 'length'
+
+
+def test_top_k_and_top_p_keep_the_largest_tokens():
+  logits = jnp.log(jnp.asarray([[0.1, 0.5, 0.2, 0.15, 0.05]]))
+  assert np.isfinite(np.asarray(keep_top_k(logits, 2))).tolist() == [[False, True, True, False, False]]
+  # 0.5 first, 0.2 brings it to 0.7 >= 0.6; the rest are outside the nucleus.
+  assert np.isfinite(np.asarray(keep_top_p(logits, 0.6))).tolist() == [[False, True, True, False, False]]
+  assert np.isfinite(np.asarray(keep_top_p(logits, 0.3))).tolist() == [[False, True, False, False, False]]
+  key = jax.random.key(0)
+  samples = [int(next_tokens(logits, jax.random.fold_in(key, i), Sampling(1.0, top_k=2), 5)[0]) for i in range(64)]
+  assert set(samples) == {1, 2}
+
+
+def test_padded_vocabulary_ids_are_never_chosen():
+  logits = jnp.asarray([[0.0, 1.0, 9.0]])
+  assert int(next_tokens(logits, jax.random.key(0), Sampling(), vocab_size=2)[0]) == 1
+
+
+@pytest.mark.parametrize('request_, message', [
+    (dict(prompts=[], max_new_tokens=4), 'no prompt'),
+    (dict(prompts=[[5], []], max_new_tokens=4), 'prompt 1 is empty'),
+    (dict(prompts=[[5]], max_new_tokens=0), 'max_new_tokens=0'),
+    (dict(prompts=[[5]], max_new_tokens=4, sampling=Sampling(top_p=0.0)), 'top_p=0.0'),
+    (dict(prompts=[[5]], max_new_tokens=4, sampling=Sampling(temperature=-1.0)), 'temperature=-1.0'),
+])
+def test_requests_that_cannot_run_say_why(request_, message):
+  _, generator = generator_for(['dense'])
+  with pytest.raises(UserError, match=message):
+    generator.generate(**request_)
+
+
+def test_a_model_with_a_layer_that_cannot_decode_is_refused(monkeypatch):
+  from sparseformer.model.attention.local import SlidingWindowAttention
+  monkeypatch.setattr(SlidingWindowAttention, 'can_decode', classmethod(lambda cls: False))
+  with pytest.raises(UserError, match=r'no decoding for layer 1 \(window:8\)'):
+    generator_for(['dense', 'window:8'])
