@@ -139,11 +139,15 @@ class Generator:
     placement = sharding.ActivationPlacement(self.mesh, self.rules)
     return placement.axis_size(placement.spec('batch')[0])
 
-  def generate(self, prompts, *, max_new_tokens, sampling=Sampling(), seed=0, stop_tokens=(), on_step=None,
-               pad_id=0):
+  def generate(self, prompts, *, max_new_tokens, sampling=Sampling(), seed=0, stop_tokens=(), stop_texts=(),
+               detokenize=None, on_step=None, pad_id=0):
     """Generation of up to `max_new_tokens` tokens after each prompt (a list of token id
-    sequences). on_step(step, tokens [B] int, live [B] bool), if given, sees each step's
-    tokens as they are made (live: rows still generating, whose token counts)."""
+    sequences). A row stops at any of `stop_tokens`, or once its text (`detokenize` of
+    its new tokens) contains one of `stop_texts`. on_step(step, tokens [B] int, live [B]
+    bool), if given, sees each step's tokens as they are made (live: rows still
+    generating, whose token counts)."""
+    if stop_texts and detokenize is None:
+      raise ValueError('stop_texts need detokenize')
     check_request(prompts, max_new_tokens, sampling)
     rows = len(prompts)
     batch = round_up(rows, self.batch_multiple())
@@ -161,7 +165,7 @@ class Generator:
     tokens = np.asarray(tokens)
     prefill_seconds = time.perf_counter() - start
 
-    stops = set(int(t) for t in stop_tokens)
+    stops = Stops(set(int(t) for t in stop_tokens), tuple(stop_texts), detokenize)
     generated = [[] for _ in range(rows)]
     finish = [None] * rows
     positions = lengths.copy()
@@ -182,12 +186,24 @@ class Generator:
                       time.perf_counter() - start, steps)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stops:
+  """When a row stops: at one of `tokens`, or when its text contains one of `texts`."""
+  tokens: set
+  texts: tuple
+  detokenize: object
+
+  def reached(self, row_tokens):
+    if row_tokens[-1] in self.tokens:
+      return True
+    return bool(self.texts) and any(text in self.detokenize(row_tokens) for text in self.texts)
+
+
 def record(tokens, live, generated, finish, stops, max_new_tokens):
-  """Appends each live row's token; marks rows that hit a stop token or the length."""
+  """Appends each live row's token; marks rows that hit a stop or the length."""
   for row in np.flatnonzero(live):
-    token = int(tokens[row])
-    generated[row].append(token)
-    if token in stops:
+    generated[row].append(int(tokens[row]))
+    if stops.reached(generated[row]):
       finish[row] = 'stop'
     elif len(generated[row]) >= max_new_tokens:
       finish[row] = 'length'
@@ -205,11 +221,9 @@ def check_request(prompts, max_new_tokens, sampling):
   sampling.check()
 
 
-def generate(graphdef, model_arrays, prompts, *, vocab_size, max_new_tokens, sampling=Sampling(), seed=0,
-             stop_tokens=(), mesh=None, rules=()):
+def generate(graphdef, model_arrays, prompts, *, vocab_size, mesh=None, rules=(), **settings):
   """Generation of `prompts` (token id sequences) by one model: the library entry of
-  `python -m sparseformer.cli.generate` (a Generator compiles once per shape; keep one to
-  call it again)."""
+  `python -m sparseformer.cli.generate`; `settings` as Generator.generate's (a Generator
+  compiles once per shape; keep one to call it again)."""
   generator = Generator(graphdef, model_arrays, vocab_size=vocab_size, mesh=mesh, rules=rules)
-  return generator.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                            stop_tokens=stop_tokens)
+  return generator.generate(prompts, **settings)

@@ -25,8 +25,9 @@ class RunSetup:
     return self.spec.dims
 
 
-def prepare_run(cfg, *, seq_lens=()):
-  """Validates the config against the devices and the data; raises UserError on any problem."""
+def prepare_run(cfg, *, seq_lens=(), needs_data=True):
+  """Validates the config against the devices and the data (unless `needs_data` is False:
+  generation reads no dataset); raises UserError on any problem."""
   config_lib.validate(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = tuple(cfg.mesh.rules)
@@ -36,7 +37,8 @@ def prepare_run(cfg, *, seq_lens=()):
   dims = resolve_dims(cfg.model, tokenizer.vocab_size)
   spec = model_spec(dims, mesh, rules)
   sharding_check(spec)
-  data.ensure_prepared(cfg.data)
+  if needs_data:
+    data.ensure_prepared(cfg.data)
   return RunSetup(cfg, mesh, tokenizer, spec, sharding.batch_sharding(mesh, rules))
 
 
