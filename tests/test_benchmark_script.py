@@ -300,3 +300,17 @@ def test_block_selection_quick_run_times_every_mechanism_and_dense(tmp_path):
   assert [(r['what'], r['direction']) for r in rows] == [(w, d) for w in whats for d in ('fwd', 'fwd+bwd')]
   for row in rows:
     assert row['ms'] > 0 and np.isfinite(row['vs_cudnn']) and not row['note'], row
+
+
+@pytest.mark.slow  # a benchmark script's CPU smoke run (about a minute): bash scripts/test.sh -m slow
+def test_decode_quick_run_measures_every_variant(tmp_path):
+  out = tmp_path / 'decode.json'
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'decode.py'), '--quick', '--out', str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  rows = json.loads(out.read_text())['rows']
+  assert [(r['variant'], r['batch']) for r in rows] == [(v, b) for v in ('dense', 'window', 'masformer', 'gated', 'sse_h')
+                                                         for b in (1, 2)]
+  for row in rows:
+    assert 'error' not in row, row
+    assert row['decode_tokens_per_s'] > 0 and row['cache_mib'] > 0 and row['forward_s'] > 0, row

@@ -34,6 +34,7 @@ class Generation:
   prefill_seconds: float
   decode_seconds: float
   decode_steps: int
+  cache_bytes: int  # every layer's cache, all rows
 
   @property
   def new_tokens(self):
@@ -48,7 +49,7 @@ class Generation:
 
   def summary(self):
     return (f'{len(self.tokens)} rows, {sum(self.prompt_lengths)} prompt tokens, {self.new_tokens} new tokens; '
-            f'compile {self.compile_seconds:.2f} s, prefill {self.prefill_seconds:.3f} s, '
+            f'cache {self.cache_bytes / 2**20:.1f} MiB; compile {self.compile_seconds:.2f} s, prefill {self.prefill_seconds:.3f} s, '
             f'decode {self.decode_steps} steps in {self.decode_seconds:.3f} s '
             f'({self.decode_tokens_per_second:.1f} tokens/s)')
 
@@ -56,6 +57,10 @@ class Generation:
 def prompt_bucket(longest, block_size):
   """The padded prompt length: the next power of two >= longest, at least block_size."""
   return max(block_size, 1 << max(0, math.ceil(math.log2(max(longest, 1)))))
+
+
+def tree_bytes(tree):
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
 def round_up(value, multiple):
@@ -183,7 +188,7 @@ class Generator:
       positions = positions + 1
       steps += 1
     return Generation(generated, finish, [len(p) for p in prompts], compile_seconds, prefill_seconds,
-                      time.perf_counter() - start, steps)
+                      time.perf_counter() - start, steps, tree_bytes(prefill.out_info[1]))
 
 
 @dataclasses.dataclass(frozen=True)
