@@ -97,3 +97,33 @@ def test_a_model_with_a_layer_that_cannot_decode_is_refused(monkeypatch):
   monkeypatch.setattr(SlidingWindowAttention, 'can_decode', classmethod(lambda cls: False))
   with pytest.raises(UserError, match=r'no decoding for layer 1 \(window:8\)'):
     generator_for(['dense', 'window:8'])
+
+
+MESH_SCRIPT = r'''
+import json, sys
+import jax
+sys.path.insert(0, 'tests')
+from mesh_helpers import tiny_window_model
+from sparseformer.generation import Generator
+from sparseformer.training.state import model_arrays, model_shardings
+prompts = [[5, 9, 200, 31, 7], list(range(40, 57)), [3], [7] * 30, [11, 12]]
+results = {}
+for name, axes in json.loads(sys.argv[1]).items():
+  cfg, mesh, rules, spec = tiny_window_model(axes, 259, num_layers=2, layer_attention=('dense', 'window:80'))
+  arrays = jax.device_put(model_arrays(spec.dims, jax.random.key(0)), model_shardings(spec))
+  placed = dict(mesh=mesh, rules=rules) if name != 'no_mesh' else {}
+  generator = Generator(spec.graphdef, arrays, vocab_size=259, **placed)
+  results[name] = generator.generate(prompts, max_new_tokens=6).tokens
+print('RESULTS ' + json.dumps(results))
+'''
+
+
+def test_generation_on_a_mesh_matches_one_device():
+  """Rows split over data (5 prompts padded to the shards), heads over tensor, the
+  sequence over sequence shards: the same greedy tokens as without a mesh."""
+  from mesh_helpers import results_on_8_cpu_devices
+  cases = {'no_mesh': {'data': 1}, 'data4': {'data': 4}, 'data2_tensor2': {'data': 2, 'tensor': 2},
+           'fsdp2_sequence2': {'fsdp': 2, 'sequence': 2}}
+  results = results_on_8_cpu_devices(MESH_SCRIPT, cases)
+  for name in cases:
+    assert results[name] == results['no_mesh'], name
