@@ -70,3 +70,31 @@ def test_bad_input_is_one_line(workdir, tmp_path, capsys, flags, message):
   _, code = generate(workdir, tmp_path, 'bad', *flags)
   assert code == 2
   assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('family', ['llama', 'mistral', 'qwen2'])
+def test_generating_from_an_imported_model_follows_transformers(tmp_path, family):
+  """Each greedy token is the argmax of transformers' logits (tests/reference_lm, float64)
+  given the prompt and the tokens before it (within float32's error: ties aside); the
+  prompt is longer than Mistral's window of 8, Qwen2's tokenizer has no bos."""
+  import hf_fixtures
+  import numpy as np
+  import reference_lm
+  from sparseformer import data
+  from sparseformer.cli.eval import load_run_config
+  from sparseformer.cli.generate import encode_prompt
+  from sparseformer.interop.hf_import import import_model
+  hf, tensors = hf_fixtures.write_model(tmp_path / 'source', family)
+  import_model(str(tmp_path / 'source'), str(tmp_path / 'run'), {'model.dtype': 'float32'}, log=lambda *a: None)
+  rows, code = generate(tmp_path / 'run', tmp_path, 'hf', '--prompt', 'The sliding window of ten', '--max_new_tokens',
+                        '12', '--stop_tokens', '-1')
+  assert code == 0
+  tokenizer = data.make_tokenizer(load_run_config(str(tmp_path / 'run')).data.tokenizer)
+  prompt = encode_prompt(tokenizer, 'The sliding window of ten')
+  new = rows[0]['tokens']
+  logits = reference_lm.hf_logits(tensors, hf, np.asarray(prompt + new))
+  chosen = logits[len(prompt) - 1:-1, :tokenizer.vocab_size]  # ids past the tokenizer's are never chosen
+  best = chosen.max(-1)
+  scale = np.abs(logits).max()
+  for step, token in enumerate(new):
+    assert chosen[step, token] >= best[step] - 1e-4 * scale, (step, token)
