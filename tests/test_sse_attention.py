@@ -162,14 +162,14 @@ def test_token_by_token_decoding_and_prefill_equal_the_parallel_forward():
   mechanism = make_mechanism(4, top_k=2)
   inputs = random_inputs()
   parallel, _ = forward(mechanism, inputs, None)
-  decode = jax.jit(mechanism.decode)
+  decode = jax.jit(mechanism.decode_step)
   state, steps = mechanism.initial_state(2), []
   for i in range(T):
     y, state = decode(*(a[:, i:i + 1] for a in inputs), state)
     steps.append(y)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), parallel, rtol=1e-4, atol=1e-4)
   split = 50
-  prompt, state = mechanism.prefill(*(a[:, :split] for a in inputs))
+  prompt, state = mechanism.prefill_state(*(a[:, :split] for a in inputs))
   np.testing.assert_allclose(prompt, parallel[:, :split], rtol=1e-4, atol=1e-4)
   for i in range(split, T):
     y, state = decode(*(a[:, i:i + 1] for a in inputs), state)
@@ -194,9 +194,9 @@ def test_a_partition_not_chosen_is_frozen_bit_for_bit():
   inputs = random_inputs(b=1, t=12)
   state = mechanism.initial_state(1)
   for i in range(11):  # some history in every partition the first tokens visited
-    _, state = mechanism.decode(*(a[:, i:i + 1] for a in inputs), state)
+    _, state = mechanism.decode_step(*(a[:, i:i + 1] for a in inputs), state)
   token = [a[:, 11:12] for a in inputs]
-  _, new_state = mechanism.decode(*token, state)
+  _, new_state = mechanism.decode_step(*token, state)
   _, mask = mechanism.route(token[3])
   chosen = np.asarray(mask[0, 0])
   before, after = np.asarray(state['partitions'][0]), np.asarray(new_state['partitions'][0])

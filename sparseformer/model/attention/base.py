@@ -226,8 +226,11 @@ class Mechanism(nnx.Module):
 
   def prefill(self, q, k, v, ctx, cache, lengths, **inputs):
     """(y, cache) of prompts right-padded to T: the training forward over them (ctx's
-    segment ids mark the padding) and the cache holding their `lengths` [B] tokens."""
-    y, _ = self(q, k, v, ctx, **inputs)
+    segment ids mark the padding) and the cache holding their `lengths` [B] tokens.
+    Padding only follows each prompt, and no query sees a later key, so this forward
+    runs as over unpacked rows (segment ids None: cuDNN for dense layers on a GPU);
+    the padding's outputs are never read."""
+    y, _ = self(q, k, v, dataclasses.replace(ctx, segment_ids=None), **inputs)
     return y, kv_cache.fill(cache, k, v, lengths)
 
   def decode(self, q, k, v, ctx, cache, **inputs):

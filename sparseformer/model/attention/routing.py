@@ -27,6 +27,11 @@ centroids the step started from used for routing and the commitment loss
 `routing.commitment` x mean ||x - stopgrad(centroid)||^2 (aux['losses']['routing_commitment']).
 The update is a function output, not a side effect, so a rematerialised block recomputes
 it without applying it twice; with gradient accumulation each micro-batch is one EMA step.
+
+Decoding (causal selection) keeps two caches per layer: the local heads' last
+`local_window` tokens (a ring buffer of their kv heads) and, for the routing heads, every
+token's key (the rotated query with shared QK), value and cluster per routing head; a new
+query attends over the slots of its own cluster (routing_plan.decode_visible).
 """
 
 import jax
@@ -34,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
+from sparseformer.errors import UserError
+from sparseformer.model.attention import kv_cache
 from sparseformer.model.attention import routing_kmeans as kmeans
 from sparseformer.model.attention import routing_plan
 from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, MechanismState, Option, first_problem,
@@ -127,12 +134,17 @@ class RoutingAttention(Mechanism):
     """The kv head of each routing head (static)."""
     return (self.local_heads + np.arange(self.routing_heads)) // self.group
 
-  def routed_vectors(self, q_pre, k_pre):
-    """LN0 of the routing heads' pre-RoPE queries and keys [B, T, Hr, d] (keys None with shared QK)."""
-    xq = kmeans.unit_normalise(q_pre[:, :, self.local_heads:])
+  def routed_pre_rope(self, q_pre, k_pre):
+    """The routing heads' pre-RoPE queries and keys [B, T, Hr, d] (keys None with shared QK)."""
+    xq = q_pre[:, :, self.local_heads:]
     if self.options.routing.shared_qk:
       return xq, None
-    return xq, kmeans.unit_normalise(k_pre[:, :, self.routing_kv_heads()])
+    return xq, k_pre[:, :, self.routing_kv_heads()]
+
+  def routed_vectors(self, q_pre, k_pre):
+    """LN0 of the routing heads' pre-RoPE queries and keys [B, T, Hr, d] (keys None with shared QK)."""
+    xq, xk = self.routed_pre_rope(q_pre, k_pre)
+    return kmeans.unit_normalise(xq), None if xk is None else kmeans.unit_normalise(xk)
 
   def routing_attention(self, q, k, v, pre_rope, ctx, scale):
     """Outputs [B, T, Hr, D] of the routing heads (queries q [B, T, Hr, D]) and aux."""
@@ -191,6 +203,89 @@ class RoutingAttention(Mechanism):
     self.centroids[...] = new['centroids']
     self.counts[...] = new['counts']
     self.sums[...] = new['sums']
+
+  # --------------------------------------------------------------------------------------
+  # decoding (causal selection): {'local': ring buffer, 'routed': slots with clusters}
+
+  @property
+  def local_kv_heads(self):
+    return self.local_heads // self.group
+
+  def check_decodable(self):
+    """UserError for balanced top-w, whose training routing looks at future tokens."""
+    if self.options.routing.selection != 'causal':
+      raise UserError(f'model.attention.routing.selection={self.options.routing.selection!r} cannot decode: its '
+                      'clusters are chosen over the whole row, future tokens included; use selection=causal')
+
+  def init_cache(self, batch, max_len, kv_heads, head_dim, dtype):
+    """'routed': max_len slots of the routing heads' keys (their queries with shared QK),
+    values (per kv head) and clusters; 'local' (with local heads): the last local_window
+    tokens of the local heads' kv heads."""
+    self.check_decodable()
+    key_heads = self.routing_heads if self.options.routing.shared_qk else kv_heads - self.local_kv_heads
+    routed = kv_cache.empty(batch, max_len, kv_heads - self.local_kv_heads, head_dim, dtype)
+    routed['k'] = jnp.zeros((batch, max_len, key_heads, head_dim), dtype)
+    routed['cluster'] = jnp.zeros((batch, max_len, self.routing_heads), jnp.int32)
+    cache = {'routed': routed}
+    if self.local_heads:
+      slots = min(self.options.routing.local_window, max_len)
+      cache['local'] = kv_cache.empty(batch, slots, self.local_kv_heads, head_dim, dtype)
+    return cache
+
+  def routed_keys(self, q, k):
+    """The keys the routing heads attend: their rotated queries with shared QK, else their kv heads' keys."""
+    return q[:, :, self.local_heads:] if self.options.routing.shared_qk else k[:, :, self.local_kv_heads:]
+
+  def key_clusters(self, q_pre, k_pre):
+    """int32 [B, T, Hr]: the cluster of each token's key per routing head."""
+    xq, xk = self.routed_vectors(q_pre, k_pre)
+    return kmeans.assign(xq if xk is None else xk, self.centroids[...])
+
+  def prefill(self, q, k, v, ctx, cache, lengths, pre_rope):
+    """The forward (centroids read, not updated) and the caches of the prompt tokens."""
+    y, _ = self(q, k, v, ctx, pre_rope=pre_rope)
+    kv_local = self.local_kv_heads
+    routed = kv_cache.fill(cache['routed'], self.routed_keys(q, k), v[:, :, kv_local:], lengths)
+    source = jnp.clip(routed['position'], 0, q.shape[1] - 1)[..., None]
+    routed['cluster'] = jnp.take_along_axis(self.key_clusters(*pre_rope), source, axis=1)
+    new = {'routed': routed}
+    if self.local_heads:
+      new['local'] = kv_cache.fill(cache['local'], k[:, :, :kv_local], v[:, :, :kv_local], lengths)
+    return y, new
+
+  def decode(self, q, k, v, ctx, cache, pre_rope):
+    """The local heads over their window, the routing heads over their cluster."""
+    positions, scale = ctx.positions[:, 0], softmax_scale(q, ctx)
+    y, routed = self.decode_routed(q, k, v, pre_rope, cache['routed'], positions, scale)
+    if not self.local_heads:
+      return y, {'routed': routed}
+    kv_local = self.local_kv_heads
+    local = kv_cache.append(cache['local'], k[:, :, :kv_local], v[:, :, :kv_local], positions)
+    # The ring buffer holds exactly the window: every filled slot up to the query is in it.
+    y_local = kv_cache.attend(q[:, :, :self.local_heads], local, kv_cache.causal(local, positions), scale)
+    return jnp.concatenate([y_local, y], axis=2), {'local': local, 'routed': routed}
+
+  def decode_routed(self, q, k, v, pre_rope, cache, positions, scale):
+    """(y [B, 1, Hr, D], routed cache) of the routing heads: the new token's key, value and
+    cluster written at its position, then its query over the slots of its cluster."""
+    xq, xk = (None if x is None else x[:, 0] for x in self.routed_pre_rope(*pre_rope))
+    centroids = self.centroids[...]
+    query_cluster = decode_clusters(xq, centroids)
+    key_cluster = query_cluster if xk is None else decode_clusters(xk, centroids)
+    cluster = cache['cluster']
+    cache = kv_cache.append(cache, self.routed_keys(q, k), v[:, :, self.local_kv_heads:], positions)
+    written = cache['position'] == positions[:, None]  # [B, S]
+    cache['cluster'] = jnp.where(written[..., None], key_cluster[:, None], cluster)
+    visible = decode_visible(query_cluster, jnp.moveaxis(cache['cluster'], 1, 2), (positions + 1)[:, None, None],
+                             self.options.routing.shared_qk)
+    return kv_cache.attend(q[:, :, self.local_heads:], self.per_routing_head(cache), visible, scale), cache
+
+  def per_routing_head(self, cache):
+    """The routed cache as kv_cache.attend reads it: with shared QK the keys are per
+    routing head, so each head's values are repeated beside them."""
+    if not self.options.routing.shared_qk:
+      return cache
+    return {'k': cache['k'], 'v': jnp.repeat(cache['v'], self.group, axis=2)}
 
 
 def decode_clusters(x_pre, centroids):

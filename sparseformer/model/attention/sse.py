@@ -33,7 +33,8 @@ probability of partition i, f_i the fraction of tokens writing to it) is
 aux['losses']['sse_balance']; aux['stats']['sse_load{i}'] = f_i / top_k, each
 partition's share of the writes (1 / N when balanced).
 
-Decoding carries a state of 1 + N matrices per head (`initial_state`, `prefill`, `decode`).
+Decoding carries a state of 1 + N matrices per head, whatever the length (the cache of
+init_cache, prefill and decode; `prefill_state` and `decode_step` on the layer's inputs).
 """
 
 import typing
@@ -289,6 +290,20 @@ class SparseStateExpansion(Mechanism):
   # --------------------------------------------------------------------------------------
   # decoding: 1 + N states per head
 
+  def init_cache(self, batch, max_len, kv_heads, head_dim, dtype):
+    """The zero state (float32, of a size independent of max_len)."""
+    del max_len, kv_heads, head_dim, dtype
+    return self.initial_state(batch)
+
+  def prefill(self, q, k, v, ctx, cache, lengths, pre_rope, layer_input):
+    """Each row's state after its own last prompt token (padding leaves it unchanged)."""
+    del q, k, cache, lengths  # None (no RoPE); the state starts at zero; segment ids mark the padding
+    return self.prefill_state(*pre_rope, v, layer_input, ctx.segment_ids)
+
+  def decode(self, q, k, v, ctx, cache, pre_rope, layer_input):
+    del q, k, ctx  # None (no RoPE); the state holds the position
+    return self.decode_step(*pre_rope, v, layer_input, cache)
+
   def initial_state(self, batch, dtype=jnp.float32):
     """Zero decode state {'shared': [B, H, d, d] (with the shared branch), 'partitions': [B, N, H, d, d]}."""
     _, heads, head_dim = self.query_delta.up.kernel.shape
@@ -297,20 +312,17 @@ class SparseStateExpansion(Mechanism):
       state['shared'] = jnp.zeros((batch, heads, head_dim, head_dim), dtype)
     return state
 
-  def prefill(self, q_pre, k_pre, v, x, segment_ids=None):
-    """(y, decode state after the last token) of a prompt, in mask mode (whose kernel call
-    ends with every partition's state; the final state is the last document's)."""
+  def prefill_state(self, q_pre, k_pre, v, x, segment_ids=None):
+    """(y, decode state after the last token that is not padding) of prompts, in mask mode
+    (whose kernel call ends with every partition's state; the last document's)."""
     branches = self.branches(q_pre, k_pre, v, x)
     probs, mask = self.route(x)
+    if segment_ids is not None:
+      branches, segment_ids = without_padding(branches, segment_ids)
     o, final_state = self.mask_attention(branches, probs, mask, segment_ids)
-    b, h = final_state.shape[0], branches.q2.shape[2]
-    state = {}
-    if self.shared:
-      state['shared'], final_state = final_state[:, :h], final_state[:, h:]
-    state['partitions'] = final_state.reshape(b, self.partitions, h, *final_state.shape[2:])
-    return self.output(o, x), state
+    return self.output(o, x), self.unstacked_state(final_state, branches.q2.shape[2])
 
-  def decode(self, q_pre, k_pre, v, x, state):
+  def decode_step(self, q_pre, k_pre, v, x, state):
     """(y [B, 1, H, d], new state) of one token (q_pre [B, 1, H, d], k_pre, v [B, 1, Hkv, d],
     x [B, 1, D]): the recurrence of the kernel with the mask mode's inputs, so a partition
     not chosen keeps its state bit for bit (decay exp(0) = 1, key 0)."""
@@ -338,3 +350,17 @@ class SparseStateExpansion(Mechanism):
       state['shared'], states = states[:, :h], states[:, h:]
     state['partitions'] = states.reshape(b, self.partitions, h, d, dv)
     return state
+
+
+def without_padding(branches, segment_ids):
+  """Kernel inputs where padding (segment id 0) is an identity transition of every state
+  (key 0, log decay 0) and does not start a segment (it takes the id of the last token
+  before it that is not padding): the kernel's final state is then that of each row's
+  last document after its last token, not a state of the padding."""
+  padding = (segment_ids == 0)[:, :, None, None]
+  kept = lambda a: jnp.where(padding, jnp.zeros((), a.dtype), a)  # noqa: E731
+  index = jnp.arange(segment_ids.shape[1])
+  last = jax.lax.cummax(jnp.where(segment_ids != 0, index, 0), axis=1)
+  continued = jnp.take_along_axis(segment_ids, last, axis=1)
+  return branches._replace(k1=kept(branches.k1), g1=kept(branches.g1), k2=kept(branches.k2),
+                           g2=kept(branches.g2)), continued
