@@ -399,3 +399,19 @@ def test_only_the_previous_query_block_keeps_outputs_independent_of_later_tokens
   y2 = mechanism(q2, k2, v2, ctx, pre_rope=(q2, k2))[0]
   unchanged = np.allclose(y[:, :later], y2[:, :later], rtol=1e-6, atol=1e-6)
   assert unchanged == (query_block == 'previous')
+
+
+def test_threshold_choices_do_not_read_the_diagonal_score():
+  """The keys after token 250 (inside block 15) scaled by 3: the diagonal score of block
+  15 moves, and no earlier output does. The threshold's softmax leaves the diagonal out;
+  with it in, tokens 240..249 of that block saw other blocks (a leak of the future, also
+  under query_block=previous, which top-k never had: it forces the diagonal)."""
+  mechanism = get_mechanism('gated')(gated_dims(selection='threshold', threshold=0.1), 0, nnx.Rngs(1))
+  t, later = 320, 250
+  q, k, v = random_qkv(1, t, 4, 2, 16, seed=3)
+  k2 = k.at[:, later:].multiply(3.0)
+  ctx = AttentionContext(jnp.zeros((1, t), jnp.int32), None, None, None)
+  y = mechanism(q, k, v, ctx, pre_rope=(q, k))[0]
+  y2 = mechanism(q, k2, v, ctx, pre_rope=(q, k2))[0]
+  np.testing.assert_allclose(y[:, :later], y2[:, :later], rtol=1e-6, atol=1e-6)
+  assert np.abs(y[:, later:] - y2[:, later:]).max() > 0.1

@@ -15,8 +15,9 @@ With `model.attention.dynamic_mask.block_smooth` = majority or budget the select
 made of whole key blocks per query block instead (dynamic_mask_plan.smoothed_block_mask),
 so that tiles are skipped or visited whole.
 
-Decoding: `decode_key_score` gives a new token's delta from its value, and `decode_keep`
-the keys of a cache the newest query keeps (the top-W, or the smoothed blocks).
+Decoding: the cache holds every token's key, value and delta (a slot per position);
+`decode_key_score` gives a new token's delta from its value, and `decode_keep` the keys of
+the cache the newest query keeps (the top-W, or the smoothed blocks).
 """
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from sparseformer.model.attention import dynamic_mask_plan as dmp
+from sparseformer.model.attention import kv_cache
 from sparseformer.model.attention.base import (KEYS, QUERIES, Mechanism, Option, kernel, mean_causal_keys, no_aux,
                                                plan_layout, register, softmax_flops, softmax_scale)
 from sparseformer.model.layers import param
@@ -42,9 +44,10 @@ def decode_key_score(v_new, dt_weight, dt_scale):
 
 def decode_keep(cache_scores, length, window, block_smooth='none', block=128):
   """bool [B, Hkv, L]: the keys the newest query (position length - 1) keeps among the
-  first `length` entries of a cache of scores [B, Hkv, L] (one document): the `window`
-  largest, ties to the earlier key (as in prefill), or under block smoothing the blocks
-  of `block` keys that prefill keeps for that query."""
+  first `length` (an int, or [B] one per row) entries of a cache of scores [B, Hkv, L]
+  (one document): the `window` largest, ties to the earlier key (as in prefill), or
+  under block smoothing the blocks of `block` keys that prefill keeps for that query."""
+  length = jnp.reshape(length, (-1, 1, 1))
   if block_smooth != 'none':
     return _decode_keep_smoothed(cache_scores, length, window, block_smooth, block)
   valid = jnp.arange(cache_scores.shape[-1]) < length
@@ -70,6 +73,16 @@ def _decode_keep_smoothed(cache_scores, length, window, block_smooth, block):
   kept_blocks = forced | chosen
   keys = jnp.arange(size)
   return kept_blocks[..., keys // block] & (keys < length)
+
+
+def attend_with_key_bias(q, cache, visible, scale, bias):
+  """kv_cache.attend with `bias` [B, Hkv, S] added to every logit (not scaled): keys get
+  one more dim holding bias / scale, met by a 1 in the query; values a 0 there, dropped."""
+  extend = lambda x, last: jnp.concatenate([x.astype(jnp.float32), last], axis=-1)  # noqa: E731
+  ones = jnp.ones(q.shape[:-1] + (1,), jnp.float32)
+  extended = {'k': extend(cache['k'], jnp.swapaxes(bias, 1, 2)[..., None] / scale),
+              'v': extend(cache['v'], jnp.zeros(cache['v'].shape[:-1] + (1,), jnp.float32))}
+  return kv_cache.attend(extend(q, ones), extended, visible, scale)[..., :-1].astype(q.dtype)
 
 
 @register('dynamic_mask')
@@ -118,3 +131,31 @@ class DynamicMaskAttention(Mechanism):
   def attend(self, q, k, v, plan, delta, *, scale):
     """Attention over the plan, with the key bias delta [B, Hkv, T] on every logit."""
     return block_sparse_attention(q, k, v, plan, scale=scale, key_bias=delta)
+
+  # --------------------------------------------------------------------------------------
+  # decoding: a slot per position (every key may stay among the top W) and each key's delta
+
+  def init_cache(self, batch, max_len, kv_heads, head_dim, dtype):
+    """The key/value slots and `score` [B, Hkv, S] float32, each slot's delta."""
+    cache = super().init_cache(batch, max_len, kv_heads, head_dim, dtype)
+    return cache | {'score': jnp.zeros((batch, kv_heads, max_len), jnp.float32)}
+
+  def prefill(self, q, k, v, ctx, cache, lengths):
+    y, filled = super().prefill(q, k, v, ctx, cache, lengths)
+    delta = key_scores(v, self.dt_weight[...], self.dt_scale[...])
+    held = filled['position']
+    score = jnp.take_along_axis(delta, jnp.clip(held, 0, v.shape[1] - 1)[:, None], axis=-1)
+    return y, filled | {'score': jnp.where(held[:, None] >= 0, score, 0.0)}
+
+  def decode(self, q, k, v, ctx, cache):
+    """The new token's delta joins the cache; the query keeps what decode_keep keeps of
+    its past (slot = position: the cache holds max_len slots)."""
+    positions = ctx.positions[:, 0]
+    delta = decode_key_score(v[:, 0], self.dt_weight[...], self.dt_scale[...])
+    slots = cache['score'].shape[-1]
+    here = jnp.arange(slots) == jnp.mod(positions, slots)[:, None, None]
+    cache = cache | kv_cache.append(cache, k, v, positions) | {
+        'score': jnp.where(here, delta[..., None], cache['score'])}
+    keep = decode_keep(cache['score'], positions + 1, self.window, self.options.dynamic_mask.block_smooth,
+                       self.block_size)
+    return attend_with_key_bias(q, cache, keep, softmax_scale(q, ctx), cache['score']), cache

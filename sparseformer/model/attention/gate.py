@@ -19,6 +19,10 @@ off-diagonal pair is allowed only where those two documents agree: the pools hol
 the tokens that can meet, and padding (segment 0) is in no pool. The diagonal block is
 always allowed and kept. Without segment ids every block pools all of its tokens (the
 ragged last block those it has).
+
+The diagonal key block pools tokens that come after some of its queries: no choice may
+depend on its score (top-k forces it; the threshold's softmax leaves it out), or a token's
+blocks would depend on later tokens.
 """
 
 import dataclasses
@@ -52,6 +56,17 @@ class BlockDocuments:
   key_tokens: jax.Array  # [B, nb, block] bool: tokens of the block's key pool
   allowed: jax.Array  # [B, nb, nb] bool: pairs with visible tokens (block causal, same document)
   forced: jax.Array  # [B, nb, nb] bool: kept whatever the scores (diagonal, start of the document)
+  diagonal: jax.Array  # [B, nb, nb] bool: the query block's own key block (it pools later tokens)
+
+
+def causal_pairs(query_blocks, key_blocks):
+  """(allowed, forced, diagonal) bool [..., nQ, nK] of query blocks `query_blocks`
+  [..., nQ] (block indices) against key blocks 0 .. key_blocks - 1, in one document
+  from position 0: block causal, the diagonal and block 0 forced."""
+  key = jnp.arange(key_blocks)
+  query = query_blocks[..., None]
+  diagonal = key == query
+  return key <= query, diagonal | (key == 0), diagonal
 
 
 def block_documents(segment_ids, length, block, batch=1):
@@ -62,9 +77,8 @@ def block_documents(segment_ids, length, block, batch=1):
   diagonal = index[:, None] == index[None, :]
   if segment_ids is None:
     tokens = jnp.broadcast_to(in_row, (batch, n, block))
-    allowed = jnp.broadcast_to(index[None, :] <= index[:, None], (batch, n, n))
-    forced = jnp.broadcast_to(diagonal | (index[None, :] == 0), (batch, n, n))
-    return BlockDocuments(tokens, previous_block(tokens), tokens, allowed, forced)
+    allowed, forced, diagonal = (jnp.broadcast_to(x, (batch, n, n)) for x in causal_pairs(index, n))
+    return BlockDocuments(tokens, previous_block(tokens), tokens, allowed, forced, diagonal)
   segment_ids = segment_ids.astype(jnp.int32)
   first = segment_ids[:, index * block]  # document of each block's first token
   last = segment_ids[:, jnp.minimum((index + 1) * block, length) - 1]
@@ -80,7 +94,15 @@ def block_documents(segment_ids, length, block, batch=1):
   starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
   document_start = jax.lax.cummax(jnp.where(starts, position, 0), axis=1)[:, index * block] // block
   forced = diagonal | ((index[None, None, :] == document_start[:, :, None]) & allowed)
-  return BlockDocuments(query_tokens, previous_query_tokens, key_tokens, allowed, forced)
+  return BlockDocuments(query_tokens, previous_query_tokens, key_tokens, allowed, forced,
+                        jnp.broadcast_to(diagonal, allowed.shape))
+
+
+def decode_documents(query_block, key_blocks):
+  """BlockDocuments of one query block per row, `query_block` [B], against the key
+  blocks 0 .. key_blocks - 1 of a cache (one document from position 0): [B, 1, nK]
+  pairs, no token masks (decoding pools its own buffers)."""
+  return BlockDocuments(None, None, None, *causal_pairs(query_block[:, None], key_blocks))
 
 
 def previous_block(xb):
@@ -115,8 +137,9 @@ def project(pooled, weight):
 
 
 def rotate_blocks(x, first_block, block, inv_freq):
-  """RoPE on [B, n, h, dg] at the start positions of blocks first_block, first_block + 1, ..."""
-  positions = (first_block + jnp.arange(x.shape[1]))[None] * block
+  """RoPE on [B, n, h, dg] at the start positions of blocks first_block, first_block + 1, ...
+  (first_block: an int, or [B] one per row)."""
+  positions = (jnp.reshape(first_block, (-1, 1)) + jnp.arange(x.shape[1])) * block
   cos, sin = rope.rotary_angles(positions, inv_freq)
   return rope.apply_rotary(x, cos, sin)
 
@@ -166,8 +189,11 @@ def select_topk(scores, docs, keep):
 
 def select_threshold(scores, docs, threshold):
   """[B, H, nQ, nK] bool: blocks whose softmax gate probability passes `threshold`, plus
-  the forced ones."""
-  probabilities = jax.nn.softmax(scores, axis=-1)
+  the forced ones. The softmax is over the allowed blocks before the diagonal: the
+  diagonal's score (its key pool holds tokens after some of its queries) would otherwise
+  let later tokens change which blocks earlier ones see."""
+  earlier = (docs.allowed & ~docs.diagonal)[:, None]
+  probabilities = jax.nn.softmax(jnp.where(earlier, scores, -jnp.inf), axis=-1, where=earlier)
   return ((probabilities > threshold) & docs.allowed[:, None]) | docs.forced[:, None]
 
 

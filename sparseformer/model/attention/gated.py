@@ -26,15 +26,27 @@ prefill, where the whole prompt is known; but in language-model training with th
 output and in perplexity evaluation a token's blocks then depend on the queries of the
 later tokens of its block, a leak of the future (and decoding could not make the same
 choice). Block 0 keeps its forced blocks only.
+
+Decoding (query_block=previous; docs/gated_attention.md): the cache holds the key/value
+slots, the gate's entry of every finished key block, the current block's pre-RoPE queries
+and keys, and the key blocks chosen for it. When a token starts block I, block I - 1's key
+entry is written and block I's choice made from block I - 1's queries: the choice the
+forward pass makes for block I, kept for the tokens of the block. The top-k rule counts
+the blocks of the cache (max_len), so prefill and decoding keep what a forward pass over
+rows of max_len tokens keeps.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
+from sparseformer.errors import UserError
 from sparseformer.model import rope
 from sparseformer.model.attention import gate as gate_lib
+from sparseformer.model.attention import kv_cache
 from sparseformer.model.attention.base import (HEAD_BLOCKS, KEYS, QUERIES, ROWS, Mechanism, Option, kernel, no_aux,
                                                register, softmax_flops, softmax_scale)
 from sparseformer.model.layers import param
@@ -76,13 +88,16 @@ class BlockGate(nnx.Module):
 
   def scores(self, q_pre, k_pre, docs):
     """S [B, H, nb, nb] float32 of pre-RoPE q [B, T, H, d], k [B, T, Hkv, d]."""
-    q_pre, k_pre = jax.lax.stop_gradient(q_pre), jax.lax.stop_gradient(k_pre)
-    inv_freq = self.frequencies()
+    q_pre = jax.lax.stop_gradient(q_pre)
     tokens = docs.previous_query_tokens if self.previous_queries else docs.query_tokens
-    queries = gate_lib.gate_queries(q_pre, tokens, self.q_pools, self.query_weight(), 0, inv_freq,
+    queries = gate_lib.gate_queries(q_pre, tokens, self.q_pools, self.query_weight(), 0, self.frequencies(),
                                     self.previous_queries)
-    keys = gate_lib.gate_keys(k_pre, docs.key_tokens, self.k_pools, self.key[...], 0, inv_freq, self.num_heads)
-    return gate_lib.block_scores(queries, keys, docs.allowed)
+    return gate_lib.block_scores(queries, self.key_entries(k_pre, docs), docs.allowed)
+
+  def key_entries(self, k_pre, docs):
+    """The entries [B, nb, Hg, dg] of every key block of pre-RoPE k [B, T, Hkv, d]."""
+    return gate_lib.gate_keys(jax.lax.stop_gradient(k_pre), docs.key_tokens, self.k_pools, self.key[...], 0,
+                              self.frequencies(), self.num_heads)
 
   def key_entry(self, k_pre_block, block_index):
     """The cache entry [B, 1, Hg, dg] of key block `block_index` from its tokens
@@ -91,20 +106,76 @@ class BlockGate(nnx.Module):
     return gate_lib.gate_keys(k_pre_block, tokens, self.k_pools, self.key[...], block_index, self.frequencies(),
                               self.num_heads)
 
-  def query_row(self, q_pre_block, block_index, key_cache):
-    """Scores [B, H, 1, I + 1] of query block I = `block_index` against the cached key
-    blocks [B, I + 1, Hg, dg]: row I of the prefill scores. q_pre_block [B, n, H, d] are
-    the queries that score it: block I's own tokens (query_block=own) or block I - 1's
-    (query_block=previous, I >= 1)."""
+  def query_row(self, q_pre_block, block_index, key_cache, allowed=None):
+    """Scores [B, H, 1, I + 1] of query block I = `block_index` (an int or [B]) against
+    the cached key blocks [B, I + 1, Hg, dg]: row I of the prefill scores (-inf where
+    `allowed` [B, 1, nK] is False). q_pre_block [B, n, H, d] are the queries that score
+    it: block I's own tokens (query_block=own) or block I - 1's (query_block=previous,
+    I >= 1)."""
     tokens = self._block_tokens(q_pre_block)
     queries = gate_lib.gate_queries(q_pre_block, tokens, self.q_pools, self.query_weight(), block_index,
                                     self.frequencies())
-    allowed = jnp.ones((q_pre_block.shape[0], 1, key_cache.shape[1]), bool)
+    if allowed is None:
+      allowed = jnp.ones((q_pre_block.shape[0], 1, key_cache.shape[1]), bool)
     return gate_lib.block_scores(queries, key_cache, allowed)
 
   def _block_tokens(self, x):
     present = jnp.arange(self.block) < x.shape[1]
     return jnp.broadcast_to(present, (x.shape[0], 1, self.block))
+
+  # decoding: the gate's part of the cache
+
+  def empty_cache(self, batch, blocks, kv_heads, head_dim, dtype):
+    """key_entries [B, blocks, Hg, dg] of the finished key blocks; block_q [B, block, H, d]
+    and block_k [B, block, Hkv, d], the pre-RoPE queries and keys of the current block
+    (token p in slot p % block); chosen [B, H, blocks], the key blocks it attends."""
+    return {'key_entries': jnp.zeros((batch, blocks, self.key.shape[0], self.width), jnp.float32),
+            'block_q': jnp.zeros((batch, self.block, self.num_heads, head_dim), dtype),
+            'block_k': jnp.zeros((batch, self.block, kv_heads, head_dim), dtype),
+            'chosen': jnp.zeros((batch, self.num_heads, blocks), bool)}
+
+  def prefill_cache(self, cache, q_pre, k_pre, docs, chosen, lengths):
+    """The gate's cache after prompts of `lengths` [B] tokens (pre-RoPE q, k [B, P, ...]
+    right-padded, their BlockDocuments and chosen blocks [B, H, nb, nb]): the entries of
+    the blocks before the last prompt token's block c, c's tokens and c's choice."""
+    blocks = cache['chosen'].shape[-1]
+    current = (lengths - 1) // self.block
+    finished = (jnp.arange(docs.allowed.shape[-1]) < current[:, None])[..., None, None]
+    entries = jnp.where(finished, self.key_entries(k_pre, docs), 0.0)
+    row = jnp.take_along_axis(chosen, current[:, None, None, None], axis=2)[:, :, 0]
+    return {'key_entries': pad_to(entries, 1, blocks), 'chosen': pad_to(row, 2, blocks),
+            'block_q': self._block_of(q_pre, current, cache['block_q'].dtype),
+            'block_k': self._block_of(k_pre, current, cache['block_k'].dtype)}
+
+  def _block_of(self, x, block_index, dtype):
+    """x [B, T, ...] at the tokens of block `block_index` [B] (slots past T: copies of the
+    last token, overwritten before the block is pooled)."""
+    tokens = jnp.minimum(block_index[:, None] * self.block + jnp.arange(self.block), x.shape[1] - 1)
+    return jnp.take_along_axis(x, tokens.reshape(tokens.shape + (1,) * (x.ndim - 2)), axis=1).astype(dtype)
+
+  def advance_cache(self, cache, q_pre, k_pre, positions, select):
+    """The gate's cache with one token per row, pre-RoPE q [B, 1, H, d], k [B, 1, Hkv, d]
+    at `positions` [B]. At a block start (p % block == 0) block I - 1 is finished: its key
+    entry is written, and block I's choice is `select(scores [B, H, 1, nK], docs)` of
+    block I - 1's queries."""
+    block_index, offset = positions // self.block, positions % self.block
+    starts = (offset == 0)[:, None, None, None]
+    entries = cache['key_entries']
+    finished = jnp.arange(entries.shape[1])[None, :, None, None] == (block_index - 1)[:, None, None, None]
+    entries = jnp.where(starts & finished, self.key_entry(cache['block_k'], block_index - 1), entries)
+    docs = gate_lib.decode_documents(block_index, entries.shape[1])
+    # The diagonal's entry is not known yet: it is forced, and no choice reads its score.
+    row = self.query_row(cache['block_q'], block_index, entries, docs.allowed & ~docs.diagonal)
+    chosen = jnp.where(starts[:, :, 0], select(row, docs)[:, :, 0], cache['chosen'])
+    slot = (jnp.arange(self.block)[None, :] == offset[:, None])[:, :, None, None]
+    return {'key_entries': entries, 'chosen': chosen,
+            'block_q': jnp.where(slot, q_pre.astype(cache['block_q'].dtype), cache['block_q']),
+            'block_k': jnp.where(slot, k_pre.astype(cache['block_k'].dtype), cache['block_k'])}
+
+
+def pad_to(x, axis, size):
+  """x zero-padded (False) at the end of `axis` to `size`."""
+  return jnp.pad(x, [(0, size - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
 
 
 def distinct_pools(pools):
@@ -157,14 +228,13 @@ class GatedAttention(Mechanism):
     gate = 2 * g.width * blocks / block * blocks / 2  # one dg-wide score per causal block pair, per q token
     return softmax_flops(dims.num_heads, dims.head_dim, keys) + dims.num_heads * gate
 
-  def forward(self, q, k, v, ctx, pre_rope):
+  def forward(self, q, k, v, ctx, pre_rope, rule_blocks=None):
+    """rule_blocks: the blocks per row the top-k rule counts (default the row's)."""
     g = self.options.gate
     scale = softmax_scale(q, ctx)
     output = g.forward if ctx.training else g.eval_forward
     distill = ctx.training and g.distill
-    docs = gate_lib.block_documents(ctx.segment_ids, q.shape[1], self.block_size, q.shape[0])
-    scores = self.block_gate.scores(*pre_rope, docs)
-    chosen = self.select(scores, docs)
+    docs, scores, chosen = self.choose_blocks(pre_rope, ctx.segment_ids, rule_blocks)
     aux = no_aux()
     aux['stats']['gate_density'] = chosen.sum() / (docs.allowed.sum() * q.shape[2])
     if output == 'dense' or distill:
@@ -179,11 +249,58 @@ class GatedAttention(Mechanism):
       aux['stats']['gate_recall'] = gate_lib.teacher_recall(teacher, chosen)
     return y, aux
 
-  def select(self, scores, docs):
+  def choose_blocks(self, pre_rope, segment_ids, rule_blocks=None):
+    """(BlockDocuments, gate scores [B, H, nb, nb], chosen blocks [B, H, nb, nb])."""
+    q_pre = pre_rope[0]
+    docs = gate_lib.block_documents(segment_ids, q_pre.shape[1], self.block_size, q_pre.shape[0])
+    scores = self.block_gate.scores(*pre_rope, docs)
+    return docs, scores, self.select(scores, docs, rule_blocks)
+
+  def select(self, scores, docs, rule_blocks=None):
+    """The chosen blocks of scores [B, H, nQ, nK]; the top-k rule counts `rule_blocks`
+    blocks per row (default nQ)."""
     g = self.options.gate
     if g.selection == 'threshold':
       return gate_lib.select_threshold(scores, docs, g.threshold)
-    return gate_lib.select_topk(scores, docs, gate_lib.topk_blocks_per_row(g.density, scores.shape[-2]))
+    rule_blocks = scores.shape[-2] if rule_blocks is None else rule_blocks
+    return gate_lib.select_topk(scores, docs, gate_lib.topk_blocks_per_row(g.density, rule_blocks))
+
+  # --------------------------------------------------------------------------------------
+  # decoding (the module docstring; docs/gated_attention.md, Decoding)
+
+  def init_cache(self, batch, max_len, kv_heads, head_dim, dtype):
+    if not self.block_gate.previous_queries:
+      raise UserError('the gated mechanism decodes only with model.attention.gate.query_block=previous: with own, '
+                      'a block\'s choice pools the queries of its later tokens, which decoding has not seen')
+    cache = super().init_cache(batch, max_len, kv_heads, head_dim, dtype)
+    blocks = gate_lib.num_blocks(max_len, self.block_size)
+    return cache | self.block_gate.empty_cache(batch, blocks, kv_heads, head_dim, dtype)
+
+  def prefill(self, q, k, v, ctx, cache, lengths, pre_rope):
+    """The eval forward over the prompts, counting the cache's blocks in the top-k rule."""
+    blocks = cache['chosen'].shape[-1]
+    y, _ = self(q, k, v, ctx, pre_rope=pre_rope, rule_blocks=blocks)
+    docs, _, chosen = self.choose_blocks(pre_rope, ctx.segment_ids, blocks)
+    cache = cache | self.block_gate.prefill_cache(cache, *pre_rope, docs, chosen, lengths)
+    return y, cache | kv_cache.fill(cache, k, v, lengths)
+
+  def decode(self, q, k, v, ctx, cache, pre_rope):
+    positions = ctx.positions[:, 0]
+    blocks = cache['chosen'].shape[-1]
+    select = functools.partial(self.select, rule_blocks=blocks)
+    cache = cache | self.block_gate.advance_cache(cache, *pre_rope, positions, select)
+    cache = cache | kv_cache.append(cache, k, v, positions)
+    return kv_cache.attend(q, cache, self.decode_visible(cache, positions), softmax_scale(q, ctx)), cache
+
+  def decode_visible(self, cache, positions):
+    """[B, H, S]: the causal slots in the blocks chosen for the query's block (all of
+    them with eval_forward=dense)."""
+    causal = kv_cache.causal(cache, positions)
+    if self.options.gate.eval_forward == 'dense':
+      return causal
+    chosen = cache['chosen']
+    slot_blocks = jnp.clip(cache['position'] // self.block_size, 0, chosen.shape[-1] - 1)
+    return causal[:, None] & jnp.take_along_axis(chosen, slot_blocks[:, None], axis=-1)
 
   @kernel(QUERIES, KEYS, KEYS, HEAD_BLOCKS, ROWS, out=QUERIES)
   def sparse_attention(self, q, k, v, chosen, segment_ids, *, scale):
