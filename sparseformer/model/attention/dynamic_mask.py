@@ -75,16 +75,6 @@ def _decode_keep_smoothed(cache_scores, length, window, block_smooth, block):
   return kept_blocks[..., keys // block] & (keys < length)
 
 
-def attend_with_key_bias(q, cache, visible, scale, bias):
-  """kv_cache.attend with `bias` [B, Hkv, S] added to every logit (not scaled): keys get
-  one more dim holding bias / scale, met by a 1 in the query; values a 0 there, dropped."""
-  extend = lambda x, last: jnp.concatenate([x.astype(jnp.float32), last], axis=-1)  # noqa: E731
-  ones = jnp.ones(q.shape[:-1] + (1,), jnp.float32)
-  extended = {'k': extend(cache['k'], jnp.swapaxes(bias, 1, 2)[..., None] / scale),
-              'v': extend(cache['v'], jnp.zeros(cache['v'].shape[:-1] + (1,), jnp.float32))}
-  return kv_cache.attend(extend(q, ones), extended, visible, scale)[..., :-1].astype(q.dtype)
-
-
 @register('dynamic_mask')
 class DynamicMaskAttention(Mechanism):
   argument_meaning = ('keep count', 1024)
@@ -158,4 +148,4 @@ class DynamicMaskAttention(Mechanism):
         'score': jnp.where(here, delta[..., None], cache['score'])}
     keep = decode_keep(cache['score'], positions + 1, self.window, self.options.dynamic_mask.block_smooth,
                        self.block_size)
-    return attend_with_key_bias(q, cache, keep, softmax_scale(q, ctx), cache['score']), cache
+    return kv_cache.attend(q, cache, keep, softmax_scale(q, ctx), key_bias=cache['score']), cache

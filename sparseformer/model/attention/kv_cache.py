@@ -50,12 +50,13 @@ def fill(cache, k, v, lengths):
 
 def append(cache, k_new, v_new, positions):
   """The cache with one token per row written: k_new, v_new [B, 1, Hkv, D] at
-  `positions` [B] (slot position % S)."""
-  slots = cache['position'].shape[1]
-  here = jnp.arange(slots)[None, :] == jnp.mod(positions, slots)[:, None]  # [B, S]
-  put = lambda old, new: jnp.where(here[:, :, None, None], new.astype(old.dtype), old)  # noqa: E731
-  return {'k': put(cache['k'], k_new), 'v': put(cache['v'], v_new),
-          'position': jnp.where(here, positions[:, None].astype(jnp.int32), cache['position'])}
+  `positions` [B] (slot position % S). A scatter of one slot per row: with the cache
+  donated to the jitted step, XLA writes it in place rather than copying the cache."""
+  rows = jnp.arange(positions.shape[0])
+  slot = jnp.mod(positions, cache['position'].shape[1])
+  put = lambda old, new: old.at[rows, slot].set(new[:, 0].astype(old.dtype))  # noqa: E731
+  return {**cache, 'k': put(cache['k'], k_new), 'v': put(cache['v'], v_new),
+          'position': cache['position'].at[rows, slot].set(positions.astype(jnp.int32))}
 
 
 def causal(cache, positions):
@@ -64,22 +65,28 @@ def causal(cache, positions):
   return (held >= 0) & (held <= positions[:, None])
 
 
-def attend(q, cache, visible, scale):
+def attend(q, cache, visible, scale, key_bias=None):
   """Softmax attention of one query per row, q [B, 1, H, D], over the cached slots a
   `visible` mask allows: bool [B, S] (every head), [B, Hkv, S] (per kv head) or
-  [B, H, S] (per query head). float32 scores; y [B, 1, H, D] in q's dtype. A query that
-  sees no slot gets zeros."""
+  [B, H, S] (per query head); `key_bias` [B, Hkv, S], if given, is added to the scaled
+  logits. Scores and the softmax in float32 (the matmuls accumulate in float32 from the
+  cache's dtype: the cache is never copied to float32); y [B, 1, H, D] in q's dtype. A
+  query that sees no slot gets zeros."""
   b, _, heads, d = q.shape
-  kv_heads = cache['k'].shape[2]
+  k, v = cache['k'], cache['v']
+  kv_heads = k.shape[2]
   group = heads // kv_heads
-  qg = q[:, 0].reshape(b, kv_heads, group, d).astype(jnp.float32)
-  scores = jnp.einsum('bhgd,bshd->bhgs', qg, cache['k'].astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST) * scale
+  qg = q[:, 0].reshape(b, kv_heads, group, d).astype(k.dtype)
+  precision = jax.lax.Precision.HIGHEST
+  scores = jnp.einsum('bhgd,bshd->bhgs', qg, k, precision=precision, preferred_element_type=jnp.float32) * scale
+  if key_bias is not None:
+    scores = scores + key_bias.astype(jnp.float32)[:, :, None, :]
   allowed = visible_per_group(visible, kv_heads, group)
   scores = jnp.where(allowed, scores, NEG_INF)
   weights = jnp.exp(scores - scores.max(-1, keepdims=True)) * allowed
   weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-30)
-  y = jnp.einsum('bhgs,bshd->bhgd', weights, cache['v'].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  y = jnp.einsum('bhgs,bshd->bhgd', weights.astype(v.dtype), v, precision=precision,
+                 preferred_element_type=jnp.float32)
   return y.reshape(b, 1, heads, d).astype(q.dtype)
 
 
