@@ -74,10 +74,26 @@ def span_overlaps(count, cmp_len, cmp_stride, num_select, select_block):
   return ((start < block_start + select_block) & (start + cmp_len > block_start)).astype(np.float32)
 
 
+def complete_spans(positions, cmp_len, cmp_stride, count):
+  """bool [..., Tc]: compressed key j complete at the token at `positions` [...]
+  (j d + l - 1 <= t), documents aside."""
+  key_end = np.arange(count) * cmp_stride + cmp_len - 1
+  return key_end <= positions[..., None]
+
+
 def compressed_visibility(query_index, length, cmp_len, cmp_stride, count):
   """bool [q, Tc]: compressed key j complete at query t (t < length), documents aside."""
-  key_end = np.arange(count) * cmp_stride + cmp_len - 1
-  return (key_end[None, :] <= query_index[:, None]) & (query_index < length)[:, None]
+  return complete_spans(query_index, cmp_len, cmp_stride, count) & (query_index < length)[:, None]
+
+
+def softmax_where(s, visible):
+  """float32 softmax of scores s over their last axis where `visible`, 0 elsewhere (a row
+  that sees nothing: all 0)."""
+  s = jnp.where(visible, s, -jnp.inf)
+  row_max = s.max(-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.exp(s - row_max)
+  return p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
 
 
 def selection_scores(q, k_cmp, lse, *, scale, cmp_len, cmp_stride, select_block, query_block, segment_ids,
@@ -115,17 +131,68 @@ def selection_scores(q, k_cmp, lse, *, scale, cmp_len, cmp_stride, select_block,
       visible = visible & (segments[:, :, None] == kv_segment_ids[:, None, :])
     visible = (visible & voters[:, :, None])[:, :, None, None, :]  # [B, qb, 1, 1, Tc]
     s = jnp.einsum('bqkgd,bjkd->bqkgj', queries, k_cmp, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(visible, s, -jnp.inf)
     if lse is None:
-      row_max = s.max(-1, keepdims=True)
-      row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-      p = jnp.exp(s - row_max)
-      p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+      p = softmax_where(s, visible)
     else:
-      p = jnp.exp(s - rest[0][..., None])  # -inf where not visible: exactly 0
+      p = jnp.exp(jnp.where(visible, s, -jnp.inf) - rest[0][..., None])  # -inf where not visible: exactly 0
     mass = p.sum((1, 3))  # [B, Hkv, Tc]
     return mass @ overlaps  # [B, Hkv, nS]
 
   blocks_per_step = max(1, STEP_ELEMENTS // (b * query_block * heads * count))
   scores = jax.lax.map(block_votes, (jnp.arange(nq), *blocks), batch_size=min(blocks_per_step, nq))  # [nQ, B, Hkv, nS]
   return jnp.moveaxis(scores, 0, 2)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding: the compressed keys of a cache, and the votes of single queries. Each row is
+# one document from position 0; the key/value slots hold every token, token p in slot p.
+
+
+def compressed_after_prompt(cache, lengths, compress, cmp_len, cmp_stride):
+  """The cache with `compress`(k, v) of its key/value slots -> {name: [B, Tc, ...]}
+  (spans of max_len slots) added, zero where a span is not complete within its row's
+  `lengths` [B] tokens (written once it is, compressed_after_token)."""
+  compressed = compress(cache['k'], cache['v'])
+  count = num_compressed(cache['k'].shape[1], cmp_len, cmp_stride)
+  complete = complete_spans(lengths - 1, cmp_len, cmp_stride, count)
+  return {**cache, **{name: jnp.where(expand_to(complete, x), x, 0) for name, x in compressed.items()}}
+
+
+def compressed_after_token(cache, positions, compress, cmp_len, cmp_stride):
+  """The cache once the token at `positions` [B] is in its slots: the span that this
+  token completes (if any) compressed from the slots and written at its index."""
+  span = positions - cmp_len + 1  # the first token of the span ending here
+  tokens = span[:, None] + jnp.arange(cmp_len)
+  compressed = compress(take_tokens(cache['k'], tokens), take_tokens(cache['v'], tokens))  # {name: [B, 1, ...]}
+  count = num_compressed(cache['k'].shape[1], cmp_len, cmp_stride)
+  here = (jnp.arange(count) == span[:, None] // cmp_stride) & ((span >= 0) & (span % cmp_stride == 0))[:, None]
+  return {**cache, **{name: jnp.where(expand_to(here, x), x.astype(cache[name].dtype), cache[name])
+                      for name, x in compressed.items()}}
+
+
+def take_tokens(x, positions):
+  """x [B, T, ...] at `positions` [B, n] (clipped into the row) -> [B, n, ...]."""
+  index = jnp.clip(positions, 0, x.shape[1] - 1)
+  return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def expand_to(mask, x):
+  """`mask` [B, n] with trailing axes of size 1 to broadcast against x [B, n, ...]."""
+  return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+
+
+def token_probabilities(q, positions, k_cmp, *, scale, cmp_len, cmp_stride):
+  """float32 [B, n, Hkv, G, Tc]: the softmax of each query q [B, n, H, D] at `positions`
+  [B, n] over the compressed keys k_cmp [B, Tc, Hkv, D] complete at its position (all 0
+  for a query that sees none)."""
+  b, n, heads, dim = q.shape
+  count, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
+  queries = q.reshape(b, n, kv_heads, heads // kv_heads, dim)
+  s = jnp.einsum('bnkgd,bjkd->bnkgj', queries, k_cmp, preferred_element_type=jnp.float32) * scale
+  return softmax_where(s, complete_spans(positions, cmp_len, cmp_stride, count)[:, :, None, None])
+
+
+def token_votes(p, *, cmp_len, cmp_stride, num_select, select_block):
+  """float32 [B, n, Hkv, nS]: each query's probabilities p [B, n, Hkv, G, Tc] summed over
+  its GQA group onto the selection blocks their spans overlap (eqs. 9 and 10)."""
+  return p.sum(3) @ span_overlaps(p.shape[-1], cmp_len, cmp_stride, num_select, select_block)

@@ -29,13 +29,17 @@ token's choice depends on later tokens (block_selection.py says why).
 The paper's kernels fuse stage 1 with a max-pooling and an LSE approximation; here stage 1
 is plain jax.numpy, one query block at a time (its cost, T x T / cmp_stride dot products
 per head, is 1/cmp_stride of dense attention's).
+
+Decoding (docs/block_selection.md) is dense or sparse as the forward over rows of the
+cache's length; sparse, the cache keeps every token's key and value, the mean-pooled key
+of each complete span and the votes of the newest token's query block and the one before.
 """
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
-from sparseformer.model.attention import block_selection, compressed_scores
+from sparseformer.model.attention import block_selection, compressed_scores, kv_cache
 from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, Option, first_problem, kernel,
                                                mean_causal_keys, no_aux, plan_layout, register, softmax_flops,
                                                softmax_scale)
@@ -81,9 +85,17 @@ class InfLLMv2Attention(Mechanism):
     ])
 
   def forward(self, q, k, v, ctx):
+    return self.attention(q, k, v, ctx, sparse=self.is_sparse(q.shape[1]))
+
+  def is_sparse(self, length):
+    """Whether rows of `length` tokens run sparse (shorter than sparse_from: dense)."""
+    return length >= self.options.infllm_v2.sparse_from
+
+  def attention(self, q, k, v, ctx, *, sparse):
+    """(y, aux) of the layer, dense causal or (sparse) over the chosen blocks."""
     o = self.options.infllm_v2
     scale = softmax_scale(q, ctx)
-    if q.shape[1] < o.sparse_from:
+    if not sparse:
       return self.dense_attention(q, k, v, ctx.segment_ids, scale=scale), no_aux()
     chosen, allowed = self.choose(q, k, ctx.segment_ids, scale)
     aux = no_aux()
@@ -97,11 +109,49 @@ class InfLLMv2Attention(Mechanism):
     """(chosen [B, Hkv, nQ, nK] kernel blocks, allowed [B, nQ, nS] selection blocks) of
     every query block (block_selection.py: from the previous query block's votes)."""
     o = self.options.infllm_v2
-    k_cmp = mean_pooled_keys(jax.lax.stop_gradient(k), o.cmp_len, o.cmp_stride)
+    k_cmp = self.compress(jax.lax.stop_gradient(k), None)['k_cmp']
     return block_selection.choose_by_compressed_scores(
         q, k_cmp, None, segment_ids, scale=scale, block=self.block_size, cmp_len=o.cmp_len,
         cmp_stride=o.cmp_stride, select_block=o.select_block, select_count=o.select_count,
         local_blocks=o.local_blocks)
+
+  def compress(self, k, v):
+    """Stage 1's compressed keys of k [B, T, Hkv, D]: {'k_cmp': [B, Tc, Hkv, D]}."""
+    o = self.options.infllm_v2
+    return {'k_cmp': mean_pooled_keys(k, o.cmp_len, o.cmp_stride)}
+
+  # --------------------------------------------------------------------------------------
+  # decoding: dense or sparse as the forward over rows of the cache's length (max_len);
+  # sparse, the key/value slots of every token, the mean-pooled key of every complete span
+  # and the vote sums of block_selection.py
+
+  def init_cache(self, batch, max_len, kv_heads, head_dim, dtype):
+    cache = super().init_cache(batch, max_len, kv_heads, head_dim, dtype)
+    if not self.is_sparse(max_len):
+      return cache
+    return block_selection.init_compressed_cache(cache, self.compress, self.options.infllm_v2)
+
+  def prefill(self, q, k, v, ctx, cache, lengths):
+    sparse = self.is_sparse(cache['k'].shape[1])
+    y, _ = self.attention(q, k, v, ctx, sparse=sparse)
+    cache = block_selection.fill_slots(cache, k, v, lengths)
+    if sparse:
+      cache = block_selection.prefill_compressed_cache(q, cache, lengths, self.compress, self.options.infllm_v2,
+                                                       scale=softmax_scale(q, ctx), block=self.block_size)
+    return y, cache
+
+  def decode(self, q, k, v, ctx, cache):
+    if not self.is_sparse(cache['k'].shape[1]):
+      return super().decode(q, k, v, ctx, cache)
+    scale = softmax_scale(q, ctx)
+    cache, _, visible = block_selection.decode_compressed_cache(
+        q, k, v, cache, ctx.positions[:, 0], self.compress, self.options.infllm_v2, scale=scale,
+        block=self.block_size)
+    return kv_cache.attend(q, cache, visible, scale), cache
+
+  def decode_visible(self, cache, positions):
+    """Dense rows (cache shorter than sparse_from): every earlier token."""
+    return kv_cache.causal(cache, positions)
 
   @kernel(QUERIES, KEYS, KEYS, plan_layout('kv_heads'), out=QUERIES)
   def sparse_attention(self, q, k, v, plan, *, scale):

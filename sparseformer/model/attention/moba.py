@@ -23,15 +23,19 @@ of its first document, a key block the keys of its last (gate.block_documents), 
 blocks of the query block's document compete. MoBA blocks are `moba.block` tokens (512 in
 the paper's scaling runs, 4096 at 1M), whole kernel blocks; the selection is discrete, so
 gradients reach q and k only through the attention itself, as in MoBA.
+
+Decoding (docs/block_selection.md) keeps every token's key and value and the summed
+queries of the newest token's query block and of the one before it.
 """
 
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, plan_from_block_mask
-from sparseformer.model.attention import block_selection
+from sparseformer.model.attention import block_selection, kv_cache
 from sparseformer.model.attention import gate as gate_lib
 from sparseformer.model.attention.base import (HEAD_BLOCKS, KEYS, QUERIES, ROWS, Mechanism, Option, first_problem,
                                                kernel, no_aux, register, softmax_flops, softmax_scale)
+from sparseformer.model.attention.compressed_scores import take_tokens
 
 SHARING = ('group', 'head')
 
@@ -45,7 +49,13 @@ def mean_gate_scores(q, k, segment_ids, block, moba_block):
   key_tokens = gate_lib.block_documents(segment_ids, length, moba_block, batch).key_tokens
   queries = gate_lib.pool_blocks(q, query_tokens, ('avg',))  # [B, nQ, H, D]
   keys = gate_lib.pool_blocks(k, key_tokens, ('avg',))  # [B, nM, Hkv, D]
-  keys = jnp.repeat(keys, q.shape[2] // k.shape[2], axis=2)
+  return gate_scores(queries, keys)
+
+
+def gate_scores(queries, keys):
+  """[B, H, nQ, nM]: pooled queries [B, nQ, H, D] dotted with pooled keys [B, nM, Hkv, D]
+  (the query heads of a GQA group with their kv head's)."""
+  keys = jnp.repeat(keys, queries.shape[2] // keys.shape[2], axis=2)
   return jnp.einsum('bihd,bjhd->bhij', queries, keys)
 
 
@@ -83,6 +93,10 @@ class MobaAttention(Mechanism):
                                      f'model.attention.block_size ({block})'),
     ])
 
+  def __init__(self, dims, layer_index, rngs):
+    super().__init__(dims, layer_index, rngs)
+    self.num_heads = dims.num_heads  # the decoding cache sums queries per head
+
   def forward(self, q, k, v, ctx):
     chosen, allowed = self.choose(q, k, ctx.segment_ids)
     aux = no_aux()
@@ -95,13 +109,46 @@ class MobaAttention(Mechanism):
     query block (Hp: kv heads with share=group, query heads with share=head)."""
     m = self.options.moba
     batch, length = q.shape[:2]
-    scores = mean_gate_scores(q, k, segment_ids, self.block_size, m.block)
-    if m.share == 'group':
-      scores = group_sum(scores, k.shape[2])
+    scores = self.shared(mean_gate_scores(q, k, segment_ids, self.block_size, m.block), k.shape[2])
     allowed, _ = block_selection.selection_documents(segment_ids, batch, length, self.block_size, m.block)
     chosen = block_selection.choose_blocks(block_selection.previous_block_votes(scores), allowed, None,
                                            block=self.block_size, select_block=m.block, count=m.top_k, local=1)
     return chosen, allowed
+
+  def shared(self, scores, kv_heads):
+    """Scores [B, H, nQ, nM] per plan head: summed over each GQA group with share=group."""
+    return group_sum(scores, kv_heads) if self.options.moba.share == 'group' else scores
+
+  # --------------------------------------------------------------------------------------
+  # decoding: the key/value slots of every token (the MoBA blocks' mean keys come from
+  # them) and the sums of the queries [B, H, D] of the newest token's query block and of
+  # the block before it (block_selection.py)
+
+  def init_cache(self, batch, max_len, kv_heads, head_dim, dtype):
+    cache = super().init_cache(batch, max_len, kv_heads, head_dim, dtype)
+    return block_selection.with_votes(cache, (batch, self.num_heads, head_dim))
+
+  def prefill(self, q, k, v, ctx, cache, lengths):
+    y, cache = super().prefill(q, k, v, ctx, cache, lengths)
+    positions = block_selection.prompt_vote_positions(lengths, self.block_size)
+    return y, block_selection.prompt_votes(cache, take_tokens(q, positions), positions, lengths, self.block_size)
+
+  def decode(self, q, k, v, ctx, cache):
+    positions = ctx.positions[:, 0]
+    cache = block_selection.append_token(cache, k, v, positions)
+    cache = block_selection.add_vote(cache, q[:, 0].astype(jnp.float32), positions, self.block_size)
+    return kv_cache.attend(q, cache, self.decode_visible(cache, positions), softmax_scale(q, ctx)), cache
+
+  def decode_visible(self, cache, positions):
+    """The slots of the query block's MoBA blocks: its own and the top_k - 1 best by the
+    previous query block's mean query against each MoBA block's mean key."""
+    m = self.options.moba
+    queries = cache['previous_votes'][:, None] / self.block_size  # [B, 1, H, D]
+    keys = gate_lib.to_blocks(cache['k'].astype(jnp.float32), m.block).mean(2)  # [B, nM, Hkv, D]
+    scores = self.shared(gate_scores(queries, keys), keys.shape[2])[:, :, 0]
+    chosen = block_selection.decode_choice(scores, positions, block=self.block_size, select_block=m.block,
+                                           count=m.top_k, local=1, first=False)
+    return block_selection.visible_slots(chosen, cache, positions, m.block)
 
   @kernel(QUERIES, KEYS, KEYS, choice_layout, ROWS, out=QUERIES)
   def attend(self, q, k, v, chosen, segment_ids, *, scale):

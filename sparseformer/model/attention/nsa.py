@@ -40,6 +40,10 @@ Gates: W_g [d_model, 3, H] starts at zero, so every gate starts at sigmoid(0) = 
 branch is preferred before training, and the three branches (each a convex combination of
 values) start summed at the scale of 1.5 dense outputs; the paper leaves the gates'
 initialisation open.
+
+Decoding (docs/nsa.md) computes the three branches of one token in plain jnp over a cache
+of every token's key and value, phi's key and value of each complete span and the votes of
+the newest token's query block and the one before.
 """
 
 import jax
@@ -47,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
+from sparseformer.model.attention import block_selection, kv_cache
 from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, Option, first_problem, kernel,
                                                mean_causal_keys, no_aux, register, softmax_flops, softmax_scale)
 from sparseformer.model.attention.block_selection import choose_by_compressed_scores, chosen_fraction
@@ -179,6 +184,10 @@ class NativeSparseAttention(Mechanism):
     return (compress(k, self.key_position[...], self.key_map[...], o.cmp_len, o.cmp_stride),
             compress(v, self.value_position[...], self.value_map[...], o.cmp_len, o.cmp_stride))
 
+  def compress(self, k, v):
+    """compressed_keys as the decoding cache's entries {'k_cmp': ..., 'v_cmp': ...}."""
+    return dict(zip(('k_cmp', 'v_cmp'), self.compressed_keys(k, v)))
+
   def compressed_segments(self, segment_ids):
     return compressed_key_segments(segment_ids, self.options.nsa.cmp_len, self.options.nsa.cmp_stride)
 
@@ -193,6 +202,34 @@ class NativeSparseAttention(Mechanism):
     return choose_by_compressed_scores(q, k_cmp, lse, segment_ids, scale=scale, block=self.block_size,
                                        cmp_len=o.cmp_len, cmp_stride=o.cmp_stride, select_block=o.select_block,
                                        select_count=o.select_count, local_blocks=o.local_blocks)
+
+  # --------------------------------------------------------------------------------------
+  # decoding: the key/value slots of every token (the selection and window branches read
+  # them), phi's key and value of every complete span and the vote sums of
+  # block_selection.py
+
+  def init_cache(self, batch, max_len, kv_heads, head_dim, dtype):
+    cache = super().init_cache(batch, max_len, kv_heads, head_dim, dtype)
+    return block_selection.init_compressed_cache(cache, self.compress, self.options.nsa)
+
+  def prefill(self, q, k, v, ctx, cache, lengths, layer_input):
+    y, _ = self(q, k, v, ctx, layer_input=layer_input)
+    cache = block_selection.fill_slots(cache, k, v, lengths)
+    return y, block_selection.prefill_compressed_cache(q, cache, lengths, self.compress, self.options.nsa,
+                                                       scale=softmax_scale(q, ctx), block=self.block_size)
+
+  def decode(self, q, k, v, ctx, cache, layer_input):
+    """The gated sum of the three branches for one token per row (the training forward's,
+    in plain jnp over the cache)."""
+    scale, positions = softmax_scale(q, ctx), ctx.positions[:, 0]
+    cache, p, selected = block_selection.decode_compressed_cache(q, k, v, cache, positions, self.compress,
+                                                                 self.options.nsa, scale=scale, block=self.block_size)
+    o_cmp = jnp.einsum('bnkgj,bjkd->bnkgd', p, cache['v_cmp'].astype(jnp.float32)).reshape(q.shape)
+    window = kv_cache.causal(cache, positions) & (positions[:, None] - cache['position'] < self.options.nsa.window)
+    branches = (o_cmp, kv_cache.attend(q, cache, selected, scale), kv_cache.attend(q, cache, window, scale))
+    gates = self.branch_gates(layer_input)  # [B, 1, 3, H]
+    y = sum(gates[:, :, i, :, None] * branch for i, branch in enumerate(branches))
+    return y.astype(q.dtype), cache
 
   # --------------------------------------------------------------------------------------
   # kernels
