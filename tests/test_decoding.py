@@ -7,7 +7,7 @@ have their decoding tests beside their other tests."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from decode_helpers import check_teacher_forcing, model_for
+from decode_helpers import VOCAB, check_teacher_forcing, model_for
 
 from sparseformer.model.attention import kv_cache
 
@@ -29,10 +29,22 @@ def test_teacher_forced_decoding_matches_the_forward_pass(case):
   check_teacher_forcing(specs, attention)
 
 
-def test_every_registered_mechanism_decodes_or_is_listed():
-  """A mechanism without decoding is named by undecodable_layers (what generate reports)."""
-  model = model_for(['dense', 'window:8'])
-  assert model.undecodable_layers() == []
+def test_every_registered_mechanism_decodes():
+  from sparseformer.model.attention.base import mechanism_classes
+  assert [cls.name for cls in mechanism_classes() if not cls.can_decode()] == []
+
+
+@pytest.mark.parametrize('specs, attention, problem', [
+    (['dense', 'gated'], {'gate': {'query_block': 'own'}}, r'layer 1 \(gated\): .*query_block=previous'),
+    (['routing:2'], {'routing': {'selection': 'balanced_topw'}}, r'layer 0 \(routing:2\): .*selection=causal'),
+])
+def test_options_that_cannot_decode_are_named_before_anything_runs(specs, attention, problem):
+  from sparseformer.errors import UserError
+  from sparseformer.generation import Generator
+  from sparseformer.training.state import split_model
+  graphdef, params, state = split_model(model_for(specs, attention))
+  with pytest.raises(UserError, match=problem):
+    Generator(graphdef, {'params': params.to_pure_dict(), 'mechanism_state': state.to_pure_dict()}, vocab_size=VOCAB)
 
 
 def test_ring_buffer_keeps_the_last_tokens():

@@ -95,7 +95,7 @@ def test_requests_that_cannot_run_say_why(request_, message):
 def test_a_model_with_a_layer_that_cannot_decode_is_refused(monkeypatch):
   from sparseformer.model.attention.local import SlidingWindowAttention
   monkeypatch.setattr(SlidingWindowAttention, 'can_decode', classmethod(lambda cls: False))
-  with pytest.raises(UserError, match=r'no decoding for layer 1 \(window:8\)'):
+  with pytest.raises(UserError, match=r'layer 1 \(window:8\): the window mechanism has no decoding yet'):
     generator_for(['dense', 'window:8'])
 
 

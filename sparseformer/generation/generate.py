@@ -74,10 +74,9 @@ class Generator:
 
   def __init__(self, graphdef, model_arrays, *, vocab_size, mesh=None, rules=()):
     model = nnx.merge(graphdef, model_arrays['params'], model_arrays['mechanism_state'])
-    undecodable = model.undecodable_layers()
-    if undecodable:
-      raise UserError('cannot generate: no decoding for ' + ', '.join(undecodable)
-                      + ' (docs/generation.md lists the mechanisms that decode)')
+    problems = model.decoding_problems()
+    if problems:
+      raise UserError('cannot generate: ' + '; '.join(problems))
     self.graphdef, self.arrays = graphdef, model_arrays
     self.dims = model.dims
     self.vocab_size = vocab_size

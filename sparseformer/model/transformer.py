@@ -129,10 +129,14 @@ class LanguageModel(nnx.Module):
   # --------------------------------------------------------------------------------------
   # decoding (sparseformer/generation.py drives these)
 
-  def undecodable_layers(self):
-    """'layer i (spec)' of each layer whose mechanism has no decoding."""
-    return [f'layer {i} ({spec})' for i, spec in enumerate(self.dims.layer_mechanisms)
-            if not get_mechanism(spec).can_decode()]
+  def decoding_problems(self):
+    """'layer i (spec): why' for each layer that cannot decode."""
+    problems = []
+    for i, block in enumerate(self.blocks):
+      problem = block.attention.mechanism.decode_problem()
+      if problem:
+        problems.append(f'layer {i} ({self.dims.layer_mechanisms[i]}): {problem}')
+    return problems
 
   def init_cache(self, batch, max_len):
     """Every layer's empty cache, for `batch` rows of up to `max_len` tokens."""

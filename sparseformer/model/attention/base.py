@@ -216,6 +216,17 @@ class Mechanism(nnx.Module):
     """Whether the mechanism implements decoding (decode_visible, or decode itself)."""
     return cls.decode_visible is not Mechanism.decode_visible or cls.decode is not Mechanism.decode
 
+  def decode_problem(self):
+    """Why this layer cannot decode with its options (its training forward reads later
+    tokens, say), or None. Subclasses add their options' reasons."""
+    return None if self.can_decode() else f'the {self.name} mechanism has no decoding yet'
+
+  def check_decodable(self):
+    """UserError with decode_problem's reason, if there is one."""
+    problem = self.decode_problem()
+    if problem:
+      raise UserError(problem)
+
   def cache_slots(self, max_len):
     """Key/value slots per row the cache needs for rows of up to `max_len` tokens."""
     return max_len

@@ -43,7 +43,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
-from sparseformer.errors import UserError
 from sparseformer.model import rope
 from sparseformer.model.attention import gate as gate_lib
 from sparseformer.model.attention import kv_cache
@@ -268,10 +267,14 @@ class GatedAttention(Mechanism):
   # --------------------------------------------------------------------------------------
   # decoding (the module docstring; docs/gated_attention.md, Decoding)
 
-  def init_cache(self, batch, max_len, kv_heads, head_dim, dtype):
+  def decode_problem(self):
     if not self.block_gate.previous_queries:
-      raise UserError('the gated mechanism decodes only with model.attention.gate.query_block=previous: with own, '
-                      'a block\'s choice pools the queries of its later tokens, which decoding has not seen')
+      return ('the gated mechanism decodes only with model.attention.gate.query_block=previous: with own, a '
+              'block\'s choice pools the queries of its later tokens, which decoding has not seen')
+    return super().decode_problem()
+
+  def init_cache(self, batch, max_len, kv_heads, head_dim, dtype):
+    self.check_decodable()
     cache = super().init_cache(batch, max_len, kv_heads, head_dim, dtype)
     blocks = gate_lib.num_blocks(max_len, self.block_size)
     return cache | self.block_gate.empty_cache(batch, blocks, kv_heads, head_dim, dtype)

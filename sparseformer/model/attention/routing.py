@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_mask
-from sparseformer.errors import UserError
 from sparseformer.model.attention import kv_cache
 from sparseformer.model.attention import routing_kmeans as kmeans
 from sparseformer.model.attention import routing_plan
@@ -211,11 +210,13 @@ class RoutingAttention(Mechanism):
   def local_kv_heads(self):
     return self.local_heads // self.group
 
-  def check_decodable(self):
-    """UserError for balanced top-w, whose training routing looks at future tokens."""
+  def decode_problem(self):
+    """Balanced top-w cannot decode: its training routing looks at future tokens."""
     if self.options.routing.selection != 'causal':
-      raise UserError(f'model.attention.routing.selection={self.options.routing.selection!r} cannot decode: its '
-                      'clusters are chosen over the whole row, future tokens included; use selection=causal')
+      return (f'model.attention.routing.selection={self.options.routing.selection!r} cannot decode: its clusters '
+              'are chosen over the whole row, future tokens included; use selection=causal')
+    return super().decode_problem()
+
 
   def init_cache(self, batch, max_len, kv_heads, head_dim, dtype):
     """'routed': max_len slots of the routing heads' keys (their queries with shared QK),
