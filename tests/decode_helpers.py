@@ -1,5 +1,6 @@
 """Teacher-forced decoding: the shared setup of the decoding tests."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -32,6 +33,14 @@ def model_for(specs, attention=None, **model_overrides):
   return LanguageModel(resolve_dims(m, VOCAB), nnx.Rngs(0))
 
 
+def jitted(model, method):
+  """jax.jit of model.method(*args) over the model's state (one compile per shape; the
+  model's arrays are arguments, not constants folded into the program)."""
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args))
+  return lambda *args: fn(state, *args)
+
+
 def teacher_forced_logits(model, tokens, prompt_lengths, prompt_pad):
   """[B, T, vocab] logits: row b's prompt of prompt_lengths[b] tokens prefilled (padded to
   prompt_pad), then its later tokens decoded one by one; NaN where no step gave one
@@ -39,33 +48,29 @@ def teacher_forced_logits(model, tokens, prompt_lengths, prompt_pad):
   batch, length = tokens.shape
   lengths = jnp.asarray(prompt_lengths, jnp.int32)
   prompts = jnp.where(jnp.arange(prompt_pad)[None] < lengths[:, None], tokens[:, :prompt_pad], 0)
-  cache = model.init_cache(batch, length)
-  logits, cache = model.prefill(prompts, lengths, cache)
+  logits, cache = jitted(model, 'prefill')(prompts, lengths, model.init_cache(batch, length))
   out = np.full((batch, length, logits.shape[-1]), np.nan, np.float32)
   rows = np.arange(batch)
   out[rows, np.asarray(lengths) - 1] = np.asarray(logits)
-  decode = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
+  decode = jitted(model, 'decode')
   positions = lengths
   for _ in range(length - min(prompt_lengths)):
     fed = jnp.take_along_axis(tokens, jnp.minimum(positions, length - 1)[:, None], axis=1)[:, 0]
-    logits, cache = decode(model, fed, positions, cache)
+    logits, cache = decode(fed, positions, cache)
     live = np.asarray(positions) < length
     out[rows[live], np.asarray(positions)[live]] = np.asarray(logits)[live]
     positions = positions + 1
   return out
 
 
-
-
 def check_teacher_forcing(specs, attention=None, prompt_lengths=(5, 17, 12), length=40, prompt_pad=24, seed=1,
                           tolerance=TOLERANCE, **model_overrides):
   """Asserts that teacher-forced decoding gives the forward pass's logits at every
   position from each row's last prompt token on (rows of different prompt lengths)."""
-  import jax
   model = model_for(specs, attention, **model_overrides)
   batch = len(prompt_lengths)
   tokens = jax.random.randint(jax.random.key(seed), (batch, length), 3, VOCAB)
-  reference, _ = model(tokens, jnp.broadcast_to(jnp.arange(length), (batch, length)), None)
+  reference, _ = jitted(model, '__call__')(tokens, jnp.broadcast_to(jnp.arange(length), (batch, length)), None)
   decoded = teacher_forced_logits(model, tokens, list(prompt_lengths), prompt_pad)
   for b, start in enumerate(prompt_lengths):
     np.testing.assert_allclose(decoded[b, start - 1:], np.asarray(reference)[b, start - 1:], rtol=0,

@@ -85,6 +85,7 @@ def test_the_decode_choice_is_the_forwards_for_every_query_block(first, local, c
     np.testing.assert_array_equal(jnp.repeat(chosen, select_block // block, axis=-1), forward[:, :, index])
 
 
+@pytest.mark.slow  # 6-13 s a case; the teacher-forcing tests above cover decoding by default
 @pytest.mark.parametrize('spec,attention', [
     ('moba', {'moba': {'block': 8}}), ('infllm_v2', {'infllm_v2': {**SELECT, 'sparse_from': 16}}),
     ('nsa', {'nsa': SELECT}),

@@ -44,6 +44,7 @@ def test_a_stack_of_routing_sse_and_window_layers_decodes():
   check_teacher_forcing(*HYBRID)
 
 
+@pytest.mark.slow  # a check of the cases above (1-13 s each)
 @pytest.mark.parametrize('case', sorted(ROUTING_CASES))
 def test_the_routing_cases_split_the_keys_into_clusters(case):
   """Each routing head's 40 keys fall in at least 2 clusters, none holding 3/4 of them: the
@@ -63,7 +64,7 @@ def test_balanced_top_w_refuses_to_decode():
     model.init_cache(2, 40)
 
 
-@pytest.mark.parametrize('shared', [True, False])
+@pytest.mark.parametrize('shared', [pytest.param(True, marks=pytest.mark.slow), False])
 def test_sse_prompt_padding_leaves_the_state_unchanged(shared):
   """Prefill of right-padded prompts ends with each row's state after its own last token:
   that of the prompt alone, bit for bit close."""

@@ -23,7 +23,8 @@ GATES = {
 }
 
 
-@pytest.mark.parametrize('gate', sorted(GATES))
+@pytest.mark.parametrize('gate', [pytest.param(g, marks=pytest.mark.slow) if g == 'dense_eval' else g
+                                  for g in sorted(GATES)])
 def test_gated_decoding_matches_the_forward_pass(gate):
   check_teacher_forcing(['gated'], {'gate': GATES[gate]})
 
