@@ -110,6 +110,7 @@ def base_config():
   e.task_samples = 4  # examples per (task, length, depth)
   e.task_seed = 1234  # examples differ from the training rows' (which use the run's seed)
   e.task_batch_size = 0  # rows per forward pass; 0: eval.batch_size
+  e.task_decode = False  # also decode every answer through the caches (sparseformer.generation) and report its accuracy
 
   c.checkpoint = ml_collections.ConfigDict()
   k = c.checkpoint

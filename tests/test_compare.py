@@ -104,6 +104,7 @@ def run_compare(argv, timeout=400):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # 25 s: two arms trained; the table and report tests above run by default
 @pytest.mark.time_limit(600)
 def test_quick_comparison_trains_two_arms_and_writes_the_table_and_plot(tmp_path, data_dir):
   workdir = tmp_path / 'compare'

@@ -63,7 +63,8 @@ def with_moved_nsa_parameters(model_for):
 
 @pytest.mark.parametrize('specs,options', [
     (['nsa', 'nsa'], {'window': 12}),
-    (['nsa'], {'compression': 'weighted', 'cmp_len': 8, 'cmp_stride': 4, 'window': 8}),
+    pytest.param(['nsa'], {'compression': 'weighted', 'cmp_len': 8, 'cmp_stride': 4, 'window': 8},
+                 marks=pytest.mark.slow),
 ])
 def test_nsa_decodes_as_its_forward(monkeypatch, specs, options):
   monkeypatch.setattr(decode_helpers, 'model_for', with_moved_nsa_parameters(model_for))

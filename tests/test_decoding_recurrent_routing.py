@@ -64,7 +64,8 @@ def test_balanced_top_w_refuses_to_decode():
     model.init_cache(2, 40)
 
 
-@pytest.mark.parametrize('shared', [pytest.param(True, marks=pytest.mark.slow), False])
+@pytest.mark.slow  # 5-15 s a case; the teacher-forcing tests decode ragged (padded) SSE prompts by default
+@pytest.mark.parametrize('shared', [True, False])
 def test_sse_prompt_padding_leaves_the_state_unchanged(shared):
   """Prefill of right-padded prompts ends with each row's state after its own last token:
   that of the prompt alone, bit for bit close."""

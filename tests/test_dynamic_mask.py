@@ -346,6 +346,7 @@ def test_bad_specs_are_user_errors(spec):
     get_mechanism(spec)
 
 
+@pytest.mark.slow  # 18 s: a few training steps; the layer tests against the oracle run by default
 def test_model_with_dynamic_mask_layers_trains(tmp_path, data_dir):
   spec = "('dynamic_mask:8', 'dense')"
   result = run_script('train.py', tiny_argv(tmp_path / 'run', data_dir, model__layer_attention=spec,

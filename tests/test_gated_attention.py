@@ -304,6 +304,7 @@ GATED_TINY = dict(data__seq_len=192, model__attention__block_size=64, model__att
                   model__layer_attention="('gated', 'gated')", train__steps=10, checkpoint__every_steps=10)
 
 
+@pytest.mark.slow  # 20 s: training steps; the gate and plan tests run by default
 def test_joint_training_with_the_sparse_plan_lowers_the_loss(tmp_path, data_dir):
   result = run_script('train.py', tiny_argv(tmp_path / 'joint', data_dir, **GATED_TINY,
                                             model__attention__gate__density=0.3))

@@ -42,7 +42,7 @@ def test_the_config_extends_rope_and_switches_mechanisms(imported):
 
 
 @pytest.mark.time_limit(420)
-@pytest.mark.parametrize('preset', ['masformer', 'gated'])
+@pytest.mark.parametrize('preset', ['masformer', pytest.param('gated', marks=pytest.mark.slow)])  # 25 s each
 def test_fine_tune_an_imported_model_then_evaluate_and_export_it(tmp_path, imported, data_dir, preset):
   run = tmp_path / 'run'
   two_layers = ['--config.model.attention.full_layers=every:2'] if preset == 'masformer' else []  # a dense one

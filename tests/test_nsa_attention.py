@@ -410,6 +410,7 @@ def test_the_comparison_arm_validates_at_the_suites_lengths(seq_len):
   assert n.window == min(512, seq_len // 8) and n.select_block % cfg.model.attention.block_size == 0
 
 
+@pytest.mark.slow  # 20 s: a few training steps; the layer tests against the oracle run by default
 def test_a_model_with_nsa_layers_trains(tmp_path, data_dir):
   result = run_script('train.py', tiny_argv(
       tmp_path / 'run', data_dir, data__seq_len=192, model__attention__block_size=64,

@@ -49,6 +49,7 @@ def kill_when_paused_after(step, workdir, data_dir, fields):
     assert run.kill() == -signal.SIGKILL
 
 
+@pytest.mark.slow  # 22 s: the dense kill-and-resume test runs by default
 def test_routing_model_killed_and_resumed_gives_the_losses_of_an_uninterrupted_run(tmp_path, data_dir):
   """The k-means centroids of routing attention are state outside the optimizer: they
   must come back with the checkpoint, or the routing (and the losses) change."""

@@ -154,6 +154,7 @@ def assert_same_losses(results):
       assert abs(loss - expected) <= LOSS_RTOL * abs(expected), (name, step, losses, reference)
 
 
+@pytest.mark.slow  # 30 s: sequence-parallel training; the mesh tests above run by default
 def test_sequence_parallel_training_then_a_checkpoint_moved_to_an_fsdp_tensor_mesh():
   assert_same_losses(run_cases([
       {'name': 'sequence 4 -> fsdp 2 x tensor 2', 'save': {'sequence': 4}, 'restore': {'fsdp': 2, 'tensor': 2}},

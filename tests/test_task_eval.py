@@ -318,3 +318,31 @@ def test_model_logprob_fn_on_a_data_sequence_tensor_mesh_matches_one_device():
   (one_logprob, one_argmax), (mesh_logprob, mesh_argmax) = results_on_8_cpu_devices(MESH_SCRIPT, cases)
   np.testing.assert_allclose(mesh_logprob, one_logprob, rtol=0, atol=1e-5)
   assert mesh_argmax == one_argmax
+
+
+def test_decoded_answers_are_generated_from_the_true_text_before_them():
+  from sparseformer.evaluation.task_decode import decoded_exact
+  examples = [base.EncodedExample(np.arange(10, 30), ((5, 7), (12, 15)), (), 4),
+              base.EncodedExample(np.arange(40, 50), ((8, 9),), (), 4)]
+  seen = []
+
+  def generate(prompts, count):  # answers the first and third pieces right, the second wrong
+    seen.extend((list(p), count) for p in prompts)
+    answers = {15: [15, 16], 22: [99, 23, 24], 48: [48, 0, 0]}
+    return [answers[p[-1] + 1] for p in prompts]
+  assert decoded_exact(generate, examples, batch_size=2) == [[True, False], [True]]
+  assert seen == [(list(range(10, 15)), 3), (list(range(10, 22)), 3), (list(range(40, 48)), 1)]
+
+
+def test_eval_tasks_decodes_the_answers_as_teacher_forcing_scores_them(tmp_path, data_dir, capsys):
+  workdir = tmp_path / 'run'
+  assert run_command(train_command, tiny_argv(workdir, data_dir, train__steps=3, train__eval_batches=1)) == 0
+  argv = ['--workdir', str(workdir), "--config.eval.tasks=('test_needle', 'test_plain')",
+          '--config.eval.task_lengths=(40,)', '--config.eval.task_depths=2', '--config.eval.task_samples=2',
+          '--config.eval.task_decode=true']
+  assert run_command(eval_tasks_command, argv) == 0
+  assert 'decoded' in capsys.readouterr().out
+  report = json.loads((workdir / 'eval' / 'tasks_step3.json').read_text())
+  for task in report['tasks'].values():
+    assert task['decoded_accuracy'] == task['accuracy']
+    assert task['lengths']['40']['decoded_accuracy'] == task['lengths']['40']['accuracy']

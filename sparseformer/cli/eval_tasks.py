@@ -1,13 +1,16 @@
 """python -m sparseformer.cli.eval_tasks --workdir DIR --config.eval.tasks="('passkey', 'mqar:pairs=64')"
     [--config.eval.task_lengths="(4096, 16384)"] [--config.eval.task_depths=5]
     [--config.eval.task_samples=4] [--config.eval.task_seed=1234]
-    [--config.eval.task_batch_size=N] [--config.eval.step=K] [--config.FIELD=VALUE ...]
+    [--config.eval.task_batch_size=N] [--config.eval.task_decode=true] [--config.eval.step=K]
+    [--config.FIELD=VALUE ...]
 
 Scores a checkpoint of a run (the latest unless eval.step is set) on synthetic
 long-context tasks (sparseformer/evaluation/tasks, docs/tasks.md): for every task, length
 (default data.seq_len) and needle depth (evenly spaced over [0, 1]), task_samples
 validation examples, scored by exact match of the greedy answer (teacher forcing: one
-forward pass per example). Prints the task x length accuracy and writes
+forward pass per example); with eval.task_decode every answer is also generated through
+the layers' caches (sparseformer.generation) and its accuracy reported beside it. Prints
+the task x length accuracy and writes
 DIR/eval/tasks_step<K>.json and one heat map per task, DIR/eval/tasks_step<K>_<task>.png.
 Lengths beyond the training length are not clipped: the run's model.rope settings apply.
 """
@@ -57,7 +60,8 @@ def eval_tasks_command(argv):
     print(f'note: lengths up to {longest} exceed the training length {cfg.data.seq_len}; '
           f'positions are not clipped (model.rope.scaling={cfg.model.rope.scaling!r})')
   results = task_eval.evaluate_tasks(cfg, logprob_fn, setup.tokenizer, row_multiple=multiple,
-                                     log=lambda message: print(message, flush=True))
+                                     log=lambda message: print(message, flush=True),
+                                     decode_fn=decode_fn(cfg, setup, model))
   results.update(step=step, dataset=cfg.data.name, train_seq_len=cfg.data.seq_len, rope=cfg.model.rope.to_dict(),
                  attention=cfg.model.attention.kind)
   print(f'step {step}: exact-match accuracy ({settings["samples"]} examples per task, length and depth)')
@@ -67,6 +71,20 @@ def eval_tasks_command(argv):
     paths = task_eval.write_task_results(results, os.path.join(workdir, 'eval'), f'tasks_step{step}')
     print('wrote ' + ', '.join(paths))
   return 0
+
+
+def decode_fn(cfg, setup, model):
+  """With eval.task_decode, the generate function that decodes the answers (one process)."""
+  if not cfg.eval.task_decode:
+    return None
+  import jax
+  from sparseformer.evaluation import task_decode
+  from sparseformer.generation import Generator
+  if jax.process_count() > 1:
+    raise UserError('eval.task_decode runs in one process; score with teacher forcing alone on several')
+  generator = Generator(setup.spec.graphdef, model, vocab_size=setup.tokenizer.vocab_size, mesh=setup.mesh,
+                        rules=tuple(cfg.mesh.rules))
+  return task_decode.generator_fn(generator)
 
 
 def main(argv=None):

@@ -34,6 +34,7 @@ import re
 
 import numpy as np
 
+from sparseformer.evaluation import task_decode
 from sparseformer.evaluation.tasks import base as tasks_base
 
 MIN_ANSWER_SLOTS = 8  # answer slots per row are padded to a power of two >= this (fewer compiles)
@@ -207,7 +208,7 @@ def row_length(length, row_multiple):
   return round_up(length, row_multiple)
 
 
-def evaluate_tasks(cfg, logprob_fn, tokenizer, *, row_multiple=None, log=None):
+def evaluate_tasks(cfg, logprob_fn, tokenizer, *, row_multiple=None, log=None, decode_fn=None):
   """Scores `eval.task_samples` validation examples of every task spec in `eval.tasks` at
   every length of `eval.task_lengths` (or data.seq_len) and every needle depth of
   linspace(0, 1, eval.task_depths) (one depth column for tasks whose examples have no
@@ -218,7 +219,9 @@ def evaluate_tasks(cfg, logprob_fn, tokenizer, *, row_multiple=None, log=None):
                     'grid' ([length][depth] accuracy),
                     'lengths': {'<length>': {'examples', 'accuracy', 'score',
                                              'answer_logprob_per_token', 'accuracy_by_depth',
-                                             'mean_actual_depth'}}}}}"""
+                                             'mean_actual_depth'}}}}}
+  With `decode_fn` (task_decode.decoded_exact's `generate`), every answer is also decoded
+  and the results gain 'decoded_accuracy' beside 'accuracy' (task_decode.py)."""
   settings = task_settings(cfg, row_multiple)
   if not settings['tasks']:
     raise ValueError('no tasks to evaluate (eval.tasks is empty)')
@@ -241,14 +244,27 @@ def evaluate_tasks(cfg, logprob_fn, tokenizer, *, row_multiple=None, log=None):
           encoded.append(tasks_base.encode(example, tokenizer))
     log(f'length {length}: {len(encoded)} examples in rows of {row_len} tokens')
     scored = score_rows(logprob_fn, encoded, row_len, settings['batch_size'], tokenizer.pad_id)
+    if decode_fn is not None:
+      add_decoded(scored, task_decode.decoded_exact(decode_fn, encoded, settings['batch_size']))
     for (spec, length_, depth_index, actual_depth), result in zip(keys, scored):
       cells.setdefault((spec, length_, depth_index), []).append({**result, 'depth': actual_depth})
   return summarize_tasks(settings, cells, depth_columns)
 
 
+def add_decoded(scored, decoded):
+  for result, pieces in zip(scored, decoded, strict=True):
+    result['decoded_exact'] = bool(pieces) and all(pieces)
+
+
 def _mean(values):
   values = list(values)
   return float(np.mean(values)) if values else None
+
+
+def add_decoded_accuracy(entry, results):
+  """entry['decoded_accuracy'] of results that were decoded (eval.task_decode)."""
+  if any('decoded_exact' in r for r in results):
+    entry['decoded_accuracy'] = _mean(r['decoded_exact'] for r in results)
 
 
 def summarize_tasks(settings, cells, depth_columns):
@@ -274,6 +290,7 @@ def summarize_tasks(settings, cells, depth_columns):
           'mean_actual_depth': None if depthless else [
               _mean(r['depth'] for r in cells.get((spec, length, i), [])) for i in range(len(depths))],
       }
+      add_decoded_accuracy(by_length[str(length)], length_results)
       grid.append(row)
       everything += length_results
     tasks[spec] = {
@@ -283,6 +300,7 @@ def summarize_tasks(settings, cells, depth_columns):
         'score': _mean(r['score'] for r in everything),
         'lengths': by_length,
     }
+    add_decoded_accuracy(tasks[spec], everything)
   accuracy_by_length = {}
   for length in settings['lengths']:
     results = [r for (spec, length_, _), rs in cells.items() if length_ == length for r in rs]
@@ -306,6 +324,9 @@ def format_table(results):
   for spec, task in results['tasks'].items():
     lines.append(spec.ljust(width) + ''.join(cell(task['lengths'][str(n)]['accuracy']) for n in lengths)
                  + cell(task['accuracy']) + cell(task['score']))
+    if 'decoded_accuracy' in task:
+      lines.append('  decoded'.ljust(width) + ''.join(cell(task['lengths'][str(n)]['decoded_accuracy'])
+                                                      for n in lengths) + cell(task['decoded_accuracy']))
   lines.append('all'.ljust(width) + ''.join(cell(results['accuracy_by_length'][str(n)]) for n in lengths))
   return lines
 
