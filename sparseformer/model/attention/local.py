@@ -36,6 +36,10 @@ class LocalAttention(Mechanism):
     return context_parallel.sharded_attention(q, k, v, ctx.segment_ids, mask=self.mask(), block=self.block_size,
                                               scale=softmax_scale(q, ctx), placement=placement), no_aux()
 
+  def decode_visible(self, cache, positions):
+    """The mask function's rule for the query and each cached key."""
+    return kv_cache.causal(cache, positions) & self.mask().elements(positions[:, None], cache['position'])
+
 
 @register('window')
 class SlidingWindowAttention(LocalAttention):
@@ -50,10 +54,6 @@ class SlidingWindowAttention(LocalAttention):
   def cache_slots(self, max_len):
     """A ring buffer of the last W tokens."""
     return min(self.size, max_len)
-
-  def decode_visible(self, cache, positions):
-    """The ring buffer holds the window (the check keeps a larger cache right too)."""
-    return kv_cache.causal(cache, positions) & (positions[:, None] - cache['position'] < self.size)
 
 
 @register('block_local')
@@ -70,6 +70,3 @@ class BlockLocalAttention(LocalAttention):
   def cache_slots(self, max_len):
     """The current chunk: C slots, the chunk's tokens so far the filled ones."""
     return min(self.size, max_len)
-
-  def decode_visible(self, cache, positions):
-    return kv_cache.causal(cache, positions) & (cache['position'] // self.size == positions[:, None] // self.size)
