@@ -1,0 +1,110 @@
+"""Static sparse patterns from the literature as layer specs: mask functions of positions
+(pallas_kernels/block_sparse_attention/patterns.py), causal, with no parameters, attended
+through the block-sparse kernels like window layers (docs/static_patterns.md).
+
+    power:W          PowerAttention (arXiv 2503.03588): keys at power-of-two distances
+                     (1, 2, 4, ...) plus the last W tokens; model.attention.power.sink
+                     first tokens seen by all
+    neighborhood:K   causal 1-D neighborhood attention (arXiv 2204.07143; dilated, DiNAT
+                     arXiv 2209.15001): the last K keys of the query's dilation group
+                     (model.attention.neighborhood.dilation)
+    fixed:S          Sparse Transformer's fixed pattern (arXiv 1904.10509): the query's
+                     chunk of S tokens, and the last model.attention.fixed.summary
+                     tokens of every chunk
+    radial:F         Radial Attention (arXiv 2506.19852) over frames of F tokens: the band
+                     of keys shrinks as the frames' distance doubles
+
+The plan is built from the mask at block granularity, documents included (no T x T mask);
+decoding reads a key/value cache through the same mask function.
+"""
+
+import numpy as np
+
+from pallas_kernels.block_sparse_attention import masks, patterns
+from sparseformer.model.attention.base import Option, register, softmax_flops
+from sparseformer.model.attention.local import LocalAttention
+
+CAUSAL_LENGTH = 1 << 30  # a causal neighborhood never reaches the end of the row: no edge to clamp at
+FLOP_QUERIES = 512  # queries sampled to count the keys a pattern sees per query
+
+
+def mean_visible_keys(mask, seq_len):
+  """Keys the mask lets a query see, averaged over the positions of one document of
+  seq_len tokens (exact below FLOP_QUERIES tokens, else over evenly spaced queries)."""
+  queries = np.unique(np.linspace(0, seq_len - 1, min(seq_len, FLOP_QUERIES)).astype(np.int64))
+  keys = np.arange(seq_len)
+  visible = np.asarray(mask.elements(queries[:, None], keys[None, :]))
+  return float(visible.sum(1).mean())
+
+
+class PatternAttention(LocalAttention):
+  """A causal static pattern: subclasses give `pattern(argument, options)`, the mask
+  function of a layer (options: model.attention), to which causality is added."""
+
+  @classmethod
+  def pattern(cls, argument, options):
+    raise NotImplementedError
+
+  @classmethod
+  def causal_mask(cls, argument, options):
+    return cls.pattern(argument, options) & masks.Causal()
+
+  def mask(self):
+    return self.causal_mask(self.argument, self.options)
+
+  @classmethod
+  def attention_flops(cls, argument, options, dims, seq_len):
+    return softmax_flops(dims.num_heads, dims.head_dim, mean_visible_keys(cls.causal_mask(argument, options), seq_len))
+
+
+@register('power')
+class PowerAttention(PatternAttention):
+  argument_meaning = ('local window', 64)
+  options_section = 'power'
+  OPTIONS = {'sink': Option(0, 'first tokens every query sees (attention sinks)', lambda n: n >= 0,
+                            'use a count >= 0')}
+
+  @classmethod
+  def pattern(cls, argument, options):
+    return patterns.Power(local=argument, sink=options.power.sink)
+
+
+@register('neighborhood')
+class NeighborhoodAttention(PatternAttention):
+  argument_meaning = ('kernel size', 256)
+  options_section = 'neighborhood'
+  OPTIONS = {'dilation': Option(1, 'keys of the query\'s group (same index mod dilation), DiNAT', lambda n: n >= 1,
+                                'use a dilation >= 1')}
+
+  @classmethod
+  def pattern(cls, argument, options):
+    return patterns.Neighborhood(CAUSAL_LENGTH, argument, options.neighborhood.dilation, causal=True)
+
+
+@register('fixed')
+class FixedAttention(PatternAttention):
+  argument_meaning = ('stride', 128)
+  options_section = 'fixed'
+  OPTIONS = {'summary': Option(8, 'last tokens of every chunk that later queries see (c in the paper)',
+                               lambda n: n >= 1, 'use a count >= 1')}
+
+  @classmethod
+  def validate_options(cls, options, model_cfg, arguments):
+    problem = super().validate_options(options, model_cfg, arguments)
+    for stride in sorted(set(arguments)):
+      if problem is None and options.summary > stride:
+        problem = f'model.attention.fixed.summary={options.summary}: use at most the stride ({stride})'
+    return problem
+
+  @classmethod
+  def pattern(cls, argument, options):
+    return patterns.Fixed(argument, options.fixed.summary)
+
+
+@register('radial')
+class RadialAttention(PatternAttention):
+  argument_meaning = ('frame size', 256)
+
+  @classmethod
+  def pattern(cls, argument, options):
+    return patterns.Radial(argument)

@@ -1,0 +1,114 @@
+"""The static-pattern layer specs (power, neighborhood, fixed, radial) against dense softmax
+attention under the pattern's mask written out per token from the paper's definition
+(test_block_sparse_patterns.py's brute force) and causality: outputs and q, k, v
+gradients, packed documents, GQA; teacher-forced decoding; their cost; a model that trains
+a few steps on the CPU; bad specs.
+
+Tolerance: float32, |pattern - dense| <= 2e-5 + 2e-5 |dense| (as the other mechanisms')."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from decode_helpers import check_teacher_forcing
+from flax import nnx
+from oracles import check_layer_against_oracle
+from test_block_sparse_patterns import fixed_brute, neighborhood_brute, power_brute, radial_brute
+
+from sparseformer.config import base_config
+from sparseformer.errors import UserError
+from sparseformer.model import LanguageModel, resolve_dims
+from sparseformer.model.attention import AttentionContext, get_mechanism
+from sparseformer.model.attention.base import layer_attention_flops
+
+BLOCK = 16
+LENGTH = 150  # the last block of 16 is partial
+
+# spec, model.attention options, brute-force mask [T, T] (before causality)
+CASES = {
+    'power': ('power:4', {'power': {'sink': 3}}, lambda n: power_brute(n, 4, 3)),
+    'neighborhood': ('neighborhood:6', {'neighborhood': {'dilation': 3}},
+                     lambda n: neighborhood_brute(n, 6, 3, causal=True)),
+    'fixed': ('fixed:32', {'fixed': {'summary': 4}}, lambda n: fixed_brute(n, 32, 4)),
+    'radial': ('radial:8', {}, lambda n: radial_brute(n, 8)),
+}
+
+
+def model_cfg(spec, options, heads=4, kv_heads=2, head_dim=16):
+  cfg = base_config().model
+  cfg.num_layers, cfg.layer_attention, cfg.attention.block_size = 1, (spec,), BLOCK
+  cfg.num_heads, cfg.num_kv_heads, cfg.d_model = heads, kv_heads, heads * head_dim
+  for section, values in options.items():
+    cfg.attention[section].update(values)
+  return cfg
+
+
+@pytest.mark.parametrize('name, packed', [pytest.param(name, packed, marks=pytest.mark.slow)
+                                          if (name, packed) == ('radial', False) else (name, packed)
+                                          for name in sorted(CASES) for packed in (False, True)])
+def test_layer_equals_dense_attention_under_the_papers_mask(name, packed):
+  spec, options, brute = CASES[name]
+  b, t, h, d, kv_heads = 2, LENGTH, 4, 16, 2
+  keys = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k, v = (jax.random.normal(key, (b, t, kv_heads, d)) for key in keys[1:3])
+  d_out = jax.random.normal(keys[3], (b, t, h, d))
+  segments = jnp.asarray([[1] * 70 + [2] * 60 + [0] * 20, [1] * t], jnp.int32) if packed else None
+  layer = get_mechanism(spec)(resolve_dims(model_cfg(spec, options), 259), 0, nnx.Rngs(0))
+  ctx = AttentionContext(jnp.zeros((b, t), jnp.int32), segments, None, None)
+  allowed = (brute(t) & np.tri(t, dtype=bool))[None]
+  check_layer_against_oracle(lambda q, k, v: layer(q, k, v, ctx), q, k, v, d_out, allowed, segments)
+
+
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n == 'radial' else n
+                                  for n in sorted(CASES)])  # radial: 19 s
+def test_teacher_forced_decoding_matches_the_forward_pass(name):
+  spec, options, _ = CASES[name]
+  small = {'power': ('power:2', {'power': {'sink': 1}}), 'neighborhood': ('neighborhood:4', {'neighborhood': {
+      'dilation': 2}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}), 'radial': ('radial:4', {})}[name]
+  check_teacher_forcing([small[0], 'dense'], small[1])
+
+
+def test_cost_counts_the_keys_of_the_pattern():
+  for name, (spec, options, brute) in CASES.items():
+    cfg = model_cfg(spec, options)
+    flops = layer_attention_flops(resolve_dims(cfg, 259), 256)[0]
+    keys = (brute(256) & np.tri(256, dtype=bool)).sum(1).mean()
+    assert flops == pytest.approx(4 * 4 * 16 * keys), name
+
+
+@pytest.mark.slow  # 25 s: bash scripts/test.sh -m slow
+def test_a_model_of_pattern_layers_trains():
+  m = base_config().model
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.dtype = 32, 4, 2, 1, 'float32'
+  m.layer_attention = ('power:16', 'neighborhood:32', 'fixed:64', 'radial:32')
+  model = LanguageModel(resolve_dims(m, 259), nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 257), 3, 20)  # a small alphabet: learnable in a few steps
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  positions = jnp.broadcast_to(jnp.arange(256), inputs.shape)
+
+  def loss_of(model):
+    logits, _ = model(inputs, positions, None)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+  step = nnx.jit(lambda model: nnx.value_and_grad(loss_of)(model))
+  losses = []
+  for _ in range(6):
+    loss, grads = step(model)
+    losses.append(float(loss))
+    nnx.update(model, jax.tree.map(lambda p, g: p - 0.5 * g, nnx.state(model, nnx.Param), grads))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize('spec, message', [('power', 'positive local window'), ('radial:0', 'positive frame size'),
+                                           ('neighborhood:x', 'positive kernel size'), ('fixed', 'positive stride')])
+def test_bad_specs_are_user_errors(spec, message):
+  with pytest.raises(UserError, match=message):
+    get_mechanism(spec)
+
+
+def test_a_summary_longer_than_the_stride_is_refused():
+  from sparseformer.config import validate
+  cfg = base_config()
+  cfg.model.attention.kind, cfg.model.attention.fixed.summary = 'fixed:16', 32
+  with pytest.raises(UserError, match=r'model.attention.fixed.summary=32: use at most the stride \(16\)'):
+    validate(cfg)
