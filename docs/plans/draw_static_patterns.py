@@ -1,0 +1,49 @@
+"""Draws docs/plans/<pattern>.png (docs/static_patterns.md): each static pattern's causal
+plan at 8192 tokens in 128-token blocks, and prints the density of each at 8k, 32k and
+128k tokens: elements (the fraction of the causal query-key pairs it keeps, from 512
+evenly spaced queries per length) and tiles (the fraction of the causal 128 x 128 tiles
+the kernel visits).
+
+    python docs/plans/draw_static_patterns.py
+"""
+
+import os
+
+import numpy as np
+
+from pallas_kernels.block_sparse_attention import masks, patterns, plan_from_mask
+from pallas_kernels.block_sparse_attention.plan import density
+from pallas_kernels.block_sparse_attention.render import render_plan
+from sparseformer.model.attention.static_patterns import mean_visible_keys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+T, BLOCK = 8192, 128
+PATTERNS = {  # the settings of docs/static_patterns.md's table
+    'power': ('power:64, sink 0', patterns.Power(local=64)),
+    'neighborhood': ('neighborhood:1024, dilation 4', patterns.Neighborhood(1 << 30, 1024, 4, causal=True)),
+    'fixed': ('fixed:128, summary 8', patterns.Fixed(128, 8)),
+    'radial': ('radial:256', patterns.Radial(256)),
+    'strided': ('Strided(128, 128), element level', patterns.Strided(128, 128)),
+    'bigbird': ('BigBird: 128-blocks, window 1, 2 global blocks, 3 random',
+                patterns.BigBird(T, BLOCK, window=1, global_tokens=256, random_blocks=3, seed=0)),
+}
+
+
+def causal_density(mask, length):
+  """Kept pairs over causal pairs: mean visible keys over mean causal keys."""
+  return mean_visible_keys(mask & masks.Causal(), length) / mean_visible_keys(masks.Causal(), length)
+
+
+def tile_density(mask, length):
+  """Visited tiles over causal tiles."""
+  visited = lambda m: float(density(plan_from_mask(m, q_len=length, block_q=BLOCK, block_kv=BLOCK)).mean())  # noqa: E731
+  return visited(mask & masks.Causal()) / visited(masks.Causal())
+
+
+if __name__ == '__main__':
+  for name, (title, pattern) in PATTERNS.items():
+    plan = plan_from_mask(pattern & masks.Causal(), q_len=T, block_q=BLOCK, block_kv=BLOCK)
+    render_plan(plan, os.path.join(HERE, f'{name}.png'), title=f'{title}: {T} x {T}, blocks {BLOCK}')
+    lengths = (8192, 32768, 131072) if name != 'bigbird' else (8192,)  # BigBird's mask is built for T
+    print(name, ' '.join(f'{n}: elements {causal_density(pattern, n):.4f}, tiles {tile_density(pattern, n):.4f};'
+                         for n in lengths))
