@@ -46,12 +46,23 @@ every choice). Each arm is (name, {model field: value}), changes to the suite's 
              shorter rows). phi is `weighted` (a learned weight per span position):
              the paper's linear map, 2 x 32 x 64 x 64 per kv head and layer, would be
              2.1M of the suite model's 3.05M parameters.
+  power      PowerAttention (Chen et al., 2025): keys at power-of-two distances plus
+             the last 64 tokens (one block), per token (docs/static_patterns.md):
+             about 64 + log2 L keys per query reaching the whole row in log depth.
+  neighborhood  dilated causal neighborhood attention (DiNAT): the last L/16 keys of
+             the query's group of every 4th token, a span of L/4 with half the window
+             arm's keys.
+  fixed      Sparse Transformer's fixed pattern: chunks of L/8 tokens, the last 8 of
+             each chunk (c = 8, the paper's with stride 128) seen by later queries.
+  radial     Radial Attention (Li et al., 2025) over frames of 64 tokens.
+             The four static patterns are per token: they visit most tiles, so their
+             step time is near a dense layer's (docs/static_patterns.md).
 """
 
 from sparseformer.config import base_config
 
 ARM_NAMES = ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h', 'strided', 'moba',
-             'infllm_v2', 'nsa')
+             'infllm_v2', 'nsa', 'power', 'neighborhood', 'fixed', 'radial')
 
 
 def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, gate_width=64, cluster_window=512):
@@ -78,6 +89,11 @@ def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, g
                     'model.attention.infllm_v2.select_count': max(seq_len // 8 // 64, 3)},
       'nsa': {'model.attention.kind': 'nsa', 'model.attention.nsa.select_count': max(seq_len // 512, 3),
               'model.attention.nsa.window': min(512, seq_len // 8), 'model.attention.nsa.compression': 'weighted'},
+      'power': {'model.attention.kind': 'power:64'},
+      'neighborhood': {'model.attention.kind': f'neighborhood:{max(seq_len // 16, 16)}',
+                       'model.attention.neighborhood.dilation': 4},
+      'fixed': {'model.attention.kind': f'fixed:{max(seq_len // 8, 64)}', 'model.attention.fixed.summary': 8},
+      'radial': {'model.attention.kind': 'radial:64'},
   }
   unknown = [n for n in names if n not in arms]
   if unknown:
