@@ -9,7 +9,7 @@ import pytest
 from matplotlib import colors
 from matplotlib import image as mpimg
 
-from pallas_kernels.block_sparse_attention import masks, plan_from_mask
+from pallas_kernels.block_sparse_attention import masks, patterns, plan_from_mask
 from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL, PARTIAL
 from pallas_kernels.block_sparse_attention.render import (DPI, FIGURE_INCHES, KIND_COLOURS, cell_pixel, kind_grid,
                                                           plan_from_spec, render_plan)
@@ -77,3 +77,13 @@ def test_command_line(tmp_path):
   assert result.returncode == 0, result.stderr
   assert '8 x 8 blocks' in result.stdout
   assert mpimg.imread(path).shape[2] in (3, 4)
+
+
+@pytest.mark.parametrize('spec, mask', [
+    ('power:8', lambda: patterns.Power(local=8)), ('fixed:32', lambda: patterns.Fixed(32, 8)),
+    ('radial:16', lambda: patterns.Radial(16)), ('neighborhood:24', lambda: patterns.Neighborhood(1 << 30, 24, causal=True)),
+])
+def test_pattern_specs_are_the_causal_patterns(spec, mask):
+  got = plan_from_spec(spec, 256, block=16)
+  want = plan_from_mask(mask() & masks.Causal(), q_len=256, block_q=16, block_kv=16)
+  np.testing.assert_array_equal(np.asarray(got.block_kinds()), np.asarray(want.block_kinds()))

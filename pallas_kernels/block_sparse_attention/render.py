@@ -9,14 +9,15 @@ Mask specs for the command line (and `plan_from_spec`): full, causal, causal_win
 (the last W keys, the query included), chunked:C (causal inside chunks of C tokens),
 random:DENSITY (each block below the diagonal kept with that probability, the diagonal
 always, seeded), topk:K (the K best of random block scores per q block row, plus the
-diagonal and the first block).
+diagonal and the first block), and the static patterns power:W, neighborhood:K, fixed:S,
+radial:F (causal, as the layer specs of the same names with their default options).
 """
 
 import argparse
 
 import numpy as np
 
-from pallas_kernels.block_sparse_attention import masks
+from pallas_kernels.block_sparse_attention import masks, patterns
 from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL, PARTIAL
 from pallas_kernels.block_sparse_attention.plan import (density, num_blocks, plan_from_block_mask,
                                                         plan_from_block_scores, plan_from_mask)
@@ -107,8 +108,20 @@ def plan_from_spec(spec, length, block=128, seed=0, heads=1):
     return plan_from_block_mask(chosen, q_len=length, block_q=block, block_kv=block)
   if name == 'topk':
     return random_topk_plan(int(argument), length, block, seed, heads)
+  if name in PATTERN_SPECS:
+    return from_mask(PATTERN_SPECS[name](int(argument)) & masks.Causal())
   raise ValueError(f'unknown mask spec {spec!r}: use full, causal, causal_window:W, chunked:C, '
-                   'random:DENSITY or topk:K')
+                   'random:DENSITY, topk:K, ' + ', '.join(f'{n}:N' for n in PATTERN_SPECS))
+
+
+# Static patterns (patterns.py) by the layer specs' argument and default options
+# (docs/static_patterns.md), causal.
+PATTERN_SPECS = {
+    'power': lambda local: patterns.Power(local=local),
+    'neighborhood': lambda kernel: patterns.Neighborhood(1 << 30, kernel, causal=True),
+    'fixed': lambda stride: patterns.Fixed(stride, min(8, stride)),
+    'radial': lambda frame: patterns.Radial(frame),
+}
 
 
 def main(argv=None):
