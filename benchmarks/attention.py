@@ -7,7 +7,9 @@
 bf16, B=1, H=16, D=128 (no GQA), S in {8192, 32768}, forward and forward+backward, on
 three plans: dense causal, a causal window of 1024 keys (the query included), and a
 random 10% of the blocks below the diagonal plus the diagonal, drawn per head (seeded;
-plan_from_block_mask with 16 plan heads). Each row is one
+plan_from_block_mask with 16 plan heads). --masks takes any spec of
+render.plan_from_spec, the static patterns too (power:64, neighborhood:1024, fixed:128,
+radial:256; docs/static_patterns.md), each with its element rule for FlexAttention. Each row is one
 implementation on one (S, mask, pass):
   ours    `block_sparse_attention(..., implementation=NAME)` for each NAME of --implementations;
   cudnn   `jax.nn.dot_product_attention(is_causal=True, implementation='cudnn')`, with
@@ -281,7 +283,35 @@ def flex_mask_mod(spec):
     return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx // size == kv_idx // size)
   if name in ('causal', 'random', 'topk'):
     return causal_mask_mod
+  if name in PATTERN_MASK_MODS:
+    rule = PATTERN_MASK_MODS[name](int(argument))
+    return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & rule(q_idx, kv_idx)
   return lambda b, h, q_idx, kv_idx: q_idx >= 0
+
+
+def radial_rule(frame):
+  """Radial Attention's element rule (patterns.Radial) on torch index tensors."""
+  import torch
+
+  def rule(q_idx, kv_idx):
+    distance = (q_idx // frame - kv_idx // frame).abs()
+    power = torch.bitwise_left_shift(torch.ones_like(distance),
+                                     torch.floor(torch.log2(distance.clamp(min=1).float())).to(distance.dtype))
+    offset = (q_idx % frame - kv_idx % frame).abs()
+    near = (power <= frame) & ((offset + 1) * power <= frame)
+    far = (power > frame) & (offset == 0) & (distance % ((power + frame - 1) // frame) == 0)
+    return near | far
+  return rule
+
+
+# The static patterns of render.PATTERN_SPECS (their default options), element rules on
+# torch index tensors, causality added by flex_mask_mod.
+PATTERN_MASK_MODS = {
+    'power': lambda local: lambda q, k: ((q - k) < local) | (((q - k) & (q - k - 1)) == 0),
+    'neighborhood': lambda kernel: lambda q, k: (q - k) < kernel,
+    'fixed': lambda stride: lambda q, k: (q // stride == k // stride) | (k % stride >= stride - min(8, stride)),
+    'radial': radial_rule,
+}
 
 
 def causal_mask_mod(b, h, q_idx, kv_idx):
