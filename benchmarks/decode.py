@@ -101,6 +101,29 @@ def forward_seconds(graphdef, arrays, batch, context, repeats):
   return statistics.median(times)
 
 
+def device_step_seconds(generator, prompts, args):
+  """Seconds per decode step with the steps looped on the device (Generator.device_loop:
+  no host wait per token), after a prefill of the same prompts; the best of --repeats."""
+  import jax
+  import numpy as np
+  from sparseformer.generation import Sampling
+  from sparseformer.generation.generate import prompt_bucket, round_up
+  block = generator.dims.attention.block_size
+  prompt_len = prompt_bucket(len(prompts[0]), block)
+  max_len = round_up(prompt_len + args.new_tokens, block)
+  (prefill, _), _ = generator.compiled(len(prompts), prompt_len, max_len, Sampling())
+  lengths = np.full(len(prompts), len(prompts[0]), np.int32)
+  loop = generator.device_loop(args.new_tokens - 1)
+  times = []
+  for _ in range(args.repeats + 1):  # the first compiles
+    tokens, cache = prefill(generator.arrays, np.asarray(prompts, np.int32), lengths, jax.random.key(0))
+    jax.block_until_ready(cache)
+    start = time.perf_counter()
+    jax.block_until_ready(loop(generator.arrays, cache, tokens, lengths, jax.random.key(1)))
+    times.append(time.perf_counter() - start)
+  return min(times[1:]) / (args.new_tokens - 1)
+
+
 def measure(args, variant, context, batch):
   import jax
   import numpy as np
@@ -117,9 +140,11 @@ def measure(args, variant, context, batch):
   compiled = generator.generate(prompts, max_new_tokens=args.new_tokens)
   runs = [generator.generate(prompts, max_new_tokens=args.new_tokens) for _ in range(args.repeats)]
   run = min(runs, key=lambda r: r.decode_seconds)
+  device_step = device_step_seconds(generator, prompts, args)
   return {'variant': variant, 'context': context, 'batch': batch, 'layers': list(dims.layer_mechanisms),
           'decode_tokens_per_s': batch * run.decode_steps / run.decode_seconds,
           'decode_ms_per_step': 1e3 * run.decode_seconds / run.decode_steps,
+          'device_ms_per_step': 1e3 * device_step, 'device_tokens_per_s': batch / device_step,
           'prefill_s': min(r.prefill_seconds for r in runs),
           'forward_s': forward_seconds(spec.graphdef, arrays, batch, context, args.repeats),
           'cache_mib': run.cache_bytes / 2**20, 'compile_s': compiled.compile_seconds,
@@ -127,14 +152,15 @@ def measure(args, variant, context, batch):
 
 
 def format_table(rows):
-  lines = ['| variant | context | batch | decode tokens/s | ms/step | cache MiB | prefill s | forward s | '
-           'prefill / forward |', '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  lines = ['| variant | context | batch | decode tokens/s | ms/step | device tokens/s | device ms/step | cache MiB | '
+           'prefill s | forward s | prefill / forward |', '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
     if 'error' in r:
-      lines.append(f'| {r["variant"]} | {r["context"]} | {r["batch"]} | error: {r["error"][:80]} | | | | | |')
+      lines.append(f'| {r["variant"]} | {r["context"]} | {r["batch"]} | error: {r["error"][:80]} | | | | | | | |')
       continue
     lines.append(f'| {r["variant"]} | {r["context"]} | {r["batch"]} | {r["decode_tokens_per_s"]:.0f} | '
-                 f'{r["decode_ms_per_step"]:.2f} | {r["cache_mib"]:.1f} | {r["prefill_s"]:.3f} | '
+                 f'{r["decode_ms_per_step"]:.2f} | {r["device_tokens_per_s"]:.0f} | {r["device_ms_per_step"]:.2f} | '
+                 f'{r["cache_mib"]:.1f} | {r["prefill_s"]:.3f} | '
                  f'{r["forward_s"]:.3f} | {r["prefill_s"] / r["forward_s"]:.2f} |')
   return '\n'.join(lines)
 

@@ -314,3 +314,4 @@ def test_decode_quick_run_measures_every_variant(tmp_path):
   for row in rows:
     assert 'error' not in row, row
     assert row['decode_tokens_per_s'] > 0 and row['cache_mib'] > 0 and row['forward_s'] > 0, row
+    assert row['device_tokens_per_s'] > 0, row

@@ -130,3 +130,18 @@ def test_generation_on_a_mesh_matches_one_device():
   results = results_on_8_cpu_devices(MESH_SCRIPT, cases)
   for name in cases:
     assert results[name] == results['no_mesh'], name
+
+
+def test_the_device_loop_makes_the_tokens_generate_makes():
+  from sparseformer.generation.generate import prompt_bucket
+  _, generator = generator_for(['dense', 'window:8'])
+  prompts = [p[:5] for p in PROMPTS[:2]] + [[3, 4, 5, 6, 7]]  # equal lengths: one position per step for all rows
+  want = generator.generate(prompts, max_new_tokens=7).tokens
+  prompt_len = prompt_bucket(5, 8)
+  (prefill, _), _ = generator.compiled(3, prompt_len, 16, Sampling())
+  padded = np.zeros((3, prompt_len), np.int32)
+  padded[:, :5] = prompts
+  lengths = np.full(3, 5, np.int32)
+  tokens, cache = prefill(generator.arrays, padded, lengths, jax.random.key(0))
+  tokens, _ = generator.device_loop(6)(generator.arrays, cache, tokens, lengths, jax.random.key(1))
+  assert np.asarray(tokens).tolist() == [row[-1] for row in want]

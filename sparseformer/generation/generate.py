@@ -134,6 +134,17 @@ class Generator:
     self._compiled[shapes] = (prefill, decode)
     return (prefill, decode), time.perf_counter() - start
 
+  def device_loop(self, steps, sampling=Sampling()):
+    """A jitted fn(arrays, cache, tokens, positions, key) -> (tokens, cache) running
+    `steps` decode steps on the device, each feeding the token it chose (no host in the
+    loop: what a step costs the device, for benchmarks)."""
+    def run(arrays, cache, tokens, positions, key):
+      def step(i, carry):
+        tokens, cache = carry
+        return self._decode(arrays, cache, tokens, positions + i, jax.random.fold_in(key, i), sampling=sampling)
+      return jax.lax.fori_loop(0, steps, step, (tokens, cache))
+    return jax.jit(self._placed(run), donate_argnums=1)
+
   # --------------------------------------------------------------------------------------
 
   def batch_multiple(self):
