@@ -101,9 +101,10 @@ def hash_block(query_block, slot, seed, num_blocks):
   return x % num_blocks
 
 
-def bigbird_brute(n, block, window, global_tokens, random_blocks, seed):
+def bigbird_brute(n, block, window, global_tokens, random_blocks, seed, causal_draws=False):
   num = -(-n // block)
-  drawn = {qb: {hash_block(qb, s, seed, num) for s in range(random_blocks)} for qb in range(num)}
+  drawn = {qb: {hash_block(qb, s, seed, qb + 1 if causal_draws else num) for s in range(random_blocks)}
+           for qb in range(num)}
   out = np.zeros((n, n), bool)
   for q in range(n):
     for k in range(n):
@@ -140,6 +141,8 @@ CASES = {
                         bigbird_brute(150, 8, 1, 5, 2, 3)),
     'bigbird_wide': lambda: (BigBird(130, 5, window=2, global_tokens=0, random_blocks=3, seed=11),
                              bigbird_brute(130, 5, 2, 0, 3, 11)),
+    'bigbird_causal_draws': lambda: (BigBird(150, 8, window=1, global_tokens=8, random_blocks=2, seed=5,
+                                             causal_draws=True), bigbird_brute(150, 8, 1, 8, 2, 5, True)),
     'bigbird_no_random': lambda: (BigBird(100, 16, window=0, global_tokens=16), bigbird_brute(100, 16, 0, 16, 0, 0)),
 }
 

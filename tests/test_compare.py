@@ -69,7 +69,7 @@ def test_shipped_suites_hold_equal_budgets(suite):
   loaded = compare.load_suite(suite, {})
   configs = {name: compare.arm_config(loaded.run, name, changes) for name, changes in loaded.arms}
   assert set(configs) == {'dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h',
-                          'nsa', 'moba', 'infllm_v2', 'power', 'neighborhood', 'fixed', 'radial'}
+                          'nsa', 'moba', 'infllm_v2', 'power', 'neighborhood', 'fixed', 'radial', 'bigbird'}
   target = compare.arm_budget(configs['dense'])['params']
   budgets = {n: compare.arm_budget(compare.matched_mlp_config(c, n, target)) for n, c in configs.items()}
   compare.check_param_budget(budgets, loaded.param_tolerance)

@@ -1,5 +1,5 @@
-"""The static-pattern layer specs (power, neighborhood, fixed, radial) against dense softmax
-attention under the pattern's mask written out per token from the paper's definition
+"""The static-pattern layer specs (power, neighborhood, fixed, radial, bigbird) against
+dense softmax attention under the pattern's mask written out per token from the paper's definition
 (test_block_sparse_patterns.py's brute force) and causality: outputs and q, k, v
 gradients, packed documents, GQA; teacher-forced decoding; their cost; a model that trains
 a few steps on the CPU; bad specs.
@@ -13,7 +13,7 @@ import pytest
 from decode_helpers import check_teacher_forcing
 from flax import nnx
 from oracles import check_layer_against_oracle
-from test_block_sparse_patterns import fixed_brute, neighborhood_brute, power_brute, radial_brute
+from test_block_sparse_patterns import bigbird_brute, fixed_brute, neighborhood_brute, power_brute, radial_brute
 
 from sparseformer.config import base_config
 from sparseformer.errors import UserError
@@ -31,6 +31,8 @@ CASES = {
                      lambda n: neighborhood_brute(n, 6, 3, causal=True)),
     'fixed': ('fixed:32', {'fixed': {'summary': 4}}, lambda n: fixed_brute(n, 32, 4)),
     'radial': ('radial:8', {}, lambda n: radial_brute(n, 8)),
+    'bigbird': ('bigbird:1', {'bigbird': {'global_blocks': 1, 'random_blocks': 2, 'seed': 4}},
+                lambda n: bigbird_brute(n, BLOCK, 1, BLOCK, 2, 4, causal_draws=True)),
 }
 
 
@@ -65,7 +67,8 @@ def test_layer_equals_dense_attention_under_the_papers_mask(name, packed):
 def test_teacher_forced_decoding_matches_the_forward_pass(name):
   spec, options, _ = CASES[name]
   small = {'power': ('power:2', {'power': {'sink': 1}}), 'neighborhood': ('neighborhood:4', {'neighborhood': {
-      'dilation': 2}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}), 'radial': ('radial:4', {})}[name]
+      'dilation': 2}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}), 'radial': ('radial:4', {}),
+      'bigbird': ('bigbird:1', {'bigbird': {'global_blocks': 1, 'random_blocks': 1}})}[name]
   check_teacher_forcing([small[0], 'dense'], small[1])
 
 
@@ -81,7 +84,8 @@ def test_cost_counts_the_keys_of_the_pattern():
 def test_a_model_of_pattern_layers_trains():
   m = base_config().model
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.dtype = 32, 4, 2, 1, 'float32'
-  m.layer_attention = ('power:16', 'neighborhood:32', 'fixed:64', 'radial:32')
+  m.num_layers = 5
+  m.layer_attention = ('power:16', 'neighborhood:32', 'fixed:64', 'radial:32', 'bigbird:1')
   model = LanguageModel(resolve_dims(m, 259), nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 257), 3, 20)  # a small alphabet: learnable in a few steps
   inputs, targets = tokens[:, :-1], tokens[:, 1:]

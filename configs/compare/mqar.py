@@ -8,7 +8,7 @@ trained from scratch on task rows only, on an equal budget.
 Zoology trains 2-layer models on MQAR alone and reports recall against model width,
 sequence length and key-value pairs. Here every arm (sparseformer/cli/compare_arms.py:
 dense, window, MASFormer, gated, DMA, routing, SSE-H, GLA-H, NSA, MoBA, InfLLM-V2, and the static
-patterns power, neighborhood, fixed and radial) is a
+patterns power, neighborhood, fixed, radial and BigBird) is a
 4-layer, d_model 256 byte-level model (4 heads, 2 kv heads), so that the hybrids have a
 dense top layer.
 Training rows mix examples with 64, 128 and 256 pairs at the row length with a
@@ -90,7 +90,7 @@ def get_config(arg=None):
   suite.run = run_config(seq_len, quick)
   suite.arms = paper_arms(seq_len, names=('dense', 'window') if quick else
                           ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h', 'nsa', 'moba',
-                           'infllm_v2', 'power', 'neighborhood', 'fixed', 'radial'))
+                           'infllm_v2', 'power', 'neighborhood', 'fixed', 'radial', 'bigbird'))
   suite.param_tolerance = 0.03
   suite.match_params = True
   suite.score_nll = False

@@ -6,8 +6,8 @@ an equal budget; retrieval scored from 4k to 32k tokens.
     python -m sparseformer.cli.compare --config configs/compare/retrieval.py:quick --workdir /tmp/compare_quick
 
 Every arm (sparseformer/cli/compare_arms.py: dense, window, MASFormer, gated, DMA,
-routing, SSE-H, GLA-H, NSA, MoBA, InfLLM-V2, and the static patterns power, neighborhood, fixed
-and radial) is a 4-layer, d_model 256 byte-level model
+routing, SSE-H, GLA-H, NSA, MoBA, InfLLM-V2, and the static patterns power, neighborhood, fixed,
+radial and BigBird) is a 4-layer, d_model 256 byte-level model
 (4 heads, 2 kv heads) trained on 8192-token rows, a quarter of them task rows (passkey, the four RULER NIAH
 variants, variable tracking) with the loss on the answers; the haystacks of training rows
 come from the training books, those of the evaluation from the validation books.
@@ -66,7 +66,7 @@ def get_config(arg=None):
   suite.run = run_config(quick)
   suite.arms = paper_arms(suite.run.data.seq_len, names=('dense', 'window') if quick else
                           ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h', 'nsa', 'moba',
-                           'infllm_v2', 'power', 'neighborhood', 'fixed', 'radial'))
+                           'infllm_v2', 'power', 'neighborhood', 'fixed', 'radial', 'bigbird'))
   suite.param_tolerance = 0.03
   suite.match_params = True
   suite.score_nll = True

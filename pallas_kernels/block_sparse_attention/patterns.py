@@ -364,7 +364,8 @@ _HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x85EBCA6B, 0xC2B2AE35)
 
 def random_key_block(query_block, slot, seed, num_blocks):
   """BigBird's random key block for (query block, slot): a murmur3-style hash of
-  (query block, slot, seed) in uint32 arithmetic, mod num_blocks. Pure jnp, traceable."""
+  (query block, slot, seed) in uint32 arithmetic, mod num_blocks (an int, or an array
+  broadcast with query_block). Pure jnp, traceable."""
   u = lambda x: jnp.asarray(x).astype(jnp.uint32)
   c = [jnp.uint32(m) for m in _HASH_MULTIPLIERS]
   x = u(query_block) * c[0] ^ (u(slot) * c[1] + u(seed) * c[2])
@@ -373,7 +374,7 @@ def random_key_block(query_block, slot, seed, num_blocks):
   x = x ^ (x >> 13)
   x = x * c[4]
   x = x ^ (x >> 16)
-  return (x % jnp.uint32(num_blocks)).astype(jnp.int32)
+  return (x % u(num_blocks)).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,7 +388,10 @@ class BigBird(Mask):
                       or kb in {R(qb, s) : s < random_blocks}          (random)
 
   R(qb, s) = random_key_block(qb, s, seed, ceil(length / block)): a hash, so the pattern
-  is deterministic, the same in every call, and traceable (no RNG state).
+  is deterministic, the same in every call, and traceable (no RNG state). With
+  `causal_draws`, R(qb, s) = random_key_block(qb, s, seed, qb + 1): each query block draws
+  among the blocks up to its own, so no draw is lost to causality and the pattern does
+  not depend on `length` (a language model's rows and decode caches differ in length).
 
   Where ours differs: the paper's blocked form has window = 1 (3 blocks) and global
   tokens = the first g blocks (ITC; ETC adds extra tokens); here the window is any number
@@ -408,6 +412,7 @@ class BigBird(Mask):
   random_blocks: int = 0
   seed: int = 0
   exact_q_blocks: int = 8
+  causal_draws: bool = False
 
   def __post_init__(self):
     if self.block < 1 or self.window < 0 or self.global_tokens < 0 or self.random_blocks < 0:
@@ -418,7 +423,8 @@ class BigBird(Mask):
     return -(-self.length // self.block)
 
   def _random(self, query_block, slot):
-    return random_key_block(query_block, slot, self.seed, self.num_blocks)
+    blocks = query_block + 1 if self.causal_draws else self.num_blocks
+    return random_key_block(query_block, slot, self.seed, blocks)
 
   def elements(self, q_index, k_index):
     qb, kb = q_index // self.block, k_index // self.block

@@ -55,14 +55,17 @@ every choice). Each arm is (name, {model field: value}), changes to the suite's 
   fixed      Sparse Transformer's fixed pattern: chunks of L/8 tokens, the last 8 of
              each chunk (c = 8, the paper's with stride 128) seen by later queries.
   radial     Radial Attention (Li et al., 2025) over frames of 64 tokens.
-             The four static patterns are per token: they visit most tiles, so their
+  bigbird    BigBird (Zaheer et al., 2020) in the suite's 64-token blocks: the block
+             before the query's and its own, 2 global blocks and 3 random earlier
+             blocks per query block (the paper's 3 window + 2 global + 3 random).
+             power, neighborhood, fixed and radial are per token: they visit most tiles, so their
              step time is near a dense layer's (docs/static_patterns.md).
 """
 
 from sparseformer.config import base_config
 
 ARM_NAMES = ('dense', 'window', 'masformer', 'gated', 'dma', 'routing', 'sse_h', 'gla_h', 'strided', 'moba',
-             'infllm_v2', 'nsa', 'power', 'neighborhood', 'fixed', 'radial')
+             'infllm_v2', 'nsa', 'power', 'neighborhood', 'fixed', 'radial', 'bigbird')
 
 
 def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, gate_width=64, cluster_window=512):
@@ -94,6 +97,7 @@ def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, g
                        'model.attention.neighborhood.dilation': 4},
       'fixed': {'model.attention.kind': f'fixed:{max(seq_len // 8, 64)}', 'model.attention.fixed.summary': 8},
       'radial': {'model.attention.kind': 'radial:64'},
+      'bigbird': {'model.attention.kind': 'bigbird:1'},
   }
   unknown = [n for n in names if n not in arms]
   if unknown:

@@ -13,6 +13,10 @@ through the block-sparse kernels like window layers (docs/static_patterns.md).
                      tokens of every chunk
     radial:F         Radial Attention (arXiv 2506.19852) over frames of F tokens: the band
                      of keys shrinks as the frames' distance doubles
+    bigbird:W        BigBird (arXiv 2007.14062) in blocks of model.attention.block_size:
+                     the W blocks before the query's and its own, the first
+                     model.attention.bigbird.global_blocks blocks, and random_blocks
+                     blocks drawn per query block among the earlier ones (seeded hash)
 
 The plan is built from the mask at block granularity, documents included (no T x T mask);
 decoding reads a key/value cache through the same mask function.
@@ -108,3 +112,22 @@ class RadialAttention(PatternAttention):
   @classmethod
   def pattern(cls, argument, options):
     return patterns.Radial(argument)
+
+
+@register('bigbird')
+class BigBirdAttention(PatternAttention):
+  argument_meaning = ('window in blocks', 1)
+  options_section = 'bigbird'
+  OPTIONS = {
+      'global_blocks': Option(2, 'first blocks every query sees (ITC global tokens)', lambda n: n >= 0,
+                              'use a count >= 0'),
+      'random_blocks': Option(3, 'random earlier key blocks per query block', lambda n: n >= 0, 'use a count >= 0'),
+      'seed': Option(0, 'seed of the random blocks (the same in every layer and step)'),
+  }
+
+  @classmethod
+  def pattern(cls, argument, options):
+    b = options.bigbird
+    return patterns.BigBird(CAUSAL_LENGTH, options.block_size, window=argument,
+                            global_tokens=b.global_blocks * options.block_size, random_blocks=b.random_blocks,
+                            seed=b.seed, causal_draws=True)
