@@ -111,10 +111,10 @@ from sparseformer.generation import Generator
 from sparseformer.training.state import model_arrays, model_shardings
 prompts = [[5, 9, 200, 31, 7], list(range(40, 57)), [3], [7] * 30, [11, 12]]
 results = {}
-for name, axes in json.loads(sys.argv[1]).items():
-  cfg, mesh, rules, spec = tiny_window_model(axes, 259, num_layers=2, layer_attention=('dense', 'window:80'))
+for name, (axes, layers) in json.loads(sys.argv[1]).items():
+  cfg, mesh, rules, spec = tiny_window_model(axes, 259, num_layers=2, layer_attention=tuple(layers))
   arrays = jax.device_put(model_arrays(spec.dims, jax.random.key(0)), model_shardings(spec))
-  placed = dict(mesh=mesh, rules=rules) if name != 'no_mesh' else {}
+  placed = dict(mesh=mesh, rules=rules) if not name.startswith('no_mesh') else {}
   generator = Generator(spec.graphdef, arrays, vocab_size=259, **placed)
   results[name] = generator.generate(prompts, max_new_tokens=6).tokens
 print('RESULTS ' + json.dumps(results))
@@ -123,13 +123,16 @@ print('RESULTS ' + json.dumps(results))
 
 def test_generation_on_a_mesh_matches_one_device():
   """Rows split over data (5 prompts padded to the shards), heads over tensor, the
-  sequence over sequence shards: the same greedy tokens as without a mesh."""
+  sequence over sequence shards: the same greedy tokens as without a mesh; a routing
+  layer's cache (keys of its routing heads) too."""
   from mesh_helpers import results_on_8_cpu_devices
-  cases = {'no_mesh': {'data': 1}, 'data4': {'data': 4}, 'data2_tensor2': {'data': 2, 'tensor': 2},
-           'fsdp2_sequence2': {'fsdp': 2, 'sequence': 2}}
+  mixed, routed = ['dense', 'window:80'], ['routing:2', 'window:80']
+  cases = {'no_mesh': ({'data': 1}, mixed), 'data4': ({'data': 4}, mixed), 'data2_tensor2': ({'data': 2, 'tensor': 2}, mixed),
+           'fsdp2_sequence2': ({'fsdp': 2, 'sequence': 2}, mixed), 'no_mesh_routing': ({'data': 1}, routed),
+           'routing_data2_tensor2': ({'data': 2, 'tensor': 2}, routed)}
   results = results_on_8_cpu_devices(MESH_SCRIPT, cases)
   for name in cases:
-    assert results[name] == results['no_mesh'], name
+    assert results[name] == results['no_mesh_routing' if 'routing' in name else 'no_mesh'], name
 
 
 def test_the_device_loop_makes_the_tokens_generate_makes():

@@ -100,15 +100,19 @@ class Generator:
     return next_tokens(logits, key, sampling, self.vocab_size), self._place(cache)
 
   def _place(self, cache):
-    """The cache split over the batch (keys and values also over kv heads), on a mesh."""
+    """The cache split over the batch (keys and values also over kv heads where their
+    head count divides), on a mesh."""
     if self.mesh is None:
       return cache
+    placement = sharding.ActivationPlacement(self.mesh, self.rules)
 
     def constrain(path, leaf):
       name = str(getattr(path[-1], 'key', '')) if path else ''
       axes = ('batch', None, 'kv_heads', None) if name in ('k', 'v') and leaf.ndim == 4 else ('batch',)
       axes = axes + (None,) * (leaf.ndim - len(axes))
-      spec = sharding.logical_spec(axes, self.rules)
+      spec = placement.spec(*axes)
+      spec = jax.sharding.PartitionSpec(*(entry if dim % placement.axis_size(entry) == 0 else None
+                                          for dim, entry in zip(leaf.shape, spec)))
       return jax.lax.with_sharding_constraint(leaf, jax.sharding.NamedSharding(self.mesh, spec))
     return jax.tree_util.tree_map_with_path(constrain, cache)
 
