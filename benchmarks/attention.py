@@ -8,8 +8,8 @@ bf16, B=1, H=16, D=128 (no GQA), S in {8192, 32768}, forward and forward+backwar
 three plans: dense causal, a causal window of 1024 keys (the query included), and a
 random 10% of the blocks below the diagonal plus the diagonal, drawn per head (seeded;
 plan_from_block_mask with 16 plan heads). --masks takes any spec of
-render.plan_from_spec, the static patterns too (power:64, neighborhood:1024, fixed:128,
-radial:256; docs/static_patterns.md), each with its element rule for FlexAttention. Each row is one
+render.plan_from_spec, the static patterns too (power_blocks:64, power:64,
+neighborhood:1024, fixed:128, radial:256; docs/static_patterns.md), each with its element rule for FlexAttention. Each row is one
 implementation on one (S, mask, pass):
   ours    `block_sparse_attention(..., implementation=NAME)` for each NAME of --implementations;
   cudnn   `jax.nn.dot_product_attention(is_causal=True, implementation='cudnn')`, with
@@ -281,7 +281,7 @@ def flex_mask_mod(spec):
   if name == 'chunked':
     size = int(argument)
     return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx // size == kv_idx // size)
-  if name in ('causal', 'random', 'topk'):
+  if name in ('causal', 'random', 'topk', 'power_blocks'):  # power_blocks: tiles full but the diagonal
     return causal_mask_mod
   if name in PATTERN_MASK_MODS:
     rule = PATTERN_MASK_MODS[name](int(argument))

@@ -21,13 +21,14 @@ from pallas_kernels.block_sparse_attention.patterns import (BigBird, Fixed, Neig
 # ------------------------------------------------------------------ brute-force definitions
 
 
-def power_brute(n, local, sink):
-  """PowerAttention: distance 0, powers of two, the last `local` tokens, `sink` first keys."""
+def power_brute(n, local, sink, block=1):
+  """PowerAttention: distance 0, powers of two, the last `local` tokens (blocks), `sink`
+  first keys; distances between the blocks of `block` tokens."""
   powers = {2 ** j for j in range(20)}
   out = np.zeros((n, n), bool)
   for q in range(n):
     for k in range(n):
-      d = q - k
+      d = q // block - k // block
       out[q, k] = k < sink or (d >= 0 and (d == 0 or d < local or d in powers))
   return out
 
@@ -118,6 +119,8 @@ CASES = {
     'power': lambda: (Power(), power_brute(150, 0, 0)),
     'power_local_sink': lambda: (Power(local=5, sink=3), power_brute(150, 5, 3)),
     'power_local4': lambda: (Power(local=4), power_brute(130, 4, 0)),
+    'power_blocks': lambda: (Power(local=2, sink=3, block=8), power_brute(200, 2, 3, 8)),
+    'power_blocks_5': lambda: (Power(block=5), power_brute(150, 0, 0, 5)),
     'strided': lambda: (Strided(8, 8), strided_brute(150, 8, 8)),
     'strided_7_3': lambda: (Strided(7, 3), strided_brute(140, 7, 3)),
     'strided_4_no_local': lambda: (Strided(4), strided_brute(100, 4, 0)),

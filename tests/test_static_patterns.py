@@ -26,7 +26,8 @@ LENGTH = 150  # the last block of 16 is partial
 
 # spec, model.attention options, brute-force mask [T, T] (before causality)
 CASES = {
-    'power': ('power:4', {'power': {'sink': 3}}, lambda n: power_brute(n, 4, 3)),
+    'power': ('power:4', {'power': {'sink': 3, 'granularity': 'token'}}, lambda n: power_brute(n, 4, 3)),
+    'power_blocks': ('power:20', {'power': {'sink': 3}}, lambda n: power_brute(n, 2, 3, BLOCK)),
     'neighborhood': ('neighborhood:6', {'neighborhood': {'dilation': 3}},
                      lambda n: neighborhood_brute(n, 6, 3, causal=True)),
     'fixed': ('fixed:32', {'fixed': {'summary': 4}}, lambda n: fixed_brute(n, 32, 4)),
@@ -66,7 +67,8 @@ def test_layer_equals_dense_attention_under_the_papers_mask(name, packed):
                                   for n in sorted(CASES)])  # radial: 19 s
 def test_teacher_forced_decoding_matches_the_forward_pass(name):
   spec, options, _ = CASES[name]
-  small = {'power': ('power:2', {'power': {'sink': 1}}), 'neighborhood': ('neighborhood:4', {'neighborhood': {
+  small = {'power': ('power:2', {'power': {'sink': 1, 'granularity': 'token'}}),
+           'power_blocks': ('power:8', {'power': {'sink': 1}}), 'neighborhood': ('neighborhood:4', {'neighborhood': {
       'dilation': 2}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}), 'radial': ('radial:4', {}),
       'bigbird': ('bigbird:1', {'bigbird': {'global_blocks': 1, 'random_blocks': 1}})}[name]
   check_teacher_forcing([small[0], 'dense'], small[1])

@@ -19,7 +19,8 @@ from sparseformer.model.attention.static_patterns import mean_visible_keys
 HERE = os.path.dirname(os.path.abspath(__file__))
 T, BLOCK = 8192, 128
 PATTERNS = {  # the settings of docs/static_patterns.md's table
-    'power': ('power:64, sink 0', patterns.Power(local=64)),
+    'power': ('power:64 per token, sink 0', patterns.Power(local=64)),
+    'power_blocks': ('power:64 (between 128-blocks), sink 0', patterns.Power(local=1, block=BLOCK)),
     'neighborhood': ('neighborhood:1024, dilation 4', patterns.Neighborhood(1 << 30, 1024, 4, causal=True)),
     'fixed': ('fixed:128, summary 8', patterns.Fixed(128, 8)),
     'radial': ('radial:256', patterns.Radial(256)),

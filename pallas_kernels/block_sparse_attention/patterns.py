@@ -50,30 +50,37 @@ def _first_gap(allowed, start=0):
 
 @dataclasses.dataclass(frozen=True)
 class Power(Mask):
-  """PowerAttention (Chen et al., arXiv 2503.03588), at element level.
+  """PowerAttention (Chen et al., arXiv 2503.03588).
 
-  A query q sees the key k = q - d for d = 0 and every power of two d = 1, 2, 4, 8, ...
-  (so its receptive field doubles with each layer), plus the last `local` tokens
-  (0 <= d < local, the query included) and the first `sink` tokens (k < sink):
+  A query q sees the key k at distance d = q // block - k // block (in blocks of `block`
+  tokens; block 1: tokens) for d = 0 and every power of two d = 1, 2, 4, 8, ... (so its
+  receptive field doubles with each layer), plus the last `local` blocks (0 <= d < local)
+  and the first `sink` tokens (k < sink):
 
       allowed(q, k) = k < sink  or  (d >= 0 and (d < local or d == 0 or d is a power of 2)).
 
-  The rule only looks backwards (d >= 0), so it is causal by itself (except for sink
-  keys ahead of an early query: `& Causal()` removes those).
+  With block 1 the rule only looks backwards (d >= 0), so it is causal by itself (except
+  for sink keys ahead of an early query); with larger blocks d = 0 holds the query's whole
+  block, later tokens too: `& Causal()` for a language model.
 
-  Where ours differs: the paper applies the pattern at block granularity (query block i
-  sees key blocks i - 2^j, with a local window of blocks and sink blocks) so that it maps
-  onto block-sparse kernels; this class is the token-level pattern (a block-level variant
-  is this mask applied to block indices). Our plans still skip whole tiles exactly.
+  The paper applies the pattern at block granularity, so that it maps onto block-sparse
+  kernels: with `block` the kernel's block size every visited tile is full (but the
+  diagonal's causal half), while per token (block 1) a power-of-two diagonal crosses many
+  tiles with a few elements each (docs/static_patterns.md).
   """
   local: int = 0
   sink: int = 0
+  block: int = 1
+
+  def __post_init__(self):
+    if self.block < 1 or self.local < 0 or self.sink < 0:
+      raise ValueError(f'bad Power parameters: {self}')
 
   def _allowed_distance(self, d):
     return (d >= 0) & ((d < max(self.local, 1)) | ((d & (d - 1)) == 0))
 
   def elements(self, q_index, k_index):
-    return self._allowed_distance(q_index - k_index) | (k_index < self.sink)
+    return self._allowed_distance(q_index // self.block - k_index // self.block) | (k_index < self.sink)
 
   def _any_distance(self, lo, hi):
     lo = jnp.maximum(lo, 0)
@@ -91,10 +98,12 @@ class Power(Mask):
     return ((lo >= 0) & (hi < gap)) | ((lo == hi) & self._allowed_distance(lo))
 
   def block_kind(self, q0, q1, k0, k1):
-    # Keys below `sink` are allowed for every query; the rest follow the distance rule.
+    # Keys below `sink` are allowed for every query; the rest follow the distance rule,
+    # whose block distances over the tile cover every integer of an interval.
+    b = self.block
     ks = jnp.maximum(k0, self.sink)
     rest = ks < k1
-    lo, hi = _distances(q0, q1, ks, k1)
+    lo, hi = _distances(q0 // b, (q1 - 1) // b + 1, ks // b, (k1 - 1) // b + 1)
     any_in = (k0 < self.sink) | (rest & self._any_distance(lo, hi))
     all_in = ~rest | self._all_distance(lo, hi)
     return _kind(all_in, any_in)

@@ -9,8 +9,10 @@ Mask specs for the command line (and `plan_from_spec`): full, causal, causal_win
 (the last W keys, the query included), chunked:C (causal inside chunks of C tokens),
 random:DENSITY (each block below the diagonal kept with that probability, the diagonal
 always, seeded), topk:K (the K best of random block scores per q block row, plus the
-diagonal and the first block), and the static patterns power:W, neighborhood:K, fixed:S,
-radial:F (causal, as the layer specs of the same names with their default options).
+diagonal and the first block), and the static patterns power:W (per token),
+power_blocks:W (between the plan's blocks, the last ceil(W / block) blocks: the power
+layer's default), neighborhood:K, fixed:S, radial:F (causal, the layer specs' default
+options).
 """
 
 import argparse
@@ -108,10 +110,12 @@ def plan_from_spec(spec, length, block=128, seed=0, heads=1):
     return plan_from_block_mask(chosen, q_len=length, block_q=block, block_kv=block)
   if name == 'topk':
     return random_topk_plan(int(argument), length, block, seed, heads)
+  if name == 'power_blocks':
+    return from_mask(patterns.Power(local=-(-int(argument) // block), block=block) & masks.Causal())
   if name in PATTERN_SPECS:
     return from_mask(PATTERN_SPECS[name](int(argument)) & masks.Causal())
   raise ValueError(f'unknown mask spec {spec!r}: use full, causal, causal_window:W, chunked:C, '
-                   'random:DENSITY, topk:K, ' + ', '.join(f'{n}:N' for n in PATTERN_SPECS))
+                   'random:DENSITY, topk:K, power_blocks:W, ' + ', '.join(f'{n}:N' for n in PATTERN_SPECS))
 
 
 # Static patterns (patterns.py) by the layer specs' argument and default options

@@ -46,9 +46,10 @@ every choice). Each arm is (name, {model field: value}), changes to the suite's 
              shorter rows). phi is `weighted` (a learned weight per span position):
              the paper's linear map, 2 x 32 x 64 x 64 per kv head and layer, would be
              2.1M of the suite model's 3.05M parameters.
-  power      PowerAttention (Chen et al., 2025): keys at power-of-two distances plus
-             the last 64 tokens (one block), per token (docs/static_patterns.md):
-             about 64 + log2 L keys per query reaching the whole row in log depth.
+  power      PowerAttention (Chen et al., 2025): the key blocks at power-of-two block
+             distances plus the query's own 64-token block (the paper's block form,
+             docs/static_patterns.md): about 64 (1 + log2(L / 64)) keys per query,
+             reaching the whole row in log depth.
   neighborhood  dilated causal neighborhood attention (DiNAT): the last L/16 keys of
              the query's group of every 4th token, a span of L/4 with half the window
              arm's keys.
@@ -58,7 +59,7 @@ every choice). Each arm is (name, {model field: value}), changes to the suite's 
   bigbird    BigBird (Zaheer et al., 2020) in the suite's 64-token blocks: the block
              before the query's and its own, 2 global blocks and 3 random earlier
              blocks per query block (the paper's 3 window + 2 global + 3 random).
-             power, neighborhood, fixed and radial are per token: they visit most tiles, so their
+             neighborhood, fixed and radial are per token: they visit most tiles, so their
              step time is near a dense layer's (docs/static_patterns.md).
 """
 

@@ -4,7 +4,9 @@ through the block-sparse kernels like window layers (docs/static_patterns.md).
 
     power:W          PowerAttention (arXiv 2503.03588): keys at power-of-two distances
                      (1, 2, 4, ...) plus the last W tokens; model.attention.power.sink
-                     first tokens seen by all
+                     first tokens seen by all; distances between blocks of
+                     model.attention.block_size (granularity=block, the paper's) or
+                     between tokens (granularity=token)
     neighborhood:K   causal 1-D neighborhood attention (arXiv 2204.07143; dilated, DiNAT
                      arXiv 2209.15001): the last K keys of the query's dilation group
                      (model.attention.neighborhood.dilation)
@@ -65,12 +67,18 @@ class PatternAttention(LocalAttention):
 class PowerAttention(PatternAttention):
   argument_meaning = ('local window', 64)
   options_section = 'power'
-  OPTIONS = {'sink': Option(0, 'first tokens every query sees (attention sinks)', lambda n: n >= 0,
-                            'use a count >= 0')}
+  OPTIONS = {
+      'sink': Option(0, 'first tokens every query sees (attention sinks)', lambda n: n >= 0, 'use a count >= 0'),
+      'granularity': Option('block', 'block: distances between blocks of block_size (the paper\'s; whole tiles) | '
+                            'token: between tokens (a few elements in many tiles)', choices=('block', 'token')),
+  }
 
   @classmethod
   def pattern(cls, argument, options):
-    return patterns.Power(local=argument, sink=options.power.sink)
+    if options.power.granularity == 'token':
+      return patterns.Power(local=argument, sink=options.power.sink)
+    block = options.block_size
+    return patterns.Power(local=-(-argument // block), sink=options.power.sink, block=block)
 
 
 @register('neighborhood')
