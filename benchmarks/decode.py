@@ -107,11 +107,7 @@ def device_step_seconds(generator, prompts, args):
   import jax
   import numpy as np
   from sparseformer.generation import Sampling
-  from sparseformer.generation.generate import prompt_bucket, round_up
-  block = generator.dims.attention.block_size
-  prompt_len = prompt_bucket(len(prompts[0]), block)
-  max_len = round_up(prompt_len + args.new_tokens, block)
-  (prefill, _), _ = generator.compiled(len(prompts), prompt_len, max_len, Sampling())
+  (prefill, _), _ = generator.compiled(*generator.shapes(prompts, args.new_tokens), Sampling())
   lengths = np.full(len(prompts), len(prompts[0]), np.int32)
   loop = generator.device_loop(args.new_tokens - 1)
   times = []

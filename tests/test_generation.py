@@ -136,12 +136,12 @@ def test_generation_on_a_mesh_matches_one_device():
 
 
 def test_the_device_loop_makes_the_tokens_generate_makes():
-  from sparseformer.generation.generate import prompt_bucket
   _, generator = generator_for(['dense', 'window:8'])
   prompts = [p[:5] for p in PROMPTS[:2]] + [[3, 4, 5, 6, 7]]  # equal lengths: one position per step for all rows
   want = generator.generate(prompts, max_new_tokens=7).tokens
-  prompt_len = prompt_bucket(5, 8)
-  (prefill, _), _ = generator.compiled(3, prompt_len, 16, Sampling())
+  batch, prompt_len, max_len = generator.shapes(prompts, 7)
+  assert (batch, prompt_len, max_len) == (3, 8, 16)
+  (prefill, _), _ = generator.compiled(batch, prompt_len, max_len, Sampling())
   padded = np.zeros((3, prompt_len), np.int32)
   padded[:, :5] = prompts
   lengths = np.full(3, 5, np.int32)

@@ -151,6 +151,12 @@ class Generator:
 
   # --------------------------------------------------------------------------------------
 
+  def shapes(self, prompts, max_new_tokens):
+    """(rows, padded prompt length, cache length) that `prompts` compile for."""
+    block = self.dims.attention.block_size
+    prompt_len = prompt_bucket(max(len(p) for p in prompts), block)
+    return round_up(len(prompts), self.batch_multiple()), prompt_len, round_up(prompt_len + max_new_tokens, block)
+
   def batch_multiple(self):
     """Rows are padded to a multiple of the mesh's batch shards."""
     if self.mesh is None:
@@ -169,10 +175,8 @@ class Generator:
       raise ValueError('stop_texts need detokenize')
     check_request(prompts, max_new_tokens, sampling)
     rows = len(prompts)
-    batch = round_up(rows, self.batch_multiple())
+    batch, prompt_len, max_len = self.shapes(prompts, max_new_tokens)
     lengths = np.array([len(p) for p in prompts] + [1] * (batch - rows), np.int32)
-    prompt_len = prompt_bucket(int(lengths.max()), self.dims.attention.block_size)
-    max_len = round_up(prompt_len + max_new_tokens, self.dims.attention.block_size)
     padded = np.full((batch, prompt_len), pad_id, np.int32)
     for row, prompt in enumerate(prompts):
       padded[row, :len(prompt)] = prompt

@@ -127,16 +127,6 @@ def with_votes(cache, shape):
   return {**cache, 'votes': zeros, 'previous_votes': zeros}
 
 
-def fill_slots(cache, k, v, lengths):
-  """kv_cache.fill, keeping the cache's other entries."""
-  return {**cache, **kv_cache.fill(cache, k, v, lengths)}
-
-
-def append_token(cache, k, v, positions):
-  """kv_cache.append, keeping the cache's other entries."""
-  return {**cache, **kv_cache.append(cache, k, v, positions)}
-
-
 def add_vote(cache, vote, positions, block):
   """The cache with the vote [B, ...] of the token at `positions` [B] added; a token that
   starts a query block first moves the finished block's sum to 'previous_votes'."""
@@ -209,7 +199,7 @@ def decode_compressed_cache(q, k, v, cache, positions, compress, options, *, sca
   value, span and vote; p [B, 1, Hkv, G, Tc] its compressed attention's probabilities;
   visible [B, Hkv, S] the slots of the blocks chosen for its query block."""
   o = options
-  cache = append_token(cache, k, v, positions)
+  cache = kv_cache.append(cache, k, v, positions)
   cache = compressed_after_token(cache, positions, compress, o.cmp_len, o.cmp_stride)
   p, votes = compressed_votes(q, positions[:, None], cache, options, scale=scale)
   cache = add_vote(cache, votes[:, 0], positions, block)

@@ -144,7 +144,7 @@ class DynamicMaskAttention(Mechanism):
     delta = decode_key_score(v[:, 0], self.dt_weight[...], self.dt_scale[...])
     slots = cache['score'].shape[-1]
     here = jnp.arange(slots) == jnp.mod(positions, slots)[:, None, None]
-    cache = cache | kv_cache.append(cache, k, v, positions) | {
+    cache = kv_cache.append(cache, k, v, positions) | {
         'score': jnp.where(here, delta[..., None], cache['score'])}
     keep = decode_keep(cache['score'], positions + 1, self.window, self.options.dynamic_mask.block_smooth,
                        self.block_size)

@@ -285,14 +285,14 @@ class GatedAttention(Mechanism):
     y, _ = self(q, k, v, ctx, pre_rope=pre_rope, rule_blocks=blocks)
     docs, _, chosen = self.choose_blocks(pre_rope, ctx.segment_ids, blocks)
     cache = cache | self.block_gate.prefill_cache(cache, *pre_rope, docs, chosen, lengths)
-    return y, cache | kv_cache.fill(cache, k, v, lengths)
+    return y, kv_cache.fill(cache, k, v, lengths)
 
   def decode(self, q, k, v, ctx, cache, pre_rope):
     positions = ctx.positions[:, 0]
     blocks = cache['chosen'].shape[-1]
     select = functools.partial(self.select, rule_blocks=blocks)
     cache = cache | self.block_gate.advance_cache(cache, *pre_rope, positions, select)
-    cache = cache | kv_cache.append(cache, k, v, positions)
+    cache = kv_cache.append(cache, k, v, positions)
     return kv_cache.attend(q, cache, self.decode_visible(cache, positions), softmax_scale(q, ctx)), cache
 
   def decode_visible(self, cache, positions):

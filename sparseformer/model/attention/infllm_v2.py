@@ -134,7 +134,7 @@ class InfLLMv2Attention(Mechanism):
   def prefill(self, q, k, v, ctx, cache, lengths):
     sparse = self.is_sparse(cache['k'].shape[1])
     y, _ = self.attention(q, k, v, ctx, sparse=sparse)
-    cache = block_selection.fill_slots(cache, k, v, lengths)
+    cache = kv_cache.fill(cache, k, v, lengths)
     if sparse:
       cache = block_selection.prefill_compressed_cache(q, cache, lengths, self.compress, self.options.infllm_v2,
                                                        scale=softmax_scale(q, ctx), block=self.block_size)

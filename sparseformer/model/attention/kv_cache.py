@@ -38,19 +38,20 @@ def slot_positions(lengths, slots):
 
 def fill(cache, k, v, lengths):
   """The cache after a prompt: k, v [B, P, Hkv, D] of prompts of `lengths` [B] tokens
-  (right-padded to P); each slot takes the newest prompt token that maps to it."""
+  (right-padded to P); each slot takes the newest prompt token that maps to it. Entries
+  of the cache other than k, v and position (a mechanism's own) are kept."""
   position = slot_positions(lengths, cache['position'].shape[1])
   source = jnp.clip(position, 0, k.shape[1] - 1)
   take = lambda a: jnp.take_along_axis(a, source[:, :, None, None], axis=1)  # noqa: E731
   present = (position >= 0)[:, :, None, None]
-  return {'k': jnp.where(present, take(k), 0).astype(cache['k'].dtype),
+  return {**cache, 'k': jnp.where(present, take(k), 0).astype(cache['k'].dtype),
           'v': jnp.where(present, take(v), 0).astype(cache['v'].dtype),
           'position': position}
 
 
 def append(cache, k_new, v_new, positions):
   """The cache with one token per row written: k_new, v_new [B, 1, Hkv, D] at
-  `positions` [B] (slot position % S). A scatter of one slot per row: with the cache
+  `positions` [B] (slot position % S), the cache's other entries kept. A scatter of one slot per row: with the cache
   donated to the jitted step, XLA writes it in place rather than copying the cache."""
   rows = jnp.arange(positions.shape[0])
   slot = jnp.mod(positions, cache['position'].shape[1])

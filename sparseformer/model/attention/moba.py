@@ -135,7 +135,7 @@ class MobaAttention(Mechanism):
 
   def decode(self, q, k, v, ctx, cache):
     positions = ctx.positions[:, 0]
-    cache = block_selection.append_token(cache, k, v, positions)
+    cache = kv_cache.append(cache, k, v, positions)
     cache = block_selection.add_vote(cache, q[:, 0].astype(jnp.float32), positions, self.block_size)
     return kv_cache.attend(q, cache, self.decode_visible(cache, positions), softmax_scale(q, ctx)), cache
 

@@ -214,7 +214,7 @@ class NativeSparseAttention(Mechanism):
 
   def prefill(self, q, k, v, ctx, cache, lengths, layer_input):
     y, _ = self(q, k, v, ctx, layer_input=layer_input)
-    cache = block_selection.fill_slots(cache, k, v, lengths)
+    cache = kv_cache.fill(cache, k, v, lengths)
     return y, block_selection.prefill_compressed_cache(q, cache, lengths, self.compress, self.options.nsa,
                                                        scale=softmax_scale(q, ctx), block=self.block_size)
 
