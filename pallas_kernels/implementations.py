@@ -8,6 +8,7 @@ when the implementation can run on those inputs, else the reason (a short senten
 """
 
 import dataclasses
+import functools
 import importlib
 import os
 import warnings
@@ -117,3 +118,12 @@ def cpu_pool_threads():
     if value.isdigit():
       return int(value)
   return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+@functools.cache
+def shared_lowering(kernel_vjp):
+  """`kernel_vjp(name, scale, *arrays)` behind one jax.jit: under an outer jit, every call
+  with the same shapes (the layers of a model) lowers to a call of one function, so each
+  kernel is traced and lowered once per program instead of once per layer (a Mosaic GPU
+  kernel takes about 0.4 s to lower)."""
+  return jax.jit(kernel_vjp, static_argnums=(0, 1))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention.plan import broadcast_batch
-from pallas_kernels.implementations import Registry
+from pallas_kernels.implementations import Registry, shared_lowering
 
 # Kernel modules, each exposing IMPLEMENTATIONS (see implementation.py).
 KERNEL_MODULES = ('reference', 'tpu', 'mosaic_gpu')
@@ -54,7 +54,7 @@ def block_sparse_attention(q, k, v, plan, *, scale=None, key_bias=None, implemen
   plan = broadcast_batch(plan, q.shape[0])
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   chosen = select_implementation(implementation, q, k, v, key_bias, plan)
-  out, lse = _attention(chosen.name, scale, q, k, v, key_bias, plan)
+  out, lse = shared_lowering(_attention)(chosen.name, scale, q, k, v, key_bias, plan)
   return (out, lse) if return_lse else out
 
 

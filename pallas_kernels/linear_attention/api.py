@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.implementations import Registry
+from pallas_kernels.implementations import Registry, shared_lowering
 
 KERNEL_MODULES = ('reference', 'tpu', 'triton_gpu')
 
@@ -57,7 +57,7 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, segmen
   check_shapes(*inputs)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   chosen = select_implementation(implementation, *inputs)
-  o, final_state = _linear_attention(chosen.name, scale, *inputs)
+  o, final_state = shared_lowering(_linear_attention)(chosen.name, scale, *inputs)
   return (o, final_state) if return_final_state else o
 
 
