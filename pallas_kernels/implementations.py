@@ -39,6 +39,7 @@ class Implementation:
   backward: Callable
   platforms: tuple = ('cpu', 'gpu', 'tpu')
   unavailable: Callable = always_available
+  fast_backward: Callable | None = None  # faster, not bitwise reproducible (atomic sums)
 
 
 class Registry:
@@ -121,9 +122,9 @@ def cpu_pool_threads():
 
 
 @functools.cache
-def shared_lowering(kernel_vjp):
-  """`kernel_vjp(name, scale, *arrays)` behind one jax.jit: under an outer jit, every call
+def shared_lowering(kernel_vjp, static_args=2):
+  """`kernel_vjp(name, scale, *arrays)` (the first `static_args` static) behind one jax.jit: under an outer jit, every call
   with the same shapes (the layers of a model) lowers to a call of one function, so each
   kernel is traced and lowered once per program instead of once per layer (a Mosaic GPU
   kernel takes about 0.4 s to lower)."""
-  return jax.jit(kernel_vjp, static_argnums=(0, 1))
+  return jax.jit(kernel_vjp, static_argnums=tuple(range(static_args)))

@@ -93,6 +93,7 @@ def base_config():
   t.trainable = ''  # regex over parameter paths (e.g. '/block_gate/'): only matches train; '' = all
   t.lm_loss_weight = 1.0  # weight of the LM loss; 0 trains on the auxiliary losses alone (gate distillation)
   t.loss_chunk = 2048  # positions unembedded at a time in the loss (train and eval); 0: all at once (training/loss.py)
+  t.deterministic_backward = False  # True: block-sparse kernels' bitwise-reproducible backward (GPU: no atomic dQ; slower)
   t.log_every = 10
   t.eval_every = 0  # 0: only at the end
   t.eval_batches = 0  # batches per evaluation during training; 0: the whole split

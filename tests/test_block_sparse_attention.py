@@ -234,3 +234,35 @@ def test_a_batch_one_plan_serves_every_batch_row():
   documents = plan_from_mask(masks.Causal(), q_len=40, block_q=8, block_kv=8, segment_ids=jnp.ones((1, 40), jnp.int32))
   with pytest.raises(ValueError, match='cannot serve batch 3'):
     block_sparse_attention(q, k, v, documents)
+
+
+def test_deterministic_picks_the_reproducible_backward(monkeypatch):
+  """deterministic=True (or None inside deterministic_backward()) runs `backward`; otherwise
+  an implementation's `fast_backward` (the fused atomic-dQ kernel on Hopper) when it has one."""
+  import dataclasses
+
+  from pallas_kernels.block_sparse_attention import api, deterministic_backward
+  calls = []
+  reference = api.IMPLEMENTATIONS['reference']
+
+  def tagged(tag):
+    def backward(*args):
+      calls.append(tag)
+      return reference.backward(*args)
+    return backward
+
+  monkeypatch.setitem(api.IMPLEMENTATIONS, 'reference',
+                      dataclasses.replace(reference, backward=tagged('deterministic'), fast_backward=tagged('fast')))
+  q, k, v, _, _ = random_inputs(0, 1, 64, 64, 2, 1, 16, jnp.float32, with_bias=False)
+  plan = plan_from_mask(masks.Causal(), q_len=64, block_q=32, block_kv=32)
+
+  def gradient(scale, **options):  # a new scale each time: a new trace, not a cached one
+    loss = lambda q: block_sparse_attention(q, k, v, plan, scale=scale, implementation='reference', **options).sum()
+    return jax.grad(loss)(q)
+
+  gradient(0.1)
+  gradient(0.2, deterministic=True)
+  with deterministic_backward():
+    gradient(0.3)
+    gradient(0.4, deterministic=False)
+  assert calls == ['fast', 'deterministic', 'deterministic', 'fast']

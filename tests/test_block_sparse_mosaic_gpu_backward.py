@@ -1,6 +1,8 @@
 """The Mosaic GPU (sm90) block-sparse backward kernels against reference.backward and the
 dense float32 oracle: dq, dk, dv and d(key_bias) on mask plans, documents, random per-head
 block plans, GQA groups, ragged lengths, fully masked rows, bf16/f16 and head_dim 64/128.
+Every case runs both backward paths: the deterministic dQ and dK/dV kernels
+(mosaic_gpu_backward) and the fused kernel with atomic dQ (mosaic_gpu_fused_backward).
 
 On CPU the kernels run in Mosaic GPU interpret mode on small shapes (the 64-row blocks,
 one compute warpgroup). 128-row blocks run two compute warpgroups, i.e. three interpreter
@@ -17,7 +19,7 @@ from oracles import masked_softmax_attention
 from test_block_sparse_attention import oracle_or_plan_mask, random_inputs
 
 from pallas_kernels.block_sparse_attention import masks, plan_from_block_mask, plan_from_mask, reference
-from pallas_kernels.block_sparse_attention import mosaic_gpu_backward
+from pallas_kernels.block_sparse_attention import mosaic_gpu_backward, mosaic_gpu_fused_backward
 
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 1e-2}  # of the largest gradient entry
 
@@ -27,6 +29,11 @@ MASKS = {
     'chunked': masks.Chunked(96) & masks.Causal(),
     'bidirectional_window': masks.SlidingWindow(50, 30),
 }
+
+
+BACKWARDS = {'two_kernel': mosaic_gpu_backward.backward, 'fused': mosaic_gpu_fused_backward.backward}
+PATHS = sorted(BACKWARDS)
+FUSED_SLOW_ON_CPU = ['two_kernel', pytest.param('fused', marks=pytest.mark.slow)]  # the CI's time budget
 
 
 def on_gpu():
@@ -64,14 +71,14 @@ def assert_close(got, want, tolerance, name):
   assert error < tolerance, f'{name}: relative error {error}'
 
 
-def check(plan, q, k, v, bias, d_out, with_d_lse=True, interpret=None, dense=True, allowed=None):
-  """Our backward against reference.backward and (optionally) the dense oracle."""
+def check(plan, q, k, v, bias, d_out, with_d_lse=True, interpret=None, dense=True, allowed=None, path='two_kernel'):
+  """Our backward (`path` of BACKWARDS) against reference.backward and (optionally) the dense oracle."""
   interpret = not on_gpu() if interpret is None else interpret
   assert mosaic_gpu_backward.unavailable(q, k, v, bias, plan) is None
   scale = q.shape[-1] ** -0.5
   out, lse = reference.forward(q, k, v, bias, plan, scale)
   d_lse = jax.random.normal(jax.random.key(7), lse.shape) if with_d_lse else None
-  got = mosaic_gpu_backward.backward(q, k, v, bias, plan, scale, out, lse, d_out, d_lse, interpret=interpret)
+  got = BACKWARDS[path](q, k, v, bias, plan, scale, out, lse, d_out, d_lse, interpret=interpret)
   want = reference.backward(q, k, v, bias, plan, scale, out, lse, d_out, d_lse)
   tolerance = TOLERANCE[q.dtype.type]
   for name, g, w, x in zip(('dq', 'dk', 'dv', 'dbias'), got, want, (q, k, v, bias)):
@@ -89,40 +96,57 @@ def check(plan, q, k, v, bias, d_out, with_d_lse=True, interpret=None, dense=Tru
   return got
 
 
-def test_causal_with_key_bias_and_gqa_pair():
+@pytest.mark.parametrize('path', PATHS)
+def test_causal_with_key_bias_and_gqa_pair(path):
   q, k, v, bias, d_out = random_inputs(0, 1, 128, 128, 2, 1, 64, jnp.bfloat16, with_bias=True)
   check(plan_from_mask(masks.Causal(), q_len=128, block_q=64, block_kv=64), q, k, v, bias, d_out,
-        allowed=mask_oracle(masks.Causal(), q_len=128))
+        allowed=mask_oracle(masks.Causal(), q_len=128), path=path)
 
 
-def test_window_with_documents_ragged_float16():
+@pytest.mark.parametrize('path', PATHS)
+def test_window_with_documents_ragged_float16(path):
   q, k, v, bias, d_out = random_inputs(1, 1, 160, 160, 4, 2, 64, jnp.float16, with_bias=False)
   segments = jnp.asarray(np.repeat(np.arange(4), 40)[None].astype(np.int32))
   plan = plan_from_mask(masks.causal_window(70), q_len=160, block_q=64, block_kv=64, segment_ids=segments)
-  check(plan, q, k, v, bias, d_out, allowed=mask_oracle(masks.causal_window(70), q_len=160, segment_ids=segments))
+  check(plan, q, k, v, bias, d_out, allowed=mask_oracle(masks.causal_window(70), q_len=160, segment_ids=segments),
+        path=path)
 
 
-def test_random_per_query_head_plan_group_of_four_head_dim_128():
+@pytest.mark.parametrize('path', PATHS)
+def test_random_per_query_head_plan_group_of_four_head_dim_128(path):
   q, k, v, bias, d_out = random_inputs(2, 1, 192, 192, 4, 1, 128, jnp.bfloat16, with_bias=True)
   plan, allowed = random_block_plan(3, 192, 64, 64, plan_heads=4, mask=masks.Chunked(96) & masks.Causal())
-  check(plan, q, k, v, bias, d_out, with_d_lse=False, allowed=allowed)
+  check(plan, q, k, v, bias, d_out, with_d_lse=False, allowed=allowed, path=path)
 
 
-def test_fully_masked_rows_get_zero_gradients():
+@pytest.mark.parametrize('path', FUSED_SLOW_ON_CPU)
+def test_fully_masked_rows_get_zero_gradients(path):
   q, k, v, bias, d_out = random_inputs(3, 1, 128, 128, 2, 2, 64, jnp.bfloat16, with_bias=True)
   chosen = jnp.zeros((1, 2, 2, 2), bool).at[:, 1, 1, :].set(True)  # plan head 0 sees nothing at all
   plan = plan_from_block_mask(chosen, q_len=128, block_q=64, block_kv=64)
   allowed = block_mask_oracle(chosen, q_len=128, block_q=64, block_kv=64)
-  dq, dk, dv, dbias = check(plan, q, k, v, bias, d_out, allowed=allowed)
+  dq, dk, dv, dbias = check(plan, q, k, v, bias, d_out, allowed=allowed, path=path)
   assert (dq[:, :, 0] == 0).all() and (dk[:, :, 0] == 0).all() and (dv[:, :, 0] == 0).all()
   assert (dbias[:, 0] == 0).all() and (dq[:, :64, 1] == 0).all()
 
 
-def test_cross_attention_lengths_with_kv_head_plans():
+@pytest.mark.parametrize('path', FUSED_SLOW_ON_CPU)
+def test_cross_attention_lengths_with_kv_head_plans(path):
   q, k, v, bias, d_out = random_inputs(4, 1, 100, 150, 2, 2, 64, jnp.bfloat16, with_bias=True)
   chosen = jax.random.bernoulli(jax.random.key(5), 0.6, (1, 2, 2, 3))
   layout = dict(q_len=100, kv_len=150, block_q=64, block_kv=64, mask=masks.Full())
-  check(plan_from_block_mask(chosen, **layout), q, k, v, bias, d_out, allowed=block_mask_oracle(chosen, **layout))
+  check(plan_from_block_mask(chosen, **layout), q, k, v, bias, d_out, allowed=block_mask_oracle(chosen, **layout),
+        path=path)
+
+
+def test_fused_two_query_chunks_per_block_with_documents_gqa_and_bias():
+  """block_q 128 over one 64-key warpgroup: each q block is two pipeline steps of the
+  fused kernel, each adding its own 64 rows of dQ."""
+  q, k, v, bias, d_out = random_inputs(8, 1, 300, 300, 4, 2, 64, jnp.bfloat16, with_bias=True)
+  segments = documents(300, 4)
+  plan = plan_from_mask(masks.causal_window(150), q_len=300, block_q=128, block_kv=64, segment_ids=segments)
+  check(plan, q, k, v, bias, d_out, allowed=mask_oracle(masks.causal_window(150), q_len=300, segment_ids=segments),
+        path='fused')
 
 
 def test_unavailable_names_what_is_unsupported():
@@ -158,13 +182,14 @@ def build_plan(name, length, heads, kv_heads, block_q, block_kv, segments, seed=
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('path', PATHS)
 @pytest.mark.parametrize('case', SLOW_CASES, ids=[c[0] for c in SLOW_CASES])
-def test_larger_interpret_cases(case):
+def test_larger_interpret_cases(case, path):
   name, length, heads, kv_heads, head_dim, block_q, block_kv, dtype, with_bias, with_documents = case
   q, k, v, bias, d_out = random_inputs(11, 1, length, length, heads, kv_heads, head_dim, dtype, with_bias)
   plan, allowed = build_plan(name, length, heads, kv_heads, block_q, block_kv,
                              documents(length, 3) if with_documents else None)
-  check(plan, q, k, v, bias, d_out, allowed=allowed)
+  check(plan, q, k, v, bias, d_out, allowed=allowed, path=path)
 
 
 GPU_PLANS = sorted(MASKS) + ['random_1', 'random_kv', 'random_h']
@@ -178,41 +203,45 @@ GPU_CASES = [(name, GROUPS[(i + shift) % 4], GPU_BLOCKS[(i + shift // 2) % 4])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize('path', PATHS)
 @pytest.mark.parametrize('plan_name, group, blocks', GPU_CASES, ids=lambda c: str(c))
-def test_gpu_plans_blocks_and_groups(plan_name, group, blocks):
+def test_gpu_plans_blocks_and_groups(plan_name, group, blocks, path):
   length, heads = 1000, 8
   q, k, v, bias, d_out = random_inputs(group, 1, length, length, heads, heads // group, 128, jnp.bfloat16, True)
   segments = documents(length, 1) if group == 2 else None
   plan, allowed = build_plan(plan_name, length, heads, heads // group, *blocks, segments, seed=group)
-  check(plan, q, k, v, bias, d_out, interpret=False, allowed=allowed)
+  check(plan, q, k, v, bias, d_out, interpret=False, allowed=allowed, path=path)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize('path', PATHS)
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize('head_dim', [64, 128])
-def test_gpu_dtypes_and_head_dims(dtype, head_dim):
+def test_gpu_dtypes_and_head_dims(dtype, head_dim, path):
   q, k, v, bias, d_out = random_inputs(5, 1, 2048, 2048, 4, 2, head_dim, dtype, with_bias=True)
   segments = documents(2048, 2)
   plan = plan_from_mask(masks.causal_window(300), q_len=2048, block_q=128, block_kv=128, segment_ids=segments)
   check(plan, q, k, v, bias, d_out, interpret=False,
-        allowed=mask_oracle(masks.causal_window(300), q_len=2048, segment_ids=segments))
+        allowed=mask_oracle(masks.causal_window(300), q_len=2048, segment_ids=segments), path=path)
 
 
 @pytest.mark.gpu
-def test_gpu_fully_masked_rows_and_no_bias():
+@pytest.mark.parametrize('path', PATHS)
+def test_gpu_fully_masked_rows_and_no_bias(path):
   q, k, v, _, d_out = random_inputs(6, 1, 512, 512, 4, 2, 128, jnp.bfloat16, with_bias=False)
   chosen = jnp.zeros((1, 4, 4, 4), bool).at[:, :, 2:, :].set(True)
   plan = plan_from_block_mask(chosen, q_len=512, block_q=128, block_kv=128)
   allowed = block_mask_oracle(chosen, q_len=512, block_q=128, block_kv=128)
-  dq, _, _, dbias = check(plan, q, k, v, None, d_out, interpret=False, allowed=allowed)
+  dq, _, _, dbias = check(plan, q, k, v, None, d_out, interpret=False, allowed=allowed, path=path)
   assert dbias is None and (dq[:, :256] == 0).all()
 
 
 LOWERING_CASES = [(64, 128, 64, False, False), (128, 64, 128, True, True)]
 
 
+@pytest.mark.parametrize('path', PATHS)
 @pytest.mark.parametrize('case', LOWERING_CASES, ids=lambda c: 'bq{}_bk{}_d{}_bias{}_docs{}'.format(*c))
-def test_lowers_for_cuda_on_any_host(case):
+def test_lowers_for_cuda_on_any_host(case, path):
   """Mosaic GPU lowering (layouts, transforms, pipeline) without a GPU; not ptxas."""
   block_q, block_kv, head_dim, with_bias, with_documents = case
   b, t, h, hkv = 2, 1000, 8, 2
@@ -222,7 +251,6 @@ def test_lowers_for_cuda_on_any_host(case):
   kv = jax.ShapeDtypeStruct((b, t, hkv, head_dim), jnp.bfloat16)
   bias = jax.ShapeDtypeStruct((b, hkv, t), jnp.float32) if with_bias else None
   lse = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
-  run = lambda q, k, v, bias, out, lse, d_out: mosaic_gpu_backward.backward(q, k, v, bias, plan, 0.1, out, lse,
-                                                                           d_out, lse)
+  run = lambda q, k, v, bias, out, lse, d_out: BACKWARDS[path](q, k, v, bias, plan, 0.1, out, lse, d_out, lse)
   lowered = jax.jit(run).trace(q, kv, kv, bias, q, lse, q).lower(lowering_platforms=('cuda',))
   assert lowered.as_text().count('mosaic_gpu') >= 2

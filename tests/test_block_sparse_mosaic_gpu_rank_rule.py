@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_block_sparse_attention import plan_dense_mask, random_inputs
+from test_block_sparse_mosaic_gpu_backward import BACKWARDS, FUSED_SLOW_ON_CPU, PATHS
 from test_block_sparse_mosaic_gpu_backward import check as check_backward
 from test_block_sparse_mosaic_gpu_forward import check_forward
 from test_block_sparse_rank_rule import explicit_mask, rank_rule_plan
@@ -80,42 +81,45 @@ def test_forward_top_w_plans_gpu(block, group):
   check_forward(plan, q, k, v, bias, interpret=False, persistent=block == 64)
 
 
-# Backward (dQ and dK/dV kernels) -----------------------------------------------------------
+# Backward (both paths: dQ and dK/dV kernels; fused) -----------------------------------------------------------
 
+@pytest.mark.parametrize('path', FUSED_SLOW_ON_CPU)
 @pytest.mark.parametrize('case', FORWARD_CASES)
-def test_backward_random_rank_rule_interpret(case):
+def test_backward_random_rank_rule_interpret(case, path):
   seed, b, t, h, hkv, hp, bq, bk, docs = case
   plan, _, base_allowed = rank_rule_plan(seed, b, hp, t, bq, bk, docs)
   q, k, v, bias, d_out = random_inputs(seed, b, t, t, h, hkv, 64, jnp.bfloat16, True)
-  check_backward(plan, q, k, v, bias, d_out, interpret=True, allowed=explicit_mask(plan, base_allowed, h))
+  check_backward(plan, q, k, v, bias, d_out, interpret=True, allowed=explicit_mask(plan, base_allowed, h), path=path)
 
 
-def test_backward_top_w_plan_interpret():
+@pytest.mark.parametrize('path', PATHS)
+def test_backward_top_w_plan_interpret(path):
   plan = top_w_plan(4, 1, 2, 256, 64, 40, documents=True)
   q, k, v, bias, d_out = random_inputs(4, 1, 256, 256, 4, 2, 64, jnp.bfloat16, True)
-  check_backward(plan, q, k, v, bias, d_out, interpret=True)
+  check_backward(plan, q, k, v, bias, d_out, interpret=True, path=path)
 
 
+@pytest.mark.parametrize('path', PATHS)
 @pytest.mark.parametrize('block', [64, 128])
-def test_backward_lowers_for_cuda(block):
+def test_backward_lowers_for_cuda(block, path):
   b, t, h, hkv, d = 1, 2000, 8, 2, 128
   plan = top_w_plan(5, b, hkv, t, block, 256, documents=True)
   q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
   bias = jax.ShapeDtypeStruct((b, hkv, t), jnp.float32)
   lse = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
-  run = lambda q, k, v, bias, out, lse, d_out: mosaic_gpu_backward.backward(q, k, v, bias, plan, 0.1, out, lse,
-                                                                           d_out, lse)
+  run = lambda q, k, v, bias, out, lse, d_out: BACKWARDS[path](q, k, v, bias, plan, 0.1, out, lse, d_out, lse)
   lowered = jax.jit(run).trace(q, kv, kv, bias, q, lse, q).lower(lowering_platforms=('cuda',))
   assert lowered.as_text().count('mosaic_gpu') >= 2
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize('path', PATHS)
 @pytest.mark.parametrize('block', [64, 128])
 @pytest.mark.parametrize('group', [1, 4])
-def test_backward_top_w_plans_gpu(block, group):
+def test_backward_top_w_plans_gpu(block, group, path):
   h, t = 8, 1500
   hkv = h // group
   plan = top_w_plan(block + group, 2, hkv, t, block, 300, documents=group == 4)
   q, k, v, bias, d_out = random_inputs(group, 2, t, t, h, hkv, 128, jnp.bfloat16, True)
-  check_backward(plan, q, k, v, bias, d_out, interpret=False)
+  check_backward(plan, q, k, v, bias, d_out, interpret=False, path=path)

@@ -3,14 +3,22 @@
     out = block_sparse_attention(q, k, v, plan)                 # q [B,Tq,H,D], k/v [B,Tk,Hkv,D]
     out, lse = block_sparse_attention(..., return_lse=True)     # lse [B,H,Tq], natural log
     out = block_sparse_attention(..., key_bias=b)               # b [B,Hkv,Tk], gets a gradient
+    out = block_sparse_attention(..., deterministic=True)       # bitwise reproducible gradients
 
 A plan built for batch 1 without segment ids serves every batch row.
 
 `implementation`: None picks the best one available on this platform; a name fails fast
 with the reason it cannot run; a list is tried in order, with a warning naming why each
 skipped one could not run. The custom_vjp lives here and nowhere else.
+
+`deterministic`: an implementation may have a faster backward whose gradients are not
+bitwise reproducible (on Hopper, one fused kernel that adds dQ atomically, as cuDNN and
+FlashAttention-3 do). It is used unless `deterministic=True`, or unless None is passed
+inside `with deterministic_backward():` (training's `train.deterministic_backward`).
 """
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -49,29 +57,47 @@ def check_shapes(q, k, v, key_bias, plan):
     raise ValueError(f'key_bias must be [B, Hkv, Tk] = {(b, hkv, tk)}, got {key_bias.shape}')
 
 
-def block_sparse_attention(q, k, v, plan, *, scale=None, key_bias=None, implementation=None, return_lse=False):
+_DETERMINISTIC = contextvars.ContextVar('deterministic_backward', default=False)
+
+
+@contextlib.contextmanager
+def deterministic_backward(enabled=True):
+  """Inside, block_sparse_attention(deterministic=None) takes the reproducible backward.
+  Read when the call is traced: enter it inside the function that jax.jit traces."""
+  token = _DETERMINISTIC.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _DETERMINISTIC.reset(token)
+
+
+def block_sparse_attention(q, k, v, plan, *, scale=None, key_bias=None, implementation=None, return_lse=False,
+                           deterministic=None):
   check_shapes(q, k, v, key_bias, plan)
   plan = broadcast_batch(plan, q.shape[0])
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  deterministic = _DETERMINISTIC.get() if deterministic is None else bool(deterministic)
   chosen = select_implementation(implementation, q, k, v, key_bias, plan)
-  out, lse = shared_lowering(_attention)(chosen.name, scale, q, k, v, key_bias, plan)
+  out, lse = shared_lowering(_attention, 3)(chosen.name, scale, deterministic, q, k, v, key_bias, plan)
   return (out, lse) if return_lse else out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(name, scale, q, k, v, key_bias, plan):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(name, scale, deterministic, q, k, v, key_bias, plan):
   return IMPLEMENTATIONS[name].forward(q, k, v, key_bias, plan, scale)
 
 
-def _attention_fwd(name, scale, q, k, v, key_bias, plan):
+def _attention_fwd(name, scale, deterministic, q, k, v, key_bias, plan):
   out, lse = IMPLEMENTATIONS[name].forward(q, k, v, key_bias, plan, scale)
   return (out, lse), (q, k, v, key_bias, plan, out, lse)
 
 
-def _attention_bwd(name, scale, residuals, cotangents):
+def _attention_bwd(name, scale, deterministic, residuals, cotangents):
   q, k, v, key_bias, plan, out, lse = residuals
   d_out, d_lse = cotangents
-  dq, dk, dv, d_bias = IMPLEMENTATIONS[name].backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse)
+  implementation = IMPLEMENTATIONS[name]
+  backward = implementation.backward if deterministic else implementation.fast_backward or implementation.backward
+  dq, dk, dv, d_bias = backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse)
   plan_cotangent = jax.tree.map(lambda x: None, plan)
   return dq, dk, dv, d_bias, plan_cotangent
 

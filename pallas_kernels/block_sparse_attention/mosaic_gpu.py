@@ -1,5 +1,6 @@
 """The Mosaic GPU (Hopper, sm90) implementation: the forward kernel of
-mosaic_gpu_forward.py and the dQ and dK/dV kernels of mosaic_gpu_backward.py.
+mosaic_gpu_forward.py; the fused backward of mosaic_gpu_fused_backward.py (atomic dQ:
+the default), and the deterministic dQ and dK/dV kernels of mosaic_gpu_backward.py.
 
 `mosaic_gpu` runs on an sm90 GPU; `mosaic_gpu_interpret` runs the same kernels in
 Mosaic GPU interpret mode on any platform (tests on CPU).
@@ -7,7 +8,7 @@ Mosaic GPU interpret mode on any platform (tests on CPU).
 
 import functools
 
-from pallas_kernels.block_sparse_attention import mosaic_gpu_backward, mosaic_gpu_forward
+from pallas_kernels.block_sparse_attention import mosaic_gpu_backward, mosaic_gpu_forward, mosaic_gpu_fused_backward
 from pallas_kernels.block_sparse_attention.implementation import Implementation
 
 
@@ -22,7 +23,8 @@ def _implementation(name, interpret, platforms):
                         functools.partial(mosaic_gpu_forward.forward, interpret=interpret),
                         functools.partial(mosaic_gpu_backward.backward, interpret=interpret),
                         platforms=platforms,
-                        unavailable=functools.partial(unavailable, interpret=interpret))
+                        unavailable=functools.partial(unavailable, interpret=interpret),
+                        fast_backward=functools.partial(mosaic_gpu_fused_backward.backward, interpret=interpret))
 
 
 IMPLEMENTATIONS = (

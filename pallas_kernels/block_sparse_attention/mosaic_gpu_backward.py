@@ -500,10 +500,17 @@ def backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse, *, interpre
   operands = _prepare(q, k, v, key_bias, plan, out, lse, d_out, d_lse)
   shapes = (b, h, hkv, d, q.dtype)
   dq = _dq(operands, plan, scale, shapes, stages, interpret)
-  dkv = _dkv(operands, plan, scale, shapes, stages, interpret)
+  dk, dv, *d_bias = _dkv(operands, plan, scale, shapes, stages, interpret)
+  return unpad_gradients(q, k, v, key_bias, dq, dk, dv, d_bias)
+
+
+def unpad_gradients(q, k, v, key_bias, dq, dk, dv, d_bias):
+  """The kernels' padded, flattened gradients back in the inputs' shapes and dtypes."""
+  b, tq, h, d = q.shape
+  tk, hkv = k.shape[1], k.shape[2]
   dq = dq.reshape(b, -1, h, d)[:, :tq]
-  dk, dv = (x.reshape(b, -1, hkv, d)[:, :tk] for x in dkv[:2])
-  d_bias = None
+  dk, dv = (x.reshape(b, -1, hkv, d)[:, :tk] for x in (dk, dv))
+  bias_grad = None
   if key_bias is not None:
-    d_bias = dkv[2].reshape(b, hkv, -1)[:, :, :tk].astype(key_bias.dtype)
-  return dq, dk.astype(k.dtype), dv.astype(v.dtype), d_bias
+    bias_grad = d_bias[0].reshape(b, hkv, -1)[:, :, :tk].astype(key_bias.dtype)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), bias_grad

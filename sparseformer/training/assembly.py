@@ -46,14 +46,15 @@ class TrainStepParts:
 
 
 def assemble_train_step(cfg, spec, batch_sharding=None):
-  """The train step of `cfg` (train.grad_accum_steps, lm_loss_weight, loss_chunk and the
-  optimizer fields) for the model of `spec`. With `batch_sharding`, jitted as the trainer
+  """The train step of `cfg` (train.grad_accum_steps, lm_loss_weight, loss_chunk,
+  deterministic_backward and the optimizer fields) for the model of `spec`. With `batch_sharding`, jitted as the trainer
   runs it: state and batch placed on the mesh, activations placed by the mesh rules, the
   state donated. Without, a plain jax.jit (one device, nothing donated: tests)."""
   t = cfg.train
   tx, schedule = make_optimizer(t, spec.abstract_params)
   shardings = state_shardings(spec, tx)
-  train_step = make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight, t.loss_chunk)
+  train_step = make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight, t.loss_chunk,
+                               t.deterministic_backward)
   if batch_sharding is None:
     step = jax.jit(train_step)
   else:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pallas_kernels.block_sparse_attention import deterministic_backward as kernel_backward
 from sparseformer import sharding
 from sparseformer.model.attention import MechanismState
 from sparseformer.training.loss import DEFAULT_LOSS_CHUNK, token_nll
@@ -25,14 +26,20 @@ def split_micro_batches(batch, count):
   return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
 
-def make_train_step(graphdef, tx, schedule, grad_accum_steps, lm_loss_weight=1.0, loss_chunk=DEFAULT_LOSS_CHUNK):
+def make_train_step(graphdef, tx, schedule, grad_accum_steps, lm_loss_weight=1.0, loss_chunk=DEFAULT_LOSS_CHUNK,
+                    deterministic_backward=False):
   """train_step(state, batch) -> (state, metrics). With accumulation, the gradient is that of
   the token-weighted mean NLL over the whole batch, as without it. The loss is
   lm_loss_weight x NLL + the auxiliary losses; with weight 0 the NLL is left out of the
   gradient altogether (gate distillation), and the 'loss' metric still reports it.
-  loss_chunk: positions unembedded at a time (train.loss_chunk; 0: all at once)."""
+  loss_chunk: positions unembedded at a time (train.loss_chunk; 0: all at once).
+  deterministic_backward: the attention kernels' reproducible backward (train.deterministic_backward)."""
 
   def train_step(state, batch):
+    with kernel_backward(deterministic_backward):  # read while jax.jit traces the step
+      return accumulated_step(state, batch)
+
+  def accumulated_step(state, batch):
     total_tokens = jnp.maximum(batch['loss_mask'].sum(), 1.0)
     micro_batches = split_micro_batches(batch, grad_accum_steps)
 
