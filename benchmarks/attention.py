@@ -3,24 +3,34 @@
     python3 benchmarks/attention.py --out attention.json                 # ours = mosaic_gpu
     python3 benchmarks/attention.py --implementations none               # baselines only
     python3 benchmarks/attention.py --quick                              # CPU smoke run
+    python3 benchmarks/attention.py --implementations mosaic_gpu,mosaic_gpu:deterministic
+    python3 benchmarks/attention.py --heads 32 --kv-heads 8              # GQA, 4 query heads per kv head
 
-bf16, B=1, H=16, D=128 (no GQA), S in {8192, 32768}, forward and forward+backward, on
-three plans: dense causal, a causal window of 1024 keys (the query included), and a
-random 10% of the blocks below the diagonal plus the diagonal, drawn per head (seeded;
-plan_from_block_mask with 16 plan heads). --masks takes any spec of
+The kernel-targets run's shapes: GQA query groups 2, 4, 8 are `--heads 32 --kv-heads 16|8|4`,
+head dim 64 is `--head-dim 64`.
+
+bf16, B=1, H=16, D=128, S in {8192, 32768}, forward and forward+backward, on three plans:
+dense causal, a causal window of 1024 keys (the query included), and a random 10% of the
+blocks below the diagonal plus the diagonal, drawn per query head (seeded;
+plan_from_block_mask with H plan heads). No GQA unless --kv-heads N (a divisor of H): q and
+d_out [1, S, H, D], k and v [1, S, N, D], query head h reading kv head h // (H / N); FLOPs
+and tiles stay counted per query head. --masks takes any spec of
 render.plan_from_spec, the static patterns too (power_blocks:64, power:64,
 neighborhood:1024, fixed:128, radial:256; docs/static_patterns.md), each with its element rule for FlexAttention. Each row is one
 implementation on one (S, mask, pass):
   ours    `block_sparse_attention(..., implementation=NAME)` for each NAME of --implementations;
+          NAME:deterministic (row ours:NAME:deterministic) passes deterministic=True, the
+          reproducible two-kernel backward; plain NAME passes False (on Hopper the fused
+          backward that adds dQ atomically);
   cudnn   `jax.nn.dot_product_attention(is_causal=True, implementation='cudnn')`, with
           local_window_size=(W - 1, 0) for the window (jax turns it into cuDNN's
           sliding_window_length W: keys in (q - W, q]); it has no random-block mask;
-  flex    torch FlexAttention (torch.compile) with a BlockMask built by
+  flex    torch FlexAttention (torch.compile; its side in attention_flex.py) with a BlockMask built by
           `BlockMask.from_kv_blocks` from OUR plan's lists (partial and full blocks
-          separated), so it visits exactly the same tiles.
+          separated), so it visits exactly the same tiles; enable_gqa=True under GQA.
 
 FLOP convention (effective TFLOP/s): the tiles a plan visits count whole, masked or not.
-  forward  = 4 * D * block_q * block_kv * (visited tiles), summed over batch and heads
+  forward  = 4 * D * block_q * block_kv * (visited tiles), summed over batch and query heads
   backward = 2.5 x forward, so forward+backward = 3.5 x forward
 cuDNN rows use the tile count of the same plan (dense causal, or the window).
 
@@ -59,6 +69,10 @@ from pallas_kernels.block_sparse_attention.api import select_implementation  # n
 from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL  # noqa: E402
 from pallas_kernels.block_sparse_attention.render import plan_from_spec  # noqa: E402
 
+# flex_block_lists and measure_torch are also read from here (tests, block_selection.py).
+from benchmarks.attention_flex import (flex_block_lists, flex_block_mask, load_flex, measure_torch,  # noqa: E402,F401
+                                       to_torch, torch_samples)
+
 WRONG_FRACTION = 0.03
 BACKWARD_FLOP_FACTOR = 2.5
 # Targets from the issue: (mask, baseline) -> the least ratio of our TFLOP/s to the baseline's.
@@ -93,16 +107,19 @@ class Row:
 
 # ---------------------------------------------------------------- inputs, plans, FLOPs
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def make_inputs(length, heads, head_dim, seed):
-  """q, k, v, d_out [1, S, H, D] bf16, normal(0, 1), the same for a given seed."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 4))
+def make_inputs(length, heads, head_dim, seed, kv_heads=None):
+  """q, d_out [1, S, H, D] and k, v [1, S, kv_heads (default H), D] bf16, normal(0, 1), the
+  same for a given seed."""
   keys = jax.random.split(jax.random.key(seed), 4)
-  shape = (1, length, heads, head_dim)
-  return tuple(jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
+  q_shape, kv_shape = (1, length, heads, head_dim), (1, length, kv_heads or heads, head_dim)
+  return tuple(jax.random.normal(key, shape, jnp.bfloat16)
+               for key, shape in zip(keys, (q_shape, kv_shape, kv_shape, q_shape)))
 
 
 def make_plan(spec, length, block, heads):
-  """One plan for all heads from a mask function; random blocks drawn per head."""
+  """One plan for all heads from a mask function; random blocks drawn per query head (H plan
+  heads, which block_sparse_attention takes under GQA too)."""
   return plan_from_spec(spec, length, block, seed=0, heads=heads)
 
 
@@ -134,7 +151,10 @@ def plan_row_mask(plan, rows):
 def _exact_rows(q, k, v, d_out, allowed, rows_tuple):
   rows = jnp.asarray(rows_tuple)
   scale = q.shape[-1] ** -0.5
-  k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+  heads, group = q.shape[2], q.shape[2] // k.shape[2]
+  k32, v32 = (jnp.repeat(x.astype(jnp.float32), group, axis=2) for x in (k, v))  # query head h: kv head h // group
+  if allowed.shape[1] not in (1, heads):  # query head h reads plan head h // (H / Hp)
+    allowed = jnp.repeat(allowed, heads // allowed.shape[1], axis=1)
 
   def attend(q_rows):
     s = jnp.einsum('brhd,bkhd->bhrk', q_rows, k32, precision='highest') * scale
@@ -147,7 +167,8 @@ def _exact_rows(q, k, v, d_out, allowed, rows_tuple):
 
 
 def exact_rows(q, k, v, d_out, plan, rows):
-  """(out, dq) [1, R, H, D] float32 at the sampled rows. Every sampled row sees its own key."""
+  """(out, dq) [1, R, H, D] float32 at the sampled rows (k, v may have fewer heads: GQA).
+  Every sampled row sees its own key."""
   out, dq = _exact_rows(q, k, v, d_out, plan_row_mask(plan, rows), tuple(int(r) for r in rows))
   return np.asarray(out), np.asarray(dq)
 
@@ -188,9 +209,17 @@ def forward_and_backward(attend):
   return run
 
 
-def ours_attend(name):
+def split_implementation(entry):
+  """An --implementations entry -> (implementation name, deterministic): 'NAME' or 'NAME:deterministic'."""
+  name, _, suffix = entry.partition(':')
+  return name, suffix == 'deterministic'
+
+
+def ours_attend(entry):
+  name, deterministic = split_implementation(entry)
+
   def attend(q, k, v, plan):
-    return block_sparse_attention(q, k, v, plan, implementation=name)
+    return block_sparse_attention(q, k, v, plan, implementation=name, deterministic=deterministic)
   return attend
 
 
@@ -219,7 +248,7 @@ def jax_rows(args, spec, length, plan, inputs, flops, tiles, rows):
   for label, attend, extra in candidates:
     if label.startswith('ours:'):
       try:
-        select_implementation(label[5:], q, k, v, None, plan)
+        select_implementation(split_implementation(label[5:])[0], q, k, v, None, plan)
       except ValueError as error:
         yield unavailable_rows(length, spec, label, tiles, flops, str(error))
         continue
@@ -257,103 +286,19 @@ def jax_samples(result, direction, rows):
 
 # ---------------------------------------------------------------- FlexAttention
 
-def flex_block_lists(plan):
-  """Our q-major lists split the way FlexAttention wants them: (partial count, partial
-  indices, full count, full indices), int32 numpy, [B, Hp, nQ] and [B, Hp, nQ, nK]."""
-  count = np.asarray(plan.kv_count)
-  index = np.asarray(plan.kv_index).astype(np.int32)
-  full = np.asarray(plan.kv_full).astype(bool)
-  active = np.arange(index.shape[-1]) < count[..., None]
-
-  def gather(selected):
-    order = np.argsort(~selected, axis=-1, kind='stable')  # the selected slots first, in order
-    return selected.sum(-1).astype(np.int32), np.ascontiguousarray(np.take_along_axis(index, order, -1))
-
-  return gather(active & ~full) + gather(active & full)
-
-
-@functools.cache  # one function per spec: a new one would make torch.compile compile again
-def flex_mask_mod(spec):
-  name, _, argument = spec.partition(':')
-  if name == 'causal_window':
-    window = int(argument)
-    return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-  if name == 'chunked':
-    size = int(argument)
-    return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx // size == kv_idx // size)
-  if name in ('causal', 'random', 'topk', 'power_blocks'):  # power_blocks: tiles full but the diagonal
-    return causal_mask_mod
-  if name in PATTERN_MASK_MODS:
-    rule = PATTERN_MASK_MODS[name](int(argument))
-    return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & rule(q_idx, kv_idx)
-  return lambda b, h, q_idx, kv_idx: q_idx >= 0
-
-
-def radial_rule(frame):
-  """Radial Attention's element rule (patterns.Radial) on torch index tensors."""
-  import torch
-
-  def rule(q_idx, kv_idx):
-    distance = (q_idx // frame - kv_idx // frame).abs()
-    power = torch.bitwise_left_shift(torch.ones_like(distance),
-                                     torch.floor(torch.log2(distance.clamp(min=1).float())).to(distance.dtype))
-    offset = (q_idx % frame - kv_idx % frame).abs()
-    near = (power <= frame) & ((offset + 1) * power <= frame)
-    far = (power > frame) & (offset == 0) & (distance % ((power + frame - 1) // frame) == 0)
-    return near | far
-  return rule
-
-
-# The static patterns of render.PATTERN_SPECS (their default options), element rules on
-# torch index tensors, causality added by flex_mask_mod.
-PATTERN_MASK_MODS = {
-    'power': lambda local: lambda q, k: ((q - k) < local) | (((q - k) & (q - k - 1)) == 0),
-    'neighborhood': lambda kernel: lambda q, k: (q - k) < kernel,
-    'fixed': lambda stride: lambda q, k: (q // stride == k // stride) | (k % stride >= stride - min(8, stride)),
-    'radial': radial_rule,
-}
-
-
-def causal_mask_mod(b, h, q_idx, kv_idx):
-  return q_idx >= kv_idx
-
-
-def flex_block_mask(torch, plan, spec):
-  from torch.nn.attention.flex_attention import BlockMask
-  lists = [torch.from_numpy(x).cuda() for x in flex_block_lists(plan)]
-  return BlockMask.from_kv_blocks(*lists, BLOCK_SIZE=(plan.block_q, plan.block_kv), mask_mod=flex_mask_mod(spec),
-                                  seq_lengths=(plan.q_len, plan.kv_len))
-
-
-def to_torch(torch, x):
-  """[B, S, H, D] JAX bf16 -> [B, H, S, D] torch bf16 on the GPU (through float32 numpy)."""
-  return torch.from_numpy(np.asarray(x, np.float32)).cuda().to(torch.bfloat16).transpose(1, 2).contiguous()
-
-
-def measure_torch(torch, fn, iterations):
-  for _ in range(3):
-    result = fn()
-  torch.cuda.synchronize()
-  start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-  start.record()
-  for _ in range(iterations):
-    fn()
-  end.record()
-  torch.cuda.synchronize()
-  return start.elapsed_time(end) / iterations, result
-
-
 def flex_rows(torch, flex, args, spec, length, plan, inputs, flops, tiles, rows):
-  q, k, v, d_out = (to_torch(torch, x) for x in inputs)
-  block_mask = flex_block_mask(torch, plan, spec)
+  """Time FlexAttention on one (S, mask) with our plan as its BlockMask (attention_flex.py); rows with samples."""
+  q, k, v, d_out = (to_torch(torch, x) for x in inputs)  # [B, H, S, D]; k, v [B, Hkv, S, D]
+  block_mask = flex_block_mask(torch, plan, spec, q.shape[1])
   grad_inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+  gqa = dict(enable_gqa=True) if k.shape[1] != q.shape[1] else {}  # MHA compiles the call it always did
 
   def forward():
     with torch.no_grad():
-      return flex(q, k, v, block_mask=block_mask)
+      return flex(q, k, v, block_mask=block_mask, **gqa)
 
   def forward_backward():
-    out = flex(*grad_inputs, block_mask=block_mask)
+    out = flex(*grad_inputs, block_mask=block_mask, **gqa)
     return torch.autograd.grad(out, grad_inputs, d_out)
 
   pairs = []
@@ -368,33 +313,6 @@ def flex_rows(torch, flex, args, spec, length, plan, inputs, flops, tiles, rows)
       continue
     pairs.append((row, torch_samples(torch, result, direction, rows)))
   return pairs
-
-
-def torch_samples(torch, result, direction, rows):
-  index = torch.as_tensor(rows, device='cuda')
-  pick = lambda x: x.transpose(1, 2).index_select(1, index).float().cpu().numpy()  # back to [B, R, H, D]
-  if direction == 'fwd':
-    return {'out': pick(result)}
-  return {name: pick(x) for name, x in zip(('dq', 'dk', 'dv'), result)}
-
-
-def load_flex(args):
-  """(torch, compiled flex_attention), or (None, the reason it cannot run)."""
-  if not args.flex:
-    return None, 'FlexAttention left out (--no-flex)'
-  try:
-    import torch
-    from torch.nn.attention.flex_attention import flex_attention
-  except ImportError as error:
-    return None, f'FlexAttention skipped: torch is not importable ({error})'
-  if not torch.cuda.is_available():
-    return None, 'FlexAttention skipped: torch sees no CUDA device'
-  # Each (length, mask function, grad mode) is a compiled entry; past the limit torch would
-  # silently run flex_attention eagerly, which materialises S x S scores.
-  for limit in ('recompile_limit', 'cache_size_limit'):
-    if hasattr(torch._dynamo.config, limit):
-      setattr(torch._dynamo.config, limit, 64)
-  return torch, torch.compile(flex_attention, dynamic=False)
 
 
 # ---------------------------------------------------------------- checks, ratios, table
@@ -465,9 +383,9 @@ def format_table(rows, header):
 
 
 TABLE_HEADER = [
-    'Effective TFLOP/s: forward FLOPs = 4 * D * block_q * block_kv * visited tiles (summed over batch and heads),',
-    'fwd+bwd = 3.5 x forward. vs cuDNN / vs Flex: our TFLOP/s over the baseline\'s (random rows: over cuDNN dense',
-    'causal). err: max |out - exact| (fwd) or |dq - exact| (fwd+bwd) on sampled rows; dkv: max |dk|,|dv| diff',
+    'Effective TFLOP/s: forward FLOPs = 4 * D * block_q * block_kv * visited tiles (summed over batch and query',
+    'heads), fwd+bwd = 3.5 x forward. vs cuDNN / vs Flex: our TFLOP/s over the baseline\'s (random rows: over cuDNN',
+    'dense causal). err: max |out - exact| (fwd) or |dq - exact| (fwd+bwd) on sampled rows; dkv: max |dk|,|dv| diff',
     'against cuDNN (else Flex). Targets: causal >= 0.85 cuDNN; random >= 0.7 cuDNN causal and > Flex; window >= cuDNN',
     'and > Flex.',
 ]
@@ -478,11 +396,14 @@ TABLE_HEADER = [
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--implementations', default=None,
-                      help='comma-separated block_sparse_attention implementations, or none (default mosaic_gpu)')
+                      help='comma-separated block_sparse_attention implementations, or none (default mosaic_gpu); '
+                      'NAME:deterministic times NAME with deterministic=True (the reproducible backward)')
   parser.add_argument('--sizes', default=None, help='comma-separated sequence lengths (default 8192,32768)')
   parser.add_argument('--masks', default=None, help='comma-separated mask specs (default causal,causal_window:1024,'
                       'random:0.1)')
-  parser.add_argument('--heads', type=int, default=None)
+  parser.add_argument('--heads', type=int, default=None, help='query heads (default 16)')
+  parser.add_argument('--kv-heads', type=int, default=None, help='k and v heads (GQA), a divisor of --heads '
+                      '(default --heads)')
   parser.add_argument('--head-dim', type=int, default=128)
   parser.add_argument('--block', type=int, default=128)
   parser.add_argument('--iterations', type=int, default=None)
@@ -500,6 +421,12 @@ def parse_args(argv):
   args.sizes = [int(s) for s in pick(args.sizes, '8192,32768', '512').split(',')]
   args.masks = pick(args.masks, 'causal,causal_window:1024,random:0.1', 'causal,causal_window:256,random:0.5').split(',')
   args.heads = pick(args.heads, 16, 2)
+  args.kv_heads = args.heads if args.kv_heads is None else args.kv_heads
+  if args.kv_heads < 1 or args.heads % args.kv_heads:
+    parser.error(f'--kv-heads {args.kv_heads} must divide --heads {args.heads}')
+  for entry in args.implementations:
+    if entry.partition(':')[2] not in ('', 'deterministic'):
+      parser.error(f'--implementations entry {entry!r}: the only suffix is :deterministic')
   args.iterations = pick(args.iterations, 20, 2)
   args.jax_baseline = pick(args.jax_baseline, 'cudnn', 'xla')
   args.flex = args.flex and not quick
@@ -508,7 +435,7 @@ def parse_args(argv):
 
 def run_configuration(args, length, spec, torch, flex):
   plan = make_plan(spec, length, args.block, args.heads)
-  inputs = make_inputs(length, args.heads, args.head_dim, args.seed)
+  inputs = make_inputs(length, args.heads, args.head_dim, args.seed, args.kv_heads)
   flops, tiles = forward_flops(plan, args.heads, args.head_dim), visited_tiles(plan, args.heads)
   rows = sample_rows(length, args.block)
   pairs = [pair for group in jax_rows(args, spec, length, plan, inputs, flops, tiles, rows) for pair in group]
@@ -517,21 +444,27 @@ def run_configuration(args, length, spec, torch, flex):
     torch.cuda.empty_cache()
   check_rows(pairs, exact_rows(*inputs, plan, rows))
   for row, _ in pairs:
-    print(f'  {row.implementation:18s} {row.direction:8s} {row.ms:9.3f} ms  err {row.err:.2e}  {row.note}', flush=True)
+    print(f'  {row.implementation:29s} {row.direction:8s} {row.ms:9.3f} ms  err {row.err:.2e}  {row.note}', flush=True)
   return [row for row, _ in pairs]
 
 
 def write_json(path, rows, args, notes):
-  meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, heads=args.heads, head_dim=args.head_dim,
-              block=args.block, iterations=args.iterations, notes=notes,
-              flops='forward = 4*D*block_q*block_kv*visited tiles (all heads); fwd+bwd = 3.5x forward')
+  meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, heads=args.heads, kv_heads=args.kv_heads,
+              head_dim=args.head_dim, block=args.block, iterations=args.iterations, notes=notes,
+              flops='forward = 4*D*block_q*block_kv*visited tiles (all query heads); fwd+bwd = 3.5x forward')
   with open(path, 'w') as handle:
     json.dump(dict(meta=meta, rows=[dataclasses.asdict(r) for r in rows]), handle, indent=1, default=float)
 
 
+def shape_line(args):
+  group = f' (GQA, {args.heads // args.kv_heads} query heads per kv head)' if args.kv_heads != args.heads else ''
+  return (f'bf16, B=1, H={args.heads} query heads, {args.kv_heads} kv heads{group}, D={args.head_dim}, '
+          f'block {args.block}.')
+
+
 def load_cudnn_first(args):
   """Run the JAX baseline once on a tiny input, so JAX loads its cuDNN before torch can."""
-  tiny = make_inputs(2 * args.block, 1, args.head_dim, args.seed)[:3]
+  tiny = make_inputs(2 * args.block, 1, args.head_dim, args.seed, 1)[:3]
   try:
     jax.block_until_ready(jax.jit(dense_attend(args.jax_baseline, 'causal'))(*tiny))
   except Exception as error:
@@ -541,6 +474,7 @@ def load_cudnn_first(args):
 def main(argv=None):
   args = parse_args(argv)
   print(f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}', flush=True)
+  print(shape_line(args), flush=True)
   if args.flex:
     load_cudnn_first(args)
   torch, flex = load_flex(args)
@@ -558,7 +492,7 @@ def main(argv=None):
       if args.out:
         write_json(args.out, rows, args, notes)
   print()
-  print(format_table(rows, TABLE_HEADER + notes))
+  print(format_table(rows, [shape_line(args)] + TABLE_HEADER + notes))
   return rows
 
 

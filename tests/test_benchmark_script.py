@@ -42,6 +42,33 @@ def test_quick_run_prints_one_table_and_writes_json(tmp_path):
   assert random_target.startswith('cuDNN>=0.7:') and random_target.endswith('Flex>1:n/a')  # torch is left out
 
 
+def test_attention_quick_run_with_gqa_and_a_deterministic_row(tmp_path, capsys):
+  """4 query heads on 2 kv heads through ours, the XLA baseline and the oracle; NAME:deterministic
+  is a row of its own (on the CPU the reference's one backward). Two masks keep it short."""
+  out = tmp_path / 'attention.json'
+  bench.main(['--quick', '--heads', '4', '--kv-heads', '2', '--implementations', 'reference,reference:deterministic',
+              '--masks', 'causal_window:256,random:0.5', '--out', str(out)])
+  assert 'H=4 query heads, 2 kv heads (GQA, 2 query heads per kv head)' in capsys.readouterr().out
+  report = json.loads(out.read_text())
+  assert report['meta']['heads'] == 4 and report['meta']['kv_heads'] == 2
+  by_key = {(r['mask'], r['direction'], r['implementation']): r for r in report['rows']}
+  labels = ('ours:reference', 'ours:reference:deterministic')
+  expected = {(mask, direction, label) for mask in ('causal_window:256', 'random:0.5')
+              for direction in ('fwd', 'fwd+bwd') for label in labels}
+  expected |= {('causal_window:256', direction, 'xla') for direction in ('fwd', 'fwd+bwd')}
+  assert set(by_key) == expected and len(report['rows']) == len(expected)
+  for row in report['rows']:
+    assert row['ms'] > 0 and row['err'] < 0.05 and 'WRONG' not in row['note'], row
+  for label in labels:  # dk, dv [1, S, 2, D] checked against XLA's GQA
+    assert by_key[('causal_window:256', 'fwd+bwd', label)]['dkv'] < 0.1
+    assert by_key[('causal_window:256', 'fwd', label)]['target'].startswith('cuDNN>=1:')
+  random_plan = bench.make_plan('random:0.5', 512, 128, heads=4)  # per query head, as without GQA
+  assert by_key[('random:0.5', 'fwd', labels[1])]['tiles'] == bench.visited_tiles(random_plan, 4)
+  with pytest.raises(SystemExit):
+    bench.parse_args(['--heads', '4', '--kv-heads', '3'])
+  assert bench.split_implementation('mosaic_gpu:deterministic') == ('mosaic_gpu', True)
+
+
 def test_flops_count_visited_tiles_of_every_head():
   plan = bench.make_plan('causal', 1024, 128, heads=16)
   assert plan.plan_heads == 1

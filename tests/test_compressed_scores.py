@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from oracles import attention_probabilities, masked_softmax_attention
 
-from sparseformer.model.attention import compressed_scores
+from pallas_kernels.compressed_mass import reference as compressed_mass_reference
 from sparseformer.model.attention.compressed_scores import (CROSSES_DOCUMENTS, compressed_key_segments, num_compressed,
                                                             selection_scores)
 
@@ -100,7 +100,7 @@ def test_query_blocks_in_steps_of_any_size_give_the_same_scores(monkeypatch, blo
                                    select_block=SELECT_BLOCK, query_block=QUERY_BLOCK, segment_ids=segments,
                                    kv_segment_ids=compressed_key_segments(segments, CMP_LEN, CMP_STRIDE))
   whole = score()
-  monkeypatch.setattr(compressed_scores, 'STEP_ELEMENTS', blocks_per_step * 2 * QUERY_BLOCK * 4 * k_cmp.shape[1])
+  monkeypatch.setattr(compressed_mass_reference, 'STEP_ELEMENTS', blocks_per_step * 2 * QUERY_BLOCK * 4 * k_cmp.shape[1])
   np.testing.assert_allclose(score(), whole, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(whole, dense_scores(q, k_cmp, segments, length, 0.7), rtol=2e-5, atol=2e-5)
 

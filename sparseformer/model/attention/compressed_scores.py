@@ -19,22 +19,18 @@ scores:
     not vote.
 
 The scores are computed under stop_gradient (the choice is discrete; the paper does not
-differentiate it), a group of query blocks against all compressed keys at a time
-(STEP_ELEMENTS probabilities at most, one block when a block holds more): never [T, Tc]
-for all heads at once.
+differentiate it), by pallas_kernels.compressed_mass: never [T, Tc] for all heads at once.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseformer.model.attention.gate import num_blocks, to_blocks
+from pallas_kernels.compressed_mass import compressed_mass
+from pallas_kernels.compressed_mass.reference import softmax_where
+from sparseformer.model.attention.gate import num_blocks
 
 CROSSES_DOCUMENTS = -1  # segment id of a compressed key whose span crosses documents: no query has it
-# Probabilities held at once (float32): query blocks go through lax.map in groups of up to
-# this many scores, so that memory stays bounded and each step has work enough for a GPU
-# (at 32k tokens, 8 heads, on an H100: 6.8 ms one block a step, 2.5 ms in such groups).
-STEP_ELEMENTS = 2 ** 24
 
 
 def num_compressed(length, cmp_len, cmp_stride):
@@ -81,21 +77,6 @@ def complete_spans(positions, cmp_len, cmp_stride, count):
   return key_end <= positions[..., None]
 
 
-def compressed_visibility(query_index, length, cmp_len, cmp_stride, count):
-  """bool [q, Tc]: compressed key j complete at query t (t < length), documents aside."""
-  return complete_spans(query_index, cmp_len, cmp_stride, count) & (query_index < length)[:, None]
-
-
-def softmax_where(s, visible):
-  """float32 softmax of scores s over their last axis where `visible`, 0 elsewhere (a row
-  that sees nothing: all 0)."""
-  s = jnp.where(visible, s, -jnp.inf)
-  row_max = s.max(-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  p = jnp.exp(s - row_max)
-  return p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-
-
 def selection_scores(q, k_cmp, lse, *, scale, cmp_len, cmp_stride, select_block, query_block, segment_ids,
                      kv_segment_ids):
   """float32 [B, Hkv, nQ, nS]: the compressed attention's probability mass of each
@@ -104,43 +85,17 @@ def selection_scores(q, k_cmp, lse, *, scale, cmp_len, cmp_stride, select_block,
   q [B, T, H, D] (post-RoPE), k_cmp [B, Tc, Hkv, D], lse [B, H, T] the compressed
   attention's log-sum-exp (None: computed here), nQ = ceil(T / query_block), nS =
   ceil(T / select_block), segment_ids [B, T] or None, kv_segment_ids [B, Tc] (from
-  compressed_key_segments) or None."""
-  b, length, heads, dim = q.shape
+  compressed_key_segments) or None. The mass per query head and compressed key comes from
+  pallas_kernels.compressed_mass (a Triton kernel on GPUs)."""
+  b, length, heads, _ = q.shape
   count, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
-  group = heads // kv_heads
   nq, ns = num_blocks(length, query_block), num_blocks(length, select_block)
   if count == 0:
     return jnp.zeros((b, kv_heads, nq, ns), jnp.float32)
-  q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
-  overlaps = jnp.asarray(span_overlaps(count, cmp_len, cmp_stride, ns, select_block))
-  queries = to_blocks(q.reshape(b, length, kv_heads, group, dim), query_block)  # [B, nQ, qb, Hkv, G, D]
-  voters = to_blocks(jnp.ones((b, length), bool) if segment_ids is None else segment_ids != 0, query_block)
-  blocks = [jnp.moveaxis(queries, 1, 0), jnp.moveaxis(voters, 1, 0)]
-  if segment_ids is not None:
-    blocks.append(jnp.moveaxis(to_blocks(segment_ids.astype(jnp.int32), query_block), 1, 0))  # [nQ, B, qb]
-  if lse is not None:
-    lse = jnp.moveaxis(lse.astype(jnp.float32).reshape(b, kv_heads, group, length), -1, 1)  # [B, T, Hkv, G]
-    blocks.append(jnp.moveaxis(to_blocks(lse, query_block), 1, 0))  # [nQ, B, qb, Hkv, G]
-
-  def block_votes(args):
-    index, queries, voters, *rest = args
-    segments = rest.pop(0) if segment_ids is not None else None
-    query_index = index * query_block + jnp.arange(query_block)
-    visible = compressed_visibility(query_index, length, cmp_len, cmp_stride, count)[None]  # [1, qb, Tc]
-    if segments is not None:
-      visible = visible & (segments[:, :, None] == kv_segment_ids[:, None, :])
-    visible = (visible & voters[:, :, None])[:, :, None, None, :]  # [B, qb, 1, 1, Tc]
-    s = jnp.einsum('bqkgd,bjkd->bqkgj', queries, k_cmp, preferred_element_type=jnp.float32) * scale
-    if lse is None:
-      p = softmax_where(s, visible)
-    else:
-      p = jnp.exp(jnp.where(visible, s, -jnp.inf) - rest[0][..., None])  # -inf where not visible: exactly 0
-    mass = p.sum((1, 3))  # [B, Hkv, Tc]
-    return mass @ overlaps  # [B, Hkv, nS]
-
-  blocks_per_step = max(1, STEP_ELEMENTS // (b * query_block * heads * count))
-  scores = jax.lax.map(block_votes, (jnp.arange(nq), *blocks), batch_size=min(blocks_per_step, nq))  # [nQ, B, Hkv, nS]
-  return jnp.moveaxis(scores, 0, 2)
+  mass = compressed_mass(q, k_cmp, lse, None if segment_ids is None else segment_ids.astype(jnp.int32),
+                         kv_segment_ids, scale=scale, cmp_len=cmp_len, cmp_stride=cmp_stride, query_block=query_block)
+  mass = mass.reshape(b, kv_heads, heads // kv_heads, nq, count).sum(2)  # [B, Hkv, nQ, Tc]
+  return mass @ jnp.asarray(span_overlaps(count, cmp_len, cmp_stride, ns, select_block))
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,142 @@
+"""compressed_mass as a Pallas Triton kernel (reference.py defines it).
+
+One program per (query block, query head, batch row) loads the block's queries once and
+walks the compressed keys in tiles of KEY_TILE, up to the last one a query of the block
+can see (the causal bound), writing the tile's column sums of exp(s - lse); later tiles
+get zeros. Without lse a first walk computes it (running max and sum). Nothing of the
+[T, Tc] scores reaches memory: the output is [B, H, nQ, Tc'] float32 (Tc' = Tc padded to
+whole tiles), summed over the GQA group by the caller.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.implementations import Implementation
+
+KEY_TILE = 64
+HEAD_DIMS = (32, 64, 128, 256)
+QUERY_BLOCKS = (32, 64, 128)
+NUM_WARPS = 4
+
+
+def _kernel(q_ref, k_ref, lse_ref, q_seg_ref, k_seg_ref, out_ref, *, scale, cmp_len, cmp_stride, query_block,
+            length, count, has_lse, has_segments):
+  block = pl.program_id(0)
+  query = block * query_block + lax.broadcasted_iota(jnp.int32, (query_block,), 0)
+  votes = query < length
+  if has_segments:
+    q_seg = q_seg_ref[...]
+    votes = votes & (q_seg != 0)
+  q = q_ref[...]
+  last_query = jnp.minimum(block * query_block + query_block, length) - 1
+  seen_keys = jnp.clip((last_query - cmp_len) // cmp_stride + 1, 0, count)  # keys complete by the last query
+  seen_tiles = (seen_keys + KEY_TILE - 1) // KEY_TILE
+  total_tiles = out_ref.shape[0] // KEY_TILE
+
+  def scores(tile):
+    keys = pl.ds(tile * KEY_TILE, KEY_TILE)
+    k = k_ref[keys, :]
+    s = pltriton.dot(q, k.T) * scale  # [query_block, KEY_TILE] float32
+    key = tile * KEY_TILE + lax.broadcasted_iota(jnp.int32, (KEY_TILE,), 0)
+    visible = (key[None, :] * cmp_stride + cmp_len - 1 <= query[:, None]) & (key < count)[None, :] & votes[:, None]
+    if has_segments:
+      visible = visible & (q_seg[:, None] == k_seg_ref[keys][None, :])
+    return jnp.where(visible, s, -jnp.inf)
+
+  if has_lse:
+    lse = lse_ref[...]
+  else:
+    def running(tile, carry):
+      row_max, row_sum = carry
+      s = scores(tile)
+      new_max = jnp.maximum(row_max, s.max(axis=1))
+      safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+      row_sum = row_sum * jnp.exp(row_max - safe_max) + jnp.exp(s - safe_max[:, None]).sum(axis=1)
+      return new_max, row_sum
+
+    start = (jnp.full((query_block,), -jnp.inf, jnp.float32), jnp.zeros((query_block,), jnp.float32))
+    row_max, row_sum = lax.fori_loop(0, seen_tiles, running, start)
+    lse = jnp.where(row_sum > 0, row_max + jnp.log(jnp.maximum(row_sum, 1e-30)), jnp.inf)
+
+  def mass(tile, _):
+    p = jnp.exp(scores(tile) - lse[:, None])
+    out_ref[pl.ds(tile * KEY_TILE, KEY_TILE)] = p.sum(axis=0)
+
+  def zeros(tile, _):
+    out_ref[pl.ds(tile * KEY_TILE, KEY_TILE)] = jnp.zeros((KEY_TILE,), jnp.float32)
+
+  lax.fori_loop(0, seen_tiles, mass, None)
+  lax.fori_loop(seen_tiles, total_tiles, zeros, None)
+
+
+def _pad_to(x, axis, multiple, value=0):
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def compressed_mass(q, k_cmp, lse, q_segments, k_segments, *, scale, cmp_len, cmp_stride, query_block,
+                    interpret=False):
+  b, length, heads, dim = q.shape
+  count, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
+  group = heads // kv_heads
+  nq = -(-length // query_block)
+  if count == 0:
+    return jnp.zeros((b, heads, nq, 0), jnp.float32)
+  q = _pad_to(q, 1, query_block)
+  k_cmp = _pad_to(k_cmp, 1, KEY_TILE)
+  keys = k_cmp.shape[1]
+  has_lse, has_segments = lse is not None, q_segments is not None
+  lse = _pad_to(lse.astype(jnp.float32), 2, query_block) if has_lse else jnp.zeros((b, heads, 1), jnp.float32)
+  if has_segments:
+    q_segments = _pad_to(q_segments.astype(jnp.int32), 1, query_block)
+    k_segments = _pad_to(k_segments.astype(jnp.int32), 1, KEY_TILE, -1)
+  else:
+    q_segments = k_segments = jnp.zeros((b, 1), jnp.int32)
+  kernel = functools.partial(_kernel, scale=scale, cmp_len=cmp_len, cmp_stride=cmp_stride, query_block=query_block,
+                             length=length, count=count, has_lse=has_lse, has_segments=has_segments)
+  lse_spec = (pl.BlockSpec((None, None, query_block), lambda i, h, n: (n, h, i)) if has_lse
+              else pl.BlockSpec((None, None, 1), lambda i, h, n: (n, 0, 0)))
+  q_seg_spec = (pl.BlockSpec((None, query_block), lambda i, h, n: (n, i)) if has_segments
+                else pl.BlockSpec((None, 1), lambda i, h, n: (n, 0)))
+  k_seg_spec = (pl.BlockSpec((None, keys), lambda i, h, n: (n, 0)) if has_segments
+                else pl.BlockSpec((None, 1), lambda i, h, n: (n, 0)))
+  mass = pl.pallas_call(
+      kernel,
+      grid=(nq, heads, b),
+      in_specs=[pl.BlockSpec((None, query_block, None, dim), lambda i, h, n: (n, i, h, 0)),
+                pl.BlockSpec((None, keys, None, dim), lambda i, h, n: (n, 0, h // group, 0)),
+                lse_spec, q_seg_spec, k_seg_spec],
+      out_specs=pl.BlockSpec((None, None, None, keys), lambda i, h, n: (n, h, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, heads, nq, keys), jnp.float32),
+      compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=2),
+      interpret=interpret, name='compressed_mass',
+  )(q, k_cmp, lse, q_segments, k_segments)
+  return mass[..., :count]
+
+
+def unavailable(q, k_cmp, lse, q_segments, k_segments, query_block, *, interpret=False):
+  if q.shape[-1] not in HEAD_DIMS:
+    return f'needs head_dim in {HEAD_DIMS}, got {q.shape[-1]}'
+  if query_block not in QUERY_BLOCKS:
+    return f'needs query_block in {QUERY_BLOCKS}, got {query_block}'
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or k_cmp.dtype != q.dtype:
+    return f'needs bfloat16 or float16 q and k_cmp of one dtype, got {q.dtype}, {k_cmp.dtype}'
+  if not interpret and jax.default_backend() != 'gpu':
+    return f'runs on a GPU, not {jax.default_backend()}'
+  return None
+
+
+IMPLEMENTATIONS = (
+    Implementation('triton', compressed_mass, None, platforms=('gpu',), unavailable=unavailable),
+    Implementation('triton_interpreted', functools.partial(compressed_mass, interpret=True), None,
+                   platforms=('cpu', 'gpu'), unavailable=functools.partial(unavailable, interpret=True)),
+)
