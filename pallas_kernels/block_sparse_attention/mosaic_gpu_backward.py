@@ -251,10 +251,14 @@ def _tile_transforms():
   return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segments, interpret):
-  """The dK/dV kernel body for plgpu.kernel; grid (kv blocks, kv heads, batch)."""
+def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segments, interpret, fused=False):
+  """The dK/dV kernel body for plgpu.kernel; grid (kv blocks, kv heads, batch). `fused`:
+  also add each step's dQ share dS^T K to a float32 GMEM buffer (mosaic_gpu_fused_backward);
+  q blocks then stream in 64-row steps, which keeps head_dim 128 within SMEM."""
   bq, bk = plan.block_q, plan.block_kv
   wgs = bk // ROWS
+  step_rows = ROWS if fused else bq  # query rows per pipeline step
+  steps_per_block = bq // step_rows
   has_ranks = plan.has_rank_rule
   waits = 5  # barriers per warpgroup: k, v, bias, k segments, k ranks
 
@@ -264,9 +268,12 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
     bias_ref = rest.pop(0) if has_bias else None
     q_seg_ref, k_seg_ref = (rest.pop(0), rest.pop(0)) if has_segments else (None, None)
     q_thr_ref, k_rank_ref = (rest.pop(0), rest.pop(0)) if has_ranks else (None, None)
+    dq_acc_ref = rest.pop(0) if fused else None
     dk_ref, dv_ref = rest.pop(0), rest.pop(0)
     dbias_ref = rest.pop(0) if has_bias else None
-    k_smem2, v_smem2, bias_smem2, seg_smem2, rank_smem2, barriers = rest
+    k_smem2, v_smem2, bias_smem2, seg_smem2, rank_smem2 = rest[:5]
+    ds_smem2, dq_smem2 = rest[5:7] if fused else (None, None)
+    barriers = rest[-1]
     kv_block, kv_head, batch = lax.axis_index('kv_block'), lax.axis_index('kv_heads'), lax.axis_index('batch')
     plan_head = kv_head if plan.plan_heads > 1 else 0  # rank rules come with 1 or Hkv plan heads
     wg = lax.axis_index('wg')
@@ -302,6 +309,8 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
       k_rank = _row_vector(rank_smem) if has_ranks else None
       dbias = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)) if has_bias else None
       dk, dv, dbias, _, _, _ = pipeline((zeros, zeros, dbias, bias2, k_seg, k_rank))
+      if fused:
+        plgpu.wait_smem_to_gmem(0)  # the last dQ stores have read their staging tile
       k_smem[...] = (dk * scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
       if has_bias:
@@ -315,35 +324,56 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
       plgpu.commit_smem_to_gmem_group()
       plgpu.wait_smem_to_gmem(0)
 
-    def chunk(c, q_block, full, active, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, q_thr_smem, carry):
-      """One 64-query slice of the q block: the transposed tile [64 keys, 64 queries]."""
-      dk, dv, dbias, bias2, k_seg, k_rank = carry
-      cols = pl.ds(c * ROWS, ROWS)
-      q_c, do_c = q_smem.at[cols], do_smem.at[cols]
+    def add_dq(ds, q_row0, head):
+      """dQ[q rows, head] += dS^T K of this warpgroup's keys (float32, reduce-add in GMEM)."""
+      ds_smem, dq_smem = ds_smem2.at[wg], dq_smem2.at[wg]
+      ds_smem[...] = ds.astype(dtype)
+      plgpu.commit_smem()
+      dq = _matmul(ds_smem.transpose((1, 0)), k_smem, (ROWS, head_dim))
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's store has read dq_smem
+      dq_smem[...] = dq
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(dq_smem, dq_acc_ref.at[batch, pl.ds(q_row0, ROWS), pl.ds(head * head_dim, head_dim)],
+                              reduction_op='add')
 
+    def chunk(q_row0, head, full, active, q_c, do_c, lse_c, delta_c, q_seg_c, q_thr_c, carry):
+      """One 64-query slice at q_row0: the transposed tile [64 keys, 64 queries]."""
+      dk, dv, dbias, bias2, k_seg, k_rank = carry
       s2 = _matmul(k_smem, q_c.transpose((1, 0)), (ROWS, ROWS)) * (scale * LOG2E)
       shape = s2.shape
 
       def probabilities():
         logits = s2 + lax.broadcast_in_dim(bias2, shape, [0]) if has_bias else s2
+
         def side():
-          q_seg = None if q_seg_smem is None else _col_vector(q_seg_smem.at[cols])
-          q_thr = None if q_thr_smem is None else _col_vector(q_thr_smem.at[cols])
+          q_seg = None if q_seg_c is None else _col_vector(q_seg_c)
+          q_thr = None if q_thr_c is None else _col_vector(q_thr_c)
           return (_broadcast(q_seg, shape, 1), _broadcast(k_seg, shape, 0), _broadcast(q_thr, shape, 1),
                   _broadcast(k_rank, shape, 0))
 
         return _masked_probabilities(
-            plan, logits, _col_vector(lse_smem.at[cols]), full, active,
-            lambda: _tile_iota(shape, 1) + (q_block * bq + c * ROWS),
+            plan, logits, _col_vector(lse_c), full, active,
+            lambda: _tile_iota(shape, 1) + q_row0,
             lambda: _tile_iota(shape, 0) + row0,
             side, 1)
 
       dp, p = _matmul_overlapped(v_smem, do_c.transpose((1, 0)), shape, probabilities)
-      ds = p * (dp - lax.broadcast_in_dim(_col_vector(delta_smem.at[cols]), shape, [1]))
+      ds = p * (dp - lax.broadcast_in_dim(_col_vector(delta_c), shape, [1]))
       dv, dk = _accumulate_pair((dv, p.astype(dtype), do_c), (dk, ds.astype(dtype), q_c), interpret)
+      if fused:
+        pl.when(active)(lambda: add_dq(ds, q_row0, head))
       if has_bias:
         dbias = dbias + ds.sum(axis=1)
       return dk, dv, dbias, bias2, k_seg, k_rank
+
+    def slot_of(i):
+      return lax.div(i, steps_per_block) if steps_per_block > 1 else i
+
+    def step_of(i):
+      """(head, index of the step's rows in units of step_rows) of pipeline step i."""
+      entry = entry_ref[batch, kv_head, kv_block, slot_of(i)]
+      part = lax.rem(i, steps_per_block) if steps_per_block > 1 else 0
+      return kv_head * group + entry // num_q_blocks, (entry % num_q_blocks) * steps_per_block + part
 
     def step(indices, q_smem, do_smem, lse_smem, delta_smem, *rest):
       rest = list(rest)
@@ -351,38 +381,40 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
       q_thr_smem = rest.pop(0) if has_ranks else None
       carry = rest.pop()
       (i,) = indices
-      entry = entry_ref[batch, kv_head, kv_block, i]
-      full = full_ref[batch, kv_head, kv_block, i] == 1
-      q_block = entry % num_q_blocks
-      for c in range(bq // ROWS):
-        carry = chunk(c, q_block, full, i < count, q_smem, do_smem, lse_smem, delta_smem, q_seg_smem, q_thr_smem,
-                      carry)
+      slot = slot_of(i)
+      full = full_ref[batch, kv_head, kv_block, slot] == 1
+      head, rows_index = step_of(i)
+      for c in range(step_rows // ROWS):
+        cols = pl.ds(c * ROWS, ROWS)
+        carry = chunk(rows_index * step_rows + c * ROWS, head, full, slot < count, q_smem.at[cols], do_smem.at[cols],
+                      lse_smem.at[cols], delta_smem.at[cols], None if q_seg_smem is None else q_seg_smem.at[cols],
+                      None if q_thr_smem is None else q_thr_smem.at[cols], carry)
       for barrier in rest:
         plgpu.barrier_arrive(barrier)
       return carry
 
-    def entry_of(i):
-      return entry_ref[batch, kv_head, kv_block, i]
-
     def q_tile_index(i):
-      entry = entry_of(i)
-      return (entry % num_q_blocks, kv_head * group + entry // num_q_blocks)
+      head, rows_index = step_of(i)
+      return (rows_index, head)
 
-    def row_index(i):  # lse/delta are [H * Tq]: head h, q block j is block h * nQ + j
-      return (kv_head * group * num_q_blocks + entry_of(i),)
+    def row_index(i):  # lse/delta are [H * Tq']: head h's rows start at step h * Tq' / step_rows
+      head, rows_index = step_of(i)
+      return (head * num_q_blocks * steps_per_block + rows_index,)
 
-    tile_spec = functools.partial(plgpu.BlockSpec, block_shape=(bq, head_dim), index_map=q_tile_index,
+    tile_spec = functools.partial(plgpu.BlockSpec, block_shape=(step_rows, head_dim), index_map=q_tile_index,
                                   transforms=_tile_transforms())
-    in_specs = [tile_spec(), tile_spec(), plgpu.BlockSpec((bq,), row_index), plgpu.BlockSpec((bq,), row_index)]
+    in_specs = [tile_spec(), tile_spec(), plgpu.BlockSpec((step_rows,), row_index),
+                plgpu.BlockSpec((step_rows,), row_index)]
     inputs = [q_ref.at[batch], do_ref.at[batch], lse_ref.at[batch], delta_ref.at[batch]]
     if has_segments:
-      in_specs.append(plgpu.BlockSpec((bq,), lambda i: (entry_of(i) % num_q_blocks,)))
+      in_specs.append(plgpu.BlockSpec((step_rows,), lambda i: (step_of(i)[1],)))
       inputs.append(q_seg_ref.at[batch])
     if has_ranks:
-      in_specs.append(plgpu.BlockSpec((bq,), lambda i: (plan_head * num_q_blocks + entry_of(i) % num_q_blocks,)))
+      in_specs.append(plgpu.BlockSpec((step_rows,),
+                                      lambda i: (plan_head * num_q_blocks * steps_per_block + step_of(i)[1],)))
       inputs.append(q_thr_ref.at[batch])
     pipeline = plgpu.emit_pipeline_warp_specialized(
-        step, grid=(jnp.maximum(count, stages),), max_concurrent_steps=stages, num_compute_wgs=wgs,
+        step, grid=(jnp.maximum(count * steps_per_block, stages),), max_concurrent_steps=stages, num_compute_wgs=wgs,
         memory_registers=40, wg_axis='wg', manual_consumed_barriers=True, compute_context=compute_context,
         in_specs=in_specs)
     pipeline(*inputs)
@@ -469,25 +501,31 @@ def _dq(operands, plan, scale, shapes, stages, interpret):
     operands['d_out'], operands['lse'], operands['delta'], *_extras(operands))
 
 
-def _dkv(operands, plan, scale, shapes, stages, interpret):
+def _dkv(operands, plan, scale, shapes, stages, interpret, dq_acc=None):
+  """dK, dV (and d bias) of the kv-major kernel; with a float32 dq_acc Ref (the padded q's
+  shape), the fused kernel that also adds dQ / scale into it."""
   b, h, hkv, d, dtype = shapes
   wgs = plan.block_kv // ROWS
   has_bias, has_segments = 'bias' in operands, 'q_seg' in operands
+  fused = dq_acc is not None
   count, entries, full = _group_lists(plan, h, hkv, stages)
-  kernel = _dkv_kernel(plan, scale, dtype, d, h // hkv, stages, has_bias, has_segments, interpret)
+  kernel = _dkv_kernel(plan, scale, dtype, d, h // hkv, stages, has_bias, has_segments, interpret, fused)
   tile = jax.ShapeDtypeStruct(operands['k'].shape, dtype)
   out_type = [tile, tile] + ([jax.ShapeDtypeStruct(operands['bias'].shape, jnp.float32)] if has_bias else [])
   tile_scratch = plgpu.SMEM((wgs, ROWS, d), dtype, transforms=_tile_transforms())
+  scratch = [tile_scratch, tile_scratch, plgpu.SMEM((wgs, ROWS), jnp.float32), plgpu.SMEM((wgs, ROWS), jnp.int32),
+             plgpu.SMEM((wgs, ROWS), jnp.int32)]
+  if fused:  # dS tiles (a wgmma operand) and float32 dQ staging tiles
+    scratch += [plgpu.SMEM((wgs, ROWS, ROWS), dtype, transforms=_tile_transforms()),
+                plgpu.SMEM((wgs, ROWS, d), jnp.float32)]
   return plgpu.kernel(
-      kernel, out_type=out_type,
-      scratch_types=[tile_scratch, tile_scratch, plgpu.SMEM((wgs, ROWS), jnp.float32),
-                     plgpu.SMEM((wgs, ROWS), jnp.int32), plgpu.SMEM((wgs, ROWS), jnp.int32),
-                     plgpu.Barrier(num_barriers=5 * wgs)],
+      kernel, out_type=out_type, scratch_types=scratch + [plgpu.Barrier(num_barriers=5 * wgs)],
       compiler_params=plgpu.CompilerParams(approx_math=True),
       grid=(plan.num_kv_blocks, hkv, b), grid_names=('kv_block', 'kv_heads', 'batch'), num_threads=wgs + 1,
-      thread_name='wg', interpret=_interpret_params(interpret), kernel_name='block_sparse_dkv',
+      thread_name='wg', interpret=_interpret_params(interpret), kernel_name='block_sparse_dqkv' if fused else
+      'block_sparse_dkv',
   )(count, entries, full, operands['q'], operands['k'], operands['v'], operands['d_out'], operands['lse'],
-    operands['delta'], *_extras(operands))
+    operands['delta'], *_extras(operands), *([dq_acc] if fused else []))
 
 
 def backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse, *, interpret=False, stages=2):
