@@ -103,7 +103,7 @@ def test_causal_with_key_bias_and_gqa_pair(path):
         allowed=mask_oracle(masks.Causal(), q_len=128), path=path)
 
 
-@pytest.mark.parametrize('path', PATHS)
+@pytest.mark.parametrize('path', FUSED_SLOW_ON_CPU)
 def test_window_with_documents_ragged_float16(path):
   q, k, v, bias, d_out = random_inputs(1, 1, 160, 160, 4, 2, 64, jnp.float16, with_bias=False)
   segments = jnp.asarray(np.repeat(np.arange(4), 40)[None].astype(np.int32))
@@ -112,7 +112,7 @@ def test_window_with_documents_ragged_float16(path):
         path=path)
 
 
-@pytest.mark.parametrize('path', PATHS)
+@pytest.mark.parametrize('path', FUSED_SLOW_ON_CPU)
 def test_random_per_query_head_plan_group_of_four_head_dim_128(path):
   q, k, v, bias, d_out = random_inputs(2, 1, 192, 192, 4, 1, 128, jnp.bfloat16, with_bias=True)
   plan, allowed = random_block_plan(3, 192, 64, 64, plan_heads=4, mask=masks.Chunked(96) & masks.Causal())
