@@ -19,6 +19,8 @@ from sparseformer import renamed_fields
 from sparseformer.errors import UserError, closest_match
 
 FORMAT_VERSION = 1
+# train.attention_backward -> block_sparse_attention(deterministic=...)
+ATTENTION_BACKWARDS = {'default': None, 'deterministic': True, 'fused': False}
 
 
 def base_config():
@@ -93,7 +95,9 @@ def base_config():
   t.trainable = ''  # regex over parameter paths (e.g. '/block_gate/'): only matches train; '' = all
   t.lm_loss_weight = 1.0  # weight of the LM loss; 0 trains on the auxiliary losses alone (gate distillation)
   t.loss_chunk = 2048  # positions unembedded at a time in the loss (train and eval); 0: all at once (training/loss.py)
-  t.deterministic_backward = False  # True: block-sparse kernels' bitwise-reproducible backward (GPU: no atomic dQ; slower)
+  # block-sparse kernels' backward: deterministic (bitwise reproducible, two kernels) | fused (the
+  # GPU kernel with atomic dQ, faster) | default (the library's; docs/block_sparse_attention.md)
+  t.attention_backward = 'default'
   t.log_every = 10
   t.eval_every = 0  # 0: only at the end
   t.eval_batches = 0  # batches per evaluation during training; 0: the whole split
@@ -333,6 +337,8 @@ def validate(cfg):
   require(t.lr > 0, f'train.lr={t.lr}: use a learning rate > 0')
   require(t.log_every > 0, f'train.log_every={t.log_every}: use a positive step count')
   require(t.lm_loss_weight >= 0, f'train.lm_loss_weight={t.lm_loss_weight}: use a weight >= 0')
+  require(t.attention_backward in ATTENTION_BACKWARDS,
+          f'train.attention_backward={t.attention_backward!r}: use one of {", ".join(ATTENTION_BACKWARDS)}')
   require(t.loss_chunk >= 0, f'train.loss_chunk={t.loss_chunk}: use positions per chunk > 0, or 0 (all at once)')
   require(valid_regex(t.trainable), f'train.trainable={t.trainable!r} is not a valid regular expression')
   validate_optimizer(t)

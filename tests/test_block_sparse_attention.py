@@ -237,8 +237,8 @@ def test_a_batch_one_plan_serves_every_batch_row():
 
 
 def test_deterministic_picks_the_reproducible_backward(monkeypatch):
-  """deterministic=True (or None inside deterministic_backward()) runs `backward`; otherwise
-  an implementation's `fast_backward` (the fused atomic-dQ kernel on Hopper) when it has one."""
+  """deterministic=True runs `backward`, False an implementation's `fast_backward` (the fused
+  atomic-dQ kernel on Hopper); None the default, or what deterministic_backward(flag) says."""
   import dataclasses
 
   from pallas_kernels.block_sparse_attention import api, deterministic_backward
@@ -262,7 +262,11 @@ def test_deterministic_picks_the_reproducible_backward(monkeypatch):
 
   gradient(0.1)
   gradient(0.2, deterministic=True)
+  gradient(0.3, deterministic=False)
   with deterministic_backward():
-    gradient(0.3)
-    gradient(0.4, deterministic=False)
-  assert calls == ['fast', 'deterministic', 'deterministic', 'fast']
+    gradient(0.4)
+    gradient(0.5, deterministic=False)
+  with deterministic_backward(False):
+    gradient(0.6)
+  default = 'fast' if api.FUSED_BACKWARD_VERIFIED else 'deterministic'
+  assert calls == [default, 'deterministic', 'fast', 'deterministic', 'fast', 'fast']

@@ -103,3 +103,13 @@ def test_parse_args_forms():
     parse_args(['--wokdir=x'])
   with pytest.raises(UserError, match='needs a value'):
     parse_args(['--workdir'])
+
+
+def test_attention_backward_names_its_choices():
+  cfg = config_lib.base_config()
+  for choice in config_lib.ATTENTION_BACKWARDS:
+    cfg.train.attention_backward = choice
+    config_lib.validate(cfg)
+  cfg.train.attention_backward = 'fast'
+  with pytest.raises(UserError, match="train.attention_backward='fast': use one of default, deterministic, fused"):
+    config_lib.validate(cfg)

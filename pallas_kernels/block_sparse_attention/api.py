@@ -13,8 +13,9 @@ skipped one could not run. The custom_vjp lives here and nowhere else.
 
 `deterministic`: an implementation may have a faster backward whose gradients are not
 bitwise reproducible (on Hopper, one fused kernel that adds dQ atomically, as cuDNN and
-FlashAttention-3 do). It is used unless `deterministic=True`, or unless None is passed
-inside `with deterministic_backward():` (training's `train.deterministic_backward`).
+FlashAttention-3 do). False asks for it, True for the reproducible one; None takes the
+default (FUSED_BACKWARD_VERIFIED below), or what `with deterministic_backward(flag):`
+says around the trace (training's `train.attention_backward`).
 """
 
 import contextlib
@@ -57,7 +58,11 @@ def check_shapes(q, k, v, key_bias, plan):
     raise ValueError(f'key_bias must be [B, Hkv, Tk] = {(b, hkv, tk)}, got {key_bias.shape}')
 
 
-_DETERMINISTIC = contextvars.ContextVar('deterministic_backward', default=False)
+# The default of deterministic=None. FUSED_BACKWARD_VERIFIED: the fused Hopper backward has
+# passed its `-m gpu` tests on hardware; until then it runs only when asked for
+# (deterministic=False) and the two-kernel backward stays the default.
+FUSED_BACKWARD_VERIFIED = False
+_DETERMINISTIC = contextvars.ContextVar('deterministic_backward', default=not FUSED_BACKWARD_VERIFIED)
 
 
 @contextlib.contextmanager

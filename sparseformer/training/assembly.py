@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseformer import data, sharding
+from sparseformer.config import ATTENTION_BACKWARDS
 from sparseformer.model import resolve_dims
 from sparseformer.training.optimizer import make_optimizer
 from sparseformer.training.state import abstract_train_state, make_train_state, model_spec, state_shardings
@@ -47,14 +48,14 @@ class TrainStepParts:
 
 def assemble_train_step(cfg, spec, batch_sharding=None):
   """The train step of `cfg` (train.grad_accum_steps, lm_loss_weight, loss_chunk,
-  deterministic_backward and the optimizer fields) for the model of `spec`. With `batch_sharding`, jitted as the trainer
+  attention_backward and the optimizer fields) for the model of `spec`. With `batch_sharding`, jitted as the trainer
   runs it: state and batch placed on the mesh, activations placed by the mesh rules, the
   state donated. Without, a plain jax.jit (one device, nothing donated: tests)."""
   t = cfg.train
   tx, schedule = make_optimizer(t, spec.abstract_params)
   shardings = state_shardings(spec, tx)
   train_step = make_train_step(spec.graphdef, tx, schedule, t.grad_accum_steps, t.lm_loss_weight, t.loss_chunk,
-                               t.deterministic_backward)
+                               ATTENTION_BACKWARDS[t.attention_backward])
   if batch_sharding is None:
     step = jax.jit(train_step)
   else:

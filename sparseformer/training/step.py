@@ -27,15 +27,18 @@ def split_micro_batches(batch, count):
 
 
 def make_train_step(graphdef, tx, schedule, grad_accum_steps, lm_loss_weight=1.0, loss_chunk=DEFAULT_LOSS_CHUNK,
-                    deterministic_backward=False):
+                    deterministic_backward=None):
   """train_step(state, batch) -> (state, metrics). With accumulation, the gradient is that of
   the token-weighted mean NLL over the whole batch, as without it. The loss is
   lm_loss_weight x NLL + the auxiliary losses; with weight 0 the NLL is left out of the
   gradient altogether (gate distillation), and the 'loss' metric still reports it.
   loss_chunk: positions unembedded at a time (train.loss_chunk; 0: all at once).
-  deterministic_backward: the attention kernels' reproducible backward (train.deterministic_backward)."""
+  deterministic_backward: True/False, the attention kernels' reproducible or fused backward; None
+  their default (train.attention_backward)."""
 
   def train_step(state, batch):
+    if deterministic_backward is None:
+      return accumulated_step(state, batch)
     with kernel_backward(deterministic_backward):  # read while jax.jit traces the step
       return accumulated_step(state, batch)
 
