@@ -1,21 +1,27 @@
 """Chunked gated linear attention at long context, in one run on one GPU: the Triton kernel
-(jax_triton) against the jnp chunked reference and dense causal cuDNN softmax attention.
+(jax_triton) against the jnp chunked reference, flash-linear-attention's chunk_gla and
+dense causal cuDNN softmax attention.
 
     python benchmarks/linear_attention.py --out linear_attention.json   # GPU: S=32768
+    python benchmarks/linear_attention.py --length 8192 --head-dim 64 --documents 8
     python benchmarks/linear_attention.py --quick                        # CPU smoke run (reference only)
 
 bf16 q, k, v, g (per-key-channel log decay, logsigmoid(x) / 16 as in GLA) [B, S, H, D],
-B=1, H=16, Dk=Dv=128, one segment, no initial state (the shapes of FLA's own GLA
-benchmarks at a longer S). Rows:
+B=1, H=16, Dk=Dv=128, no initial state (the shapes of FLA's own GLA benchmarks at a longer
+S); --documents N packs N equal documents into the row (segment ids for ours, cu_seqlens
+for FLA: the state resets at each). Rows:
   triton     gated_linear_attention(implementation='triton'): chunk states, chunk outputs;
              backward: states recomputed, state gradients, dq/dk, dv, dg
   reference  gated_linear_attention(implementation='reference'): reference.chunked in jnp
              under jit, backward by jax.vjp of it
+  fla        flash-linear-attention's `fla.ops.gla.chunk_gla` (torch, Triton; fla-core from
+             its wheel), the same inputs; its autotuning runs on the first calls, before the
+             timed ones. Absent torch, CUDA or fla, the row says why (--no-fla: left out)
   cudnn      jax.nn.dot_product_attention(is_causal=True, implementation='cudnn'), the same
-             q, k, v (D=128)
+             q, k, v (one causal row, documents ignored)
 each forward and forward+backward (linear attention: dq, dk, dv, dg; cuDNN: dq, dk, dv).
-`vs ref` = reference ms / row ms, `vs cuDNN` = cuDNN ms / row ms of the same pass (> 1:
-faster). Time is device time through CUPTI (benchmarks.attention.measure_jax: the kernels
+`vs ref`, `vs FLA`, `vs cuDNN` = that row's ms / this row's ms in the same pass (> 1:
+this row is faster). Time is device time through CUPTI (benchmarks.attention.measure_jax: the kernels
 of one call, median over --iterations); wall time where CUPTI is missing (CPU).
 err: max |row - reference| / max |reference| over o (fwd) or over dq, dk, dv, dg (fwd+bwd).
 The triton rows also print the device time of each kernel of one call (CUPTI).
@@ -32,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.attention_flex import measure_torch  # noqa: E402
 from benchmarks.rows import device_name, kernel_times, number, report, text_table, time_row  # noqa: E402
 from pallas_kernels.linear_attention import gated_linear_attention  # noqa: E402
 from pallas_kernels.linear_attention.api import REGISTRY  # noqa: E402
@@ -44,6 +51,7 @@ class Row:
   direction: str  # fwd | fwd+bwd
   ms: float = float('nan')
   vs_reference: float = float('nan')
+  vs_fla: float = float('nan')
   vs_cudnn: float = float('nan')
   err: float = float('nan')
   note: str = ''
@@ -57,17 +65,31 @@ def make_inputs(seed, batch, length, heads, head_dim):
   return q, k, v, g, d_o
 
 
-def linear_forward(name):
+def document_starts(length, documents):
+  """Token index where each of `documents` (nearly) equal documents starts, and the end."""
+  return [length * i // documents for i in range(documents + 1)]
+
+
+def segment_ids(length, documents):
+  """[1, S] int32 document ids, or None for one document."""
+  if documents == 1:
+    return None
+  starts = document_starts(length, documents)
+  return jnp.asarray(np.searchsorted(starts[1:], np.arange(length), side='right')[None].astype(np.int32))
+
+
+def linear_forward(name, segments):
   @jax.jit
   def forward(q, k, v, g):
-    return gated_linear_attention(q, k, v, g, implementation=name)
+    return gated_linear_attention(q, k, v, g, segment_ids=segments, implementation=name)
   return forward
 
 
-def linear_forward_backward(name):
+def linear_forward_backward(name, segments):
   @jax.jit
   def forward_backward(q, k, v, g, d_o):
-    _, pull = jax.vjp(lambda *x: gated_linear_attention(*x, implementation=name), q, k, v, g)
+    attend = lambda *x: gated_linear_attention(*x, segment_ids=segments, implementation=name)  # noqa: E731
+    _, pull = jax.vjp(attend, q, k, v, g)
     return pull(d_o)
   return forward_backward
 
@@ -95,53 +117,106 @@ def relative_error(got, want):
                    max(float(jnp.max(jnp.abs(y.astype(jnp.float32)))), 1e-30)) for x, y in pairs)
 
 
-def implementations(quick, q, k, v, g):
+def implementations(args, q, k, v, g, segments):
   """The rows to run: the linear attention kernels that can run here (a skipped one says
-  why), then cuDNN (not in --quick)."""
-  if quick:
+  why), then FLA and cuDNN (not in --quick)."""
+  if args.quick:
     return ['reference']
   names = []
   for name in ('triton', 'reference'):
-    reason = REGISTRY.reason_unavailable(name, q, k, v, g, None, None)
+    reason = REGISTRY.reason_unavailable(name, q, k, v, g, None, segments)
     if reason:
       print(f'  {name}: skipped, {reason}', flush=True)
     else:
       names.append(name)
-  return names + ['cudnn']
+  return names + (['fla'] if args.fla else []) + ['cudnn']
+
+
+def row_function(name, direction, inputs, segments, args):
+  """(function, its arguments) of one row; FLA's are a torch closure and None."""
+  q, k, v, g, d_o = inputs
+  backward = direction == 'fwd+bwd'
+  if name == 'fla':  # built when timed, so that a missing torch or fla fails that row only
+    return lambda: fla_function(inputs, backward, document_starts(args.length, args.documents)), None
+  if name == 'cudnn':
+    return cudnn_functions()[backward], (q, k, v) + ((d_o,) if backward else ())
+  function = (linear_forward_backward if backward else linear_forward)(name, segments)
+  return function, (q, k, v, g) + ((d_o,) if backward else ())
 
 
 def run(args):
-  q, k, v, g, d_o = make_inputs(args.seed, 1, args.length, args.heads, args.head_dim)
+  inputs = make_inputs(args.seed, 1, args.length, args.heads, args.head_dim)
+  segments = segment_ids(args.length, args.documents)
   rows, results = [], {}
-  for name in implementations(args.quick, q, k, v, g):
+  for name in implementations(args, *inputs[:4], segments):
     for direction in ('fwd', 'fwd+bwd'):
       row = Row(args.length, name, direction)
-      if name == 'cudnn':
-        function = cudnn_functions()[direction == 'fwd+bwd']
-        fn_args = (q, k, v) + ((d_o,) if direction == 'fwd+bwd' else ())
+      function, fn_args = row_function(name, direction, inputs, segments, args)
+      if name == 'fla':
+        results[name, direction] = time_fla_row(row, function, args.iterations)
       else:
-        function = (linear_forward if direction == 'fwd' else linear_forward_backward)(name)
-        fn_args = (q, k, v, g) + ((d_o,) if direction == 'fwd+bwd' else ())
-      results[name, direction] = time_row(row, function, fn_args, args.iterations)
+        results[name, direction] = time_row(row, function, fn_args, args.iterations)
       print(f'  {name:9s} {direction:8s} {row.ms:9.3f} ms  {row.note}', flush=True)
       if name == 'triton' and results[name, direction] is not None:
         print(f'    kernels (ms): {kernel_breakdown(function, fn_args)}', flush=True)
       rows.append(row)
-  for row in rows:
-    reference_row = next(r for r in rows if r.implementation == 'reference' and r.direction == row.direction)
-    cudnn_row = next((r for r in rows if r.implementation == 'cudnn' and r.direction == row.direction), None)
-    row.vs_reference = reference_row.ms / row.ms
-    row.vs_cudnn = cudnn_row.ms / row.ms if cudnn_row else float('nan')
-    if row.implementation != 'cudnn':
-      row.err = relative_error(results[row.implementation, row.direction], results['reference', row.direction])
+  fill_ratios(rows, results)
   return rows
 
 
+def fill_ratios(rows, results):
+  by_key = {(r.implementation, r.direction): r for r in rows}
+  for row in rows:
+    ratio = lambda name: by_key[name, row.direction].ms / row.ms if (name, row.direction) in by_key else float('nan')  # noqa: E731
+    row.vs_reference, row.vs_fla, row.vs_cudnn = ratio('reference'), ratio('fla'), ratio('cudnn')
+    if row.implementation != 'cudnn':
+      row.err = relative_error(results[row.implementation, row.direction], results['reference', row.direction])
+
+
+# ---------------------------------------------------------------- flash-linear-attention
+
+
+def fla_function(inputs, backward, starts):
+  """chunk_gla on torch copies of the inputs (cu_seqlens from the document starts): a
+  closure returning o, or (dq, dk, dv, dg); raises if torch, CUDA or fla is missing."""
+  import torch
+  from fla.ops.gla import chunk_gla
+  if not torch.cuda.is_available():
+    raise RuntimeError('torch sees no CUDA device')
+  q, k, v, g, d_o = (torch.from_numpy(np.asarray(x, np.float32)).cuda().to(torch.bfloat16) for x in inputs)
+  cu_seqlens = None if len(starts) == 2 else torch.tensor(starts, dtype=torch.long, device='cuda')
+  if not backward:
+    def forward():
+      with torch.no_grad():
+        return chunk_gla(q, k, v, g, cu_seqlens=cu_seqlens)[0]
+    return forward
+  grad_inputs = [x.detach().requires_grad_() for x in (q, k, v, g)]
+
+  def forward_backward():
+    out = chunk_gla(*grad_inputs, cu_seqlens=cu_seqlens)[0]
+    return torch.autograd.grad(out, grad_inputs, d_o)
+  return forward_backward
+
+
+def time_fla_row(row, build, iterations):
+  """Fills row.ms (CUDA events over back-to-back calls, after the warm-up calls that run
+  FLA's autotuning); returns the result as jax arrays (None, and the reason in row.note,
+  where FLA cannot run)."""
+  try:
+    import torch
+    row.ms, result = measure_torch(torch, build(), iterations)
+  except Exception as error:
+    row.note = f'unavailable: {type(error).__name__}: {str(error).splitlines()[0][:150]}'
+    return None
+  to_jax = lambda x: jnp.asarray(x.float().cpu().numpy())  # noqa: E731
+  return to_jax(result) if hasattr(result, 'cpu') else tuple(to_jax(x) for x in result)
+
+
 def format_table(rows):
-  columns = ['S', 'implementation', 'pass', 'ms', 'vs ref', 'vs cuDNN', 'err', 'note']
+  columns = ['S', 'implementation', 'pass', 'ms', 'vs ref', 'vs FLA', 'vs cuDNN', 'err', 'note']
   lines = [[str(r.length), r.implementation, r.direction, number(r.ms, '.3f'), number(r.vs_reference, '.2f'),
-            number(r.vs_cudnn, '.2f'), number(r.err, '.1e'), r.note] for r in rows]
-  return text_table(columns, lines) + '\n(vs ref / vs cuDNN: that row\'s ms / this row\'s ms, the ratio column)'
+            number(r.vs_fla, '.2f'), number(r.vs_cudnn, '.2f'), number(r.err, '.1e'), r.note] for r in rows]
+  return text_table(columns, lines) + '\n(vs ref / vs FLA / vs cuDNN: that row\'s ms / this row\'s ms, the ratio column)'
 
 
 def parse_args(argv):
@@ -150,10 +225,14 @@ def parse_args(argv):
   parser.add_argument('--heads', type=int, default=None, help='default 16')
   parser.add_argument('--head-dim', type=int, default=None, help='Dk = Dv (default 128)')
   parser.add_argument('--iterations', type=int, default=None, help='default 10 (quick: 2)')
+  parser.add_argument('--documents', type=int, default=1, help='equal documents packed in the row (default 1)')
+  parser.add_argument('--no-fla', dest='fla', action='store_false', help="leave out flash-linear-attention's row")
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--out', '--json', dest='out', default=None, help='write the rows as JSON here')
   parser.add_argument('--quick', action='store_true', help='CPU smoke run: S=256, 2 heads of 32, reference only')
   args = parser.parse_args(argv)
+  if args.documents < 1:
+    parser.error(f'--documents {args.documents}: use 1 or more')
   defaults = dict(length=256, heads=2, head_dim=32, iterations=2) if args.quick else dict(
       length=32768, heads=16, head_dim=128, iterations=10)
   for key, value in defaults.items():
@@ -165,10 +244,10 @@ def parse_args(argv):
 def main(argv=None):
   args = parse_args(argv)
   print(f'device: {device_name()}, jax {jax.__version__}; B=1, S={args.length}, H={args.heads}, '
-        f'Dk=Dv={args.head_dim}, bf16, {args.iterations} iterations', flush=True)
+        f'Dk=Dv={args.head_dim}, {args.documents} document(s), bf16, {args.iterations} iterations', flush=True)
   rows = run(args)
   report(rows, format_table(rows), args.out,
-         dict(heads=args.heads, head_dim=args.head_dim, iterations=args.iterations))
+         dict(heads=args.heads, head_dim=args.head_dim, documents=args.documents, iterations=args.iterations))
 
 if __name__ == '__main__':
   main()

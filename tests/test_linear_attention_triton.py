@@ -14,6 +14,7 @@ Three ways to run them:
 
 import functools
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -132,6 +133,23 @@ def test_benchmark_quick_mode(tmp_path):
   assert {row['implementation'] for row in rows} == {'reference'}
   assert {row['direction'] for row in rows} == {'fwd', 'fwd+bwd'}
   assert all(row['ms'] > 0 for row in rows)
+
+
+def test_benchmark_packed_documents_and_rows_that_cannot_run(capsys):
+  """--documents packs the row (segment ids for ours; cu_seqlens for FLA's chunk_gla); the
+  FLA and cuDNN rows that cannot run here say why instead of stopping the run."""
+  from benchmarks import linear_attention as bench
+  assert bench.document_starts(10, 3) == [0, 3, 6, 10]
+  np.testing.assert_array_equal(bench.segment_ids(10, 3)[0], [0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+  assert bench.segment_ids(10, 1) is None
+  args = bench.parse_args(['--length', '128', '--heads', '2', '--head-dim', '16', '--documents', '3',
+                           '--iterations', '1'])
+  rows = {(r.implementation, r.direction): r for r in bench.run(args)}
+  assert rows['reference', 'fwd+bwd'].ms > 0 and rows['reference', 'fwd'].vs_reference == 1.0
+  if importlib.util.find_spec('torch') is None:
+    assert 'unavailable' in rows['fla', 'fwd'].note and np.isnan(rows['fla', 'fwd'].ms)
+  with pytest.raises(SystemExit):
+    bench.parse_args(['--documents', '0'])
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Developers: fills .whl/ with the x86-64 CPython 3.12 wheels that the GPU machine's image
 # lacks (versions from requirements.lock; jax_triton 0.3.1, the one that runs under that
-# image's triton 3.6), and snapshots HEAD into .gpu/src.tar. Both folders are git-ignored
+# image's triton 3.6; fla-core 0.6.0, flash-linear-attention's kernels for the benchmarks'
+# FLA rows, pure Python on the image's torch and triton), and snapshots HEAD into .gpu/src.tar. Both folders are git-ignored
 # here (.git/info/exclude) and travel to the machine with `carry: [".whl", ".gpu"]`; a
 # command there starts with `source scripts/device/prelude.sh`. With --hf it also fills
 # .whl_hf/ (transformers; see scripts/device/hf_site.sh).
@@ -16,7 +17,7 @@ names=(ml_collections tensorflow-datasets tensorflow-metadata simple-parsing doc
        immutabledict toml termcolor grain array_record flax orbax-checkpoint tensorboardX etils
        importlib_resources portpicker psutil
        pytest pluggy iniconfig hypothesis sortedcontainers attrs pytest-xdist execnet)
-specs=("jax_triton==0.3.1")
+specs=("jax_triton==0.3.1" "fla-core==0.6.0")
 for name in "${names[@]}"; do specs+=("$(pinned "$name")"); done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
