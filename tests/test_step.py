@@ -58,3 +58,17 @@ def test_schedule_warms_up_then_decays_to_the_floor():
   schedule = learning_rate_schedule(cfg)
   assert float(schedule(0)) == 0.0 and abs(float(schedule(10)) - 1.0) < 1e-6
   assert abs(float(schedule(100)) - 0.1) < 1e-6 and float(schedule(50)) < 1.0
+
+
+def test_fresh_state_lowers_its_random_draws_to_the_gpu_kernel():
+  """make_train_state compiles the init with jaxlib's threefry kernel on a GPU (the same
+  bits, a fraction of the compile time); the flag is scoped to the init."""
+  from sparseformer.training.state import fast_random_compile, train_state_factory
+  _, _, spec = tiny_setup(1)
+  cfg = base_config()
+  parts = assemble_train_step(cfg, spec)
+  create = jax.jit(train_state_factory(spec, parts.tx, 0))
+  with fast_random_compile(True):
+    assert 'threefry2x32_ffi' in create.trace().lower(lowering_platforms=('cuda',)).as_text()
+  assert not jax.config.jax_threefry_gpu_kernel_lowering
+  assert 'threefry2x32_ffi' not in create.trace().lower(lowering_platforms=('cuda',)).as_text()
