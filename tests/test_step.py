@@ -68,7 +68,10 @@ def test_fresh_state_lowers_its_random_draws_to_the_gpu_kernel():
   cfg = base_config()
   parts = assemble_train_step(cfg, spec)
   create = jax.jit(train_state_factory(spec, parts.tx, 0))
-  with fast_random_compile(True):
+  with fast_random_compile(parts.state_shardings['params']):  # one device: replicated
     assert 'threefry2x32_ffi' in create.trace().lower(lowering_platforms=('cuda',)).as_text()
   assert not jax.config.jax_threefry_gpu_kernel_lowering
   assert 'threefry2x32_ffi' not in create.trace().lower(lowering_platforms=('cuda',)).as_text()
+  sharded = jax.sharding.NamedSharding(jax.sharding.AbstractMesh((2,), ('fsdp',)), jax.sharding.PartitionSpec('fsdp'))
+  with fast_random_compile({'w': sharded}):
+    assert not jax.config.jax_threefry_gpu_kernel_lowering

@@ -26,7 +26,8 @@ from sparseformer.interop import hf_config, hf_params
 from sparseformer.interop.safetensors import SafetensorsModel
 from sparseformer.model import resolve_dims
 from sparseformer.training.checkpoint import Checkpointer
-from sparseformer.training.state import abstract_model_arrays, model_arrays, model_shardings, model_spec
+from sparseformer.training.state import (abstract_model_arrays, fast_random_compile, model_arrays, model_shardings,
+                                        model_spec)
 
 SOURCE_DIR = 'hf'  # WORKDIR/hf: the source config.json and tokenizer files
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
@@ -120,7 +121,8 @@ def initial_mechanism_state(spec):
     return jax.tree.map(lambda x: x, abstract)
   shardings = model_shardings(spec)
   init = jax.jit(lambda key: model_arrays(spec.dims, key), out_shardings=shardings)
-  return init(jax.random.key(0))['mechanism_state']
+  with fast_random_compile(shardings['params']):
+    return init(jax.random.key(0))['mechanism_state']
 
 
 def by_tuple_path(tree):

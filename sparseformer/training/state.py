@@ -92,21 +92,22 @@ def train_state_factory(spec, tx, seed):
 def make_train_state(spec, tx, shardings, seed):
   """A fresh train state, created sharded inside jit (no unsharded copy on one device)."""
   create = jax.jit(train_state_factory(spec, tx, seed), out_shardings=shardings)
-  with fast_random_compile(all(s.is_fully_replicated for s in jax.tree.leaves(shardings['params']))):
+  with fast_random_compile(shardings['params']):
     return create()
 
 
 @contextlib.contextmanager
-def fast_random_compile(enabled):
+def fast_random_compile(param_shardings):
   """Inside, a GPU lowers jax.random's threefry to jaxlib's CUDA kernel instead of inlining
   it into XLA fusions: the same bits, but the 85M model's init compiled in 81 s with the
   inlined form on an H200 (benchmarks/launch_time.py), most of a fresh launch. The kernel
-  works on whole arrays (the SPMD partitioner cannot split it), so it is used only while
-  the parameters are replicated: sharded ones keep the partitionable form. No effect
-  off a GPU."""
+  works on whole arrays (the SPMD partitioner cannot split it), so it is used only when
+  every parameter sharding is replicated: sharded ones keep the partitionable form. No
+  effect off a GPU."""
   name = 'jax_threefry_gpu_kernel_lowering'
   previous = getattr(jax.config, name)
-  jax.config.update(name, bool(enabled) or previous)
+  replicated = all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings))
+  jax.config.update(name, replicated or previous)
   try:
     yield
   finally:
