@@ -4,7 +4,7 @@
     python benchmarks/launch_time.py --quick                             # CPU smoke run
 
 Runs train.py as a fresh process --launches times (default 2) for one step of --config at
---seq-len, each in a new workdir. The first launch is a fresh machine's: an empty data
+--seq-len, each in a new workdir (the closing validation cut to one batch). The first launch is a fresh machine's: an empty data
 directory (the shipped corpus is prepared) and an empty persistent compilation cache. The
 later ones reuse both, as a researcher's second launch does. Each of train.py's output
 lines is stamped with the seconds since the process was spawned, which splits a launch
@@ -64,7 +64,8 @@ def train_command(args, workdir, profile_path):
     command += ['-m', 'cProfile', '-o', profile_path]
   return command + [os.path.join(ROOT, 'train.py'), '--config', args.config, '--workdir', workdir,
                     f'--config.data.seq_len={args.seq_len}', f'--config.train.global_batch_size={args.batch}',
-                    '--config.train.steps=1', '--config.train.log_every=1', *args.override]
+                    '--config.train.steps=1', '--config.train.log_every=1', '--config.train.eval_batches=1',
+                    *args.override]
 
 
 def stamped_lines(command, env, timeout):
