@@ -123,8 +123,8 @@ def cpu_pool_threads():
 
 @functools.cache
 def shared_lowering(kernel_vjp, static_args=2):
-  """`kernel_vjp(name, scale, *arrays)` (the first `static_args` static) behind one jax.jit: under an outer jit, every call
-  with the same shapes (the layers of a model) lowers to a call of one function, so each
-  kernel is traced and lowered once per program instead of once per layer (a Mosaic GPU
-  kernel takes about 0.4 s to lower)."""
+  """`kernel_vjp(*static, *arrays)` behind one jax.jit, its first `static_args` arguments
+  static: under an outer jit, every call with the same shapes (the layers of a model)
+  lowers to a call of one function, so each kernel is traced and lowered once per program
+  instead of once per layer (a Mosaic GPU kernel takes about 0.4 s to lower)."""
   return jax.jit(kernel_vjp, static_argnums=tuple(range(static_args)))

@@ -67,8 +67,9 @@ _DETERMINISTIC = contextvars.ContextVar('deterministic_backward', default=not FU
 
 @contextlib.contextmanager
 def deterministic_backward(enabled=True):
-  """Inside, block_sparse_attention(deterministic=None) takes the reproducible backward.
-  Read when the call is traced: enter it inside the function that jax.jit traces."""
+  """Inside, block_sparse_attention(deterministic=None) takes the reproducible backward
+  (enabled) or the fast one (not). Read when the call is traced: enter it inside the
+  function that jax.jit traces."""
   token = _DETERMINISTIC.set(bool(enabled))
   try:
     yield

@@ -1,6 +1,7 @@
 """The Mosaic GPU (Hopper, sm90) implementation: the forward kernel of
-mosaic_gpu_forward.py; the fused backward of mosaic_gpu_fused_backward.py (atomic dQ:
-the default), and the deterministic dQ and dK/dV kernels of mosaic_gpu_backward.py.
+mosaic_gpu_forward.py; the deterministic dQ and dK/dV kernels of mosaic_gpu_backward.py,
+and the fused backward of mosaic_gpu_fused_backward.py (atomic dQ; its fast_backward,
+taken with deterministic=False, see api.py).
 
 `mosaic_gpu` runs on an sm90 GPU; `mosaic_gpu_interpret` runs the same kernels in
 Mosaic GPU interpret mode on any platform (tests on CPU).
