@@ -15,7 +15,7 @@ from test_block_sparse_mosaic_gpu_backward import check as check_backward
 from test_block_sparse_mosaic_gpu_forward import check_forward
 from test_block_sparse_rank_rule import explicit_mask, rank_rule_plan
 
-from pallas_kernels.block_sparse_attention import mosaic_gpu_backward, mosaic_gpu_forward
+from pallas_kernels.block_sparse_attention import mosaic_gpu_forward
 from sparseformer.model.attention.dynamic_mask_plan import dynamic_mask_plan
 
 

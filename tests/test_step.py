@@ -1,7 +1,6 @@
 """The train step: gradient accumulation, weight-decay mask, learning-rate schedule."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sparseformer import sharding

@@ -23,7 +23,6 @@ import contextvars
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention.plan import broadcast_batch
 from pallas_kernels.implementations import Registry, shared_lowering

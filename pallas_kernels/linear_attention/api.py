@@ -20,7 +20,6 @@ Implementation records with these signatures:
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.implementations import Registry, shared_lowering
 

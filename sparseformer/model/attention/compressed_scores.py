@@ -22,7 +22,6 @@ The scores are computed under stop_gradient (the choice is discrete; the paper d
 differentiate it), by pallas_kernels.compressed_mass: never [T, Tc] for all heads at once.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
