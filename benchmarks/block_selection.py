@@ -21,6 +21,8 @@ Rows per length, forward and forward+backward:
              flash-attn, absent on the image); its first call autotunes
 `vs cuDNN` = cuDNN ms / row ms of the same pass, `vs FLA` = fla_nsa ms / row ms (> 1:
 faster). Device time through CUPTI for JAX (median of --iterations), CUDA events for torch.
+On a GPU each of our rows also prints its eight longest kernels (one call, CUPTI): where a
+layer's time goes (scores, compressed attention, the branches, XLA's fusions).
 """
 
 import argparse
@@ -36,7 +38,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import attention as attention_bench  # noqa: E402
-from benchmarks.rows import number, report, text_table, time_row  # noqa: E402
+from benchmarks.rows import kernel_breakdown, number, report, text_table, time_row  # noqa: E402
 from sparseformer.config import base_config  # noqa: E402
 from sparseformer.model import resolve_dims  # noqa: E402
 from sparseformer.model.attention import AttentionContext, get_mechanism  # noqa: E402
@@ -106,7 +108,8 @@ def mechanism_rows(args, length, what, inputs, rows):
   for direction, fn, fn_args in (('fwd', forward, (params, q, k, v, x)),
                                  ('fwd+bwd', forward_backward, (params, q, k, v, x, d_out))):
     row = Row(length, what, direction)
-    time_row(row, fn, fn_args, args.iterations)
+    if time_row(row, fn, fn_args, args.iterations) is not None and (kernels := kernel_breakdown(fn, fn_args, 8)):
+      print(f'  {what} {direction} {row.ms:.3f} ms; longest kernels (ms): {kernels}', flush=True)
     rows.append(row)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.attention_flex import measure_torch  # noqa: E402
-from benchmarks.rows import device_name, kernel_times, number, report, text_table, time_row  # noqa: E402
+from benchmarks.rows import device_name, kernel_breakdown, number, report, text_table, time_row  # noqa: E402
 from pallas_kernels.linear_attention import gated_linear_attention  # noqa: E402
 from pallas_kernels.linear_attention.api import REGISTRY  # noqa: E402
 
@@ -101,12 +101,6 @@ def cudnn_forward(q, k, v):
 def cudnn_functions():
   forward_backward = lambda q, k, v, d_o: jax.vjp(cudnn_forward, q, k, v)[1](d_o)  # noqa: E731
   return jax.jit(cudnn_forward), jax.jit(forward_backward)
-
-
-def kernel_breakdown(function, fn_args):
-  """'name ms, ...' of the kernels of one call, longest first (CUPTI); '' where unavailable."""
-  _, totals = kernel_times(lambda: function(*fn_args))
-  return ', '.join(f'{name} {ms:.3f}' for name, ms in (totals or {}).items())
 
 
 def relative_error(got, want):

@@ -40,6 +40,13 @@ def kernel_times(call):
   return outputs, dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
+def kernel_breakdown(function, fn_args, longest=None):
+  """'name ms, ...' of the kernels of one call, longest first (CUPTI); '' where unavailable."""
+  _, totals = kernel_times(lambda: function(*fn_args))
+  items = list((totals or {}).items())[:longest]
+  return ', '.join(f'{name[:60]} {ms:.3f}' for name, ms in items)
+
+
 def number(value, spec):
   return '-' if not np.isfinite(value) else format(value, spec)
 
