@@ -342,3 +342,27 @@ def test_decode_quick_run_measures_every_variant(tmp_path):
     assert 'error' not in row, row
     assert row['decode_tokens_per_s'] > 0 and row['cache_mib'] > 0 and row['forward_s'] > 0, row
     assert row['device_tokens_per_s'] > 0, row
+
+
+@pytest.mark.parametrize('spec', ['power_blocks:64', 'power:64', 'neighborhood:256', 'fixed:128', 'radial:256',
+                                  'causal_window:300', 'random:0.2'])
+def test_flex_block_mask_covers_exactly_our_plan(spec):
+  """FlexAttention's BlockMask from our lists (full blocks whole, partial ones through the
+  mask_mod) equals the plan's element mask. Needs torch (the GPU machine's image has it;
+  skipped where it is absent); no GPU: the rules are evaluated on CPU index tensors."""
+  torch = pytest.importorskip('torch')
+  from benchmarks.attention_flex import flex_block_lists, flex_mask_mod
+  from pallas_kernels.block_sparse_attention.plan import dense_mask
+  length, block = 2048, 128
+  plan = bench.make_plan(spec, length, block, heads=2)
+  partial_count, partial_index, full_count, full_index = flex_block_lists(plan)
+  index = torch.arange(length)
+  rule = flex_mask_mod(spec)(0, 0, index[:, None], index[None, :]).numpy()
+  tile = np.ones((block, block), bool)
+  for head in range(plan.plan_heads):
+    blocks = [np.zeros((length // block,) * 2, bool) for _ in range(2)]
+    for row in range(length // block):
+      blocks[0][row, partial_index[0, head, row, :partial_count[0, head, row]]] = True
+      blocks[1][row, full_index[0, head, row, :full_count[0, head, row]]] = True
+    flex = np.kron(blocks[1], tile) | (np.kron(blocks[0], tile) & rule)
+    np.testing.assert_array_equal(flex, np.asarray(dense_mask(plan, 0, head)))
