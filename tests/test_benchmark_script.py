@@ -366,3 +366,20 @@ def test_flex_block_mask_covers_exactly_our_plan(spec):
       blocks[1][row, full_index[0, head, row, :full_count[0, head, row]]] = True
     flex = np.kron(blocks[1], tile) | (np.kron(blocks[0], tile) & rule)
     np.testing.assert_array_equal(flex, np.asarray(dense_mask(plan, 0, head)))
+
+
+def test_launch_time_quick_run_times_a_fresh_and_a_cached_launch(tmp_path):
+  """Two train.py launches of a tiny model: the phases up to the first finished step, and
+  jax's compile log read from the child's output."""
+  out = tmp_path / 'launch.json'
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'launch_time.py'), '--quick',
+                           '--scratch', str(tmp_path / 'scratch'), '--out', str(out)],
+                          capture_output=True, text=True, timeout=600, env=child_env())
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  launches = json.loads(out.read_text())['launches']
+  assert [launch['kind'] for launch in launches] == ['fresh', 'cached']
+  for launch in launches:
+    phases = launch['phases_s']
+    assert launch['exit_code'] == 0 and phases['total'] == pytest.approx(phases['setup'] + phases['step'])
+    assert any(kind == 'XLA compilation' for _, kind, _ in launch['longest_jax'])
+  assert 'first step after' in result.stdout

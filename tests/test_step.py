@@ -11,13 +11,17 @@ from sparseformer.training.optimizer import learning_rate_schedule, weight_decay
 from sparseformer.training.state import model_spec
 
 
-def tiny_setup(grad_accum_steps):
+def tiny_parts(grad_accum_steps):
   cfg = base_config()
   m = cfg.model
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.dtype = 32, 2, 2, 1, 'float32'
   cfg.train.grad_accum_steps = grad_accum_steps
   mesh = sharding.make_mesh(cfg.mesh)
-  parts = assemble_train_step(cfg, model_spec(resolve_dims(m, 259), mesh, cfg.mesh.rules))
+  return assemble_train_step(cfg, model_spec(resolve_dims(m, 259), mesh, cfg.mesh.rules))
+
+
+def tiny_setup(grad_accum_steps):
+  parts = tiny_parts(grad_accum_steps)
   return parts.step, parts.fresh_state(seed=0), parts.spec
 
 
@@ -63,10 +67,8 @@ def test_fresh_state_lowers_its_random_draws_to_the_gpu_kernel():
   """make_train_state compiles the init with jaxlib's threefry kernel on a GPU (the same
   bits, a fraction of the compile time); the flag is scoped to the init."""
   from sparseformer.training.state import fast_random_compile, train_state_factory
-  _, _, spec = tiny_setup(1)
-  cfg = base_config()
-  parts = assemble_train_step(cfg, spec)
-  create = jax.jit(train_state_factory(spec, parts.tx, 0))
+  parts = tiny_parts(1)
+  create = jax.jit(train_state_factory(parts.spec, parts.tx, 0))
   with fast_random_compile(parts.state_shardings['params']):  # one device: replicated
     assert 'threefry2x32_ffi' in create.trace().lower(lowering_platforms=('cuda',)).as_text()
   assert not jax.config.jax_threefry_gpu_kernel_lowering
