@@ -16,7 +16,8 @@ plan_from_block_mask with H plan heads). No GQA unless --kv-heads N (a divisor o
 d_out [1, S, H, D], k and v [1, S, N, D], query head h reading kv head h // (H / N); FLOPs
 and tiles stay counted per query head. --masks takes any spec of
 render.plan_from_spec, the static patterns too (power_blocks:64, power:64,
-neighborhood:1024, fixed:128, radial:256; docs/static_patterns.md), each with its element rule for FlexAttention. Each row is one
+neighborhood:1024, fixed:128, radial:256, bigbird:1; docs/static_patterns.md), each with
+its element rule for FlexAttention. Each row is one
 implementation on one (S, mask, pass):
   ours    `block_sparse_attention(..., implementation=NAME)` for each NAME of --implementations;
           NAME:deterministic (row ours:NAME:deterministic) passes deterministic=True, the

@@ -30,7 +30,7 @@ def flex_mask_mod(spec):
   if name == 'chunked':
     size = int(argument)
     return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx // size == kv_idx // size)
-  if name in ('causal', 'random', 'topk', 'power_blocks'):  # power_blocks: tiles full but the diagonal
+  if name in ('causal', 'random', 'topk', 'power_blocks', 'bigbird'):  # block patterns: tiles full but the diagonal
     return causal_mask_mod
   if name in PATTERN_MASK_MODS:
     rule = PATTERN_MASK_MODS[name](int(argument))

@@ -15,9 +15,17 @@ and memory do not depend on the weights' values. Reported per preset: compile ti
 median step time over --repeats of --steps back-to-back steps, tokens/s, the device's
 peak bytes in use, and fit's estimate (XLA's buffer assignment of this compiled step).
 The JSON goes to OUT/hf_finetune.json.
+
+--parallel starts every preset's process at once: they compile side by side (XLA's
+compile is mostly host work), then take turns on the device through a file lock
+(--device-lock, shared by runs that share a GPU): initialisation, warm-up, the timed steps
+and the peak memory happen while a process holds it, so those figures are as in a serial
+run. Compile times then include the other compiles' share of the host's cores.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import statistics
@@ -45,9 +53,12 @@ def parse_args(argv):
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--child-timeout', type=float, default=420.0)
+  parser.add_argument('--parallel', action='store_true', help='compile the presets side by side, time them in turn')
+  parser.add_argument('--device-lock', default='', help='the lock file of --parallel (default OUT/device.lock)')
   parser.add_argument('--quick', action='store_true', help='CPU smoke run: 512 tokens, 1 step, no repeats')
   parser.add_argument('--child', default='', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  args.device_lock = args.device_lock or os.path.join(args.out, 'device.lock')
   if args.quick:
     args.seq_len, args.steps, args.repeats, args.warmup = 512, 1, 1, 1
   return args
@@ -59,7 +70,7 @@ def run_child(args, variant, imported):
   from sparseformer import config as config_lib
   from sparseformer import sharding
   from sparseformer.cli.fit import memory_per_device
-  from sparseformer.training.assembly import build_train_step, compile_train_step, synthetic_batch
+  from sparseformer.training.assembly import build_train_step, compile_train_step
   cfg = config_lib.load_config_file(f'{CONFIG}:{imported},{variant},{args.seq_len}')
   cfg.train.global_batch_size = args.batch
   parts = build_train_step(cfg, sharding.make_mesh(cfg.mesh))
@@ -68,21 +79,44 @@ def run_child(args, variant, imported):
   compiled = compile_train_step(parts)
   compile_s = time.perf_counter() - start
   estimate = memory_per_device(compiled)['total']
-  progress(f'{variant}: compiled in {compile_s:.1f} s (fit estimate {estimate / 2**30:.2f} GiB); initialising')
+  progress(f'{variant}: compiled in {compile_s:.1f} s (fit estimate {estimate / 2**30:.2f} GiB)')
+  with device_turn(args):
+    progress(f'{variant}: initialising')
+    return {**measure_steps(args, parts, compiled), 'variant': variant, 'layers': list(parts.spec.dims.layer_mechanisms),
+            'params': int(parts.spec.param_count), 'seq_len': args.seq_len, 'batch': args.batch,
+            'compile_s': compile_s, 'fit_estimate_gib': estimate / 2**30}
+
+
+@contextlib.contextmanager
+def device_turn(args):
+  """Holds --device-lock (with --parallel) while the device is measured."""
+  if not args.parallel:
+    yield
+    return
+  with open(args.device_lock, 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def measure_steps(args, parts, compiled):
+  """Step time, tokens/s, peak memory and loss of a compiled step on a fresh state."""
+  import jax
+  from sparseformer.training.assembly import synthetic_batch
   state = parts.fresh_state(0)
   batch = synthetic_batch(parts, parts.spec.dims.vocab_size)
   warmup_s, state, _ = timed_steps(compiled, state, batch, args.warmup)
-  progress(f'{variant}: {args.warmup} warm-up steps in {warmup_s * args.warmup:.1f} s')
+  progress(f'{args.warmup} warm-up steps in {warmup_s * args.warmup:.1f} s')
   per_step = []
   for _ in range(args.repeats):
     seconds, state, metrics = timed_steps(compiled, state, batch, args.steps)
     per_step.append(seconds)
   step_s = statistics.median(per_step)
   peak_gib, source = peak_memory()
-  return {'variant': variant, 'layers': list(parts.spec.dims.layer_mechanisms), 'params': int(parts.spec.param_count),
-          'seq_len': args.seq_len, 'batch': args.batch, 'compile_s': compile_s, 'step_ms': 1e3 * step_s,
-          'step_ms_repeats': [1e3 * s for s in per_step], 'tokens_per_s': args.batch * args.seq_len / step_s,
-          'peak_gib': peak_gib, 'memory_source': source, 'fit_estimate_gib': estimate / 2**30,
+  return {'step_ms': 1e3 * step_s, 'step_ms_repeats': [1e3 * s for s in per_step],
+          'tokens_per_s': args.batch * args.seq_len / step_s, 'peak_gib': peak_gib, 'memory_source': source,
           'loss': float(jax.device_get(metrics['loss'])), 'device': jax.devices()[0].device_kind}
 
 
@@ -101,6 +135,46 @@ def child_output_tail(stderr):
   return (stderr or '')[-1500:]
 
 
+def start_preset(argv, variant, imported, env):
+  return subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, '--child', f'{variant},{imported}'],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def preset_row(child, variant, timeout):
+  """The row a preset's process printed, or its error (the tail of what it printed)."""
+  try:
+    stdout, stderr = child.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    child.kill()
+    _, stderr = child.communicate()
+    return {'variant': variant, 'error': f'timed out after {timeout:.0f} s', 'child_progress': child_output_tail(stderr)}
+  lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+  if lines:
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+  return {'variant': variant, 'error': child_output_tail(stderr)}
+
+
+def run_presets(args, argv, imported, env):
+  """One row per preset, each from its own process: one after another, or (--parallel) all
+  started at once, each child's --child-timeout counted from the common start."""
+  variants = args.variants.split(',')
+  if not args.parallel:
+    rows = []
+    for variant in variants:
+      rows.append(preset_row(start_preset(argv, variant, imported, env), variant, args.child_timeout))
+      progress(json.dumps(rows[-1])[:300])
+    return rows
+  # Each process allocates only what it uses: they share the device.
+  env = {**env, 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
+  children = [start_preset(argv, variant, imported, env) for variant in variants]
+  deadline = time.monotonic() + args.child_timeout
+  rows = []
+  for child, variant in zip(children, variants):
+    rows.append(preset_row(child, variant, max(1.0, deadline - time.monotonic())))
+    progress(json.dumps(rows[-1])[:300])
+  return rows
+
+
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.child:
@@ -115,19 +189,7 @@ def main(argv=None):
   imported, report = import_source(args)
   progress(f'imported {report["architecture"]}: {report["parameters"] / 1e6:.1f}M parameters in '
            f'{report["import_s"]:.1f} s')
-  rows = []
-  for variant in args.variants.split(','):
-    argv = [a for a in (sys.argv[1:] if argv is None else argv)] + ['--child', f'{variant},{imported}']
-    try:
-      done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
-                            env=child_env, timeout=args.child_timeout, cwd=ROOT)
-      lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-      rows.append(json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else
-                  {'variant': variant, 'error': done.stderr[-1500:]})
-    except subprocess.TimeoutExpired as stopped:
-      rows.append({'variant': variant, 'error': f'timed out after {args.child_timeout} s',
-                   'child_progress': child_output_tail(stopped.stderr)})
-    progress(json.dumps(rows[-1])[:300])
+  rows = run_presets(args, sys.argv[1:] if argv is None else argv, imported, child_env)
   result = {'source': args.source, 'import': report, 'rows': rows}
   with open(os.path.join(args.out, 'hf_finetune.json'), 'w') as f:
     json.dump(result, f, indent=1)

@@ -345,7 +345,7 @@ def test_decode_quick_run_measures_every_variant(tmp_path):
 
 
 @pytest.mark.parametrize('spec', ['power_blocks:64', 'power:64', 'neighborhood:256', 'fixed:128', 'radial:256',
-                                  'causal_window:300', 'random:0.2'])
+                                  'bigbird:1', 'causal_window:300', 'random:0.2'])
 def test_flex_block_mask_covers_exactly_our_plan(spec):
   """FlexAttention's BlockMask from our lists (full blocks whole, partial ones through the
   mask_mod) equals the plan's element mask. Needs torch (the GPU machine's image has it;
@@ -383,3 +383,17 @@ def test_launch_time_quick_run_times_a_fresh_and_a_cached_launch(tmp_path):
     assert launch['exit_code'] == 0 and phases['total'] == pytest.approx(phases['setup'] + phases['step'])
     assert any(kind == 'XLA compilation' for _, kind, _ in launch['longest_jax'])
   assert 'first step after' in result.stdout
+
+
+@pytest.mark.slow  # a benchmark script's CPU smoke run (15-40 s): bash scripts/test.sh -m slow
+def test_hf_finetune_parallel_quick_run_has_a_row_per_preset(tmp_path):
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'hf_finetune.py'), '--quick', '--parallel',
+                           '--variants', 'dense,masformer', '--source', os.path.join(REPO, 'tests', 'fixtures', 'hf', 'llama'),
+                           '--out', str(tmp_path)], capture_output=True, text=True, timeout=300, env=child_env(), cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((tmp_path / 'hf_finetune.json').read_text())['rows']
+  assert [r['variant'] for r in rows] == ['dense', 'masformer'], rows
+  for row in rows:
+    assert row['step_ms'] > 0 and row['compile_s'] > 0 and row['fit_estimate_gib'] > 0, row
+  assert rows[1]['layers'] == ['window:64', 'window:64']
+  assert (tmp_path / 'device.lock').exists()  # the presets took turns through it

@@ -112,10 +112,14 @@ def plan_from_spec(spec, length, block=128, seed=0, heads=1):
     return random_topk_plan(int(argument), length, block, seed, heads)
   if name == 'power_blocks':
     return from_mask(patterns.Power(local=-(-int(argument) // block), block=block) & masks.Causal())
+  if name == 'bigbird':  # window in blocks; the bigbird layer's default options (static_patterns.py)
+    return from_mask(patterns.BigBird(length, block, window=int(argument), global_tokens=2 * block, random_blocks=3,
+                                      causal_draws=True) & masks.Causal())
   if name in PATTERN_SPECS:
     return from_mask(PATTERN_SPECS[name](int(argument)) & masks.Causal())
   raise ValueError(f'unknown mask spec {spec!r}: use full, causal, causal_window:W, chunked:C, '
-                   'random:DENSITY, topk:K, power_blocks:W, ' + ', '.join(f'{n}:N' for n in PATTERN_SPECS))
+                   'random:DENSITY, topk:K, power_blocks:W, bigbird:BLOCKS, '
+                   + ', '.join(f'{n}:N' for n in PATTERN_SPECS))
 
 
 # Static patterns (patterns.py) by the layer specs' argument and default options

@@ -8,5 +8,8 @@ if [ "$(ls .whl)" != "$(cat /tmp/site/.installed 2>/dev/null)" ]; then
 fi
 rm -rf /tmp/src && mkdir -p /tmp/src && tar -xf .gpu/src.tar -C /tmp/src || return 1
 export PYTHONPATH=/tmp/src:/tmp/site PYTHONUNBUFFERED=1
+# The machine's HOME gives triton no cache directory ("Could not create or locate cache
+# dir" from fla's kernels): give it one.
+export TRITON_CACHE_DIR=/tmp/triton_cache
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 cd /tmp/src

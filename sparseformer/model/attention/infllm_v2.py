@@ -46,8 +46,9 @@ from sparseformer.model.attention.base import (KEYS, QUERIES, ROWS, Mechanism, O
 
 
 def mean_pooled_keys(k, cmp_len, cmp_stride):
-  """[B, Tc, Hkv, D] float32: the mean of each span [j d, j d + l) of k [B, T, Hkv, D]."""
-  return compressed_scores.span_tokens(k.astype(jnp.float32), cmp_len, cmp_stride).mean(2)
+  """[B, Tc, Hkv, D] in k's dtype: the mean of each span [j d, j d + l) of k [B, T, Hkv, D]
+  (summed in float32; k's dtype so that the selection-score kernel takes it with q)."""
+  return compressed_scores.span_tokens(k.astype(jnp.float32), cmp_len, cmp_stride).mean(2).astype(k.dtype)
 
 
 @register('infllm_v2')
