@@ -8,6 +8,7 @@ keys, fails these tests)."""
 import jax
 import jax.numpy as jnp
 import decode_helpers
+import numpy as np
 import pytest
 from decode_helpers import check_teacher_forcing, model_for
 
@@ -33,6 +34,41 @@ def test_gated_decoding_from_prompts_that_end_at_a_block_edge():
   """The first decoded token finishes the prompt's last block (its key entry, the next
   block's choice); a prompt of one token has no finished block."""
   check_teacher_forcing(['gated'], {'gate': GATES['topk']}, prompt_lengths=(8, 16, 1))
+
+
+def test_gated_decoding_gathers_the_chosen_blocks_at_low_density():
+  """12 blocks of 8 tokens at density 0.3 keep 3 per row (block 0, the diagonal, one
+  other): a step gathers 3 blocks per query head instead of reading the whole cache
+  (GatedAttention.gathered_blocks), and still gives the forward pass's logits."""
+  model = model_for(['gated'], {'gate': dict(width=8, density=0.3)})
+  mechanism = model.blocks[0].attention.mechanism
+  assert mechanism.gathered_blocks(model.init_cache(1, 96)[0]) == 3
+  check_teacher_forcing(['gated'], {'gate': dict(width=8, density=0.3)}, prompt_lengths=(5, 33, 70), length=96,
+                        prompt_pad=72)
+
+
+def test_attend_blocks_equals_masked_attention_over_the_same_blocks():
+  """kv_cache.attend_blocks against kv_cache.attend with the blocks as a mask: GQA, a
+  cache whose length is not a multiple of the block, empty slots, padding (-1) entries,
+  and a row whose query sees no slot of its blocks."""
+  from sparseformer.model.attention import kv_cache
+  batch, slots, kv_heads, heads, dim, block = 3, 21, 2, 4, 8, 4
+  keys = jax.random.split(jax.random.key(0), 4)
+  lengths = jnp.asarray([21, 13, 2])
+  k = jax.random.normal(keys[0], (batch, slots, kv_heads, dim))
+  v = jax.random.normal(keys[1], (batch, slots, kv_heads, dim))
+  cache = kv_cache.fill(kv_cache.empty(batch, slots, kv_heads, dim, jnp.float32), k, v, lengths)
+  q = jax.random.normal(keys[2], (batch, 1, heads, dim))
+  blocks = jnp.asarray([[[5, 0, -1], [1, 2, 3], [4, -1, -1], [0, 5, 2]],
+                        [[3, 1, 0], [-1, -1, 2], [5, 4, 3], [1, -1, -1]],
+                        [[3, 4, -1], [0, -1, -1], [1, 0, -1], [2, 3, 4]]])
+  positions = jnp.asarray([20, 12, 1])
+  got = kv_cache.attend_blocks(q, cache, blocks, block, positions, 0.3)
+  slot_block = jnp.arange(slots) // block
+  chosen = (slot_block[None, None, :, None] == blocks[:, :, None, :]).any(-1)  # [B, H, S]
+  want = kv_cache.attend(q, cache, chosen & kv_cache.causal(cache, positions)[:, None], 0.3)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+  assert not np.asarray(got[2, 0, 0]).any()  # row 2, head 0: blocks 3 and 4 hold nothing yet
 
 
 def test_gated_decoding_with_own_query_blocks_is_a_user_error():

@@ -82,13 +82,42 @@ def attend(q, cache, visible, scale, key_bias=None):
   scores = jnp.einsum('bhgd,bshd->bhgs', qg, k, precision=precision, preferred_element_type=jnp.float32) * scale
   if key_bias is not None:
     scores = scores + key_bias.astype(jnp.float32)[:, :, None, :]
-  allowed = visible_per_group(visible, kv_heads, group)
-  scores = jnp.where(allowed, scores, NEG_INF)
-  weights = jnp.exp(scores - scores.max(-1, keepdims=True)) * allowed
-  weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-30)
+  weights = masked_softmax(scores, visible_per_group(visible, kv_heads, group))
   y = jnp.einsum('bhgs,bshd->bhgd', weights.astype(v.dtype), v, precision=precision,
                  preferred_element_type=jnp.float32)
   return y.reshape(b, 1, heads, d).astype(q.dtype)
+
+
+def attend_blocks(q, cache, blocks, block_size, positions, scale):
+  """`attend` over the slots of chosen key blocks only: q [B, 1, H, D]; blocks int32
+  [B, H, N], each query head's key blocks (block j: slots j * block_size onwards; -1: no
+  block; no block twice), of which the slots at or before `positions` [B] are visible. The
+  cache must keep token p in slot p (no ring buffer). It gathers those slots, so a step
+  reads N * block_size slots per query head rather than every slot of the cache."""
+  b, _, heads, d = q.shape
+  k, v, held = cache['k'], cache['v'], cache['position']
+  slots = held.shape[1]
+  slot = (blocks[..., None] * block_size + jnp.arange(block_size)).reshape(b, heads, -1)  # [B, H, N * block]
+  inside = jnp.repeat(blocks >= 0, block_size, axis=-1) & (slot < slots)
+  slot = jnp.clip(slot, 0, slots - 1)
+  rows = jnp.arange(b)[:, None, None]
+  kv_head = (jnp.arange(heads) // (heads // k.shape[2]))[None, :, None]
+  position = held[rows, slot]
+  visible = inside & (position >= 0) & (position <= positions[:, None, None])
+  precision = jax.lax.Precision.HIGHEST
+  scores = jnp.einsum('bhd,bhnd->bhn', q[:, 0].astype(k.dtype), k[rows, slot, kv_head], precision=precision,
+                      preferred_element_type=jnp.float32) * scale
+  weights = masked_softmax(scores, visible)
+  y = jnp.einsum('bhn,bhnd->bhd', weights.astype(v.dtype), v[rows, slot, kv_head], precision=precision,
+                 preferred_element_type=jnp.float32)
+  return y[:, None].astype(q.dtype)
+
+
+def masked_softmax(scores, allowed):
+  """Softmax over the last axis of float32 scores where `allowed`; zeros on a row with none."""
+  scores = jnp.where(allowed, scores, NEG_INF)
+  weights = jnp.exp(scores - scores.max(-1, keepdims=True)) * allowed
+  return weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-30)
 
 
 def visible_per_group(visible, kv_heads, group):
