@@ -234,6 +234,26 @@ def test_too_short_names_the_minimum(task):
     tasks.make_example(task, BYTES, minimum - 1)
 
 
+def test_code_tokenizer_makes_each_mqar_symbol_one_token():
+  """codes:N: a task symbol (a word of code_width(N) letters below N) is one token, the
+  rest bytes; decoding gives the text back, and token_bytes counts the symbol's letters."""
+  from sparseformer.data.tokenizers import make_tokenizer
+  codes = make_tokenizer('codes:676')
+  text = 'ab:cd zz:qa abc:de. xy, hello ab\n'
+  ids = codes.encode(text)
+  assert codes.decode(ids) == text and codes.vocab_size == 259 + 676
+  assert int(codes.token_bytes[ids].sum()) == len(text.encode())
+  # ab cd zz qa de xy ab; not abc or hello
+  assert [int(i) - 259 for i in ids if i >= 259] == [1, 2 * 26 + 3, 675, 16 * 26, 3 * 26 + 4, 23 * 26 + 24, 1]
+  example, encoded = make('mqar:pairs=16,vocab=676', 512, tokenizer=codes, index=0)
+  check_answers_in_context(example)
+  assert len(encoded.tokens) == 512
+  for span in encoded.answer_spans:
+    assert span[1] - span[0] == 1  # every answer one token
+  with pytest.raises(UserError, match='codes:N'):
+    make_tokenizer('codes:many')
+
+
 def test_sentencepiece_tokenizer(tmp_path):
   pytest.importorskip('sentencepiece')
   from sparseformer.data.tokenizers import SentencePieceTokenizer, train_sentencepiece

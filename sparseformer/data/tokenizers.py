@@ -1,4 +1,5 @@
-"""Tokenizers: bytes (the default, no files) and SentencePiece models trained locally.
+"""Tokenizers: bytes (the default, no files), bytes plus task symbols (codes:N), and
+SentencePiece models trained locally.
 
 Both reserve ids 0, 1, 2 for pad, bos and eos, and know how many UTF-8 bytes each token
 stands for (`token_bytes`), which turns NLL per token into bits per byte.
@@ -44,6 +45,68 @@ class ByteTokenizer:
     return raw.decode('utf-8', errors='replace')
 
 
+def code_width(count):
+  """Letters of the base-26 codes of `count` symbols: 2 for up to 676, 3 for up to 17576."""
+  width = 1
+  while 26 ** width < count:
+    width += 1
+  return width
+
+
+def code(index, width):
+  """Symbol `index` as a lowercase base-26 code of `width` letters ('aa', 'ab', ...)."""
+  letters = []
+  for _ in range(width):
+    index, digit = divmod(index, 26)
+    letters.append(chr(ord('a') + digit))
+  return ''.join(reversed(letters))
+
+
+def code_index(word):
+  index = 0
+  for letter in word:
+    index = index * 26 + ord(letter) - ord('a')
+  return index
+
+
+class CodeTokenizer(ByteTokenizer):
+  """Bytes plus one token per task symbol (spec 'codes:N'): a lowercase word of exactly
+  code_width(N) letters whose code is below N (the symbols of the MQAR task: 'ab:cd' is
+  key 'ab', ':' and value 'cd') is token 259 + its index; everything else is bytes. With
+  it a key is one token, as in Zoology's MQAR, where byte tokens make it several.
+  decode(encode(t)) == t; a symbol token stands for its width in bytes."""
+
+  def __init__(self, count):
+    super().__init__()
+    if count < 1:
+      raise UserError(f'data.tokenizer=codes:{count}: use a positive number of symbols')
+    self.count, self.width = count, code_width(count)
+    self.spec = f'codes:{count}'
+    self.vocab_size = ByteTokenizer.vocab_size + count
+    self.token_bytes = np.concatenate([self.token_bytes, np.full(count, self.width, np.int32)])
+    self.words = re.compile(f'(?<![a-z])[a-z]{{{self.width}}}(?![a-z])')
+
+  def encode(self, text):
+    text = text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text
+    pieces, start = [], 0
+    for word in self.words.finditer(text):
+      index = code_index(word.group())
+      if index < self.count:
+        pieces += [super().encode(text[start:word.start()]), [ByteTokenizer.vocab_size + index]]
+        start = word.end()
+    pieces.append(super().encode(text[start:]))
+    return np.concatenate(pieces).astype(np.int32)
+
+  def decode(self, ids):
+    ids = np.asarray(ids)
+    symbols = np.flatnonzero(ids >= ByteTokenizer.vocab_size)
+    parts, start = [], 0
+    for at in symbols:
+      parts += [super().decode(ids[start:at]), code(int(ids[at]) - ByteTokenizer.vocab_size, self.width)]
+      start = at + 1
+    return ''.join(parts + [super().decode(ids[start:])])
+
+
 class SentencePieceTokenizer:
   """A SentencePiece model with pad=0, bos=1, eos=2 (as `train_sentencepiece` makes)."""
 
@@ -77,9 +140,15 @@ class SentencePieceTokenizer:
 
 
 def make_tokenizer(spec):
-  """'byte', 'spm:/path/to/model' or 'hf:/path/to/dir' (tokenizer.json)."""
+  """'byte', 'codes:N' (bytes and N task symbols), 'spm:/path/to/model' or 'hf:/path/to/dir'
+  (tokenizer.json)."""
   if spec == 'byte':
     return ByteTokenizer()
+  if spec.startswith('codes:'):
+    count = spec[len('codes:'):]
+    if not count.isdigit():
+      raise UserError(f'data.tokenizer={spec!r}: use codes:N with N the number of task symbols, e.g. codes:676')
+    return CodeTokenizer(int(count))
   if spec.startswith('hf:'):
     from sparseformer.data.hf_tokenizer import hf_tokenizer
     path = os.path.expanduser(spec[len('hf:'):])
@@ -91,7 +160,7 @@ def make_tokenizer(spec):
     if not os.path.isfile(path):
       raise UserError(f'data.tokenizer={spec!r}: no SentencePiece model at {path}')
     return SentencePieceTokenizer(path)
-  raise UserError(f'data.tokenizer={spec!r}: use byte, spm:/path/to/model or hf:/path/to/dir')
+  raise UserError(f'data.tokenizer={spec!r}: use byte, codes:N, spm:/path/to/model or hf:/path/to/dir')
 
 
 def train_sentencepiece(texts, output, vocab_size, model_type='bpe', max_sentences=1_000_000):

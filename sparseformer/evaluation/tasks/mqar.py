@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from sparseformer.data.tokenizers import code, code_width
 from sparseformer.errors import UserError
 from sparseformer.evaluation.tasks import haystack
 from sparseformer.evaluation.tasks.base import Example, Piece, register
@@ -27,26 +28,11 @@ from sparseformer.evaluation.tasks.base import Example, Piece, register
 MAX_DOTS = 256  # characters of '.' in one filler piece
 
 
-def code_width(vocab):
-  width = 1
-  while 26 ** width < vocab:
-    width += 1
-  return width
-
-
-def symbol(index, width):
-  letters = []
-  for _ in range(width):
-    index, digit = divmod(index, 26)
-    letters.append(chr(ord('a') + digit))
-  return ''.join(reversed(letters))
-
-
 @functools.lru_cache(maxsize=8)
 def symbol_table(vocab):
-  """symbol(i) for every i < vocab."""
+  """The code of every symbol i < vocab (tokenizers.code: the codes:N tokenizer's words)."""
   width = code_width(vocab)
-  return tuple(symbol(i, width) for i in range(vocab))
+  return tuple(code(i, width) for i in range(vocab))
 
 
 @functools.lru_cache(maxsize=16)
