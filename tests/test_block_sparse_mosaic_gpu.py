@@ -13,7 +13,8 @@ from mask_oracle import block_mask_oracle, mask_oracle
 from oracles import masked_softmax_attention
 from test_block_sparse_attention import oracle_or_plan_mask, random_inputs
 
-from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, plan_from_block_mask, plan_from_mask
+from pallas_kernels.block_sparse_attention import (block_sparse_attention, masks, patterns, plan_from_block_mask,
+                                                   plan_from_mask)
 from pallas_kernels.block_sparse_attention.api import select_implementation
 
 # Relative L2 error ||ours - oracle|| / ||oracle||; P and dS are rounded to the input dtype.
@@ -69,11 +70,21 @@ def test_interpret_compressed_keys_with_documents():
   check_through_api(plan, mask_oracle(mask, **layout), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
 
 
+def test_interpret_radial_pattern():
+  """Radial's element rule (a count of leading zeros per element) inside the kernel's
+  partial tiles."""
+  mask = patterns.Radial(16) & masks.Causal()
+  plan = plan_from_mask(mask, q_len=150, block_q=64, block_kv=64)
+  q, k, v, bias, d_out = random_inputs(3, 1, 150, 150, 2, 1, 64, jnp.bfloat16, with_bias=False)
+  check_through_api(plan, mask_oracle(mask, q_len=150), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
+
+
 GPU_MASKS = {
     'causal': masks.Causal(),
     'window_256': masks.causal_window(256),
     'chunked_192': masks.Chunked(192) & masks.Causal(),
     'prefix_or_window': (masks.SlidingWindow(100) | masks.GlobalPrefix(16)) & masks.Causal(),
+    'radial_64': patterns.Radial(64) & masks.Causal(),
 }
 
 

@@ -27,6 +27,7 @@ Every method takes jnp int arrays of any broadcast shape (and traces under jit).
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention.masks import Mask, _kind
@@ -489,9 +490,11 @@ class BigBird(Mask):
 
 
 def _band(distance):
-  """floor(log2(max(distance, 1))) for int arrays (distance < 2^31)."""
-  distance = jnp.asarray(distance)
-  return sum((distance >= 2 ** j).astype(jnp.int32) for j in range(1, 31))
+  """floor(log2(max(distance, 1))) for int arrays (distance < 2^31): one count of leading
+  zeros (a single instruction in the GPU and TPU kernels, which evaluate it per element of
+  every partial tile)."""
+  distance = jnp.maximum(jnp.asarray(distance, jnp.int32), 1)
+  return 31 - jax.lax.clz(distance)
 
 
 def _frame_segments(a, b, size):
