@@ -14,7 +14,7 @@ row of random tokens. The state is freshly initialised with the model's shapes: 
 and memory do not depend on the weights' values. Reported per preset: compile time,
 median step time over --repeats of --steps back-to-back steps, tokens/s, the device's
 peak bytes in use, and fit's estimate (XLA's buffer assignment of this compiled step).
-The JSON goes to OUT/hf_finetune.json.
+The JSON goes to OUT/hf_finetune.json, each preset's progress to OUT/PRESET.log.
 
 --parallel starts every preset's process at once: they compile side by side (XLA's
 compile is mostly host work), then take turns on the device through a file lock
@@ -128,30 +128,39 @@ def import_source(args):
   return imported, {**report, 'import_s': time.perf_counter() - start}
 
 
-def child_output_tail(stderr):
-  """What a timed-out child had printed (its progress lines say where it stopped)."""
-  if isinstance(stderr, bytes):
-    stderr = stderr.decode('utf-8', 'replace')
-  return (stderr or '')[-1500:]
+def child_output_tail(log):
+  """The end of a child's log (its progress lines say where it stopped)."""
+  return log[-1500:]
 
 
-def start_preset(argv, variant, imported, env):
-  return subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, '--child', f'{variant},{imported}'],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+def start_preset(args, argv, variant, imported, env):
+  """A preset's process; its progress and errors go to OUT/PRESET.log (a file, not a pipe:
+  processes that nobody reads yet must not block on a full pipe while holding the device)."""
+  log = open(os.path.join(args.out, f'{variant}.log'), 'w')
+  child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, '--child', f'{variant},{imported}'],
+                           stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT)
+  log.close()
+  return child
 
 
-def preset_row(child, variant, timeout):
-  """The row a preset's process printed, or its error (the tail of what it printed)."""
+def preset_row(args, child, variant, timeout):
+  """The row a preset's process printed, or its error (the tail of its log)."""
   try:
-    stdout, stderr = child.communicate(timeout=timeout)
+    stdout, _ = child.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
     child.kill()
-    _, stderr = child.communicate()
-    return {'variant': variant, 'error': f'timed out after {timeout:.0f} s', 'child_progress': child_output_tail(stderr)}
+    child.communicate()
+    return {'variant': variant, 'error': f'timed out after {timeout:.0f} s',
+            'child_progress': child_output_tail(preset_log(args, variant))}
   lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
   if lines:
     return json.loads(lines[-1][len(RESULT_PREFIX):])
-  return {'variant': variant, 'error': child_output_tail(stderr)}
+  return {'variant': variant, 'error': child_output_tail(preset_log(args, variant))}
+
+
+def preset_log(args, variant):
+  with open(os.path.join(args.out, f'{variant}.log'), errors='replace') as f:
+    return f.read()
 
 
 def run_presets(args, argv, imported, env):
@@ -161,16 +170,16 @@ def run_presets(args, argv, imported, env):
   if not args.parallel:
     rows = []
     for variant in variants:
-      rows.append(preset_row(start_preset(argv, variant, imported, env), variant, args.child_timeout))
+      rows.append(preset_row(args, start_preset(args, argv, variant, imported, env), variant, args.child_timeout))
       progress(json.dumps(rows[-1])[:300])
     return rows
   # Each process allocates only what it uses: they share the device.
   env = {**env, 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
-  children = [start_preset(argv, variant, imported, env) for variant in variants]
+  children = [start_preset(args, argv, variant, imported, env) for variant in variants]
   deadline = time.monotonic() + args.child_timeout
   rows = []
   for child, variant in zip(children, variants):
-    rows.append(preset_row(child, variant, max(1.0, deadline - time.monotonic())))
+    rows.append(preset_row(args, child, variant, max(1.0, deadline - time.monotonic())))
     progress(json.dumps(rows[-1])[:300])
   return rows
 

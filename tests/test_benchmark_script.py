@@ -397,3 +397,4 @@ def test_hf_finetune_parallel_quick_run_has_a_row_per_preset(tmp_path):
     assert row['step_ms'] > 0 and row['compile_s'] > 0 and row['fit_estimate_gib'] > 0, row
   assert rows[1]['layers'] == ['window:64', 'window:64']
   assert (tmp_path / 'device.lock').exists()  # the presets took turns through it
+  assert 'compiled in' in (tmp_path / 'masformer.log').read_text()
