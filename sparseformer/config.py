@@ -70,7 +70,7 @@ def base_config():
   d.text_key = 'text'
   d.train_split = 'train'
   d.eval_split = 'validation'
-  d.tokenizer = 'byte'  # byte | codes:N (bytes + N task symbols, docs/evaluation.md) | spm:/path/to/model | hf:DIR
+  d.tokenizer = 'byte'  # byte | codes:N (bytes + N task symbols, docs/tasks.md) | spm:/path/to/model | hf:DIR
   d.seq_len = 256
   d.tasks = ()  # synthetic task specs mixed into training rows, e.g. ('passkey', 'mqar:pairs=64') (evaluation/tasks)
   d.task_fraction = 0.0  # fraction of training rows that hold task examples; 1.0: task rows only
