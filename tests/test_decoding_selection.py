@@ -37,14 +37,14 @@ def test_gated_decoding_from_prompts_that_end_at_a_block_edge():
 
 
 def test_gated_decoding_gathers_the_chosen_blocks_at_low_density():
-  """12 blocks of 8 tokens at density 0.3 keep 3 per row (block 0, the diagonal, one
-  other): a step gathers 3 blocks per query head instead of reading the whole cache
-  (GatedAttention.gathered_blocks), and still gives the forward pass's logits."""
-  model = model_for(['gated'], {'gate': dict(width=8, density=0.3)})
-  mechanism = model.blocks[0].attention.mechanism
-  assert mechanism.gathered_blocks(model.init_cache(1, 96)[0]) == 3
-  check_teacher_forcing(['gated'], {'gate': dict(width=8, density=0.3)}, prompt_lengths=(5, 33, 70), length=96,
-                        prompt_pad=72)
+  """12 blocks of 8 tokens at density 0.6 keep 4 per row (block 0, the diagonal and the
+  two best-scoring others): a step gathers 4 blocks per query head instead of reading
+  the whole cache (GatedAttention.gathered_blocks), and still gives the forward pass's
+  logits."""
+  gate = dict(width=8, density=0.6)
+  model = model_for(['gated'], {'gate': gate})
+  assert model.blocks[0].attention.mechanism.gathered_blocks(model.init_cache(1, 96)[0]) == 4
+  check_teacher_forcing(['gated'], {'gate': gate}, prompt_lengths=(5, 33, 70), length=96, prompt_pad=72)
 
 
 def test_attend_blocks_equals_masked_attention_over_the_same_blocks():

@@ -29,7 +29,7 @@ from sparseformer.model.attention import kv_cache
 from sparseformer.model.attention.compressed_scores import (compressed_after_prompt, compressed_after_token,
                                                             compressed_key_segments, expand_to, selection_scores,
                                                             take_tokens, token_probabilities, token_votes)
-from sparseformer.model.attention.gate import num_blocks
+from sparseformer.model.attention.gate import num_blocks, rank_blocks
 
 
 def selection_documents(segment_ids, batch, length, block, select_block):
@@ -77,18 +77,6 @@ def forced_blocks(own, num_select, local, first):
   own = own[..., None]
   forced = (selection <= own) & (selection > own - local)
   return forced if first is None else forced | (selection == first[..., None])
-
-
-def rank_blocks(scores, allowed, forced, count):
-  """bool [B, Hp, nQ, nS]: the forced blocks and the best-scoring others (scores
-  [B, Hp, nQ, nS]) up to `count` in all, of the allowed ones [B, nQ, nS]; ties to the
-  earlier block."""
-  ns = scores.shape[-1]
-  forced = forced & allowed
-  ranked = jnp.where(forced[:, None], jnp.inf, jnp.where(allowed[:, None], scores, -jnp.inf))
-  _, best = jax.lax.top_k(ranked, min(count, ns))
-  chosen = jax.nn.one_hot(best, ns, dtype=bool).any(-2) & allowed[:, None]
-  return chosen | forced[:, None]
 
 
 def choose_by_compressed_scores(q, k_cmp, lse, segment_ids, *, scale, block, cmp_len, cmp_stride, select_block,

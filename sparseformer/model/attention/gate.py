@@ -179,12 +179,21 @@ def topk_blocks_per_row(density, num_rows):
 
 def select_topk(scores, docs, keep):
   """[B, H, nQ, nK] bool: the forced blocks, then the best-scoring allowed ones up to `keep`
-  per row (more only on exact ties of the k-th score)."""
-  forced = docs.forced[:, None]
-  ranked = jnp.where(forced, jnp.inf, scores)
-  keep = min(keep, scores.shape[-1])
-  kth = jax.lax.top_k(ranked, keep)[0][..., -1:]
-  return ((ranked >= kth) & docs.allowed[:, None]) | forced
+  per row, ties to the earlier block: never more than `keep` (decoding gathers that many)."""
+  return rank_blocks(scores, docs.allowed, docs.forced, keep)
+
+
+def rank_blocks(scores, allowed, forced, count):
+  """bool [B, Hp, nQ, nS]: the forced blocks and the best-scoring others (scores
+  [B, Hp, nQ, nS]) up to `count` in all, of the allowed ones [B, nQ, nS]; ties to the
+  earlier block."""
+  ns = scores.shape[-1]
+  forced = forced & allowed
+  ranked = jnp.where(forced[:, None], jnp.inf, jnp.where(allowed[:, None], scores, -jnp.inf))
+  _, best = jax.lax.top_k(ranked, min(count, ns))
+  chosen = jax.nn.one_hot(best, ns, dtype=bool).any(-2) & allowed[:, None]
+  return chosen | forced[:, None]
+
 
 
 def select_threshold(scores, docs, threshold):

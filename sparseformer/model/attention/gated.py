@@ -294,26 +294,23 @@ class GatedAttention(Mechanism):
     cache = cache | self.block_gate.advance_cache(cache, *pre_rope, positions, select)
     cache = kv_cache.append(cache, k, v, positions)
     scale = softmax_scale(q, ctx)
-    masked = lambda: kv_cache.attend(q, cache, self.decode_visible(cache, positions), scale)  # noqa: E731
     count = self.gathered_blocks(cache)
     if count is None:
-      return masked(), cache
+      return kv_cache.attend(q, cache, self.decode_visible(cache, positions), scale), cache
     chosen = cache['chosen']
     blocks = jax.lax.top_k(jnp.where(chosen, jnp.arange(chosen.shape[-1]), -1), count)[0]
-    gathered = lambda: kv_cache.attend_blocks(q, cache, blocks, self.block_size, positions, scale)  # noqa: E731
-    # Exact ties of the k-th gate score keep more than `count` blocks: then read them all.
-    return jax.lax.cond((chosen.sum(-1) <= count).all(), gathered, masked), cache
+    return kv_cache.attend_blocks(q, cache, blocks, self.block_size, positions, scale), cache
 
   def gathered_blocks(self, cache):
-    """How many key blocks a decoding step gathers per query head (top-k's count and the
-    two forced blocks), or None where it reads the whole cache under a mask instead:
-    eval_forward=dense, threshold selection (no fixed count), or a count for which the
-    gathered slots of all query heads outnumber the cache's."""
+    """How many key blocks a decoding step gathers per query head (top-k's count, at least
+    the two forced blocks: select_topk never keeps more), or None where it reads the whole
+    cache under a mask instead: eval_forward=dense, threshold selection (no fixed count), or
+    a count for which the gathered slots of all query heads outnumber the cache's."""
     g = self.options.gate
     if g.eval_forward == 'dense' or g.selection != 'topk':
       return None
     blocks = cache['chosen'].shape[-1]
-    count = gate_lib.topk_blocks_per_row(g.density, blocks) + 2
+    count = min(max(gate_lib.topk_blocks_per_row(g.density, blocks), 2), blocks)
     group = cache['chosen'].shape[1] // cache['k'].shape[2]
     return count if count * group < blocks else None
 
