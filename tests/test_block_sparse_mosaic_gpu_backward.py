@@ -139,6 +139,25 @@ def test_cross_attention_lengths_with_kv_head_plans(path):
         path=path)
 
 
+def test_dkv_lists_cut_into_parts_sum_to_the_same_gradients(monkeypatch):
+  """dK/dV with each kv block's list cut into 3 parts (programs of their own whose partial
+  sums are added after the kernel), one of them empty: causal with documents, a GQA pair
+  and a key bias (the bias gradient summed over the parts too)."""
+  monkeypatch.setattr(mosaic_gpu_backward, 'dkv_splits', lambda *args, **kwargs: 3)
+  q, k, v, bias, d_out = random_inputs(9, 1, 256, 256, 4, 2, 64, jnp.bfloat16, with_bias=True)
+  segments = documents(256, 2)
+  plan = plan_from_mask(masks.Causal(), q_len=256, block_q=64, block_kv=64, segment_ids=segments)
+  check(plan, q, k, v, bias, d_out, allowed=mask_oracle(masks.Causal(), q_len=256, segment_ids=segments))
+
+
+def test_dkv_splits_only_where_few_programs_walk_long_lists():
+  nsa_compressed = mosaic_gpu_backward.dkv_splits(16 * 4, 16 * 256)  # 16 kv blocks x 4 kv heads, 16 heads x 256 q blocks
+  assert nsa_compressed * 16 * 4 >= 4 * 132 and 16 * 256 // nsa_compressed >= mosaic_gpu_backward.MIN_PART_STEPS
+  assert mosaic_gpu_backward.dkv_splits(256 * 16, 256) == 1  # dense 32k, 16 kv heads: already 4096 programs
+  assert mosaic_gpu_backward.dkv_splits(4, 40) == 1  # short lists are not worth cutting
+  assert mosaic_gpu_backward.dkv_splits(4, 4096, fused=True) == 1
+
+
 def test_fused_two_query_chunks_per_block_with_documents_gqa_and_bias():
   """block_q 128 over one 64-key warpgroup: each q block is two pipeline steps of the
   fused kernel, each adding its own 64 rows of dQ."""
@@ -223,6 +242,17 @@ def test_gpu_dtypes_and_head_dims(dtype, head_dim, path):
   plan = plan_from_mask(masks.causal_window(300), q_len=2048, block_q=128, block_kv=128, segment_ids=segments)
   check(plan, q, k, v, bias, d_out, interpret=False,
         allowed=mask_oracle(masks.causal_window(300), q_len=2048, segment_ids=segments), path=path)
+
+
+@pytest.mark.gpu
+def test_gpu_dkv_lists_cut_into_parts(monkeypatch):
+  """NSA's compression-branch shape in small: 2048 queries against 128 compressed keys
+  (spans of 32 every 16), 8 query heads on 2 kv heads, lists cut into 5 parts."""
+  monkeypatch.setattr(mosaic_gpu_backward, 'dkv_splits', lambda *args, **kwargs: 5)
+  mask = masks.CompressedCausal(32, 16)
+  q, k, v, bias, d_out = random_inputs(10, 1, 2048, 128, 8, 2, 128, jnp.bfloat16, True)
+  plan = plan_from_mask(mask, q_len=2048, kv_len=128, block_q=128, block_kv=64)
+  check(plan, q, k, v, bias, d_out, interpret=False, allowed=mask_oracle(mask, q_len=2048, kv_len=128))
 
 
 @pytest.mark.gpu

@@ -251,10 +251,14 @@ def _tile_transforms():
   return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segments, interpret, fused=False):
-  """The dK/dV kernel body for plgpu.kernel; grid (kv blocks, kv heads, batch). `fused`:
-  also add each step's dQ share dS^T K to a float32 GMEM buffer (mosaic_gpu_fused_backward);
-  q blocks then stream in 64-row steps, which keeps head_dim 128 within SMEM."""
+def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segments, interpret, fused=False,
+                splits=1):
+  """The dK/dV kernel body for plgpu.kernel; grid (kv blocks, kv heads, batch x splits).
+  `fused`: also add each step's dQ share dS^T K to a float32 GMEM buffer
+  (mosaic_gpu_fused_backward); q blocks then stream in 64-row steps, which keeps head_dim
+  128 within SMEM. `splits` > 1: each (kv block, kv head, batch row) list is cut into that
+  many consecutive parts, one program each, which write partial dK, dV (and d bias) to
+  [splits, ...] outputs that the caller sums (dkv_splits)."""
   bq, bk = plan.block_q, plan.block_kv
   wgs = bk // ROWS
   step_rows = ROWS if fused else bq  # query rows per pipeline step
@@ -275,9 +279,16 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
     ds_smem2, dq_smem2 = rest[5:7] if fused else (None, None)
     barriers = rest[-1]
     kv_block, kv_head, batch = lax.axis_index('kv_block'), lax.axis_index('kv_heads'), lax.axis_index('batch')
+    batch, part = (lax.div(batch, splits), lax.rem(batch, splits)) if splits > 1 else (batch, 0)
     plan_head = kv_head if plan.plan_heads > 1 else 0  # rank rules come with 1 or Hkv plan heads
     wg = lax.axis_index('wg')
     count = count_ref[batch, kv_head, kv_block]
+    start = 0
+    if splits > 1:  # this program's part of the list: entries start .. start + count - 1
+      per_part = lax.div(count + splits - 1, splits)
+      start = part * per_part
+      count = jnp.clip(count - start, 0, per_part)
+    out_at = (lambda ref: ref.at[part]) if splits > 1 else (lambda ref: ref)
     row0 = kv_block * bk + wg * ROWS
     k_smem, v_smem, bias_smem, seg_smem = k_smem2.at[wg], v_smem2.at[wg], bias_smem2.at[wg], seg_smem2.at[wg]
     rank_smem = rank_smem2.at[wg]
@@ -316,10 +327,10 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
       if has_bias:
         bias_smem[...] = dbias
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[batch, rows, head_cols], commit_group=False)
-      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[batch, rows, head_cols], commit_group=False)
+      plgpu.copy_smem_to_gmem(k_smem, out_at(dk_ref).at[batch, rows, head_cols], commit_group=False)
+      plgpu.copy_smem_to_gmem(v_smem, out_at(dv_ref).at[batch, rows, head_cols], commit_group=False)
       if has_bias:
-        plgpu.copy_smem_to_gmem(bias_smem, dbias_ref.at[batch, pl.ds(kv_head * num_kv_rows + row0, ROWS)],
+        plgpu.copy_smem_to_gmem(bias_smem, out_at(dbias_ref).at[batch, pl.ds(kv_head * num_kv_rows + row0, ROWS)],
                                 commit_group=False)
       plgpu.commit_smem_to_gmem_group()
       plgpu.wait_smem_to_gmem(0)
@@ -371,7 +382,7 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
 
     def step_of(i):
       """(head, index of the step's rows in units of step_rows) of pipeline step i."""
-      entry = entry_ref[batch, kv_head, kv_block, slot_of(i)]
+      entry = entry_ref[batch, kv_head, kv_block, start + slot_of(i)]
       part = lax.rem(i, steps_per_block) if steps_per_block > 1 else 0
       return kv_head * group + entry // num_q_blocks, (entry % num_q_blocks) * steps_per_block + part
 
@@ -382,7 +393,7 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
       carry = rest.pop()
       (i,) = indices
       slot = slot_of(i)
-      full = full_ref[batch, kv_head, kv_block, slot] == 1
+      full = full_ref[batch, kv_head, kv_block, start + slot] == 1
       head, rows_index = step_of(i)
       for c in range(step_rows // ROWS):
         cols = pl.ds(c * ROWS, ROWS)
@@ -501,31 +512,56 @@ def _dq(operands, plan, scale, shapes, stages, interpret):
     operands['d_out'], operands['lse'], operands['delta'], *_extras(operands))
 
 
-def _dkv(operands, plan, scale, shapes, stages, interpret, dq_acc=None):
+def dkv_splits(num_programs, list_length, fused=False):
+  """Parts to cut each dK/dV list into: 1 when the (kv block, kv head, batch row) programs
+  already fill the GPU, else enough for about PROGRAMS_WANTED programs, with parts of at
+  least MIN_PART_STEPS list entries. Few programs with long lists are what NSA's
+  compression branch makes (32k queries against 2k compressed keys: 16 kv blocks per kv
+  head, each walked by 16 query heads over up to 256 q blocks)."""
+  if fused or num_programs >= PROGRAMS_WANTED // 2:
+    return 1
+  return max(1, min(-(-PROGRAMS_WANTED // num_programs), list_length // MIN_PART_STEPS))
+
+
+PROGRAMS_WANTED = 4 * 132  # four waves of an H100/H200's 132 SMs
+MIN_PART_STEPS = 32
+
+
+def _dkv(operands, plan, scale, shapes, stages, interpret, dq_acc=None, splits=None):
   """dK, dV (and d bias) of the kv-major kernel; with a float32 dq_acc Ref (the padded q's
-  shape), the fused kernel that also adds dQ / scale into it."""
+  shape), the fused kernel that also adds dQ / scale into it. `splits` (default
+  dkv_splits): parts per list, whose partial sums (in the inputs' dtype) are added in
+  float32 here, in a fixed order: deterministic."""
   b, h, hkv, d, dtype = shapes
   wgs = plan.block_kv // ROWS
   has_bias, has_segments = 'bias' in operands, 'q_seg' in operands
   fused = dq_acc is not None
   count, entries, full = _group_lists(plan, h, hkv, stages)
-  kernel = _dkv_kernel(plan, scale, dtype, d, h // hkv, stages, has_bias, has_segments, interpret, fused)
-  tile = jax.ShapeDtypeStruct(operands['k'].shape, dtype)
-  out_type = [tile, tile] + ([jax.ShapeDtypeStruct(operands['bias'].shape, jnp.float32)] if has_bias else [])
+  if splits is None:
+    splits = dkv_splits(plan.num_kv_blocks * hkv * b, entries.shape[-1], fused)
+  if splits > 1:  # a part's pipeline may run `stages` steps past its list: pad so they read valid entries
+    entries, full = (_pad_steps(x, x.shape[-1] + stages) for x in (entries, full))
+  kernel = _dkv_kernel(plan, scale, dtype, d, h // hkv, stages, has_bias, has_segments, interpret, fused, splits)
+  parts = (splits,) if splits > 1 else ()
+  tile = jax.ShapeDtypeStruct(parts + operands['k'].shape, dtype)
+  out_type = [tile, tile] + ([jax.ShapeDtypeStruct(parts + operands['bias'].shape, jnp.float32)] if has_bias else [])
   tile_scratch = plgpu.SMEM((wgs, ROWS, d), dtype, transforms=_tile_transforms())
   scratch = [tile_scratch, tile_scratch, plgpu.SMEM((wgs, ROWS), jnp.float32), plgpu.SMEM((wgs, ROWS), jnp.int32),
              plgpu.SMEM((wgs, ROWS), jnp.int32)]
   if fused:  # dS tiles (a wgmma operand) and float32 dQ staging tiles
     scratch += [plgpu.SMEM((wgs, ROWS, ROWS), dtype, transforms=_tile_transforms()),
                 plgpu.SMEM((wgs, ROWS, d), jnp.float32)]
-  return plgpu.kernel(
+  outputs = plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch + [plgpu.Barrier(num_barriers=5 * wgs)],
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      grid=(plan.num_kv_blocks, hkv, b), grid_names=('kv_block', 'kv_heads', 'batch'), num_threads=wgs + 1,
+      grid=(plan.num_kv_blocks, hkv, b * splits), grid_names=('kv_block', 'kv_heads', 'batch'), num_threads=wgs + 1,
       thread_name='wg', interpret=_interpret_params(interpret), kernel_name='block_sparse_dqkv' if fused else
       'block_sparse_dkv',
   )(count, entries, full, operands['q'], operands['k'], operands['v'], operands['d_out'], operands['lse'],
     operands['delta'], *_extras(operands), *([dq_acc] if fused else []))
+  if splits == 1:
+    return outputs
+  return [x.astype(jnp.float32).sum(0).astype(x.dtype) for x in outputs]
 
 
 def backward(q, k, v, key_bias, plan, scale, out, lse, d_out, d_lse, *, interpret=False, stages=2):
