@@ -407,7 +407,7 @@ def test_the_pipeline_runs_without_tensorflow(data_dir):
     ({'text_key': 'book_text'}, r"available: \['doc_id', 'text'\]"),
     ({'train_split': 'training'}, r"split 'training' is not in .*available: \['train', 'validation'\]"),
     ({'tokenizer': 'spm:/nonexistent.model'}, 'no SentencePiece model'),
-    ({'tokenizer': 'wordpiece'}, 'use byte, spm:/path/to/model or hf:'),
+    ({'tokenizer': 'wordpiece'}, 'use byte, codes:N, spm:/path/to/model or hf:'),
 ])
 def test_bad_data_settings_are_user_errors(data_dir, fields, message):
   with pytest.raises(UserError, match=message):
