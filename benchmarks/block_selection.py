@@ -38,7 +38,8 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import attention as attention_bench  # noqa: E402
-from benchmarks.rows import kernel_breakdown, number, report, text_table, time_row  # noqa: E402
+from benchmarks.rows import (device_name, kernel_breakdown, number, report, text_table, time_row,  # noqa: E402
+                             write_json)
 from sparseformer.config import base_config  # noqa: E402
 from sparseformer.model import resolve_dims  # noqa: E402
 from sparseformer.model.attention import AttentionContext, get_mechanism  # noqa: E402
@@ -201,23 +202,34 @@ def main(argv=None):
   args = parse_args(argv)
   wanted = args.rows.split(',')
   rows = []
+  meta = dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, block=args.block,
+              iterations=args.iterations)
   for length in (int(n) for n in args.lengths.split(',')):
     inputs = make_inputs(args, length)
     if 'cudnn' in wanted:
       cudnn_rows(args, length, inputs, rows)
+      print_last(rows, length, 'cudnn')
     for what in wanted:
       if what in LAYERS:
         mechanism_rows(args, length, what, inputs, rows)
-        print(f'{length} {what}: ' + ', '.join(f'{r.direction} {r.ms:.2f} ms' for r in rows[-2:]), flush=True)
+        print_last(rows, length, what)
     if 'fla_nsa' in wanted and not args.quick:
       fla_rows(args, length, inputs, rows)
+      print_last(rows, length, 'fla_nsa')
+    if args.out:  # each finished length kept, should a later one run out of time
+      fill_ratios(rows)
+      write_json(args.out, dict(device=device_name(), jax=jax.__version__, **meta), rows)
   fill_ratios(rows)
   lines = [[str(r.length), r.what, r.direction, number(r.ms, '.2f'), number(r.vs_cudnn, '.2f'),
             number(r.vs_fla, '.2f'), r.note] for r in rows]
   table = text_table(['length', 'what', 'pass', 'ms', 'vs cuDNN', 'vs FLA', 'note'], lines)
-  report(rows, table, args.out, dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                                     block=args.block, iterations=args.iterations))
+  report(rows, table, args.out, meta)
   return rows
+
+
+def print_last(rows, length, what):
+  print(f'{length} {what}: ' + ', '.join(f'{r.direction} {r.ms:.2f} ms {r.note}'.rstrip() for r in rows[-2:]),
+        flush=True)
 
 
 if __name__ == '__main__':
