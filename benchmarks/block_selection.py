@@ -208,14 +208,14 @@ def main(argv=None):
     inputs = make_inputs(args, length)
     if 'cudnn' in wanted:
       cudnn_rows(args, length, inputs, rows)
-      print_last(rows, length, 'cudnn')
+      print_last(rows)
     for what in wanted:
       if what in LAYERS:
         mechanism_rows(args, length, what, inputs, rows)
-        print_last(rows, length, what)
+        print_last(rows)
     if 'fla_nsa' in wanted and not args.quick:
       fla_rows(args, length, inputs, rows)
-      print_last(rows, length, 'fla_nsa')
+      print_last(rows)
     if args.out:  # each finished length kept, should a later one run out of time
       fill_ratios(rows)
       write_json(args.out, dict(device=device_name(), jax=jax.__version__, **meta), rows)
@@ -227,9 +227,10 @@ def main(argv=None):
   return rows
 
 
-def print_last(rows, length, what):
-  print(f'{length} {what}: ' + ', '.join(f'{r.direction} {r.ms:.2f} ms {r.note}'.rstrip() for r in rows[-2:]),
-        flush=True)
+def print_last(rows):
+  """The row pair (fwd, fwd+bwd) just measured."""
+  print(f'{rows[-1].length} {rows[-1].what}: '
+        + ', '.join(f'{r.direction} {r.ms:.2f} ms {r.note}'.rstrip() for r in rows[-2:]), flush=True)
 
 
 if __name__ == '__main__':

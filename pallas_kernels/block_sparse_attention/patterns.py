@@ -490,9 +490,8 @@ class BigBird(Mask):
 
 
 def _band(distance):
-  """floor(log2(max(distance, 1))) for int arrays (distance < 2^31): one count of leading
-  zeros (a single instruction in the GPU and TPU kernels, which evaluate it per element of
-  every partial tile)."""
+  """floor(log2(max(distance, 1))) for int arrays: one count of leading zeros (the kernels
+  evaluate it per element of every partial tile)."""
   distance = jnp.maximum(jnp.asarray(distance, jnp.int32), 1)
   return 31 - jax.lax.clz(distance)
 
