@@ -20,6 +20,7 @@ from sparseformer.errors import UserError, closest_match
 
 FORMAT_VERSION = 1
 # train.attention_backward -> block_sparse_attention(deterministic=...)
+MAX_SHORT_CONV = 16
 ATTENTION_BACKWARDS = {'default': None, 'deterministic': True, 'fused': False}
 
 
@@ -47,6 +48,7 @@ def base_config():
   m.dtype = 'auto'  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
   m.param_dtype = 'float32'
   m.remat = 'none'  # none | full | dots (save matmul outputs)
+  m.short_conv = 0  # >0: a causal depthwise convolution of this many taps before each attention (docs/model.md)
   m.rope = ml_collections.ConfigDict()
   m.rope.theta = 10000.0
   m.rope.scaling = 'none'  # none | linear (position interpolation) | ntk | yarn | llama3 (Llama 3.1)
@@ -322,6 +324,8 @@ def validate(cfg):
   require(m.dtype in ('auto', 'float32', 'bfloat16', 'float16'), f'model.dtype={m.dtype!r}: use auto, float32, bfloat16 or float16')
   require(m.param_dtype in ('float32', 'bfloat16'), f'model.param_dtype={m.param_dtype!r}: use float32 or bfloat16')
   require(m.remat in ('none', 'full', 'dots'), f'model.remat={m.remat!r}: use none, full or dots')
+  require(0 <= m.short_conv <= MAX_SHORT_CONV,
+          f'model.short_conv={m.short_conv}: use 0 (none) or a width of 1 to {MAX_SHORT_CONV} tokens')
   validate_attention(m)
   if m.layer_attention:
     require(len(m.layer_attention) == m.num_layers,

@@ -64,10 +64,13 @@ def teacher_forced_logits(model, tokens, prompt_lengths, prompt_pad):
 
 
 def check_teacher_forcing(specs, attention=None, prompt_lengths=(5, 17, 12), length=40, prompt_pad=24, seed=1,
-                          tolerance=TOLERANCE, **model_overrides):
+                          tolerance=TOLERANCE, prepare=None, **model_overrides):
   """Asserts that teacher-forced decoding gives the forward pass's logits at every
-  position from each row's last prompt token on (rows of different prompt lengths)."""
+  position from each row's last prompt token on (rows of different prompt lengths).
+  prepare(model), if given, may change the model's parameters first."""
   model = model_for(specs, attention, **model_overrides)
+  if prepare is not None:
+    prepare(model)
   batch = len(prompt_lengths)
   tokens = jax.random.randint(jax.random.key(seed), (batch, length), 3, VOCAB)
   reference, _ = jitted(model, '__call__')(tokens, jnp.broadcast_to(jnp.arange(length), (batch, length)), None)

@@ -78,6 +78,8 @@ def test_unknown_preset_and_missing_file():
     ('model.layer_attention', "('dense',)", 'entries for 4 layers'),
     ('train.grad_accum_steps', '5', 'not divisible by train.grad_accum_steps'),
     ('model.remat', 'some', 'use none, full or dots'),
+    ('model.short_conv', '-1', r'use 0 \(none\) or a width of 1 to 16'),
+    ('model.short_conv', '17', r'use 0 \(none\) or a width of 1 to 16'),
 ])
 def test_validation_errors(field, value, message):
   cfg = config_lib.load_config_file(DEFAULT)

@@ -51,6 +51,16 @@ def test_a_changed_rope_scaling_is_written_into_the_config(tmp_path):
     export_model(str(tmp_path / 'run'), cfg, str(tmp_path / 'out2'), **QUIET)
 
 
+def test_a_model_with_a_short_convolution_is_not_exported(tmp_path):
+  hf_fixtures.write_model(tmp_path / 'source', 'llama')
+  import_model(str(tmp_path / 'source'), str(tmp_path / 'run'), **QUIET)
+  cfg = load_run_config(str(tmp_path / 'run'))
+  cfg.model.short_conv = 4
+  with pytest.raises(UserError, match='model.short_conv=4: .*cannot be exported to transformers'):
+    export_model(str(tmp_path / 'run'), cfg, str(tmp_path / 'out'), **QUIET)
+  assert not (tmp_path / 'out').exists()
+
+
 def test_a_model_trained_here_exports_as_llama_with_its_gates_beside(tmp_path, data_dir):
   """A tiny gated run (byte tokenizer, no source config) -> a LlamaForCausalLM directory,
   and the gate parameters in the side file."""

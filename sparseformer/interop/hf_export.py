@@ -102,6 +102,9 @@ def export_model(workdir, cfg, out, *, step=None, max_shard_bytes=MAX_SHARD_BYTE
     raise UserError(f'{out} is not empty: export into a new directory')
   source = source_directory(workdir, cfg)
   dims = resolve_dims(cfg.model, data.make_tokenizer(cfg.data.tokenizer).vocab_size)
+  if dims.short_conv:
+    raise UserError(f'model.short_conv={dims.short_conv}: this model has a convolution before each attention, which '
+                    'Llama and Qwen lack; it cannot be exported to transformers')
   if source:
     with open(os.path.join(source, 'config.json')) as f:
       hf = hf_config.updated_source_config(json.load(f), dims)

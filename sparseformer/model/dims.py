@@ -27,6 +27,7 @@ class ModelDims:
   dtype: str
   param_dtype: str
   remat: str
+  short_conv: int  # taps of the convolution before each attention; 0: none
   rope: ml_collections.FrozenConfigDict
   attention: ml_collections.FrozenConfigDict  # options shared by every layer's mechanism
   layer_mechanisms: tuple  # one mechanism spec (name[:argument]) per layer
@@ -109,6 +110,7 @@ def resolve_dims(model_cfg, tokenizer_vocab_size, platform=None):
       dtype=dtype,
       param_dtype=m.param_dtype,
       remat=m.remat,
+      short_conv=m.short_conv,
       rope=ml_collections.FrozenConfigDict(m.rope),
       attention=ml_collections.FrozenConfigDict(m.attention),
       layer_mechanisms=layer_mechanisms,

@@ -66,3 +66,47 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class ShortConv(nnx.Module):
+  """A causal depthwise convolution over each token and the `width - 1` before it in its
+  document, added to its input: x + sum_j w[j] * x[t - j]. Zero at initialisation, so a
+  model gains it as the identity. It hands attention a mix of neighbouring tokens, the
+  "previous token" features an induction head otherwise needs a whole layer to build
+  (Zoology's and Based's short convolutions; Allen-Zhu 2025, "Canon layers")."""
+
+  def __init__(self, dims, rngs):
+    self.width = dims.short_conv
+    self.kernel = param(rngs, (self.width, dims.d_model), ('conv_width', 'embed'), dtype=dims.weight_dtype,
+                        value=jnp.zeros((self.width, dims.d_model)))
+    self.compute_dtype = dims.compute_dtype
+
+  def __call__(self, x, positions, segment_ids):
+    """x [B, T, D] with positions [B, T] (each document counts from 0) and segment_ids
+    [B, T] or None: a tap reaches back only within the token's document."""
+    kernel = self.kernel[...].astype(self.compute_dtype)
+    out = x + kernel[0] * x
+    for j in range(1, self.width):
+      earlier = jnp.pad(x, ((0, 0), (j, 0), (0, 0)))[:, :-j]
+      same_document = positions >= j
+      if segment_ids is not None:
+        same_document &= jnp.pad(segment_ids, ((0, 0), (j, 0)), constant_values=-1)[:, :-j] == segment_ids
+      out = out + kernel[j] * jnp.where(same_document[..., None], earlier, 0)
+    return out
+
+  def init_state(self, batch, d_model, dtype):
+    """The decoding state: the last width - 1 inputs of each row, oldest first."""
+    return jnp.zeros((batch, self.width - 1, d_model), dtype)
+
+  def prefill_state(self, x, lengths):
+    """The state after prompts x [B, P, D] right-padded past `lengths` [B]."""
+    offsets = lengths[:, None] - self.width + 1 + jnp.arange(self.width - 1)[None, :]
+    taps = jnp.take_along_axis(x, jnp.clip(offsets, 0, x.shape[1] - 1)[..., None], axis=1)
+    return jnp.where((offsets >= 0)[..., None], taps, 0).astype(x.dtype)
+
+  def decode(self, x, state):
+    """(output, state) for one new token per row, x [B, 1, D]."""
+    window = jnp.concatenate([state, x.astype(state.dtype)], axis=1)  # oldest first, x last
+    kernel = self.kernel[...].astype(self.compute_dtype)
+    out = x + jnp.einsum('bjd,jd->bd', window[:, ::-1], kernel)[:, None].astype(x.dtype)
+    return out, window[:, 1:]

@@ -1,4 +1,4 @@
-"""The decoder-only language model: embed -> N x [norm, attention, norm, MLP] -> logits
+"""The decoder-only language model: embed -> N x [norm, (short conv), attention, norm, MLP] -> logits
 (or the final hidden states, for a loss that unembeds them in chunks)."""
 
 import jax
@@ -7,7 +7,7 @@ from flax import nnx
 
 from sparseformer.model import rope
 from sparseformer.model.attention import AttentionContext, get_mechanism
-from sparseformer.model.layers import Einsum, RMSNorm, SwiGLU, output_std, param
+from sparseformer.model.layers import Einsum, RMSNorm, ShortConv, SwiGLU, output_std, param
 
 
 class AttentionLayer(nnx.Module):
@@ -60,23 +60,48 @@ class AttentionLayer(nnx.Module):
 
 
 class Block(nnx.Module):
+  """norm -> [short convolution] -> attention, then norm -> MLP, each added to the residual.
+  With model.short_conv, a layer's decoding cache is {'attention': the mechanism's cache,
+  'conv': the convolution's last inputs}."""
 
   def __init__(self, dims, layer_index, rngs):
     self.attention_norm = RMSNorm(dims, rngs)
+    if dims.short_conv:
+      self.short_conv = ShortConv(dims, rngs)
     self.attention = AttentionLayer(dims, layer_index, rngs)
     self.mlp_norm = RMSNorm(dims, rngs)
     self.mlp = SwiGLU(dims, rngs)
 
   def __call__(self, x, ctx):
-    y, aux = self.attention(self.attention_norm(x), ctx)
+    h = self.attention_norm(x)
+    if hasattr(self, 'short_conv'):
+      h = self.short_conv(h, ctx.positions, ctx.segment_ids)
+    y, aux = self.attention(h, ctx)
     return self.add_mlp(x + y), aux
 
+  def init_cache(self, batch, max_len, dims):
+    cache = self.attention.mechanism.init_cache(batch, max_len, dims.num_kv_heads, dims.head_dim, dims.compute_dtype)
+    if not hasattr(self, 'short_conv'):
+      return cache
+    return {'attention': cache, 'conv': self.short_conv.init_state(batch, dims.d_model, dims.compute_dtype)}
+
   def prefill(self, x, ctx, cache, lengths):
-    y, cache = self.attention.prefill(self.attention_norm(x), ctx, cache, lengths)
+    h = self.attention_norm(x)
+    if hasattr(self, 'short_conv'):
+      conv_state = self.short_conv.prefill_state(h, lengths)
+      h = self.short_conv(h, ctx.positions, ctx.segment_ids)
+      y, cache = self.attention.prefill(h, ctx, cache['attention'], lengths)
+      return self.add_mlp(x + y), {'attention': cache, 'conv': conv_state}
+    y, cache = self.attention.prefill(h, ctx, cache, lengths)
     return self.add_mlp(x + y), cache
 
   def decode(self, x, ctx, cache):
-    y, cache = self.attention.decode(self.attention_norm(x), ctx, cache)
+    h = self.attention_norm(x)
+    if hasattr(self, 'short_conv'):
+      h, conv_state = self.short_conv.decode(h, cache['conv'])
+      y, cache = self.attention.decode(h, ctx, cache['attention'])
+      return self.add_mlp(x + y), {'attention': cache, 'conv': conv_state}
+    y, cache = self.attention.decode(h, ctx, cache)
     return self.add_mlp(x + y), cache
 
   def add_mlp(self, x):
@@ -140,9 +165,7 @@ class LanguageModel(nnx.Module):
 
   def init_cache(self, batch, max_len):
     """Every layer's empty cache, for `batch` rows of up to `max_len` tokens."""
-    dims = self.dims
-    return [block.attention.mechanism.init_cache(batch, max_len, dims.num_kv_heads, dims.head_dim,
-                                                 dims.compute_dtype) for block in self.blocks]
+    return [block.init_cache(batch, max_len, self.dims) for block in self.blocks]
 
   def prefill(self, tokens, lengths, cache):
     """(logits [B, vocab] float32 of each row's last prompt token, cache) of prompts
