@@ -11,5 +11,8 @@ export PYTHONPATH=/tmp/src:/tmp/site PYTHONUNBUFFERED=1
 # The machine's HOME gives triton no cache directory ("Could not create or locate cache
 # dir" from fla's kernels): give it one.
 export TRITON_CACHE_DIR=/tmp/triton_cache
+# fla's autotuners ask triton to cache their results on disk, which still fails there:
+# autotune in memory.
+export FLA_CACHE_RESULTS=0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 cd /tmp/src
