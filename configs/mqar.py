@@ -10,7 +10,7 @@ is 8 tokens in the context ('kfa:mqz ') and 8 in its query (' kfa:mqz'): 64 pair
 1024 tokens with no room between the queries. At 2048 the query region (1536 tokens) is
 3 times the queries' tokens, Zoology's layout at 64 pairs and 512 tokens (128 key/value
 tokens, then 64 queries in 192 two-token slots). The model: 2 layers, d_model 128, 2
-heads, dense attention.
+heads, dense attention, a 4-tap short convolution before each attention.
 
     python train.py --config configs/mqar.py --workdir runs/mqar
     python -m sparseformer.cli.eval_tasks --workdir runs/mqar
@@ -50,6 +50,7 @@ def get_config(arg=None):
   c.model.num_layers = 2
   c.model.num_heads = 2
   c.model.attention.kind = 'dense'
+  c.model.short_conv = 4  # previous-token features for free, as Zoology's models have (docs/architecture.md)
 
   c.train.steps = 20000
   c.train.global_batch_size = 64

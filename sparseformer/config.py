@@ -48,7 +48,7 @@ def base_config():
   m.dtype = 'auto'  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
   m.param_dtype = 'float32'
   m.remat = 'none'  # none | full | dots (save matmul outputs)
-  m.short_conv = 0  # >0: a causal depthwise convolution of this many taps before each attention (docs/model.md)
+  m.short_conv = 0  # >0: a causal depthwise convolution of this many taps before each attention (docs/architecture.md)
   m.rope = ml_collections.ConfigDict()
   m.rope.theta = 10000.0
   m.rope.scaling = 'none'  # none | linear (position interpolation) | ntk | yarn | llama3 (Llama 3.1)

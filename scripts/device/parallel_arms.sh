@@ -8,6 +8,7 @@
 # times, its compare.json and the tail of its log). Extra --config overrides for every
 # arm: ARM_OVERRIDES="--config.run.seed=1 --config.run.train.warmup_steps=500".
 set -uo pipefail
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the arms share the GPU: no process may take most of it up front
 suite=$1; steps=$2; seconds=$3; tag=$4; shift 4
 arms=${*:-dense window masformer gated dma routing sse_h gla_h}
 name=$(basename "${suite%%:*}" .py)_$(echo "${suite#*:}" | tr -c 'a-zA-Z0-9\n' _)
