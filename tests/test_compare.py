@@ -126,6 +126,14 @@ def test_quick_comparison_trains_two_arms_and_writes_the_table_and_plot(tmp_path
   again = run_compare(argv)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count('are saved, not re-evaluated') == 2
+  # A second seed of one arm: its own workdir, and the table averages the arm's seeds.
+  seeded = run_compare(argv + ['--arms', 'dense', '--seeds', '1'])
+  assert seeded.returncode == 0, seeded.stdout[-3000:] + seeded.stderr[-3000:]
+  assert (workdir / 'dense.seed1' / 'checkpoints' / '3').is_dir()
+  results = json.loads((workdir / 'results.json').read_text())
+  assert [run['seed'] for run in results['arms']['dense']['seed_runs']] == [0, 1]
+  assert [run['seed'] for run in results['arms']['window']['seed_runs']] == [0]
+  assert ' ± ' in (workdir / 'results.md').read_text()
 
 
 @pytest.mark.parametrize('suite', [MQAR_SUITE + p for p in ('', ':2k', ':8k', ':512', ':quick')]
@@ -151,3 +159,42 @@ def test_every_suite_preset_makes_its_training_rows_and_evaluation_examples(suit
 def test_the_report_writes_a_repeated_training_spec_once_with_its_count():
   specs = ('mqar:pairs=32,vocab=676@512',) * 16 + ('mqar:pairs=64,vocab=676', 'mqar:pairs=128,vocab=676')
   assert task_mix(specs) == 'mqar:pairs=32,vocab=676@512 x16, mqar:pairs=64,vocab=676, mqar:pairs=128,vocab=676'
+
+
+def test_seeds_parse_and_name_their_workdirs():
+  assert compare.parse_seeds('', 7) == (7,)
+  assert compare.parse_seeds('0,2,1,2', 7) == (0, 2, 1)
+  for bad in ('a', '1,-2', ','):
+    with pytest.raises(UserError, match='--seeds .*non-negative integers'):
+      compare.parse_seeds(bad, 0)
+  assert compare.seed_dir_name('dense', 0, 0) == 'dense' and compare.seed_dir_name('dense', 3, 0) == 'dense.seed3'
+  assert compare.seeded(quick_suite().run, 5).seed == 5
+
+
+def saved_arm(workdir, entry, score, step_ms):
+  os.makedirs(workdir / entry)
+  tasks = {'tasks': {'mqar:pairs=8,vocab=676': {'lengths': {'256': {'score': score}}}}}
+  train = {'step_time_s': step_ms / 1e3, 'data_time_s': 0.0, 'compute_time_s': step_ms / 1e3, 'tokens_per_s': 1.0,
+           'final_train_loss': 1.0}
+  (workdir / entry / 'compare.json').write_text(json.dumps({'step': 3, 'train': train, 'nll': None, 'tasks': tasks}))
+
+
+def test_the_table_gives_the_mean_and_deviation_over_each_arms_seeds(tmp_path):
+  from sparseformer.cli.compare_report import report_markdown
+  suite = quick_suite()
+  names = [name for name, _ in suite.arms]
+  configs = {name: compare.arm_config(suite.run, name, changes) for name, changes in suite.arms}
+  budgets = {name: {**compare.arm_budget(configs[name]), 'params_vs_first': 0.0} for name in names}
+  saved_arm(tmp_path, 'dense', 0.2, 10)
+  saved_arm(tmp_path, 'dense.seed1', 0.4, 20)
+  saved_arm(tmp_path, 'dense.seed2', 0.6, 30)
+  saved_arm(tmp_path, 'window', 0.1, 5)
+  saved_arm(tmp_path, 'window.seedx', 0.9, 5)  # not a seed directory: ignored
+  results = compare.collect(suite, configs, budgets, str(tmp_path), 'quick')
+  dense = results['arms']['dense']
+  assert [run['seed'] for run in dense['seed_runs']] == [0, 1, 2]
+  assert dense['train']['compute_time_s'] == pytest.approx(0.020)
+  assert results['settings']['seeds'] == [0, 1, 2]
+  table = report_markdown(results)
+  assert '| dense | 0.400 ± 0.200 |' in table and '| window | 0.100 |' in table
+  assert 'seeds 0, 1, 2 (each figure the mean' in table

@@ -1,10 +1,11 @@
 """python -m sparseformer.cli.compare --config configs/compare/SUITE.py[:PRESET] --workdir DIR
-       [--arms a,b,...] [--config.run.a.b=v ...] [--config.param_tolerance=0.05]
+       [--arms a,b,...] [--seeds 0,1,2] [--config.run.a.b=v ...] [--config.param_tolerance=0.05]
 
 Trains every arm of a comparison suite on an equal budget, evaluates each, and writes one
 table and one frontier plot:
 
   DIR/<arm>/          the arm's ordinary workdir (train.py / eval.py / eval_tasks work on it)
+  DIR/<arm>.seed<S>/  the same arm trained with run seed S (--seeds), when S is not the run's seed
   DIR/results.json    every figure below, raw
   DIR/results.md      the table
   DIR/frontier.png    quality against attention FLOPs per token, and against step time
@@ -21,6 +22,9 @@ are reported). Each arm is evaluated on:
 An interrupted comparison resumes: a finished arm is not retrained (train.py resumes
 from its workdir), and an arm whose results are saved for its last step is not
 re-evaluated. --arms picks a subset to run now; the table holds every arm with results.
+--seeds trains each arm once per seed (the seed sets the initialisation and the data order,
+the same for every arm); the table then gives each score as the mean over the arm's seeds
+with results and their standard deviation, and results.json every seed's figures.
 
 A suite file defines get_config(arg) returning a ConfigDict with
   run              a run config (sparseformer.config.base_config's schema)
@@ -284,10 +288,55 @@ def read_json(path):
 
 
 # ---------------------------------------------------------------------------------------
+# Seeds: one workdir per (arm, seed)
+
+SEED_SUFFIX = '.seed'  # arm names cannot hold a '.' (ARM_NAME), so these never clash
+
+
+def parse_seeds(text, run_seed):
+  """'--seeds 0,1,2' -> (0, 1, 2); '' -> (the run's seed,)."""
+  if not text:
+    return (run_seed,)
+  parts = [part.strip() for part in str(text).split(',') if part.strip()]
+  if not parts or not all(part.isdigit() for part in parts):
+    raise UserError(f'--seeds {text}: give seeds as non-negative integers separated by commas, e.g. --seeds 0,1,2')
+  seeds = tuple(dict.fromkeys(int(part) for part in parts))
+  return seeds
+
+
+def seed_dir_name(name, seed, run_seed):
+  """The arm's own workdir name for the run's seed; <name>.seed<S> for another seed."""
+  return name if seed == run_seed else f'{name}{SEED_SUFFIX}{seed}'
+
+
+def seeded(cfg, seed):
+  cfg = copy.deepcopy(cfg)
+  cfg.seed = seed
+  return cfg
+
+
+def seed_runs(workdir, name, run_seed):
+  """[{'seed', **saved results}] of every seed of arm `name` with saved results, by seed."""
+  prefix = name + SEED_SUFFIX
+  runs = []
+  for entry in (os.listdir(workdir) if os.path.isdir(workdir) else ()):
+    if entry == name:
+      seed = run_seed
+    elif entry.startswith(prefix) and entry[len(prefix):].isdigit():
+      seed = int(entry[len(prefix):])
+    else:
+      continue
+    saved = load_arm_results(os.path.join(workdir, entry))
+    if saved is not None:
+      runs.append({'seed': seed, **saved})
+  return sorted(runs, key=lambda run: run['seed'])
+
+
+# ---------------------------------------------------------------------------------------
 
 
 def compare_command(argv):
-  flags, overrides = parse_args(argv, allowed=('config', 'workdir', 'arms'))
+  flags, overrides = parse_args(argv, allowed=('config', 'workdir', 'arms', 'seeds'))
   if flags.get('help'):
     print(__doc__)
     return 0
@@ -302,6 +351,7 @@ def compare_command(argv):
   budgets = {name: arm_budget(configs[name]) for name in names}
   check_param_budget(budgets, suite.param_tolerance)
   to_run = selected_arms(suite, flags.get('arms', ''))
+  seeds = parse_seeds(flags.get('seeds', ''), suite.run.seed)
   configure_jax()
   from sparseformer import distributed
   distributed.initialize()
@@ -311,7 +361,9 @@ def compare_command(argv):
   stopped = None
   try:
     for name in to_run:
-      run_arm(name, configs[name], workdir, log, suite.score_nll)
+      for seed in seeds:
+        run_arm(seed_dir_name(name, seed, suite.run.seed), seeded(configs[name], seed), workdir, log,
+                suite.score_nll)
   except ArmStopped as e:
     stopped = str(e)
   if distributed.is_main_process():
@@ -328,17 +380,19 @@ def compare_command(argv):
 def collect(suite, configs, budgets, workdir, suite_spec):
   """Every arm with saved results, in suite order, with its budget and settings."""
   import jax
+  from sparseformer.cli.compare_report import merge_seed_runs
   arms = {}
   for name, changes in suite.arms:
-    saved = load_arm_results(os.path.join(workdir, name))
-    if saved is not None:
-      arms[name] = {**budgets[name], **saved, 'changes': changes}
+    runs = seed_runs(workdir, name, suite.run.seed)
+    if runs:
+      arms[name] = {**budgets[name], **merge_seed_runs(runs), 'seed_runs': runs, 'changes': changes}
   run = suite.run
   return {'suite': suite_spec, 'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
           'settings': {'seq_len': run.data.seq_len, 'steps': run.train.steps,
                        'global_batch_size': run.train.global_batch_size, 'data': run.data.name,
                        'tasks': list(run.data.tasks), 'task_fraction': run.data.task_fraction,
                        'eval_tasks': list(run.eval.tasks), 'seed': run.seed,
+                       'seeds': sorted({r['seed'] for arm in arms.values() for r in arm['seed_runs']}),
                        'param_tolerance': suite.param_tolerance},
           'notes': suite.notes, 'arms': arms, 'run_config': ml_collections.ConfigDict(run).to_dict()}
 

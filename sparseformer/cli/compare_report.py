@@ -19,13 +19,68 @@ def describe_layers(layers):
   return ', '.join(spec if count == 1 else f'{spec} x{count}' for spec, count in runs)
 
 
-def task_accuracies(arm):
-  """{(task, length): score} of an arm's task evaluation (empty without one). The score is
+def run_task_scores(run):
+  """{(task, length): score} of one run's task evaluation (empty without one). The score is
   the fraction of answers exactly right (RULER's string_match_all; for MQAR, Zoology's
   per-query accuracy); for one-answer tasks it is the exact-match accuracy."""
-  tasks = (arm.get('tasks') or {}).get('tasks', {})
+  tasks = (run.get('tasks') or {}).get('tasks', {})
   return {(task, int(length)): per_length['score']
           for task, per_task in tasks.items() for length, per_length in per_task['lengths'].items()}
+
+
+def seed_task_scores(arm):
+  """{(task, length): [score of each seed run that has it]}."""
+  scores = {}
+  for run in arm.get('seed_runs') or [arm]:
+    for key, score in run_task_scores(run).items():
+      scores.setdefault(key, []).append(score)
+  return scores
+
+
+def task_accuracies(arm):
+  """{(task, length): score}, the mean over the arm's seeds."""
+  return {key: sum(values) / len(values) for key, values in seed_task_scores(arm).items()}
+
+
+def spread(values):
+  """The sample standard deviation of `values`; None for fewer than two."""
+  if len(values) < 2:
+    return None
+  mean = sum(values) / len(values)
+  return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def fmt_score(values):
+  """'0.427' for one seed, '0.427 ± 0.050' (mean ± standard deviation) for several."""
+  if not values:
+    return 'n/a'
+  mean, deviation = sum(values) / len(values), spread(values)
+  return fmt(mean, '.3f') + ('' if deviation is None else f' ± {deviation:.3f}')
+
+
+def mean_of(values):
+  values = [v for v in values if v is not None]
+  return sum(values) / len(values) if values else None
+
+
+def merged_nll(nlls):
+  """The seeds' eval.py results averaged: overall NLL and each position bucket's."""
+  nlls = [n for n in nlls if n]
+  if not nlls:
+    return None
+  buckets = [{**bucket, 'nll': mean_of([n['position_buckets'][i]['nll'] for n in nlls])}
+             for i, bucket in enumerate(nlls[0]['position_buckets'])]
+  return {**nlls[0], 'nll': mean_of([n['nll'] for n in nlls]), 'position_buckets': buckets}
+
+
+def merge_seed_runs(runs):
+  """An arm's fields for the tables from its seed runs ([{'seed', **saved}]): one run's own,
+  or the means over several (step times, final loss, NLL); task scores are read from
+  the runs themselves (seed_task_scores)."""
+  if len(runs) == 1:
+    return {key: value for key, value in runs[0].items() if key != 'seed'}
+  train = {key: mean_of([run['train'].get(key) for run in runs]) for key in runs[0]['train']}
+  return {'step': runs[0]['step'], 'train': train, 'nll': merged_nll([run['nll'] for run in runs]), 'tasks': None}
 
 
 def mean_task_accuracy(arm):
@@ -50,9 +105,10 @@ def summary_table(results):
   for name, arm in arms.items():
     last = last_bucket_nll(arm)
     per_task = []
-    for task in tasks:
-      values = [a for (t, _), a in task_accuracies(arm).items() if t == task]
-      per_task.append(fmt(sum(values) / len(values), '.3f') if values else 'n/a')
+    runs = arm.get('seed_runs') or [arm]
+    for task in tasks:  # per seed the mean over lengths, then mean ± deviation over the seeds
+      per_seed = [mean_of([a for (t, _), a in run_task_scores(run).items() if t == task]) for run in runs]
+      per_task.append(fmt_score([v for v in per_seed if v is not None]))
     step = arm['train'].get('compute_time_s', arm['train']['step_time_s'])
     cells = [name, describe_layers(arm['layers']),
              f'{arm["params"] / 1e6:.2f}M ({arm["params_vs_first"]:+.1%})',
@@ -71,8 +127,8 @@ def task_length_table(results):
   header = ['arm'] + [f'{task} @ {length}' for task, length in keys]
   lines = ['| ' + ' | '.join(header) + ' |', '| --- ' * len(header) + '|']
   for name, arm in arms.items():
-    accuracies = task_accuracies(arm)
-    lines.append('| ' + ' | '.join([name] + [fmt(accuracies.get(key), '.3f') for key in keys]) + ' |')
+    scores = seed_task_scores(arm)
+    lines.append('| ' + ' | '.join([name] + [fmt_score(scores.get(key, [])) for key in keys]) + ' |')
   return '\n'.join(lines)
 
 
@@ -103,8 +159,12 @@ def report_markdown(results):
   s = results['settings']
   if not results['arms']:
     return f'Suite `{results["suite"]}`: no arm has results yet.\n'
+  seeds = s.get('seeds') or [s['seed']]
+  seed_text = (f'seed {seeds[0]}' if len(seeds) == 1 else
+               f'seeds {", ".join(map(str, seeds))} (each figure the mean over an arm\'s seeds; ± their standard '
+               'deviation; seeds per arm in results.json)')
   parts = [f'Suite `{results["suite"]}` on {results["device"]}: {s["steps"]} steps x {s["global_batch_size"]} x '
-           f'{s["seq_len"]} tokens, seed {s["seed"]}, data {s["data"]}'
+           f'{s["seq_len"]} tokens, {seed_text}, data {s["data"]}'
            + (f' with {s["task_fraction"]:.0%} task rows ({task_mix(s["tasks"])})' if s['tasks'] else '')
            + '. Attention FLOPs: nominal forward FLOPs per token of all layers\' attention (scores and values, '
            'projections excluded). Step ms: median measured train step after compilation, less its wait for input data.',
