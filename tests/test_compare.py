@@ -14,6 +14,7 @@ from tests.train_helpers import ROOT, child_env
 
 MQAR_SUITE = os.path.join(ROOT, 'configs', 'compare', 'mqar.py')
 RETRIEVAL_SUITE = os.path.join(ROOT, 'configs', 'compare', 'retrieval.py')
+CONVERT_SUITE = os.path.join(ROOT, 'configs', 'compare', 'convert.py')
 
 
 def quick_suite():
@@ -137,7 +138,7 @@ def test_quick_comparison_trains_two_arms_and_writes_the_table_and_plot(tmp_path
 
 
 @pytest.mark.parametrize('suite', [MQAR_SUITE + p for p in ('', ':2k', ':8k', ':512', ':quick')]
-                         + [RETRIEVAL_SUITE + p for p in ('', ':quick')])
+                         + [RETRIEVAL_SUITE + p for p in ('', ':quick')] + [CONVERT_SUITE + p for p in ('', ':quick')])
 def test_every_suite_preset_makes_its_training_rows_and_evaluation_examples(suite):
   """Each arm validates, and every task the suite trains or scores fits its length (a task
   too long for its row would otherwise fail only when that arm starts)."""
@@ -198,3 +199,43 @@ def test_the_table_gives_the_mean_and_deviation_over_each_arms_seeds(tmp_path):
   table = report_markdown(results)
   assert '| dense | 0.400 ± 0.200 |' in table and '| window | 0.100 |' in table
   assert 'seeds 0, 1, 2 (each figure the mean' in table
+
+
+def test_a_base_run_needs_unresized_arms_and_its_own_name(tmp_path):
+  full = compare.load_suite(CONVERT_SUITE, {})
+  budgets = {compare.BASE: compare.arm_budget(full.base),
+             **{n: compare.arm_budget(compare.arm_config(full.run, n, c)) for n, c in full.arms}}
+  compare.check_param_budget(budgets, full.param_tolerance)  # the full suite's arms fit its tolerance
+  suite = compare.load_suite(CONVERT_SUITE + ':quick', {'base.train.steps': '5', 'run.train.steps': '4'})
+  assert suite.base.train.steps == 5 and suite.run.train.steps == 4
+  assert compare.selected_arms(suite, '') == ['dense', 'moba', 'base']
+  with pytest.raises(UserError, match="the base's --config.base.FIELD"):
+    compare.load_suite(CONVERT_SUITE + ':quick', {'bse.train.steps': '5'})
+  source = open(CONVERT_SUITE).read().replace("os.path.dirname(os.path.abspath(__file__))",
+                                             repr(os.path.dirname(CONVERT_SUITE)))
+  for index, (change, replacement, message) in enumerate((
+      ('suite.match_params = False', 'suite.match_params = True', 'needs match_params False'),
+      ('suite.arms = paper_arms(seq_len, names=names)', "suite.arms = paper_arms(seq_len, names=names) + (('base', {}),)",
+       "'base' is the base run's name"))):
+    broken = tmp_path / f'broken_{index}.py'
+    broken.write_text(source.replace(change, replacement))
+    with pytest.raises(UserError, match=message):
+      compare.load_suite(str(broken) + ':quick', {})
+
+
+@pytest.mark.slow  # 30 s: a base and two arms trained
+@pytest.mark.time_limit(600)
+def test_arms_continue_from_the_base_run(tmp_path, data_dir):
+  workdir = tmp_path / 'convert'
+  argv = ['--config', CONVERT_SUITE + ':quick', '--workdir', str(workdir), f'--config.run.data.data_dir={data_dir}',
+          f'--config.base.data.data_dir={data_dir}']
+  done = run_compare(argv)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert done.stdout.count(f'init_from {workdir}/base/checkpoints/3: loaded') == 2
+  assert 'initialised 0 fresh' in done.stdout
+  results = json.loads((workdir / 'results.json').read_text())
+  assert list(results['arms']) == ['base', 'dense', 'moba'] and results['base_config']['train']['steps'] == 3
+  for name in ('dense', 'moba'):
+    assert json.loads((workdir / name / 'config.json').read_text())['config']['init_from'] == str(workdir / 'base')
+    assert (workdir / name / 'checkpoints' / '2').is_dir()
+  assert 'Every arm starts from the parameters of the base run' in (workdir / 'results.md').read_text()

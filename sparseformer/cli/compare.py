@@ -36,6 +36,12 @@ A suite file defines get_config(arg) returning a ConfigDict with
   score_nll        False: leave out the validation NLL (task-only suites, where the run's
                    dataset is not what the arms learned)
   notes            Markdown shown under the table (where a paper's setting was changed)
+and optionally
+  base             a run config trained first, once, in DIR/base/ (and scored like an arm):
+                   every arm then starts from its parameters (init_from), as converting a
+                   dense checkpoint to each mechanism does; new parameters (gates, NSA's
+                   compression) start fresh. Needs match_params False (an arm's shapes
+                   must fit the base's). --config.base.FIELD=VALUE overrides its fields.
 """
 
 import copy
@@ -52,6 +58,7 @@ from sparseformer.cli.main import configure_jax, run_command
 from sparseformer.errors import UserError, closest_match
 
 SUITE_FIELDS = ('run', 'arms', 'param_tolerance', 'match_params', 'score_nll', 'notes')
+BASE = 'base'  # the optional suite field, and the workdir and table row of the run it names
 ARM_NAME = re.compile(r'^[a-z0-9][a-z0-9_-]*$')
 
 
@@ -64,29 +71,40 @@ def load_suite(spec, overrides):
   suite = config_lib.call_get_config(spec, 'suite')
   path = spec.partition(':')[0]
   check_suite(suite, path)
-  run_overrides = {k[len('run.'):]: v for k, v in overrides.items() if k.startswith('run.')}
+  sections = ('run', BASE) if BASE in suite else ('run',)
   for key, value in overrides.items():
-    if key.startswith('run.'):
+    if key.split('.')[0] in sections:
       continue
     if key != 'param_tolerance':
       hint = closest_match(key, ['param_tolerance'] + ['run.' + k for k in config_lib.flatten(suite.run)])
       raise UserError(f'--config.{key}: not a suite field' + (f' (did you mean {hint!r}?)' if hint else '')
-                      + '; run fields are --config.run.FIELD')
+                      + '; run fields are --config.run.FIELD' + (', the base\'s --config.base.FIELD' if BASE in suite else ''))
     suite.param_tolerance = config_lib.parse_value(key, value, float(suite.param_tolerance))
-  config_lib.apply_overrides(suite.run, run_overrides)
+  for section in sections:
+    prefix = section + '.'
+    config_lib.apply_overrides(suite[section], {k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)})
+  if BASE in suite:
+    config_lib.validate(suite[BASE])
   return suite
 
 
 def check_suite(suite, origin):
   missing = [f for f in SUITE_FIELDS if f not in suite]
-  unknown = [f for f in suite if f not in SUITE_FIELDS]
+  unknown = [f for f in suite if f not in SUITE_FIELDS + (BASE,)]
   if missing or unknown:
     raise UserError(f'{origin}: a suite has the fields {", ".join(SUITE_FIELDS)}'
                     + (f'; missing {missing}' if missing else '') + (f'; unknown {unknown}' if unknown else ''))
   config_lib.check_schema(suite.run, f'{origin} (run)')
+  if BASE in suite:
+    config_lib.check_schema(suite[BASE], f'{origin} (base)')
+    if suite.match_params:
+      raise UserError(f'{origin}: a suite with a base run needs match_params False: every arm starts from the '
+                      'base\'s parameters, so its MLP cannot be resized')
   names = [arm[0] for arm in suite.arms]
   if not names:
     raise UserError(f'{origin}: the suite has no arms')
+  if BASE in names:
+    raise UserError(f'{origin}: {BASE!r} is the base run\'s name; call the arm something else')
   for arm in suite.arms:
     if not (isinstance(arm, (tuple, list)) and len(arm) == 2 and isinstance(arm[1], dict)):
       raise UserError(f'{origin}: arm {arm!r} is not (name, {{field: value}})')
@@ -130,7 +148,8 @@ def arm_config(run, name, changes):
 
 
 def selected_arms(suite, chosen):
-  names = [name for name, _ in suite.arms]
+  """The arms to run now (--arms), in suite order; 'base' for a suite's base run alone."""
+  names = [name for name, _ in suite.arms] + ([BASE] if BASE in suite else [])
   if not chosen:
     return names
   picked = [n for n in chosen.split(',') if n]
@@ -315,6 +334,13 @@ def seeded(cfg, seed):
   return cfg
 
 
+def starting_from(cfg, base_dir):
+  """The arm's run config starting from the base run's parameters."""
+  cfg = copy.deepcopy(cfg)
+  cfg.init_from = base_dir
+  return cfg
+
+
 def seed_runs(workdir, name, run_seed):
   """[{'seed', **saved results}] of every seed of arm `name` with saved results, by seed."""
   prefix = name + SEED_SUFFIX
@@ -349,6 +375,8 @@ def compare_command(argv):
     target = arm_budget(configs[names[0]])['params']
     configs = {name: matched_mlp_config(cfg, name, target) for name, cfg in configs.items()}
   budgets = {name: arm_budget(configs[name]) for name in names}
+  if BASE in suite:
+    budgets = {BASE: arm_budget(suite[BASE]), **budgets}
   check_param_budget(budgets, suite.param_tolerance)
   to_run = selected_arms(suite, flags.get('arms', ''))
   seeds = parse_seeds(flags.get('seeds', ''), suite.run.seed)
@@ -360,7 +388,11 @@ def compare_command(argv):
   log = print if distributed.is_main_process() else (lambda *a, **k: None)
   stopped = None
   try:
-    for name in to_run:
+    if BASE in suite:  # every arm starts from it: trained (or found done) first
+      run_arm(BASE, suite[BASE], workdir, log, suite.score_nll)
+      base_dir = os.path.abspath(os.path.join(workdir, BASE))
+      configs = {name: starting_from(cfg, base_dir) for name, cfg in configs.items()}
+    for name in (n for n in to_run if n != BASE):
       for seed in seeds:
         run_arm(seed_dir_name(name, seed, suite.run.seed), seeded(configs[name], seed), workdir, log,
                 suite.score_nll)
@@ -382,7 +414,8 @@ def collect(suite, configs, budgets, workdir, suite_spec):
   import jax
   from sparseformer.cli.compare_report import merge_seed_runs
   arms = {}
-  for name, changes in suite.arms:
+  rows = ([(BASE, {'base run': 'every arm starts from it'})] if BASE in suite else []) + list(suite.arms)
+  for name, changes in rows:
     runs = seed_runs(workdir, name, suite.run.seed)
     if runs:
       arms[name] = {**budgets[name], **merge_seed_runs(runs), 'seed_runs': runs, 'changes': changes}
@@ -394,7 +427,8 @@ def collect(suite, configs, budgets, workdir, suite_spec):
                        'eval_tasks': list(run.eval.tasks), 'seed': run.seed,
                        'seeds': sorted({r['seed'] for arm in arms.values() for r in arm['seed_runs']}),
                        'param_tolerance': suite.param_tolerance},
-          'notes': suite.notes, 'arms': arms, 'run_config': ml_collections.ConfigDict(run).to_dict()}
+          'notes': suite.notes, 'arms': arms, 'run_config': ml_collections.ConfigDict(run).to_dict(),
+          'base_config': ml_collections.ConfigDict(suite[BASE]).to_dict() if BASE in suite else None}
 
 
 def main(argv=None):
