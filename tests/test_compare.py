@@ -215,8 +215,7 @@ def test_a_base_run_needs_unresized_arms_and_its_own_name(tmp_path):
                                              repr(os.path.dirname(CONVERT_SUITE)))
   for index, (change, replacement, message) in enumerate((
       ('suite.match_params = False', 'suite.match_params = True', 'needs match_params False'),
-      ('suite.arms = paper_arms(seq_len, names=names)', "suite.arms = paper_arms(seq_len, names=names) + (('base', {}),)",
-       "'base' is the base run's name"))):
+      ('names=names)', "names=names) + (('base', {}),)", "'base' is the base run's name"))):
     broken = tmp_path / f'broken_{index}.py'
     broken.write_text(source.replace(change, replacement))
     with pytest.raises(UserError, match=message):

@@ -77,12 +77,14 @@ def load_suite(spec, overrides):
       continue
     if key != 'param_tolerance':
       hint = closest_match(key, ['param_tolerance'] + ['run.' + k for k in config_lib.flatten(suite.run)])
+      base_hint = ', the base\'s --config.base.FIELD' if BASE in suite else ''
       raise UserError(f'--config.{key}: not a suite field' + (f' (did you mean {hint!r}?)' if hint else '')
-                      + '; run fields are --config.run.FIELD' + (', the base\'s --config.base.FIELD' if BASE in suite else ''))
+                      + '; run fields are --config.run.FIELD' + base_hint)
     suite.param_tolerance = config_lib.parse_value(key, value, float(suite.param_tolerance))
   for section in sections:
     prefix = section + '.'
-    config_lib.apply_overrides(suite[section], {k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)})
+    section_overrides = {k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)}
+    config_lib.apply_overrides(suite[section], section_overrides)
   if BASE in suite:
     config_lib.validate(suite[BASE])
   return suite
@@ -319,8 +321,7 @@ def parse_seeds(text, run_seed):
   parts = [part.strip() for part in str(text).split(',') if part.strip()]
   if not parts or not all(part.isdigit() for part in parts):
     raise UserError(f'--seeds {text}: give seeds as non-negative integers separated by commas, e.g. --seeds 0,1,2')
-  seeds = tuple(dict.fromkeys(int(part) for part in parts))
-  return seeds
+  return tuple(dict.fromkeys(int(part) for part in parts))
 
 
 def seed_dir_name(name, seed, run_seed):
@@ -416,7 +417,7 @@ def collect(suite, configs, budgets, workdir, suite_spec):
   arms = {}
   rows = ([(BASE, {'base run': 'every arm starts from it'})] if BASE in suite else []) + list(suite.arms)
   for name, changes in rows:
-    runs = seed_runs(workdir, name, suite.run.seed)
+    runs = seed_runs(workdir, name, (suite[BASE] if name == BASE else suite.run).seed)
     if runs:
       arms[name] = {**budgets[name], **merge_seed_runs(runs), 'seed_runs': runs, 'changes': changes}
   run = suite.run

@@ -171,9 +171,9 @@ def report_markdown(results):
            '', summary_table(results)]
   base = results.get('base_config')
   if base:
-    parts += ['', f'Every arm starts from the parameters of the base run (row `base`: {base["train"]["steps"]} steps of '
-              f'{describe_layers(results["arms"].get("base", {}).get("layers", [])) or "its layers"} at '
-              f'{base["data"]["seq_len"]} tokens); the arms\' steps above come after it.']
+    layers = describe_layers(results['arms'].get('base', {}).get('layers', [])) or 'its layers'
+    parts += ['', f'Every arm starts from the parameters of the base run (row `base`: {base["train"]["steps"]} '
+              f'steps of {layers} at {base["data"]["seq_len"]} tokens); the arms\' steps above come after it.']
   for title, table in (('Task score by length (fraction of answers whose greedy decoding is exact)', task_length_table(results)),
                        ('Validation NLL by position (nats/token)', position_table(results))):
     if table:
