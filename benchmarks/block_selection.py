@@ -181,8 +181,13 @@ def parse_args(argv):
   parser.add_argument('--rows', default='nsa,nsa_nowin,moba,infllm_v2,cudnn,fla_nsa')
   parser.add_argument('--iterations', type=int, default=10)
   parser.add_argument('--out', default='')
+  parser.add_argument('--dkv-splits', type=int, default=0,
+                      help="parts per dK/dV list in the Hopper backward (0: the kernel's own rule, "
+                           "mosaic_gpu_backward.dkv_splits); to find the rule's best setting")
   parser.add_argument('--quick', action='store_true', help='CPU smoke run: 512 tokens, 8 heads, 2 kv heads, D=32')
   args = parser.parse_args(argv)
+  if args.dkv_splits < 0:
+    parser.error('--dkv-splits: use 0 (the rule) or a number of parts >= 1')
   if args.quick:
     args.lengths, args.heads, args.kv_heads, args.head_dim, args.iterations = '512', 8, 2, 32, 1
   return args
@@ -198,12 +203,20 @@ def make_inputs(args, length):
           jax.random.normal(keys[4], shape_q, jnp.bfloat16))
 
 
+def force_dkv_splits(parts):
+  """Every unfused dK/dV list of the Hopper backward cut into `parts` (0: leave the rule)."""
+  if parts:
+    from pallas_kernels.block_sparse_attention import mosaic_gpu_backward
+    mosaic_gpu_backward.dkv_splits = lambda num_programs, list_length, fused=False: 1 if fused else parts
+
+
 def main(argv=None):
   args = parse_args(argv)
+  force_dkv_splits(args.dkv_splits)
   wanted = args.rows.split(',')
   rows = []
   meta = dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, block=args.block,
-              iterations=args.iterations)
+              iterations=args.iterations, dkv_splits=args.dkv_splits or 'rule')
   for length in (int(n) for n in args.lengths.split(',')):
     inputs = make_inputs(args, length)
     if 'cudnn' in wanted:
