@@ -42,6 +42,7 @@ def test_quick_run_prints_one_table_and_writes_json(tmp_path):
   assert random_target.startswith('cuDNN>=0.7:') and random_target.endswith('Flex>1:n/a')  # torch is left out
 
 
+@pytest.mark.slow  # 16 s; test_quick_run_prints_one_table_and_writes_json runs the benchmark by default
 def test_attention_quick_run_with_gqa_and_a_deterministic_row(tmp_path, capsys):
   """4 query heads on 2 kv heads through ours, the XLA baseline and the oracle; NAME:deterministic
   is a row of its own (on the CPU the reference's one backward). Two masks keep it short."""
@@ -368,6 +369,7 @@ def test_flex_block_mask_covers_exactly_our_plan(spec):
     np.testing.assert_array_equal(flex, np.asarray(dense_mask(plan, 0, head)))
 
 
+@pytest.mark.slow  # 17 s: two launches of a training process
 def test_launch_time_quick_run_times_a_fresh_and_a_cached_launch(tmp_path):
   """Two train.py launches of a tiny model: the phases up to the first finished step, and
   jax's compile log read from the child's output."""
