@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 
 
 def fmt(value, spec='.4f'):
@@ -39,28 +40,20 @@ def seed_task_scores(arm):
 
 def task_accuracies(arm):
   """{(task, length): score}, the mean over the arm's seeds."""
-  return {key: sum(values) / len(values) for key, values in seed_task_scores(arm).items()}
-
-
-def spread(values):
-  """The sample standard deviation of `values`; None for fewer than two."""
-  if len(values) < 2:
-    return None
-  mean = sum(values) / len(values)
-  return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+  return {key: statistics.fmean(values) for key, values in seed_task_scores(arm).items()}
 
 
 def fmt_score(values):
-  """'0.427' for one seed, '0.427 ± 0.050' (mean ± standard deviation) for several."""
+  """'0.427' for one seed, '0.427 ± 0.050' (mean ± sample standard deviation) for several."""
   if not values:
     return 'n/a'
-  mean, deviation = sum(values) / len(values), spread(values)
-  return fmt(mean, '.3f') + ('' if deviation is None else f' ± {deviation:.3f}')
+  return fmt(statistics.fmean(values), '.3f') + (f' ± {statistics.stdev(values):.3f}' if len(values) > 1 else '')
 
 
 def mean_of(values):
+  """The mean of the values that are not None; None if there are none."""
   values = [v for v in values if v is not None]
-  return sum(values) / len(values) if values else None
+  return statistics.fmean(values) if values else None
 
 
 def merged_nll(nlls):
@@ -84,8 +77,7 @@ def merge_seed_runs(runs):
 
 
 def mean_task_accuracy(arm):
-  accuracies = task_accuracies(arm)
-  return sum(accuracies.values()) / len(accuracies) if accuracies else None
+  return mean_of(list(task_accuracies(arm).values()))
 
 
 def last_bucket_nll(arm):
