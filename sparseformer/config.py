@@ -78,6 +78,7 @@ def base_config():
   d.task_fraction = 0.0  # fraction of training rows that hold task examples; 1.0: task rows only
   d.task_min_len = 0  # task examples' lengths are drawn from [task_min_len, seq_len]; 0: seq_len (one per row)
   d.task_loss = 'answers'  # loss on task rows: answers (the answer tokens only, as Zoology) | all
+  d.task_answer_weight = 1.0  # loss weight of an answer token, against 1 for a text token (data/task_rows.py)
   d.workers = 0  # processes making training batches (0: threads in this one); the batch order depends on it
 
   c.train = ml_collections.ConfigDict()
@@ -434,7 +435,7 @@ def validate_data(d):
 
 
 def validate_task_rows(d):
-  """data.tasks, task_fraction, task_min_len and task_loss (the rows of data/task_rows.py).
+  """data.tasks, task_fraction, task_min_len, task_loss and task_answer_weight (the rows of data/task_rows.py).
   Whether a task fits in seq_len is known only by making an example: the train iterator
   does that when it is built, before the workdir is written."""
   validate_task_specs('data.tasks', d.tasks, row_length=d.seq_len)
@@ -447,6 +448,7 @@ def validate_task_rows(d):
   require(0 <= d.task_min_len <= d.seq_len,
           f'data.task_min_len={d.task_min_len}: use 0 (examples of data.seq_len) or a length in [1, {d.seq_len}]')
   require(d.task_loss in ('answers', 'all'), f'data.task_loss={d.task_loss!r}: use answers or all')
+  require(d.task_answer_weight > 0, f'data.task_answer_weight={d.task_answer_weight}: use a weight > 0')
 
 
 def validate_optimizer(t):

@@ -201,6 +201,23 @@ def test_packed_task_rows_mask_answers_or_every_pair(data_dir):
     np.testing.assert_array_equal(row['loss_mask'], (row['segment_ids'] > 0).astype(np.float32))
 
 
+@pytest.mark.parametrize('task_loss', ['answers', 'all'])
+def test_task_answer_weight_scales_the_answer_pairs_only(data_dir, task_loss):
+  cfg = data_config(data_dir, task_fraction=1.0, task_min_len=26, tasks=('test_copy:keys=1', 'test_copy'),
+                    task_loss=task_loss)
+  plain = rows_of(take(train_iterator(cfg), 3))
+  cfg.task_answer_weight = 40.0
+  weighted = rows_of(take(train_iterator(cfg), 3))
+  for before, after in zip(plain, weighted):
+    np.testing.assert_array_equal(before['tokens'], after['tokens'])
+    answers = before['loss_mask'] > 0 if task_loss == 'answers' else after['loss_mask'] == 40.0
+    assert answers.sum() > 0
+    np.testing.assert_array_equal(after['loss_mask'][answers], 40.0)
+    np.testing.assert_array_equal(after['loss_mask'][~answers], before['loss_mask'][~answers])
+    if task_loss == 'all':  # the same pairs as the 'answers' mask would keep
+      assert BYTES.decode(after['targets'][answers]).isalnum()
+
+
 def test_a_spec_at_a_fixed_length_packs_its_short_examples_beside_row_length_ones(data_dir):
   seq_len = 128
   cfg = data_config(data_dir, task_fraction=1.0, tasks=('test_copy:keys=1@32', 'test_copy'))
@@ -258,6 +275,7 @@ def test_a_task_too_long_for_the_rows_fails_when_the_iterator_is_built(data_dir)
     ({'task_min_len': -1}, r'data.task_min_len=-1: use 0 .* or a length in \[1, 256\]'),
     ({'task_min_len': 257}, r'data.task_min_len=257'),
     ({'task_loss': 'answer'}, r"data.task_loss='answer': use answers or all"),
+    ({'task_answer_weight': 0.0}, r'data.task_answer_weight=0.0: use a weight > 0'),
     ({'workers': -1}, r'data.workers=-1: use a count of processes >= 0'),
     ({'tasks': ('test_copy@',)}, r"data.tasks\[0\]: .*after @ give the example length in tokens, e.g. test_copy@512"),
     ({'tasks': ('test_copy:keys=2@0',)}, r"data.tasks\[0\]: .*after @ give the example length"),

@@ -23,6 +23,11 @@ of lengths and pair counts). To repeat a spec weights it.
 Loss mask (data.task_loss): 'answers' puts 1 only on the pairs that predict an answer
 token: the answer token at index j of the tokens is the target of pair j - 1 (tokens[j - 1]
 -> tokens[j]). 'all' puts 1 on every pair, as for books (the final eos included).
+data.task_answer_weight w replaces the answer pairs' 1 by w. The step's loss is
+sum(nll x loss_mask) / sum(loss_mask) over the batch, so among book rows an answer token
+counts as w text tokens: with the default 1 a few hundred answer tokens among 65k book
+tokens get a thousandth of the gradient, and a mixed run never learns to retrieve
+(docs/results.md, MQAR run 12).
 """
 
 import sys
@@ -62,7 +67,7 @@ class TaskDocuments:
   """index -> the document of example `index`: int32 tokens (task_loss 'all'), or
   (tokens, per-pair loss weights) (task_loss 'answers')."""
 
-  def __init__(self, tasks, tokenizer, *, seq_len, min_len, task_loss, seed):
+  def __init__(self, tasks, tokenizer, *, seq_len, min_len, task_loss, seed, answer_weight=1.0):
     from sparseformer.evaluation import tasks as _registered  # noqa: F401  (registers the generators)
     if not tasks:
       raise UserError('data.tasks is empty: task rows need at least one task spec')
@@ -70,6 +75,9 @@ class TaskDocuments:
       raise UserError(f'data.task_loss={task_loss!r}: use {" or ".join(TASK_LOSSES)}')
     if not 0 <= min_len <= seq_len:
       raise UserError(f'data.task_min_len={min_len}: use 0 (examples of seq_len) or a length in [1, {seq_len}]')
+    if not answer_weight > 0:
+      raise UserError(f'data.task_answer_weight={answer_weight}: use a weight > 0')
+    self.answer_weight = float(answer_weight)
     self.tasks, self.tokenizer, self.task_loss, self.seed = tuple(tasks), tokenizer, task_loss, seed
     self.seq_len, self.min_len = seq_len, min_len
     self.specs = tuple(row_spec(spec) for spec in self.tasks)  # (spec, fixed length or None)
@@ -104,11 +112,11 @@ class TaskDocuments:
     if len(encoded.tokens) > length:
       raise ValueError(f'task {spec!r} made an example of {len(encoded.tokens)} tokens for a budget of {length}')
     tokens = np.append(encoded.tokens, np.int32(self.tokenizer.eos_id)).astype(np.int32)
-    if self.task_loss == 'all':
+    if self.task_loss == 'all' and self.answer_weight == 1.0:
       return tokens
-    weights = np.zeros(len(tokens) - 1, np.float32)
+    weights = np.full(len(tokens) - 1, 1.0 if self.task_loss == 'all' else 0.0, np.float32)
     for start, end in encoded.answer_spans:
-      weights[start - 1:end - 1] = 1.0  # pair j - 1 predicts token j
+      weights[start - 1:end - 1] = self.answer_weight  # pair j - 1 predicts token j
     return tokens, weights
 
   def __call__(self, index):
@@ -138,7 +146,8 @@ def single_example_row(document, seq_len, pad_id):
 def task_rows(data_cfg, tokenizer, *, seq_len, seed, process_index=0):
   """The endless grain IterDataset of this process's task rows (packing.FIELDS, [seq_len] each)."""
   documents = TaskDocuments(data_cfg.tasks, tokenizer, seq_len=seq_len, min_len=data_cfg.task_min_len,
-                            task_loss=data_cfg.task_loss, seed=task_seed(seed, process_index))
+                            task_loss=data_cfg.task_loss, seed=task_seed(seed, process_index),
+                            answer_weight=data_cfg.task_answer_weight)
   documents.check()
   indices = grain.MapDataset.range(ENDLESS)
   if not documents.packed:
