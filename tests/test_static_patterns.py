@@ -1,4 +1,4 @@
-"""The static-pattern layer specs (power, neighborhood, fixed, radial, bigbird) against
+"""The static-pattern layer specs (power, neighborhood, neighborhood2d, fixed, radial, bigbird) against
 dense softmax attention under the pattern's mask written out per token from the paper's definition
 (test_block_sparse_patterns.py's brute force) and causality: outputs and q, k, v
 gradients, packed documents, GQA; teacher-forced decoding; their cost; a model that trains
@@ -13,7 +13,8 @@ import pytest
 from decode_helpers import check_teacher_forcing
 from flax import nnx
 from oracles import check_layer_against_oracle
-from test_block_sparse_patterns import bigbird_brute, fixed_brute, neighborhood_brute, power_brute, radial_brute
+from test_block_sparse_patterns import (bigbird_brute, fixed_brute, neighborhood2d_brute, neighborhood_brute, power_brute,
+                                        radial_brute)
 
 from sparseformer.config import base_config
 from sparseformer.errors import UserError
@@ -30,11 +31,21 @@ CASES = {
     'power_blocks': ('power:20', {'power': {'sink': 3}}, lambda n: power_brute(n, 2, 3, BLOCK)),
     'neighborhood': ('neighborhood:6', {'neighborhood': {'dilation': 3}},
                      lambda n: neighborhood_brute(n, 6, 3, causal=True)),
+    'neighborhood2d': ('neighborhood2d:3', {'neighborhood2d': {'columns': 10, 'dilation': 2}},
+                       lambda n: raster_neighborhood_brute(n, 10, 3, 2)),
     'fixed': ('fixed:32', {'fixed': {'summary': 4}}, lambda n: fixed_brute(n, 32, 4)),
     'radial': ('radial:8', {}, lambda n: radial_brute(n, 8)),
     'bigbird': ('bigbird:1', {'bigbird': {'global_blocks': 1, 'random_blocks': 2, 'seed': 4}},
                 lambda n: bigbird_brute(n, BLOCK, 1, BLOCK, 2, 4, causal_draws=True)),
 }
+
+
+def raster_neighborhood_brute(n, columns, kernel, dilation):
+  """The 2-D neighborhood of n tokens in raster order on a grid `columns` wide with as many
+  rows as needed: the brute force of a grid with spare rows below (the layer's grid never
+  ends, so no window is shifted up at a bottom edge), cut to the n tokens."""
+  rows = -(-n // columns) + 2 * kernel * dilation
+  return neighborhood2d_brute((rows, columns), (kernel, kernel), (dilation, dilation))[:n, :n]
 
 
 def model_cfg(spec, options, heads=4, kv_heads=2, head_dim=16):
@@ -69,7 +80,7 @@ def test_teacher_forced_decoding_matches_the_forward_pass(name):
   spec, options, _ = CASES[name]
   small = {'power': ('power:2', {'power': {'sink': 1, 'granularity': 'token'}}),
            'power_blocks': ('power:8', {'power': {'sink': 1}}), 'neighborhood': ('neighborhood:4', {'neighborhood': {
-      'dilation': 2}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}), 'radial': ('radial:4', {}),
+      'dilation': 2}}), 'neighborhood2d': ('neighborhood2d:3', {'neighborhood2d': {'columns': 4}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}), 'radial': ('radial:4', {}),
       'bigbird': ('bigbird:1', {'bigbird': {'global_blocks': 1, 'random_blocks': 1}})}[name]
   check_teacher_forcing([small[0], 'dense'], small[1])
 
@@ -86,8 +97,8 @@ def test_cost_counts_the_keys_of_the_pattern():
 def test_a_model_of_pattern_layers_trains():
   m = base_config().model
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.dtype = 32, 4, 2, 1, 'float32'
-  m.num_layers = 5
-  m.layer_attention = ('power:16', 'neighborhood:32', 'fixed:64', 'radial:32', 'bigbird:1')
+  m.num_layers = 6
+  m.layer_attention = ('power:16', 'neighborhood:32', 'neighborhood2d:5', 'fixed:64', 'radial:32', 'bigbird:1')
   model = LanguageModel(resolve_dims(m, 259), nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 257), 3, 20)  # a small alphabet: learnable in a few steps
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -106,10 +117,23 @@ def test_a_model_of_pattern_layers_trains():
 
 
 @pytest.mark.parametrize('spec, message', [('power', 'positive local window'), ('radial:0', 'positive frame size'),
-                                           ('neighborhood:x', 'positive kernel size'), ('fixed', 'positive stride')])
+                                           ('neighborhood:x', 'positive kernel size'),
+                                           ('neighborhood2d:0', 'positive kernel size'), ('fixed', 'positive stride')])
 def test_bad_specs_are_user_errors(spec, message):
   with pytest.raises(UserError, match=message):
     get_mechanism(spec)
+
+
+@pytest.mark.parametrize('kind, message', [
+    ('neighborhood2d:4', r'neighborhood2d:4: use an odd kernel size'),
+    ('neighborhood2d:41', r'neighborhood2d:41: the kernel is wider than the grid \(model.attention.neighborhood2d.columns=32\)'),
+])
+def test_a_2d_kernel_that_cannot_be_centred_or_fit_is_refused(kind, message):
+  from sparseformer.config import validate
+  cfg = base_config()
+  cfg.model.attention.kind = kind
+  with pytest.raises(UserError, match=message):
+    validate(cfg)
 
 
 def test_a_summary_longer_than_the_stride_is_refused():

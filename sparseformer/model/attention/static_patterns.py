@@ -10,6 +10,14 @@ through the block-sparse kernels like window layers (docs/static_patterns.md).
     neighborhood:K   causal 1-D neighborhood attention (arXiv 2204.07143; dilated, DiNAT
                      arXiv 2209.15001): the last K keys of the query's dilation group
                      (model.attention.neighborhood.dilation)
+    neighborhood2d:K 2-D neighborhood attention (arXiv 2204.07143, 2209.15001) over
+                     image tokens in raster order: a document's token p sits at (p // C,
+                     p % C) of a grid of C = model.attention.neighborhood2d.columns
+                     columns (as many rows as the document needs); the K x K window
+                     centred on the query (shifted at the grid's left, right and top
+                     edges, NA's rule; dilation model.attention.neighborhood2d.dilation
+                     on both axes), and causal: the rows above within the window and
+                     the query's row up to the query
     fixed:S          Sparse Transformer's fixed pattern (arXiv 1904.10509): the query's
                      chunk of S tokens, and the last model.attention.fixed.summary
                      tokens of every chunk
@@ -91,6 +99,33 @@ class NeighborhoodAttention(PatternAttention):
   @classmethod
   def pattern(cls, argument, options):
     return patterns.Neighborhood(CAUSAL_LENGTH, argument, options.neighborhood.dilation, causal=True)
+
+
+@register('neighborhood2d')
+class Neighborhood2DAttention(PatternAttention):
+  argument_meaning = ('kernel size', 7)
+  options_section = 'neighborhood2d'
+  OPTIONS = {
+      'columns': Option(32, 'grid width in tokens (an image row); rows follow as the document needs',
+                        lambda n: n >= 1, 'use a width >= 1'),
+      'dilation': Option(1, 'dilation on both axes (DiNAT)', lambda n: n >= 1, 'use a dilation >= 1'),
+  }
+
+  @classmethod
+  def validate_options(cls, options, model_cfg, arguments):
+    problem = super().validate_options(options, model_cfg, arguments)
+    for kernel in sorted(set(arguments)):
+      if problem is None and kernel % 2 == 0:
+        problem = f'neighborhood2d:{kernel}: use an odd kernel size (the window is centred on the query)'
+      if problem is None and kernel > options.columns:
+        problem = (f'neighborhood2d:{kernel}: the kernel is wider than the grid '
+                   f'(model.attention.neighborhood2d.columns={options.columns})')
+    return problem
+
+  @classmethod
+  def pattern(cls, argument, options):
+    columns, dilation = options.neighborhood2d.columns, options.neighborhood2d.dilation
+    return patterns.Neighborhood2D((CAUSAL_LENGTH // columns, columns), (argument, argument), (dilation, dilation))
 
 
 @register('fixed')
