@@ -4,7 +4,7 @@ plan at 8192 tokens in 128-token blocks, and prints the density of each at 8k, 3
 evenly spaced queries per length) and tiles (the fraction of the causal 128 x 128 tiles
 the kernel visits).
 
-    python docs/plans/draw_static_patterns.py
+    python docs/plans/draw_static_patterns.py [NAME ...]
 """
 
 import os
@@ -22,6 +22,8 @@ PATTERNS = {  # the settings of docs/static_patterns.md's table
     'power': ('power:64 per token, sink 0', patterns.Power(local=64)),
     'power_blocks': ('power:64 (between 128-blocks), sink 0', patterns.Power(local=1, block=BLOCK)),
     'neighborhood': ('neighborhood:1024, dilation 4', patterns.Neighborhood(1 << 30, 1024, 4, causal=True)),
+    'neighborhood2d': ('neighborhood2d:7 over 128 columns',
+                       patterns.Neighborhood2D(((1 << 30) // 128, 128), (7, 7), (1, 1))),
     'fixed': ('fixed:128, summary 8', patterns.Fixed(128, 8)),
     'radial': ('radial:256', patterns.Radial(256)),
     'strided': ('Strided(128, 128), element level', patterns.Strided(128, 128)),
@@ -42,7 +44,10 @@ def tile_density(mask, length):
 
 
 if __name__ == '__main__':
-  for name, (title, pattern) in PATTERNS.items():
+  import sys
+  names = sys.argv[1:] or list(PATTERNS)  # e.g. neighborhood2d: draw only that one
+  for name in names:
+    title, pattern = PATTERNS[name]
     plan = plan_from_mask(pattern & masks.Causal(), q_len=T, block_q=BLOCK, block_kv=BLOCK)
     render_plan(plan, os.path.join(HERE, f'{name}.png'), title=f'{title}: {T} x {T}, blocks {BLOCK}')
     lengths = (8192, 32768, 131072) if name != 'bigbird' else (8192,)  # BigBird's mask is built for T
