@@ -8,6 +8,7 @@ the kernel visits).
 """
 
 import os
+import sys
 
 import numpy as np
 
@@ -44,8 +45,10 @@ def tile_density(mask, length):
 
 
 if __name__ == '__main__':
-  import sys
   names = sys.argv[1:] or list(PATTERNS)  # e.g. neighborhood2d: draw only that one
+  unknown = [name for name in names if name not in PATTERNS]
+  if unknown:
+    sys.exit(f'unknown patterns {unknown}; known: {", ".join(PATTERNS)}')
   for name in names:
     title, pattern = PATTERNS[name]
     plan = plan_from_mask(pattern & masks.Causal(), q_len=T, block_q=BLOCK, block_kv=BLOCK)

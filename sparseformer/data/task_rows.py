@@ -65,8 +65,8 @@ def task_seed(seed, process_index):
 
 
 class TaskDocuments:
-  """index -> the document of example `index`: int32 tokens (task_loss 'all'), or
-  (tokens, per-pair loss weights) (task_loss 'answers')."""
+  """index -> the document of example `index`: int32 tokens (task_loss 'all' at answer
+  weight 1), or (tokens, per-pair loss weights) (task_loss 'answers', or another weight)."""
 
   def __init__(self, tasks, tokenizer, *, seq_len, min_len, task_loss, seed, answer_weight=1.0):
     from sparseformer.evaluation import tasks as _registered  # noqa: F401  (registers the generators)
