@@ -33,6 +33,10 @@ CASES = {
                      lambda n: neighborhood_brute(n, 6, 3, causal=True)),
     'neighborhood2d': ('neighborhood2d:3', {'neighborhood2d': {'columns': 10, 'dilation': 2}},
                        lambda n: raster_neighborhood_brute(n, 10, 3, 2)),
+    'neighborhood_ragged': ('neighborhood:5', {'neighborhood': {'dilation': 4}},  # 150 tokens: 4 groups of 38, 38, 37, 37
+                            lambda n: neighborhood_brute(n, 5, 4, causal=True)),
+    'neighborhood_rows': ('neighborhood:6', {'neighborhood': {'dilation': 3, 'tiling': 'rows'}},
+                          lambda n: neighborhood_brute(n, 6, 3, causal=True)),
     'fixed': ('fixed:32', {'fixed': {'summary': 4}}, lambda n: fixed_brute(n, 32, 4)),
     'radial': ('radial:8', {}, lambda n: radial_brute(n, 8)),
     'bigbird': ('bigbird:1', {'bigbird': {'global_blocks': 1, 'random_blocks': 2, 'seed': 4}},
@@ -80,9 +84,29 @@ def test_teacher_forced_decoding_matches_the_forward_pass(name):
   spec, options, _ = CASES[name]
   small = {'power': ('power:2', {'power': {'sink': 1, 'granularity': 'token'}}),
            'power_blocks': ('power:8', {'power': {'sink': 1}}), 'neighborhood': ('neighborhood:4', {'neighborhood': {
-      'dilation': 2}}), 'neighborhood2d': ('neighborhood2d:3', {'neighborhood2d': {'columns': 4}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}), 'radial': ('radial:4', {}),
+      'dilation': 2}}), 'neighborhood_ragged': ('neighborhood:3', {'neighborhood': {'dilation': 3}}),
+      'neighborhood_rows': ('neighborhood:4', {'neighborhood': {'dilation': 2, 'tiling': 'rows'}}),
+      'neighborhood2d': ('neighborhood2d:3', {'neighborhood2d': {'columns': 4}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}), 'radial': ('radial:4', {}),
       'bigbird': ('bigbird:1', {'bigbird': {'global_blocks': 1, 'random_blocks': 1}})}[name]
   check_teacher_forcing([small[0], 'dense'], small[1])
+
+
+def test_dilated_neighborhood_groups_fill_whole_tiles():
+  """tiling=grouped gathers each dilation group contiguous: 4096 tokens, dilation 4, K=256,
+  blocks of 64 give 4 groups of 16 blocks, each query block seeing its own and up to 4
+  earlier ones of its group (1+2+3+4+5*12 = 70 tiles a group), where the row's dilated
+  window spans 1021 tokens and touches 17 blocks a query block."""
+  from pallas_kernels.block_sparse_attention import plan_from_mask
+  from sparseformer.model.attention.static_patterns import CAUSAL_LENGTH, group_segment_ids
+  from pallas_kernels.block_sparse_attention import masks, patterns
+  length, dilation, kernel, block = 4096, 4, 256, 64
+  segments = group_segment_ids(None, 1, length, dilation)
+  grouped = plan_from_mask(masks.causal_window(kernel), q_len=length, block_q=block, block_kv=block,
+                           segment_ids=segments)
+  rows = plan_from_mask(patterns.Neighborhood(CAUSAL_LENGTH, kernel, dilation, causal=True) & masks.Causal(),
+                        q_len=length, block_q=block, block_kv=block)
+  assert int(grouped.kv_count.sum()) == 4 * 70
+  assert int(rows.kv_count.sum()) == sum(min(qb + 1, 17) for qb in range(64))
 
 
 def test_cost_counts_the_keys_of_the_pattern():

@@ -9,7 +9,10 @@ through the block-sparse kernels like window layers (docs/static_patterns.md).
                      between tokens (granularity=token)
     neighborhood:K   causal 1-D neighborhood attention (arXiv 2204.07143; dilated, DiNAT
                      arXiv 2209.15001): the last K keys of the query's dilation group
-                     (model.attention.neighborhood.dilation)
+                     (model.attention.neighborhood.dilation); with a dilation d > 1 each
+                     group is gathered contiguous first (tiling=grouped, as NATTEN splits a
+                     dilated neighborhood into d undilated ones), so its window fills whole
+                     tiles instead of touching every tile of a d-times-wider band
     neighborhood2d:K 2-D neighborhood attention (arXiv 2204.07143, 2209.15001) over
                      image tokens in raster order: a document's token p sits at (p // C,
                      p % C) of a grid of C = model.attention.neighborhood2d.columns
@@ -32,10 +35,11 @@ The plan is built from the mask at block granularity, documents included (no T x
 decoding reads a key/value cache through the same mask function.
 """
 
+import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_sparse_attention import masks, patterns
-from sparseformer.model.attention.base import Option, register, softmax_flops
+from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, patterns, plan_from_mask
+from sparseformer.model.attention.base import Option, no_aux, register, softmax_flops, softmax_scale
 from sparseformer.model.attention.local import LocalAttention
 
 CAUSAL_LENGTH = 1 << 30  # a causal neighborhood never reaches the end of the row: no edge to clamp at
@@ -89,16 +93,65 @@ class PowerAttention(PatternAttention):
     return patterns.Power(local=-(-argument // block), sink=options.power.sink, block=block)
 
 
+def group_major(x, dilation):
+  """[B, T, ...] -> [B, Tp, ...], Tp = T rounded up to the dilation (zeros after T): token p
+  of the row moves to (p % d) * (Tp // d) + p // d, so each dilation group is contiguous and
+  in order."""
+  b, t = x.shape[:2]
+  padded = -(-t // dilation) * dilation
+  x = jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))
+  return x.reshape(b, padded // dilation, dilation, *x.shape[2:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def row_major(x, dilation, length):
+  """group_major's inverse, cut back to `length` tokens."""
+  b, padded = x.shape[:2]
+  x = x.reshape(b, dilation, padded // dilation, *x.shape[2:]).swapaxes(1, 2).reshape(x.shape)
+  return x[:, :length]
+
+
+def group_segment_ids(segment_ids, batch, length, dilation):
+  """[B, Tp] int32 in group-major order: one id per (dilation group, document), increasing
+  along the row where the documents' ids do, so tiles of different groups are skipped."""
+  rows = jnp.arange(length, dtype=jnp.int32)[None, :] % dilation
+  groups = group_major(jnp.broadcast_to(rows, (batch, length)), dilation)
+  if segment_ids is None:
+    return groups
+  documents = group_major(segment_ids.astype(jnp.int32), dilation)
+  return groups * (jnp.max(documents) + 1) + documents
+
+
 @register('neighborhood')
 class NeighborhoodAttention(PatternAttention):
   argument_meaning = ('kernel size', 256)
   options_section = 'neighborhood'
-  OPTIONS = {'dilation': Option(1, 'keys of the query\'s group (same index mod dilation), DiNAT', lambda n: n >= 1,
-                                'use a dilation >= 1')}
+  OPTIONS = {
+      'dilation': Option(1, 'keys of the query\'s group (same index mod dilation), DiNAT', lambda n: n >= 1,
+                         'use a dilation >= 1'),
+      'tiling': Option('grouped', 'grouped: each dilation group gathered contiguous, its window in whole tiles | '
+                       'rows: the mask over the row as it is (a dilated window touches every tile it spans)',
+                       choices=('grouped', 'rows')),
+  }
 
   @classmethod
   def pattern(cls, argument, options):
     return patterns.Neighborhood(CAUSAL_LENGTH, argument, options.neighborhood.dilation, causal=True)
+
+  def forward(self, q, k, v, ctx):
+    """With a dilation d > 1 (tiling=grouped): the causal window of K keys over each group's
+    own sequence. Row index p is in group p % d at place p // d, and the pattern is exactly
+    "same group, 0 <= place(q) - place(k) < K"; gathered group after group, documents kept
+    apart by one segment id per (group, document), that is a sliding window."""
+    dilation = self.options.neighborhood.dilation
+    if dilation == 1 or self.options.neighborhood.tiling == 'rows':
+      return super().forward(q, k, v, ctx)
+    batch, length = q.shape[:2]
+    grouped = [group_major(x, dilation) for x in (q, k, v)]
+    segments = group_segment_ids(ctx.segment_ids, batch, length, dilation)
+    plan = plan_from_mask(masks.causal_window(self.argument), q_len=grouped[0].shape[1], block_q=self.block_size,
+                          block_kv=self.block_size, segment_ids=segments)
+    out = block_sparse_attention(*grouped, plan, scale=softmax_scale(q, ctx))
+    return row_major(out, dilation, length), no_aux()
 
 
 @register('neighborhood2d')
