@@ -15,7 +15,7 @@ import numpy as np
 from pallas_kernels.block_sparse_attention import masks, patterns, plan_from_mask
 from pallas_kernels.block_sparse_attention.plan import density
 from pallas_kernels.block_sparse_attention.render import render_plan
-from sparseformer.model.attention.static_patterns import mean_visible_keys
+from sparseformer.model.attention.static_patterns import group_segment_ids, mean_visible_keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 T, BLOCK = 8192, 128
@@ -31,6 +31,15 @@ PATTERNS = {  # the settings of docs/static_patterns.md's table
     'bigbird': ('BigBird: 128-blocks, window 1, 2 global blocks, 3 random',
                 patterns.BigBird(T, BLOCK, window=1, global_tokens=256, random_blocks=3, seed=0)),
 }
+# The neighborhood layer's own tiling of a dilated window (tiling=grouped): each dilation
+# group gathered contiguous, a sliding window over it (static_patterns.py).
+GROUPED = {'neighborhood_grouped': ('neighborhood:1024, dilation 4, grouped', 1024, 4)}
+
+
+def grouped_plan(kernel, dilation, length):
+  segments = group_segment_ids(None, 1, length, dilation)
+  return plan_from_mask(masks.causal_window(kernel), q_len=length, block_q=BLOCK, block_kv=BLOCK,
+                        segment_ids=segments)
 
 
 def causal_density(mask, length):
@@ -44,12 +53,24 @@ def tile_density(mask, length):
   return visited(mask & masks.Causal()) / visited(masks.Causal())
 
 
+def draw_grouped(name):
+  title, kernel, dilation = GROUPED[name]
+  render_plan(grouped_plan(kernel, dilation, T), os.path.join(HERE, f'{name}.png'),
+              title=f'{title}: {T} x {T}, blocks {BLOCK}')
+  causal = lambda n: float(density(plan_from_mask(masks.Causal(), q_len=n, block_q=BLOCK, block_kv=BLOCK)).mean())  # noqa: E731
+  print(name, ' '.join(f'{n}: tiles {float(density(grouped_plan(kernel, dilation, n)).mean()) / causal(n):.4f};'
+                       for n in (8192, 32768, 131072)))
+
+
 if __name__ == '__main__':
-  names = sys.argv[1:] or list(PATTERNS)  # e.g. neighborhood2d: draw only that one
-  unknown = [name for name in names if name not in PATTERNS]
+  names = sys.argv[1:] or [*PATTERNS, *GROUPED]  # e.g. neighborhood2d: draw only that one
+  unknown = [name for name in names if name not in PATTERNS and name not in GROUPED]
   if unknown:
-    sys.exit(f'unknown patterns {unknown}; known: {", ".join(PATTERNS)}')
+    sys.exit(f'unknown patterns {unknown}; known: {", ".join([*PATTERNS, *GROUPED])}')
   for name in names:
+    if name in GROUPED:
+      draw_grouped(name)
+      continue
     title, pattern = PATTERNS[name]
     plan = plan_from_mask(pattern & masks.Causal(), q_len=T, block_q=BLOCK, block_kv=BLOCK)
     render_plan(plan, os.path.join(HERE, f'{name}.png'), title=f'{title}: {T} x {T}, blocks {BLOCK}')
