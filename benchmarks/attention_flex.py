@@ -5,6 +5,8 @@ import functools
 
 import numpy as np
 
+from pallas_kernels.block_sparse_attention.render import neighborhood_argument
+
 
 def flex_block_lists(plan):
   """Our q-major lists split the way FlexAttention wants them: (partial count, partial
@@ -33,7 +35,7 @@ def flex_mask_mod(spec):
   if name in ('causal', 'random', 'topk', 'power_blocks', 'bigbird'):  # block patterns: tiles full but the diagonal
     return causal_mask_mod
   if name in PATTERN_MASK_MODS:
-    rule = PATTERN_MASK_MODS[name](int(argument))
+    rule = PATTERN_MASK_MODS[name](argument)
     return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & rule(q_idx, kv_idx)
   return lambda b, h, q_idx, kv_idx: q_idx >= 0
 
@@ -55,11 +57,18 @@ def radial_rule(frame):
 
 # The static patterns of render.PATTERN_SPECS (their default options), element rules on
 # torch index tensors, causality added by flex_mask_mod.
+def neighborhood_rule(argument):
+  """The causal (dilated) neighborhood: same group (q - k divisible by D), at most K - 1
+  places back in it."""
+  kernel, dilation = neighborhood_argument(argument)
+  return lambda q, k: ((q - k) % dilation == 0) & ((q - k) // dilation < kernel)
+
+
 PATTERN_MASK_MODS = {
-    'power': lambda local: lambda q, k: ((q - k) < local) | (((q - k) & (q - k - 1)) == 0),
-    'neighborhood': lambda kernel: lambda q, k: (q - k) < kernel,
-    'fixed': lambda stride: lambda q, k: (q // stride == k // stride) | (k % stride >= stride - min(8, stride)),
-    'radial': radial_rule,
+    'power': lambda local: lambda q, k: ((q - k) < int(local)) | (((q - k) & (q - k - 1)) == 0),
+    'neighborhood': neighborhood_rule,
+    'fixed': lambda s: lambda q, k: (q // int(s) == k // int(s)) | (k % int(s) >= int(s) - min(8, int(s))),
+    'radial': lambda frame: radial_rule(int(frame)),
 }
 
 

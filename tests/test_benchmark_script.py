@@ -70,6 +70,19 @@ def test_attention_quick_run_with_gqa_and_a_deterministic_row(tmp_path, capsys):
   assert bench.split_implementation('mosaic_gpu:deterministic') == ('mosaic_gpu', True)
 
 
+def test_a_dilated_neighborhood_also_runs_grouped(tmp_path):
+  """neighborhood:K/D: ours on the row's plan and as the layer tiles it (groups gathered),
+  both against the exact rows; the grouped row visits fewer tiles and counts the same FLOPs."""
+  out = tmp_path / 'attention.json'
+  bench.main(['--quick', '--masks', 'neighborhood:40/4', '--no-flex', '--out', str(out)])
+  by_key = {(r['direction'], r['implementation']): r for r in json.loads(out.read_text())['rows']}
+  assert set(by_key) == {(d, impl) for d in ('fwd', 'fwd+bwd') for impl in ('ours:reference', 'ours:reference:grouped')}
+  for row in by_key.values():
+    assert row['ms'] > 0 and row['err'] < 0.05 and 'WRONG' not in row['note'], row
+  rows, grouped = by_key[('fwd', 'ours:reference')], by_key[('fwd', 'ours:reference:grouped')]
+  assert grouped['flops'] == rows['flops'] and grouped['tiles'] < rows['tiles']
+
+
 def test_flops_count_visited_tiles_of_every_head():
   plan = bench.make_plan('causal', 1024, 128, heads=16)
   assert plan.plan_heads == 1
@@ -345,8 +358,8 @@ def test_decode_quick_run_measures_every_variant(tmp_path):
     assert row['device_tokens_per_s'] > 0, row
 
 
-@pytest.mark.parametrize('spec', ['power_blocks:64', 'power:64', 'neighborhood:256', 'fixed:128', 'radial:256',
-                                  'bigbird:1', 'causal_window:300', 'random:0.2'])
+@pytest.mark.parametrize('spec', ['power_blocks:64', 'power:64', 'neighborhood:256', 'neighborhood:100/3', 'fixed:128',
+                                  'radial:256', 'bigbird:1', 'causal_window:300', 'random:0.2'])
 def test_flex_block_mask_covers_exactly_our_plan(spec):
   """FlexAttention's BlockMask from our lists (full blocks whole, partial ones through the
   mask_mod) equals the plan's element mask. Needs torch (the GPU machine's image has it;

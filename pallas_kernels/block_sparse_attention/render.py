@@ -11,8 +11,8 @@ random:DENSITY (each block below the diagonal kept with that probability, the di
 always, seeded), topk:K (the K best of random block scores per q block row, plus the
 diagonal and the first block), and the static patterns power:W (per token),
 power_blocks:W (between the plan's blocks, the last ceil(W / block) blocks: the power
-layer's default), neighborhood:K, fixed:S, radial:F (causal, the layer specs' default
-options).
+layer's default), neighborhood:K or neighborhood:K/D (dilation D), fixed:S, radial:F
+(causal, the layer specs' default options).
 """
 
 import argparse
@@ -116,19 +116,25 @@ def plan_from_spec(spec, length, block=128, seed=0, heads=1):
     return from_mask(patterns.BigBird(length, block, window=int(argument), global_tokens=2 * block, random_blocks=3,
                                       causal_draws=True) & masks.Causal())
   if name in PATTERN_SPECS:
-    return from_mask(PATTERN_SPECS[name](int(argument)) & masks.Causal())
+    return from_mask(PATTERN_SPECS[name](argument) & masks.Causal())
   raise ValueError(f'unknown mask spec {spec!r}: use full, causal, causal_window:W, chunked:C, '
-                   'random:DENSITY, topk:K, power_blocks:W, bigbird:BLOCKS, '
-                   + ', '.join(f'{n}:N' for n in PATTERN_SPECS))
+                   'random:DENSITY, topk:K, power_blocks:W, bigbird:BLOCKS, neighborhood:K[/DILATION], '
+                   + ', '.join(f'{n}:N' for n in PATTERN_SPECS if n != 'neighborhood'))
+
+
+def neighborhood_argument(argument):
+  """'K' or 'K/D' -> (kernel, dilation)."""
+  kernel, _, dilation = argument.partition('/')
+  return int(kernel), int(dilation or 1)
 
 
 # Static patterns (patterns.py) by the layer specs' argument and default options
 # (docs/static_patterns.md), causal.
 PATTERN_SPECS = {
-    'power': lambda local: patterns.Power(local=local),
-    'neighborhood': lambda kernel: patterns.Neighborhood(1 << 30, kernel, causal=True),
-    'fixed': lambda stride: patterns.Fixed(stride, min(8, stride)),
-    'radial': lambda frame: patterns.Radial(frame),
+    'power': lambda local: patterns.Power(local=int(local)),
+    'neighborhood': lambda argument: patterns.Neighborhood(1 << 30, *neighborhood_argument(argument), causal=True),
+    'fixed': lambda stride: patterns.Fixed(int(stride), min(8, int(stride))),
+    'radial': lambda frame: patterns.Radial(int(frame)),
 }
 
 
