@@ -38,6 +38,8 @@ CASES = {
     'neighborhood_rows': ('neighborhood:6', {'neighborhood': {'dilation': 3, 'tiling': 'rows'}},
                           lambda n: neighborhood_brute(n, 6, 3, causal=True)),
     'fixed': ('fixed:32', {'fixed': {'summary': 4}}, lambda n: fixed_brute(n, 32, 4)),
+    'fixed_ragged': ('fixed:20', {'fixed': {'summary': 3}}, lambda n: fixed_brute(n, 20, 3)),  # 150 = 7.5 chunks
+    'fixed_rows': ('fixed:32', {'fixed': {'summary': 4, 'tiling': 'rows'}}, lambda n: fixed_brute(n, 32, 4)),
     'radial': ('radial:8', {}, lambda n: radial_brute(n, 8)),
     'bigbird': ('bigbird:1', {'bigbird': {'global_blocks': 1, 'random_blocks': 2, 'seed': 4}},
                 lambda n: bigbird_brute(n, BLOCK, 1, BLOCK, 2, 4, causal_draws=True)),
@@ -86,7 +88,9 @@ def test_teacher_forced_decoding_matches_the_forward_pass(name):
            'power_blocks': ('power:8', {'power': {'sink': 1}}), 'neighborhood': ('neighborhood:4', {'neighborhood': {
       'dilation': 2}}), 'neighborhood_ragged': ('neighborhood:3', {'neighborhood': {'dilation': 3}}),
       'neighborhood_rows': ('neighborhood:4', {'neighborhood': {'dilation': 2, 'tiling': 'rows'}}),
-      'neighborhood2d': ('neighborhood2d:3', {'neighborhood2d': {'columns': 4}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}), 'radial': ('radial:4', {}),
+      'neighborhood2d': ('neighborhood2d:3', {'neighborhood2d': {'columns': 4}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}),
+      'fixed_ragged': ('fixed:5', {'fixed': {'summary': 2}}),
+      'fixed_rows': ('fixed:8', {'fixed': {'summary': 2, 'tiling': 'rows'}}), 'radial': ('radial:4', {}),
       'bigbird': ('bigbird:1', {'bigbird': {'global_blocks': 1, 'random_blocks': 1}})}[name]
   check_teacher_forcing([small[0], 'dense'], small[1])
 

@@ -23,7 +23,8 @@ through the block-sparse kernels like window layers (docs/static_patterns.md).
                      the query's row up to the query
     fixed:S          Sparse Transformer's fixed pattern (arXiv 1904.10509): the query's
                      chunk of S tokens, and the last model.attention.fixed.summary
-                     tokens of every chunk
+                     tokens of every chunk; the summary keys are gathered in front of the
+                     keys first (tiling=gathered), so tiles hold only keys in use
     radial:F         Radial Attention (arXiv 2506.19852) over frames of F tokens: the band
                      of keys shrinks as the frames' distance doubles
     bigbird:W        BigBird (arXiv 2007.14062) in blocks of model.attention.block_size:
@@ -38,7 +39,7 @@ decoding reads a key/value cache through the same mask function.
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, patterns, plan_from_mask
+from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, patterns, plan_from_mask, summary_prefix
 from sparseformer.model.attention.base import Option, no_aux, register, softmax_flops, softmax_scale
 from sparseformer.model.attention.local import LocalAttention
 
@@ -185,8 +186,13 @@ class Neighborhood2DAttention(PatternAttention):
 class FixedAttention(PatternAttention):
   argument_meaning = ('stride', 128)
   options_section = 'fixed'
-  OPTIONS = {'summary': Option(8, 'last tokens of every chunk that later queries see (c in the paper)',
-                               lambda n: n >= 1, 'use a count >= 1')}
+  OPTIONS = {
+      'summary': Option(8, 'last tokens of every chunk that later queries see (c in the paper)',
+                        lambda n: n >= 1, 'use a count >= 1'),
+      'tiling': Option('gathered', 'gathered: the summary keys gathered in front of the keys, so tiles hold only '
+                       'used keys | rows: the mask over the row as it is (summary columns touch every tile)',
+                       choices=('gathered', 'rows')),
+  }
 
   @classmethod
   def validate_options(cls, options, model_cfg, arguments):
@@ -199,6 +205,21 @@ class FixedAttention(PatternAttention):
   @classmethod
   def pattern(cls, argument, options):
     return patterns.Fixed(argument, options.fixed.summary)
+
+  def forward(self, q, k, v, ctx):
+    """tiling=gathered: keys = [the summary keys of every chunk; the row], each query seeing
+    the earlier chunks' summaries and its own chunk (summary_prefix.py), exactly the
+    pattern's keys."""
+    if self.options.fixed.tiling == 'rows':
+      return super().forward(q, k, v, ctx)
+    stride, summary, block, length = self.argument, self.options.fixed.summary, self.block_size, q.shape[1]
+    slots = summary_prefix.summary_positions(length, stride, summary, align=block)
+    k, v = (jnp.concatenate([x[:, slots], x], axis=1) for x in (k, v))
+    segments = {} if ctx.segment_ids is None else dict(
+        q_segment_ids=ctx.segment_ids, kv_segment_ids=jnp.concatenate([ctx.segment_ids[:, slots], ctx.segment_ids], 1))
+    mask = summary_prefix.SummaryPrefix(stride, summary, slots.shape[0])
+    plan = plan_from_mask(mask, q_len=length, kv_len=k.shape[1], block_q=block, block_kv=block, **segments)
+    return block_sparse_attention(q, k, v, plan, scale=softmax_scale(q, ctx)), no_aux()
 
 
 @register('radial')
