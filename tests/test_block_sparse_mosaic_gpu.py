@@ -70,6 +70,20 @@ def test_interpret_compressed_keys_with_documents():
   check_through_api(plan, mask_oracle(mask, **layout), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
 
 
+def test_interpret_gathered_summary_keys():
+  """The fixed layer's gathered tiling (summary_prefix.py): 150 queries over 64 summary
+  slots then the row (kv length 214), with documents; its element rule in partial tiles."""
+  from pallas_kernels.block_sparse_attention.summary_prefix import SummaryPrefix, summary_positions
+  slots = np.asarray(summary_positions(150, 32, 4, align=64))
+  mask = SummaryPrefix(32, 4, len(slots))
+  segments = np.asarray([1] * 90 + [2] * 60)
+  layout = dict(q_len=150, kv_len=len(slots) + 150, q_segment_ids=jnp.asarray(segments[None], jnp.int32),
+                kv_segment_ids=jnp.asarray(np.concatenate([segments[slots], segments])[None], jnp.int32))
+  plan = plan_from_mask(mask, block_q=64, block_kv=64, **layout)
+  q, k, v, bias, d_out = random_inputs(4, 1, 150, len(slots) + 150, 2, 1, 64, jnp.bfloat16, with_bias=False)
+  check_through_api(plan, mask_oracle(mask, **layout), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
+
+
 def test_interpret_radial_pattern():
   """Radial's element rule (a count of leading zeros per element) inside the kernel's
   partial tiles."""
