@@ -17,8 +17,9 @@ d_out [1, S, H, D], k and v [1, S, N, D], query head h reading kv head h // (H /
 and tiles stay counted per query head. --masks takes any spec of
 render.plan_from_spec, the static patterns too (power_blocks:64, power:64,
 neighborhood:1024, fixed:128, radial:256, bigbird:1; docs/static_patterns.md), each with
-its element rule for FlexAttention; neighborhood:K/D is dilated, and ours runs it twice: on
-the row's plan, and as the layer does (row ours:NAME:grouped, dilation groups gathered).
+its element rule for FlexAttention; neighborhood:K/D is dilated. Where the layer re-tiles a
+pattern, ours also runs as the layer does: rows ours:NAME:grouped (a dilated neighborhood,
+dilation groups gathered) and ours:NAME:gathered (fixed, summary keys gathered in front).
 Each row is one
 implementation on one (S, mask, pass):
   ours    `block_sparse_attention(..., implementation=NAME)` for each NAME of --implementations;
@@ -72,6 +73,7 @@ from pallas_kernels.block_sparse_attention.api import select_implementation  # n
 from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL  # noqa: E402
 from pallas_kernels.block_sparse_attention import masks, plan_from_mask  # noqa: E402
 from pallas_kernels.block_sparse_attention.render import neighborhood_argument, plan_from_spec  # noqa: E402
+from pallas_kernels.block_sparse_attention.summary_prefix import SummaryPrefix, summary_positions  # noqa: E402
 from sparseformer.model.attention.static_patterns import group_major, group_segment_ids, row_major  # noqa: E402
 
 # flex_block_lists and measure_torch are also read from here (tests, block_selection.py).
@@ -258,30 +260,41 @@ def jax_rows(args, spec, length, plan, inputs, flops, tiles, rows):
         yield unavailable_rows(length, spec, label, tiles, flops, str(error))
         continue
     yield from time_jax_candidate(args, length, spec, label, attend, extra, inputs, tiles, flops, rows)
-  for label, attend, grouped_plan in grouped_candidates(args, spec, length):
-    yield from time_jax_candidate(args, length, spec, label, attend, (grouped_plan,), inputs,
-                                  visited_tiles(grouped_plan, args.heads), flops, rows)
+  for label, attend, layer_plan in layer_tiling_candidates(args, spec, length):
+    yield from time_jax_candidate(args, length, spec, label, attend, (layer_plan,), inputs,
+                                  visited_tiles(layer_plan, args.heads), flops, rows)
 
 
-def grouped_candidates(args, spec, length):
-  """A dilated neighborhood (neighborhood:K/D, D > 1) also runs as its layer does
-  (tiling=grouped, sparseformer/model/attention/static_patterns.py): q, k, v gathered group
-  by group, a window of K over that order, the output scattered back (both inside the
-  timed call). Rows `ours:NAME:grouped` count the row plan's FLOPs, so their ratios are
-  time ratios; their tiles are the grouped plan's."""
+def layer_tiling_candidates(args, spec, length):
+  """Patterns whose layer re-tiles them (sparseformer/model/attention/static_patterns.py) also
+  run as the layer does, inside the timed call: a dilated neighborhood (neighborhood:K/D,
+  D > 1; rows ours:NAME:grouped) with q, k, v gathered group by group and a window of K over
+  that order; fixed:S (rows ours:NAME:gathered) with the summary keys gathered in front of
+  the keys. Those rows count the row plan's FLOPs, so their ratios are time ratios; their
+  tiles are their own plan's. [(label, attend(q, k, v, plan), plan)]"""
   name, _, argument = spec.partition(':')
-  if name != 'neighborhood' or neighborhood_argument(argument)[1] == 1:
-    return []
-  kernel, dilation = neighborhood_argument(argument)
-  padded = -(-length // dilation) * dilation
-  plan = plan_from_mask(masks.causal_window(kernel), q_len=padded, block_q=args.block, block_kv=args.block,
-                        segment_ids=group_segment_ids(None, 1, length, dilation))
+  if name == 'neighborhood' and neighborhood_argument(argument)[1] > 1:
+    kernel, dilation = neighborhood_argument(argument)
+    padded = -(-length // dilation) * dilation
+    plan = plan_from_mask(masks.causal_window(kernel), q_len=padded, block_q=args.block, block_kv=args.block,
+                          segment_ids=group_segment_ids(None, 1, length, dilation))
 
-  def grouped(entry):
-    inner = ours_attend(entry)
-    return lambda q, k, v, plan: row_major(inner(*(group_major(x, dilation) for x in (q, k, v)), plan), dilation,
-                                           q.shape[1])
-  return [(f'ours:{entry}:grouped', grouped(entry), plan) for entry in args.implementations]
+    def relayout(inner):
+      return lambda q, k, v, plan: row_major(inner(*(group_major(x, dilation) for x in (q, k, v)), plan), dilation,
+                                             q.shape[1])
+    suffix = 'grouped'
+  elif name == 'fixed':
+    stride = int(argument)
+    slots = summary_positions(length, stride, min(8, stride), align=args.block)
+    plan = plan_from_mask(SummaryPrefix(stride, min(8, stride), slots.shape[0]), q_len=length,
+                          kv_len=slots.shape[0] + length, block_q=args.block, block_kv=args.block)
+
+    def relayout(inner):
+      return lambda q, k, v, plan: inner(q, *(jnp.concatenate([x[:, slots], x], axis=1) for x in (k, v)), plan)
+    suffix = 'gathered'
+  else:
+    return []
+  return [(f'ours:{entry}:{suffix}', relayout(ours_attend(entry)), plan) for entry in args.implementations]
 
 
 def unavailable_rows(length, spec, label, tiles, flops, reason):

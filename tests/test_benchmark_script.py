@@ -70,17 +70,20 @@ def test_attention_quick_run_with_gqa_and_a_deterministic_row(tmp_path, capsys):
   assert bench.split_implementation('mosaic_gpu:deterministic') == ('mosaic_gpu', True)
 
 
-def test_a_dilated_neighborhood_also_runs_grouped(tmp_path):
-  """neighborhood:K/D: ours on the row's plan and as the layer tiles it (groups gathered),
-  both against the exact rows; the grouped row visits fewer tiles and counts the same FLOPs."""
+def test_re_tiled_patterns_also_run_as_their_layers_do(tmp_path):
+  """neighborhood:K/D and fixed:S: ours on the row's plan and as the layer tiles them
+  (groups gathered; summary keys gathered), all against the exact rows; the re-tiled rows
+  visit fewer tiles and count the same FLOPs."""
   out = tmp_path / 'attention.json'
-  bench.main(['--quick', '--masks', 'neighborhood:40/4', '--no-flex', '--out', str(out)])
-  by_key = {(r['direction'], r['implementation']): r for r in json.loads(out.read_text())['rows']}
-  assert set(by_key) == {(d, impl) for d in ('fwd', 'fwd+bwd') for impl in ('ours:reference', 'ours:reference:grouped')}
+  bench.main(['--quick', '--masks', 'neighborhood:40/4,fixed:64', '--block', '32', '--no-flex', '--out', str(out)])
+  by_key = {(r['mask'], r['direction'], r['implementation']): r for r in json.loads(out.read_text())['rows']}
+  assert set(by_key) == {(mask, d, impl) for mask, suffix in (('neighborhood:40/4', 'grouped'), ('fixed:64', 'gathered'))
+                         for d in ('fwd', 'fwd+bwd') for impl in ('ours:reference', f'ours:reference:{suffix}')}
   for row in by_key.values():
     assert row['ms'] > 0 and row['err'] < 0.05 and 'WRONG' not in row['note'], row
-  rows, grouped = by_key[('fwd', 'ours:reference')], by_key[('fwd', 'ours:reference:grouped')]
-  assert grouped['flops'] == rows['flops'] and grouped['tiles'] < rows['tiles']
+  for mask, suffix in (('neighborhood:40/4', 'grouped'), ('fixed:64', 'gathered')):
+    rows, layer = by_key[(mask, 'fwd', 'ours:reference')], by_key[(mask, 'fwd', f'ours:reference:{suffix}')]
+    assert layer['flops'] == rows['flops'] and layer['tiles'] < rows['tiles'], mask
 
 
 def test_flops_count_visited_tiles_of_every_head():
