@@ -15,6 +15,7 @@ import numpy as np
 from pallas_kernels.block_sparse_attention import masks, patterns, plan_from_mask
 from pallas_kernels.block_sparse_attention.plan import density
 from pallas_kernels.block_sparse_attention.render import render_plan
+from pallas_kernels.block_sparse_attention.summary_prefix import SummaryPrefix, summary_positions
 from sparseformer.model.attention.static_patterns import group_segment_ids, mean_visible_keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,15 +32,25 @@ PATTERNS = {  # the settings of docs/static_patterns.md's table
     'bigbird': ('BigBird: 128-blocks, window 1, 2 global blocks, 3 random',
                 patterns.BigBird(T, BLOCK, window=1, global_tokens=256, random_blocks=3, seed=0)),
 }
-# The neighborhood layer's own tiling of a dilated window (tiling=grouped): each dilation
-# group gathered contiguous, a sliding window over it (static_patterns.py).
-GROUPED = {'neighborhood_grouped': ('neighborhood:1024, dilation 4, grouped', 1024, 4)}
-
-
-def grouped_plan(kernel, dilation, length):
+# The layers' own tilings (static_patterns.py): a dilated neighborhood with each dilation
+# group gathered contiguous (tiling=grouped), fixed with its summary keys gathered in front
+# of the keys (tiling=gathered, summary_prefix.py). Plans of `length` tokens.
+def grouped_neighborhood_plan(length, kernel=1024, dilation=4):
   segments = group_segment_ids(None, 1, length, dilation)
   return plan_from_mask(masks.causal_window(kernel), q_len=length, block_q=BLOCK, block_kv=BLOCK,
                         segment_ids=segments)
+
+
+def gathered_fixed_plan(length, stride=128, summary=8):
+  slots = summary_positions(length, stride, summary, align=BLOCK).shape[0]
+  return plan_from_mask(SummaryPrefix(stride, summary, slots), q_len=length, kv_len=slots + length, block_q=BLOCK,
+                        block_kv=BLOCK)
+
+
+RETILED = {
+    'neighborhood_grouped': ('neighborhood:1024, dilation 4, grouped', grouped_neighborhood_plan),
+    'fixed_gathered': ('fixed:128, summary 8, gathered', gathered_fixed_plan),
+}
 
 
 def causal_density(mask, length):
@@ -53,23 +64,23 @@ def tile_density(mask, length):
   return visited(mask & masks.Causal()) / visited(masks.Causal())
 
 
-def draw_grouped(name):
-  title, kernel, dilation = GROUPED[name]
-  render_plan(grouped_plan(kernel, dilation, T), os.path.join(HERE, f'{name}.png'),
-              title=f'{title}: {T} x {T}, blocks {BLOCK}')
-  causal = lambda n: float(density(plan_from_mask(masks.Causal(), q_len=n, block_q=BLOCK, block_kv=BLOCK)).mean())  # noqa: E731
-  print(name, ' '.join(f'{n}: tiles {float(density(grouped_plan(kernel, dilation, n)).mean()) / causal(n):.4f};'
-                       for n in (8192, 32768, 131072)))
+def draw_retiled(name):
+  """The plan picture, and visited tiles over the row's causal tiles (the same attention)."""
+  title, make_plan = RETILED[name]
+  render_plan(make_plan(T), os.path.join(HERE, f'{name}.png'), title=f'{title}: {T} queries, blocks {BLOCK}')
+  tiles = lambda plan: float(np.asarray(plan.kv_count).sum())  # noqa: E731
+  causal = lambda n: tiles(plan_from_mask(masks.Causal(), q_len=n, block_q=BLOCK, block_kv=BLOCK))  # noqa: E731
+  print(name, ' '.join(f'{n}: tiles {tiles(make_plan(n)) / causal(n):.4f};' for n in (8192, 32768, 131072)))
 
 
 if __name__ == '__main__':
-  names = sys.argv[1:] or [*PATTERNS, *GROUPED]  # e.g. neighborhood2d: draw only that one
-  unknown = [name for name in names if name not in PATTERNS and name not in GROUPED]
+  names = sys.argv[1:] or [*PATTERNS, *RETILED]  # e.g. neighborhood2d: draw only that one
+  unknown = [name for name in names if name not in PATTERNS and name not in RETILED]
   if unknown:
-    sys.exit(f'unknown patterns {unknown}; known: {", ".join([*PATTERNS, *GROUPED])}')
+    sys.exit(f'unknown patterns {unknown}; known: {", ".join([*PATTERNS, *RETILED])}')
   for name in names:
-    if name in GROUPED:
-      draw_grouped(name)
+    if name in RETILED:
+      draw_retiled(name)
       continue
     title, pattern = PATTERNS[name]
     plan = plan_from_mask(pattern & masks.Causal(), q_len=T, block_q=BLOCK, block_kv=BLOCK)

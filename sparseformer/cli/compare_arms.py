@@ -59,9 +59,10 @@ every choice). Each arm is (name, {model field: value}), changes to the suite's 
   bigbird    BigBird (Zaheer et al., 2020) in the suite's 64-token blocks: the block
              before the query's and its own, 2 global blocks and 3 random earlier
              blocks per query block (the paper's 3 window + 2 global + 3 random).
-             fixed and radial are per token: they visit most tiles, so their step time is
-             near a dense layer's (docs/static_patterns.md); the neighborhood layer
-             gathers its dilation groups and visits about the tiles it uses.
+             radial is per token: it visits most tiles, so its step time is near a
+             dense layer's (docs/static_patterns.md); the neighborhood layer gathers
+             its dilation groups and the fixed layer its summary keys, and both visit
+             about the tiles they use.
 """
 
 from sparseformer.config import base_config
