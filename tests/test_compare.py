@@ -78,6 +78,17 @@ def test_shipped_suites_hold_equal_budgets(suite):
   assert min(flops, key=flops.get) != 'dense' and max(flops, key=flops.get) == 'dense'
 
 
+def test_frontier_plot_of_runs_without_step_times(tmp_path):
+  """A smoke run of one step has no step time after the compiling step: the plot leaves
+  those arms off the time panel instead of failing on an empty log axis."""
+  from sparseformer.cli.compare_report import plot_frontier
+  arm = {'attention_flops_per_token': 4e6, 'train': {'compute_time_s': None, 'step_time_s': None},
+         'nll': {'nll': 5.1}, 'tasks': None}
+  plot_frontier({'suite': 'smoke', 'arms': {'a': arm, 'b': dict(arm, attention_flops_per_token=8e6)}},
+                str(tmp_path / 'frontier.png'))
+  assert (tmp_path / 'frontier.png').stat().st_size > 1000
+
+
 def test_frontier_keeps_only_undominated_points():
   points = [(1.0, 0.5, 'a'), (2.0, 0.4, 'b'), (3.0, 0.9, 'c'), (4.0, 0.9, 'd')]
   assert [p[2] for p in frontier(points, higher_is_better=True)] == ['a', 'c']

@@ -209,13 +209,18 @@ def plot_frontier(results, path):
     points = []
     for name, arm in arms.items():
       value, label, higher = quality(arm)
-      points.append((cost_of(arm), value, name))
-      ax.scatter([cost_of(arm)], [value], s=36)
-      ax.annotate(name, (cost_of(arm), value), textcoords='offset points', xytext=(4, 4), fontsize=8)
-    line = frontier([p for p in points if p[0] == p[0]], higher)
+      cost = cost_of(arm)
+      if cost > 0:  # not NaN: a run of one step has no step time after the compiling one
+        points.append((cost, value, name))
+        ax.scatter([cost], [value], s=36)
+        ax.annotate(name, (cost, value), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    line = frontier(points, higher)
     if len(line) > 1:
       ax.plot([p[0] for p in line], [p[1] for p in line], '--', color='grey', lw=1)
-    ax.set_xscale('log')
+    if points:
+      ax.set_xscale('log')
+    else:
+      ax.text(0.5, 0.5, 'not measured (runs of one step)', transform=ax.transAxes, ha='center')
     ax.set_xlabel(cost_name)
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
