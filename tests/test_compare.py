@@ -89,6 +89,24 @@ def test_frontier_plot_of_runs_without_step_times(tmp_path):
   assert (tmp_path / 'frontier.png').stat().st_size > 1000
 
 
+def test_depth_table_shows_where_each_arm_finds_the_needle():
+  """One row per (task, arm), the accuracy at each depth per length, averaged over seeds;
+  tasks scored at one depth (MQAR) are left out."""
+  from sparseformer.cli.compare_report import depth_table
+
+  def run(passkey_8k):
+    return {'tasks': {'tasks': {
+        'passkey': {'depths': [0.0, 0.5, 1.0], 'lengths': {'4096': {'accuracy_by_depth': [1.0, 0.5, 0.0]},
+                                                           '8192': {'accuracy_by_depth': passkey_8k}}},
+        'mqar:pairs=8': {'depths': [0.0], 'lengths': {'4096': {'accuracy_by_depth': [0.3]}}}}}}
+  arms = {'dense': {'seed_runs': [run([1.0, 1.0, 0.0]), run([0.0, 1.0, 1.0])]}, 'window': run([0.0, 0.0, 1.0])}
+  lines = depth_table({'arms': arms}).splitlines()
+  assert lines[0] == '| task (depths) | arm | @ 4096 | @ 8192 |'
+  assert lines[2:] == ['| passkey (0%, 50%, 100%) | dense | 1.00 0.50 0.00 | 0.50 1.00 0.50 |',
+                       '| passkey (0%, 50%, 100%) | window | 1.00 0.50 0.00 | 0.00 0.00 1.00 |']
+  assert depth_table({'arms': {'a': {'tasks': None}}}) == ''
+
+
 def test_frontier_keeps_only_undominated_points():
   points = [(1.0, 0.5, 'a'), (2.0, 0.4, 'b'), (3.0, 0.9, 'c'), (4.0, 0.9, 'd')]
   assert [p[2] for p in frontier(points, higher_is_better=True)] == ['a', 'c']

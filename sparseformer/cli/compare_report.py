@@ -124,6 +124,49 @@ def task_length_table(results):
   return '\n'.join(lines)
 
 
+def run_depth_scores(run):
+  """{(task, length): accuracy at each needle depth} of one run's task evaluation, for tasks
+  scored at several depths; and {task: the depths}."""
+  tasks = (run.get('tasks') or {}).get('tasks', {})
+  scores, depths = {}, {}
+  for task, per_task in tasks.items():
+    if len(per_task.get('depths', [])) < 2:
+      continue
+    depths[task] = per_task['depths']
+    for length, per_length in per_task['lengths'].items():
+      scores[(task, int(length))] = per_length['accuracy_by_depth']
+  return scores, depths
+
+
+def depth_table(results):
+  """Per task scored at several needle depths, each arm's accuracy at every depth (mean over
+  its seeds), one cell per length: where in the context an arm finds the needle, which the
+  score by length averages away (a window that answers only the last depth scores 0.20)."""
+  rows, depths = [], {}
+  for name, arm in results['arms'].items():
+    per_seed = [run_depth_scores(run) for run in arm.get('seed_runs') or [arm]]
+    for _, seed_depths in per_seed:
+      depths.update(seed_depths)
+    keys = sorted({key for scores, _ in per_seed for key in scores})
+    for key in keys:
+      grids = [scores[key] for scores, _ in per_seed if key in scores]
+      rows.append((key, name, [statistics.fmean(values) for values in zip(*grids)]))
+  if not rows:
+    return ''
+  lengths = sorted({length for (_, length), _, _ in rows})
+  lines = ['| task (depths) | arm | ' + ' | '.join(f'@ {length}' for length in lengths) + ' |',
+           '| --- ' * (len(lengths) + 2) + '|']
+  for task in sorted(depths):
+    cells = {}
+    for (row_task, length), name, values in rows:
+      if row_task == task:
+        cells.setdefault(name, {})[length] = ' '.join(f'{v:.2f}' for v in values)
+    label = f'{task} ({", ".join(f"{d:.0%}" for d in depths[task])})'
+    for name, by_length in cells.items():
+      lines.append(f'| {label} | {name} | ' + ' | '.join(by_length.get(length, '') for length in lengths) + ' |')
+  return '\n'.join(lines)
+
+
 def position_table(results):
   """Validation NLL by position bucket, one column per arm."""
   arms = {name: arm for name, arm in results['arms'].items() if arm['nll']}
@@ -167,6 +210,8 @@ def report_markdown(results):
     parts += ['', f'Every arm starts from the parameters of the base run (row `base`: {base["train"]["steps"]} '
               f'steps of {layers} at {base["data"]["seq_len"]} tokens); the arms\' steps above come after it.']
   for title, table in (('Task score by length (fraction of answers whose greedy decoding is exact)', task_length_table(results)),
+                       ('Exact match by needle depth (0% = the start of the context), one cell per length',
+                        depth_table(results)),
                        ('Validation NLL by position (nats/token)', position_table(results))):
     if table:
       parts += ['', f'**{title}**', '', table]
