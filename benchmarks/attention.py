@@ -71,10 +71,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
 from pallas_kernels.block_sparse_attention.api import select_implementation  # noqa: E402
 from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL  # noqa: E402
-from pallas_kernels.block_sparse_attention import masks, plan_from_mask  # noqa: E402
+from pallas_kernels.block_sparse_attention import dilation_groups, summary_prefix  # noqa: E402
 from pallas_kernels.block_sparse_attention.render import neighborhood_argument, plan_from_spec  # noqa: E402
-from pallas_kernels.block_sparse_attention.summary_prefix import SummaryPrefix, summary_positions  # noqa: E402
-from sparseformer.model.attention.static_patterns import group_major, group_segment_ids, row_major  # noqa: E402
 
 # flex_block_lists and measure_torch are also read from here (tests, block_selection.py).
 from benchmarks.attention_flex import (flex_block_lists, flex_block_mask, load_flex, measure_torch,  # noqa: E402,F401
@@ -275,22 +273,17 @@ def layer_tiling_candidates(args, spec, length):
   name, _, argument = spec.partition(':')
   if name == 'neighborhood' and neighborhood_argument(argument)[1] > 1:
     kernel, dilation = neighborhood_argument(argument)
-    padded = -(-length // dilation) * dilation
-    plan = plan_from_mask(masks.causal_window(kernel), q_len=padded, block_q=args.block, block_kv=args.block,
-                          segment_ids=group_segment_ids(None, 1, length, dilation))
+    plan = dilation_groups.grouped_plan(kernel, dilation, length=length, block=args.block)
 
     def relayout(inner):
-      return lambda q, k, v, plan: row_major(inner(*(group_major(x, dilation) for x in (q, k, v)), plan), dilation,
-                                             q.shape[1])
+      return lambda q, k, v, plan: dilation_groups.grouped_attention(lambda *x: inner(*x, plan), q, k, v, dilation)
     suffix = 'grouped'
   elif name == 'fixed':
     stride = int(argument)
-    slots = summary_positions(length, stride, min(8, stride), align=args.block)
-    plan = plan_from_mask(SummaryPrefix(stride, min(8, stride), slots.shape[0]), q_len=length,
-                          kv_len=slots.shape[0] + length, block_q=args.block, block_kv=args.block)
+    slots, plan = summary_prefix.gathered_plan(stride, min(8, stride), length=length, block=args.block)
 
     def relayout(inner):
-      return lambda q, k, v, plan: inner(q, *(jnp.concatenate([x[:, slots], x], axis=1) for x in (k, v)), plan)
+      return lambda q, k, v, plan: inner(q, *(summary_prefix.with_summary_keys(x, slots) for x in (k, v)), plan)
     suffix = 'gathered'
   else:
     return []

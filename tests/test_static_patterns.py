@@ -101,7 +101,8 @@ def test_dilated_neighborhood_groups_fill_whole_tiles():
   earlier ones of its group (1+2+3+4+5*12 = 70 tiles a group), where the row's dilated
   window spans 1021 tokens and touches 17 blocks a query block."""
   from pallas_kernels.block_sparse_attention import plan_from_mask
-  from sparseformer.model.attention.static_patterns import CAUSAL_LENGTH, group_segment_ids
+  from pallas_kernels.block_sparse_attention.dilation_groups import group_segment_ids
+  from sparseformer.model.attention.static_patterns import CAUSAL_LENGTH
   from pallas_kernels.block_sparse_attention import masks, patterns
   length, dilation, kernel, block = 4096, 4, 256, 64
   segments = group_segment_ids(None, 1, length, dilation)

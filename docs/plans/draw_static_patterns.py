@@ -15,8 +15,9 @@ import numpy as np
 from pallas_kernels.block_sparse_attention import masks, patterns, plan_from_mask
 from pallas_kernels.block_sparse_attention.plan import density
 from pallas_kernels.block_sparse_attention.render import render_plan
-from pallas_kernels.block_sparse_attention.summary_prefix import SummaryPrefix, summary_positions
-from sparseformer.model.attention.static_patterns import group_segment_ids, mean_visible_keys
+from pallas_kernels.block_sparse_attention.dilation_groups import grouped_plan
+from pallas_kernels.block_sparse_attention.summary_prefix import gathered_plan
+from sparseformer.model.attention.static_patterns import mean_visible_keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 T, BLOCK = 8192, 128
@@ -32,24 +33,15 @@ PATTERNS = {  # the settings of docs/static_patterns.md's table
     'bigbird': ('BigBird: 128-blocks, window 1, 2 global blocks, 3 random',
                 patterns.BigBird(T, BLOCK, window=1, global_tokens=256, random_blocks=3, seed=0)),
 }
+
 # The layers' own tilings (static_patterns.py): a dilated neighborhood with each dilation
 # group gathered contiguous (tiling=grouped), fixed with its summary keys gathered in front
-# of the keys (tiling=gathered, summary_prefix.py). Plans of `length` tokens.
-def grouped_neighborhood_plan(length, kernel=1024, dilation=4):
-  segments = group_segment_ids(None, 1, length, dilation)
-  return plan_from_mask(masks.causal_window(kernel), q_len=length, block_q=BLOCK, block_kv=BLOCK,
-                        segment_ids=segments)
-
-
-def gathered_fixed_plan(length, stride=128, summary=8):
-  slots = summary_positions(length, stride, summary, align=BLOCK).shape[0]
-  return plan_from_mask(SummaryPrefix(stride, summary, slots), q_len=length, kv_len=slots + length, block_q=BLOCK,
-                        block_kv=BLOCK)
-
-
+# of the keys (tiling=gathered, summary_prefix.py): their plans of `length` tokens.
 RETILED = {
-    'neighborhood_grouped': ('neighborhood:1024, dilation 4, grouped', grouped_neighborhood_plan),
-    'fixed_gathered': ('fixed:128, summary 8, gathered', gathered_fixed_plan),
+    'neighborhood_grouped': ('neighborhood:1024, dilation 4, grouped',
+                             lambda length: grouped_plan(1024, 4, length=length, block=BLOCK)),
+    'fixed_gathered': ('fixed:128, summary 8, gathered', lambda length: gathered_plan(128, 8, length=length,
+                                                                                       block=BLOCK)[1]),
 }
 
 

@@ -17,6 +17,9 @@ The two parts are disjoint and their union is Fixed(l, c) & Causal(). summary_po
 gives the row index of each slot (for gathering k, v and segment ids); SummaryPrefix is the
 mask over (query, key axis) with an exact block_kind, the two parts' answers folded for a
 tile that spans both.
+
+    slots, plan = gathered_plan(stride, summary, length=T, block=128, segment_ids=ids)
+    out = block_sparse_attention(q, with_summary_keys(k, slots), with_summary_keys(v, slots), plan)
 """
 
 import dataclasses
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import masks
 from pallas_kernels.block_sparse_attention.masks import _kind
+from pallas_kernels.block_sparse_attention.plan import plan_from_mask
 
 
 def prefix_length(length, stride, summary, align=1):
@@ -76,3 +80,19 @@ class SummaryPrefix(masks.Mask):
     row_any = has_row & (row_kind != masks.EMPTY)
     row_all = ~has_row | (row_kind == masks.FULL)
     return _kind(prefix_all & row_all, prefix_any | row_any)
+
+
+def with_summary_keys(x, slots):
+  """[B, T, ...] keys, values or segment ids -> [B, P + T, ...]: the summary slots, then the row."""
+  return jnp.concatenate([x[:, slots], x], axis=1)
+
+
+def gathered_plan(stride, summary, *, length, block, segment_ids=None):
+  """(slots, plan): the summary slots' row indices (aligned to the block) and the plan over
+  [slots; the row], documents from segment_ids [B, T] when given."""
+  slots = summary_positions(length, stride, summary, align=block)
+  segments = {} if segment_ids is None else dict(q_segment_ids=segment_ids,
+                                                 kv_segment_ids=with_summary_keys(segment_ids, slots))
+  plan = plan_from_mask(SummaryPrefix(stride, summary, slots.shape[0]), q_len=length, kv_len=slots.shape[0] + length,
+                        block_q=block, block_kv=block, **segments)
+  return slots, plan

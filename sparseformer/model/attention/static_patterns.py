@@ -36,10 +36,9 @@ The plan is built from the mask at block granularity, documents included (no T x
 decoding reads a key/value cache through the same mask function.
 """
 
-import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_sparse_attention import block_sparse_attention, masks, patterns, plan_from_mask, summary_prefix
+from pallas_kernels.block_sparse_attention import block_sparse_attention, dilation_groups, masks, patterns, summary_prefix
 from sparseformer.model.attention.base import Option, no_aux, register, softmax_flops, softmax_scale
 from sparseformer.model.attention.local import LocalAttention
 
@@ -94,34 +93,6 @@ class PowerAttention(PatternAttention):
     return patterns.Power(local=-(-argument // block), sink=options.power.sink, block=block)
 
 
-def group_major(x, dilation):
-  """[B, T, ...] -> [B, Tp, ...], Tp = T rounded up to the dilation (zeros after T): token p
-  of the row moves to (p % d) * (Tp // d) + p // d, so each dilation group is contiguous and
-  in order."""
-  b, t = x.shape[:2]
-  padded = -(-t // dilation) * dilation
-  x = jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))
-  return x.reshape(b, padded // dilation, dilation, *x.shape[2:]).swapaxes(1, 2).reshape(x.shape)
-
-
-def row_major(x, dilation, length):
-  """group_major's inverse, cut back to `length` tokens."""
-  b, padded = x.shape[:2]
-  x = x.reshape(b, dilation, padded // dilation, *x.shape[2:]).swapaxes(1, 2).reshape(x.shape)
-  return x[:, :length]
-
-
-def group_segment_ids(segment_ids, batch, length, dilation):
-  """[B, Tp] int32 in group-major order: one id per (dilation group, document), increasing
-  along the row where the documents' ids do, so tiles of different groups are skipped."""
-  rows = jnp.arange(length, dtype=jnp.int32)[None, :] % dilation
-  groups = group_major(jnp.broadcast_to(rows, (batch, length)), dilation)
-  if segment_ids is None:
-    return groups
-  documents = group_major(segment_ids.astype(jnp.int32), dilation)
-  return groups * (jnp.max(documents) + 1) + documents
-
-
 @register('neighborhood')
 class NeighborhoodAttention(PatternAttention):
   argument_meaning = ('kernel size', 256)
@@ -146,13 +117,10 @@ class NeighborhoodAttention(PatternAttention):
     dilation = self.options.neighborhood.dilation
     if dilation == 1 or self.options.neighborhood.tiling == 'rows':
       return super().forward(q, k, v, ctx)
-    batch, length = q.shape[:2]
-    grouped = [group_major(x, dilation) for x in (q, k, v)]
-    segments = group_segment_ids(ctx.segment_ids, batch, length, dilation)
-    plan = plan_from_mask(masks.causal_window(self.argument), q_len=grouped[0].shape[1], block_q=self.block_size,
-                          block_kv=self.block_size, segment_ids=segments)
-    out = block_sparse_attention(*grouped, plan, scale=softmax_scale(q, ctx))
-    return row_major(out, dilation, length), no_aux()
+    plan = dilation_groups.grouped_plan(self.argument, dilation, length=q.shape[1], block=self.block_size,
+                                        segment_ids=ctx.segment_ids, batch=q.shape[0])
+    attend = lambda q, k, v: block_sparse_attention(q, k, v, plan, scale=softmax_scale(q, ctx))  # noqa: E731
+    return dilation_groups.grouped_attention(attend, q, k, v, dilation), no_aux()
 
 
 @register('neighborhood2d')
@@ -212,13 +180,9 @@ class FixedAttention(PatternAttention):
     pattern's keys."""
     if self.options.fixed.tiling == 'rows':
       return super().forward(q, k, v, ctx)
-    stride, summary, block, length = self.argument, self.options.fixed.summary, self.block_size, q.shape[1]
-    slots = summary_prefix.summary_positions(length, stride, summary, align=block)
-    k, v = (jnp.concatenate([x[:, slots], x], axis=1) for x in (k, v))
-    segments = {} if ctx.segment_ids is None else dict(
-        q_segment_ids=ctx.segment_ids, kv_segment_ids=jnp.concatenate([ctx.segment_ids[:, slots], ctx.segment_ids], 1))
-    mask = summary_prefix.SummaryPrefix(stride, summary, slots.shape[0])
-    plan = plan_from_mask(mask, q_len=length, kv_len=k.shape[1], block_q=block, block_kv=block, **segments)
+    slots, plan = summary_prefix.gathered_plan(self.argument, self.options.fixed.summary, length=q.shape[1],
+                                               block=self.block_size, segment_ids=ctx.segment_ids)
+    k, v = (summary_prefix.with_summary_keys(x, slots) for x in (k, v))
     return block_sparse_attention(q, k, v, plan, scale=softmax_scale(q, ctx)), no_aux()
 
 
