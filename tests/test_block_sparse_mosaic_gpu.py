@@ -70,18 +70,17 @@ def test_interpret_compressed_keys_with_documents():
   check_through_api(plan, mask_oracle(mask, **layout), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
 
 
-def test_interpret_gathered_summary_keys():
+@pytest.mark.parametrize('implementation', ['mosaic_gpu_interpret', pytest.param('mosaic_gpu', marks=pytest.mark.gpu)])
+def test_gathered_summary_keys(implementation):
   """The fixed layer's gathered tiling (summary_prefix.py): 150 queries over 64 summary
   slots then the row (kv length 214), with documents; its element rule in partial tiles."""
-  from pallas_kernels.block_sparse_attention.summary_prefix import SummaryPrefix, summary_positions
-  slots = np.asarray(summary_positions(150, 32, 4, align=64))
-  mask = SummaryPrefix(32, 4, len(slots))
-  segments = np.asarray([1] * 90 + [2] * 60)
-  layout = dict(q_len=150, kv_len=len(slots) + 150, q_segment_ids=jnp.asarray(segments[None], jnp.int32),
-                kv_segment_ids=jnp.asarray(np.concatenate([segments[slots], segments])[None], jnp.int32))
-  plan = plan_from_mask(mask, block_q=64, block_kv=64, **layout)
+  from pallas_kernels.block_sparse_attention.summary_prefix import gathered_plan, with_summary_keys
+  segments = jnp.asarray([[1] * 90 + [2] * 60], jnp.int32)
+  slots, plan = gathered_plan(32, 4, length=150, block=64, segment_ids=segments)
+  layout = dict(q_len=150, kv_len=len(slots) + 150, q_segment_ids=segments,
+                kv_segment_ids=with_summary_keys(segments, slots))
   q, k, v, bias, d_out = random_inputs(4, 1, 150, len(slots) + 150, 2, 1, 64, jnp.bfloat16, with_bias=False)
-  check_through_api(plan, mask_oracle(mask, **layout), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
+  check_through_api(plan, mask_oracle(plan.mask, **layout), q, k, v, bias, d_out, implementation)
 
 
 def test_interpret_radial_pattern():
