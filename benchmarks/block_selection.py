@@ -207,7 +207,7 @@ def force_dkv_splits(parts):
   """Every unfused dK/dV list of the Hopper backward cut into `parts` (0: leave the rule)."""
   if parts:
     from pallas_kernels.block_sparse_attention import mosaic_gpu_backward
-    mosaic_gpu_backward.dkv_splits = lambda num_programs, list_length, fused=False: 1 if fused else parts
+    mosaic_gpu_backward.dkv_splits = lambda num_programs, list_length, fused=False, spanned=False: 1 if fused else parts
 
 
 def main(argv=None):

@@ -158,6 +158,14 @@ def test_dkv_splits_only_where_few_programs_walk_long_lists():
   assert mosaic_gpu_backward.dkv_splits(4, 4096, fused=True) == 1
 
 
+def test_dkv_splits_cut_long_lists_of_masks_without_a_key_span():
+  nsa_selection_64k = (1024 * 4, 16 * 1024)  # 1024 kv blocks x 4 kv heads; 16 heads x 1024 q blocks a list
+  assert mosaic_gpu_backward.dkv_splits(*nsa_selection_64k) == mosaic_gpu_backward.LONG_LIST_PARTS > 1
+  assert mosaic_gpu_backward.dkv_splits(*nsa_selection_64k, spanned=True) == 1  # a window keeps its lists short
+  assert mosaic_gpu_backward.dkv_splits(*nsa_selection_64k, fused=True) == 1
+  assert mosaic_gpu_backward.dkv_splits(1024 * 4, mosaic_gpu_backward.LONG_LIST_ENTRIES - 1) == 1
+
+
 def test_fused_two_query_chunks_per_block_with_documents_gqa_and_bias():
   """block_q 128 over one 64-key warpgroup: each q block is two pipeline steps of the
   fused kernel, each adding its own 64 rows of dQ."""

@@ -5,6 +5,7 @@ and all True in it, absent tiles hold no True element, and the transposed (dK/dV
 visit the same tiles. Random masks and their combinations, ragged and cross-attention
 lengths, block shapes, batch, plan heads and documents."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +14,7 @@ from mask_oracle import block_mask_oracle, block_scores_oracle, expand_blocks, m
 from mask_oracle import same_document
 
 from pallas_kernels.block_sparse_attention import masks, plan_from_block_mask, plan_from_block_scores, plan_from_mask
-from pallas_kernels.block_sparse_attention.plan import EMPTY, FULL, PARTIAL, dense_mask
+from pallas_kernels.block_sparse_attention.plan import EMPTY, FULL, PARTIAL, dense_mask, stable_partition
 
 PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -173,3 +174,17 @@ def test_block_scores_choose_among_the_masks_block_answers():
   plan = plan_from_block_scores(scores, 1, **options)
   assert_plan_stands_for(plan, block_scores_oracle(scores, 1, **options))
   assert np.asarray(plan.block_kinds())[0, 0, 1].tolist() == [PARTIAL, EMPTY]
+
+
+@given(st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 33)), st.integers(0, 2 ** 31 - 1))
+@PROPERTY_SETTINGS
+def test_stable_partition_moves_the_active_entries_first_in_order(shape, seed):
+  rng = np.random.default_rng(seed)
+  active = rng.random(shape) < rng.random()
+  values = rng.integers(-1000, 1000, shape).astype(np.int32)
+  flags = rng.integers(0, 2, shape).astype(np.int8)
+  order = np.argsort(~active, axis=-1, kind='stable')
+  moved_values, moved_flags = stable_partition(jnp.asarray(active), jnp.asarray(values), jnp.asarray(flags))
+  np.testing.assert_array_equal(moved_values, np.take_along_axis(values, order, -1))
+  np.testing.assert_array_equal(moved_flags, np.take_along_axis(flags, order, -1))
+  assert moved_values.dtype == jnp.int32 and moved_flags.dtype == jnp.int8

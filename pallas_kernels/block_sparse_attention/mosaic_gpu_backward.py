@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_sparse_attention import mosaic_gpu_common as common
+from pallas_kernels.block_sparse_attention.plan import stable_partition
 from pallas_kernels.block_sparse_attention.reference import EMPTY_ROW_LSE
 
 LOG2E = math.log2(math.e)
@@ -448,9 +449,8 @@ def _group_lists(plan, num_heads, num_kv_heads, steps):
   entries = (index + (jnp.arange(group) * nq)[:, None, None]).transpose(0, 1, 3, 2, 4).reshape(b, num_kv_heads, nk, -1)
   full = full.transpose(0, 1, 3, 2, 4).reshape(entries.shape)
   active = (jnp.arange(nq) < count.transpose(0, 1, 3, 2)[..., None]).reshape(entries.shape)
-  order = jnp.argsort(jnp.where(active, 0, 1), axis=-1, stable=True)
   total = active.sum(-1).astype(jnp.int32)
-  entries, full = jnp.take_along_axis(entries, order, -1), jnp.take_along_axis(full, order, -1)
+  entries, full = stable_partition(active, entries, full)
   last = jnp.take_along_axis(entries, jnp.maximum(total - 1, 0)[..., None], -1)
   inactive = jnp.arange(entries.shape[-1]) >= total[..., None]
   entries = jnp.where(inactive, last, entries)
@@ -512,19 +512,34 @@ def _dq(operands, plan, scale, shapes, stages, interpret):
     operands['d_out'], operands['lse'], operands['delta'], *_extras(operands))
 
 
-def dkv_splits(num_programs, list_length, fused=False):
-  """Parts to cut each dK/dV list into: 1 when the (kv block, kv head, batch row) programs
-  already fill the GPU, else enough for about PROGRAMS_WANTED programs, with parts of at
-  least MIN_PART_STEPS list entries. Few programs with long lists are what NSA's
-  compression branch makes (32k queries against 2k compressed keys: 16 kv blocks per kv
-  head, each walked by 16 query heads over up to 256 q blocks)."""
-  if fused or num_programs >= PROGRAMS_WANTED // 2:
+def dkv_splits(num_programs, list_length, fused=False, spanned=False):
+  """Parts to cut each dK/dV list into (list_length: the lists' static capacity). Two
+  cases are cut:
+  - few programs: enough parts for about PROGRAMS_WANTED programs, each of at least
+    MIN_PART_STEPS entries. NSA's compression branch makes these (32k queries against 2k
+    compressed keys: 16 kv blocks per kv head, each walked by 16 query heads over up to
+    256 q blocks);
+  - lists that can hold LONG_LIST_ENTRIES or more under a mask with no key span
+    (`spanned` False): LONG_LIST_PARTS parts. Block selection keeps every query block's
+    first kv block, so that block's list holds every q block of every head of the group
+    (NSA at 64k: 16 heads x 1024) against about 256 entries in the others, and its program
+    walks it alone after the rest are done. On an H100, four parts cut NSA's dK/dV kernel at
+    64k from 46.3 to 37.7 ms (sixteen: 38.2 ms; docs/benchmarks.md).
+  A list shorter than its parts leaves some programs empty; a mask with a key span
+  (windows) keeps its lists short, so they are not cut."""
+  if fused:
     return 1
-  return max(1, min(-(-PROGRAMS_WANTED // num_programs), list_length // MIN_PART_STEPS))
+  if num_programs < PROGRAMS_WANTED // 2:
+    return max(1, min(-(-PROGRAMS_WANTED // num_programs), list_length // MIN_PART_STEPS))
+  if not spanned and list_length >= LONG_LIST_ENTRIES:
+    return LONG_LIST_PARTS
+  return 1
 
 
 PROGRAMS_WANTED = 4 * 132  # four waves of an H100/H200's 132 SMs
 MIN_PART_STEPS = 32
+LONG_LIST_ENTRIES = 4096
+LONG_LIST_PARTS = 4
 
 
 def _dkv(operands, plan, scale, shapes, stages, interpret, dq_acc=None, splits=None):
@@ -538,7 +553,7 @@ def _dkv(operands, plan, scale, shapes, stages, interpret, dq_acc=None, splits=N
   fused = dq_acc is not None
   count, entries, full = _group_lists(plan, h, hkv, stages)
   if splits is None:
-    splits = dkv_splits(plan.num_kv_blocks * hkv * b, entries.shape[-1], fused)
+    splits = dkv_splits(plan.num_kv_blocks * hkv * b, entries.shape[-1], fused, plan.max_row_blocks() is not None)
   if splits > 1:  # a part's pipeline may run `stages` steps past its list: pad so they read valid entries
     entries, full = (_pad_steps(x, x.shape[-1] + stages) for x in (entries, full))
   kernel = _dkv_kernel(plan, scale, dtype, d, h // hkv, stages, has_bias, has_segments, interpret, fused, splits)

@@ -116,11 +116,27 @@ def index_dtype(count):
   return jnp.int16 if count < 2 ** 15 else jnp.int32
 
 
+def stable_partition(active, *values):
+  """Each of `values` [..., n] with its entries where `active` [..., n] holds moved to the
+  front of the row, both parts kept in order: what a stable sort on `not active` gives.
+  Each entry is scattered to a position counted with a cumsum, because a sort of every
+  row costs far more on a GPU (radix sorts took 6.7 of NSA's 117 ms at 64k)."""
+  n = active.shape[-1]
+  taken = active.astype(jnp.int32)
+  taken_before = jnp.cumsum(taken, axis=-1) - taken
+  count = taken.sum(-1, keepdims=True)
+  position = jnp.where(active, taken_before, count + jnp.arange(n, dtype=jnp.int32) - taken_before)
+  rows = position.size // n
+  flat = (position.reshape(rows, n) + (jnp.arange(rows, dtype=position.dtype) * n)[:, None]).reshape(-1)
+  scatter = lambda x: jnp.zeros(x.size, x.dtype).at[flat].set(x.reshape(-1), unique_indices=True).reshape(x.shape)
+  return tuple(scatter(jnp.broadcast_to(x, active.shape)) for x in values)
+
+
 def compact(kinds):
   """Per row of [..., n] kinds: (count, indices active-first ascending, full flags)."""
   n = kinds.shape[-1]
   active = kinds != EMPTY
-  order = jnp.argsort(jnp.where(active, 0, 1) * n + jnp.arange(n), axis=-1)
+  order, = stable_partition(active, jnp.arange(n, dtype=jnp.int32))
   count = active.sum(-1).astype(jnp.int32)
   # Inactive slots repeat the last active index, so a pipeline that prefetches them moves no new data.
   last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
