@@ -16,15 +16,17 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.linear_attention import gated_linear_attention, reference, triton_gpu
+from pallas_kernels.linear_attention import gated_linear_attention, reference, triton_gpu, triton_launch
 from pallas_kernels.linear_attention.api import select_implementation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,9 +119,50 @@ def test_segment_layout():
 
 
 def test_block_sizes_and_chunk_count():
-  assert [triton_gpu.block_size(d) for d in (16, 64, 128, 256)] == [16, 64, 64, 64]
-  assert [triton_gpu.sequential_block_size(d) for d in (16, 64, 128)] == [16, 32, 32]
+  settings = triton_launch.LaunchSettings()
+  assert [settings.block('chunk_dqk_kernel', 'BK', d) for d in (16, 64, 128, 256)] == [16, 64, 64, 64]
+  assert [settings.block('chunk_states_kernel', 'BV', d) for d in (16, 64, 128)] == [16, 32, 32]
   assert [triton_gpu.chunk_count(t) for t in (1, 64, 65, 32768)] == [1, 1, 2, 512]
+
+
+def test_launch_settings_from_environment_syntax():
+  settings = triton_launch.parse(' chunk=128 ; chunk_dqk_kernel:num_warps=8,BK=32;chunk_dqk_kernel:num_stages=2;'
+                                 'chunk_states_kernel:BV=64;')
+  assert (settings.chunk, settings.sub_chunk) == (128, 16)
+  assert settings.kernel('chunk_dqk_kernel') == triton_launch.KernelLaunch(num_warps=8, num_stages=2, BK=32, BV=64)
+  assert settings.kernel('chunk_states_kernel') == triton_launch.KernelLaunch(BK=32, BV=64)  # BK keeps its default
+  assert settings.kernel('chunk_dv_kernel') == triton_launch.KernelLaunch()
+  assert triton_launch.parse('') == triton_launch.LaunchSettings()
+  hash(settings)  # a static argument of jitted functions
+  every = triton_launch.parse('*:num_warps=8,BK=128;chunk_dqk:num_warps=4')
+  assert every.kernel('chunk_dqk_kernel') == triton_launch.KernelLaunch(num_warps=4, BK=128)
+  assert every.kernel('chunk_scores_kernel') == triton_launch.KernelLaunch(num_warps=8)  # takes no BK
+  assert every.kernel('chunk_states_kernel') == triton_launch.KernelLaunch(num_warps=8, BK=128, BV=32)
+
+
+@pytest.mark.parametrize('text, message', [
+    ('chunk_dq:num_warps=8', "unknown kernel 'chunk_dq'"),
+    ('chunk_scores_kernel:BK=32', "chunk_scores_kernel has no setting 'BK'"),
+    ('*:BW=32', "has no setting 'BW'"),
+    ('chunk_dv_kernel:warps=8', "has no setting 'warps'"),
+    ('chunk_dv_kernel:BV=48', 'power of two'),
+    ('chunk_dv_kernel:num_warps=3', 'num_warps=3'),
+    ('chunk_dv_kernel:num_stages=x', 'not an integer'),
+    ('chunk=96', 'power of two'),
+    ('chunk=256', 'at most 128'),
+    ('sub_chunk=8', 'power of two >= 16'),
+    ('chunks=64', 'neither'),
+])
+def test_launch_settings_errors(text, message):
+  with pytest.raises(ValueError, match=message):
+    triton_launch.parse(text)
+
+
+def test_launch_settings_read_from_the_environment(monkeypatch):
+  monkeypatch.setenv(triton_launch.ENV, 'chunk_dv_kernel:num_warps=8')
+  assert triton_launch.from_environment().kernel('chunk_dv_kernel').num_warps == 8
+  monkeypatch.delenv(triton_launch.ENV)
+  assert triton_launch.from_environment() == triton_launch.LaunchSettings()
 
 
 def test_benchmark_quick_mode(tmp_path):
@@ -152,6 +195,41 @@ def test_benchmark_packed_documents_and_rows_that_cannot_run(capsys):
     bench.parse_args(['--documents', '0'])
 
 
+def test_sweep_quick_mode(tmp_path):
+  output = tmp_path / 'sweep.json'
+  result = subprocess.run([sys.executable, '-m', 'benchmarks.linear_attention_sweep', '--quick', '--out', str(output),
+                           'chunk=128;chunk_dqk_kernel:num_warps=8'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = __import__('json').loads(output.read_text())['rows']
+  setting, shapes = 'chunk=128;chunk_dqk_kernel:num_warps=8', ['S256_D32', 'S256_D32', 'S256_D16_x4', 'S256_D16_x4']
+  passes = 2 * ['fwd', 'fwd+bwd']
+  assert [(r['setting'], r['shape'], r['direction']) for r in rows] == [
+      (name, shape, direction) for name in ('reference', 'default', setting) for shape, direction in zip(shapes, passes)]
+  assert all(r['ms'] > 0 and r['err'] < 1e-2 and not r['note'] for r in rows), rows
+  assert all(r['vs_default'] == 1 for r in rows if r['setting'] == 'default')
+  assert all(r['vs_default'] > 0 for r in rows if r['setting'] == setting)
+
+
+def test_sweep_reports_a_failing_setting_and_cuts_off_a_slow_one(monkeypatch):
+  from benchmarks import linear_attention_sweep as sweep
+  args = sweep.parse_args(['--quick'])
+  shape, inputs = sweep.QUICK_SHAPES[0], None
+
+  def failing(settings, segments):
+    raise RuntimeError('no kernel for you')
+  monkeypatch.setattr(sweep, 'reference_functions', failing)
+  rows = sweep.measure_setting('chunk_dv_kernel:num_warps=8', shape, inputs, args, {})
+  assert [(r.direction, r.note) for r in rows] == [('fwd', 'RuntimeError: no kernel for you'),
+                                                   ('fwd+bwd', 'RuntimeError: no kernel for you')]
+  monkeypatch.setattr(sweep, 'reference_functions', lambda settings, segments: time.sleep(5))
+  args.guard = 1
+  rows = sweep.measure_setting('default', shape, inputs, args, {})
+  assert all(r.note == 'TimeoutError: cut off after 1 s' and np.isnan(r.ms) for r in rows)
+  with pytest.raises(ValueError, match='unknown kernel'):
+    sweep.parse_args(['chunk_dq:BK=32'])
+
+
 # ----------------------------------------------------------------------------------------
 # GPU cases: (name, B, T, H, Dk, Dv, segment starts, dtype); lengths are run-time scalars of
 # the kernels, so the cases compile once per (dtype, Dk, Dv)
@@ -163,9 +241,9 @@ CASES = [
 ]
 
 
-def kernel_values_and_grads(launch, q, k, v, g, state0, segment_ids, d_o, d_state, scale):
-  o, final = triton_gpu.forward_with(launch, q, k, v, g, state0, segment_ids, scale)
-  grads = triton_gpu.backward_with(launch, q, k, v, g, state0, segment_ids, scale, o, final, d_o, d_state)
+def kernel_values_and_grads(launch, q, k, v, g, state0, segment_ids, d_o, d_state, scale, settings=None):
+  o, final = triton_gpu.forward_with(launch, q, k, v, g, state0, segment_ids, scale, settings)
+  grads = triton_gpu.backward_with(launch, q, k, v, g, state0, segment_ids, scale, o, final, d_o, d_state, settings)
   return [o, final, *grads]
 
 
@@ -279,10 +357,14 @@ def float32_dots(launch):
   return launch_precise
 
 
+# (..., launch settings in SPARSEFORMER_GLA_LAUNCH's syntax; blocks of 16: the loops and
+# grids over Dk / Dv blocks take several steps at head dims of 32)
 INTERPRETER_CASES = [
-    ('resets_and_state', 1, 80, 2, 16, 16, (5, 37, 64), True, jnp.float32),
-    ('odd_length_dk_ne_dv', 2, 70, 1, 32, 16, (63,), False, jnp.float32),
-    ('bf16_inputs', 1, 77, 2, 32, 16, (10, 70), True, jnp.bfloat16),
+    ('resets_and_state', 1, 80, 2, 16, 16, (5, 37, 64), True, jnp.float32, ''),
+    ('odd_length_dk_ne_dv', 2, 70, 1, 32, 16, (63,), False, jnp.float32, ''),
+    ('bf16_inputs', 1, 77, 2, 32, 16, (10, 70), True, jnp.bfloat16, ''),
+    ('blocks_of_16_chunk_32', 1, 100, 1, 32, 32, (5, 33, 64), True, jnp.float32, 'chunk=32;*:BK=16,BV=16'),
+    ('chunk_128_sub_chunk_32', 1, 150, 1, 32, 16, (3, 100, 140), True, jnp.float32, 'chunk=128;sub_chunk=32'),
 ]
 
 
@@ -292,13 +374,13 @@ INTERPRETER_CASES = [
 def test_kernels_in_triton_interpreter(case, monkeypatch):
   interpreter = pytest.importorskip('triton.runtime.interpreter')
   monkeypatch.setattr(interpreter, '_patch_lang_tensor', whole_number_index(interpreter._patch_lang_tensor))
-  _, b, t, h, dk, dv, starts, with_state, dtype = case
+  _, b, t, h, dk, dv, starts, with_state, dtype, settings = case
   q, k, v, g, state0, d_o, d_state = random_inputs(t, b, t, h, dk, dv, dtype)
   g = g.at[0, 20].set(-1e4).at[0, 30, 0].set(-1e30)
   state0 = state0 if with_state else None
   segment_ids = segments_from_starts(b, t, starts)
   got = kernel_values_and_grads(float32_dots(interpreter_launch), q, k, v, g, state0, segment_ids, d_o, d_state,
-                                0.3)
+                                0.3, triton_launch.parse(settings))
   want = oracle(q, k, v, g, state0, segment_ids, d_o, d_state, 0.3)
   assert_matches_oracle(got, want, dtype)
 
@@ -310,9 +392,10 @@ def test_kernels_in_triton_interpreter(case, monkeypatch):
 TRITON_TYPES = {'float32': '*fp32', 'bfloat16': '*bf16', 'int32': '*i32'}
 
 
-def compile_launch(compiled, kernel_name, grid, inputs, out_shapes, **meta):
+def compile_launch(compiled, kernel_name, grid, inputs, out_shapes, num_warps, num_stages, **meta):
   """Compiles the launch to a cubin as jax_triton would (16-byte aligned arrays, 32-bit
-  scalars, a scalar equal to 1 specialised to a constant) and returns zero outputs."""
+  scalars, a scalar equal to 1 specialised to a constant), appends (kernel name, cubin) to
+  `compiled` and returns zero outputs."""
   import triton
   from triton.backends.compiler import GPUTarget
   from triton.compiler.compiler import ASTSource
@@ -331,25 +414,47 @@ def compile_launch(compiled, kernel_name, grid, inputs, out_shapes, **meta):
       attrs[(index,)] = [['tt.divisibility', 16]]
   signature.update({name: 'constexpr' for name in meta})
   binary = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
-                          target=GPUTarget('cuda', 90, 32),
-                          options=dict(num_warps=triton_gpu.NUM_WARPS, num_stages=3))
-  compiled.append((kernel_name, len(binary.asm['cubin'])))
+                          target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+  compiled.append((kernel_name, binary.asm['cubin']))
   zeros = [jnp.zeros(o.shape, o.dtype) for o in outputs]
   return zeros[0] if len(outputs) == 1 and not isinstance(out_shapes, (tuple, list)) else tuple(zeros)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') == '1', reason='kernels are interpreted, not compiled')
-@pytest.mark.parametrize('dtype, t, dk, dv', [(jnp.float32, 77, 64, 64), (jnp.bfloat16, 40, 128, 128)],
-                         ids=['f32_two_chunks', 'bf16_one_chunk'])
-def test_kernels_compile_for_hopper(dtype, t, dk, dv):
-  pytest.importorskip('triton')
+def resource_usage(cubin, tmp_path):
+  """(registers, stack bytes) per thread of a cubin's kernel, from triton's bundled cuobjdump
+  (a stack > 0 here means register spills)."""
+  import triton
+  path = tmp_path / 'kernel.cubin'
+  path.write_bytes(cubin)
+  tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
+  text = subprocess.run([tool, '--dump-resource-usage', str(path)], capture_output=True, text=True, check=True).stdout
+  usage = dict(re.findall(r'(REG|STACK):(\d+)', text))
+  return int(usage['REG']), int(usage['STACK'])
+
+
+def compile_forward_and_backward(dtype, t, dk, dv, settings=None):
   compiled = []
   launch = functools.partial(compile_launch, compiled)
   q, v = jnp.zeros((1, t, 2, dk), dtype), jnp.zeros((1, t, 2, dv), dtype)
-  o, final = triton_gpu.forward_with(launch, q, q, v, q, jnp.zeros((1, 2, dk, dv)), None, 0.1)
-  triton_gpu.backward_with(launch, q, q, v, q, None, None, 0.1, o, final, o, final)
-  assert [name for name, _ in compiled] == ['chunk_states_kernel', 'chunk_output_kernel', 'chunk_states_kernel',
-                                            'state_grads_kernel', 'chunk_dqk_kernel', 'chunk_dv_kernel',
-                                            'log_decay_grads_kernel']
-  assert all(size > 0 for _, size in compiled)
+  o, final = triton_gpu.forward_with(launch, q, q, v, q, jnp.zeros((1, 2, dk, dv)), None, 0.1, settings)
+  triton_gpu.backward_with(launch, q, q, v, q, None, None, 0.1, o, final, o, final, settings)
+  return compiled
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') == '1', reason='kernels are interpreted, not compiled')
+@pytest.mark.parametrize('dtype, t, dk, dv', [(jnp.float32, 77, 64, 64), (jnp.bfloat16, 40, 128, 128),
+                                              (jnp.bfloat16, 70, 64, 64)],
+                         ids=['f32_two_chunks', 'bf16_one_chunk', 'bf16_d64'])
+def test_kernels_compile_for_hopper(dtype, t, dk, dv, tmp_path):
+  """Every launch compiles; in bf16 (the fast path) at the default settings no kernel spills
+  registers (issue 25: chunk_dqk spilled ~1 KB per thread at D=128)."""
+  pytest.importorskip('triton')
+  compiled = compile_forward_and_backward(dtype, t, dk, dv)
+  recompute = ['decayed_qk_kernel', 'chunk_states_kernel', 'chunk_scores_kernel']
+  assert [name for name, _ in compiled] == recompute + ['chunk_output_kernel'] + recompute + [
+      'state_grads_kernel', 'chunk_dscores_kernel', 'chunk_dqk_kernel', 'chunk_dv_kernel', 'log_decay_grads_kernel']
+  assert all(len(cubin) > 0 for _, cubin in compiled)
+  if dtype == jnp.bfloat16:
+    stacks = {name: resource_usage(cubin, tmp_path)[1] for name, cubin in compiled}
+    assert not any(stacks.values()), stacks

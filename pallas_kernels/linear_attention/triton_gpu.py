@@ -1,22 +1,35 @@
 """Chunked gated linear attention on CUDA GPUs: Triton kernels (triton_gpu_kernels.py) called
 through jax_triton, forward and backward.
 
-Forward, per batch row and head (chunks of C = 64 tokens, sub-chunks of 16):
+Forward, per batch row and head (chunks of C = 64 tokens, sub-chunks of 16 by default):
+  decayed_qk     parallel over chunks: q decayed since the chunk start, k decayed to the
+                 chunk end and each chunk's decay, so that the sequential passes only
+                 update the state;
   chunk_states   sequential over chunks, one program per (Dk block, Dv block): the state
-                 entering every chunk (float32 [B*H, N, Dk, Dv]) and the final state;
-  chunk_output   parallel over chunks: o from the entering state, from earlier sub-chunks
-                 (one matmul per sub-chunk) and within each sub-chunk (pairwise decays).
-Backward (the entering states recomputed by chunk_states, as FLA does):
+                 entering every chunk ([B*H, N, Dk, Dv]) and the final state (float32);
+  chunk_scores   one program per sub-chunk: its rows of the intra-chunk score matrix A
+                 ([B, T, H, C]): one matmul per earlier sub-chunk, pairwise decays within;
+  chunk_output   parallel over chunks and Dv blocks: q decayed since the chunk start against
+                 the entering state, plus A @ v.
+Backward (decayed_qk, the entering states and A recomputed, as FLA does):
   state_grads    sequential over chunks backwards: the gradient of the state leaving every
-                 chunk, and of the initial state;
-  chunk_dqk      dq, dk and dlog = q*dq - k*dk (the gradient of each token's cumulative log
-                 decay) per chunk;  chunk_dv  dv per chunk;
-  log_decay_grads  dg: dlog summed over the later tokens of each token's segment, plus the
-                 final state's share (rowsum(final * d_final)) for the row's last segment.
+                 chunk, of the initial state, and per chunk rowsum(leaving state * its
+                 gradient), the carry of dg across chunks;
+  chunk_dscores  dA = scale * do @ v^T over the visible pairs of each chunk (float32);
+  chunk_dqk      one program per sub-chunk and Dk block: dq, dk and dlog = q*dq - k*dk
+                 (the gradient of each token's cumulative log decay);
+  chunk_dv       dv = scale * A^T @ do + (k decayed to the chunk end) @ d_state;
+  log_decay_grads  dg: dlog summed over the later tokens of each token's segment within its
+                 chunk (a 0/1-mask matmul), plus the carry for the chunk's last segment.
+The states, A and the decayed q and k are stored in bfloat16 when the kernels' matmuls
+take bf16 operands (inputs not float32): the values they would be rounded to anyway.
+Launch settings (chunk sizes, num_warps, num_stages, block sizes) are in triton_launch.py,
+overridable through SPARSEFORMER_GLA_LAUNCH.
 triton and jax_triton are imported only when a kernel is first called, so this module
 imports anywhere; `unavailable` reports why it cannot run off a CUDA GPU.
 """
 
+import dataclasses
 import functools
 import importlib
 
@@ -24,27 +37,14 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.implementations import Implementation
-from pallas_kernels.linear_attention import reference
+from pallas_kernels.linear_attention import reference, triton_launch
 
 CHUNK = reference.CHUNK
-SUB_CHUNK = reference.SUB_CHUNK
-MAX_BLOCK = 64  # Dk / Dv columns per program of the chunk-parallel kernels
-# ... and of the kernels sequential over chunks: narrower, for more programs in flight
-MAX_SEQUENTIAL_BLOCK = 32
 HEAD_DIMS = (16, 32, 64, 128, 256)
-NUM_WARPS = 4
 
 
 def chunk_count(length, chunk=CHUNK):
   return -(-length // chunk)
-
-
-def block_size(head_dim):
-  return min(head_dim, MAX_BLOCK)
-
-
-def sequential_block_size(head_dim):
-  return min(head_dim, MAX_SEQUENTIAL_BLOCK)
 
 
 def segment_layout(segment_ids, batch, length, chunk=CHUNK):
@@ -88,30 +88,86 @@ def unavailable(q, k, v, g, initial_state, segment_ids):
 
 
 def jax_triton_launch(kernel_name, grid, inputs, out_shapes, **meta):
-  """Runs kernel `kernel_name` of triton_gpu_kernels through jax_triton.triton_call."""
+  """Runs kernel `kernel_name` of triton_gpu_kernels through jax_triton.triton_call (meta:
+  num_warps, num_stages and the kernel's compile-time arguments)."""
   import jax_triton
   kernels = importlib.import_module('pallas_kernels.linear_attention.triton_gpu_kernels')
   return jax_triton.triton_call(*inputs, kernel=getattr(kernels, kernel_name), out_shape=out_shapes, grid=grid,
-                                num_warps=NUM_WARPS, name=f'gla_{kernel_name}', **meta)
+                                name=f'gla_{kernel_name}', **meta)
 
 
-def _dims(q, v, chunk):
-  """(compile-time sizes, run-time lengths (T, Tp, N): the kernels' scalar arguments, so
-  one compiled kernel serves every length)."""
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+  """One call's sizes and settings; `launch` runs a kernel with its settings' num_warps and
+  num_stages. T, Tp and N are run-time scalars of the kernels, so one compiled kernel
+  serves every length."""
+  launch: object
+  settings: triton_launch.LaunchSettings
+  b: int
+  t: int
+  h: int
+  dk: int
+  dv: int
+  precise: bool
+
+  @property
+  def chunk(self):
+    return self.settings.chunk
+
+  @property
+  def n(self):
+    return chunk_count(self.t, self.chunk)
+
+  @property
+  def lengths(self):
+    return self.t, self.n * self.chunk, self.n
+
+  @property
+  def stored(self):
+    """dtype of the states, A and the decayed q and k: what the matmuls round them to anyway."""
+    return jnp.float32 if self.precise else jnp.bfloat16
+
+  def block(self, name, key):
+    return self.settings.block(name, key, self.dk if key == 'BK' else self.dv)
+
+  def run(self, name, grid, inputs, out_shapes, **constants):
+    kernel = self.settings.kernel(name)
+    return self.launch(name, grid, (*inputs, *self.lengths), out_shapes, num_warps=kernel.num_warps,
+                       num_stages=kernel.num_stages, H=self.h, C=self.chunk, **constants)
+
+
+def _problem(launch, settings, q, v):
   b, t, h, dk = q.shape
-  n = chunk_count(t, chunk)
-  return dict(H=h, DK=dk, DV=v.shape[3], C=chunk), (t, n * chunk, n)
+  settings = triton_launch.from_environment() if settings is None else settings
+  return _Problem(launch, settings, b, t, h, dk, v.shape[3], q.dtype == jnp.float32)
 
 
 def _f32(shape):
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _chunk_states(launch, k, v, g, state0, runs, continues, dims, lengths, precise):
-  bh, n, dk, dv = dims['H'] * k.shape[0], lengths[2], dims['DK'], dims['DV']
-  bk, bv = sequential_block_size(dk), sequential_block_size(dv)
-  return launch('chunk_states_kernel', (bh, dk // bk, dv // bv), (k, v, g, runs, continues, state0, *lengths),
-                (_f32((bh, n, dk, dv)), _f32((bh, dk, dv))), BK=bk, BV=bv, PRECISE=precise, **dims)
+def _decayed_qk(p, q, k, g, runs, continues):
+  """(q decayed since the chunk start, k decayed to the chunk end, the chunks' decays)."""
+  name = 'decayed_qk_kernel'
+  bk = p.block(name, 'BK')
+  return p.run(name, (p.n, p.b * p.h, p.dk // bk), (q, k, g, runs, continues),
+               (jax.ShapeDtypeStruct(q.shape, p.stored), jax.ShapeDtypeStruct(k.shape, p.stored),
+                _f32((p.b * p.h, p.n, p.dk))), DK=p.dk, BK=bk)
+
+
+def _chunk_states(p, k_to_end, v, chunk_decay, state0):
+  name = 'chunk_states_kernel'
+  bk, bv = p.block(name, 'BK'), p.block(name, 'BV')
+  bh = p.b * p.h
+  return p.run(name, (bh, p.dk // bk, p.dv // bv), (k_to_end, v, chunk_decay, state0),
+               (jax.ShapeDtypeStruct((bh, p.n, p.dk, p.dv), p.stored), _f32((bh, p.dk, p.dv))),
+               DK=p.dk, DV=p.dv, BK=bk, BV=bv, PRECISE=p.precise)
+
+
+def _chunk_scores(p, q, k, g, runs):
+  sub = p.settings.sub_chunk
+  return p.run('chunk_scores_kernel', (p.n * (p.chunk // sub), p.b * p.h), (q, k, g, runs),
+               jax.ShapeDtypeStruct((p.b, p.t, p.h, p.chunk), p.stored), DK=p.dk, SUB=sub, PRECISE=p.precise)
 
 
 def _initial_state(q, v, initial_state):
@@ -121,55 +177,88 @@ def _initial_state(q, v, initial_state):
   return initial_state.astype(jnp.float32).reshape(b * h, dk, v.shape[3])
 
 
-def forward_with(launch, q, k, v, g, initial_state, segment_ids, scale, chunk=CHUNK):
-  """(o [B,T,H,Dv] q.dtype, final state [B,H,Dk,Dv] f32)."""
-  b, t, h, dk = q.shape
-  dims, lengths = _dims(q, v, chunk)
-  dv = dims['DV']
-  precise = q.dtype == jnp.float32
-  runs, continues = segment_layout(segment_ids, b, t, chunk)
-  states, final = _chunk_states(launch, k, v, g, _initial_state(q, v, initial_state), runs, continues, dims,
-                                lengths, precise)
-  bv = block_size(dv)
-  o = launch('chunk_output_kernel', (lengths[2], b * h, dv // bv), (q, k, v, g, runs, continues, states, *lengths),
-             jax.ShapeDtypeStruct(v.shape, q.dtype), SUB=SUB_CHUNK, BV=bv, SCALE=float(scale), PRECISE=precise,
-             **dims)
-  return o, final.reshape(b, h, dk, dv)
+@dataclasses.dataclass
+class _Parts:
+  """What both passes compute: the segment layout, the decayed q and k, the chunks' decays,
+  the entering states, the final state and the intra-chunk scores A."""
+  runs: jax.Array
+  continues: jax.Array
+  q_from_state: jax.Array
+  k_to_end: jax.Array
+  chunk_decay: jax.Array
+  states: jax.Array
+  final: jax.Array
+  scores: jax.Array
+
+
+def _parts(p, q, k, v, g, initial_state, segment_ids):
+  runs, continues = segment_layout(segment_ids, p.b, p.t, p.chunk)
+  q_from_state, k_to_end, chunk_decay = _decayed_qk(p, q, k, g, runs, continues)
+  states, final = _chunk_states(p, k_to_end, v, chunk_decay, _initial_state(q, v, initial_state))
+  return _Parts(runs, continues, q_from_state, k_to_end, chunk_decay, states, final, _chunk_scores(p, q, k, g, runs))
+
+
+def forward_with(launch, q, k, v, g, initial_state, segment_ids, scale, settings=None):
+  """(o [B,T,H,Dv] q.dtype, final state [B,H,Dk,Dv] f32); settings: LaunchSettings, by
+  default those of the environment (triton_launch.from_environment)."""
+  p = _problem(launch, settings, q, v)
+  parts = _parts(p, q, k, v, g, initial_state, segment_ids)
+  name = 'chunk_output_kernel'
+  bk, bv = p.block(name, 'BK'), p.block(name, 'BV')
+  o = p.run(name, (p.n, p.b * p.h, p.dv // bv), (parts.q_from_state, v, parts.states, parts.scores),
+            jax.ShapeDtypeStruct(v.shape, q.dtype), DK=p.dk, DV=p.dv, BK=bk, BV=bv, SCALE=float(scale),
+            PRECISE=p.precise)
+  return o, parts.final.reshape(p.b, p.h, p.dk, p.dv)
+
+
+def _state_grads(p, parts, d_o, d_final, scale):
+  name = 'state_grads_kernel'
+  bk, bv = p.block(name, 'BK'), p.block(name, 'BV')
+  bh = p.b * p.h
+  d_states, d_state0, carries = p.run(
+      name, (bh, p.dk // bk, p.dv // bv),
+      (parts.q_from_state, d_o, parts.chunk_decay, parts.states, parts.final, d_final),
+      (jax.ShapeDtypeStruct(parts.states.shape, p.stored), _f32((bh, p.dk, p.dv)), _f32((bh, p.n, p.dv // bv, p.dk))),
+      DK=p.dk, DV=p.dv, BK=bk, BV=bv, SCALE=float(scale), PRECISE=p.precise)
+  return d_states, d_state0, jnp.sum(carries, axis=2)
+
+
+def _query_key_grads(p, q, k, v, g, d_o, parts, d_states, d_scores, scale):
+  name = 'chunk_dqk_kernel'
+  bk, bv = p.block(name, 'BK'), p.block(name, 'BV')
+  sub = p.settings.sub_chunk
+  return p.run(name, (p.n * (p.chunk // sub), p.b * p.h, p.dk // bk),
+               (q, k, v, g, d_o, parts.runs, parts.continues, parts.states, d_states, d_scores),
+               (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype), _f32(q.shape)),
+               DK=p.dk, DV=p.dv, SUB=sub, BK=bk, BV=bv, SCALE=float(scale), PRECISE=p.precise)
 
 
 def backward_with(launch, q, k, v, g, initial_state, segment_ids, scale, o, final_state, d_o, d_final_state,
-                  chunk=CHUNK):
+                  settings=None):
   """(dq, dk, dv, dg, d_initial_state or None), each in its input's dtype."""
-  del o
-  b, t, h, dk = q.shape
-  dims, lengths = _dims(q, v, chunk)
-  bh, dv, n = b * h, dims['DV'], lengths[2]
-  bk, bv = block_size(dk), block_size(dv)
-  precise = q.dtype == jnp.float32
-  kernel_options = dict(SCALE=float(scale), PRECISE=precise, **dims)
-  runs, continues = segment_layout(segment_ids, b, t, chunk)
+  del o, final_state  # recomputed (the final state in float32, as the carry of dg needs it)
+  p = _problem(launch, settings, q, v)
+  bh = p.b * p.h
   d_o = d_o.astype(q.dtype)
-  states, _ = _chunk_states(launch, k, v, g, _initial_state(q, v, initial_state), runs, continues, dims, lengths,
-                            precise)
-  d_final = d_final_state.astype(jnp.float32).reshape(bh, dk, dv)
-  sk, sv = sequential_block_size(dk), sequential_block_size(dv)
-  d_states, d_state0 = launch('state_grads_kernel', (bh, dk // sk, dv // sv),
-                              (q, d_o, g, continues, d_final, *lengths),
-                              (_f32((bh, n, dk, dv)), _f32((bh, dk, dv))), BK=sk, BV=sv, **kernel_options)
-  dq, dk_, dlog = launch('chunk_dqk_kernel', (n, bh, dk // bk),
-                         (q, k, v, g, d_o, runs, continues, states, d_states, *lengths),
-                         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                          _f32(q.shape)), SUB=SUB_CHUNK, BK=bk, **kernel_options)
-  dv_ = launch('chunk_dv_kernel', (n, bh, dv // bv), (q, k, g, d_o, runs, d_states, *lengths),
-               jax.ShapeDtypeStruct(v.shape, v.dtype), SUB=SUB_CHUNK, BV=bv, **kernel_options)
-  final_share = jnp.sum(final_state.astype(jnp.float32) * d_final_state.astype(jnp.float32), axis=-1)
-  dg_floored = launch('log_decay_grads_kernel', (bh, dk // sk),
-                      (dlog, runs, continues, final_share.reshape(bh, dk), *lengths), _f32(q.shape), BK=sk,
-                      H=h, DK=dk, C=chunk)
+  parts = _parts(p, q, k, v, g, initial_state, segment_ids)
+  d_final = d_final_state.astype(jnp.float32).reshape(bh, p.dk, p.dv)
+  d_states, d_state0, carries = _state_grads(p, parts, d_o, d_final, scale)
+  bv = p.block('chunk_dscores_kernel', 'BV')
+  d_scores = p.run('chunk_dscores_kernel', (p.n, bh), (v, d_o, parts.runs), _f32((p.b, p.t, p.h, p.chunk)), DV=p.dv,
+                   BV=bv, SCALE=float(scale), PRECISE=p.precise)
+  dq, dk, dlog = _query_key_grads(p, q, k, v, g, d_o, parts, d_states, d_scores, scale)
+  name = 'chunk_dv_kernel'
+  bk, bv = p.block(name, 'BK'), p.block(name, 'BV')
+  dv = p.run(name, (p.n, bh, p.dv // bv), (parts.k_to_end, d_o, d_states, parts.scores),
+             jax.ShapeDtypeStruct(v.shape, v.dtype), DK=p.dk, DV=p.dv, BK=bk, BV=bv, SCALE=float(scale),
+             PRECISE=p.precise)
+  bk = p.block('log_decay_grads_kernel', 'BK')
+  dg_floored = p.run('log_decay_grads_kernel', (p.n, bh, p.dk // bk), (dlog, parts.runs, carries), _f32(q.shape),
+                     DK=p.dk, BK=bk)
   _, through_floor = jax.vjp(reference.log_decay, g)
   (dg,) = through_floor(dg_floored)
   d_initial = None if initial_state is None else d_state0.reshape(initial_state.shape).astype(initial_state.dtype)
-  return dq, dk_, dv_, dg, d_initial
+  return dq, dk, dv, dg, d_initial
 
 
 @functools.partial(jax.jit, static_argnames=('scale',))

@@ -3,15 +3,17 @@
 Layout: q, k, g [B, T, H, Dk], v, o [B, T, H, Dv] as the api takes them (token rows of
 H * D values); `runs` and `continues` [B, Tp] int32 per token (Tp = T padded to the chunk):
 the run index of the token's segment and 1 where that segment began before the token's
-chunk. Per-chunk states [B*H, N, Dk, Dv] float32. One program handles one (batch*head,
-chunk) or, for the sequential state passes, one (batch*head, Dk block, Dv block).
+chunk. Per-chunk states [B*H, N, Dk, Dv] (float32, or bfloat16 where the matmuls take bf16
+operands anyway). Intra-chunk scores A and their gradient dA [B, T, H, C]: row t, column s
+= the (decayed, segment- and causally-masked) score of token t against key s of its chunk.
 
 Numerics (see docs/linear_attention.md): every decay factor is exp of a sum of log decays
-over exactly the tokens it spans (a cumsum from a chunk or sub-chunk start, a reverse
-cumsum of the next tokens' g, or a masked sum), or a product of such factors, so no
-exponent is ever positive and no sum is a difference of cumulative sums. Within a
-sub-chunk the pairwise decays are built one query row at a time by multiplying the
-previous row's by exp(g_t). Rows past T load as k = v = g = 0 (identity transitions).
+over exactly the tokens it spans (a cumsum from a chunk or sub-chunk start, a 0/1-mask
+matmul over the later tokens of a tile, or a sum over whole sub-chunks), or a product of
+such factors, so no exponent is ever positive and no sum is a difference of cumulative
+sums. Within a sub-chunk the pairwise decays are built one query row at a time by
+multiplying the previous row's by exp(g_t). Rows past T load as k = v = g = 0 (identity
+transitions) and are never stored.
 """
 
 import triton
@@ -22,30 +24,42 @@ LOG_DECAY_FLOOR = tl.constexpr(-1e30)
 
 @triton.jit
 def _dot(a, b, PRECISE: tl.constexpr):
-  """a @ b accumulated in float32: for float32 inputs three tf32 passes (about float32
+  """a @ b accumulated in float32: three tf32 passes on float32 operands (about float32
   accuracy), otherwise bf16 operands (the inputs' own precision)."""
   if PRECISE:
-    return tl.dot(a, b, input_precision='tf32x3')
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision='tf32x3')
   return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
 
 
 @triton.jit
-def _tile(ptr, batch, head, rows, cols, T, H: tl.constexpr, D: tl.constexpr, row_limit):
-  """float32 [rows, cols] of a [B, T, H, D] array; rows at or past row_limit (<= T) read 0."""
-  offsets = ((batch * T + rows[:, None]).to(tl.int64) * H + head) * D + cols[None, :]
-  return tl.load(ptr + offsets, mask=rows[:, None] < row_limit, other=0.0).to(tl.float32)
+def _offsets(batch, head, rows, cols, T, H: tl.constexpr, D: tl.constexpr):
+  return ((batch * T + rows).to(tl.int64) * H + head) * D + cols
+
+
+@triton.jit
+def _tile(ptr, batch, head, rows, cols, T, H: tl.constexpr, D: tl.constexpr):
+  """float32 [rows, cols] of a [B, T, H, D] array; rows at or past T read 0."""
+  offsets = _offsets(batch, head, rows[:, None], cols[None, :], T, H, D)
+  return tl.load(ptr + offsets, mask=rows[:, None] < T, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _operand(ptr, batch, head, rows, cols, T, H: tl.constexpr, D: tl.constexpr):
+  """[rows, cols] in the array's own dtype, for a matmul operand (rows past T read 0)."""
+  offsets = _offsets(batch, head, rows[:, None], cols[None, :], T, H, D)
+  return tl.load(ptr + offsets, mask=rows[:, None] < T, other=0.0)
 
 
 @triton.jit
 def _row(ptr, batch, head, row, cols, T, H: tl.constexpr, D: tl.constexpr):
   """float32 [cols] of token `row` (0 past T)."""
-  offsets = ((batch * T + row).to(tl.int64) * H + head) * D + cols
-  return tl.load(ptr + offsets, mask=(cols < D) & (row < T), other=0.0).to(tl.float32)
+  return tl.load(ptr + _offsets(batch, head, row, cols, T, H, D), mask=(cols < D) & (row < T),
+                 other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _store_tile(ptr, value, batch, head, rows, cols, T, H: tl.constexpr, D: tl.constexpr):
-  offsets = ((batch * T + rows[:, None]).to(tl.int64) * H + head) * D + cols[None, :]
+  offsets = _offsets(batch, head, rows[:, None], cols[None, :], T, H, D)
   tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=rows[:, None] < T)
 
 
@@ -55,13 +69,18 @@ def _log_decay(g):
 
 
 @triton.jit
-def _next_tokens_decay(g_ptr, batch, head, rows, cols, last_row, T, H: tl.constexpr,
-                       D: tl.constexpr):
-  """[rows, cols]: sum of g over the tokens after each row up to last_row (exclusive of the
-  row itself; 0 at last_row), as a reverse cumsum of the next token's g."""
-  following = _log_decay(_tile(g_ptr, batch, head, rows + 1, cols, T, H, D, tl.minimum(last_row + 1, T)))
-  following = tl.where((rows + 1 <= last_row)[:, None], following, 0.0)
-  return tl.cumsum(following, axis=0, reverse=True)
+def _decays(ptr, batch, head, rows, cols, T, H: tl.constexpr, D: tl.constexpr):
+  """Floored log decays [rows, cols] (0 past T)."""
+  return _log_decay(_tile(ptr, batch, head, rows, cols, T, H, D))
+
+
+@triton.jit
+def _later_sums(g, ROWS: tl.constexpr):
+  """[ROWS, cols]: sum of g over the rows after each row of the tile (0 at the last), as a
+  0/1-mask matmul (so g is read once, and no sum is a difference)."""
+  positions = tl.arange(0, ROWS)
+  later = (positions[None, :] > positions[:, None]).to(tl.float32)
+  return tl.dot(later, g, input_precision='tf32x3')
 
 
 @triton.jit
@@ -74,11 +93,38 @@ def _state_offsets(bh, n, N, k_cols, v_cols, DK: tl.constexpr, DV: tl.constexpr)
 
 
 @triton.jit
-def chunk_states_kernel(k_ptr, v_ptr, g_ptr, runs_ptr, continues_ptr, state0_ptr, T, TP, N, states_ptr, final_ptr,
+def decayed_qk_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, continues_ptr, T, TP, N, q_from_state_ptr, k_to_end_ptr,
+                      chunk_decay_ptr, H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+  """Per chunk (one Dk block), what the passes over the states read: q decayed since the
+  chunk start (0 where the token's segment began in the chunk), k decayed to the chunk end
+  (0 outside the chunk's last segment), both [B, T, H, Dk] in the dtype the matmuls round
+  them to, and the chunk's decay exp(sum of g) [B*H, N, Dk] (0 where its last token's
+  segment began in the chunk)."""
+  n, bh, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+  batch, head = bh // H, bh % H
+  k_cols = kb * BK + tl.arange(0, BK)
+  rows = n * C + tl.arange(0, C)
+  g = _decays(g_ptr, batch, head, rows, k_cols, T, H, DK)
+  continues = tl.load(continues_ptr + batch * TP + rows).to(tl.float32)
+  q_from_state = _tile(q_ptr, batch, head, rows, k_cols, T, H, DK) * tl.exp(tl.cumsum(g, axis=0)) * continues[:, None]
+  _store_tile(q_from_state_ptr, q_from_state, batch, head, rows, k_cols, T, H, DK)
+  runs = tl.load(runs_ptr + batch * TP + rows)
+  last_run = tl.load(runs_ptr + batch * TP + n * C + C - 1)
+  k_to_end = tl.where((runs == last_run)[:, None], _tile(k_ptr, batch, head, rows, k_cols, T, H, DK) *
+                      tl.exp(_later_sums(g, C)), 0.0)
+  _store_tile(k_to_end_ptr, k_to_end, batch, head, rows, k_cols, T, H, DK)
+  continues_last = tl.load(continues_ptr + batch * TP + n * C + C - 1).to(tl.float32)
+  tl.store(chunk_decay_ptr + (bh * N + n).to(tl.int64) * DK + k_cols, tl.exp(tl.sum(g, axis=0)) * continues_last)
+
+
+@triton.jit
+def chunk_states_kernel(k_to_end_ptr, v_ptr, chunk_decay_ptr, state0_ptr, T, TP, N, states_ptr, final_ptr,
                         H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         PRECISE: tl.constexpr):
-  """Sequential over chunks: states[n] = the state entering chunk n; final = after the last."""
+  """Sequential over chunks: states[n] = the state entering chunk n; final = after the last.
+  Nothing but the state update is left in the loop, and its loads do not depend on the
+  state, so they are issued ahead (num_stages)."""
   bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
   batch, head = bh // H, bh % H
   k_cols = kb * BK + tl.arange(0, BK)
@@ -86,69 +132,83 @@ def chunk_states_kernel(k_ptr, v_ptr, g_ptr, runs_ptr, continues_ptr, state0_ptr
   local = tl.arange(0, C)
   state = tl.load(state0_ptr + _state_offsets(bh, 0, 1, k_cols, v_cols, DK, DV))
   for n in range(N):
-    tl.store(states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV), state)
+    tl.store(states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV), state.to(states_ptr.dtype.element_ty))
     rows = n * C + local
-    k = _tile(k_ptr, batch, head, rows, k_cols, T, H, DK, T)
-    v = _tile(v_ptr, batch, head, rows, v_cols, T, H, DV, T)
-    g = _log_decay(_tile(g_ptr, batch, head, rows, k_cols, T, H, DK, T))
-    runs = tl.load(runs_ptr + batch * TP + rows)
-    last_run = tl.load(runs_ptr + batch * TP + n * C + C - 1)
-    continues_last = tl.load(continues_ptr + batch * TP + n * C + C - 1).to(tl.float32)
-    to_end = _next_tokens_decay(g_ptr, batch, head, rows, k_cols, n * C + C - 1, T, H, DK)
-    k_to_end = tl.where((runs == last_run)[:, None], k * tl.exp(to_end), 0.0)
-    chunk_decay = tl.exp(tl.sum(g, axis=0)) * continues_last
+    k_to_end = _operand(k_to_end_ptr, batch, head, rows, k_cols, T, H, DK)
+    v = _operand(v_ptr, batch, head, rows, v_cols, T, H, DV)
+    chunk_decay = tl.load(chunk_decay_ptr + (bh * N + n).to(tl.int64) * DK + k_cols)
     state = chunk_decay[:, None] * state + _dot(tl.trans(k_to_end), v, PRECISE)
   tl.store(final_ptr + _state_offsets(bh, 0, 1, k_cols, v_cols, DK, DV), state)
 
 
 @triton.jit
-def chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, runs_ptr, continues_ptr, states_ptr, T, TP, N, o_ptr,
-                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                        C: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr,
-                        SCALE: tl.constexpr, PRECISE: tl.constexpr):
-  """o of one chunk (one Dv block): from the entering state, from earlier sub-chunks, within
-  each sub-chunk."""
+def chunk_scores_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
+                        H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                        PRECISE: tl.constexpr):
+  """The rows of A of one sub-chunk i: against the keys of each earlier sub-chunk j (one
+  matmul each), and within the sub-chunk (pairwise decays). Blocks right of the diagonal
+  are not written (readers mask them)."""
+  p, bh = tl.program_id(0), tl.program_id(1)
+  n, i = p // (C // SUB), p % (C // SUB)
+  batch, head = bh // H, bh % H
+  cols = tl.arange(0, DK)
+  sub = tl.arange(0, SUB)
+  rows = n * C + i * SUB + sub
+  runs = tl.load(runs_ptr + batch * TP + rows)
+  g = _decays(g_ptr, batch, head, rows, cols, T, H, DK)
+  q_rel = _tile(q_ptr, batch, head, rows, cols, T, H, DK) * tl.exp(tl.cumsum(g, axis=0))
+  between = tl.full((DK,), 1.0, tl.float32)  # decay over the sub-chunks between j and i
+  for back in range(i):
+    j = i - 1 - back
+    key_rows = n * C + j * SUB + sub
+    g_j = _decays(g_ptr, batch, head, key_rows, cols, T, H, DK)
+    k_rel = _tile(k_ptr, batch, head, key_rows, cols, T, H, DK) * tl.exp(_later_sums(g_j, SUB)) * between[None, :]
+    scores = _dot(q_rel, tl.trans(k_rel), PRECISE)
+    key_runs = tl.load(runs_ptr + batch * TP + key_rows)
+    scores = tl.where(runs[:, None] == key_runs[None, :], scores, 0.0)
+    _store_tile(a_ptr, scores, batch, head, rows, j * SUB + sub, T, H, C)
+    between *= tl.exp(tl.sum(g_j, axis=0))
+  k = _tile(k_ptr, batch, head, rows, cols, T, H, DK)
+  pair_decay = tl.zeros((SUB, DK), tl.float32)
+  for t in range(SUB):
+    row = n * C + i * SUB + t
+    g_t = _log_decay(_row(g_ptr, batch, head, row, cols, T, H, DK))
+    q_t = _row(q_ptr, batch, head, row, cols, T, H, DK)
+    run_t = tl.load(runs_ptr + batch * TP + row)
+    pair_decay = tl.where((sub < t)[:, None], pair_decay * tl.exp(g_t)[None, :], tl.where((sub == t)[:, None],
+                                                                                          1.0, 0.0))
+    scores_t = tl.sum(k * pair_decay * q_t[None, :], axis=1)  # [SUB] over keys
+    scores_t = tl.where((sub <= t) & (runs == run_t), scores_t, 0.0)
+    tl.store(a_ptr + _offsets(batch, head, row, i * SUB + sub, T, H, C), scores_t.to(a_ptr.dtype.element_ty),
+             mask=(sub < SUB) & (row < T))
+
+
+@triton.jit
+def _chunk_scores(a_ptr, batch, head, rows, local, T, H: tl.constexpr, C: tl.constexpr):
+  """A of the chunk's rows [C queries, C keys], 0 right of the diagonal, in A's dtype."""
+  offsets = _offsets(batch, head, rows[:, None], local[None, :], T, H, C)
+  return tl.load(a_ptr + offsets, mask=(rows[:, None] < T) & (local[None, :] <= local[:, None]), other=0.0)
+
+
+@triton.jit
+def chunk_output_kernel(q_from_state_ptr, v_ptr, states_ptr, a_ptr, T, TP, N, o_ptr,
+                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, SCALE: tl.constexpr, PRECISE: tl.constexpr):
+  """o of one chunk (one Dv block): the decayed q against the entering state (a loop over Dk
+  blocks), plus A @ v."""
   n, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
   batch, head = bh // H, bh % H
-  k_cols = tl.arange(0, DK)
   v_cols = vb * BV + tl.arange(0, BV)
   local = tl.arange(0, C)
-  sub = tl.arange(0, SUB)
-  chunk_rows = n * C + local
-  chunk_runs = tl.load(runs_ptr + batch * TP + chunk_rows)
-  state = tl.load(states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV))
-  for i in tl.static_range(C // SUB):
-    rows = n * C + i * SUB + sub
-    q = _tile(q_ptr, batch, head, rows, k_cols, T, H, DK, T)
-    g = _log_decay(_tile(g_ptr, batch, head, rows, k_cols, T, H, DK, T))
-    runs = tl.load(runs_ptr + batch * TP + rows)
-    continues = tl.load(continues_ptr + batch * TP + rows).to(tl.float32)
-    prefix = tl.cumsum(g, axis=0)  # decay from the sub-chunk start, inclusive
-    chunk_g = _log_decay(_tile(g_ptr, batch, head, chunk_rows, k_cols, T, H, DK, T))
-    before = tl.sum(tl.where((local < i * SUB)[:, None], chunk_g, 0.0), axis=0)
-    q_from_state = q * tl.exp(prefix + before[None, :]) * continues[:, None]
-    o = _dot(q_from_state, state, PRECISE)
-    if i > 0:
-      gaps = _next_tokens_decay(g_ptr, batch, head, chunk_rows, k_cols, n * C + i * SUB - 1, T, H, DK)
-      k = _tile(k_ptr, batch, head, chunk_rows, k_cols, T, H, DK, T)
-      k_rel = tl.where((local < i * SUB)[:, None], k * tl.exp(gaps), 0.0)
-      scores = _dot(q * tl.exp(prefix), tl.trans(k_rel), PRECISE)  # [SUB, C]
-      scores = tl.where(runs[:, None] == chunk_runs[None, :], scores, 0.0)
-      o += _dot(scores, _tile(v_ptr, batch, head, chunk_rows, v_cols, T, H, DV, T), PRECISE)
-    k_sub = _tile(k_ptr, batch, head, rows, k_cols, T, H, DK, T)
-    pair_decay = tl.zeros((SUB, DK), tl.float32)
-    within = tl.zeros((SUB, SUB), tl.float32)
-    for t in range(SUB):
-      row = n * C + i * SUB + t
-      g_t = _log_decay(_row(g_ptr, batch, head, row, k_cols, T, H, DK))
-      q_t = _row(q_ptr, batch, head, row, k_cols, T, H, DK)
-      pair_decay = tl.where((sub < t)[:, None], pair_decay * tl.exp(g_t)[None, :], tl.where((sub == t)[:, None],
-                                                                                            1.0, 0.0))
-      scores_t = tl.sum(k_sub * pair_decay * q_t[None, :], axis=1)  # [SUB] over keys
-      within = tl.where((sub == t)[:, None], scores_t[None, :], within)
-    within = tl.where(runs[:, None] == runs[None, :], within, 0.0)
-    o += _dot(within, _tile(v_ptr, batch, head, rows, v_cols, T, H, DV, T), PRECISE)
-    _store_tile(o_ptr, SCALE * o, batch, head, rows, v_cols, T, H, DV)
+  rows = n * C + local
+  o = tl.zeros((C, BV), tl.float32)
+  for kb in range(DK // BK):
+    k_cols = kb * BK + tl.arange(0, BK)
+    q_from_state = _operand(q_from_state_ptr, batch, head, rows, k_cols, T, H, DK)
+    o += _dot(q_from_state, tl.load(states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV)), PRECISE)
+  scores = _chunk_scores(a_ptr, batch, head, rows, local, T, H, C)
+  o += _dot(scores, _operand(v_ptr, batch, head, rows, v_cols, T, H, DV), PRECISE)
+  _store_tile(o_ptr, SCALE * o, batch, head, rows, v_cols, T, H, DV)
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,189 +216,169 @@ def chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, runs_ptr, continues_ptr, sta
 
 
 @triton.jit
-def state_grads_kernel(q_ptr, do_ptr, g_ptr, continues_ptr, d_final_ptr, T, TP, N, d_states_ptr, d_state0_ptr,
+def state_grads_kernel(q_from_state_ptr, do_ptr, chunk_decay_ptr, states_ptr, final_ptr, d_final_ptr, T, TP, N,
+                       d_states_ptr, d_state0_ptr, carries_ptr,
                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        SCALE: tl.constexpr, PRECISE: tl.constexpr):
   """Sequential over chunks backwards: d_states[n] = gradient of the state leaving chunk n;
-  d_state0 = gradient of the initial state."""
+  d_state0 = gradient of the initial state; carries[bh, n, Dv block] = this block's share of
+  rowsum(state leaving chunk n * its gradient), the gradient of a log decay inserted after
+  chunk n (= the sum of dlog over the later tokens of chunk n's last segment, and the final
+  state's share when that segment ends the row)."""
   bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
   batch, head = bh // H, bh % H
   k_cols = kb * BK + tl.arange(0, BK)
   v_cols = vb * BV + tl.arange(0, BV)
   local = tl.arange(0, C)
+  everywhere = (k_cols[:, None] < DK) & (v_cols[None, :] < DV)
   d_state = tl.load(d_final_ptr + _state_offsets(bh, 0, 1, k_cols, v_cols, DK, DV))
   for back in range(N):
     n = N - 1 - back
-    tl.store(d_states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV), d_state)
+    tl.store(d_states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV),
+             d_state.to(d_states_ptr.dtype.element_ty))
+    leaving = tl.load(states_ptr + _state_offsets(bh, n + 1, N, k_cols, v_cols, DK, DV), mask=everywhere & (n + 1 < N),
+                      other=0.0).to(tl.float32)
+    leaving += tl.load(final_ptr + _state_offsets(bh, 0, 1, k_cols, v_cols, DK, DV), mask=everywhere & (n + 1 == N),
+                       other=0.0)
+    carry_offsets = ((bh * N + n) * tl.num_programs(2) + vb).to(tl.int64) * DK + k_cols
+    tl.store(carries_ptr + carry_offsets, tl.sum(leaving * d_state, axis=1))
     rows = n * C + local
-    q = _tile(q_ptr, batch, head, rows, k_cols, T, H, DK, T)
-    d_o = _tile(do_ptr, batch, head, rows, v_cols, T, H, DV, T)
-    g = _log_decay(_tile(g_ptr, batch, head, rows, k_cols, T, H, DK, T))
-    continues = tl.load(continues_ptr + batch * TP + rows).to(tl.float32)
-    continues_last = tl.load(continues_ptr + batch * TP + n * C + C - 1).to(tl.float32)
-    q_from_state = q * tl.exp(tl.cumsum(g, axis=0)) * continues[:, None]
-    chunk_decay = tl.exp(tl.sum(g, axis=0)) * continues_last
+    q_from_state = _operand(q_from_state_ptr, batch, head, rows, k_cols, T, H, DK)
+    d_o = _operand(do_ptr, batch, head, rows, v_cols, T, H, DV)
+    chunk_decay = tl.load(chunk_decay_ptr + (bh * N + n).to(tl.int64) * DK + k_cols)
     d_state = chunk_decay[:, None] * d_state + SCALE * _dot(tl.trans(q_from_state), d_o, PRECISE)
   tl.store(d_state0_ptr + _state_offsets(bh, 0, 1, k_cols, v_cols, DK, DV), d_state)
 
 
 @triton.jit
-def _sub_chunk_decays(g_ptr, batch, head, n, i, rows, chunk_rows, local, cols, T, H: tl.constexpr,
-                      D: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr):
-  """For sub-chunk i's rows: (prefix, suffix, before, after): decay from the sub-chunk start
-  to each row (inclusive), from each row (exclusive) to the sub-chunk end, and [cols] sums
-  of g over the chunk's rows before and after the sub-chunk."""
-  g = _log_decay(_tile(g_ptr, batch, head, rows, cols, T, H, D, T))
-  suffix = _next_tokens_decay(g_ptr, batch, head, rows, cols, n * C + i * SUB + SUB - 1, T, H, D)
-  chunk_g = _log_decay(_tile(g_ptr, batch, head, chunk_rows, cols, T, H, D, T))
-  before = tl.sum(tl.where((local < i * SUB)[:, None], chunk_g, 0.0), axis=0)
-  after = tl.sum(tl.where((local >= i * SUB + SUB)[:, None], chunk_g, 0.0), axis=0)
-  return tl.cumsum(g, axis=0), suffix, before, after
+def chunk_dscores_kernel(v_ptr, do_ptr, runs_ptr, T, TP, N, da_ptr,
+                         H: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                         SCALE: tl.constexpr, PRECISE: tl.constexpr):
+  """dA of one chunk: SCALE * do @ v^T over the visible pairs (same segment, key <= query),
+  0 elsewhere; float32."""
+  n, bh = tl.program_id(0), tl.program_id(1)
+  batch, head = bh // H, bh % H
+  local = tl.arange(0, C)
+  rows = n * C + local
+  runs = tl.load(runs_ptr + batch * TP + rows)
+  d_scores = tl.zeros((C, C), tl.float32)
+  for vb in range(DV // BV):
+    v_cols = vb * BV + tl.arange(0, BV)
+    d_o = _operand(do_ptr, batch, head, rows, v_cols, T, H, DV)
+    d_scores += _dot(d_o, tl.trans(_operand(v_ptr, batch, head, rows, v_cols, T, H, DV)), PRECISE)
+  visible = (local[None, :] <= local[:, None]) & (runs[:, None] == runs[None, :])
+  _store_tile(da_ptr, tl.where(visible, SCALE * d_scores, 0.0), batch, head, rows, local, T, H, C)
 
 
 @triton.jit
-def _later_queries(q_ptr, g_ptr, batch, head, chunk_rows, local, first, cols, T, H: tl.constexpr,
-                   D: tl.constexpr):
-  """[C, cols]: q of the chunk's rows >= first scaled by their decay since `first` (0 before)."""
-  later = (local >= first)[:, None]
-  chunk_g = tl.where(later, _log_decay(_tile(g_ptr, batch, head, chunk_rows, cols, T, H, D, T)), 0.0)
-  q = _tile(q_ptr, batch, head, chunk_rows, cols, T, H, D, T)
-  return tl.where(later, q * tl.exp(tl.cumsum(chunk_g, axis=0)), 0.0)
+def chunk_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, runs_ptr, continues_ptr, states_ptr, d_states_ptr, da_ptr,
+                     T, TP, N, dq_ptr, dk_ptr, dlog_ptr,
+                     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, SCALE: tl.constexpr, PRECISE: tl.constexpr):
+  """dq, dk of one sub-chunk i (one Dk block), and dlog = q * dq - k * dk, the gradient of
+  each token's cumulative log decay (its reverse cumsum per segment gives dg)."""
+  p, bh, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+  n, i = p // (C // SUB), p % (C // SUB)
+  batch, head = bh // H, bh % H
+  k_cols = kb * BK + tl.arange(0, BK)
+  sub = tl.arange(0, SUB)
+  rows = n * C + i * SUB + sub
+  runs = tl.load(runs_ptr + batch * TP + rows)
+  continues = tl.load(continues_ptr + batch * TP + rows).to(tl.float32)
+  last_run = tl.load(runs_ptr + batch * TP + n * C + C - 1)
+  g = _decays(g_ptr, batch, head, rows, k_cols, T, H, DK)
+  q = _tile(q_ptr, batch, head, rows, k_cols, T, H, DK)
+  k = _tile(k_ptr, batch, head, rows, k_cols, T, H, DK)
+  # keys of earlier sub-chunks; `before` ends as the decay over the chunk's rows before i
+  dq = tl.zeros((SUB, BK), tl.float32)
+  before = tl.full((BK,), 1.0, tl.float32)
+  for back in range(i):
+    j = i - 1 - back
+    key_rows = n * C + j * SUB + sub
+    g_j = _decays(g_ptr, batch, head, key_rows, k_cols, T, H, DK)
+    k_rel = _tile(k_ptr, batch, head, key_rows, k_cols, T, H, DK) * tl.exp(_later_sums(g_j, SUB)) * before[None, :]
+    dq += _dot(_tile(da_ptr, batch, head, rows, j * SUB + sub, T, H, C), k_rel, PRECISE)
+    before *= tl.exp(tl.sum(g_j, axis=0))
+  # queries of later sub-chunks; `after` ends as the decay over the chunk's rows after i
+  dk = tl.zeros((SUB, BK), tl.float32)
+  after = tl.full((BK,), 1.0, tl.float32)
+  for j in range(i + 1, C // SUB):
+    query_rows = n * C + j * SUB + sub
+    g_j = _decays(g_ptr, batch, head, query_rows, k_cols, T, H, DK)
+    q_rel = _tile(q_ptr, batch, head, query_rows, k_cols, T, H, DK) * tl.exp(tl.cumsum(g_j, axis=0)) * after[None, :]
+    d_scores_t = tl.trans(_tile(da_ptr, batch, head, query_rows, i * SUB + sub, T, H, C))  # [keys, queries]
+    dk += _dot(d_scores_t, q_rel, PRECISE)
+    after *= tl.exp(tl.sum(g_j, axis=0))
+  # through the entering and the leaving state
+  from_state = tl.zeros((SUB, BK), tl.float32)
+  to_state = tl.zeros((SUB, BK), tl.float32)
+  for vb in range(DV // BV):
+    v_cols = vb * BV + tl.arange(0, BV)
+    state = tl.load(states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV))
+    d_state = tl.load(d_states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV))
+    from_state += _dot(_operand(do_ptr, batch, head, rows, v_cols, T, H, DV), tl.trans(state), PRECISE)
+    to_state += _dot(_operand(v_ptr, batch, head, rows, v_cols, T, H, DV), tl.trans(d_state), PRECISE)
+  dq = tl.exp(tl.cumsum(g, axis=0)) * (dq + SCALE * continues[:, None] * before[None, :] * from_state)
+  dk = tl.exp(_later_sums(g, SUB)) * (dk + tl.where((runs == last_run)[:, None], after[None, :] * to_state, 0.0))
+  # within the sub-chunk, one query row t at a time; accumulated apart from dq and dk so the
+  # loop keeps one layout, and dA's diagonal block read once ([keys, queries])
+  d_scores_block = tl.trans(_tile(da_ptr, batch, head, rows, i * SUB + sub, T, H, C))
+  pair_decay = tl.zeros((SUB, BK), tl.float32)
+  dq_within = tl.zeros((SUB, BK), tl.float32)
+  dk_within = tl.zeros((SUB, BK), tl.float32)
+  for t in range(SUB):
+    row = n * C + i * SUB + t
+    g_t = _log_decay(_row(g_ptr, batch, head, row, k_cols, T, H, DK))
+    q_t = _row(q_ptr, batch, head, row, k_cols, T, H, DK)
+    d_scores = tl.sum(tl.where((sub == t)[None, :], d_scores_block, 0.0), axis=1)  # [SUB] over keys, 0 past t
+    pair_decay = tl.where((sub < t)[:, None], pair_decay * tl.exp(g_t)[None, :], tl.where((sub == t)[:, None],
+                                                                                          1.0, 0.0))
+    dq_t = tl.sum(d_scores[:, None] * k * pair_decay, axis=0)
+    dq_within = tl.where((sub == t)[:, None], dq_t[None, :], dq_within)
+    dk_within += d_scores[:, None] * q_t[None, :] * pair_decay
+  dq += dq_within
+  dk += dk_within
+  _store_tile(dq_ptr, dq, batch, head, rows, k_cols, T, H, DK)
+  _store_tile(dk_ptr, dk, batch, head, rows, k_cols, T, H, DK)
+  _store_tile(dlog_ptr, q * dq - k * dk, batch, head, rows, k_cols, T, H, DK)
 
 
 @triton.jit
-def chunk_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, runs_ptr, continues_ptr, states_ptr, d_states_ptr, T, TP, N,
-                     dq_ptr, dk_ptr, dlog_ptr,
-                     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                     C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
-                     SCALE: tl.constexpr, PRECISE: tl.constexpr):
-  """dq, dk of one chunk (one Dk block), and dlog = q * dq - k * dk, the gradient of each
-  token's cumulative log decay (its reverse cumsum per segment gives dg)."""
+def chunk_dv_kernel(k_to_end_ptr, do_ptr, d_states_ptr, a_ptr, T, TP, N, dv_ptr,
+                    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, SCALE: tl.constexpr, PRECISE: tl.constexpr):
+  """dv of one chunk (one Dv block): SCALE * A^T @ do, plus the keys decayed to the chunk
+  end against the leaving state's gradient (a loop over Dk blocks)."""
+  n, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+  batch, head = bh // H, bh % H
+  v_cols = vb * BV + tl.arange(0, BV)
+  local = tl.arange(0, C)
+  rows = n * C + local
+  scores_t = tl.trans(_chunk_scores(a_ptr, batch, head, rows, local, T, H, C))  # [keys, queries]
+  dv = SCALE * _dot(scores_t, _operand(do_ptr, batch, head, rows, v_cols, T, H, DV), PRECISE)
+  for kb in range(DK // BK):
+    k_cols = kb * BK + tl.arange(0, BK)
+    k_to_end = _operand(k_to_end_ptr, batch, head, rows, k_cols, T, H, DK)
+    dv += _dot(k_to_end, tl.load(d_states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV)), PRECISE)
+  _store_tile(dv_ptr, dv, batch, head, rows, v_cols, T, H, DV)
+
+
+@triton.jit
+def log_decay_grads_kernel(dlog_ptr, runs_ptr, carries_ptr, T, TP, N, dg_ptr,
+                           H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+  """dg[u] = sum of dlog over the tokens t >= u of u's segment in u's chunk, plus, for the
+  chunk's last segment, the carry (that sum over the later chunks, and the final state's
+  share: computed by state_grads_kernel). Parallel over chunks."""
   n, bh, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
   batch, head = bh // H, bh % H
   k_cols = kb * BK + tl.arange(0, BK)
-  v_cols = tl.arange(0, DV)
   local = tl.arange(0, C)
-  sub = tl.arange(0, SUB)
-  chunk_rows = n * C + local
-  chunk_runs = tl.load(runs_ptr + batch * TP + chunk_rows)
+  rows = n * C + local
+  runs = tl.load(runs_ptr + batch * TP + rows)
   last_run = tl.load(runs_ptr + batch * TP + n * C + C - 1)
-  state = tl.load(states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV))  # [BK, DV]
-  d_state = tl.load(d_states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV))
-  for i in tl.static_range(C // SUB):
-    rows = n * C + i * SUB + sub
-    runs = tl.load(runs_ptr + batch * TP + rows)
-    continues = tl.load(continues_ptr + batch * TP + rows).to(tl.float32)
-    q = _tile(q_ptr, batch, head, rows, k_cols, T, H, DK, T)
-    k = _tile(k_ptr, batch, head, rows, k_cols, T, H, DK, T)
-    v = _tile(v_ptr, batch, head, rows, v_cols, T, H, DV, T)
-    d_o = _tile(do_ptr, batch, head, rows, v_cols, T, H, DV, T)
-    prefix, suffix, before, after = _sub_chunk_decays(g_ptr, batch, head, n, i, rows, chunk_rows, local, k_cols,
-                                                      T, H, DK, C, SUB)
-    # through the entering state and the leaving state
-    dq = SCALE * continues[:, None] * tl.exp(prefix + before[None, :]) * _dot(d_o, tl.trans(state), PRECISE)
-    dk = tl.where((runs == last_run)[:, None], tl.exp(suffix + after[None, :]), 0.0) * _dot(
-        v, tl.trans(d_state), PRECISE)
-    if i > 0:  # keys of earlier sub-chunks
-      gaps = _next_tokens_decay(g_ptr, batch, head, chunk_rows, k_cols, n * C + i * SUB - 1, T, H, DK)
-      chunk_k = _tile(k_ptr, batch, head, chunk_rows, k_cols, T, H, DK, T)
-      k_rel = tl.where((local < i * SUB)[:, None], chunk_k * tl.exp(gaps), 0.0)
-      d_scores = SCALE * _dot(d_o, tl.trans(_tile(v_ptr, batch, head, chunk_rows, v_cols, T, H, DV, T)), PRECISE)
-      d_scores = tl.where((runs[:, None] == chunk_runs[None, :]) & (local < i * SUB)[None, :], d_scores, 0.0)
-      dq += tl.exp(prefix) * _dot(d_scores, k_rel, PRECISE)
-    if i < C // SUB - 1:  # queries of later sub-chunks
-      q_rel = _later_queries(q_ptr, g_ptr, batch, head, chunk_rows, local, i * SUB + SUB, k_cols, T, H, DK)
-      chunk_do = _tile(do_ptr, batch, head, chunk_rows, v_cols, T, H, DV, T)
-      d_scores_t = SCALE * _dot(v, tl.trans(chunk_do), PRECISE)  # [SUB keys, C queries]
-      d_scores_t = tl.where((runs[:, None] == chunk_runs[None, :]) & (local >= i * SUB + SUB)[None, :],
-                            d_scores_t, 0.0)
-      dk += tl.exp(suffix) * _dot(d_scores_t, q_rel, PRECISE)
-    pair_decay = tl.zeros((SUB, BK), tl.float32)
-    dq_within = tl.zeros((SUB, BK), tl.float32)
-    for t in range(SUB):
-      row = n * C + i * SUB + t
-      g_t = _log_decay(_row(g_ptr, batch, head, row, k_cols, T, H, DK))
-      q_t = _row(q_ptr, batch, head, row, k_cols, T, H, DK)
-      do_t = _row(do_ptr, batch, head, row, v_cols, T, H, DV)
-      run_t = tl.load(runs_ptr + batch * TP + row)
-      pair_decay = tl.where((sub < t)[:, None], pair_decay * tl.exp(g_t)[None, :], tl.where((sub == t)[:, None],
-                                                                                            1.0, 0.0))
-      d_scores_row = SCALE * tl.sum(v * do_t[None, :], axis=1)  # [SUB] over keys
-      d_scores_row = tl.where((sub <= t) & (runs == run_t), d_scores_row, 0.0)
-      dq_t = tl.sum(d_scores_row[:, None] * k * pair_decay, axis=0)
-      dq_within = tl.where((sub == t)[:, None], dq_t[None, :], dq_within)
-      dk += d_scores_row[:, None] * q_t[None, :] * pair_decay
-    dq += dq_within
-    _store_tile(dq_ptr, dq, batch, head, rows, k_cols, T, H, DK)
-    _store_tile(dk_ptr, dk, batch, head, rows, k_cols, T, H, DK)
-    _store_tile(dlog_ptr, q * dq - k * dk, batch, head, rows, k_cols, T, H, DK)
-
-
-@triton.jit
-def chunk_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, runs_ptr, d_states_ptr, T, TP, N, dv_ptr,
-                    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                    C: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr,
-                    SCALE: tl.constexpr, PRECISE: tl.constexpr):
-  """dv of one chunk (one Dv block)."""
-  n, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-  batch, head = bh // H, bh % H
-  k_cols = tl.arange(0, DK)
-  v_cols = vb * BV + tl.arange(0, BV)
-  local = tl.arange(0, C)
-  sub = tl.arange(0, SUB)
-  chunk_rows = n * C + local
-  chunk_runs = tl.load(runs_ptr + batch * TP + chunk_rows)
-  last_run = tl.load(runs_ptr + batch * TP + n * C + C - 1)
-  d_state = tl.load(d_states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV))  # [DK, BV]
-  for i in tl.static_range(C // SUB):
-    rows = n * C + i * SUB + sub
-    runs = tl.load(runs_ptr + batch * TP + rows)
-    k = _tile(k_ptr, batch, head, rows, k_cols, T, H, DK, T)
-    prefix, suffix, before, after = _sub_chunk_decays(g_ptr, batch, head, n, i, rows, chunk_rows, local, k_cols,
-                                                      T, H, DK, C, SUB)
-    k_to_end = tl.where((runs == last_run)[:, None], k * tl.exp(suffix + after[None, :]), 0.0)
-    dv = _dot(k_to_end, d_state, PRECISE)
-    if i < C // SUB - 1:
-      q_rel = _later_queries(q_ptr, g_ptr, batch, head, chunk_rows, local, i * SUB + SUB, k_cols, T, H, DK)
-      scores_t = _dot(k * tl.exp(suffix), tl.trans(q_rel), PRECISE)  # [SUB keys, C queries]
-      scores_t = tl.where((runs[:, None] == chunk_runs[None, :]) & (local >= i * SUB + SUB)[None, :], scores_t, 0.0)
-      dv += SCALE * _dot(scores_t, _tile(do_ptr, batch, head, chunk_rows, v_cols, T, H, DV, T), PRECISE)
-    pair_decay = tl.zeros((SUB, DK), tl.float32)
-    for t in range(SUB):
-      row = n * C + i * SUB + t
-      g_t = _log_decay(_row(g_ptr, batch, head, row, k_cols, T, H, DK))
-      q_t = _row(q_ptr, batch, head, row, k_cols, T, H, DK)
-      do_t = _row(do_ptr, batch, head, row, v_cols, T, H, DV)
-      run_t = tl.load(runs_ptr + batch * TP + row)
-      pair_decay = tl.where((sub < t)[:, None], pair_decay * tl.exp(g_t)[None, :], tl.where((sub == t)[:, None],
-                                                                                            1.0, 0.0))
-      scores_row = tl.sum(k * pair_decay * q_t[None, :], axis=1)
-      scores_row = tl.where((sub <= t) & (runs == run_t), scores_row, 0.0)
-      dv += SCALE * scores_row[:, None] * do_t[None, :]
-    _store_tile(dv_ptr, dv, batch, head, rows, v_cols, T, H, DV)
-
-
-@triton.jit
-def log_decay_grads_kernel(dlog_ptr, runs_ptr, continues_ptr, carry_ptr, T, TP, N, dg_ptr,
-                           H: tl.constexpr, DK: tl.constexpr,
-                           C: tl.constexpr, BK: tl.constexpr):
-  """dg[u] = sum of dlog over the tokens t >= u of u's segment, plus (for the row's last
-  segment) carry = rowsum(final state * its gradient): sequential over chunks backwards."""
-  bh, kb = tl.program_id(0), tl.program_id(1)
-  batch, head = bh // H, bh % H
-  k_cols = kb * BK + tl.arange(0, BK)
-  local = tl.arange(0, C)
-  carry = tl.load(carry_ptr + bh * DK + k_cols)
-  for back in range(N):
-    n = N - 1 - back
-    rows = n * C + local
-    dlog = _tile(dlog_ptr, batch, head, rows, k_cols, T, H, DK, T)
-    runs = tl.load(runs_ptr + batch * TP + rows)
-    last_run = tl.load(runs_ptr + batch * TP + n * C + C - 1)
-    continues_first = tl.load(continues_ptr + batch * TP + n * C)
-    later_same_run = (local[None, :] >= local[:, None]) & (runs[:, None] == runs[None, :])  # [u, t]
-    dg = _dot(later_same_run.to(tl.float32), dlog, True)
-    dg += tl.where((runs == last_run)[:, None], carry[None, :], 0.0)
-    _store_tile(dg_ptr, dg, batch, head, rows, k_cols, T, H, DK)
-    carry = tl.where(continues_first != 0, tl.sum(tl.where((local == 0)[:, None], dg, 0.0), axis=0), 0.0)
+  later_same_run = (local[None, :] >= local[:, None]) & (runs[:, None] == runs[None, :])  # [u, t]
+  dg = _dot(later_same_run.to(tl.float32), _tile(dlog_ptr, batch, head, rows, k_cols, T, H, DK), True)
+  carry = tl.load(carries_ptr + (bh * N + n).to(tl.int64) * DK + k_cols)
+  dg += tl.where((runs == last_run)[:, None], carry[None, :], 0.0)
+  _store_tile(dg_ptr, dg, batch, head, rows, k_cols, T, H, DK)
