@@ -164,6 +164,14 @@ def test_quick_comparison_trains_two_arms_and_writes_the_table_and_plot(tmp_path
   assert [run['seed'] for run in results['arms']['dense']['seed_runs']] == [0, 1]
   assert [run['seed'] for run in results['arms']['window']['seed_runs']] == [0]
   assert ' ± ' in (workdir / 'results.md').read_text()
+  # Progressive length: a second comparison whose arms start from these arms.
+  longer = tmp_path / 'longer'
+  continued = run_compare(['--config', MQAR_SUITE + ':quick', '--workdir', str(longer), '--arms', 'dense',
+                           '--from-arms', str(workdir), f'--config.run.data.data_dir={data_dir}'])
+  assert continued.returncode == 0, continued.stdout[-3000:] + continued.stderr[-3000:]
+  assert f'init_from {workdir}/dense/checkpoints/3: loaded' in continued.stdout
+  assert json.loads((longer / 'dense' / 'config.json').read_text())['config']['init_from'] == str(workdir / 'dense')
+  assert f'its namesake in `{workdir}`' in (longer / 'results.md').read_text()
 
 
 @pytest.mark.parametrize('suite', [MQAR_SUITE + p for p in ('', ':2k', ':8k', ':512', ':quick')]
@@ -267,3 +275,28 @@ def test_arms_continue_from_the_base_run(tmp_path, data_dir):
     assert json.loads((workdir / name / 'config.json').read_text())['config']['init_from'] == str(workdir / 'base')
     assert (workdir / name / 'checkpoints' / '2').is_dir()
   assert 'Every arm starts from the parameters of the base run' in (workdir / 'results.md').read_text()
+
+
+def test_arms_continue_only_from_arms_trained_in_the_earlier_workdir(tmp_path):
+  (tmp_path / 'dense' / 'checkpoints').mkdir(parents=True)
+  dirs = compare.earlier_arm_dirs(str(tmp_path), ['dense'], (0,), 0)
+  assert dirs == {('dense', 0): str(tmp_path / 'dense')}
+  with pytest.raises(UserError, match=r'no trained arm window, window.seed1, dense.seed1 there'):
+    compare.earlier_arm_dirs(str(tmp_path), ['window', 'dense'], (0, 1), 0)
+  with pytest.raises(UserError, match='has a base run'):
+    compare.compare_command(['--config', CONVERT_SUITE + ':quick', '--workdir', str(tmp_path / 'x'),
+                             '--from-arms', str(tmp_path)])
+
+
+@pytest.mark.slow  # 25 s: every arm's model built abstractly at two lengths
+def test_mqar_arms_have_the_same_parameters_at_2k_and_8k():
+  """--from-arms continues the 2k arms at 8k: each arm's parameter shapes must not follow the length."""
+  def shapes(preset):
+    suite = compare.load_suite(MQAR_SUITE + preset, {})
+    configs = {name: compare.arm_config(suite.run, name, changes) for name, changes in suite.arms}
+    target = compare.arm_budget(configs['dense'])['params']
+    return {name: compare.parameter_shapes(compare.matched_mlp_config(cfg, name, target))
+            for name, cfg in configs.items()}
+  at_2k = shapes(':2k')
+  assert len(at_2k['dense']) > 10 and at_2k['nsa'] != at_2k['dense']
+  assert at_2k == shapes(':8k')

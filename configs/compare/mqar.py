@@ -28,7 +28,8 @@ Presets: (none) or :2k rows of 2048 tokens (3000 steps x 32 rows); :8k rows of 8
 Measured at 2k (docs/results.md, MQAR runs 9 and 16, one H100, one seed): dense 0.064 and
 SeerAttention gates 0.063 at 64 pairs, DMA 0.035, routing 0.011, and MASFormer, window,
 SSE-H and GLA-H at chance (about 0.003). At 8k (run 17) every arm stayed at chance
-within this budget: 8k needs more steps, or a start from the 2k checkpoints.
+within this budget: 8k needs more steps, or a start from the 2k arms
+(`--from-arms runs/compare/mqar_2k`, docs/compare.md).
 """
 
 import ml_collections

@@ -1,5 +1,6 @@
 """python -m sparseformer.cli.compare --config configs/compare/SUITE.py[:PRESET] --workdir DIR
-       [--arms a,b,...] [--seeds 0,1,2] [--config.run.a.b=v ...] [--config.param_tolerance=0.05]
+       [--arms a,b,...] [--seeds 0,1,2] [--from-arms EARLIER_DIR]
+       [--config.run.a.b=v ...] [--config.param_tolerance=0.05]
 
 Trains every arm of a comparison suite on an equal budget, evaluates each, and writes one
 table and one frontier plot:
@@ -19,6 +20,11 @@ are reported). Each arm is evaluated on:
   - the measured median train step time without input stalls (after the compiling
     step, from metrics.jsonl: step_time - data_time; both are reported),
   - nominal attention FLOPs per token (each mechanism's `attention_flops`, all layers).
+--from-arms EARLIER_DIR starts every arm from the parameters of the arm of the same name
+(and seed) in an earlier comparison's workdir, e.g. the same suite at a shorter length
+(`mqar.py:2k` before `mqar.py:8k`): progressive-length training, each arm continuing its
+own model. An arm missing there is an error before anything trains; one whose parameters
+do not fit the earlier arm's is an error when it starts.
 An interrupted comparison resumes: a finished arm is not retrained (train.py resumes
 from its workdir), and an arm whose results are saved for its last step is not
 re-evaluated. --arms picks a subset to run now; the table holds every arm with results.
@@ -167,14 +173,26 @@ def selected_arms(suite, chosen):
 # Budget: parameters and attention FLOPs, known before training
 
 
-def arm_budget(cfg):
-  """{'params', 'attention_flops_per_token', 'layers'} without allocating the model."""
+def arm_spec(cfg):
+  """The arm's ModelSpec (abstract: nothing allocated)."""
   from sparseformer import data, sharding
   from sparseformer.model import resolve_dims
-  from sparseformer.model.attention.base import layer_attention_flops
   from sparseformer.training.state import model_spec
   dims = resolve_dims(cfg.model, data.make_tokenizer(cfg.data.tokenizer).vocab_size)
-  spec = model_spec(dims, sharding.make_mesh(cfg.mesh), tuple(cfg.mesh.rules))
+  return model_spec(dims, sharding.make_mesh(cfg.mesh), tuple(cfg.mesh.rules))
+
+
+def parameter_shapes(cfg):
+  """{path: shape} of the arm's parameters, what --from-arms loads from the earlier arm."""
+  from sparseformer.training.checkpoint import flatten_paths
+  return {path: tuple(leaf.shape) for path, leaf in flatten_paths(arm_spec(cfg).abstract_params.to_pure_dict()).items()}
+
+
+def arm_budget(cfg):
+  """{'params', 'attention_flops_per_token', 'layers'} without allocating the model."""
+  from sparseformer.model.attention.base import layer_attention_flops
+  spec = arm_spec(cfg)
+  dims = spec.dims
   return {'params': int(spec.param_count), 'mlp_dim': int(dims.mlp_dim),
           'attention_flops_per_token': sum(layer_attention_flops(dims, cfg.data.seq_len)),
           'layers': list(dims.layer_mechanisms)}
@@ -336,10 +354,21 @@ def seeded(cfg, seed):
 
 
 def starting_from(cfg, base_dir):
-  """The arm's run config starting from the base run's parameters."""
+  """The arm's run config starting from the parameters of the run in base_dir."""
   cfg = copy.deepcopy(cfg)
   cfg.init_from = base_dir
   return cfg
+
+
+def earlier_arm_dirs(from_arms, names, seeds, run_seed):
+  """{(arm, seed): its workdir in the earlier comparison from_arms}; all must hold a checkpoint."""
+  dirs = {(name, seed): os.path.abspath(os.path.join(from_arms, seed_dir_name(name, seed, run_seed)))
+          for name in names for seed in seeds}
+  missing = [os.path.basename(d) for d in dirs.values() if not os.path.isdir(os.path.join(d, 'checkpoints'))]
+  if missing:
+    raise UserError(f'--from-arms {from_arms}: no trained arm {", ".join(missing)} there (each arm starts from '
+                    'the arm of its name and seed in that comparison workdir)')
+  return dirs
 
 
 def seed_runs(workdir, name, run_seed):
@@ -363,7 +392,7 @@ def seed_runs(workdir, name, run_seed):
 
 
 def compare_command(argv):
-  flags, overrides = parse_args(argv, allowed=('config', 'workdir', 'arms', 'seeds'))
+  flags, overrides = parse_args(argv, allowed=('config', 'workdir', 'arms', 'seeds', 'from-arms'))
   if flags.get('help'):
     print(__doc__)
     return 0
@@ -381,6 +410,11 @@ def compare_command(argv):
   check_param_budget(budgets, suite.param_tolerance)
   to_run = selected_arms(suite, flags.get('arms', ''))
   seeds = parse_seeds(flags.get('seeds', ''), suite.run.seed)
+  earlier = None
+  if flags.get('from-arms'):
+    if BASE in suite:
+      raise UserError('--from-arms: this suite has a base run that every arm starts from; use one or the other')
+    earlier = earlier_arm_dirs(flags['from-arms'], [n for n in to_run if n != BASE], seeds, suite.run.seed)
   configure_jax()
   from sparseformer import distributed
   distributed.initialize()
@@ -395,13 +429,15 @@ def compare_command(argv):
       configs = {name: starting_from(cfg, base_dir) for name, cfg in configs.items()}
     for name in (n for n in to_run if n != BASE):
       for seed in seeds:
-        run_arm(seed_dir_name(name, seed, suite.run.seed), seeded(configs[name], seed), workdir, log,
-                suite.score_nll)
+        cfg = seeded(configs[name], seed)
+        if earlier:
+          cfg = starting_from(cfg, earlier[name, seed])
+        run_arm(seed_dir_name(name, seed, suite.run.seed), cfg, workdir, log, suite.score_nll)
   except ArmStopped as e:
     stopped = str(e)
   if distributed.is_main_process():
     from sparseformer.cli.compare_report import write_report
-    results = collect(suite, configs, budgets, workdir, flags['config'])
+    results = collect(suite, configs, budgets, workdir, flags['config'], flags.get('from-arms'))
     paths = write_report(results, workdir)
     log(open(paths['markdown']).read())
     log('wrote ' + ', '.join(paths.values()))
@@ -410,7 +446,7 @@ def compare_command(argv):
   return 0
 
 
-def collect(suite, configs, budgets, workdir, suite_spec):
+def collect(suite, configs, budgets, workdir, suite_spec, from_arms=None):
   """Every arm with saved results, in suite order, with its budget and settings."""
   import jax
   from sparseformer.cli.compare_report import merge_seed_runs
@@ -429,7 +465,8 @@ def collect(suite, configs, budgets, workdir, suite_spec):
                        'seeds': sorted({r['seed'] for arm in arms.values() for r in arm['seed_runs']}),
                        'param_tolerance': suite.param_tolerance},
           'notes': suite.notes, 'arms': arms, 'run_config': ml_collections.ConfigDict(run).to_dict(),
-          'base_config': ml_collections.ConfigDict(suite[BASE]).to_dict() if BASE in suite else None}
+          'base_config': ml_collections.ConfigDict(suite[BASE]).to_dict() if BASE in suite else None,
+          'from_arms': os.path.abspath(from_arms) if from_arms else None}
 
 
 def main(argv=None):

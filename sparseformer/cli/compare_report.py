@@ -209,6 +209,9 @@ def report_markdown(results):
     layers = describe_layers(results['arms'].get('base', {}).get('layers', [])) or 'its layers'
     parts += ['', f'Every arm starts from the parameters of the base run (row `base`: {base["train"]["steps"]} '
               f'steps of {layers} at {base["data"]["seq_len"]} tokens); the arms\' steps above come after it.']
+  if results.get('from_arms'):
+    parts += ['', f'Every arm starts from the parameters of its namesake in `{results["from_arms"]}` '
+              '(progressive-length training); the arms\' steps above come after those.']
   for title, table in (('Task score by length (fraction of answers whose greedy decoding is exact)', task_length_table(results)),
                        ('Exact match by needle depth (0% = the start of the context), one cell per length',
                         depth_table(results)),
