@@ -8,9 +8,13 @@ one GPU, at the NSA paper's shape.
 bf16, B=1, 64 query heads, 4 kv heads, D=128 (the paper's GQA shape), random inputs.
 Rows per length, forward and forward+backward:
   nsa        our `nsa` layer, the paper's settings (compression l=32 stride 16, 16
-             selected blocks of 64, window 512, 64-token kernel blocks), everything it
-             computes: compression, selection scores, the three branches and the gates;
-             backward gives dq, dk, dv, the layer input's gradient and the parameters'
+             selected blocks of 64, window 512, 64-token kernel blocks for the selection,
+             128-token tiles for the compression and window branches: nsa.branch_block),
+             everything it computes: compression, selection scores, the three branches and
+             the gates; backward gives dq, dk, dv, the layer input's gradient and the
+             parameters'
+  nsa_b64    the same with every branch on 64-token tiles (nsa.branch_block 64), as before
+             branch_block existed
   nsa_nowin  the same without the window branch (window 0 is not an option: a window of
              one kernel block), the shape of FLA's row below
   moba       our `moba` layer, blocks of 512, top-3 (the paper's 8k setting)
@@ -58,6 +62,7 @@ class Row:
 
 LAYERS = {  # what -> (kind, {model.attention field: value})
     'nsa': ('nsa', {}),
+    'nsa_b64': ('nsa', {'nsa.branch_block': 64}),
     'nsa_nowin': ('nsa', {'nsa.window': 64}),
     'moba': ('moba', {'moba.block': 512, 'moba.top_k': 3}),
     'infllm_v2': ('infllm_v2', {'infllm_v2.select_block': 64, 'infllm_v2.select_count': 16,

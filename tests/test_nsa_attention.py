@@ -35,12 +35,13 @@ BLOCK, CMP_LEN, CMP_STRIDE, SELECT_BLOCK, WINDOW = 16, 16, 8, 32, 32
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-def make_layer(heads=4, kv_heads=2, head_dim=16, select_count=3, local_blocks=1, seed=0):
+def make_layer(heads=4, kv_heads=2, head_dim=16, select_count=3, local_blocks=1, seed=0, branch_block=BLOCK):
   cfg = base_config().model
   cfg.num_layers, cfg.layer_attention, cfg.attention.block_size = 1, ('nsa',), BLOCK
   cfg.num_heads, cfg.num_kv_heads, cfg.d_model, cfg.dtype = heads, kv_heads, heads * head_dim, 'float32'
   n = cfg.attention.nsa
   n.cmp_len, n.cmp_stride, n.select_block, n.window = CMP_LEN, CMP_STRIDE, SELECT_BLOCK, WINDOW
+  n.branch_block = branch_block  # small tiles (several per row here) unless a test says otherwise
   n.select_count, n.local_blocks = select_count, local_blocks
   layer = get_mechanism('nsa')(resolve_dims(cfg, 259), 0, nnx.Rngs(0))
   keys = iter(jax.random.split(jax.random.key(seed), 5))
@@ -326,6 +327,25 @@ def test_layer_and_every_gradient_equal_the_gated_sum_of_the_oracles(kv_heads, p
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=5e-5, err_msg=name)
 
 
+def test_the_branch_tile_changes_no_output_or_gradient():
+  """The compression and window branches may tile by other blocks than the selection."""
+  length = 200
+  q, k, v, x, d_out = inputs(length)
+  segments = packed_segments(length)
+
+  def loss_and_grads(branch_block):
+    graph, params = nnx.split(make_layer(branch_block=branch_block))
+    def loss(params, q, k):
+      y, _ = nnx.merge(graph, params)(q, k, v, context(segments, length), layer_input=x)
+      return jnp.sum(y * d_out)
+    return jax.jit(jax.value_and_grad(loss, range(3)))(params, q, k)
+
+  (small, small_grads), (large, large_grads) = loss_and_grads(BLOCK), loss_and_grads(4 * BLOCK)
+  np.testing.assert_allclose(small, large, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(large_grads), jax.tree.leaves(small_grads)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=5e-5)
+
+
 def test_no_output_depends_on_a_later_token():
   """Later keys, values, queries and layer inputs change no earlier output: no query sees
   an incomplete compressed block, and a query block's choice comes from earlier tokens."""
@@ -359,6 +379,7 @@ def test_nsa_takes_no_argument():
     ('cmp_stride', 48, r'model.attention.nsa.cmp_len=32: use a multiple of model.attention.nsa.cmp_stride \(48\)'),
     ('window', 0, r'model.attention.nsa.window=0: use a positive length'),
     ('select_count', 0, r'model.attention.nsa.select_count=0: use a count >= 1'),
+    ('branch_block', 96, r'model.attention.nsa.branch_block=96: use 64, 128, 256 or 512'),
 ])
 def test_bad_nsa_configs_are_one_line_errors(field, value, message):
   cfg = base_config()
