@@ -195,6 +195,7 @@ def test_benchmark_packed_documents_and_rows_that_cannot_run(capsys):
     bench.parse_args(['--documents', '0'])
 
 
+@pytest.mark.slow  # 36 s on 2 cores: the sweep compiles the reference twice per shape
 def test_sweep_quick_mode(tmp_path):
   output = tmp_path / 'sweep.json'
   result = subprocess.run([sys.executable, '-m', 'benchmarks.linear_attention_sweep', '--quick', '--out', str(output),
