@@ -26,7 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_sparse_attention import mosaic_gpu_common as common
-from pallas_kernels.block_sparse_attention.plan import stable_partition
+from pallas_kernels.block_sparse_attention.dkv_lists import (LONG_LIST_ENTRIES, LONG_LIST_PARTS, MIN_PART_STEPS,  # noqa: F401
+                                                             PROGRAMS_WANTED, dkv_splits, group_lists, pad_steps)
 from pallas_kernels.block_sparse_attention.reference import EMPTY_ROW_LSE
 
 LOG2E = math.log2(math.e)
@@ -48,15 +49,6 @@ def unavailable(q, k, v, key_bias, plan):
   if plan.plan_heads not in (1, k.shape[2], q.shape[2]):
     return f'plan heads must be 1, Hkv or H, got {plan.plan_heads}'
   return common.rank_rule_unavailable(q, k, plan)
-
-
-def _pad_steps(x, steps):
-  """Lists [..., n] padded to at least `steps` slots by repeating the last, so that
-  pipeline steps past the list (there are at least `steps`) read valid indices."""
-  n = x.shape[-1]
-  if n >= steps:
-    return x
-  return jnp.concatenate([x, jnp.repeat(x[..., -1:], steps - n, axis=-1)], axis=-1)
 
 
 def _row_vector(ref):
@@ -434,30 +426,6 @@ def _dkv_kernel(plan, scale, dtype, head_dim, group, stages, has_bias, has_segme
   return kernel
 
 
-def _group_lists(plan, num_heads, num_kv_heads, steps):
-  """Per (batch, kv head, kv block): the q blocks to visit for every query head of the
-  group, as entries g * nQ + q_block (g: head within the group), active first, with
-  their full flags and count."""
-  group = num_heads // num_kv_heads
-  expand = lambda x: jnp.repeat(x, num_heads // plan.plan_heads, axis=1)
-  b, nk, nq = plan.q_count.shape[0], plan.num_kv_blocks, plan.num_q_blocks
-  count = expand(plan.q_count).reshape(b, num_kv_heads, group, nk)
-  index = expand(plan.q_index).astype(jnp.int32).reshape(b, num_kv_heads, group, nk, nq)
-  full = expand(plan.q_full).astype(jnp.int32).reshape(b, num_kv_heads, group, nk, nq)
-  if group == 1:
-    return count[:, :, 0], _pad_steps(index[:, :, 0], steps), _pad_steps(full[:, :, 0], steps)
-  entries = (index + (jnp.arange(group) * nq)[:, None, None]).transpose(0, 1, 3, 2, 4).reshape(b, num_kv_heads, nk, -1)
-  full = full.transpose(0, 1, 3, 2, 4).reshape(entries.shape)
-  active = (jnp.arange(nq) < count.transpose(0, 1, 3, 2)[..., None]).reshape(entries.shape)
-  total = active.sum(-1).astype(jnp.int32)
-  entries, full = stable_partition(active, entries, full)
-  last = jnp.take_along_axis(entries, jnp.maximum(total - 1, 0)[..., None], -1)
-  inactive = jnp.arange(entries.shape[-1]) >= total[..., None]
-  entries = jnp.where(inactive, last, entries)
-  full = jnp.where(inactive, 0, full)
-  return total, _pad_steps(entries, steps), _pad_steps(full, steps)
-
-
 def _prepare(q, k, v, key_bias, plan, out, lse, d_out, d_lse):
   """Padded, flattened kernel operands: q/dO [B, Tq', H*D], k/v [B, Tk', Hkv*D],
   base-2 lse and delta [B, H*Tq'], base-2 bias [B, Hkv*Tk'], padded segment ids."""
@@ -507,39 +475,9 @@ def _dq(operands, plan, scale, shapes, stages, interpret):
       compiler_params=plgpu.CompilerParams(approx_math=True),
       grid=(plan.num_q_blocks, h, b), grid_names=('q_block', 'heads', 'batch'), num_threads=wgs + 1,
       thread_name='wg', interpret=_interpret_params(interpret), kernel_name='block_sparse_dq',
-  )(plan.kv_count, _pad_steps(plan.kv_index.astype(jnp.int32), stages),
-    _pad_steps(plan.kv_full.astype(jnp.int32), stages), operands['q'], operands['k'], operands['v'],
+  )(plan.kv_count, pad_steps(plan.kv_index.astype(jnp.int32), stages),
+    pad_steps(plan.kv_full.astype(jnp.int32), stages), operands['q'], operands['k'], operands['v'],
     operands['d_out'], operands['lse'], operands['delta'], *_extras(operands))
-
-
-def dkv_splits(num_programs, list_length, fused=False, spanned=False):
-  """Parts to cut each dK/dV list into (list_length: the lists' static capacity). Two
-  cases are cut:
-  - few programs: enough parts for about PROGRAMS_WANTED programs, each of at least
-    MIN_PART_STEPS entries. NSA's compression branch makes these (32k queries against 2k
-    compressed keys: 16 kv blocks per kv head, each walked by 16 query heads over up to
-    256 q blocks);
-  - lists that can hold LONG_LIST_ENTRIES or more under a mask with no key span
-    (`spanned` False): LONG_LIST_PARTS parts. Block selection keeps every query block's
-    first kv block, so that block's list holds every q block of every head of the group
-    (NSA at 64k: 16 heads x 1024) against about 256 entries in the others, and its program
-    walks it alone after the rest are done. On an H100, four parts cut NSA's dK/dV kernel at
-    64k from 46.3 to 37.7 ms (sixteen: 38.2 ms; docs/benchmarks.md).
-  A list shorter than its parts leaves some programs empty; a mask with a key span
-  (windows) keeps its lists short, so they are not cut."""
-  if fused:
-    return 1
-  if num_programs < PROGRAMS_WANTED // 2:
-    return max(1, min(-(-PROGRAMS_WANTED // num_programs), list_length // MIN_PART_STEPS))
-  if not spanned and list_length >= LONG_LIST_ENTRIES:
-    return LONG_LIST_PARTS
-  return 1
-
-
-PROGRAMS_WANTED = 4 * 132  # four waves of an H100/H200's 132 SMs
-MIN_PART_STEPS = 32
-LONG_LIST_ENTRIES = 4096
-LONG_LIST_PARTS = 4
 
 
 def _dkv(operands, plan, scale, shapes, stages, interpret, dq_acc=None, splits=None):
@@ -551,11 +489,11 @@ def _dkv(operands, plan, scale, shapes, stages, interpret, dq_acc=None, splits=N
   wgs = plan.block_kv // ROWS
   has_bias, has_segments = 'bias' in operands, 'q_seg' in operands
   fused = dq_acc is not None
-  count, entries, full = _group_lists(plan, h, hkv, stages)
+  count, entries, full = group_lists(plan, h, hkv, stages)
   if splits is None:
     splits = dkv_splits(plan.num_kv_blocks * hkv * b, entries.shape[-1], fused, plan.max_row_blocks() is not None)
   if splits > 1:  # a part's pipeline may run `stages` steps past its list: pad so they read valid entries
-    entries, full = (_pad_steps(x, x.shape[-1] + stages) for x in (entries, full))
+    entries, full = (pad_steps(x, x.shape[-1] + stages) for x in (entries, full))
   kernel = _dkv_kernel(plan, scale, dtype, d, h // hkv, stages, has_bias, has_segments, interpret, fused, splits)
   parts = (splits,) if splits > 1 else ()
   tile = jax.ShapeDtypeStruct(parts + operands['k'].shape, dtype)
