@@ -2,7 +2,7 @@
 
 One program per (query block, query head, batch row) loads the block's queries once and
 walks the compressed keys in tiles of KEY_TILE, up to the last one a query of the block
-can see (the causal bound), writing the tile's column sums of exp(s - lse); later tiles
+can see (the causal bound), writing each key's sum of exp(s - lse) over the block; later tiles
 get zeros. Without lse a first walk computes it (running max and sum). Nothing of the
 [T, Tc] scores reaches memory: the output is [B, H, nQ, Tc'] float32 (Tc' = Tc padded to
 whole tiles), summed over the GQA group by the caller.
@@ -38,14 +38,23 @@ def _kernel(q_ref, k_ref, lse_ref, q_seg_ref, k_seg_ref, out_ref, *, scale, cmp_
   seen_tiles = (seen_keys + KEY_TILE - 1) // KEY_TILE
   total_tiles = out_ref.shape[0] // KEY_TILE
 
-  def scores(tile):
+  def scores(tile, keys_first):
+    """The tile's masked scores, float32 [query_block, KEY_TILE], or [KEY_TILE, query_block]
+    when keys_first: the mass walk sums over queries, and a sum along a row of the MMA
+    accumulator stays within a warp where one along a column crosses warps."""
     keys = pl.ds(tile * KEY_TILE, KEY_TILE)
     k = k_ref[keys, :]
-    s = pltriton.dot(q, k.T) * scale  # [query_block, KEY_TILE] float32
     key = tile * KEY_TILE + lax.broadcasted_iota(jnp.int32, (KEY_TILE,), 0)
-    visible = (key[None, :] * cmp_stride + cmp_len - 1 <= query[:, None]) & (key < count)[None, :] & votes[:, None]
-    if has_segments:
-      visible = visible & (q_seg[:, None] == k_seg_ref[keys][None, :])
+    if keys_first:
+      s = pltriton.dot(k, q, trans_b=True) * scale
+      visible = (key[:, None] * cmp_stride + cmp_len - 1 <= query[None, :]) & (key < count)[:, None] & votes[None, :]
+      if has_segments:
+        visible = visible & (k_seg_ref[keys][:, None] == q_seg[None, :])
+    else:
+      s = pltriton.dot(q, k, trans_b=True) * scale
+      visible = (key[None, :] * cmp_stride + cmp_len - 1 <= query[:, None]) & (key < count)[None, :] & votes[:, None]
+      if has_segments:
+        visible = visible & (q_seg[:, None] == k_seg_ref[keys][None, :])
     return jnp.where(visible, s, -jnp.inf)
 
   if has_lse:
@@ -53,7 +62,7 @@ def _kernel(q_ref, k_ref, lse_ref, q_seg_ref, k_seg_ref, out_ref, *, scale, cmp_
   else:
     def running(tile, carry):
       row_max, row_sum = carry
-      s = scores(tile)
+      s = scores(tile, keys_first=False)
       new_max = jnp.maximum(row_max, s.max(axis=1))
       safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
       row_sum = row_sum * jnp.exp(row_max - safe_max) + jnp.exp(s - safe_max[:, None]).sum(axis=1)
@@ -64,8 +73,8 @@ def _kernel(q_ref, k_ref, lse_ref, q_seg_ref, k_seg_ref, out_ref, *, scale, cmp_
     lse = jnp.where(row_sum > 0, row_max + jnp.log(jnp.maximum(row_sum, 1e-30)), jnp.inf)
 
   def mass(tile, _):
-    p = jnp.exp(scores(tile) - lse[:, None])
-    out_ref[pl.ds(tile * KEY_TILE, KEY_TILE)] = p.sum(axis=0)
+    p = jnp.exp(scores(tile, keys_first=True) - lse[None, :])
+    out_ref[pl.ds(tile * KEY_TILE, KEY_TILE)] = p.sum(axis=1)
 
   def zeros(tile, _):
     out_ref[pl.ds(tile * KEY_TILE, KEY_TILE)] = jnp.zeros((KEY_TILE,), jnp.float32)
