@@ -31,6 +31,12 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
+
+# jax_triton blanks TRITON_CACHE_DIR when imported (it caches its kernels itself), and a
+# Triton without a cache directory cannot build its CUDA driver: FLA's row then fails with
+# "Could not create or locate cache dir". Its own value is kept for torch's Triton.
+TRITON_CACHE_DIR = os.environ.get('TRITON_CACHE_DIR') or os.path.join(tempfile.gettempdir(), 'triton_cache')
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +179,7 @@ def fill_ratios(rows, results):
 def fla_function(inputs, backward, starts):
   """chunk_gla on torch copies of the inputs (cu_seqlens from the document starts): a
   closure returning o, or (dq, dk, dv, dg); raises if torch, CUDA or fla is missing."""
+  os.environ['TRITON_CACHE_DIR'] = TRITON_CACHE_DIR
   import torch
   from fla.ops.gla import chunk_gla
   if not torch.cuda.is_available():

@@ -50,9 +50,11 @@ every choice). Each arm is (name, {model field: value}), changes to the suite's 
              distances plus the query's own 64-token block (the paper's block form,
              docs/static_patterns.md): about 64 (1 + log2(L / 64)) keys per query,
              reaching the whole row in log depth.
-  neighborhood  dilated causal neighborhood attention (DiNAT): the last L/16 keys of
-             the query's group of every 4th token, a span of L/4 with half the window
-             arm's keys.
+  neighborhood  dilated causal neighborhood attention (DiNAT): layers that attend the
+             last L/16 keys of the query's group of every 4th token (a span of L/4 with
+             half the window arm's keys) alternate with plain neighborhood layers, the
+             last L/16 keys (a window; DiNAT's NA/DiNA alternation, here the dilated
+             layers first). Dilated layers alone never mix tokens of different groups.
   fixed      Sparse Transformer's fixed pattern: chunks of L/8 tokens, the last 8 of
              each chunk (c = 8, the paper's with stride 128) seen by later queries.
   radial     Radial Attention (Li et al., 2025) over frames of 64 tokens.
@@ -97,7 +99,9 @@ def paper_arms(seq_len, *, names=ARM_NAMES, hybrid_every=4, gate_density=0.25, g
               'model.attention.nsa.window': min(512, seq_len // 8), 'model.attention.nsa.compression': 'weighted'},
       'power': {'model.attention.kind': 'power:64'},
       'neighborhood': {'model.attention.kind': f'neighborhood:{max(seq_len // 16, 16)}',
-                       'model.attention.neighborhood.dilation': 4},
+                       'model.attention.neighborhood.dilation': 4,
+                       'model.attention.alternate_kind': f'window:{max(seq_len // 16, 16)}',
+                       'model.attention.alternate_layers': 'every:2'},
       'fixed': {'model.attention.kind': f'fixed:{max(seq_len // 8, 64)}', 'model.attention.fixed.summary': 8},
       'radial': {'model.attention.kind': 'radial:64'},
       'bigbird': {'model.attention.kind': 'bigbird:1'},
