@@ -3,7 +3,10 @@
 One program per (query block, query head, batch row) loads the block's queries once and
 walks the compressed keys in tiles of KEY_TILE, up to the last one a query of the block
 can see (the causal bound), writing each key's sum of exp(s - lse) over the block; later tiles
-get zeros. Without lse a first walk computes it (running max and sum). Nothing of the
+get zeros. Tiles that every query of the block sees whole (most of a long row) skip the
+causal mask, and queries that do not vote get lse = +inf instead of a mask, so such a tile
+costs one FMA, one exp2 and one add per score. Without lse a first walk computes it
+(running max and sum, the same split). Nothing of the
 [T, Tc] scores reaches memory: the output is [B, H, nQ, Tc'] float32 (Tc' = Tc padded to
 whole tiles), summed over the GQA group by the caller.
 """
@@ -22,64 +25,80 @@ KEY_TILE = 64
 HEAD_DIMS = (32, 64, 128, 256)
 QUERY_BLOCKS = (32, 64, 128)
 NUM_WARPS = 4
+LOG2E = 1.4426950408889634
 
 
 def _kernel(q_ref, k_ref, lse_ref, q_seg_ref, k_seg_ref, out_ref, *, scale, cmp_len, cmp_stride, query_block,
             length, count, has_lse, has_segments):
   block = pl.program_id(0)
-  query = block * query_block + lax.broadcasted_iota(jnp.int32, (query_block,), 0)
+  first_query = block * query_block
+  query = first_query + lax.broadcasted_iota(jnp.int32, (query_block,), 0)
   votes = query < length
   if has_segments:
     q_seg = q_seg_ref[...]
     votes = votes & (q_seg != 0)
   q = q_ref[...]
-  last_query = jnp.minimum(block * query_block + query_block, length) - 1
+  last_query = jnp.minimum(first_query + query_block, length) - 1
   seen_keys = jnp.clip((last_query - cmp_len) // cmp_stride + 1, 0, count)  # keys complete by the last query
   seen_tiles = (seen_keys + KEY_TILE - 1) // KEY_TILE
+  # Tiles whose every key is complete by the block's first query: no causal or length
+  # mask there (documents aside), which most tiles of a long row are.
+  open_tiles = jnp.clip((first_query - cmp_len) // cmp_stride + 1, 0, count) // KEY_TILE
   total_tiles = out_ref.shape[0] // KEY_TILE
+  log2_scale = scale * LOG2E  # scores in base 2: exp2(s log2e - lse log2e) = exp(s - lse)
 
-  def scores(tile, keys_first):
-    """The tile's masked scores, float32 [query_block, KEY_TILE], or [KEY_TILE, query_block]
-    when keys_first: the mass walk sums over queries, and a sum along a row of the MMA
-    accumulator stays within a warp where one along a column crosses warps."""
+  def scores(tile, keys_first, causal):
+    """The tile's scores x scale x log2(e), float32 [query_block, KEY_TILE], or [KEY_TILE,
+    query_block] when keys_first (the mass walk sums over queries, and a sum along a row of
+    the MMA accumulator stays within a warp where one along a column crosses warps); -inf
+    at keys of another document and, if causal, at keys a query cannot see yet. Rows of
+    queries that do not vote are left as they are: their lse is +inf."""
     keys = pl.ds(tile * KEY_TILE, KEY_TILE)
     k = k_ref[keys, :]
     key = tile * KEY_TILE + lax.broadcasted_iota(jnp.int32, (KEY_TILE,), 0)
     if keys_first:
-      s = pltriton.dot(k, q, trans_b=True) * scale
-      visible = (key[:, None] * cmp_stride + cmp_len - 1 <= query[None, :]) & (key < count)[:, None] & votes[None, :]
-      if has_segments:
-        visible = visible & (k_seg_ref[keys][:, None] == q_seg[None, :])
+      s = pltriton.dot(k, q, trans_b=True) * log2_scale
+      as_keys, as_queries = (lambda x: x[:, None]), (lambda x: x[None, :])
     else:
-      s = pltriton.dot(q, k, trans_b=True) * scale
-      visible = (key[None, :] * cmp_stride + cmp_len - 1 <= query[:, None]) & (key < count)[None, :] & votes[:, None]
-      if has_segments:
-        visible = visible & (q_seg[:, None] == k_seg_ref[keys][None, :])
-    return jnp.where(visible, s, -jnp.inf)
+      s = pltriton.dot(q, k, trans_b=True) * log2_scale
+      as_keys, as_queries = (lambda x: x[None, :]), (lambda x: x[:, None])
+    visible = None
+    if causal:
+      visible = (as_keys(key) * cmp_stride + cmp_len - 1 <= as_queries(query)) & as_keys(key < count)
+    if has_segments:
+      same = as_keys(k_seg_ref[keys]) == as_queries(q_seg)
+      visible = same if visible is None else visible & same
+    return s if visible is None else jnp.where(visible, s, -jnp.inf)
 
   if has_lse:
-    lse = lse_ref[...]
+    lse2 = jnp.where(votes, lse_ref[...] * LOG2E, jnp.inf)
   else:
-    def running(tile, carry):
-      row_max, row_sum = carry
-      s = scores(tile, keys_first=False)
-      new_max = jnp.maximum(row_max, s.max(axis=1))
-      safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
-      row_sum = row_sum * jnp.exp(row_max - safe_max) + jnp.exp(s - safe_max[:, None]).sum(axis=1)
-      return new_max, row_sum
+    def running(causal):
+      def step(tile, carry):
+        row_max, row_sum = carry
+        s = scores(tile, keys_first=False, causal=causal)
+        new_max = jnp.maximum(row_max, s.max(axis=1))
+        safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+        row_sum = row_sum * jnp.exp2(row_max - safe_max) + jnp.exp2(s - safe_max[:, None]).sum(axis=1)
+        return new_max, row_sum
+      return step
 
     start = (jnp.full((query_block,), -jnp.inf, jnp.float32), jnp.zeros((query_block,), jnp.float32))
-    row_max, row_sum = lax.fori_loop(0, seen_tiles, running, start)
-    lse = jnp.where(row_sum > 0, row_max + jnp.log(jnp.maximum(row_sum, 1e-30)), jnp.inf)
+    stats = lax.fori_loop(0, open_tiles, running(causal=False), start)
+    row_max, row_sum = lax.fori_loop(open_tiles, seen_tiles, running(causal=True), stats)
+    lse2 = jnp.where(votes & (row_sum > 0), row_max + jnp.log2(jnp.maximum(row_sum, 1e-30)), jnp.inf)
 
-  def mass(tile, _):
-    p = jnp.exp(scores(tile, keys_first=True) - lse[None, :])
-    out_ref[pl.ds(tile * KEY_TILE, KEY_TILE)] = p.sum(axis=1)
+  def mass(causal):
+    def step(tile, _):
+      p = jnp.exp2(scores(tile, keys_first=True, causal=causal) - lse2[None, :])
+      out_ref[pl.ds(tile * KEY_TILE, KEY_TILE)] = p.sum(axis=1)
+    return step
 
   def zeros(tile, _):
     out_ref[pl.ds(tile * KEY_TILE, KEY_TILE)] = jnp.zeros((KEY_TILE,), jnp.float32)
 
-  lax.fori_loop(0, seen_tiles, mass, None)
+  lax.fori_loop(0, open_tiles, mass(causal=False), None)
+  lax.fori_loop(open_tiles, seen_tiles, mass(causal=True), None)
   lax.fori_loop(seen_tiles, total_tiles, zeros, None)
 
 
