@@ -1,11 +1,12 @@
 """compressed_mass: the one public function of this primitive.
 
     mass = compressed_mass(q, k_cmp, lse, q_segments, k_segments, scale=s, cmp_len=l,
-                           cmp_stride=d, query_block=qb)       # float32 [B, H, nQ, Tc]
+                           cmp_stride=d, query_block=qb)       # float32 [B, Hkv, nQ, Tc]
 
 q [B, T, H, D], k_cmp [B, Tc, Hkv, D] (compressed key j summarises tokens [j d, j d + l)),
 lse [B, H, T] the log-sum-exp of q's attention over the compressed keys (None: computed),
-q_segments [B, T] and k_segments [B, Tc] (or both None). reference.py states the maths.
+q_segments [B, T] and k_segments [B, Tc] (or both None). The mass of a kv head is summed
+over its GQA group's query heads. reference.py states the maths.
 No gradient flows through it. `implementation`: None picks the best one available on this
 platform; a name fails fast with the reason it cannot run; a list is tried in order.
 """

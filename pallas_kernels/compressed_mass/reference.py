@@ -3,13 +3,15 @@
 For query head h, query block I (tokens [I qb, (I + 1) qb)) and compressed key j (the
 span [j d, j d + l) of the keys; l = cmp_len, d = cmp_stride):
 
-    mass[b, h, I, j] = sum over voting t in block I of  visible(t, j) exp(s[t, j] - lse[h, t])
+    mass[b, g, I, j] = sum over the query heads h of kv head g's group and over voting t in
+                       block I of  visible(t, j) exp(s_h[t, j] - lse[h, t])
 
 with s = q_t . k_j x scale, visible(t, j) = the span is complete at t (j d + l - 1 <= t),
 t < T, and, with segment ids, the query's document is the span's. A token votes unless
 its segment id is 0 (padding). lse is the log-sum-exp of s over the keys t sees (given:
 the compressed attention's own; None: computed here), so each voting row's masses sum to
-1 (0 for a row that sees nothing). The result is float32 [B, H, nQ, Tc]; it carries no
+1 (0 for a row that sees nothing). The result is float32 [B, Hkv, nQ, Tc], summed over
+each GQA group's heads (NSA's eq. 10: the group shares its choice); it carries no
 gradient (the selection it feeds is discrete).
 """
 
@@ -78,12 +80,12 @@ def compressed_mass(q, k_cmp, lse, q_segments, k_segments, *, scale, cmp_len, cm
       p = softmax_where(s, visible)
     else:
       p = jnp.exp(jnp.where(visible, s, -jnp.inf) - rest[0][..., None])  # exactly 0 where not visible
-    return p.sum(1).reshape(b, heads, count)  # [B, H, Tc]
+    return p.sum((1, 3))  # [B, Hkv, Tc]
 
   if count == 0:
-    return jnp.zeros((b, heads, nq, 0), jnp.float32)
+    return jnp.zeros((b, kv_heads, nq, 0), jnp.float32)
   per_step = max(1, STEP_ELEMENTS // (b * query_block * heads * count))
-  mass = jax.lax.map(block_mass, (jnp.arange(nq), *blocks), batch_size=min(per_step, nq))  # [nQ, B, H, Tc]
+  mass = jax.lax.map(block_mass, (jnp.arange(nq), *blocks), batch_size=min(per_step, nq))  # [nQ, B, Hkv, Tc]
   return jnp.moveaxis(mass, 0, 2)
 
 

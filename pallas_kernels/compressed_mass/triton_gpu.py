@@ -1,14 +1,15 @@
 """compressed_mass as a Pallas Triton kernel (reference.py defines it).
 
-One program per (query block, query head, batch row) loads the block's queries once and
-walks the compressed keys in tiles of KEY_TILE, up to the last one a query of the block
-can see (the causal bound), writing each key's sum of exp(s - lse) over the block; later tiles
-get zeros. Tiles that every query of the block sees whole (most of a long row) skip the
-causal mask, and queries that do not vote get lse = +inf instead of a mask, so such a tile
-costs one FMA, one exp2 and one add per score. Without lse a first walk computes it
-(running max and sum, the same split). Nothing of the
-[T, Tc] scores reaches memory: the output is [B, H, nQ, Tc'] float32 (Tc' = Tc padded to
-whole tiles), summed over the GQA group by the caller.
+One program per (query block, kv head, batch row) takes the query heads of the kv head's
+GQA group in turn; for each it walks the compressed keys in tiles of KEY_TILE, up to the
+last one a query of the block can see (the causal bound), adding each key's sum of
+exp(s - lse) over the block into the program's output row (the group's sum: the caller
+needs no [B, H, nQ, Tc] array); later tiles stay zero. Tiles that every query of the
+block sees whole (most of a long row) skip the causal mask, and queries that do not vote
+get lse = +inf instead of a mask, so such a tile costs one FMA, one exp2 and one add per
+score. Without lse a first walk computes it (running max and sum, the same split).
+Nothing of the [T, Tc] scores reaches memory: the output is [B, Hkv, nQ, Tc'] float32
+(Tc' = Tc padded to whole tiles).
 """
 
 import functools
@@ -29,7 +30,7 @@ LOG2E = 1.4426950408889634
 
 
 def _kernel(q_ref, k_ref, lse_ref, q_seg_ref, k_seg_ref, out_ref, *, scale, cmp_len, cmp_stride, query_block,
-            length, count, has_lse, has_segments):
+            length, count, group, has_lse, has_segments):
   block = pl.program_id(0)
   first_query = block * query_block
   query = first_query + lax.broadcasted_iota(jnp.int32, (query_block,), 0)
@@ -37,7 +38,6 @@ def _kernel(q_ref, k_ref, lse_ref, q_seg_ref, k_seg_ref, out_ref, *, scale, cmp_
   if has_segments:
     q_seg = q_seg_ref[...]
     votes = votes & (q_seg != 0)
-  q = q_ref[...]
   last_query = jnp.minimum(first_query + query_block, length) - 1
   seen_keys = jnp.clip((last_query - cmp_len) // cmp_stride + 1, 0, count)  # keys complete by the last query
   seen_tiles = (seen_keys + KEY_TILE - 1) // KEY_TILE
@@ -47,7 +47,7 @@ def _kernel(q_ref, k_ref, lse_ref, q_seg_ref, k_seg_ref, out_ref, *, scale, cmp_
   total_tiles = out_ref.shape[0] // KEY_TILE
   log2_scale = scale * LOG2E  # scores in base 2: exp2(s log2e - lse log2e) = exp(s - lse)
 
-  def scores(tile, keys_first, causal):
+  def scores(q, tile, keys_first, causal):
     """The tile's scores x scale x log2(e), float32 [query_block, KEY_TILE], or [KEY_TILE,
     query_block] when keys_first (the mass walk sums over queries, and a sum along a row of
     the MMA accumulator stays within a warp where one along a column crosses warps); -inf
@@ -70,13 +70,15 @@ def _kernel(q_ref, k_ref, lse_ref, q_seg_ref, k_seg_ref, out_ref, *, scale, cmp_
       visible = same if visible is None else visible & same
     return s if visible is None else jnp.where(visible, s, -jnp.inf)
 
-  if has_lse:
-    lse2 = jnp.where(votes, lse_ref[...] * LOG2E, jnp.inf)
-  else:
+  def base2_lse(q, head):
+    """The head's lse x log2(e) per query, +inf for queries that do not vote."""
+    if has_lse:
+      return jnp.where(votes, lse_ref[head, :] * LOG2E, jnp.inf)
+
     def running(causal):
       def step(tile, carry):
         row_max, row_sum = carry
-        s = scores(tile, keys_first=False, causal=causal)
+        s = scores(q, tile, keys_first=False, causal=causal)
         new_max = jnp.maximum(row_max, s.max(axis=1))
         safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
         row_sum = row_sum * jnp.exp2(row_max - safe_max) + jnp.exp2(s - safe_max[:, None]).sum(axis=1)
@@ -86,20 +88,28 @@ def _kernel(q_ref, k_ref, lse_ref, q_seg_ref, k_seg_ref, out_ref, *, scale, cmp_
     start = (jnp.full((query_block,), -jnp.inf, jnp.float32), jnp.zeros((query_block,), jnp.float32))
     stats = lax.fori_loop(0, open_tiles, running(causal=False), start)
     row_max, row_sum = lax.fori_loop(open_tiles, seen_tiles, running(causal=True), stats)
-    lse2 = jnp.where(votes & (row_sum > 0), row_max + jnp.log2(jnp.maximum(row_sum, 1e-30)), jnp.inf)
+    return jnp.where(votes & (row_sum > 0), row_max + jnp.log2(jnp.maximum(row_sum, 1e-30)), jnp.inf)
 
-  def mass(causal):
-    def step(tile, _):
-      p = jnp.exp2(scores(tile, keys_first=True, causal=causal) - lse2[None, :])
-      out_ref[pl.ds(tile * KEY_TILE, KEY_TILE)] = p.sum(axis=1)
-    return step
+  def add_head(head, _):
+    """Adds the head's mass to the block's row: the GQA group's heads share it."""
+    q = q_ref[:, head, :]
+    lse2 = base2_lse(q, head)
+
+    def add_tile(causal):
+      def step(tile, _):
+        p = jnp.exp2(scores(q, tile, keys_first=True, causal=causal) - lse2[None, :])
+        tile_keys = pl.ds(tile * KEY_TILE, KEY_TILE)
+        out_ref[tile_keys] = out_ref[tile_keys] + p.sum(axis=1)
+      return step
+
+    lax.fori_loop(0, open_tiles, add_tile(causal=False), None)
+    lax.fori_loop(open_tiles, seen_tiles, add_tile(causal=True), None)
 
   def zeros(tile, _):
     out_ref[pl.ds(tile * KEY_TILE, KEY_TILE)] = jnp.zeros((KEY_TILE,), jnp.float32)
 
-  lax.fori_loop(0, open_tiles, mass(causal=False), None)
-  lax.fori_loop(open_tiles, seen_tiles, mass(causal=True), None)
-  lax.fori_loop(seen_tiles, total_tiles, zeros, None)
+  lax.fori_loop(0, total_tiles, zeros, None)
+  lax.fori_loop(0, group, add_head, None)
 
 
 def _pad_to(x, axis, multiple, value=0):
@@ -118,7 +128,7 @@ def compressed_mass(q, k_cmp, lse, q_segments, k_segments, *, scale, cmp_len, cm
   group = heads // kv_heads
   nq = -(-length // query_block)
   if count == 0:
-    return jnp.zeros((b, heads, nq, 0), jnp.float32)
+    return jnp.zeros((b, kv_heads, nq, 0), jnp.float32)
   q = _pad_to(q, 1, query_block)
   k_cmp = _pad_to(k_cmp, 1, KEY_TILE)
   keys = k_cmp.shape[1]
@@ -130,8 +140,8 @@ def compressed_mass(q, k_cmp, lse, q_segments, k_segments, *, scale, cmp_len, cm
   else:
     q_segments = k_segments = jnp.zeros((b, 1), jnp.int32)
   kernel = functools.partial(_kernel, scale=scale, cmp_len=cmp_len, cmp_stride=cmp_stride, query_block=query_block,
-                             length=length, count=count, has_lse=has_lse, has_segments=has_segments)
-  lse_spec = (pl.BlockSpec((None, None, query_block), lambda i, h, n: (n, h, i)) if has_lse
+                             length=length, count=count, group=group, has_lse=has_lse, has_segments=has_segments)
+  lse_spec = (pl.BlockSpec((None, group, query_block), lambda i, h, n: (n, h, i)) if has_lse
               else pl.BlockSpec((None, None, 1), lambda i, h, n: (n, 0, 0)))
   q_seg_spec = (pl.BlockSpec((None, query_block), lambda i, h, n: (n, i)) if has_segments
                 else pl.BlockSpec((None, 1), lambda i, h, n: (n, 0)))
@@ -139,12 +149,12 @@ def compressed_mass(q, k_cmp, lse, q_segments, k_segments, *, scale, cmp_len, cm
                 else pl.BlockSpec((None, 1), lambda i, h, n: (n, 0)))
   mass = pl.pallas_call(
       kernel,
-      grid=(nq, heads, b),
-      in_specs=[pl.BlockSpec((None, query_block, None, dim), lambda i, h, n: (n, i, h, 0)),
-                pl.BlockSpec((None, keys, None, dim), lambda i, h, n: (n, 0, h // group, 0)),
+      grid=(nq, kv_heads, b),
+      in_specs=[pl.BlockSpec((None, query_block, group, dim), lambda i, h, n: (n, i, h, 0)),
+                pl.BlockSpec((None, keys, None, dim), lambda i, h, n: (n, 0, h, 0)),
                 lse_spec, q_seg_spec, k_seg_spec],
       out_specs=pl.BlockSpec((None, None, None, keys), lambda i, h, n: (n, h, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, heads, nq, keys), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((b, kv_heads, nq, keys), jnp.float32),
       compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=2),
       interpret=interpret, name='compressed_mass',
   )(q, k_cmp, lse, q_segments, k_segments)

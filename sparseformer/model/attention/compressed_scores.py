@@ -84,16 +84,16 @@ def selection_scores(q, k_cmp, lse, *, scale, cmp_len, cmp_stride, select_block,
   q [B, T, H, D] (post-RoPE), k_cmp [B, Tc, Hkv, D], lse [B, H, T] the compressed
   attention's log-sum-exp (None: computed here), nQ = ceil(T / query_block), nS =
   ceil(T / select_block), segment_ids [B, T] or None, kv_segment_ids [B, Tc] (from
-  compressed_key_segments) or None. The mass per query head and compressed key comes from
-  pallas_kernels.compressed_mass (a Triton kernel on GPUs)."""
-  b, length, heads, _ = q.shape
+  compressed_key_segments) or None. The mass per kv head (summed over its GQA group) and
+  compressed key comes from pallas_kernels.compressed_mass (a Triton kernel on GPUs)."""
+  b, length = q.shape[:2]
   count, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
   nq, ns = num_blocks(length, query_block), num_blocks(length, select_block)
   if count == 0:
     return jnp.zeros((b, kv_heads, nq, ns), jnp.float32)
   mass = compressed_mass(q, k_cmp, lse, None if segment_ids is None else segment_ids.astype(jnp.int32),
-                         kv_segment_ids, scale=scale, cmp_len=cmp_len, cmp_stride=cmp_stride, query_block=query_block)
-  mass = mass.reshape(b, kv_heads, heads // kv_heads, nq, count).sum(2)  # [B, Hkv, nQ, Tc]
+                         kv_segment_ids, scale=scale, cmp_len=cmp_len, cmp_stride=cmp_stride,
+                         query_block=query_block)  # [B, Hkv, nQ, Tc]: summed over each GQA group
   return mass @ jnp.asarray(span_overlaps(count, cmp_len, cmp_stride, ns, select_block))
 
 
