@@ -5,7 +5,7 @@ import functools
 
 import numpy as np
 
-from pallas_kernels.block_sparse_attention.render import neighborhood_argument
+from pallas_kernels.block_sparse_attention.render import neighborhood2d_argument, neighborhood_argument
 
 
 def flex_block_lists(plan):
@@ -64,11 +64,25 @@ def neighborhood_rule(argument):
   return lambda q, k: ((q - k) % dilation == 0) & ((q - k) // dilation < kernel)
 
 
+def neighborhood2d_rule(argument):
+  """The causal 2-D neighborhood (patterns.Neighborhood2D, rows without end): the K x K
+  window centred on the query's (row, column), shifted at the top, left and right edges."""
+  kernel, columns = neighborhood2d_argument(argument)
+  half = kernel // 2
+
+  def near(i, j, edge):  # NA's 1-D rule, dilation 1: lo = clamp(i - K // 2, 0, edge - K)
+    lo = (i - half).clamp(min=0) if edge is None else (i - half).clamp(min=0, max=edge - kernel)
+    return (j >= lo) & (j < lo + kernel)
+
+  return lambda q, k: near(q // columns, k // columns, None) & near(q % columns, k % columns, columns)
+
+
 PATTERN_MASK_MODS = {
     'power': lambda local: lambda q, k: ((q - k) < int(local)) | (((q - k) & (q - k - 1)) == 0),
     'neighborhood': neighborhood_rule,
     'fixed': lambda s: lambda q, k: (q // int(s) == k // int(s)) | (k % int(s) >= int(s) - min(8, int(s))),
     'radial': lambda frame: radial_rule(int(frame)),
+    'neighborhood2d': neighborhood2d_rule,
 }
 
 

@@ -119,13 +119,29 @@ def plan_from_spec(spec, length, block=128, seed=0, heads=1):
     return from_mask(PATTERN_SPECS[name](argument) & masks.Causal())
   raise ValueError(f'unknown mask spec {spec!r}: use full, causal, causal_window:W, chunked:C, '
                    'random:DENSITY, topk:K, power_blocks:W, bigbird:BLOCKS, neighborhood:K[/DILATION], '
-                   + ', '.join(f'{n}:N' for n in PATTERN_SPECS if n != 'neighborhood'))
+                   'neighborhood2d:K[/COLUMNS], '
+                   + ', '.join(f'{n}:N' for n in PATTERN_SPECS if n not in ('neighborhood', 'neighborhood2d')))
 
 
 def neighborhood_argument(argument):
   """'K' or 'K/D' -> (kernel, dilation)."""
   kernel, _, dilation = argument.partition('/')
   return int(kernel), int(dilation or 1)
+
+
+NEIGHBORHOOD2D_COLUMNS = 32  # the layer's default grid width (model.attention.neighborhood2d.columns)
+
+
+def neighborhood2d_argument(argument):
+  """'K' or 'K/C' -> (kernel, columns): a K x K window over a grid C tokens wide."""
+  kernel, _, columns = argument.partition('/')
+  return int(kernel), int(columns or NEIGHBORHOOD2D_COLUMNS)
+
+
+def neighborhood2d(argument):
+  """The `neighborhood2d:K` layer's pattern (before causality): rows without end."""
+  kernel, columns = neighborhood2d_argument(argument)
+  return patterns.Neighborhood2D(((1 << 30) // columns, columns), (kernel, kernel))
 
 
 # Static patterns (patterns.py) by the layer specs' argument and default options
@@ -135,6 +151,7 @@ PATTERN_SPECS = {
     'neighborhood': lambda argument: patterns.Neighborhood(1 << 30, *neighborhood_argument(argument), causal=True),
     'fixed': lambda stride: patterns.Fixed(int(stride), min(8, int(stride))),
     'radial': lambda frame: patterns.Radial(int(frame)),
+    'neighborhood2d': neighborhood2d,
 }
 
 
