@@ -25,6 +25,9 @@ Measured (docs/results.md, MQAR run 15, one H100, the eight issue arms): dense f
 passkey at 0.95 and every NIAH-single needle at 8192 tokens, a window of 1024 only the
 needles inside it; SeerAttention gates match dense at 8192 and extrapolate best; MASFormer
 and routing answer only what their windows see; DMA, SSE-H and GLA-H retrieve nothing.
+Run 18 (the block-selection arms and the static patterns): InfLLM-V2 matches dense at 8192
+and leads at 4096; NSA finds the passkey at 0.80 at 8192, MoBA at 0.50; radial, power and
+BigBird reach some needles beyond a window, fixed does not.
 The first setting (1000 steps, half task rows, a curriculum of 1024 tokens, run 13) gave
 about 13,000 short examples and no arm retrieved; this one gives about 90,000.
 """
