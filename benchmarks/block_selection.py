@@ -222,21 +222,24 @@ def main(argv=None):
   rows = []
   meta = dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, block=args.block,
               iterations=args.iterations, dkv_splits=args.dkv_splits or 'rule')
+  def measured(rows):
+    print_last(rows)
+    if args.out:  # every finished row kept, should a later one run out of time
+      fill_ratios(rows)
+      write_json(args.out, dict(device=device_name(), jax=jax.__version__, **meta), rows)
+
   for length in (int(n) for n in args.lengths.split(',')):
     inputs = make_inputs(args, length)
     if 'cudnn' in wanted:
       cudnn_rows(args, length, inputs, rows)
-      print_last(rows)
+      measured(rows)
     for what in wanted:
       if what in LAYERS:
         mechanism_rows(args, length, what, inputs, rows)
-        print_last(rows)
+        measured(rows)
     if 'fla_nsa' in wanted and not args.quick:
       fla_rows(args, length, inputs, rows)
-      print_last(rows)
-    if args.out:  # each finished length kept, should a later one run out of time
-      fill_ratios(rows)
-      write_json(args.out, dict(device=device_name(), jax=jax.__version__, **meta), rows)
+      measured(rows)
   fill_ratios(rows)
   lines = [[str(r.length), r.what, r.direction, number(r.ms, '.2f'), number(r.vs_cudnn, '.2f'),
             number(r.vs_fla, '.2f'), r.note] for r in rows]
