@@ -58,6 +58,7 @@ class Row:
   vs_cudnn: float = float('nan')
   vs_fla: float = float('nan')
   note: str = ''
+  kernels: str = ''  # the longest kernels of one call (GPU: CUPTI), also in the JSON
 
 
 LAYERS = {  # what -> (kind, {model.attention field: value})
@@ -115,6 +116,7 @@ def mechanism_rows(args, length, what, inputs, rows):
                                  ('fwd+bwd', forward_backward, (params, q, k, v, x, d_out))):
     row = Row(length, what, direction)
     if time_row(row, fn, fn_args, args.iterations) is not None and (kernels := kernel_breakdown(fn, fn_args, 8)):
+      row.kernels = kernels
       print(f'  {what} {direction} {row.ms:.3f} ms; longest kernels (ms): {kernels}', flush=True)
     rows.append(row)
 

@@ -61,6 +61,7 @@ class Row:
   vs_cudnn: float = float('nan')
   err: float = float('nan')
   note: str = ''
+  kernels: str = ''  # triton rows: the device time of each kernel of one call (GPU: CUPTI), also in the JSON
 
 
 def make_inputs(seed, batch, length, heads, head_dim):
@@ -158,7 +159,8 @@ def run(args):
         results[name, direction] = time_row(row, function, fn_args, args.iterations)
       print(f'  {name:9s} {direction:8s} {row.ms:9.3f} ms  {row.note}', flush=True)
       if name == 'triton' and results[name, direction] is not None:
-        print(f'    kernels (ms): {kernel_breakdown(function, fn_args)}', flush=True)
+        row.kernels = kernel_breakdown(function, fn_args)
+        print(f'    kernels (ms): {row.kernels}', flush=True)
       rows.append(row)
   fill_ratios(rows, results)
   return rows
