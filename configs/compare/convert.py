@@ -18,7 +18,9 @@ Scores: validation NLL by position and passkey / NIAH / variable tracking / comm
 
 Presets: (none) the run above; :quick a CPU smoke run (a 2-layer d_model 64 base of 3
 steps at 256 tokens, then dense and MoBA 2 steps each).
-Expected: not yet measured (docs/results.md will hold the figures).
+Measured (docs/results.md run 20, one H100, one seed, arms dense/infllm_v2/nsa/moba): passkey at
+4k / 8k: base 1.00 / 1.00; after 300 steps dense 1.00 / 1.00, InfLLM-V2 1.00 / 0.90, NSA
+0.85 / 0.95, MoBA 1.00 / 0.35; book NLL 2.04-2.07 nats/byte for all four.
 """
 
 import os

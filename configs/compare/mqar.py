@@ -25,9 +25,9 @@ capped (see the task specs below).
 Presets: (none) or :2k rows of 2048 tokens (3000 steps x 32 rows); :8k rows of 8192
 (3000 x 8); :512 rows of 512 with 32 pairs (1500 x 64); :quick a CPU smoke run
 (dense and window arms, a 2-layer d_model 64 model, a few steps at 256 tokens).
-Measured at 2k (docs/results.md, MQAR runs 9 and 16, one H100, one seed): dense 0.064 and
-SeerAttention gates 0.063 at 64 pairs, DMA 0.035, routing 0.011, and MASFormer, window,
-SSE-H and GLA-H at chance (about 0.003). At 8k (run 17) every arm stayed at chance
+Measured at 2k (docs/results.md, MQAR runs 9, 16 and 19, one H100, one seed): dense 0.064 and
+SeerAttention gates 0.063 at 64 pairs, DMA 0.035, InfLLM-V2 0.029, MoBA 0.020, power 0.012,
+routing 0.011, NSA 0.009, and MASFormer, window, SSE-H and GLA-H at chance (about 0.003). At 8k (run 17) every arm stayed at chance
 within this budget: 8k needs more steps, or a start from the 2k arms
 (`--from-arms runs/compare/mqar_2k`, docs/compare.md).
 """
