@@ -109,6 +109,7 @@ class Row:
   vs_flex: float = float('nan')
   target: str = ''
   note: str = ''
+  kernels: str = ''  # ours: the longest kernels of one call (CUPTI; '' off a GPU)
 
 
 # ---------------------------------------------------------------- inputs, plans, FLOPs
@@ -310,6 +311,10 @@ def time_jax_candidate(args, length, spec, label, attend, extra, inputs, tiles, 
       print(f'  {label} {direction} failed: {row.note}', flush=True)
       yield [(row, None)]
       continue
+    if label.startswith('ours') and jax.default_backend() == 'gpu':
+      from benchmarks.rows import kernel_breakdown  # rows imports this module
+      row.kernels = kernel_breakdown(fn, fn_args, longest=6)
+      print(f'  {label} {direction} kernels (ms): {row.kernels}', flush=True)
     yield [(row, jax_samples(result, direction, rows))]
     del result
 

@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.attention_flex import measure_torch  # noqa: E402
-from benchmarks.rows import device_name, kernel_breakdown, number, report, text_table, time_row  # noqa: E402
+from benchmarks.rows import device_name, kernel_breakdown, number, report, text_table, time_row, write_json  # noqa: E402
 from pallas_kernels.linear_attention import gated_linear_attention  # noqa: E402
 from pallas_kernels.linear_attention.api import REGISTRY  # noqa: E402
 
@@ -120,7 +120,8 @@ def relative_error(got, want):
 
 def implementations(args, q, k, v, g, segments):
   """The rows to run: the linear attention kernels that can run here (a skipped one says
-  why), then FLA and cuDNN (not in --quick)."""
+  why), then cuDNN and FLA (not in --quick). FLA comes last: its first calls autotune for
+  minutes, and a limit that ends the run there loses no other row."""
   if args.quick:
     return ['reference']
   names = []
@@ -130,7 +131,7 @@ def implementations(args, q, k, v, g, segments):
       print(f'  {name}: skipped, {reason}', flush=True)
     else:
       names.append(name)
-  return names + (['fla'] if args.fla else []) + ['cudnn']
+  return names + ['cudnn'] + (['fla'] if args.fla else [])
 
 
 def row_function(name, direction, inputs, segments, args):
@@ -145,7 +146,7 @@ def row_function(name, direction, inputs, segments, args):
   return function, (q, k, v, g) + ((d_o,) if backward else ())
 
 
-def run(args):
+def run(args, meta):
   inputs = make_inputs(args.seed, 1, args.length, args.heads, args.head_dim)
   segments = segment_ids(args.length, args.documents)
   rows, results = [], {}
@@ -162,6 +163,9 @@ def run(args):
         row.kernels = kernel_breakdown(function, fn_args)
         print(f'    kernels (ms): {row.kernels}', flush=True)
       rows.append(row)
+      if args.out:  # every finished row kept, should a later one (FLA's autotuning) run out of time
+        fill_ratios(rows, results)
+        write_json(args.out, dict(device=device_name(), jax=jax.__version__, **meta), rows)
   fill_ratios(rows, results)
   return rows
 
@@ -172,7 +176,7 @@ def fill_ratios(rows, results):
     ratio = lambda name: by_key[name, row.direction].ms / row.ms if (name, row.direction) in by_key else float('nan')  # noqa: E731
     row.vs_reference, row.vs_fla, row.vs_cudnn = ratio('reference'), ratio('fla'), ratio('cudnn')
     if row.implementation != 'cudnn':
-      row.err = relative_error(results[row.implementation, row.direction], results['reference', row.direction])
+      row.err = relative_error(results[row.implementation, row.direction], results.get(('reference', row.direction)))
 
 
 # ---------------------------------------------------------------- flash-linear-attention
@@ -248,9 +252,9 @@ def main(argv=None):
   args = parse_args(argv)
   print(f'device: {device_name()}, jax {jax.__version__}; B=1, S={args.length}, H={args.heads}, '
         f'Dk=Dv={args.head_dim}, {args.documents} document(s), bf16, {args.iterations} iterations', flush=True)
-  rows = run(args)
-  report(rows, format_table(rows), args.out,
-         dict(heads=args.heads, head_dim=args.head_dim, documents=args.documents, iterations=args.iterations))
+  meta = dict(heads=args.heads, head_dim=args.head_dim, documents=args.documents, iterations=args.iterations)
+  rows = run(args, meta)
+  report(rows, format_table(rows), args.out, meta)
 
 if __name__ == '__main__':
   main()
