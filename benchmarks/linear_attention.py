@@ -146,7 +146,11 @@ def row_function(name, direction, inputs, segments, args):
   return function, (q, k, v, g) + ((d_o,) if backward else ())
 
 
-def run(args, meta):
+def metadata(args):
+  return dict(heads=args.heads, head_dim=args.head_dim, documents=args.documents, iterations=args.iterations)
+
+
+def run(args):
   inputs = make_inputs(args.seed, 1, args.length, args.heads, args.head_dim)
   segments = segment_ids(args.length, args.documents)
   rows, results = [], {}
@@ -165,7 +169,7 @@ def run(args, meta):
       rows.append(row)
       if args.out:  # every finished row kept, should a later one (FLA's autotuning) run out of time
         fill_ratios(rows, results)
-        write_json(args.out, dict(device=device_name(), jax=jax.__version__, **meta), rows)
+        write_json(args.out, dict(device=device_name(), jax=jax.__version__, **metadata(args)), rows)
   fill_ratios(rows, results)
   return rows
 
@@ -252,9 +256,8 @@ def main(argv=None):
   args = parse_args(argv)
   print(f'device: {device_name()}, jax {jax.__version__}; B=1, S={args.length}, H={args.heads}, '
         f'Dk=Dv={args.head_dim}, {args.documents} document(s), bf16, {args.iterations} iterations', flush=True)
-  meta = dict(heads=args.heads, head_dim=args.head_dim, documents=args.documents, iterations=args.iterations)
-  rows = run(args, meta)
-  report(rows, format_table(rows), args.out, meta)
+  rows = run(args)
+  report(rows, format_table(rows), args.out, metadata(args))
 
 if __name__ == '__main__':
   main()

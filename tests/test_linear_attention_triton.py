@@ -138,6 +138,9 @@ def test_launch_settings_from_environment_syntax():
   assert every.kernel('chunk_dqk_kernel') == triton_launch.KernelLaunch(num_warps=4, BK=128)
   assert every.kernel('chunk_scores_kernel') == triton_launch.KernelLaunch(num_warps=8)  # takes no BK
   assert every.kernel('chunk_states_kernel') == triton_launch.KernelLaunch(num_warps=8, BK=128, BV=32)
+  unrolled = triton_launch.parse('*:unroll=1')
+  assert unrolled.kernel('chunk_scores_kernel').unroll == unrolled.kernel('chunk_dqk_kernel').unroll == 1
+  assert unrolled.kernel('chunk_dv_kernel') == triton_launch.KernelLaunch()  # takes no unroll
 
 
 @pytest.mark.parametrize('text, message', [
@@ -148,6 +151,8 @@ def test_launch_settings_from_environment_syntax():
     ('chunk_dv_kernel:BV=48', 'power of two'),
     ('chunk_dv_kernel:num_warps=3', 'num_warps=3'),
     ('chunk_dv_kernel:num_stages=x', 'not an integer'),
+    ('chunk_dv_kernel:unroll=1', "chunk_dv_kernel has no setting 'unroll'"),
+    ('chunk_scores:unroll=2', 'unroll=2 must be 0 or 1'),
     ('chunk=96', 'power of two'),
     ('chunk=256', 'at most 128'),
     ('sub_chunk=8', 'power of two >= 16'),
@@ -366,6 +371,7 @@ INTERPRETER_CASES = [
     ('bf16_inputs', 1, 77, 2, 32, 16, (10, 70), True, jnp.bfloat16, ''),
     ('blocks_of_16_chunk_32', 1, 100, 1, 32, 32, (5, 33, 64), True, jnp.float32, 'chunk=32;*:BK=16,BV=16'),
     ('chunk_128_sub_chunk_32', 1, 150, 1, 32, 16, (3, 100, 140), True, jnp.float32, 'chunk=128;sub_chunk=32'),
+    ('rows_unrolled', 1, 80, 2, 16, 16, (5, 37, 64), True, jnp.float32, 'chunk_scores:unroll=1;chunk_dqk:unroll=1'),
 ]
 
 

@@ -167,7 +167,8 @@ def _chunk_states(p, k_to_end, v, chunk_decay, state0):
 def _chunk_scores(p, q, k, g, runs):
   sub = p.settings.sub_chunk
   return p.run('chunk_scores_kernel', (p.n * (p.chunk // sub), p.b * p.h), (q, k, g, runs),
-               jax.ShapeDtypeStruct((p.b, p.t, p.h, p.chunk), p.stored), DK=p.dk, SUB=sub, PRECISE=p.precise)
+               jax.ShapeDtypeStruct((p.b, p.t, p.h, p.chunk), p.stored), DK=p.dk, SUB=sub, PRECISE=p.precise,
+               UNROLL=p.settings.kernel('chunk_scores_kernel').unroll)
 
 
 def _initial_state(q, v, initial_state):
@@ -230,7 +231,8 @@ def _query_key_grads(p, q, k, v, g, d_o, parts, d_states, d_scores, scale):
   return p.run(name, (p.n * (p.chunk // sub), p.b * p.h, p.dk // bk),
                (q, k, v, g, d_o, parts.runs, parts.continues, parts.states, d_states, d_scores),
                (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype), _f32(q.shape)),
-               DK=p.dk, DV=p.dv, SUB=sub, BK=bk, BV=bv, SCALE=float(scale), PRECISE=p.precise)
+               DK=p.dk, DV=p.dv, SUB=sub, BK=bk, BV=bv, SCALE=float(scale), PRECISE=p.precise,
+               UNROLL=p.settings.kernel(name).unroll)
 
 
 def backward_with(launch, q, k, v, g, initial_state, segment_ids, scale, o, final_state, d_o, d_final_state,

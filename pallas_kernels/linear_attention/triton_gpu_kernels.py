@@ -144,7 +144,7 @@ def chunk_states_kernel(k_to_end_ptr, v_ptr, chunk_decay_ptr, state0_ptr, T, TP,
 @triton.jit
 def chunk_scores_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
                         H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
-                        PRECISE: tl.constexpr):
+                        PRECISE: tl.constexpr, UNROLL: tl.constexpr):
   """The rows of A of one sub-chunk i: against the keys of each earlier sub-chunk j (one
   matmul each), and within the sub-chunk (pairwise decays). Blocks right of the diagonal
   are not written (readers mask them)."""
@@ -170,17 +170,41 @@ def chunk_scores_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
     between *= tl.exp(tl.sum(g_j, axis=0))
   k = _tile(k_ptr, batch, head, rows, cols, T, H, DK)
   pair_decay = tl.zeros((SUB, DK), tl.float32)
-  for t in range(SUB):
-    row = n * C + i * SUB + t
-    g_t = _log_decay(_row(g_ptr, batch, head, row, cols, T, H, DK))
-    q_t = _row(q_ptr, batch, head, row, cols, T, H, DK)
-    run_t = tl.load(runs_ptr + batch * TP + row)
-    pair_decay = tl.where((sub < t)[:, None], pair_decay * tl.exp(g_t)[None, :], tl.where((sub == t)[:, None],
-                                                                                          1.0, 0.0))
-    scores_t = tl.sum(k * pair_decay * q_t[None, :], axis=1)  # [SUB] over keys
-    scores_t = tl.where((sub <= t) & (runs == run_t), scores_t, 0.0)
-    tl.store(a_ptr + _offsets(batch, head, row, i * SUB + sub, T, H, C), scores_t.to(a_ptr.dtype.element_ty),
-             mask=(sub < SUB) & (row < T))
+  if UNROLL:  # the rows' loads can all be issued up front
+    for t in tl.static_range(SUB):
+      pair_decay = _scores_within_row(t, pair_decay, k, runs, q_ptr, g_ptr, runs_ptr, a_ptr, batch, head, n, i, T, TP,
+                                      H, DK, C, SUB)
+  else:
+    for t in range(SUB):
+      pair_decay = _scores_within_row(t, pair_decay, k, runs, q_ptr, g_ptr, runs_ptr, a_ptr, batch, head, n, i, T, TP,
+                                      H, DK, C, SUB)
+
+
+@triton.jit
+def _pair_decay_to_row(t, pair_decay, g_t, SUB: tl.constexpr):
+  """The decays from each key s of the sub-chunk to query row t, given those to row t - 1:
+  times exp(g_t) for s < t, 1 at s = t, 0 after."""
+  sub = tl.arange(0, SUB)
+  return tl.where((sub < t)[:, None], pair_decay * tl.exp(g_t)[None, :], tl.where((sub == t)[:, None], 1.0, 0.0))
+
+
+@triton.jit
+def _scores_within_row(t, pair_decay, k, runs, q_ptr, g_ptr, runs_ptr, a_ptr, batch, head, n, i, T, TP,
+                       H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr):
+  """Stores query row t's scores against the keys of its own sub-chunk; returns the pair
+  decays to row t."""
+  sub = tl.arange(0, SUB)
+  cols = tl.arange(0, DK)
+  row = n * C + i * SUB + t
+  g_t = _log_decay(_row(g_ptr, batch, head, row, cols, T, H, DK))
+  q_t = _row(q_ptr, batch, head, row, cols, T, H, DK)
+  run_t = tl.load(runs_ptr + batch * TP + row)
+  pair_decay = _pair_decay_to_row(t, pair_decay, g_t, SUB)
+  scores_t = tl.sum(k * pair_decay * q_t[None, :], axis=1)  # [SUB] over keys
+  scores_t = tl.where((sub <= t) & (runs == run_t), scores_t, 0.0)
+  tl.store(a_ptr + _offsets(batch, head, row, i * SUB + sub, T, H, C), scores_t.to(a_ptr.dtype.element_ty),
+           mask=(sub < SUB) & (row < T))
+  return pair_decay
 
 
 @triton.jit
@@ -275,7 +299,8 @@ def chunk_dscores_kernel(v_ptr, do_ptr, runs_ptr, T, TP, N, da_ptr,
 def chunk_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, runs_ptr, continues_ptr, states_ptr, d_states_ptr, da_ptr,
                      T, TP, N, dq_ptr, dk_ptr, dlog_ptr,
                      H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, SCALE: tl.constexpr, PRECISE: tl.constexpr):
+                     BK: tl.constexpr, BV: tl.constexpr, SCALE: tl.constexpr, PRECISE: tl.constexpr,
+                     UNROLL: tl.constexpr):
   """dq, dk of one sub-chunk i (one Dk block), and dlog = q * dq - k * dk, the gradient of
   each token's cumulative log decay (its reverse cumsum per segment gives dg)."""
   p, bh, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -327,16 +352,16 @@ def chunk_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, runs_ptr, continues_ptr
   pair_decay = tl.zeros((SUB, BK), tl.float32)
   dq_within = tl.zeros((SUB, BK), tl.float32)
   dk_within = tl.zeros((SUB, BK), tl.float32)
-  for t in range(SUB):
-    row = n * C + i * SUB + t
-    g_t = _log_decay(_row(g_ptr, batch, head, row, k_cols, T, H, DK))
-    q_t = _row(q_ptr, batch, head, row, k_cols, T, H, DK)
-    d_scores = tl.sum(tl.where((sub == t)[None, :], d_scores_block, 0.0), axis=1)  # [SUB] over keys, 0 past t
-    pair_decay = tl.where((sub < t)[:, None], pair_decay * tl.exp(g_t)[None, :], tl.where((sub == t)[:, None],
-                                                                                          1.0, 0.0))
-    dq_t = tl.sum(d_scores[:, None] * k * pair_decay, axis=0)
-    dq_within = tl.where((sub == t)[:, None], dq_t[None, :], dq_within)
-    dk_within += d_scores[:, None] * q_t[None, :] * pair_decay
+  if UNROLL:
+    for t in tl.static_range(SUB):
+      pair_decay, dq_within, dk_within = _grads_within_row(t, pair_decay, dq_within, dk_within, d_scores_block, k,
+                                                           q_ptr, g_ptr, batch, head, n * C + i * SUB + t, k_cols, T,
+                                                           H, DK, SUB)
+  else:
+    for t in range(SUB):
+      pair_decay, dq_within, dk_within = _grads_within_row(t, pair_decay, dq_within, dk_within, d_scores_block, k,
+                                                           q_ptr, g_ptr, batch, head, n * C + i * SUB + t, k_cols, T,
+                                                           H, DK, SUB)
   dq += dq_within
   dk += dk_within
   _store_tile(dq_ptr, dq, batch, head, rows, k_cols, T, H, DK)
@@ -362,6 +387,22 @@ def chunk_dv_kernel(k_to_end_ptr, do_ptr, d_states_ptr, a_ptr, T, TP, N, dv_ptr,
     k_to_end = _operand(k_to_end_ptr, batch, head, rows, k_cols, T, H, DK)
     dv += _dot(k_to_end, tl.load(d_states_ptr + _state_offsets(bh, n, N, k_cols, v_cols, DK, DV)), PRECISE)
   _store_tile(dv_ptr, dv, batch, head, rows, v_cols, T, H, DV)
+
+
+@triton.jit
+def _grads_within_row(t, pair_decay, dq_within, dk_within, d_scores_block, k, q_ptr, g_ptr, batch, head, row, k_cols, T,
+                      H: tl.constexpr, DK: tl.constexpr, SUB: tl.constexpr):
+  """Query row t's part of dq and dk within its own sub-chunk (d_scores_block [keys,
+  queries]); returns the pair decays to row t and the two sums."""
+  sub = tl.arange(0, SUB)
+  g_t = _log_decay(_row(g_ptr, batch, head, row, k_cols, T, H, DK))
+  q_t = _row(q_ptr, batch, head, row, k_cols, T, H, DK)
+  d_scores = tl.sum(tl.where((sub == t)[None, :], d_scores_block, 0.0), axis=1)  # [SUB] over keys, 0 past t
+  pair_decay = _pair_decay_to_row(t, pair_decay, g_t, SUB)
+  dq_t = tl.sum(d_scores[:, None] * k * pair_decay, axis=0)
+  dq_within = tl.where((sub == t)[:, None], dq_t[None, :], dq_within)
+  dk_within += d_scores[:, None] * q_t[None, :] * pair_decay
+  return pair_decay, dq_within, dk_within
 
 
 @triton.jit

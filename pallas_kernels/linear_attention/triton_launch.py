@@ -6,6 +6,7 @@ read when a kernel is traced (a jitted function keeps the settings it was traced
 
     SPARSEFORMER_GLA_LAUNCH='chunk=128;chunk_dqk_kernel:num_warps=8,BK=32;chunk_states:BK=64,BV=64'
     SPARSEFORMER_GLA_LAUNCH='*:num_warps=8,BK=128;chunk_dqk:num_warps=4'
+    SPARSEFORMER_GLA_LAUNCH='chunk_scores:unroll=1;chunk_dqk:unroll=1'
 
 ';' separates entries, applied in order; `chunk=` and `sub_chunk=` stand alone, the others
 are `kernel:key=value,...`, the kernel named with or without its `_kernel` suffix, or `*`
@@ -28,6 +29,7 @@ class KernelLaunch:
   num_stages: int = 3  # jax_triton's default
   BK: int = 64  # Dk columns per program, or per step of the kernel's loop over Dk
   BV: int = 64  # likewise for Dv
+  unroll: int = 0  # 1: the loop over a sub-chunk's rows unrolled (OPTIONS)
 
 
 # The block sizes each kernel reads; the defaults of the kernels that predate the settings
@@ -43,6 +45,8 @@ BLOCKS = {
     'chunk_dv_kernel': ('BK', 'BV'),  # grid (N, B*H, Dv/BV), loop over Dk
     'log_decay_grads_kernel': ('BK',),  # grid (N, B*H, Dk/BK)
 }
+# Other keys a kernel takes: `unroll` (0 or 1) where a loop walks a sub-chunk's rows.
+OPTIONS = {'chunk_scores_kernel': ('unroll',), 'chunk_dqk_kernel': ('unroll',)}
 DEFAULTS = {
     'chunk_states_kernel': KernelLaunch(BK=32, BV=32),
     'state_grads_kernel': KernelLaunch(BK=32, BV=32),
@@ -88,6 +92,8 @@ def _assignments(where, text):
       raise ValueError(f'{ENV}: {where}:num_warps={values[key]} must be one of {NUM_WARPS}')
     elif key == 'num_stages' and values[key] < 1:
       raise ValueError(f'{ENV}: {where}:num_stages must be >= 1')
+    elif key == 'unroll' and values[key] not in (0, 1):
+      raise ValueError(f'{ENV}: {where}:unroll={values[key]} must be 0 or 1')
   return values
 
 
@@ -104,12 +110,12 @@ def _kernel_names(name):
 def _apply(kernels, name, values):
   """Sets `values` on the kernels `name` names ('*': each takes the keys it has)."""
   names = _kernel_names(name)
+  keys = lambda kernel: ('num_warps', 'num_stages') + BLOCKS[kernel] + OPTIONS.get(kernel, ())  # noqa: E731
   for key in values:
-    if not any(key in ('num_warps', 'num_stages') + BLOCKS[n] for n in names):
-      allowed = ', '.join(('num_warps', 'num_stages') + BLOCKS[names[0]])
-      raise ValueError(f'{ENV}: {name} has no setting {key!r}; it takes {allowed}')
+    if not any(key in keys(n) for n in names):
+      raise ValueError(f'{ENV}: {name} has no setting {key!r}; it takes {", ".join(keys(names[0]))}')
   for n in names:
-    taken = {k: v for k, v in values.items() if k in ('num_warps', 'num_stages') + BLOCKS[n]}
+    taken = {k: v for k, v in values.items() if k in keys(n)}
     kernels[n] = dataclasses.replace(kernels.get(n, LaunchSettings().kernel(n)), **taken)
 
 
