@@ -136,7 +136,8 @@ def test_launch_settings_from_environment_syntax():
   hash(settings)  # a static argument of jitted functions
   every = triton_launch.parse('*:num_warps=8,BK=128;chunk_dqk:num_warps=4')
   assert every.kernel('chunk_dqk_kernel') == triton_launch.KernelLaunch(num_warps=4, BK=128)
-  assert every.kernel('chunk_scores_kernel') == triton_launch.KernelLaunch(num_warps=8)  # takes no BK
+  assert every.kernel('chunk_scores_kernel') == triton_launch.KernelLaunch(num_warps=8, BK=128)  # takes no BV
+  assert triton_launch.LaunchSettings().block('chunk_scores_kernel', 'BK', 128) == 128  # the whole Dk by default
   assert every.kernel('chunk_states_kernel') == triton_launch.KernelLaunch(num_warps=8, BK=128, BV=32)
   unrolled = triton_launch.parse('*:unroll=1')
   assert unrolled.kernel('chunk_scores_kernel').unroll == unrolled.kernel('chunk_dqk_kernel').unroll == 1
@@ -145,7 +146,7 @@ def test_launch_settings_from_environment_syntax():
 
 @pytest.mark.parametrize('text, message', [
     ('chunk_dq:num_warps=8', "unknown kernel 'chunk_dq'"),
-    ('chunk_scores_kernel:BK=32', "chunk_scores_kernel has no setting 'BK'"),
+    ('chunk_scores_kernel:BV=32', "chunk_scores_kernel has no setting 'BV'"),
     ('*:BW=32', "has no setting 'BW'"),
     ('chunk_dv_kernel:warps=8', "has no setting 'warps'"),
     ('chunk_dv_kernel:BV=48', 'power of two'),
@@ -372,6 +373,7 @@ INTERPRETER_CASES = [
     ('blocks_of_16_chunk_32', 1, 100, 1, 32, 32, (5, 33, 64), True, jnp.float32, 'chunk=32;*:BK=16,BV=16'),
     ('chunk_128_sub_chunk_32', 1, 150, 1, 32, 16, (3, 100, 140), True, jnp.float32, 'chunk=128;sub_chunk=32'),
     ('rows_unrolled', 1, 80, 2, 16, 16, (5, 37, 64), True, jnp.float32, 'chunk_scores:unroll=1;chunk_dqk:unroll=1'),
+    ('scores_in_dk_parts', 1, 90, 2, 32, 16, (5, 37, 64), True, jnp.float32, 'chunk_scores:BK=16'),
 ]
 
 

@@ -7,8 +7,9 @@ Forward, per batch row and head (chunks of C = 64 tokens, sub-chunks of 16 by de
                  update the state;
   chunk_states   sequential over chunks, one program per (Dk block, Dv block): the state
                  entering every chunk ([B*H, N, Dk, Dv]) and the final state (float32);
-  chunk_scores   one program per sub-chunk: its rows of the intra-chunk score matrix A
-                 ([B, T, H, C]): one matmul per earlier sub-chunk, pairwise decays within;
+  chunk_scores   one program per sub-chunk (and Dk block, BK < Dk): its rows of the
+                 intra-chunk score matrix A ([B, T, H, C]; per Dk block a float32 part,
+                 summed): one matmul per earlier sub-chunk, pairwise decays within;
   chunk_output   parallel over chunks and Dv blocks: q decayed since the chunk start against
                  the entering state, plus A @ v.
 Backward (decayed_qk, the entering states and A recomputed, as FLA does):
@@ -165,10 +166,16 @@ def _chunk_states(p, k_to_end, v, chunk_decay, state0):
 
 
 def _chunk_scores(p, q, k, g, runs):
-  sub = p.settings.sub_chunk
-  return p.run('chunk_scores_kernel', (p.n * (p.chunk // sub), p.b * p.h), (q, k, g, runs),
-               jax.ShapeDtypeStruct((p.b, p.t, p.h, p.chunk), p.stored), DK=p.dk, SUB=sub, PRECISE=p.precise,
-               UNROLL=p.settings.kernel('chunk_scores_kernel').unroll)
+  """A [B, T, H, C] in the stored dtype; with Dk in several blocks, the float32 sum of the
+  blocks' parts."""
+  name = 'chunk_scores_kernel'
+  sub, bk = p.settings.sub_chunk, p.block(name, 'BK')
+  parts = p.dk // bk
+  shape = (p.b, p.t, p.h, p.chunk)
+  scores = p.run(name, (p.n * (p.chunk // sub), p.b * p.h, parts), (q, k, g, runs),
+                 jax.ShapeDtypeStruct(shape, p.stored) if parts == 1 else _f32((parts,) + shape),
+                 DK=p.dk, SUB=sub, BK=bk, PRECISE=p.precise, UNROLL=p.settings.kernel(name).unroll)
+  return scores if parts == 1 else jnp.sum(scores, axis=0).astype(p.stored)
 
 
 def _initial_state(q, v, initial_state):

@@ -144,20 +144,22 @@ def chunk_states_kernel(k_to_end_ptr, v_ptr, chunk_decay_ptr, state0_ptr, T, TP,
 @triton.jit
 def chunk_scores_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
                         H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
-                        PRECISE: tl.constexpr, UNROLL: tl.constexpr):
+                        BK: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr):
   """The rows of A of one sub-chunk i: against the keys of each earlier sub-chunk j (one
   matmul each), and within the sub-chunk (pairwise decays). Blocks right of the diagonal
-  are not written (readers mask them)."""
-  p, bh = tl.program_id(0), tl.program_id(1)
+  are not written (readers mask them). With BK < DK each program sums one Dk block's
+  share, into its own part of A ([DK / BK, B, T, H, C]; the caller adds the parts)."""
+  p, bh, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
   n, i = p // (C // SUB), p % (C // SUB)
   batch, head = bh // H, bh % H
-  cols = tl.arange(0, DK)
+  a_ptr += (kb * tl.num_programs(1)).to(tl.int64) * T * C
+  cols = kb * BK + tl.arange(0, BK)
   sub = tl.arange(0, SUB)
   rows = n * C + i * SUB + sub
   runs = tl.load(runs_ptr + batch * TP + rows)
   g = _decays(g_ptr, batch, head, rows, cols, T, H, DK)
   q_rel = _tile(q_ptr, batch, head, rows, cols, T, H, DK) * tl.exp(tl.cumsum(g, axis=0))
-  between = tl.full((DK,), 1.0, tl.float32)  # decay over the sub-chunks between j and i
+  between = tl.full((BK,), 1.0, tl.float32)  # decay over the sub-chunks between j and i
   for back in range(i):
     j = i - 1 - back
     key_rows = n * C + j * SUB + sub
@@ -169,15 +171,15 @@ def chunk_scores_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
     _store_tile(a_ptr, scores, batch, head, rows, j * SUB + sub, T, H, C)
     between *= tl.exp(tl.sum(g_j, axis=0))
   k = _tile(k_ptr, batch, head, rows, cols, T, H, DK)
-  pair_decay = tl.zeros((SUB, DK), tl.float32)
+  pair_decay = tl.zeros((SUB, BK), tl.float32)
   if UNROLL:  # the rows' loads can all be issued up front
     for t in tl.static_range(SUB):
-      pair_decay = _scores_within_row(t, pair_decay, k, runs, q_ptr, g_ptr, runs_ptr, a_ptr, batch, head, n, i, T, TP,
-                                      H, DK, C, SUB)
+      pair_decay = _scores_within_row(t, pair_decay, k, runs, q_ptr, g_ptr, runs_ptr, a_ptr, batch, head, n, i, cols,
+                                      T, TP, H, DK, C, SUB)
   else:
     for t in range(SUB):
-      pair_decay = _scores_within_row(t, pair_decay, k, runs, q_ptr, g_ptr, runs_ptr, a_ptr, batch, head, n, i, T, TP,
-                                      H, DK, C, SUB)
+      pair_decay = _scores_within_row(t, pair_decay, k, runs, q_ptr, g_ptr, runs_ptr, a_ptr, batch, head, n, i, cols,
+                                      T, TP, H, DK, C, SUB)
 
 
 @triton.jit
@@ -189,12 +191,11 @@ def _pair_decay_to_row(t, pair_decay, g_t, SUB: tl.constexpr):
 
 
 @triton.jit
-def _scores_within_row(t, pair_decay, k, runs, q_ptr, g_ptr, runs_ptr, a_ptr, batch, head, n, i, T, TP,
+def _scores_within_row(t, pair_decay, k, runs, q_ptr, g_ptr, runs_ptr, a_ptr, batch, head, n, i, cols, T, TP,
                        H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr):
-  """Stores query row t's scores against the keys of its own sub-chunk; returns the pair
-  decays to row t."""
+  """Stores query row t's scores against the keys of its own sub-chunk (over the Dk
+  columns `cols`); returns the pair decays to row t."""
   sub = tl.arange(0, SUB)
-  cols = tl.arange(0, DK)
   row = n * C + i * SUB + t
   g_t = _log_decay(_row(g_ptr, batch, head, row, cols, T, H, DK))
   q_t = _row(q_ptr, batch, head, row, cols, T, H, DK)

@@ -37,7 +37,7 @@ class KernelLaunch:
 BLOCKS = {
     'decayed_qk_kernel': ('BK',),  # grid (N, B*H, Dk/BK)
     'chunk_states_kernel': ('BK', 'BV'),  # grid (B*H, Dk/BK, Dv/BV), sequential over chunks
-    'chunk_scores_kernel': (),  # grid (N * C/SUB, B*H), whole Dk
+    'chunk_scores_kernel': ('BK',),  # grid (N * C/SUB, B*H, Dk/BK); Dk/BK > 1: float32 parts, summed
     'chunk_output_kernel': ('BK', 'BV'),  # grid (N, B*H, Dv/BV), loop over Dk
     'state_grads_kernel': ('BK', 'BV'),  # like chunk_states, backwards
     'chunk_dscores_kernel': ('BV',),  # grid (N, B*H), loop over Dv
@@ -48,6 +48,7 @@ BLOCKS = {
 # Other keys a kernel takes: `unroll` (0 or 1) where a loop walks a sub-chunk's rows.
 OPTIONS = {'chunk_scores_kernel': ('unroll',), 'chunk_dqk_kernel': ('unroll',)}
 DEFAULTS = {
+    'chunk_scores_kernel': KernelLaunch(BK=256),  # the whole Dk (clipped to it): no parts to add
     'chunk_states_kernel': KernelLaunch(BK=32, BV=32),
     'state_grads_kernel': KernelLaunch(BK=32, BV=32),
 }
