@@ -10,6 +10,8 @@ threads, which can stall on a 2-core machine (seen with 128x128 blocks, two kv h
 key bias; the same cases pass on an H100), so those CPU cases are `slow`. The `gpu` tests
 run the compiled kernels on a Hopper GPU with larger shapes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,9 +60,14 @@ def dense_gradients(q, k, v, bias, plan, scale, d_out, d_lse, allowed=None):
   `allowed` [B, Hp, Tq, Tk] from mask_oracle.py (None: the plan's own rendering)."""
   allowed = oracle_or_plan_mask(allowed, plan, q.shape[2])
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
-  oracle = lambda q, k, v, b: masked_softmax_attention(q, k, v, allowed, key_bias=b, scale=scale, return_lse=True)
-  _, vjp = jax.vjp(oracle, *map(f32, (q, k, v, bias)))
-  return vjp((d_out, d_lse))
+
+  @jax.jit
+  def gradients(allowed, q, k, v, bias, d_out, d_lse):
+    oracle = lambda q, k, v, b: masked_softmax_attention(q, k, v, allowed, key_bias=b, scale=scale, return_lse=True)
+    _, vjp = jax.vjp(oracle, *map(f32, (q, k, v, bias)))
+    return vjp((d_out, d_lse))
+
+  return gradients(allowed, q, k, v, bias, d_out, d_lse)
 
 
 def assert_close(got, want, tolerance, name):
@@ -76,10 +83,11 @@ def check(plan, q, k, v, bias, d_out, with_d_lse=True, interpret=None, dense=Tru
   interpret = not on_gpu() if interpret is None else interpret
   assert mosaic_gpu_backward.unavailable(q, k, v, bias, plan) is None
   scale = q.shape[-1] ** -0.5
-  out, lse = reference.forward(q, k, v, bias, plan, scale)
+  out, lse = jax.jit(reference.forward, static_argnums=5)(q, k, v, bias, plan, scale)
   d_lse = jax.random.normal(jax.random.key(7), lse.shape) if with_d_lse else None
-  got = BACKWARDS[path](q, k, v, bias, plan, scale, out, lse, d_out, d_lse, interpret=interpret)
-  want = reference.backward(q, k, v, bias, plan, scale, out, lse, d_out, d_lse)
+  backward = functools.partial(BACKWARDS[path], interpret=interpret)
+  got = jax.jit(backward, static_argnums=5)(q, k, v, bias, plan, scale, out, lse, d_out, d_lse)
+  want = jax.jit(reference.backward, static_argnums=5)(q, k, v, bias, plan, scale, out, lse, d_out, d_lse)
   tolerance = TOLERANCE[q.dtype.type]
   for name, g, w, x in zip(('dq', 'dk', 'dv', 'dbias'), got, want, (q, k, v, bias)):
     if x is None:
@@ -105,7 +113,7 @@ def test_causal_with_key_bias_and_gqa_pair(path):
 
 @pytest.mark.parametrize('path', FUSED_SLOW_ON_CPU)
 def test_window_with_documents_ragged_float16(path):
-  q, k, v, bias, d_out = random_inputs(1, 1, 160, 160, 4, 2, 64, jnp.float16, with_bias=False)
+  q, k, v, bias, d_out = random_inputs(1, 1, 160, 160, 2, 1, 64, jnp.float16, with_bias=False)
   segments = jnp.asarray(np.repeat(np.arange(4), 40)[None].astype(np.int32))
   plan = plan_from_mask(masks.causal_window(70), q_len=160, block_q=64, block_kv=64, segment_ids=segments)
   check(plan, q, k, v, bias, d_out, allowed=mask_oracle(masks.causal_window(70), q_len=160, segment_ids=segments),
@@ -114,8 +122,8 @@ def test_window_with_documents_ragged_float16(path):
 
 @pytest.mark.parametrize('path', FUSED_SLOW_ON_CPU)
 def test_random_per_query_head_plan_group_of_four_head_dim_128(path):
-  q, k, v, bias, d_out = random_inputs(2, 1, 192, 192, 4, 1, 128, jnp.bfloat16, with_bias=True)
-  plan, allowed = random_block_plan(3, 192, 64, 64, plan_heads=4, mask=masks.Chunked(96) & masks.Causal())
+  q, k, v, bias, d_out = random_inputs(2, 1, 128, 128, 4, 1, 128, jnp.bfloat16, with_bias=True)
+  plan, allowed = random_block_plan(3, 128, 64, 64, plan_heads=4, mask=masks.Chunked(96) & masks.Causal())
   check(plan, q, k, v, bias, d_out, with_d_lse=False, allowed=allowed, path=path)
 
 
@@ -144,10 +152,10 @@ def test_dkv_lists_cut_into_parts_sum_to_the_same_gradients(monkeypatch):
   sums are added after the kernel), one of them empty: causal with documents, a GQA pair
   and a key bias (the bias gradient summed over the parts too)."""
   monkeypatch.setattr(mosaic_gpu_backward, 'dkv_splits', lambda *args, **kwargs: 3)
-  q, k, v, bias, d_out = random_inputs(9, 1, 256, 256, 4, 2, 64, jnp.bfloat16, with_bias=True)
-  segments = documents(256, 2)
-  plan = plan_from_mask(masks.Causal(), q_len=256, block_q=64, block_kv=64, segment_ids=segments)
-  check(plan, q, k, v, bias, d_out, allowed=mask_oracle(masks.Causal(), q_len=256, segment_ids=segments))
+  q, k, v, bias, d_out = random_inputs(9, 1, 128, 128, 4, 2, 64, jnp.bfloat16, with_bias=True)
+  segments = documents(128, 2)
+  plan = plan_from_mask(masks.Causal(), q_len=128, block_q=64, block_kv=64, segment_ids=segments)
+  check(plan, q, k, v, bias, d_out, allowed=mask_oracle(masks.Causal(), q_len=128, segment_ids=segments))
 
 
 def test_dkv_splits_only_where_few_programs_walk_long_lists():
@@ -169,10 +177,10 @@ def test_dkv_splits_cut_long_lists_of_masks_without_a_key_span():
 def test_fused_two_query_chunks_per_block_with_documents_gqa_and_bias():
   """block_q 128 over one 64-key warpgroup: each q block is two pipeline steps of the
   fused kernel, each adding its own 64 rows of dQ."""
-  q, k, v, bias, d_out = random_inputs(8, 1, 300, 300, 4, 2, 64, jnp.bfloat16, with_bias=True)
-  segments = documents(300, 4)
-  plan = plan_from_mask(masks.causal_window(150), q_len=300, block_q=128, block_kv=64, segment_ids=segments)
-  check(plan, q, k, v, bias, d_out, allowed=mask_oracle(masks.causal_window(150), q_len=300, segment_ids=segments),
+  q, k, v, bias, d_out = random_inputs(8, 1, 200, 200, 4, 2, 64, jnp.bfloat16, with_bias=True)
+  segments = documents(200, 4)
+  plan = plan_from_mask(masks.causal_window(100), q_len=200, block_q=128, block_kv=64, segment_ids=segments)
+  check(plan, q, k, v, bias, d_out, allowed=mask_oracle(masks.causal_window(100), q_len=200, segment_ids=segments),
         path='fused')
 
 

@@ -46,8 +46,8 @@ def test_forward_random_rank_rule_interpret(case):
 
 
 def test_forward_top_w_plan_interpret():
-  plan = top_w_plan(2, 1, 2, 256, 64, 40, documents=True)
-  q, k, v, bias, _ = random_inputs(2, 1, 256, 256, 4, 2, 64, jnp.bfloat16, True)
+  plan = top_w_plan(4, 1, 2, 192, 64, 40, documents=True)
+  q, k, v, bias, _ = random_inputs(2, 1, 192, 192, 4, 2, 64, jnp.bfloat16, True)
   check_forward(plan, q, k, v, bias, interpret=True)
 
 
@@ -94,8 +94,8 @@ def test_backward_random_rank_rule_interpret(case, path):
 
 @pytest.mark.parametrize('path', PATHS)
 def test_backward_top_w_plan_interpret(path):
-  plan = top_w_plan(4, 1, 2, 256, 64, 40, documents=True)
-  q, k, v, bias, d_out = random_inputs(4, 1, 256, 256, 4, 2, 64, jnp.bfloat16, True)
+  plan = top_w_plan(4, 1, 2, 192, 64, 40, documents=True)
+  q, k, v, bias, d_out = random_inputs(4, 1, 192, 192, 4, 2, 64, jnp.bfloat16, True)
   check_backward(plan, q, k, v, bias, d_out, interpret=True, path=path)
 
 
