@@ -21,12 +21,14 @@ from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL, PARTIAL
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quick_run_prints_one_table_and_writes_json(tmp_path):
+def test_quick_run_prints_one_table_and_writes_json(tmp_path, capsys, monkeypatch):
+  """The script's main in this process (no child Python to start, import jax and compile);
+  the command line itself is main's argv."""
   out = tmp_path / 'attention.json'
-  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'attention.py'), '--quick',
-                           '--implementations', 'reference,no_such_kernel', '--out', str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert len(re.findall(r'^S +mask +pass +impl', result.stdout, re.MULTILINE)) == 1  # one table
+  monkeypatch.chdir(tmp_path)
+  bench.main(['--quick', '--implementations', 'reference,no_such_kernel', '--out', str(out)])
+  stdout = capsys.readouterr().out
+  assert len(re.findall(r'^S +mask +pass +impl', stdout, re.MULTILINE)) == 1  # one table
   rows = json.loads(out.read_text())['rows']
   missing = [r for r in rows if r['implementation'] == 'ours:no_such_kernel']
   assert len(missing) == 6 and all('unknown implementation' in r['note'] for r in missing)

@@ -40,6 +40,24 @@ def random_inputs(seed, b, tq, tk, h, hkv, d, dtype, with_bias):
   return q, k, v, bias, d_out
 
 
+def numpy_random_inputs(seed, b, tq, tk, h, hkv, d, dtype, with_bias):
+  """random_inputs' shapes and dtypes from NumPy's generator: jax.random's eager draws
+  compile a threefry program per new shape (seconds a case)."""
+  rng = np.random.default_rng(seed)
+  normal = lambda shape, dt: jnp.asarray(rng.standard_normal(shape, np.float32), dt)  # noqa: E731
+  q = normal((b, tq, h, d), dtype)
+  k = normal((b, tk, hkv, d), dtype)
+  v = normal((b, tk, hkv, d), dtype)
+  bias = normal((b, hkv, tk), jnp.float32) if with_bias else None
+  d_out = normal((b, tq, h, d), jnp.float32)
+  return q, k, v, bias, d_out
+
+
+def compiled(make_plan, *args, **kwargs):
+  """make_plan(*args, **kwargs) as one compiled program: its ops one by one compile each."""
+  return jax.jit(lambda: make_plan(*args, **kwargs))()
+
+
 def oracle_or_plan_mask(allowed, plan, num_heads):
   """[B, H, Tq, Tk]: the independent mask [B, Hp, Tq, Tk] widened to the query heads, or,
   when there is none (allowed=None), the plan's own rendering."""

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from mask_oracle import block_mask_oracle, mask_oracle
 from oracles import masked_softmax_attention
-from test_block_sparse_attention import oracle_or_plan_mask, random_inputs
+from test_block_sparse_attention import compiled, oracle_or_plan_mask
+from test_block_sparse_attention import numpy_random_inputs as random_inputs
 
 from pallas_kernels.block_sparse_attention import (block_sparse_attention, masks, patterns, plan_from_block_mask,
                                                    plan_from_mask)
 from pallas_kernels.block_sparse_attention.api import select_implementation
+
 
 # Relative L2 error ||ours - oracle|| / ||oracle||; P and dS are rounded to the input dtype.
 RELATIVE_ERROR = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
@@ -52,7 +54,7 @@ def check_through_api(plan, allowed, q, k, v, bias, d_out, implementation):
 
 
 def test_interpret_through_the_api():
-  plan = plan_from_mask(masks.Causal(), q_len=150, block_q=64, block_kv=64)
+  plan = compiled(plan_from_mask, masks.Causal(), q_len=150, block_q=64, block_kv=64)
   q, k, v, bias, d_out = random_inputs(0, 1, 150, 150, 2, 1, 64, jnp.bfloat16, with_bias=True)
   check_through_api(plan, mask_oracle(masks.Causal(), q_len=150), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
 
@@ -65,7 +67,7 @@ def test_interpret_compressed_keys_with_documents():
   kv_segments = np.asarray([[1] * 5 + [-1] * 2 + [2] * 3])  # spans 0-4 in doc 1, 5-6 cross, 7-9 in doc 2
   layout = dict(q_len=180, kv_len=10, q_segment_ids=jnp.asarray(q_segments, jnp.int32),
                 kv_segment_ids=jnp.asarray(kv_segments, jnp.int32))
-  plan = plan_from_mask(mask, block_q=64, block_kv=64, **layout)
+  plan = compiled(plan_from_mask, mask, block_q=64, block_kv=64, **layout)
   q, k, v, bias, d_out = random_inputs(2, 1, 180, 10, 2, 1, 64, jnp.bfloat16, with_bias=False)
   check_through_api(plan, mask_oracle(mask, **layout), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
 

@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from mask_oracle import block_mask_oracle, mask_oracle
-from test_block_sparse_attention import MASKS, check_against_dense, random_inputs
+from test_block_sparse_attention import MASKS, check_against_dense, compiled
+from test_block_sparse_attention import numpy_random_inputs as random_inputs
 
 from pallas_kernels.block_sparse_attention import masks, plan_from_block_mask, plan_from_mask, reference, tpu
 from pallas_kernels.block_sparse_attention.api import IMPLEMENTATIONS, select_implementation
 from pallas_kernels.block_sparse_attention.reference import EMPTY_ROW_LSE
+
 
 INTERPRET = 'tpu_interpret'
 
@@ -29,7 +31,7 @@ def random_block_plan(seed, batch, length, block_q, block_kv, plan_heads, densit
   if documents:
     segments = np.cumsum(rng.random((batch, length)) < 0.15, axis=1).astype(np.int32) + 1
   sizes = dict(q_len=length, block_q=block_q, block_kv=block_kv, mask=mask, segment_ids=segments)
-  return plan_from_block_mask(jnp.asarray(block_mask), **sizes), block_mask_oracle(block_mask, **sizes)
+  return compiled(plan_from_block_mask, jnp.asarray(block_mask), **sizes), block_mask_oracle(block_mask, **sizes)
 
 
 def check_against_reference(plan, q, k, v, bias, d_out, scale=0.3, tol=2e-5):
@@ -49,12 +51,12 @@ def check_against_reference(plan, q, k, v, bias, d_out, scale=0.3, tol=2e-5):
 
 
 # Through the public api against dense attention. Most cases share B=2, T=22, H=4, D=8, so
-# the eager ops of the inputs, plans and dense oracle compile once.
+# the compiled dense oracle is shared.
 
 
 def test_causal_ragged_with_key_bias():
   q, k, v, bias, d_out = random_inputs(0, 2, 22, 22, 4, 4, 8, jnp.float32, with_bias=True)
-  plan = plan_from_mask(MASKS['causal'], q_len=22, block_q=8, block_kv=8, batch=2)
+  plan = compiled(plan_from_mask, MASKS['causal'], q_len=22, block_q=8, block_kv=8, batch=2)
   allowed = mask_oracle(MASKS['causal'], q_len=22, batch=2)
   check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET, allowed=allowed)
 
@@ -69,7 +71,7 @@ def test_documents_and_window_or_prefix_per_kv_head_plan():
 
 def test_bfloat16_chunked_group_of_eight():
   q, k, v, bias, d_out = random_inputs(3, 1, 24, 24, 8, 1, 16, jnp.bfloat16, with_bias=False)
-  plan = plan_from_mask(MASKS['chunked'], q_len=24, block_q=16, block_kv=8)
+  plan = compiled(plan_from_mask, MASKS['chunked'], q_len=24, block_q=16, block_kv=8)
   out, _, grads = check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.bfloat16, implementation=INTERPRET,
                                       allowed=mask_oracle(MASKS['chunked'], q_len=24))
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
@@ -94,15 +96,15 @@ def test_per_query_head_plan_with_fully_masked_rows_matches_reference():
 def test_short_query_and_cross_lengths_match_reference():
   """A query length shorter than one block and Tq != Tk."""
   q, k, v, bias, d_out = random_inputs(4, 1, 5, 19, 4, 2, 8, jnp.float32, with_bias=True)
-  plan = plan_from_mask(masks.SlidingWindow(6, 2), q_len=5, kv_len=19, block_q=8, block_kv=8)
+  plan = compiled(plan_from_mask, masks.SlidingWindow(6, 2), q_len=5, kv_len=19, block_q=8, block_kv=8)
   check_against_reference(plan, q, k, v, bias, d_out)
 
 
 def test_tpu_needs_lane_sized_blocks_and_interpret_mode_does_not():
   q, k, v, _, _ = random_inputs(0, 2, 22, 22, 4, 4, 8, jnp.float32, False)
-  small = plan_from_mask(masks.Causal(), q_len=22, block_q=8, block_kv=8, batch=2)
+  small = compiled(plan_from_mask, masks.Causal(), q_len=22, block_q=8, block_kv=8, batch=2)
   assert 'multiples of 128' in IMPLEMENTATIONS['tpu'].unavailable(q, k, v, None, small)
-  large = plan_from_mask(masks.Causal(), q_len=22, block_q=128, block_kv=256, batch=2)
+  large = compiled(plan_from_mask, masks.Causal(), q_len=22, block_q=128, block_kv=256, batch=2)
   assert IMPLEMENTATIONS['tpu'].unavailable(q, k, v, None, large) is None
   lists = (np.zeros((2, 8, 128), np.int32), np.zeros((2, 8, 128, 128), np.int16), np.zeros((2, 8, 128, 128), np.int8))
   huge = dataclasses.replace(large, kv_count=lists[0], kv_index=lists[1], kv_full=lists[2])  # 786 KB of lists

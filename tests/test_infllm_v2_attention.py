@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 from oracles import check_layer_against_oracle, masked_softmax_attention
-from train_helpers import init_from_parameters, run_script, tiny_argv
+from train_helpers import init_from_parameters, tiny_argv
 
 from sparseformer import config as config_lib
 from sparseformer.cli import compare
 from sparseformer.cli.compare_arms import paper_arms, suite_run
 from sparseformer.cli.eval import load_run_config
+from sparseformer.cli.main import run_command
+from sparseformer.cli.train import train_command
 from sparseformer.config import base_config
 from sparseformer.errors import UserError
 from sparseformer.model import resolve_dims
@@ -115,11 +117,12 @@ def test_short_rows_run_dense_and_long_rows_sparse():
   q = jax.random.normal(keys[0], (b, t, h, d))
   k, v = (jax.random.normal(key, (b, t, 2, d)) for key in keys[1:])
   ctx = AttentionContext(jnp.zeros((b, t), jnp.int32), None, None, None)
-  dense = masked_softmax_attention(q, k, v, causal=True)
-  y_short, aux = make_layer(sparse_from=129)(q, k, v, ctx)
+  dense = jax.jit(lambda q, k, v: masked_softmax_attention(q, k, v, causal=True))(q, k, v)
+  call = lambda layer: jax.jit(lambda q, k, v: layer(q, k, v, ctx))(q, k, v)  # compiled, not op by op
+  y_short, aux = call(make_layer(sparse_from=129))
   np.testing.assert_allclose(y_short, dense, rtol=2e-5, atol=2e-5)
   assert aux['stats'] == {}
-  y_long, aux = make_layer(sparse_from=128)(q, k, v, ctx)
+  y_long, aux = call(make_layer(sparse_from=128))
   assert float(aux['stats']['infllm_v2_select_fraction']) < 1 and not np.allclose(y_long, dense, atol=1e-3)
 
 
@@ -129,12 +132,13 @@ def test_a_group_shares_its_blocks_and_nothing_later_is_seen():
   q = jax.random.normal(keys[0], (b, t, h, d))
   k, v = (jax.random.normal(key, (b, t, 2, d)) for key in keys[1:])
   layer = make_layer()
-  chosen, _ = layer.choose(q, k, None, d ** -0.5)
+  chosen, _ = jax.jit(lambda q, k: layer.choose(q, k, None, d ** -0.5))(q, k)
   assert chosen.shape == (1, 2, 12, 12)  # one choice per kv head: the group's heads share it
   ctx = AttentionContext(jnp.zeros((b, t), jnp.int32), None, None, None)
   later = 100  # inside a query block: its later tokens must not change its choice
-  y = layer(q, k, v, ctx)[0]
-  y2 = layer(q.at[:, later:].multiply(-1.5), k.at[:, later:].multiply(-2.0), v.at[:, later:].multiply(3.0), ctx)[0]
+  call = jax.jit(lambda q, k, v: layer(q, k, v, ctx)[0])  # compiled once for both calls
+  y = call(q, k, v)
+  y2 = call(q.at[:, later:].multiply(-1.5), k.at[:, later:].multiply(-2.0), v.at[:, later:].multiply(3.0))
   np.testing.assert_allclose(y[:, :later], y2[:, :later], rtol=1e-6, atol=1e-6)
 
 
@@ -179,11 +183,12 @@ def test_the_comparison_arm_validates_and_runs_sparse_at_the_suites_lengths(seq_
   assert cfg.model.attention.kind == 'infllm_v2' and cfg.model.attention.infllm_v2.sparse_from <= seq_len
 
 
-def test_continued_training_from_a_dense_checkpoint_keeps_every_parameter(tmp_path, data_dir):
+def test_continued_training_from_a_dense_checkpoint_keeps_every_parameter(tmp_path, data_dir, capsys):
   """InfLLM-V2 adds no parameter: a dense checkpoint loads whole into it (nothing fresh,
   nothing skipped), bitwise, and the run trains on at a length where it is sparse."""
   dense, sparse = tmp_path / 'dense', tmp_path / 'sparse'
-  assert run_script('train.py', tiny_argv(dense, data_dir, train__steps=2)).returncode == 0
+  # Both runs in this process (run_command, as train.py calls it): no child Python to start and compile.
+  assert run_command(train_command, tiny_argv(dense, data_dir, train__steps=2)) == 0
   cfg = load_run_config(str(dense))
   cfg.model.attention.kind, cfg.model.attention.block_size, cfg.data.seq_len = 'infllm_v2', 64, 128
   for name, value in {**SMALL, 'select_block': 64, 'select_count': 2}.items():
@@ -193,8 +198,10 @@ def test_continued_training_from_a_dense_checkpoint_keeps_every_parameter(tmp_pa
   jax.tree.map(np.testing.assert_array_equal, saved, loaded)
   options = {f'model__attention__infllm_v2__{name}': value for name, value in
              {**SMALL, 'select_block': 64, 'select_count': 2}.items()}
-  result = run_script('train.py', tiny_argv(sparse, data_dir, train__steps=2, data__seq_len=128,
-                                            model__attention__kind='infllm_v2', model__attention__block_size=64,
-                                            init_from=str(dense), **options))
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert 'initialised 0 fresh' in result.stdout, result.stdout[-2000:]
+  capsys.readouterr()
+  code = run_command(train_command, tiny_argv(sparse, data_dir, train__steps=2, data__seq_len=128,
+                                              model__attention__kind='infllm_v2', model__attention__block_size=64,
+                                              init_from=str(dense), **options))
+  stdout, stderr = capsys.readouterr()
+  assert code == 0, stderr[-2000:]
+  assert 'initialised 0 fresh' in stdout, stdout[-2000:]

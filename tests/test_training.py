@@ -22,6 +22,15 @@ from sparseformer.training.state import abstract_model_arrays
 from train_helpers import ROOT, logged_losses, run_script, tiny_argv
 
 
+def run_in_process(command, argv, capsys):
+  """run_command in this process (no Python start, jax import or compile of a fresh child):
+  a CompletedProcess-like (returncode, stdout, stderr) of the command's own output."""
+  capsys.readouterr()
+  code = run_command(command, [str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess([], code, out, err)
+
+
 def test_training_reduces_loss_and_writes_the_workdir(tmp_path, data_dir):
   workdir = tmp_path / 'run'
   assert run_command(train_command, tiny_argv(workdir, data_dir, train__steps=30, train__lr=1e-2)) == 0
@@ -67,17 +76,17 @@ def test_eval_perplexity_is_exp_of_mean_token_nll(tmp_path, data_dir, capsys):
   assert sum(b['tokens'] for b in buckets) == tokens and buckets[0]['start'] == 0 and buckets[-1]['end'] == 32
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, capsys):
   workdir = tmp_path / 'run'
-  result = run_script('train.py', tiny_argv(workdir, data_dir, train__lr=1e30, train__warmup_steps=0,
-                                            train__grad_clip=0.0, checkpoint__every_steps=1))
+  result = run_in_process(train_command, tiny_argv(workdir, data_dir, train__lr=1e30, train__warmup_steps=0,
+                                            train__grad_clip=0.0, checkpoint__every_steps=1), capsys)
   assert result.returncode == 1, result.stderr
   message = result.stderr.strip().splitlines()[-1]
   assert message.startswith('error: non-finite loss') and 'at step' in message
   bad_step = int(message.split('at step ')[1].split(';')[0])
   saved = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
   assert saved and max(saved) == bad_step - 1
-  evaluated = run_script('eval.py', ['--workdir', str(workdir), '--config.eval.max_batches=1'])
+  evaluated = run_in_process(eval_command, ['--workdir', str(workdir), '--config.eval.max_batches=1'], capsys)
   assert evaluated.returncode == 0, evaluated.stderr
 
 
@@ -99,16 +108,19 @@ def assert_one_line_error(result, fragment, workdir=None):
     assert not os.path.exists(workdir)
 
 
-@pytest.mark.parametrize('overrides,fragment', [
-    ({'train__lrr': '1'}, "did you mean 'train.lr'"),
-    ({'train__steps': 'ten'}, 'expected int'),
-    ({'data__name': 'sparseformer_text/tinyshakespear'}, 'tinyshakespeare'),
-    ({'data__name': 'pg19'}, 'pg19'),
-    ({'train__grad_accum_steps': 3}, 'grad_accum_steps'),
+@pytest.mark.parametrize('overrides,fragment,child', [
+    ({'train__lrr': '1'}, "did you mean 'train.lr'", False),
+    ({'train__steps': 'ten'}, 'expected int', False),
+    # One case through train.py in a fresh Python: the command line itself prints only the one line.
+    ({'data__name': 'sparseformer_text/tinyshakespear'}, 'tinyshakespeare', True),
+    ({'data__name': 'pg19'}, 'pg19', False),
+    ({'train__grad_accum_steps': 3}, 'grad_accum_steps', False),
 ])
-def test_bad_input_is_one_line_exit_2_and_no_workdir(tmp_path, data_dir, overrides, fragment):
+def test_bad_input_is_one_line_exit_2_and_no_workdir(tmp_path, data_dir, capsys, overrides, fragment, child):
   workdir = tmp_path / 'never'
-  assert_one_line_error(run_script('train.py', tiny_argv(workdir, data_dir, **overrides)), fragment, workdir)
+  argv = tiny_argv(workdir, data_dir, **overrides)
+  result = run_script('train.py', argv) if child else run_in_process(train_command, argv, capsys)
+  assert_one_line_error(result, fragment, workdir)
 
 
 def test_batch_inconsistent_with_the_mesh(tmp_path, data_dir):
@@ -118,21 +130,22 @@ def test_batch_inconsistent_with_the_mesh(tmp_path, data_dir):
   assert_one_line_error(result, 'not divisible by the 2 batch shards', workdir)
 
 
-def test_checkpoint_that_does_not_match_the_model(tmp_path, data_dir):
+def test_checkpoint_that_does_not_match_the_model(tmp_path, data_dir, capsys):
   workdir = tmp_path / 'run'
-  assert run_script('train.py', tiny_argv(workdir, data_dir, train__steps=4)).returncode == 0
-  resumed = run_script('train.py', tiny_argv(workdir, data_dir, train__steps=8, model__d_model=48))
+  assert run_in_process(train_command, tiny_argv(workdir, data_dir, train__steps=4), capsys).returncode == 0
+  resumed = run_in_process(train_command, tiny_argv(workdir, data_dir, train__steps=8, model__d_model=48), capsys)
   assert_one_line_error(resumed, 'does not match the model')
   finetune = tmp_path / 'finetune'
-  started = run_script('train.py', tiny_argv(finetune, data_dir, model__d_model=48, init_from=str(workdir)))
+  started = run_in_process(train_command, tiny_argv(finetune, data_dir, model__d_model=48, init_from=str(workdir)),
+                           capsys)
   assert_one_line_error(started, 'do not fit the model', finetune)
 
 
-def test_init_from_loads_parameters_only(tmp_path, data_dir):
+def test_init_from_loads_parameters_only(tmp_path, data_dir, capsys):
   source, target = tmp_path / 'source', tmp_path / 'target'
-  assert run_script('train.py', tiny_argv(source, data_dir, train__steps=4)).returncode == 0
-  result = run_script('train.py', tiny_argv(target, data_dir, train__steps=1, train__lr=1e-9,
-                                            train__warmup_steps=0, init_from=str(source)))
+  assert run_in_process(train_command, tiny_argv(source, data_dir, train__steps=4), capsys).returncode == 0
+  result = run_in_process(train_command, tiny_argv(target, data_dir, train__steps=1, train__lr=1e-9,
+                                                   train__warmup_steps=0, init_from=str(source)), capsys)
   assert result.returncode == 0, result.stderr
   assert 'loaded' in result.stdout and 'resumed' not in result.stdout
   # One step at a negligible learning rate: the parameters are the source's.
