@@ -61,7 +61,6 @@ import dataclasses
 import functools
 import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +75,7 @@ from pallas_kernels.block_sparse_attention import dilation_groups, summary_prefi
 from pallas_kernels.block_sparse_attention.render import neighborhood_argument, plan_from_spec  # noqa: E402
 
 # flex_block_lists and measure_torch are also read from here (tests, block_selection.py).
+from benchmarks.rows import kernel_breakdown, measure_jax  # noqa: E402
 from benchmarks.attention_flex import (flex_block_lists, flex_block_mask, load_flex, measure_torch,  # noqa: E402,F401
                                        to_torch, torch_samples)
 
@@ -188,25 +188,7 @@ def is_wrong(got, want):
   return max_diff(got, want) > WRONG_FRACTION * float(np.max(np.abs(want)))
 
 
-# ---------------------------------------------------------------- JAX timing
-
-def measure_jax(fn, args, iterations):
-  """(ms per call, first result). CUPTI kernel time if available, else back-to-back wall time."""
-  result = jax.block_until_ready(fn(*args))  # compiles; a failure here is the function's, not the timer's
-  try:
-    from jax.experimental.mosaic.gpu import profiler
-    result, timings = profiler.measure(fn, iterations=iterations)(*args)
-    if timings:
-      per_call = timings if isinstance(timings, list) else [timings]
-      return float(np.median(per_call)), result
-  except (ImportError, RuntimeError) as error:
-    if jax.default_backend() == 'gpu':
-      print(f'  CUPTI timing unavailable ({str(error)[:200]}); wall time instead', flush=True)
-  start = time.perf_counter()
-  results = [fn(*args) for _ in range(iterations)]
-  jax.block_until_ready(results)
-  return (time.perf_counter() - start) * 1e3 / iterations, result
-
+# ---------------------------------------------------------------- forward and backward
 
 def forward_and_backward(attend):
   """(q, k, v, d_out, *rest) -> (dq, dk, dv): one forward and its backward, nothing else."""
@@ -312,7 +294,6 @@ def time_jax_candidate(args, length, spec, label, attend, extra, inputs, tiles, 
       yield [(row, None)]
       continue
     if label.startswith('ours') and jax.default_backend() == 'gpu':
-      from benchmarks.rows import kernel_breakdown  # rows imports this module
       row.kernels = kernel_breakdown(fn, fn_args, longest=6)
       print(f'  {label} {direction} kernels (ms): {row.kernels}', flush=True)
     yield [(row, jax_samples(result, direction, rows))]

@@ -20,7 +20,7 @@ docs/dynamic_mask.md; column `smooth`): whole key blocks per query block, no ran
 `vs dense`, `vs window` = baseline ms / row ms of the same
 pass (> 1: faster than the baseline). Time is device time through CUPTI
 (`mosaic.gpu.profiler.measure`, the kernels of one call, median over --iterations; see
-benchmarks/attention.py measure_jax), wall time where CUPTI is missing (CPU).
+benchmarks/rows.py measure_jax), wall time where CUPTI is missing (CPU).
 err: max |out - exact| of the dma forward on three sampled q blocks against float32
 attention with the bias under the explicit rule (causal and rank >= threshold, or causal
 inside the kept blocks when smoothed), marked

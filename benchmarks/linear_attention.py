@@ -21,7 +21,7 @@ for FLA: the state resets at each). Rows:
              q, k, v (one causal row, documents ignored)
 each forward and forward+backward (linear attention: dq, dk, dv, dg; cuDNN: dq, dk, dv).
 `vs ref`, `vs FLA`, `vs cuDNN` = that row's ms / this row's ms in the same pass (> 1:
-this row is faster). Time is device time through CUPTI (benchmarks.attention.measure_jax: the kernels
+this row is faster). Time is device time through CUPTI (benchmarks.rows.measure_jax: the kernels
 of one call, median over --iterations); wall time where CUPTI is missing (CPU).
 err: max |row - reference| / max |reference| over o (fwd) or over dq, dk, dv, dg (fwd+bwd).
 The triton rows also print the device time of each kernel of one call (CUPTI).
@@ -179,7 +179,7 @@ def fill_ratios(rows, results):
   for row in rows:
     ratio = lambda name: by_key[name, row.direction].ms / row.ms if (name, row.direction) in by_key else float('nan')  # noqa: E731
     row.vs_reference, row.vs_fla, row.vs_cudnn = ratio('reference'), ratio('fla'), ratio('cudnn')
-    if row.implementation != 'cudnn':
+    if row.implementation != 'cudnn' and np.isnan(row.err):  # once, when the reference has run
       row.err = relative_error(results[row.implementation, row.direction], results.get(('reference', row.direction)))
 
 

@@ -24,9 +24,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.attention import measure_jax  # noqa: E402
 from benchmarks.linear_attention import make_inputs, relative_error, segment_ids  # noqa: E402
-from benchmarks.rows import device_name, kernel_times, number, write_json  # noqa: E402
+from benchmarks.rows import device_name, kernel_times, measure_jax, number, write_json  # noqa: E402
 from pallas_kernels.linear_attention import reference, triton_gpu, triton_launch  # noqa: E402
 
 SHAPES = (('S32768_D128', 32768, 16, 128, 1), ('S8192_D64_x8', 8192, 16, 64, 8))  # (label, S, H, D, documents)

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from oracles import check_layer_against_oracle, masked_softmax_attention
-from train_helpers import init_from_parameters, tiny_argv
+from train_helpers import init_from_parameters, run_in_process, tiny_argv
 
 from sparseformer import config as config_lib
 from sparseformer.cli import compare
 from sparseformer.cli.compare_arms import paper_arms, suite_run
 from sparseformer.cli.eval import load_run_config
-from sparseformer.cli.main import run_command
 from sparseformer.cli.train import train_command
 from sparseformer.config import base_config
 from sparseformer.errors import UserError
@@ -187,8 +186,7 @@ def test_continued_training_from_a_dense_checkpoint_keeps_every_parameter(tmp_pa
   """InfLLM-V2 adds no parameter: a dense checkpoint loads whole into it (nothing fresh,
   nothing skipped), bitwise, and the run trains on at a length where it is sparse."""
   dense, sparse = tmp_path / 'dense', tmp_path / 'sparse'
-  # Both runs in this process (run_command, as train.py calls it): no child Python to start and compile.
-  assert run_command(train_command, tiny_argv(dense, data_dir, train__steps=2)) == 0
+  assert run_in_process(train_command, tiny_argv(dense, data_dir, train__steps=2), capsys).returncode == 0
   cfg = load_run_config(str(dense))
   cfg.model.attention.kind, cfg.model.attention.block_size, cfg.data.seq_len = 'infllm_v2', 64, 128
   for name, value in {**SMALL, 'select_block': 64, 'select_count': 2}.items():
@@ -198,10 +196,8 @@ def test_continued_training_from_a_dense_checkpoint_keeps_every_parameter(tmp_pa
   jax.tree.map(np.testing.assert_array_equal, saved, loaded)
   options = {f'model__attention__infllm_v2__{name}': value for name, value in
              {**SMALL, 'select_block': 64, 'select_count': 2}.items()}
-  capsys.readouterr()
-  code = run_command(train_command, tiny_argv(sparse, data_dir, train__steps=2, data__seq_len=128,
-                                              model__attention__kind='infllm_v2', model__attention__block_size=64,
-                                              init_from=str(dense), **options))
-  stdout, stderr = capsys.readouterr()
-  assert code == 0, stderr[-2000:]
-  assert 'initialised 0 fresh' in stdout, stdout[-2000:]
+  result = run_in_process(train_command, tiny_argv(sparse, data_dir, train__steps=2, data__seq_len=128,
+                                                   model__attention__kind='infllm_v2', model__attention__block_size=64,
+                                                   init_from=str(dense), **options), capsys)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'initialised 0 fresh' in result.stdout, result.stdout[-2000:]

@@ -19,16 +19,7 @@ from sparseformer.cli.train import train_command
 from sparseformer.training.checkpoint import Checkpointer
 from sparseformer.training.setup import prepare_run
 from sparseformer.training.state import abstract_model_arrays
-from train_helpers import ROOT, logged_losses, run_script, tiny_argv
-
-
-def run_in_process(command, argv, capsys):
-  """run_command in this process (no Python start, jax import or compile of a fresh child):
-  a CompletedProcess-like (returncode, stdout, stderr) of the command's own output."""
-  capsys.readouterr()
-  code = run_command(command, [str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return subprocess.CompletedProcess([], code, out, err)
+from train_helpers import ROOT, logged_losses, run_in_process, run_script, tiny_argv
 
 
 def test_training_reduces_loss_and_writes_the_workdir(tmp_path, data_dir):

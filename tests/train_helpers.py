@@ -37,6 +37,16 @@ def run_script(script, argv, env=None, **kwargs):
                         capture_output=True, text=True, **kwargs)
 
 
+def run_in_process(command, argv, capsys):
+  """run_command(command, argv) in this process, as train.py / eval.py call it (no child
+  Python to start, import jax and compile): a CompletedProcess of its code and output."""
+  from sparseformer.cli.main import run_command
+  capsys.readouterr()
+  code = run_command(command, [str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess([], code, out, err)
+
+
 class TrainProcess:
   """train.py running in the background, its output read on a thread so that every wait
   has a deadline. As a context manager it kills the process on the way out."""
