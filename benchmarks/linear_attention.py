@@ -4,12 +4,15 @@ dense causal cuDNN softmax attention.
 
     python benchmarks/linear_attention.py --out linear_attention.json   # GPU: S=32768
     python benchmarks/linear_attention.py --length 8192 --head-dim 64 --documents 8
+    python benchmarks/linear_attention.py --shapes 32768:128,8192:64:8   # several shapes, one process
     python benchmarks/linear_attention.py --quick                        # CPU smoke run (reference only)
 
 bf16 q, k, v, g (per-key-channel log decay, logsigmoid(x) / 16 as in GLA) [B, S, H, D],
 B=1, H=16, Dk=Dv=128, no initial state (the shapes of FLA's own GLA benchmarks at a longer
 S); --documents N packs N equal documents into the row (segment ids for ours, cu_seqlens
-for FLA: the state resets at each). Rows:
+for FLA: the state resets at each). --shapes LENGTH:HEAD_DIM[:DOCUMENTS],... runs several
+shapes in one process, so FLA autotunes once for all (its tuning keys leave out the
+length). Rows:
   triton     gated_linear_attention(implementation='triton'): chunk states, chunk outputs;
              backward: states recomputed, state gradients, dq/dk, dv, dg
   reference  gated_linear_attention(implementation='reference'): reference.chunked in jnp
@@ -53,6 +56,8 @@ from pallas_kernels.linear_attention.api import REGISTRY  # noqa: E402
 @dataclasses.dataclass
 class Row:
   length: int
+  head_dim: int
+  documents: int
   implementation: str  # triton | reference | cudnn
   direction: str  # fwd | fwd+bwd
   ms: float = float('nan')
@@ -147,16 +152,18 @@ def row_function(name, direction, inputs, segments, args):
 
 
 def metadata(args):
-  return dict(heads=args.heads, head_dim=args.head_dim, documents=args.documents, iterations=args.iterations)
+  return dict(heads=args.heads, iterations=args.iterations)
 
 
-def run(args):
+def run(args, earlier_rows=()):
+  """The rows of one shape (args.length, .head_dim, .documents); --out is rewritten with
+  earlier_rows and every row of this shape as it finishes."""
   inputs = make_inputs(args.seed, 1, args.length, args.heads, args.head_dim)
   segments = segment_ids(args.length, args.documents)
   rows, results = [], {}
   for name in implementations(args, *inputs[:4], segments):
     for direction in ('fwd', 'fwd+bwd'):
-      row = Row(args.length, name, direction)
+      row = Row(args.length, args.head_dim, args.documents, name, direction)
       function, fn_args = row_function(name, direction, inputs, segments, args)
       if name == 'fla':
         results[name, direction] = time_fla_row(row, function, args.iterations)
@@ -169,7 +176,8 @@ def run(args):
       rows.append(row)
       if args.out:  # every finished row kept, should a later one (FLA's autotuning) run out of time
         fill_ratios(rows, results)
-        write_json(args.out, dict(device=device_name(), jax=jax.__version__, **metadata(args)), rows)
+        write_json(args.out, dict(device=device_name(), jax=jax.__version__, **metadata(args)),
+                   list(earlier_rows) + rows)
   fill_ratios(rows, results)
   return rows
 
@@ -224,8 +232,8 @@ def time_fla_row(row, build, iterations):
 
 
 def format_table(rows):
-  columns = ['S', 'implementation', 'pass', 'ms', 'vs ref', 'vs FLA', 'vs cuDNN', 'err', 'note']
-  lines = [[str(r.length), r.implementation, r.direction, number(r.ms, '.3f'), number(r.vs_reference, '.2f'),
+  columns = ['S', 'D', 'docs', 'implementation', 'pass', 'ms', 'vs ref', 'vs FLA', 'vs cuDNN', 'err', 'note']
+  lines = [[str(r.length), str(r.head_dim), str(r.documents), r.implementation, r.direction, number(r.ms, '.3f'), number(r.vs_reference, '.2f'),
             number(r.vs_fla, '.2f'), number(r.vs_cudnn, '.2f'), number(r.err, '.1e'), r.note] for r in rows]
   return text_table(columns, lines) + '\n(vs ref / vs FLA / vs cuDNN: that row\'s ms / this row\'s ms, the ratio column)'
 
@@ -237,6 +245,8 @@ def parse_args(argv):
   parser.add_argument('--head-dim', type=int, default=None, help='Dk = Dv (default 128)')
   parser.add_argument('--iterations', type=int, default=None, help='default 10 (quick: 2)')
   parser.add_argument('--documents', type=int, default=1, help='equal documents packed in the row (default 1)')
+  parser.add_argument('--shapes', default=None,
+                      help='LENGTH:HEAD_DIM[:DOCUMENTS],... in one process (instead of --length, --head-dim, --documents)')
   parser.add_argument('--no-fla', dest='fla', action='store_false', help="leave out flash-linear-attention's row")
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--out', '--json', dest='out', default=None, help='write the rows as JSON here')
@@ -249,14 +259,37 @@ def parse_args(argv):
   for key, value in defaults.items():
     if getattr(args, key) is None:
       setattr(args, key, value)
+  args.shape_list = parse_shapes(parser, args)
   return args
+
+
+def parse_shapes(parser, args):
+  """[(length, head_dim, documents), ...] from --shapes, or the one shape of the flags."""
+  if args.shapes is None:
+    return [(args.length, args.head_dim, args.documents)]
+  shapes = []
+  for text in filter(None, (part.strip() for part in args.shapes.split(','))):
+    fields = text.split(':')
+    try:
+      numbers = [int(field) for field in fields]
+    except ValueError:
+      numbers = []
+    if len(numbers) not in (2, 3) or min(numbers) < 1:
+      parser.error(f'--shapes {text!r}: use LENGTH:HEAD_DIM or LENGTH:HEAD_DIM:DOCUMENTS, positive integers')
+    shapes.append((numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else 1))
+  if not shapes:
+    parser.error('--shapes names no shape')
+  return shapes
 
 
 def main(argv=None):
   args = parse_args(argv)
-  print(f'device: {device_name()}, jax {jax.__version__}; B=1, S={args.length}, H={args.heads}, '
-        f'Dk=Dv={args.head_dim}, {args.documents} document(s), bf16, {args.iterations} iterations', flush=True)
-  rows = run(args)
+  rows = []
+  for length, head_dim, documents in args.shape_list:
+    shape_args = argparse.Namespace(**{**vars(args), 'length': length, 'head_dim': head_dim, 'documents': documents})
+    print(f'device: {device_name()}, jax {jax.__version__}; B=1, S={length}, H={args.heads}, '
+          f'Dk=Dv={head_dim}, {documents} document(s), bf16, {args.iterations} iterations', flush=True)
+    rows += run(shape_args, rows)
   report(rows, format_table(rows), args.out, metadata(args))
 
 if __name__ == '__main__':

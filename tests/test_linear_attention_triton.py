@@ -201,6 +201,16 @@ def test_benchmark_packed_documents_and_rows_that_cannot_run(capsys):
     bench.parse_args(['--documents', '0'])
 
 
+def test_benchmark_shapes_list():
+  """--shapes runs several shapes in one process (FLA tunes once); a bad entry is an error."""
+  from benchmarks import linear_attention as bench
+  assert bench.parse_args(['--shapes', '32768:128, 8192:64:8']).shape_list == [(32768, 128, 1), (8192, 64, 8)]
+  assert bench.parse_args(['--length', '128', '--head-dim', '16']).shape_list == [(128, 16, 1)]
+  for bad in ('8192', '8192:64:8:2', '8192:x', '0:64', ','):
+    with pytest.raises(SystemExit):
+      bench.parse_args(['--shapes', bad])
+
+
 @pytest.mark.slow  # 36 s on 2 cores: the sweep compiles the reference twice per shape
 def test_sweep_quick_mode(tmp_path):
   output = tmp_path / 'sweep.json'
