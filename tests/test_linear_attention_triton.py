@@ -141,6 +141,7 @@ def test_launch_settings_from_environment_syntax():
   assert every.kernel('chunk_states_kernel') == triton_launch.KernelLaunch(num_warps=8, BK=128, BV=32)
   unrolled = triton_launch.parse('*:unroll=1')
   assert unrolled.kernel('chunk_scores_kernel').unroll == unrolled.kernel('chunk_dqk_kernel').unroll == 1
+  assert triton_launch.parse('chunk_scores:blocks=1').kernel('chunk_scores_kernel').blocks == 1
   assert unrolled.kernel('chunk_dv_kernel') == triton_launch.KernelLaunch()  # takes no unroll
 
 
@@ -154,6 +155,8 @@ def test_launch_settings_from_environment_syntax():
     ('chunk_dv_kernel:num_stages=x', 'not an integer'),
     ('chunk_dv_kernel:unroll=1', "chunk_dv_kernel has no setting 'unroll'"),
     ('chunk_scores:unroll=2', 'unroll=2 must be 0 or 1'),
+    ('chunk_scores:blocks=3', 'blocks=3 must be 0 or 1'),
+    ('chunk_dqk_kernel:blocks=1', "chunk_dqk_kernel has no setting 'blocks'"),
     ('chunk=96', 'power of two'),
     ('chunk=256', 'at most 128'),
     ('sub_chunk=8', 'power of two >= 16'),
@@ -384,6 +387,8 @@ INTERPRETER_CASES = [
     ('chunk_128_sub_chunk_32', 1, 150, 1, 32, 16, (3, 100, 140), True, jnp.float32, 'chunk=128;sub_chunk=32'),
     ('rows_unrolled', 1, 80, 2, 16, 16, (5, 37, 64), True, jnp.float32, 'chunk_scores:unroll=1;chunk_dqk:unroll=1'),
     ('scores_in_dk_parts', 1, 90, 2, 32, 16, (5, 37, 64), True, jnp.float32, 'chunk_scores:BK=16'),
+    ('scores_by_block_dk_loop', 1, 90, 2, 32, 16, (5, 37, 64), True, jnp.float32, 'chunk_scores:blocks=1,BK=16'),
+    ('scores_by_block_unrolled', 2, 70, 1, 16, 16, (33,), False, jnp.float32, 'chunk_scores:blocks=1,unroll=1'),
 ]
 
 

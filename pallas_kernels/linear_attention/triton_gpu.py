@@ -9,7 +9,8 @@ Forward, per batch row and head (chunks of C = 64 tokens, sub-chunks of 16 by de
                  entering every chunk ([B*H, N, Dk, Dv]) and the final state (float32);
   chunk_scores   one program per sub-chunk (and Dk block, BK < Dk): its rows of the
                  intra-chunk score matrix A ([B, T, H, C]; per Dk block a float32 part,
-                 summed): one matmul per earlier sub-chunk, pairwise decays within;
+                 summed): one matmul per earlier sub-chunk, pairwise decays within; or
+                 (chunk_scores:blocks=1) one program per [sub-chunk, sub-chunk] block;
   chunk_output   parallel over chunks and Dv blocks: q decayed since the chunk start against
                  the entering state, plus A @ v.
 Backward (decayed_qk, the entering states and A recomputed, as FLA does):
@@ -131,9 +132,10 @@ class _Problem:
   def block(self, name, key):
     return self.settings.block(name, key, self.dk if key == 'BK' else self.dv)
 
-  def run(self, name, grid, inputs, out_shapes, **constants):
+  def run(self, name, grid, inputs, out_shapes, variant=None, **constants):
+    """Runs kernel `variant` (default `name`) with the launch settings of `name`."""
     kernel = self.settings.kernel(name)
-    return self.launch(name, grid, (*inputs, *self.lengths), out_shapes, num_warps=kernel.num_warps,
+    return self.launch(variant or name, grid, (*inputs, *self.lengths), out_shapes, num_warps=kernel.num_warps,
                        num_stages=kernel.num_stages, H=self.h, C=self.chunk, **constants)
 
 
@@ -172,9 +174,13 @@ def _chunk_scores(p, q, k, g, runs):
   sub, bk = p.settings.sub_chunk, p.block(name, 'BK')
   parts = p.dk // bk
   shape = (p.b, p.t, p.h, p.chunk)
+  launch = p.settings.kernel(name)
+  if launch.blocks:
+    return p.run(name, (p.n * (p.chunk // sub) ** 2, p.b * p.h), (q, k, g, runs), jax.ShapeDtypeStruct(shape, p.stored),
+                 variant='chunk_score_blocks_kernel', DK=p.dk, SUB=sub, BK=bk, PRECISE=p.precise, UNROLL=launch.unroll)
   scores = p.run(name, (p.n * (p.chunk // sub), p.b * p.h, parts), (q, k, g, runs),
                  jax.ShapeDtypeStruct(shape, p.stored) if parts == 1 else _f32((parts,) + shape),
-                 DK=p.dk, SUB=sub, BK=bk, PRECISE=p.precise, UNROLL=p.settings.kernel(name).unroll)
+                 DK=p.dk, SUB=sub, BK=bk, PRECISE=p.precise, UNROLL=launch.unroll)
   return scores if parts == 1 else jnp.sum(scores, axis=0).astype(p.stored)
 
 

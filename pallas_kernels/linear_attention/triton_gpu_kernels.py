@@ -183,6 +183,68 @@ def chunk_scores_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
 
 
 @triton.jit
+def chunk_score_blocks_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
+                              H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                              BK: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr):
+  """A in [SUB, SUB] blocks, one program per block (i, j) of a chunk, j <= i (programs
+  right of the diagonal return at once), each looping over the Dk blocks: j < i one
+  matmul per Dk block, j = i the pairwise decays row by row. Every program does one
+  block's work, whatever its sub-chunk, and no float32 parts are summed afterwards."""
+  p, bh = tl.program_id(0), tl.program_id(1)
+  BLOCKS: tl.constexpr = C // SUB
+  n, i, j = p // (BLOCKS * BLOCKS), (p // BLOCKS) % BLOCKS, p % BLOCKS
+  if j > i:
+    return
+  batch, head = bh // H, bh % H
+  sub = tl.arange(0, SUB)
+  rows = n * C + i * SUB + sub
+  runs = tl.load(runs_ptr + batch * TP + rows)
+  key_rows = n * C + j * SUB + sub
+  scores = tl.zeros((SUB, SUB), tl.float32)  # [queries, keys]
+  if j < i:
+    for kb in range(DK // BK):
+      cols = kb * BK + tl.arange(0, BK)
+      q_rel = _tile(q_ptr, batch, head, rows, cols, T, H, DK) * tl.exp(tl.cumsum(_decays(g_ptr, batch, head, rows,
+                                                                                           cols, T, H, DK), axis=0))
+      between = tl.zeros((BK,), tl.float32)  # log decay over the sub-chunks between j and i
+      for m in range(j + 1, i):
+        between += tl.sum(_decays(g_ptr, batch, head, n * C + m * SUB + sub, cols, T, H, DK), axis=0)
+      g_j = _decays(g_ptr, batch, head, key_rows, cols, T, H, DK)
+      k_rel = _tile(k_ptr, batch, head, key_rows, cols, T, H, DK) * tl.exp(_later_sums(g_j, SUB) + between[None, :])
+      scores += _dot(q_rel, tl.trans(k_rel), PRECISE)
+  else:
+    for kb in range(DK // BK):
+      cols = kb * BK + tl.arange(0, BK)
+      k = _tile(k_ptr, batch, head, rows, cols, T, H, DK)
+      pair_decay = tl.zeros((SUB, BK), tl.float32)
+      if UNROLL:
+        for t in tl.static_range(SUB):
+          pair_decay, scores = _scores_within_row_sum(t, pair_decay, scores, k, q_ptr, g_ptr, batch, head,
+                                                      n * C + i * SUB + t, cols, T, H, DK, SUB)
+      else:
+        for t in range(SUB):
+          pair_decay, scores = _scores_within_row_sum(t, pair_decay, scores, k, q_ptr, g_ptr, batch, head,
+                                                      n * C + i * SUB + t, cols, T, H, DK, SUB)
+    scores = tl.where(sub[None, :] <= sub[:, None], scores, 0.0)
+  key_runs = tl.load(runs_ptr + batch * TP + key_rows)
+  scores = tl.where(runs[:, None] == key_runs[None, :], scores, 0.0)
+  _store_tile(a_ptr, scores, batch, head, rows, j * SUB + sub, T, H, C)
+
+
+@triton.jit
+def _scores_within_row_sum(t, pair_decay, scores, k, q_ptr, g_ptr, batch, head, row, cols, T,
+                           H: tl.constexpr, DK: tl.constexpr, SUB: tl.constexpr):
+  """Adds query row t's scores against the keys of its sub-chunk (over the Dk columns
+  `cols`) to row t of `scores` [queries, keys]; returns the pair decays to row t and it."""
+  sub = tl.arange(0, SUB)
+  g_t = _log_decay(_row(g_ptr, batch, head, row, cols, T, H, DK))
+  q_t = _row(q_ptr, batch, head, row, cols, T, H, DK)
+  pair_decay = _pair_decay_to_row(t, pair_decay, g_t, SUB)
+  scores_t = tl.sum(k * pair_decay * q_t[None, :], axis=1)  # [SUB] over keys
+  return pair_decay, scores + tl.where((sub == t)[:, None], scores_t[None, :], 0.0)
+
+
+@triton.jit
 def _pair_decay_to_row(t, pair_decay, g_t, SUB: tl.constexpr):
   """The decays from each key s of the sub-chunk to query row t, given those to row t - 1:
   times exp(g_t) for s < t, 1 at s = t, 0 after."""

@@ -7,6 +7,7 @@ read when a kernel is traced (a jitted function keeps the settings it was traced
     SPARSEFORMER_GLA_LAUNCH='chunk=128;chunk_dqk_kernel:num_warps=8,BK=32;chunk_states:BK=64,BV=64'
     SPARSEFORMER_GLA_LAUNCH='*:num_warps=8,BK=128;chunk_dqk:num_warps=4'
     SPARSEFORMER_GLA_LAUNCH='chunk_scores:unroll=1;chunk_dqk:unroll=1'
+    SPARSEFORMER_GLA_LAUNCH='chunk_scores:blocks=1,BK=32'
 
 ';' separates entries, applied in order; `chunk=` and `sub_chunk=` stand alone, the others
 are `kernel:key=value,...`, the kernel named with or without its `_kernel` suffix, or `*`
@@ -30,6 +31,7 @@ class KernelLaunch:
   BK: int = 64  # Dk columns per program, or per step of the kernel's loop over Dk
   BV: int = 64  # likewise for Dv
   unroll: int = 0  # 1: the loop over a sub-chunk's rows unrolled (OPTIONS)
+  blocks: int = 0  # chunk_scores, 1: one program per [sub-chunk, sub-chunk] block of A, looping over Dk
 
 
 # The block sizes each kernel reads; the defaults of the kernels that predate the settings
@@ -37,7 +39,8 @@ class KernelLaunch:
 BLOCKS = {
     'decayed_qk_kernel': ('BK',),  # grid (N, B*H, Dk/BK)
     'chunk_states_kernel': ('BK', 'BV'),  # grid (B*H, Dk/BK, Dv/BV), sequential over chunks
-    'chunk_scores_kernel': ('BK',),  # grid (N * C/SUB, B*H, Dk/BK); Dk/BK > 1: float32 parts, summed
+    'chunk_scores_kernel': ('BK',),  # grid (N * C/SUB, B*H, Dk/BK); Dk/BK > 1: float32 parts, summed;
+    # blocks=1: chunk_score_blocks_kernel, grid (N * (C/SUB)^2, B*H), a loop over Dk/BK blocks
     'chunk_output_kernel': ('BK', 'BV'),  # grid (N, B*H, Dv/BV), loop over Dk
     'state_grads_kernel': ('BK', 'BV'),  # like chunk_states, backwards
     'chunk_dscores_kernel': ('BV',),  # grid (N, B*H), loop over Dv
@@ -45,8 +48,9 @@ BLOCKS = {
     'chunk_dv_kernel': ('BK', 'BV'),  # grid (N, B*H, Dv/BV), loop over Dk
     'log_decay_grads_kernel': ('BK',),  # grid (N, B*H, Dk/BK)
 }
-# Other keys a kernel takes: `unroll` (0 or 1) where a loop walks a sub-chunk's rows.
-OPTIONS = {'chunk_scores_kernel': ('unroll',), 'chunk_dqk_kernel': ('unroll',)}
+# Other keys a kernel takes (0 or 1): `unroll` where a loop walks a sub-chunk's rows;
+# `blocks` picks chunk_scores' other form (BLOCKS above).
+OPTIONS = {'chunk_scores_kernel': ('unroll', 'blocks'), 'chunk_dqk_kernel': ('unroll',)}
 DEFAULTS = {
     'chunk_scores_kernel': KernelLaunch(BK=256),  # the whole Dk (clipped to it): no parts to add
     'chunk_states_kernel': KernelLaunch(BK=32, BV=32),
@@ -93,8 +97,8 @@ def _assignments(where, text):
       raise ValueError(f'{ENV}: {where}:num_warps={values[key]} must be one of {NUM_WARPS}')
     elif key == 'num_stages' and values[key] < 1:
       raise ValueError(f'{ENV}: {where}:num_stages must be >= 1')
-    elif key == 'unroll' and values[key] not in (0, 1):
-      raise ValueError(f'{ENV}: {where}:unroll={values[key]} must be 0 or 1')
+    elif key in ('unroll', 'blocks') and values[key] not in (0, 1):
+      raise ValueError(f'{ENV}: {where}:{key}={values[key]} must be 0 or 1')
   return values
 
 
