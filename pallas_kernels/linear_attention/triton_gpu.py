@@ -19,7 +19,8 @@ Backward (decayed_qk, the entering states and A recomputed, as FLA does):
                  gradient), the carry of dg across chunks;
   chunk_dscores  dA = scale * do @ v^T over the visible pairs of each chunk (float32);
   chunk_dqk      one program per sub-chunk and Dk block: dq, dk and dlog = q*dq - k*dk
-                 (the gradient of each token's cumulative log decay);
+                 (the gradient of each token's cumulative log decay); within the sub-chunk
+                 one walk over its rows, or (chunk_dqk:two_walks=1) two;
   chunk_dv       dv = scale * A^T @ do + (k decayed to the chunk end) @ d_state;
   log_decay_grads  dg: dlog summed over the later tokens of each token's segment within its
                  chunk (a 0/1-mask matmul), plus the carry for the chunk's last segment.
@@ -245,7 +246,7 @@ def _query_key_grads(p, q, k, v, g, d_o, parts, d_states, d_scores, scale):
                (q, k, v, g, d_o, parts.runs, parts.continues, parts.states, d_states, d_scores),
                (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype), _f32(q.shape)),
                DK=p.dk, DV=p.dv, SUB=sub, BK=bk, BV=bv, SCALE=float(scale), PRECISE=p.precise,
-               UNROLL=p.settings.kernel(name).unroll)
+               UNROLL=p.settings.kernel(name).unroll, TWO_WALKS=p.settings.kernel(name).two_walks)
 
 
 def backward_with(launch, q, k, v, g, initial_state, segment_ids, scale, o, final_state, d_o, d_final_state,

@@ -363,9 +363,12 @@ def chunk_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, runs_ptr, continues_ptr
                      T, TP, N, dq_ptr, dk_ptr, dlog_ptr,
                      H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, SCALE: tl.constexpr, PRECISE: tl.constexpr,
-                     UNROLL: tl.constexpr):
+                     UNROLL: tl.constexpr, TWO_WALKS: tl.constexpr):
   """dq, dk of one sub-chunk i (one Dk block), and dlog = q * dq - k * dk, the gradient of
-  each token's cumulative log decay (its reverse cumsum per segment gives dg)."""
+  each token's cumulative log decay (its reverse cumsum per segment gives dg). Within the
+  sub-chunk: one walk over its query rows (TWO_WALKS=0: dq's terms summed across the tile
+  at each row), or two walks, keys backwards for dq and queries forwards for dk, that only
+  accumulate [SUB, BK] tiles."""
   p, bh, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
   n, i = p // (C // SUB), p % (C // SUB)
   batch, head = bh // H, bh % H
@@ -409,22 +412,26 @@ def chunk_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, runs_ptr, continues_ptr
     to_state += _dot(_operand(v_ptr, batch, head, rows, v_cols, T, H, DV), tl.trans(d_state), PRECISE)
   dq = tl.exp(tl.cumsum(g, axis=0)) * (dq + SCALE * continues[:, None] * before[None, :] * from_state)
   dk = tl.exp(_later_sums(g, SUB)) * (dk + tl.where((runs == last_run)[:, None], after[None, :] * to_state, 0.0))
-  # within the sub-chunk, one query row t at a time; accumulated apart from dq and dk so the
-  # loop keeps one layout, and dA's diagonal block read once ([keys, queries])
-  d_scores_block = tl.trans(_tile(da_ptr, batch, head, rows, i * SUB + sub, T, H, C))
-  pair_decay = tl.zeros((SUB, BK), tl.float32)
-  dq_within = tl.zeros((SUB, BK), tl.float32)
-  dk_within = tl.zeros((SUB, BK), tl.float32)
-  if UNROLL:
-    for t in tl.static_range(SUB):
-      pair_decay, dq_within, dk_within = _grads_within_row(t, pair_decay, dq_within, dk_within, d_scores_block, k,
-                                                           q_ptr, g_ptr, batch, head, n * C + i * SUB + t, k_cols, T,
-                                                           H, DK, SUB)
+  if TWO_WALKS:
+    dq_within, dk_within = _grads_within_two_walks(q, k, q_ptr, k_ptr, g_ptr, da_ptr, batch, head, n * C + i * SUB,
+                                                   i * SUB, k_cols, T, H, DK, C, SUB, UNROLL)
   else:
-    for t in range(SUB):
-      pair_decay, dq_within, dk_within = _grads_within_row(t, pair_decay, dq_within, dk_within, d_scores_block, k,
-                                                           q_ptr, g_ptr, batch, head, n * C + i * SUB + t, k_cols, T,
-                                                           H, DK, SUB)
+    # within the sub-chunk, one query row t at a time; accumulated apart from dq and dk so the
+    # loop keeps one layout, and dA's diagonal block read once ([keys, queries])
+    d_scores_block = tl.trans(_tile(da_ptr, batch, head, rows, i * SUB + sub, T, H, C))
+    pair_decay = tl.zeros((SUB, BK), tl.float32)
+    dq_within = tl.zeros((SUB, BK), tl.float32)
+    dk_within = tl.zeros((SUB, BK), tl.float32)
+    if UNROLL:
+      for t in tl.static_range(SUB):
+        pair_decay, dq_within, dk_within = _grads_within_row(t, pair_decay, dq_within, dk_within, d_scores_block, k,
+                                                             q_ptr, g_ptr, batch, head, n * C + i * SUB + t, k_cols, T,
+                                                             H, DK, SUB)
+    else:
+      for t in range(SUB):
+        pair_decay, dq_within, dk_within = _grads_within_row(t, pair_decay, dq_within, dk_within, d_scores_block, k,
+                                                             q_ptr, g_ptr, batch, head, n * C + i * SUB + t, k_cols, T,
+                                                             H, DK, SUB)
   dq += dq_within
   dk += dk_within
   _store_tile(dq_ptr, dq, batch, head, rows, k_cols, T, H, DK)
@@ -466,6 +473,66 @@ def _grads_within_row(t, pair_decay, dq_within, dk_within, d_scores_block, k, q_
   dq_within = tl.where((sub == t)[:, None], dq_t[None, :], dq_within)
   dk_within += d_scores[:, None] * q_t[None, :] * pair_decay
   return pair_decay, dq_within, dk_within
+
+
+@triton.jit
+def _grads_within_two_walks(q, k, q_ptr, k_ptr, g_ptr, da_ptr, batch, head, first_row, first_col, k_cols, T,
+                            H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                            UNROLL: tl.constexpr):
+  """dq and dk [SUB, BK] of a sub-chunk against itself without sums across the tile: dk over
+  the query rows t forwards (the decays from every key to row t, as _pair_decay_to_row),
+  dq over the key rows s backwards (the decays from key s to every query, the previous
+  key's times exp(g) of the token after s). dA's row t and column s are read from memory;
+  q and k are the sub-chunk's tiles (for their shape and layout)."""
+  pair_decay = tl.zeros_like(k)  # [keys, BK]: decay from each key to the current query
+  dk_within = tl.zeros_like(k)
+  key_decay = tl.zeros_like(k)  # [queries, BK]: decay from the current key to each query
+  dq_within = tl.zeros_like(k)
+  if UNROLL:
+    for t in tl.static_range(SUB):
+      pair_decay, dk_within = _dk_within_step(t, pair_decay, dk_within, q_ptr, g_ptr, da_ptr, batch, head, first_row,
+                                              first_col, k_cols, T, H, DK, C, SUB)
+    for back in tl.static_range(SUB):
+      key_decay, dq_within = _dq_within_step(SUB - 1 - back, key_decay, dq_within, k_ptr, g_ptr, da_ptr, batch, head,
+                                             first_row, first_col, k_cols, T, H, DK, C, SUB)
+  else:
+    for t in range(SUB):
+      pair_decay, dk_within = _dk_within_step(t, pair_decay, dk_within, q_ptr, g_ptr, da_ptr, batch, head, first_row,
+                                              first_col, k_cols, T, H, DK, C, SUB)
+    for back in range(SUB):
+      key_decay, dq_within = _dq_within_step(SUB - 1 - back, key_decay, dq_within, k_ptr, g_ptr, da_ptr, batch, head,
+                                             first_row, first_col, k_cols, T, H, DK, C, SUB)
+  return dq_within, dk_within
+
+
+@triton.jit
+def _dk_within_step(t, pair_decay, dk_within, q_ptr, g_ptr, da_ptr, batch, head, first_row, first_col, k_cols, T,
+                    H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr):
+  """Query row t's terms of dk: dA[t, s] * q_t * decay(s -> t) for every key s <= t."""
+  sub = tl.arange(0, SUB)
+  row = first_row + t
+  g_t = _log_decay(_row(g_ptr, batch, head, row, k_cols, T, H, DK))
+  q_t = _row(q_ptr, batch, head, row, k_cols, T, H, DK)
+  d_scores = tl.load(da_ptr + _offsets(batch, head, row, first_col + sub, T, H, C), mask=(sub <= t) & (row < T),
+                     other=0.0)  # [keys]
+  pair_decay = _pair_decay_to_row(t, pair_decay, g_t, SUB)
+  return pair_decay, dk_within + d_scores[:, None] * q_t[None, :] * pair_decay
+
+
+@triton.jit
+def _dq_within_step(s, key_decay, dq_within, k_ptr, g_ptr, da_ptr, batch, head, first_row, first_col, k_cols, T,
+                    H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr):
+  """Key row s's terms of dq: dA[t, s] * k_s * decay(s -> t) for every query t >= s, given
+  the decays from key s + 1 (times exp(g) of token s + 1, which they span besides)."""
+  sub = tl.arange(0, SUB)
+  row = first_row + s
+  g_next = _log_decay(_row(g_ptr, batch, head, row + 1, k_cols, T, H, DK))
+  g_next = tl.where(s + 1 < SUB, g_next, 0.0)
+  k_s = _row(k_ptr, batch, head, row, k_cols, T, H, DK)
+  d_scores = tl.load(da_ptr + _offsets(batch, head, first_row + sub, first_col + s, T, H, C),
+                     mask=(sub >= s) & (first_row + sub < T), other=0.0)  # [queries]
+  key_decay = tl.where((sub > s)[:, None], key_decay * tl.exp(g_next)[None, :], tl.where((sub == s)[:, None], 1.0, 0.0))
+  return key_decay, dq_within + d_scores[:, None] * k_s[None, :] * key_decay
 
 
 @triton.jit

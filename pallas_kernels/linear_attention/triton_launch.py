@@ -32,6 +32,7 @@ class KernelLaunch:
   BV: int = 64  # likewise for Dv
   unroll: int = 0  # 1: the loop over a sub-chunk's rows unrolled (OPTIONS)
   blocks: int = 0  # chunk_scores, 1: one program per [sub-chunk, sub-chunk] block of A, looping over Dk
+  two_walks: int = 0  # chunk_dqk, 1: within a sub-chunk, dq and dk in two walks that sum nothing across the tile
 
 
 # The block sizes each kernel reads; the defaults of the kernels that predate the settings
@@ -49,8 +50,8 @@ BLOCKS = {
     'log_decay_grads_kernel': ('BK',),  # grid (N, B*H, Dk/BK)
 }
 # Other keys a kernel takes (0 or 1): `unroll` where a loop walks a sub-chunk's rows;
-# `blocks` picks chunk_scores' other form (BLOCKS above).
-OPTIONS = {'chunk_scores_kernel': ('unroll', 'blocks'), 'chunk_dqk_kernel': ('unroll',)}
+# `blocks` picks chunk_scores' other form (BLOCKS above); `two_walks` chunk_dqk's other walk.
+OPTIONS = {'chunk_scores_kernel': ('unroll', 'blocks'), 'chunk_dqk_kernel': ('unroll', 'two_walks')}
 DEFAULTS = {
     'chunk_scores_kernel': KernelLaunch(BK=256),  # the whole Dk (clipped to it): no parts to add
     'chunk_states_kernel': KernelLaunch(BK=32, BV=32),
@@ -97,7 +98,7 @@ def _assignments(where, text):
       raise ValueError(f'{ENV}: {where}:num_warps={values[key]} must be one of {NUM_WARPS}')
     elif key == 'num_stages' and values[key] < 1:
       raise ValueError(f'{ENV}: {where}:num_stages must be >= 1')
-    elif key in ('unroll', 'blocks') and values[key] not in (0, 1):
+    elif key in ('unroll', 'blocks', 'two_walks') and values[key] not in (0, 1):
       raise ValueError(f'{ENV}: {where}:{key}={values[key]} must be 0 or 1')
   return values
 
