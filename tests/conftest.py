@@ -31,6 +31,9 @@ pytest_plugins = ['time_limit']
 _OWN_CACHE = 'SPARSEFORMER_TEST_COMPILATION_CACHE' not in os.environ
 if _OWN_CACHE:
   os.environ['SPARSEFORMER_TEST_COMPILATION_CACHE'] = tempfile.mkdtemp(prefix='sparseformer-test-jax-cache-')
+# Runs made in a test's own process (train.py's main, called in-process) would otherwise use
+# the user's cache (~/.cache/sparseformer/jax) and reuse compiles of earlier test runs.
+os.environ['SPARSEFORMER_COMPILATION_CACHE'] = os.environ['SPARSEFORMER_TEST_COMPILATION_CACHE']
 
 
 def pytest_unconfigure(config):
