@@ -82,15 +82,16 @@ from benchmarks.attention_flex import (flex_block_lists, flex_block_mask, load_f
 WRONG_FRACTION = 0.03
 BACKWARD_FLOP_FACTOR = 2.5
 # Targets from the issue: (mask, baseline) -> the least ratio of our TFLOP/s to the baseline's.
-TARGETS = {
-    ('causal', 'cudnn'): 0.85,
-    ('random', 'cudnn'): 0.7,  # against cuDNN dense causal
-    ('random', 'flex'): 1.0,  # faster
-    ('causal_window', 'cudnn'): 1.0,
+TARGETS = {  # issue 25's (the GQA and head-dim-64 shapes are causal rows: 0.95x cuDNN too)
+    ('causal', 'cudnn'): 0.95,
+    ('causal', 'flex'): 1.0,  # faster
+    ('random', 'cudnn'): 0.75,  # against cuDNN dense causal
+    ('random', 'flex'): 1.0,
+    ('causal_window', 'cudnn'): 1.0,  # against cuDNN's own sliding window
     ('causal_window', 'flex'): 1.0,
 }
 BASELINE_NAMES = {'cudnn': 'cuDNN', 'flex': 'Flex'}
-STRICT = {('random', 'flex'), ('causal_window', 'flex')}  # 'faster than': the ratio must exceed 1
+STRICT = {('causal', 'flex'), ('random', 'flex'), ('causal_window', 'flex')}  # 'faster than': the ratio must exceed 1
 
 
 @dataclasses.dataclass
