@@ -157,6 +157,7 @@ def test_launch_settings_from_environment_syntax():
     ('chunk_scores:unroll=2', 'unroll=2 must be 0 or 1'),
     ('chunk_scores:blocks=3', 'blocks=3 must be 0 or 1'),
     ('chunk_dqk:two_walks=2', 'two_walks=2 must be 0 or 1'),
+    ('chunk_scores:halves=1', 'halves=1 needs blocks=1'),
     ('chunk_dqk_kernel:blocks=1', "chunk_dqk_kernel has no setting 'blocks'"),
     ('chunk=96', 'power of two'),
     ('chunk=256', 'at most 128'),
@@ -390,6 +391,8 @@ INTERPRETER_CASES = [
     ('scores_in_dk_parts', 1, 90, 2, 32, 16, (5, 37, 64), True, jnp.float32, 'chunk_scores:BK=16'),
     ('scores_by_block_dk_loop', 1, 90, 2, 32, 16, (5, 37, 64), True, jnp.float32, 'chunk_scores:blocks=1,BK=16'),
     ('scores_by_block_unrolled', 2, 70, 1, 16, 16, (33,), False, jnp.float32, 'chunk_scores:blocks=1,unroll=1'),
+    ('scores_by_halves', 1, 90, 2, 32, 16, (5, 37, 64), True, jnp.float32, 'chunk_scores:blocks=1,halves=1,BK=16'),
+    ('scores_by_halves_sub_32', 2, 70, 1, 16, 16, (33,), False, jnp.float32, 'sub_chunk=32;chunk_scores:blocks=1,halves=1'),
     ('grads_in_two_walks', 1, 90, 2, 32, 16, (5, 37, 64), True, jnp.float32, 'chunk_dqk:two_walks=1,BK=16'),
     ('grads_in_two_walks_unrolled', 2, 70, 1, 16, 32, (33,), False, jnp.float32, 'chunk_dqk:two_walks=1,unroll=1'),
 ]

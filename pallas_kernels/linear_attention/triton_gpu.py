@@ -178,7 +178,8 @@ def _chunk_scores(p, q, k, g, runs):
   launch = p.settings.kernel(name)
   if launch.blocks:
     return p.run(name, (p.n * (p.chunk // sub) ** 2, p.b * p.h), (q, k, g, runs), jax.ShapeDtypeStruct(shape, p.stored),
-                 variant='chunk_score_blocks_kernel', DK=p.dk, SUB=sub, BK=bk, PRECISE=p.precise, UNROLL=launch.unroll)
+                 variant='chunk_score_blocks_kernel', DK=p.dk, SUB=sub, BK=bk, PRECISE=p.precise, UNROLL=launch.unroll,
+                 HALVES=launch.halves)
   scores = p.run(name, (p.n * (p.chunk // sub), p.b * p.h, parts), (q, k, g, runs),
                  jax.ShapeDtypeStruct(shape, p.stored) if parts == 1 else _f32((parts,) + shape),
                  DK=p.dk, SUB=sub, BK=bk, PRECISE=p.precise, UNROLL=launch.unroll)

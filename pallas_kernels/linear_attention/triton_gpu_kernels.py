@@ -185,10 +185,12 @@ def chunk_scores_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
 @triton.jit
 def chunk_score_blocks_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
                               H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
-                              BK: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr):
+                              BK: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr,
+                              HALVES: tl.constexpr):
   """A in [SUB, SUB] blocks, one program per block (i, j) of a chunk, j <= i (programs
   right of the diagonal return at once), each looping over the Dk blocks: j < i one
-  matmul per Dk block, j = i the pairwise decays row by row. Every program does one
+  matmul per Dk block, j = i the pairwise decays row by row (HALVES: two rows a step,
+  _scores_within_by_halves). Every program does one
   block's work, whatever its sub-chunk, and no float32 parts are summed afterwards."""
   p, bh = tl.program_id(0), tl.program_id(1)
   BLOCKS: tl.constexpr = C // SUB
@@ -212,6 +214,11 @@ def chunk_score_blocks_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
       g_j = _decays(g_ptr, batch, head, key_rows, cols, T, H, DK)
       k_rel = _tile(k_ptr, batch, head, key_rows, cols, T, H, DK) * tl.exp(_later_sums(g_j, SUB) + between[None, :])
       scores += _dot(q_rel, tl.trans(k_rel), PRECISE)
+  elif HALVES:
+    for kb in range(DK // BK):
+      scores = _scores_within_by_halves(scores, q_ptr, k_ptr, g_ptr, batch, head, rows, kb * BK + tl.arange(0, BK), T,
+                                        H, DK, SUB, PRECISE)
+    scores = tl.where(sub[None, :] <= sub[:, None], scores, 0.0)
   else:
     for kb in range(DK // BK):
       cols = kb * BK + tl.arange(0, BK)
@@ -229,6 +236,35 @@ def chunk_score_blocks_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
   key_runs = tl.load(runs_ptr + batch * TP + key_rows)
   scores = tl.where(runs[:, None] == key_runs[None, :], scores, 0.0)
   _store_tile(a_ptr, scores, batch, head, rows, j * SUB + sub, T, H, C)
+
+
+@triton.jit
+def _scores_within_by_halves(scores, q_ptr, k_ptr, g_ptr, batch, head, rows, cols, T,
+                             H: tl.constexpr, DK: tl.constexpr, SUB: tl.constexpr, PRECISE: tl.constexpr):
+  """Adds a diagonal block's scores over the Dk columns `cols` to `scores` [queries, keys]:
+  the second half's queries against the first half's keys as one matmul (q decayed since
+  the second half's start, k to the first half's end), and the two halves' own pairs in
+  SUB / 2 steps, step r walking query row r against the first half's keys and row
+  SUB / 2 + r against the second's at once."""
+  HALF: tl.constexpr = SUB // 2
+  sub = tl.arange(0, SUB)
+  first = sub < HALF  # over key rows
+  g = _decays(g_ptr, batch, head, rows, cols, T, H, DK)
+  second_q = tl.where(first[:, None], 0.0, _tile(q_ptr, batch, head, rows, cols, T, H, DK) *
+                      tl.exp(tl.cumsum(tl.where(first[:, None], 0.0, g), axis=0)))
+  k = _tile(k_ptr, batch, head, rows, cols, T, H, DK)
+  first_k = tl.where(first[:, None], k * tl.exp(_later_sums(tl.where(first[:, None], g, 0.0), SUB)), 0.0)
+  scores += _dot(second_q, tl.trans(first_k), PRECISE)
+  local = sub % HALF  # each key's place in its half
+  pair_decay = tl.zeros_like(k)
+  for r in range(HALF):
+    query_of_key = tl.where(first, r, HALF + r)  # the query row each key row meets at this step
+    query_rows = rows - sub + query_of_key
+    g_query = _decays(g_ptr, batch, head, query_rows, cols, T, H, DK)
+    pair_decay = tl.where((local < r)[:, None], pair_decay * tl.exp(g_query), tl.where((local == r)[:, None], 1.0, 0.0))
+    step = tl.sum(k * pair_decay * _tile(q_ptr, batch, head, query_rows, cols, T, H, DK), axis=1)  # [keys]
+    scores += tl.where(sub[:, None] == query_of_key[None, :], step[None, :], 0.0)
+  return scores
 
 
 @triton.jit

@@ -32,6 +32,7 @@ class KernelLaunch:
   BV: int = 64  # likewise for Dv
   unroll: int = 0  # 1: the loop over a sub-chunk's rows unrolled (OPTIONS)
   blocks: int = 0  # chunk_scores, 1: one program per [sub-chunk, sub-chunk] block of A, looping over Dk
+  halves: int = 0  # chunk_scores with blocks=1, 1: a diagonal block's walk two rows a step (one per half)
   two_walks: int = 0  # chunk_dqk, 1: within a sub-chunk, dq and dk in two walks that sum nothing across the tile
 
 
@@ -50,8 +51,9 @@ BLOCKS = {
     'log_decay_grads_kernel': ('BK',),  # grid (N, B*H, Dk/BK)
 }
 # Other keys a kernel takes (0 or 1): `unroll` where a loop walks a sub-chunk's rows;
-# `blocks` picks chunk_scores' other form (BLOCKS above); `two_walks` chunk_dqk's other walk.
-OPTIONS = {'chunk_scores_kernel': ('unroll', 'blocks'), 'chunk_dqk_kernel': ('unroll', 'two_walks')}
+# `blocks` picks chunk_scores' other form (BLOCKS above), `halves` that form's paired-row
+# walk; `two_walks` chunk_dqk's other walk.
+OPTIONS = {'chunk_scores_kernel': ('unroll', 'blocks', 'halves'), 'chunk_dqk_kernel': ('unroll', 'two_walks')}
 DEFAULTS = {
     'chunk_scores_kernel': KernelLaunch(BK=256),  # the whole Dk (clipped to it): no parts to add
     'chunk_states_kernel': KernelLaunch(BK=32, BV=32),
@@ -98,7 +100,7 @@ def _assignments(where, text):
       raise ValueError(f'{ENV}: {where}:num_warps={values[key]} must be one of {NUM_WARPS}')
     elif key == 'num_stages' and values[key] < 1:
       raise ValueError(f'{ENV}: {where}:num_stages must be >= 1')
-    elif key in ('unroll', 'blocks', 'two_walks') and values[key] not in (0, 1):
+    elif key in ('unroll', 'blocks', 'halves', 'two_walks') and values[key] not in (0, 1):
       raise ValueError(f'{ENV}: {where}:{key}={values[key]} must be 0 or 1')
   return values
 
@@ -139,6 +141,9 @@ def parse(text):
       raise ValueError(f'{ENV}: {entry!r} is neither chunk=, sub_chunk= nor kernel:key=value')
     shape[key] = _integer(value, key)
   settings = LaunchSettings(**shape, overrides=tuple(sorted(kernels.items())))
+  scores = settings.kernel('chunk_scores_kernel')
+  if scores.halves and not scores.blocks:
+    raise ValueError(f'{ENV}: chunk_scores:halves=1 needs blocks=1 (it is a form of chunk_score_blocks_kernel)')
   _power_of_two(settings.sub_chunk, 16, 'sub_chunk')
   _power_of_two(settings.chunk, settings.sub_chunk, 'chunk')
   if settings.chunk > 128:
