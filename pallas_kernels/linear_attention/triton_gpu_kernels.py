@@ -190,8 +190,8 @@ def chunk_score_blocks_kernel(q_ptr, k_ptr, g_ptr, runs_ptr, T, TP, N, a_ptr,
   """A in [SUB, SUB] blocks, one program per block (i, j) of a chunk, j <= i (programs
   right of the diagonal return at once), each looping over the Dk blocks: j < i one
   matmul per Dk block, j = i the pairwise decays row by row (HALVES: two rows a step,
-  _scores_within_by_halves). Every program does one
-  block's work, whatever its sub-chunk, and no float32 parts are summed afterwards."""
+  _scores_within_by_halves). Every program does one block's work, whatever its
+  sub-chunk, and no float32 parts are summed afterwards."""
   p, bh = tl.program_id(0), tl.program_id(1)
   BLOCKS: tl.constexpr = C // SUB
   n, i, j = p // (BLOCKS * BLOCKS), (p // BLOCKS) % BLOCKS, p % BLOCKS
@@ -449,7 +449,7 @@ def chunk_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, runs_ptr, continues_ptr
   dq = tl.exp(tl.cumsum(g, axis=0)) * (dq + SCALE * continues[:, None] * before[None, :] * from_state)
   dk = tl.exp(_later_sums(g, SUB)) * (dk + tl.where((runs == last_run)[:, None], after[None, :] * to_state, 0.0))
   if TWO_WALKS:
-    dq_within, dk_within = _grads_within_two_walks(q, k, q_ptr, k_ptr, g_ptr, da_ptr, batch, head, n * C + i * SUB,
+    dq_within, dk_within = _grads_within_two_walks(k, q_ptr, k_ptr, g_ptr, da_ptr, batch, head, n * C + i * SUB,
                                                    i * SUB, k_cols, T, H, DK, C, SUB, UNROLL)
   else:
     # within the sub-chunk, one query row t at a time; accumulated apart from dq and dk so the
@@ -512,14 +512,14 @@ def _grads_within_row(t, pair_decay, dq_within, dk_within, d_scores_block, k, q_
 
 
 @triton.jit
-def _grads_within_two_walks(q, k, q_ptr, k_ptr, g_ptr, da_ptr, batch, head, first_row, first_col, k_cols, T,
+def _grads_within_two_walks(k, q_ptr, k_ptr, g_ptr, da_ptr, batch, head, first_row, first_col, k_cols, T,
                             H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
                             UNROLL: tl.constexpr):
   """dq and dk [SUB, BK] of a sub-chunk against itself without sums across the tile: dk over
   the query rows t forwards (the decays from every key to row t, as _pair_decay_to_row),
   dq over the key rows s backwards (the decays from key s to every query, the previous
   key's times exp(g) of the token after s). dA's row t and column s are read from memory;
-  q and k are the sub-chunk's tiles (for their shape and layout)."""
+  k is the sub-chunk's tile (for the shape and layout)."""
   pair_decay = tl.zeros_like(k)  # [keys, BK]: decay from each key to the current query
   dk_within = tl.zeros_like(k)
   key_decay = tl.zeros_like(k)  # [queries, BK]: decay from the current key to each query
