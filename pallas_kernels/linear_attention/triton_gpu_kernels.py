@@ -268,15 +268,23 @@ def _scores_within_by_halves(scores, q_ptr, k_ptr, g_ptr, batch, head, rows, col
 
 
 @triton.jit
+def _row_scores(t, pair_decay, k, q_ptr, g_ptr, batch, head, row, cols, T,
+                H: tl.constexpr, DK: tl.constexpr, SUB: tl.constexpr):
+  """(the pair decays to query row t, row t's scores [SUB] against the keys of its
+  sub-chunk over the Dk columns `cols`), given the pair decays to row t - 1."""
+  g_t = _log_decay(_row(g_ptr, batch, head, row, cols, T, H, DK))
+  q_t = _row(q_ptr, batch, head, row, cols, T, H, DK)
+  pair_decay = _pair_decay_to_row(t, pair_decay, g_t, SUB)
+  return pair_decay, tl.sum(k * pair_decay * q_t[None, :], axis=1)
+
+
+@triton.jit
 def _scores_within_row_sum(t, pair_decay, scores, k, q_ptr, g_ptr, batch, head, row, cols, T,
                            H: tl.constexpr, DK: tl.constexpr, SUB: tl.constexpr):
   """Adds query row t's scores against the keys of its sub-chunk (over the Dk columns
   `cols`) to row t of `scores` [queries, keys]; returns the pair decays to row t and it."""
   sub = tl.arange(0, SUB)
-  g_t = _log_decay(_row(g_ptr, batch, head, row, cols, T, H, DK))
-  q_t = _row(q_ptr, batch, head, row, cols, T, H, DK)
-  pair_decay = _pair_decay_to_row(t, pair_decay, g_t, SUB)
-  scores_t = tl.sum(k * pair_decay * q_t[None, :], axis=1)  # [SUB] over keys
+  pair_decay, scores_t = _row_scores(t, pair_decay, k, q_ptr, g_ptr, batch, head, row, cols, T, H, DK, SUB)
   return pair_decay, scores + tl.where((sub == t)[:, None], scores_t[None, :], 0.0)
 
 
@@ -295,11 +303,8 @@ def _scores_within_row(t, pair_decay, k, runs, q_ptr, g_ptr, runs_ptr, a_ptr, ba
   columns `cols`); returns the pair decays to row t."""
   sub = tl.arange(0, SUB)
   row = n * C + i * SUB + t
-  g_t = _log_decay(_row(g_ptr, batch, head, row, cols, T, H, DK))
-  q_t = _row(q_ptr, batch, head, row, cols, T, H, DK)
   run_t = tl.load(runs_ptr + batch * TP + row)
-  pair_decay = _pair_decay_to_row(t, pair_decay, g_t, SUB)
-  scores_t = tl.sum(k * pair_decay * q_t[None, :], axis=1)  # [SUB] over keys
+  pair_decay, scores_t = _row_scores(t, pair_decay, k, q_ptr, g_ptr, batch, head, row, cols, T, H, DK, SUB)
   scores_t = tl.where((sub <= t) & (runs == run_t), scores_t, 0.0)
   tl.store(a_ptr + _offsets(batch, head, row, i * SUB + sub, T, H, C), scores_t.to(a_ptr.dtype.element_ty),
            mask=(sub < SUB) & (row < T))
