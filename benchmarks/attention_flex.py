@@ -65,7 +65,7 @@ def neighborhood_rule(argument):
 
 
 def neighborhood2d_rule(argument):
-  """The causal 2-D neighborhood (patterns.Neighborhood2D, rows without end): the K x K
+  """The causal 2-D neighborhood (patterns.NeighborhoodGrid, rows without end): the K x K
   window centred on the query's (row, column), shifted at the top, left and right edges."""
   kernel, columns = neighborhood2d_argument(argument)
   half = kernel // 2

@@ -15,7 +15,7 @@ from test_block_sparse_plan_oracle import assert_plan_stands_for
 
 from pallas_kernels.block_sparse_attention import masks, plan_from_mask
 from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL, PARTIAL
-from pallas_kernels.block_sparse_attention.patterns import (BigBird, Fixed, Neighborhood, Neighborhood2D, Power,
+from pallas_kernels.block_sparse_attention.patterns import (BigBird, Fixed, Neighborhood, NeighborhoodGrid, Power,
                                                             Radial, Strided)
 
 # ------------------------------------------------------------------ brute-force definitions
@@ -72,6 +72,16 @@ def neighborhood2d_brute(grid, kernel, dilation):
   for q in range(h * w):
     for k in range(h * w):
       out[q, k] = rows[q // w, k // w] and cols[q % w, k % w]
+  return out
+
+
+def neighborhood_grid_brute(grid, kernel, dilation):
+  """Any rank: a key is seen when every axis's 1-D neighborhood sees its coordinate."""
+  axes = [neighborhood_brute(*axis) for axis in zip(grid, kernel, dilation)]
+  coords = np.stack(np.unravel_index(np.arange(np.prod(grid)), grid), axis=1)
+  out = np.ones((len(coords), len(coords)), bool)
+  for axis, seen in enumerate(axes):
+    out &= seen[coords[:, axis][:, None], coords[:, axis][None, :]]
   return out
 
 
@@ -133,9 +143,14 @@ CASES = {
     'neighborhood_dilated_wide': lambda: (Neighborhood(100, 9, 12), neighborhood_brute(100, 9, 12)),
     'neighborhood_causal': lambda: (Neighborhood(120, 6, causal=True), neighborhood_brute(120, 6, 1, True)),
     'neighborhood_causal_dilated': lambda: (Neighborhood(120, 4, 2, causal=True), neighborhood_brute(120, 4, 2, True)),
-    'neighborhood2d': lambda: (Neighborhood2D((6, 8), (3, 5)), neighborhood2d_brute((6, 8), (3, 5), (1, 1))),
-    'neighborhood2d_dilated': lambda: (Neighborhood2D((9, 14), (3, 3), (2, 3)),
+    'neighborhood2d': lambda: (NeighborhoodGrid((6, 8), (3, 5)), neighborhood2d_brute((6, 8), (3, 5), (1, 1))),
+    'neighborhood2d_dilated': lambda: (NeighborhoodGrid((9, 14), (3, 3), (2, 3)),
                                        neighborhood2d_brute((9, 14), (3, 3), (2, 3))),
+    'neighborhood3d': lambda: (NeighborhoodGrid((4, 5, 6), (3, 3, 5)), neighborhood_grid_brute((4, 5, 6), (3, 3, 5), (1, 1, 1))),
+    'neighborhood3d_dilated': lambda: (NeighborhoodGrid((5, 4, 7), (3, 1, 3), (2, 1, 2)),
+                                       neighborhood_grid_brute((5, 4, 7), (3, 1, 3), (2, 1, 2))),
+    'neighborhood2d_as_grid': lambda: (NeighborhoodGrid((7, 9), (5, 3), (1, 2)),
+                                       neighborhood_grid_brute((7, 9), (5, 3), (1, 2))),
     'radial_4': lambda: (Radial(4), radial_brute(160, 4)),
     'radial_6': lambda: (Radial(6), radial_brute(150, 6)),
     'radial_16': lambda: (Radial(16), radial_brute(192, 16)),
@@ -243,7 +258,8 @@ def test_patterns_trace_under_jit(cases):
 
 def test_key_spans():
   assert Neighborhood(100, 7, 2).key_span() == 7
-  assert Neighborhood2D((6, 8), (3, 5)).key_span() == 15
+  assert NeighborhoodGrid((6, 8), (3, 5)).key_span() == 15
+  assert NeighborhoodGrid((4, 6, 8), (3, 3, 5)).key_span() == 45
   assert (Neighborhood(100, 7) & masks.Causal()).key_span() == 7
   for unbounded in (Power(4), Strided(8, 8), Fixed(8, 1), Radial(4), BigBird(64, 8, global_tokens=1)):
     assert unbounded.key_span() is None
@@ -251,7 +267,8 @@ def test_key_spans():
 
 def test_bad_parameters_are_refused():
   for make in (lambda: Neighborhood(10, 4), lambda: Strided(0), lambda: Fixed(4, 5), lambda: Radial(0),
-               lambda: Neighborhood2D((4, 4), (3, 2))):
+               lambda: NeighborhoodGrid((4, 4), (3, 2)), lambda: NeighborhoodGrid((4, 4, 4), (3, 3)),
+               lambda: NeighborhoodGrid((4, 4, 4), (3, 3, 3), (1, 0, 1))):
     with pytest.raises(ValueError):
       make()
 
@@ -272,6 +289,7 @@ PLANS = [
     ('neighborhood_dilated', True, 16, (64,)),
     ('neighborhood_causal', True, 16, None),
     ('neighborhood2d', False, 8, None),
+    ('neighborhood3d', True, 16, (50,)),
     ('radial_4', False, 16, (80,)),
     ('radial_6', True, 16, None),
     ('bigbird', True, 16, (70, 100)),

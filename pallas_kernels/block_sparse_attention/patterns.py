@@ -14,9 +14,9 @@ for a causal language model combine them with `masks.Causal()`, e.g.
     Power(local, sink)                      PowerAttention, arXiv 2503.03588
     Strided(stride, local), Fixed(stride, summary)
                                             Sparse Transformer, arXiv 1904.10509
-    Neighborhood(length, kernel, dilation, causal), Neighborhood2D(grid, kernel, dilation)
+    Neighborhood(length, kernel, dilation, causal), NeighborhoodGrid(grid, kernel, dilation)
                                             Neighborhood Attention arXiv 2204.07143,
-                                            DiNAT arXiv 2209.15001
+                                            DiNAT arXiv 2209.15001 (in neighborhood.py)
     Radial(frame, length)                   Radial Attention, arXiv 2506.19852
     BigBird(length, block, window, global_tokens, random_blocks, seed)
                                             BigBird arXiv 2007.14062 (Longformer's
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention.masks import Mask, _kind
+from pallas_kernels.block_sparse_attention.neighborhood import Neighborhood, NeighborhoodGrid  # noqa: F401 (the catalogue)
 
 
 def _distances(q0, q1, k0, k1):
@@ -195,175 +196,6 @@ class Fixed(Mask):
         jnp.maximum(k0, (chunk + 1) * s), k1)
     all_in = (single & outside_ok) | self._all_summary(k0, k1)
     return _kind(all_in, same_chunk_any | summary_any)
-
-
-# ---------------------------------------------------------------- Neighborhood attention
-
-
-def _na_window(i, n, kernel, causal):
-  """[lo, hi) of the keys query i sees in a 1-D sequence of n positions (group coordinates).
-
-  Non-causal (NA, arXiv 2204.07143): the `kernel` nearest positions, the window centred on
-  i and shifted (not shrunk) at the edges: lo = clamp(i - kernel // 2, 0, n - kernel).
-  Causal (NATTEN's causal 1-D NA): the last `kernel` positions, lo = max(i - kernel + 1, 0),
-  hi = i + 1. Both lo and hi are nondecreasing in i."""
-  if causal:
-    return jnp.maximum(i - kernel + 1, 0), i + 1
-  lo = jnp.maximum(jnp.minimum(i - kernel // 2, n - kernel), 0)
-  return lo, jnp.minimum(lo + kernel, n)
-
-
-def _na_elements(i, j, n, kernel, dilation, causal):
-  """Key j visible to query i (both in [0, n)) under dilated 1-D neighborhood attention."""
-  d = dilation
-  group = i % d
-  group_len = (n - group + d - 1) // d
-  lo, hi = _na_window(i // d, group_len, kernel, causal)
-  inside = (i >= 0) & (i < n) & (j >= 0) & (j < n)
-  return inside & (j % d == group) & (j // d >= lo) & (j // d < hi)
-
-
-def _na_tile(i0, i1, j0, j1, n, kernel, dilation, causal):
-  """(any, all) of dilated 1-D neighborhood attention over the tile [i0, i1) x [j0, j1),
-  exact. Per dilation group g (a trailing axis), the group's queries and keys in the tile
-  are runs a'..b' and c'..e' in group coordinates; windows are monotone in the query, so
-  the union of their windows is [lo(a'), hi(b')) and their intersection [lo(b'), hi(a'))."""
-  d = dilation
-  full_inside = (i1 <= n) & (j1 <= n) & (i0 >= 0) & (j0 >= 0)
-  i0, j0 = jnp.maximum(i0, 0), jnp.maximum(j0, 0)
-  i1, j1 = jnp.minimum(i1, n), jnp.minimum(j1, n)
-  nonempty = (i0 < i1) & (j0 < j1)
-  g = jnp.arange(d)
-  i0, i1, j0, j1 = (jnp.asarray(x)[..., None] for x in (i0, i1, j0, j1))
-  first = lambda a: a + (g - a) % d  # first index >= a in group g
-  last = lambda b: (b - 1) - (b - 1 - g) % d  # last index < b in group g
-  qa, qb, kc, ke = first(i0), last(i1), first(j0), last(j1)
-  valid = (qa <= qb) & (kc <= ke)
-  qa, qb, kc, ke = qa // d, qb // d, kc // d, ke // d
-  group_len = (n - g + d - 1) // d
-  lo_a, hi_a = _na_window(qa, group_len, kernel, causal)
-  lo_b, hi_b = _na_window(qb, group_len, kernel, causal)
-  any_in = (valid & (kc < hi_b) & (ke >= lo_a)).any(-1)
-  if d == 1:
-    all_in = (valid & (lo_b <= kc) & (ke < hi_a))[..., 0]
-  else:  # two positions of the tile in different groups never see each other
-    all_in = any_in & (i1[..., 0] - i0[..., 0] == 1) & (j1[..., 0] - j0[..., 0] == 1)
-  return any_in & nonempty, all_in & nonempty & full_inside
-
-
-@dataclasses.dataclass(frozen=True)
-class Neighborhood(Mask):
-  """1-D (dilated) Neighborhood Attention: NA (Hassani et al., arXiv 2204.07143) and
-  DiNAT (Hassani & Shi, arXiv 2209.15001), over a sequence of `length` tokens.
-
-  Dilation d splits the sequence into d groups (index mod d); a query attends only inside
-  its group, whose positions it counts in group coordinates i' = i // d (the group of g
-  has ceil((length - g) / d) positions, n_g). There the query sees the `kernel` nearest
-  positions: its window is centred on it and, at the sequence edges, shifted rather than
-  shrunk, so every query sees exactly `kernel` keys:
-
-      lo = clamp(i' - kernel // 2, 0, n_g - kernel), keys j with j % d == i % d and
-      lo <= j // d < lo + kernel.
-
-  (`kernel` must be odd, as in the papers. A group shorter than the kernel is seen whole.)
-
-  causal=True is NATTEN's causal 1-D neighborhood: the last `kernel` positions of the
-  group up to and including the query, lo = max(i' - kernel + 1, 0), no shift: early
-  queries see fewer keys. (The papers define the non-causal form; the causal one is
-  NATTEN's.)
-
-  Queries or keys at or past `length` see nothing.
-  """
-  length: int
-  kernel: int
-  dilation: int = 1
-  causal: bool = False
-
-  def __post_init__(self):
-    if self.kernel < 1 or self.dilation < 1 or (not self.causal and self.kernel % 2 == 0):
-      raise ValueError(f'Neighborhood needs an odd kernel >= 1 (any >= 1 when causal) and dilation >= 1, '
-                       f'got kernel {self.kernel}, dilation {self.dilation}')
-
-  def elements(self, q_index, k_index):
-    return _na_elements(q_index, k_index, self.length, self.kernel, self.dilation, self.causal)
-
-  def key_span(self):
-    return self.kernel
-
-  def block_kind(self, q0, q1, k0, k1):
-    any_in, all_in = _na_tile(q0, q1, k0, k1, self.length, self.kernel, self.dilation, self.causal)
-    return _kind(all_in, any_in)
-
-
-def _row_segments(a, b, width):
-  """Split the token range [a, b) of a row-major grid `width` wide into three rectangles
-  (row range, column range): the first (partial) row, the whole rows, the last row. Each
-  as (r0, r1, c0, c1); empty ones have r0 >= r1 or c0 >= c1."""
-  first, last = a // width, (b - 1) // width
-  one = first == last
-  top = (first, first + 1, a % width, jnp.where(one, (b - 1) % width + 1, width))
-  middle = (first + 1, last, jnp.zeros_like(a), jnp.full_like(a, width))
-  bottom = (last, jnp.where(one, last, last + 1), jnp.zeros_like(a), (b - 1) % width + 1)
-  return top, middle, bottom
-
-
-@dataclasses.dataclass(frozen=True)
-class Neighborhood2D(Mask):
-  """2-D (dilated) Neighborhood Attention (arXiv 2204.07143, 2209.15001) over tokens laid
-  out row-major on an H x W grid: token t is at (row, col) = (t // W, t % W). A query sees
-  a key when the 1-D neighborhood rule (see Neighborhood: same dilation group, window of
-  `kernel` positions centred and shifted at the edges) holds along both axes, with
-  (kh, dh) over rows and (kw, dw) over columns: a kh x kw window of keys.
-
-  block_kind is exact: a token range of a row-major grid is at most three rectangles (a
-  partial first row, whole rows, a partial last row), the rule is a product of a row rule
-  and a column rule, so each of the 3 x 3 rectangle pairs is full / holds something
-  exactly when both axes' 1-D tiles are.
-
-  Tokens at or past H * W see nothing. No causal form (video models with causal time
-  axes can AND this with a mask over frames).
-  """
-  grid: tuple
-  kernel: tuple
-  dilation: tuple = (1, 1)
-
-  def __post_init__(self):
-    for axis in range(2):
-      Neighborhood(self.grid[axis], self.kernel[axis], self.dilation[axis])  # validates
-
-  def elements(self, q_index, k_index):
-    (h, w), (kh, kw), (dh, dw) = self.grid, self.kernel, self.dilation
-    rows = _na_elements(q_index // w, k_index // w, h, kh, dh, False)
-    cols = _na_elements(q_index % w, k_index % w, w, kw, dw, False)
-    inside = (q_index >= 0) & (q_index < h * w) & (k_index >= 0) & (k_index < h * w)
-    return rows & cols & inside
-
-  def key_span(self):
-    return self.kernel[0] * self.kernel[1]
-
-  def block_kind(self, q0, q1, k0, k1):
-    (h, w), (kh, kw), (dh, dw) = self.grid, self.kernel, self.dilation
-    n = h * w
-    shape = jnp.broadcast_shapes(*map(jnp.shape, (q0, q1, k0, k1)))
-    q0, q1, k0, k1 = (jnp.broadcast_to(jnp.asarray(x), shape) for x in (q0, q1, k0, k1))
-    full_inside = (q1 <= n) & (k1 <= n) & (q0 >= 0) & (k0 >= 0)
-    q0, k0 = jnp.maximum(q0, 0), jnp.maximum(k0, 0)
-    q1, k1 = jnp.minimum(q1, n), jnp.minimum(k1, n)
-    nonempty = (q0 < q1) & (k0 < k1)
-    # Clamp empty ranges to a harmless one: their pieces are all marked empty below.
-    q1s, k1s = jnp.where(nonempty, q1, q0 + 1), jnp.where(nonempty, k1, k0 + 1)
-    q0s, k0s = jnp.minimum(q0, n - 1), jnp.minimum(k0, n - 1)
-    q1s, k1s = jnp.minimum(q1s, n), jnp.minimum(k1s, n)
-    any_in = jnp.zeros(shape, bool)
-    all_in = nonempty & full_inside
-    for qr0, qr1, qc0, qc1 in _row_segments(q0s, q1s, w):
-      for kr0, kr1, kc0, kc1 in _row_segments(k0s, k1s, w):
-        present = (qr0 < qr1) & (qc0 < qc1) & (kr0 < kr1) & (kc0 < kc1) & nonempty
-        rows_any, rows_all = _na_tile(qr0, qr1, kr0, kr1, h, kh, dh, False)
-        cols_any, cols_all = _na_tile(qc0, qc1, kc0, kc1, w, kw, dw, False)
-        any_in = any_in | (present & rows_any & cols_any)
-        all_in = all_in & (~present | (rows_all & cols_all))
-    return _kind(all_in, any_in)
 
 
 # ------------------------------------------------------------------------------ BigBird

@@ -141,7 +141,7 @@ def neighborhood2d_argument(argument):
 def neighborhood2d(argument):
   """The `neighborhood2d:K` layer's pattern (before causality): rows without end."""
   kernel, columns = neighborhood2d_argument(argument)
-  return patterns.Neighborhood2D(((1 << 30) // columns, columns), (kernel, kernel))
+  return patterns.NeighborhoodGrid(((1 << 30) // columns, columns), (kernel, kernel))
 
 
 # Static patterns (patterns.py) by the layer specs' argument and default options

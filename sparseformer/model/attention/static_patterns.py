@@ -147,7 +147,7 @@ class Neighborhood2DAttention(PatternAttention):
   @classmethod
   def pattern(cls, argument, options):
     columns, dilation = options.neighborhood2d.columns, options.neighborhood2d.dilation
-    return patterns.Neighborhood2D((CAUSAL_LENGTH // columns, columns), (argument, argument), (dilation, dilation))
+    return patterns.NeighborhoodGrid((CAUSAL_LENGTH // columns, columns), (argument, argument), (dilation, dilation))
 
 
 @register('fixed')
