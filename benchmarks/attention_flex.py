@@ -5,7 +5,7 @@ import functools
 
 import numpy as np
 
-from pallas_kernels.block_sparse_attention.render import neighborhood2d_argument, neighborhood_argument
+from pallas_kernels.block_sparse_attention.render import grid_neighborhood_argument, neighborhood_argument
 
 
 def flex_block_lists(plan):
@@ -64,17 +64,27 @@ def neighborhood_rule(argument):
   return lambda q, k: ((q - k) % dilation == 0) & ((q - k) // dilation < kernel)
 
 
-def neighborhood2d_rule(argument):
-  """The causal 2-D neighborhood (patterns.NeighborhoodGrid, rows without end): the K x K
-  window centred on the query's (row, column), shifted at the top, left and right edges."""
-  kernel, columns = neighborhood2d_argument(argument)
-  half = kernel // 2
+def grid_neighborhood_rule(rank):
+  """The causal neighborhood on a grid (patterns.NeighborhoodGrid, the outer axis without
+  end, raster order): the K x K (x K) window centred on the query's coordinates, shifted
+  at the grid's edges (not at the outer axis's far end, which never comes)."""
+  def rule(argument):
+    kernel, inner = grid_neighborhood_argument(argument, rank)
+    half = kernel // 2
 
-  def near(i, j, edge):  # NA's 1-D rule, dilation 1: lo = clamp(i - K // 2, 0, edge - K)
-    lo = (i - half).clamp(min=0) if edge is None else (i - half).clamp(min=0, max=edge - kernel)
-    return (j >= lo) & (j < lo + kernel)
+    def near(i, j, edge):  # NA's 1-D rule, dilation 1: lo = clamp(i - K // 2, 0, edge - K)
+      lo = (i - half).clamp(min=0) if edge is None else (i - half).clamp(min=0, max=edge - kernel)
+      return (j >= lo) & (j < lo + kernel)
 
-  return lambda q, k: near(q // columns, k // columns, None) & near(q % columns, k % columns, columns)
+    def visible(q, k):
+      seen = None
+      for size in reversed(inner):
+        axis = near(q % size, k % size, size)
+        seen = axis if seen is None else seen & axis
+        q, k = q // size, k // size
+      return seen & near(q, k, None)
+    return visible
+  return rule
 
 
 PATTERN_MASK_MODS = {
@@ -82,7 +92,8 @@ PATTERN_MASK_MODS = {
     'neighborhood': neighborhood_rule,
     'fixed': lambda s: lambda q, k: (q // int(s) == k // int(s)) | (k % int(s) >= int(s) - min(8, int(s))),
     'radial': lambda frame: radial_rule(int(frame)),
-    'neighborhood2d': neighborhood2d_rule,
+    'neighborhood2d': grid_neighborhood_rule(2),
+    'neighborhood3d': grid_neighborhood_rule(3),
 }
 
 

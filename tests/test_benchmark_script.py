@@ -365,7 +365,8 @@ def test_decode_quick_run_measures_every_variant(tmp_path):
 
 @pytest.mark.parametrize('spec', ['power_blocks:64', 'power:64', 'neighborhood:256', 'neighborhood:100/3', 'fixed:128',
                                   'radial:256', 'bigbird:1', 'causal_window:300', 'random:0.2',
-                                  'neighborhood2d:7/32', 'neighborhood2d:5/48'])
+                                  'neighborhood2d:7/32', 'neighborhood2d:5/48', 'neighborhood3d:3/8x8',
+                                  'neighborhood3d:5/6x10'])
 def test_flex_block_mask_covers_exactly_our_plan(spec):
   """FlexAttention's BlockMask from our lists (full blocks whole, partial ones through the
   mask_mod) equals the plan's element mask. Needs torch (the GPU machine's image has it;

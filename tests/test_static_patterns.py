@@ -1,4 +1,4 @@
-"""The static-pattern layer specs (power, neighborhood, neighborhood2d, fixed, radial, bigbird) against
+"""The static-pattern layer specs (power, neighborhood, neighborhood2d/3d, fixed, radial, bigbird) against
 dense softmax attention under the pattern's mask written out per token from the paper's definition
 (test_block_sparse_patterns.py's brute force) and causality: outputs and q, k, v
 gradients, packed documents, GQA; teacher-forced decoding; their cost; a model that trains
@@ -13,8 +13,8 @@ import pytest
 from decode_helpers import check_teacher_forcing
 from flax import nnx
 from oracles import check_layer_against_oracle
-from test_block_sparse_patterns import (bigbird_brute, fixed_brute, neighborhood2d_brute, neighborhood_brute, power_brute,
-                                        radial_brute)
+from test_block_sparse_patterns import (bigbird_brute, fixed_brute, neighborhood2d_brute, neighborhood_brute,
+                                        neighborhood_grid_brute, power_brute, radial_brute)
 
 from sparseformer.config import base_config
 from sparseformer.errors import UserError
@@ -33,6 +33,8 @@ CASES = {
                      lambda n: neighborhood_brute(n, 6, 3, causal=True)),
     'neighborhood2d': ('neighborhood2d:3', {'neighborhood2d': {'columns': 10, 'dilation': 2}},
                        lambda n: raster_neighborhood_brute(n, 10, 3, 2)),
+    'neighborhood3d': ('neighborhood3d:3', {'neighborhood3d': {'rows': 6, 'columns': 5, 'dilation': 2}},
+                       lambda n: video_neighborhood_brute(n, (6, 5), 3, 2)),
     'neighborhood_ragged': ('neighborhood:5', {'neighborhood': {'dilation': 4}},  # 150 tokens: 4 groups of 38, 38, 37, 37
                             lambda n: neighborhood_brute(n, 5, 4, causal=True)),
     'neighborhood_rows': ('neighborhood:6', {'neighborhood': {'dilation': 3, 'tiling': 'rows'}},
@@ -52,6 +54,13 @@ def raster_neighborhood_brute(n, columns, kernel, dilation):
   ends, so no window is shifted up at a bottom edge), cut to the n tokens."""
   rows = -(-n // columns) + 2 * kernel * dilation
   return neighborhood2d_brute((rows, columns), (kernel, kernel), (dilation, dilation))[:n, :n]
+
+
+def video_neighborhood_brute(n, frame, kernel, dilation):
+  """The 3-D neighborhood of n tokens in raster order over frames of frame = (rows,
+  columns) tokens, as many as needed: spare frames after the last, cut to the n tokens."""
+  frames = -(-n // int(np.prod(frame))) + 2 * kernel * dilation
+  return neighborhood_grid_brute((frames,) + frame, (kernel,) * 3, (dilation,) * 3)[:n, :n]
 
 
 def model_cfg(spec, options, heads=4, kv_heads=2, head_dim=16):
@@ -88,7 +97,8 @@ def test_teacher_forced_decoding_matches_the_forward_pass(name):
            'power_blocks': ('power:8', {'power': {'sink': 1}}), 'neighborhood': ('neighborhood:4', {'neighborhood': {
       'dilation': 2}}), 'neighborhood_ragged': ('neighborhood:3', {'neighborhood': {'dilation': 3}}),
       'neighborhood_rows': ('neighborhood:4', {'neighborhood': {'dilation': 2, 'tiling': 'rows'}}),
-      'neighborhood2d': ('neighborhood2d:3', {'neighborhood2d': {'columns': 4}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}),
+      'neighborhood2d': ('neighborhood2d:3', {'neighborhood2d': {'columns': 4}}),
+      'neighborhood3d': ('neighborhood3d:3', {'neighborhood3d': {'rows': 3, 'columns': 4}}), 'fixed': ('fixed:8', {'fixed': {'summary': 2}}),
       'fixed_ragged': ('fixed:5', {'fixed': {'summary': 2}}),
       'fixed_rows': ('fixed:8', {'fixed': {'summary': 2, 'tiling': 'rows'}}), 'radial': ('radial:4', {}),
       'bigbird': ('bigbird:1', {'bigbird': {'global_blocks': 1, 'random_blocks': 1}})}[name]
@@ -126,8 +136,9 @@ def test_cost_counts_the_keys_of_the_pattern():
 def test_a_model_of_pattern_layers_trains():
   m = base_config().model
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.dtype = 32, 4, 2, 1, 'float32'
-  m.num_layers = 6
-  m.layer_attention = ('power:16', 'neighborhood:32', 'neighborhood2d:5', 'fixed:64', 'radial:32', 'bigbird:1')
+  m.num_layers = 7
+  m.layer_attention = ('power:16', 'neighborhood:32', 'neighborhood2d:5', 'neighborhood3d:3', 'fixed:64', 'radial:32',
+                       'bigbird:1')
   model = LanguageModel(resolve_dims(m, 259), nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 257), 3, 20)  # a small alphabet: learnable in a few steps
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -147,7 +158,8 @@ def test_a_model_of_pattern_layers_trains():
 
 @pytest.mark.parametrize('spec, message', [('power', 'positive local window'), ('radial:0', 'positive frame size'),
                                            ('neighborhood:x', 'positive kernel size'),
-                                           ('neighborhood2d:0', 'positive kernel size'), ('fixed', 'positive stride')])
+                                           ('neighborhood2d:0', 'positive kernel size'),
+                                           ('neighborhood3d:-1', 'positive kernel size'), ('fixed', 'positive stride')])
 def test_bad_specs_are_user_errors(spec, message):
   with pytest.raises(UserError, match=message):
     get_mechanism(spec)
@@ -156,8 +168,10 @@ def test_bad_specs_are_user_errors(spec, message):
 @pytest.mark.parametrize('kind, message', [
     ('neighborhood2d:4', r'neighborhood2d:4: use an odd kernel size'),
     ('neighborhood2d:41', r'neighborhood2d:41: the kernel is wider than the grid \(model.attention.neighborhood2d.columns=32\)'),
+    ('neighborhood3d:6', r'neighborhood3d:6: use an odd kernel size'),
+    ('neighborhood3d:17', r'neighborhood3d:17: the kernel is wider than the grid \(model.attention.neighborhood3d.rows=16\)'),
 ])
-def test_a_2d_kernel_that_cannot_be_centred_or_fit_is_refused(kind, message):
+def test_a_grid_kernel_that_cannot_be_centred_or_fit_is_refused(kind, message):
   from sparseformer.config import validate
   cfg = base_config()
   cfg.model.attention.kind = kind

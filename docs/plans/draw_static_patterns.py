@@ -27,6 +27,8 @@ PATTERNS = {  # the settings of docs/static_patterns.md's table
     'neighborhood': ('neighborhood:1024, dilation 4', patterns.Neighborhood(1 << 30, 1024, 4, causal=True)),
     'neighborhood2d': ('neighborhood2d:7 over 128 columns',
                        patterns.NeighborhoodGrid(((1 << 30) // 128, 128), (7, 7), (1, 1))),
+    'neighborhood3d': ('neighborhood3d:5 over frames of 32 x 32',
+                       patterns.NeighborhoodGrid(((1 << 30) // 1024, 32, 32), (5, 5, 5), (1, 1, 1))),
     'fixed': ('fixed:128, summary 8', patterns.Fixed(128, 8)),
     'radial': ('radial:256', patterns.Radial(256)),
     'strided': ('Strided(128, 128), element level', patterns.Strided(128, 128)),

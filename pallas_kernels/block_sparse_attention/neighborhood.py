@@ -117,11 +117,12 @@ def _unravel(index, grid):
   return [index] + coords[::-1]
 
 
-def _boxes(a, b, grid):
+def grid_boxes(a, b, grid):
   """Split the token range [a, b) of a row-major grid into boxes, 2 * rank - 1 of them:
   the first partial row of the last axis, the whole rows between (a range of the grid
   without its last axis, split the same way), the last partial row. Each box is
-  (present, [(lo, hi) per axis]); an absent box's ranges are meaningless."""
+  (present, [(lo, hi) per axis]); an absent box's ranges are meaningless. Only the inner
+  axes' sizes are read (grid[0] may be None: no end)."""
   if len(grid) == 1:
     return [(a < b, [(a, b)])]
   width, outer = grid[-1], grid[:-1]
@@ -131,7 +132,7 @@ def _boxes(a, b, grid):
   top = (a < b, point(first) + [(a % width, jnp.where(one, (b - 1) % width + 1, width))])
   bottom = ((a < b) & ~one, point(last) + [(jnp.zeros_like(a), (b - 1) % width + 1)])
   middle = [(present & (a < b), ranges + [(jnp.zeros_like(a), jnp.full_like(a, width))])
-            for present, ranges in _boxes(first + 1, last, outer)]
+            for present, ranges in grid_boxes(first + 1, last, outer)]
   return [top] + middle + [bottom]
 
 
@@ -144,7 +145,7 @@ class NeighborhoodGrid(Mask):
   shifted at the edges) holds along every axis, each with its own kernel and dilation: a
   kh x kw (x ...) window of keys.
 
-  block_kind is exact: a token range of a row-major grid is a few boxes (`_boxes`), the
+  block_kind is exact: a token range of a row-major grid is a few boxes (`grid_boxes`), the
   rule is a product of per-axis rules, so a pair of boxes is full / holds something
   exactly when every axis's 1-D tile is.
 
@@ -188,8 +189,8 @@ class NeighborhoodGrid(Mask):
     nonempty = (q0 < q1) & (k0 < k1)
     any_in = jnp.zeros(shape, bool)
     all_in = nonempty & full_inside
-    for q_present, q_ranges in _boxes(q0, q1, self.grid):
-      for k_present, k_ranges in _boxes(k0, k1, self.grid):
+    for q_present, q_ranges in grid_boxes(q0, q1, self.grid):
+      for k_present, k_ranges in grid_boxes(k0, k1, self.grid):
         present = q_present & k_present
         box_any, box_all = present, True
         for (i0, i1), (j0, j1), (n, kernel, dilation) in zip(q_ranges, k_ranges, self._axes()):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention.masks import Mask, _kind
-from pallas_kernels.block_sparse_attention.neighborhood import Neighborhood, NeighborhoodGrid  # noqa: F401 (the catalogue)
+from pallas_kernels.block_sparse_attention.neighborhood import Neighborhood, NeighborhoodGrid, grid_boxes  # noqa: F401 (Neighborhood*: the catalogue)
 
 
 def _distances(q0, q1, k0, k1):
@@ -329,9 +329,9 @@ def _band(distance):
 
 
 def _frame_segments(a, b, size):
-  """Split the token range [a, b) into three (frame range, position range) rectangles as
-  (f0, f1, p0, p1), like _row_segments (frames of `size` tokens, row-major)."""
-  return _row_segments(a, b, size)
+  """Split the token range [a, b) into three rectangles (frames of `size` tokens, row-major):
+  (present, (frame range), (position range))."""
+  return [(present, frames, positions) for present, (frames, positions) in grid_boxes(a, b, (None, size))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,9 +418,9 @@ class Radial(Mask):
     q1s, k1s = jnp.where(nonempty, q1, q0 + 1), jnp.where(nonempty, k1, k0 + 1)
     any_in = jnp.zeros(shape, bool)
     all_in = nonempty
-    for qf0, qf1, qp0, qp1 in _frame_segments(q0, q1s, s):
-      for kf0, kf1, kp0, kp1 in _frame_segments(k0, k1s, s):
-        present = (qf0 < qf1) & (qp0 < qp1) & (kf0 < kf1) & (kp0 < kp1) & nonempty
+    for q_present, (qf0, qf1), (qp0, qp1) in _frame_segments(q0, q1s, s):
+      for k_present, (kf0, kf1), (kp0, kp1) in _frame_segments(k0, k1s, s):
+        present = q_present & k_present & nonempty
         # |i - j| over frame ranges [qf0, qf1) x [kf0, kf1), |k - l| likewise.
         d0 = jnp.maximum(jnp.maximum(kf0 - (qf1 - 1), qf0 - (kf1 - 1)), 0)
         d1 = jnp.maximum((qf1 - 1) - kf0, (kf1 - 1) - qf0)

@@ -16,6 +16,7 @@ layer's default), neighborhood:K or neighborhood:K/D (dilation D), fixed:S, radi
 """
 
 import argparse
+import math
 
 import numpy as np
 
@@ -119,8 +120,8 @@ def plan_from_spec(spec, length, block=128, seed=0, heads=1):
     return from_mask(PATTERN_SPECS[name](argument) & masks.Causal())
   raise ValueError(f'unknown mask spec {spec!r}: use full, causal, causal_window:W, chunked:C, '
                    'random:DENSITY, topk:K, power_blocks:W, bigbird:BLOCKS, neighborhood:K[/DILATION], '
-                   'neighborhood2d:K[/COLUMNS], '
-                   + ', '.join(f'{n}:N' for n in PATTERN_SPECS if n not in ('neighborhood', 'neighborhood2d')))
+                   'neighborhood2d:K[/COLUMNS], neighborhood3d:K[/ROWSxCOLUMNS], '
+                   + ', '.join(f'{n}:N' for n in PATTERN_SPECS if not n.startswith('neighborhood')))
 
 
 def neighborhood_argument(argument):
@@ -129,19 +130,28 @@ def neighborhood_argument(argument):
   return int(kernel), int(dilation or 1)
 
 
-NEIGHBORHOOD2D_COLUMNS = 32  # the layer's default grid width (model.attention.neighborhood2d.columns)
+# The layers' default inner grid sizes (model.attention.neighborhood2d.columns,
+# model.attention.neighborhood3d.rows and .columns), by the grid's rank.
+NEIGHBORHOOD_INNER = {2: (32,), 3: (16, 16)}
 
 
-def neighborhood2d_argument(argument):
-  """'K' or 'K/C' -> (kernel, columns): a K x K window over a grid C tokens wide."""
-  kernel, _, columns = argument.partition('/')
-  return int(kernel), int(columns or NEIGHBORHOOD2D_COLUMNS)
+def grid_neighborhood_argument(argument, rank):
+  """'K' or 'K/C' (rank 2: a grid C tokens wide) or 'K/RxC' (rank 3: frames of R x C
+  tokens) -> (kernel, the inner axes' sizes)."""
+  kernel, _, inner = argument.partition('/')
+  sizes = tuple(int(size) for size in inner.split('x')) if inner else NEIGHBORHOOD_INNER[rank]
+  if len(sizes) != rank - 1:
+    raise ValueError(f'neighborhood{rank}d:{argument}: give {rank - 1} inner grid size(s), '
+                     f'{"C" if rank == 2 else "RxC"}')
+  return int(kernel), sizes
 
 
-def neighborhood2d(argument):
-  """The `neighborhood2d:K` layer's pattern (before causality): rows without end."""
-  kernel, columns = neighborhood2d_argument(argument)
-  return patterns.NeighborhoodGrid(((1 << 30) // columns, columns), (kernel, kernel))
+def grid_neighborhood(rank):
+  """The `neighborhood{rank}d:K` layer's pattern (before causality): the outer axis without end."""
+  def pattern(argument):
+    kernel, inner = grid_neighborhood_argument(argument, rank)
+    return patterns.NeighborhoodGrid(((1 << 30) // math.prod(inner),) + inner, (kernel,) * rank)
+  return pattern
 
 
 # Static patterns (patterns.py) by the layer specs' argument and default options
@@ -151,7 +161,8 @@ PATTERN_SPECS = {
     'neighborhood': lambda argument: patterns.Neighborhood(1 << 30, *neighborhood_argument(argument), causal=True),
     'fixed': lambda stride: patterns.Fixed(int(stride), min(8, int(stride))),
     'radial': lambda frame: patterns.Radial(int(frame)),
-    'neighborhood2d': neighborhood2d,
+    'neighborhood2d': grid_neighborhood(2),
+    'neighborhood3d': grid_neighborhood(3),
 }
 
 

@@ -21,6 +21,11 @@ through the block-sparse kernels like window layers (docs/static_patterns.md).
                      edges, NA's rule; dilation model.attention.neighborhood2d.dilation
                      on both axes), and causal: the rows above within the window and
                      the query's row up to the query
+    neighborhood3d:K 3-D neighborhood attention over video tokens in raster order: frames
+                     of model.attention.neighborhood3d.rows x columns tokens (as many
+                     frames as the document needs), the K x K x K window centred on the
+                     query as above, causal: earlier frames' part of the window, then the
+                     frame's rows above, then the row up to the query
     fixed:S          Sparse Transformer's fixed pattern (arXiv 1904.10509): the query's
                      chunk of S tokens, and the last model.attention.fixed.summary
                      tokens of every chunk; the summary keys are gathered in front of the
@@ -123,31 +128,62 @@ class NeighborhoodAttention(PatternAttention):
     return dilation_groups.grouped_attention(attend, q, k, v, dilation), no_aux()
 
 
-@register('neighborhood2d')
-class Neighborhood2DAttention(PatternAttention):
+class GridNeighborhoodAttention(PatternAttention):
+  """Neighborhood attention over tokens in raster order on a grid whose first axis never
+  ends (rows of an image, frames of a video): subclasses name the inner axes' sizes."""
   argument_meaning = ('kernel size', 7)
-  options_section = 'neighborhood2d'
-  OPTIONS = {
-      'columns': Option(32, 'grid width in tokens (an image row); rows follow as the document needs',
-                        lambda n: n >= 1, 'use a width >= 1'),
-      'dilation': Option(1, 'dilation on both axes (DiNAT)', lambda n: n >= 1, 'use a dilation >= 1'),
-  }
+  INNER_AXES = ()  # the option names of the inner axes' sizes, outermost first
+
+  @classmethod
+  def inner_sizes(cls, options):
+    return tuple(options[name] for name in cls.INNER_AXES)
 
   @classmethod
   def validate_options(cls, options, model_cfg, arguments):
     problem = super().validate_options(options, model_cfg, arguments)
+    section = cls.options_section
     for kernel in sorted(set(arguments)):
       if problem is None and kernel % 2 == 0:
-        problem = f'neighborhood2d:{kernel}: use an odd kernel size (the window is centred on the query)'
-      if problem is None and kernel > options.columns:
-        problem = (f'neighborhood2d:{kernel}: the kernel is wider than the grid '
-                   f'(model.attention.neighborhood2d.columns={options.columns})')
+        problem = f'{section}:{kernel}: use an odd kernel size (the window is centred on the query)'
+      for name in cls.INNER_AXES:
+        if problem is None and kernel > options[name]:
+          problem = (f'{section}:{kernel}: the kernel is wider than the grid '
+                     f'(model.attention.{section}.{name}={options[name]})')
     return problem
 
   @classmethod
   def pattern(cls, argument, options):
-    columns, dilation = options.neighborhood2d.columns, options.neighborhood2d.dilation
-    return patterns.NeighborhoodGrid((CAUSAL_LENGTH // columns, columns), (argument, argument), (dilation, dilation))
+    section = options[cls.options_section]
+    inner = cls.inner_sizes(section)
+    rank = len(inner) + 1
+    grid = (CAUSAL_LENGTH // int(np.prod(inner)),) + inner
+    return patterns.NeighborhoodGrid(grid, (argument,) * rank, (section.dilation,) * rank)
+
+
+_GRID_DILATION = Option(1, 'dilation on every axis (DiNAT)', lambda n: n >= 1, 'use a dilation >= 1')
+
+
+@register('neighborhood2d')
+class Neighborhood2DAttention(GridNeighborhoodAttention):
+  options_section = 'neighborhood2d'
+  INNER_AXES = ('columns',)
+  OPTIONS = {
+      'columns': Option(32, 'grid width in tokens (an image row); rows follow as the document needs',
+                        lambda n: n >= 1, 'use a width >= 1'),
+      'dilation': _GRID_DILATION,
+  }
+
+
+@register('neighborhood3d')
+class Neighborhood3DAttention(GridNeighborhoodAttention):
+  options_section = 'neighborhood3d'
+  INNER_AXES = ('rows', 'columns')
+  OPTIONS = {
+      'rows': Option(16, 'frame height in tokens', lambda n: n >= 1, 'use a height >= 1'),
+      'columns': Option(16, 'frame width in tokens; frames follow as the document needs',
+                        lambda n: n >= 1, 'use a width >= 1'),
+      'dilation': _GRID_DILATION,
+  }
 
 
 @register('fixed')
