@@ -18,10 +18,12 @@ from pallas_kernels.block_sparse_attention import api, masks, plan_from_block_ma
 from pallas_kernels.block_sparse_attention.plan import FULL, PARTIAL, from_kinds
 
 
-def rank_rule_plan(seed, batch, plan_heads, length, block_q, block_kv, documents):
+def rank_rule_plan(seed, batch, plan_heads, length, block_q, block_kv, documents, rank_levels=None):
   """(plan with a random rank rule, the plan without it, [B, Hp, T, T] the element mask of
   that plan's blocks built independently). A tile stays full only where every rank of its
-  keys reaches every threshold of its queries."""
+  keys reaches every threshold of its queries. Ranks are a permutation of the positions,
+  or with `rank_levels` drawn from that many values: ties, so that a rank off by one
+  changes a good share of each row (one key a row with a permutation)."""
   rng = np.random.default_rng(seed)
   nq, nk = -(-length // block_q), -(-length // block_kv)
   block_mask = jnp.asarray(rng.random((batch, plan_heads, nq, nk)) < 0.8)
@@ -29,9 +31,12 @@ def rank_rule_plan(seed, batch, plan_heads, length, block_q, block_kv, documents
   if documents:
     segments = jnp.asarray(np.cumsum(rng.random((batch, length)) < 0.1, axis=1).astype(np.int32))
   base = plan_from_block_mask(block_mask, q_len=length, block_q=block_q, block_kv=block_kv, segment_ids=segments)
-  ranks = np.stack([np.stack([rng.permutation(length) for _ in range(plan_heads)]) for _ in range(batch)])
-  thresholds = rng.integers(-1, length, (batch, plan_heads, length))
-  thresholds[..., :2 * block_q] = -1  # rows that keep everything: their tiles stay full
+  if rank_levels is None:
+    ranks = np.stack([np.stack([rng.permutation(length) for _ in range(plan_heads)]) for _ in range(batch)])
+  else:
+    ranks = rng.integers(0, rank_levels, (batch, plan_heads, length))
+  thresholds = rng.integers(-1, rank_levels or length, (batch, plan_heads, length))
+  thresholds[..., :min(2 * block_q, length // 2)] = -1  # rows that keep everything: their tiles stay full
   kinds = np.asarray(base.block_kinds())
   pad_q, pad_k = nq * block_q - length, nk * block_kv - length
   key_min = np.pad(ranks, ((0, 0), (0, 0), (0, pad_k)), constant_values=length).reshape(batch, plan_heads, nk, -1)
