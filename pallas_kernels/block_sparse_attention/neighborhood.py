@@ -136,6 +136,19 @@ def grid_boxes(a, b, grid):
   return [top] + middle + [bottom]
 
 
+def _stacked_boxes(a, b, grid, shape, axis):
+  """grid_boxes(a, b, grid) as arrays with the boxes on a new axis (-1 or -2, the other
+  trailing axis of size 1, so that query and key boxes broadcast into all pairs):
+  (present, [(lo, hi) per grid axis])."""
+  boxes = grid_boxes(a, b, grid)
+  stack = lambda values: jnp.expand_dims(jnp.stack([jnp.broadcast_to(v, shape) for v in values], -1),  # noqa: E731
+                                         -1 if axis == -2 else -2)
+  present = stack([box_present for box_present, _ in boxes])
+  ranges = [(stack([ranges[d][0] for _, ranges in boxes]), stack([ranges[d][1] for _, ranges in boxes]))
+            for d in range(len(grid))]
+  return present, ranges
+
+
 @dataclasses.dataclass(frozen=True)
 class NeighborhoodGrid(Mask):
   """(Dilated) Neighborhood Attention (arXiv 2204.07143, 2209.15001) over tokens laid out
@@ -187,15 +200,14 @@ class NeighborhoodGrid(Mask):
     q0, k0 = jnp.clip(q0, 0, size), jnp.clip(k0, 0, size)
     q1, k1 = jnp.clip(q1, 0, size), jnp.clip(k1, 0, size)
     nonempty = (q0 < q1) & (k0 < k1)
-    any_in = jnp.zeros(shape, bool)
-    all_in = nonempty & full_inside
-    for q_present, q_ranges in grid_boxes(q0, q1, self.grid):
-      for k_present, k_ranges in grid_boxes(k0, k1, self.grid):
-        present = q_present & k_present
-        box_any, box_all = present, True
-        for (i0, i1), (j0, j1), (n, kernel, dilation) in zip(q_ranges, k_ranges, self._axes()):
-          axis_any, axis_all = _na_tile(i0, i1, j0, j1, n, kernel, dilation, False)
-          box_any, box_all = box_any & axis_any, box_all & axis_all
-        any_in = any_in | box_any
-        all_in = all_in & (~present | box_all)
+    # Every (query box, key box) pair at once: boxes on a trailing axis, queries' before keys'.
+    q_present, q_ranges = _stacked_boxes(q0, q1, self.grid, shape, -2)
+    k_present, k_ranges = _stacked_boxes(k0, k1, self.grid, shape, -1)
+    present = q_present & k_present
+    box_any, box_all = present, True
+    for (i0, i1), (j0, j1), (n, kernel, dilation) in zip(q_ranges, k_ranges, self._axes()):
+      axis_any, axis_all = _na_tile(i0, i1, j0, j1, n, kernel, dilation, False)
+      box_any, box_all = box_any & axis_any, box_all & axis_all
+    any_in = box_any.any((-2, -1))
+    all_in = nonempty & full_inside & (~present | box_all).all((-2, -1))
     return _kind(all_in, any_in)
