@@ -136,7 +136,7 @@ def grid_boxes(a, b, grid):
   return [top] + middle + [bottom]
 
 
-def _stacked_boxes(a, b, grid, shape, axis):
+def stacked_grid_boxes(a, b, grid, shape, axis):
   """grid_boxes(a, b, grid) as arrays with the boxes on a new axis (-1 or -2, the other
   trailing axis of size 1, so that query and key boxes broadcast into all pairs):
   (present, [(lo, hi) per grid axis])."""
@@ -201,8 +201,8 @@ class NeighborhoodGrid(Mask):
     q1, k1 = jnp.clip(q1, 0, size), jnp.clip(k1, 0, size)
     nonempty = (q0 < q1) & (k0 < k1)
     # Every (query box, key box) pair at once: boxes on a trailing axis, queries' before keys'.
-    q_present, q_ranges = _stacked_boxes(q0, q1, self.grid, shape, -2)
-    k_present, k_ranges = _stacked_boxes(k0, k1, self.grid, shape, -1)
+    q_present, q_ranges = stacked_grid_boxes(q0, q1, self.grid, shape, -2)
+    k_present, k_ranges = stacked_grid_boxes(k0, k1, self.grid, shape, -1)
     present = q_present & k_present
     box_any, box_all = present, True
     for (i0, i1), (j0, j1), (n, kernel, dilation) in zip(q_ranges, k_ranges, self._axes()):

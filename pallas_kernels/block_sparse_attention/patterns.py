@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention.masks import Mask, _kind
-from pallas_kernels.block_sparse_attention.neighborhood import Neighborhood, NeighborhoodGrid, grid_boxes  # noqa: F401 (Neighborhood*: the catalogue)
+from pallas_kernels.block_sparse_attention.neighborhood import Neighborhood, NeighborhoodGrid, stacked_grid_boxes  # noqa: F401 (Neighborhood*: the catalogue)
 
 
 def _distances(q0, q1, k0, k1):
@@ -328,12 +328,6 @@ def _band(distance):
   return 31 - jax.lax.clz(distance)
 
 
-def _frame_segments(a, b, size):
-  """Split the token range [a, b) into three rectangles (frames of `size` tokens, row-major):
-  (present, (frame range), (position range))."""
-  return [(present, frames, positions) for present, (frames, positions) in grid_boxes(a, b, (None, size))]
-
-
 @dataclasses.dataclass(frozen=True)
 class Radial(Mask):
   """Radial Attention (Li et al., arXiv 2506.19852, section 4), over tokens laid out frame
@@ -416,17 +410,16 @@ class Radial(Mask):
     q0, q1, k0, k1 = (jnp.broadcast_to(jnp.asarray(x), shape) for x in (q0, q1, k0, k1))
     nonempty = (q0 < q1) & (k0 < k1)
     q1s, k1s = jnp.where(nonempty, q1, q0 + 1), jnp.where(nonempty, k1, k0 + 1)
-    any_in = jnp.zeros(shape, bool)
-    all_in = nonempty
-    for q_present, (qf0, qf1), (qp0, qp1) in _frame_segments(q0, q1s, s):
-      for k_present, (kf0, kf1), (kp0, kp1) in _frame_segments(k0, k1s, s):
-        present = q_present & k_present & nonempty
-        # |i - j| over frame ranges [qf0, qf1) x [kf0, kf1), |k - l| likewise.
-        d0 = jnp.maximum(jnp.maximum(kf0 - (qf1 - 1), qf0 - (kf1 - 1)), 0)
-        d1 = jnp.maximum((qf1 - 1) - kf0, (kf1 - 1) - qf0)
-        p0 = jnp.maximum(jnp.maximum(kp0 - (qp1 - 1), qp0 - (kp1 - 1)), 0)
-        p1 = jnp.maximum((qp1 - 1) - kp0, (kp1 - 1) - qp0)
-        piece_any, piece_all = self._pieces_kind(d0, d1, p0, p1)
-        any_in = any_in | (present & piece_any)
-        all_in = all_in & (~present | piece_all)
+    # Every (query rectangle, key rectangle) pair at once (frames of s tokens as grid rows).
+    q_present, ((qf0, qf1), (qp0, qp1)) = stacked_grid_boxes(q0, q1s, (None, s), shape, -2)
+    k_present, ((kf0, kf1), (kp0, kp1)) = stacked_grid_boxes(k0, k1s, (None, s), shape, -1)
+    present = q_present & k_present & nonempty[..., None, None]
+    # |i - j| over frame ranges [qf0, qf1) x [kf0, kf1), |k - l| likewise.
+    d0 = jnp.maximum(jnp.maximum(kf0 - (qf1 - 1), qf0 - (kf1 - 1)), 0)
+    d1 = jnp.maximum((qf1 - 1) - kf0, (kf1 - 1) - qf0)
+    p0 = jnp.maximum(jnp.maximum(kp0 - (qp1 - 1), qp0 - (kp1 - 1)), 0)
+    p1 = jnp.maximum((qp1 - 1) - kp0, (kp1 - 1) - qp0)
+    piece_any, piece_all = self._pieces_kind(d0, d1, p0, p1)
+    any_in = (present & piece_any).any((-2, -1))
+    all_in = nonempty & (~present | piece_all).all((-2, -1))
     return _kind(all_in, any_in)
