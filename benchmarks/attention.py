@@ -16,9 +16,11 @@ plan_from_block_mask with H plan heads). No GQA unless --kv-heads N (a divisor o
 d_out [1, S, H, D], k and v [1, S, N, D], query head h reading kv head h // (H / N); FLOPs
 and tiles stay counted per query head. --masks takes any spec of
 render.plan_from_spec, the static patterns too (power_blocks:64, power:64,
-neighborhood:1024, fixed:128, radial:256, bigbird:1, neighborhood2d:K/C; docs/static_patterns.md),
-each with its element rule for FlexAttention; neighborhood:K/D is dilated, neighborhood2d:K/C
-the causal K x K window over a grid C tokens wide (C default 32, the layer's). Where the layer re-tiles a
+neighborhood:1024, fixed:128, radial:256, bigbird:1, neighborhood2d:K/C, neighborhood3d:K/RxC;
+docs/static_patterns.md), each with its element rule for FlexAttention; neighborhood:K/D is
+dilated, neighborhood2d:K/C the causal K x K window over a grid C tokens wide (C default 32,
+the layer's), neighborhood3d:K/RxC the causal K x K x K window over frames of R x C tokens
+(default 16 x 16). Where the layer re-tiles a
 pattern, ours also runs as the layer does: rows ours:NAME:grouped (a dilated neighborhood,
 dilation groups gathered) and ours:NAME:gathered (fixed, summary keys gathered in front).
 Each row is one

@@ -67,6 +67,8 @@ def test_specs_give_the_expected_densities():
   assert int(topk.kv_count[0, 0].max()) == 3
   with pytest.raises(ValueError, match='unknown mask spec'):
     plan_from_spec('diagonal', 1024, 128)
+  with pytest.raises(ValueError, match=r'neighborhood3d:3/8: give 2 inner grid size\(s\), RxC'):
+    plan_from_spec('neighborhood3d:3/8', 1024, 128)
 
 
 def test_command_line(tmp_path):

@@ -11,7 +11,8 @@ random:DENSITY (each block below the diagonal kept with that probability, the di
 always, seeded), topk:K (the K best of random block scores per q block row, plus the
 diagonal and the first block), and the static patterns power:W (per token),
 power_blocks:W (between the plan's blocks, the last ceil(W / block) blocks: the power
-layer's default), neighborhood:K or neighborhood:K/D (dilation D), fixed:S, radial:F
+layer's default), neighborhood:K or neighborhood:K/D (dilation D), neighborhood2d:K[/C]
+(a grid C tokens wide), neighborhood3d:K[/RxC] (frames of R x C tokens), fixed:S, radial:F
 (causal, the layer specs' default options).
 """
 
