@@ -14,16 +14,16 @@ through the block-sparse kernels like window layers (docs/static_patterns.md).
                      dilated neighborhood into d undilated ones), so its window fills whole
                      tiles instead of touching every tile of a d-times-wider band
     neighborhood2d:K 2-D neighborhood attention (arXiv 2204.07143, 2209.15001) over
-                     image tokens in raster order: a document's token p sits at (p // C,
+                     image tokens in raster order: the sequence's token p sits at (p // C,
                      p % C) of a grid of C = model.attention.neighborhood2d.columns
-                     columns (as many rows as the document needs); the K x K window
+                     columns (as many grid rows as the sequence needs); the K x K window
                      centred on the query (shifted at the grid's left, right and top
                      edges, NA's rule; dilation model.attention.neighborhood2d.dilation
                      on both axes), and causal: the rows above within the window and
                      the query's row up to the query
     neighborhood3d:K 3-D neighborhood attention over video tokens in raster order: frames
                      of model.attention.neighborhood3d.rows x columns tokens (as many
-                     frames as the document needs), the K x K x K window centred on the
+                     frames as the sequence needs), the K x K x K window centred on the
                      query as above, causal: earlier frames' part of the window, then the
                      frame's rows above, then the row up to the query
     fixed:S          Sparse Transformer's fixed pattern (arXiv 1904.10509): the query's
@@ -168,7 +168,7 @@ class Neighborhood2DAttention(GridNeighborhoodAttention):
   options_section = 'neighborhood2d'
   INNER_AXES = ('columns',)
   OPTIONS = {
-      'columns': Option(32, 'grid width in tokens (an image row); rows follow as the document needs',
+      'columns': Option(32, 'grid width in tokens (an image row); rows follow as the sequence needs',
                         lambda n: n >= 1, 'use a width >= 1'),
       'dilation': _GRID_DILATION,
   }
@@ -180,7 +180,7 @@ class Neighborhood3DAttention(GridNeighborhoodAttention):
   INNER_AXES = ('rows', 'columns')
   OPTIONS = {
       'rows': Option(16, 'frame height in tokens', lambda n: n >= 1, 'use a height >= 1'),
-      'columns': Option(16, 'frame width in tokens; frames follow as the document needs',
+      'columns': Option(16, 'frame width in tokens; frames follow as the sequence needs',
                         lambda n: n >= 1, 'use a width >= 1'),
       'dilation': _GRID_DILATION,
   }
