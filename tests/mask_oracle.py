@@ -44,6 +44,23 @@ def with_documents(allowed, segment_ids=None, q_segment_ids=None, kv_segment_ids
   return allowed & same_document(q_ids, kv_ids)[:, None]
 
 
+def document_bounds(ids):
+  """[(start, end)] of each run of equal ids in a row."""
+  cuts = [0, *(np.flatnonzero(ids[1:] != ids[:-1]) + 1), len(ids)]
+  return list(zip(cuts[:-1], cuts[1:]))
+
+
+def per_document(truth_of_length, segment_ids):
+  """[B, T, T]: in each document (a run of equal ids) truth_of_length(n) [n, n] at its
+  positions counted from its first token, as if it were alone; False across documents."""
+  ids = np.asarray(segment_ids)
+  allowed = np.zeros(ids.shape + ids.shape[1:], bool)
+  for row, row_ids in enumerate(ids):
+    for start, end in document_bounds(row_ids):
+      allowed[row, start:end, start:end] = truth_of_length(end - start)
+  return allowed
+
+
 def expand_blocks(block_matrix, q_len, kv_len, block_q, block_kv):
   """[..., nQ, nK] per-block values -> [..., Tq, Tk] per element."""
   q_block = np.arange(q_len) // block_q

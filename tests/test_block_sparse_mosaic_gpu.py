@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mask_oracle import block_mask_oracle, mask_oracle
+from mask_oracle import block_mask_oracle, mask_oracle, mask_truth, per_document
 from oracles import masked_softmax_attention
 from test_block_sparse_attention import compiled, oracle_or_plan_mask
 from test_block_sparse_attention import numpy_random_inputs as random_inputs
@@ -85,13 +85,15 @@ def test_gathered_summary_keys(implementation):
   check_through_api(plan, mask_oracle(plan.mask, **layout), q, k, v, bias, d_out, implementation)
 
 
-def test_interpret_radial_pattern():
+def test_interpret_radial_pattern_at_document_positions():
   """Radial's element rule (a count of leading zeros per element) inside the kernel's
-  partial tiles."""
-  mask = patterns.Radial(16) & masks.Causal()
-  plan = plan_from_mask(mask, q_len=150, block_q=64, block_kv=64)
+  partial tiles, its frames restarting with the second document (document_positions: the
+  rule reads index - the document's start from the segment ids)."""
+  mask, segments = patterns.Radial(16) & masks.Causal(), jnp.asarray([[1] * 67 + [2] * 83], jnp.int32)
+  plan = plan_from_mask(mask, q_len=150, block_q=64, block_kv=64, segment_ids=segments, document_positions=True)
   q, k, v, bias, d_out = random_inputs(3, 1, 150, 150, 2, 1, 64, jnp.bfloat16, with_bias=False)
-  check_through_api(plan, mask_oracle(mask, q_len=150), q, k, v, bias, d_out, 'mosaic_gpu_interpret')
+  allowed = per_document(lambda n: mask_truth(mask, n, n), segments)[:, None]
+  check_through_api(plan, allowed, q, k, v, bias, d_out, 'mosaic_gpu_interpret')
 
 
 GPU_MASKS = {

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mask_oracle import document_bounds, per_document
 from test_block_sparse_plan_oracle import assert_plan_stands_for
 
 from pallas_kernels.block_sparse_attention import masks, plan_from_mask
@@ -318,3 +319,52 @@ def test_union_with_a_global_prefix_plans_exactly(cases):
   expected = truth.copy()
   expected[:, :4] = True
   assert_plan_stands_for(plan, expected[None, None])
+
+
+# (case, block size, document cuts): documents that start off the pattern's blocks, grid
+# rows, frames and chunks, some shorter than a tile
+DOCUMENT_PLANS = [
+    ('power_local_sink', 16, (37, 90)),
+    ('fixed', 16, (21, 60)),
+    ('neighborhood2d', 8, (13, 77, 80)),
+    ('neighborhood3d', 16, (50, 53)),
+    ('radial_4', 16, (80,)),
+    ('bigbird', 16, (70, 100, 103)),
+]
+
+
+@pytest.mark.parametrize('name, block, cuts', DOCUMENT_PLANS)
+def test_document_positions_restart_the_pattern_in_every_document(cases, name, block, cuts):
+  """plan_from_mask(document_positions=True): each document sees the pattern at its own
+  positions (the brute force's first rows and columns), as if it were alone."""
+  mask, truth = cases(name)
+  n = truth.shape[0]
+  segments = documents(n, cuts)
+  expected = per_document(lambda m: truth[:m, :m] & np.tri(m, dtype=bool), segments)
+  plan = plan_from_mask(mask & masks.Causal(), q_len=n, block_q=block, block_kv=block, segment_ids=segments,
+                        document_positions=True)
+  assert plan.document_positions
+  assert_plan_stands_for(plan, expected[:, None])
+  # Tiles inside one document are exact: as empty or full as their elements.
+  kinds = np.asarray(plan.block_kinds())[0, 0]
+  for start, end in document_bounds(segments[0]):
+    inside = range(-(-start // block), -(-n // block) if end == n else end // block)  # blocks within it
+    for i in inside:
+      for j in inside:
+        tile = expected[0, i * block:(i + 1) * block, j * block:(j + 1) * block]
+        want = FULL if tile.all() and tile.shape == (block, block) else PARTIAL if tile.any() else EMPTY
+        assert kinds[i, j] == want, (start, i, j, kinds[i, j], want)
+
+
+def test_shift_invariant_masks_say_so_truly():
+  """A mask that calls itself shift-invariant answers alike at q + s, k + s (so its plan
+  may ignore document positions); the offset-dependent ones do not."""
+  q, k = np.arange(300)[:, None], np.arange(300)[None, :]
+  invariant = [masks.Causal(), masks.causal_window(5), Power(3), Strided(7, 3) & masks.Causal(),
+               Neighborhood(1 << 30, 5, 3, causal=True)]
+  dependent = [Power(3, sink=2), Power(2, block=8), Fixed(8, 2), Radial(4), masks.Chunked(8) & masks.Causal(),
+               NeighborhoodGrid((1 << 20, 10), (3, 3)), BigBird(1 << 30, 8, global_tokens=8, random_blocks=1),
+               Neighborhood(300, 5)]
+  for mask in invariant + dependent:
+    same = all((np.asarray(mask.elements(q + s, k + s)) == np.asarray(mask.elements(q, k))).all() for s in (1, 37))
+    assert mask.shift_invariant() == (mask in invariant) and same == mask.shift_invariant(), mask

@@ -86,7 +86,12 @@ def plan_element_mask(plan):
   assert not plan.has_rank_rule
   kinds = expand_blocks(kinds_from_lists(plan.kv_count, plan.kv_index, plan.kv_full, plan.num_kv_blocks),
                         plan.q_len, plan.kv_len, plan.block_q, plan.block_kv)
-  inside = mask_truth(plan.mask, plan.q_len, plan.kv_len)[None, None]
+  if plan.document_positions:  # the segment ids are document starts: positions are index - start
+    q = np.arange(plan.q_len)[None, :, None] - np.asarray(plan.q_segment_ids)[:, :, None]
+    k = np.arange(plan.kv_len)[None, None, :] - np.asarray(plan.kv_segment_ids)[:, None, :]
+    inside = np.asarray(plan.mask.elements(q, k))[:, None]
+  else:
+    inside = mask_truth(plan.mask, plan.q_len, plan.kv_len)[None, None]
   if plan.q_segment_ids is not None:
     inside = inside & same_document(plan.q_segment_ids, plan.kv_segment_ids)[:, None]
   return (kinds == FULL) | ((kinds == PARTIAL) & inside)

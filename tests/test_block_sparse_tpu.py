@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mask_oracle import block_mask_oracle, mask_oracle
+from mask_oracle import block_mask_oracle, mask_oracle, mask_truth, per_document
 from test_block_sparse_attention import MASKS, check_against_dense, compiled
 from test_block_sparse_attention import numpy_random_inputs as random_inputs
 
@@ -69,11 +69,16 @@ def test_documents_and_window_or_prefix_per_kv_head_plan():
   check_against_dense(plan, q, k, v, bias, d_out, implementation=INTERPRET, allowed=allowed)
 
 
-def test_bfloat16_chunked_group_of_eight():
+def test_bfloat16_chunked_group_of_eight_at_document_positions():
+  """Chunks restart with the second document (document_positions: the kernels' element
+  rule reads index - the document's start from the segment ids)."""
   q, k, v, bias, d_out = random_inputs(3, 1, 24, 24, 8, 1, 16, jnp.bfloat16, with_bias=False)
-  plan = compiled(plan_from_mask, MASKS['chunked'], q_len=24, block_q=16, block_kv=8)
+  mask, segments = MASKS['chunked'], jnp.asarray([[1] * 5 + [2] * 19], jnp.int32)
+  plan = compiled(plan_from_mask, mask, q_len=24, block_q=16, block_kv=8, segment_ids=segments,
+                  document_positions=True)
+  allowed = per_document(lambda n: mask_truth(mask, n, n), segments)[:, None]
   out, _, grads = check_against_dense(plan, q, k, v, bias, d_out, dtype=jnp.bfloat16, implementation=INTERPRET,
-                                      allowed=mask_oracle(MASKS['chunked'], q_len=24))
+                                      allowed=allowed)
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
 
 

@@ -38,6 +38,11 @@ class Mask:
     use it to pick a schedule for short rows (a static bound: documents only shrink it)."""
     return None
 
+  def shift_invariant(self):
+    """True when the rule depends only on q - k (elements(q + s, k + s) == elements(q, k)
+    for every s): then positions in the packed row and within a document give one mask."""
+    return False
+
 
 def _kind(all_true, any_true):
   return jnp.where(all_true, FULL, jnp.where(any_true, PARTIAL, EMPTY))
@@ -53,6 +58,9 @@ class Full(Mask):
   def block_kind(self, q0, q1, k0, k1):
     return jnp.full(jnp.broadcast_shapes(*map(jnp.shape, (q0, q1, k0, k1))), FULL)
 
+  def shift_invariant(self):
+    return True
+
 
 @dataclasses.dataclass(frozen=True)
 class Causal(Mask):
@@ -63,6 +71,9 @@ class Causal(Mask):
 
   def block_kind(self, q0, q1, k0, k1):
     return _kind(k1 - 1 <= q0, k0 <= q1 - 1)
+
+  def shift_invariant(self):
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +88,9 @@ class SlidingWindow(Mask):
 
   def key_span(self):
     return self.left + self.right + 1
+
+  def shift_invariant(self):
+    return True
 
   def block_kind(self, q0, q1, k0, k1):
     lo_all, hi_all = (q1 - 1) - self.left, q0 + self.right  # bounds every query of the tile allows
@@ -144,6 +158,9 @@ class _Combination(Mask):
   def block_kind(self, q0, q1, k0, k1):
     return functools.reduce(self.fold_kinds, (part.block_kind(q0, q1, k0, k1) for part in self.parts))
 
+  def shift_invariant(self):
+    return all(part.shift_invariant() for part in self.parts)
+
 
 class And(_Combination):
   combine = staticmethod(jnp.logical_and)
@@ -161,6 +178,15 @@ class Or(_Combination):
   def key_span(self):
     spans = [part.key_span() for part in self.parts]
     return None if None in spans else sum(spans)
+
+
+def shift_invariant_part(mask):
+  """A shift-invariant mask that allows every element `mask` allows (the invariant parts
+  of an And), or None when there is none."""
+  if mask.shift_invariant():
+    return mask
+  parts = [part for part in mask.parts if part.shift_invariant()] if isinstance(mask, And) else []
+  return None if not parts else parts[0] if len(parts) == 1 else And(tuple(parts))
 
 
 def causal_window(window):

@@ -102,10 +102,12 @@ class Neighborhood(Mask):
   def key_span(self):
     return self.kernel
 
+  def shift_invariant(self):
+    return self.causal  # the last `kernel` keys of the group, for queries below `length`
+
   def block_kind(self, q0, q1, k0, k1):
     any_in, all_in = _na_tile(q0, q1, k0, k1, self.length, self.kernel, self.dilation, self.causal)
     return _kind(all_in, any_in)
-
 
 
 def _unravel(index, grid):

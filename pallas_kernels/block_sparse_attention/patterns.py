@@ -84,6 +84,9 @@ class Power(Mask):
   def elements(self, q_index, k_index):
     return self._allowed_distance(q_index // self.block - k_index // self.block) | (k_index < self.sink)
 
+  def shift_invariant(self):
+    return self.block == 1 and self.sink == 0
+
   def _any_distance(self, lo, hi):
     lo = jnp.maximum(lo, 0)
     band = lo < max(self.local, 1)
@@ -140,6 +143,9 @@ class Strided(Mask):
 
   def elements(self, q_index, k_index):
     return self._allowed_distance(q_index - k_index)
+
+  def shift_invariant(self):
+    return True
 
   def block_kind(self, q0, q1, k0, k1):
     lo, hi = _distances(q0, q1, k0, k1)

@@ -6,6 +6,13 @@ ascending order, each tagged full (no element mask) or partial (the element mask
 computed in the kernel from indices, segment ids and the plan's `mask`); and the same
 transposed (per kv block, the q blocks that visit it) for the dK/dV pass.
 
+With `document_positions` the mask reads each token's position within its document
+(index - the index of its document's first token), not its index in the packed row, so a
+pattern anchored at position 0 (global tokens, grid rows, frames) restarts with every
+document, as it does when one document is decoded alone. The plan's segment ids then hold
+each token's document start (a distinct value per document, as ids are), and
+element_mask subtracts them: kernels need nothing new.
+
 An optional data-dependent rule joins the element mask: with `key_rank` [B, Hp, Tk] and
 `q_threshold` [B, Hp, Tq] (int32) a key is visible to a query only where
 key_rank >= q_threshold (dynamic mask attention's top-w selection, see
@@ -27,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL, PARTIAL, Causal, Mask
+from pallas_kernels.block_sparse_attention.masks import EMPTY, FULL, PARTIAL, Causal, Mask, shift_invariant_part
 
 
 @jax.tree_util.register_dataclass
@@ -48,6 +55,8 @@ class BlockSparsePlan:
   block_kv: int = dataclasses.field(metadata=dict(static=True))
   q_threshold: Any = None  # [B, Hp, Tq] int32 or None: a key is visible where key_rank >= q_threshold
   key_rank: Any = None  # [B, Hp, Tk] int32 or None
+  # The mask reads positions within documents; the segment ids are then document starts.
+  document_positions: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
   def has_rank_rule(self):
@@ -86,7 +95,13 @@ class BlockSparsePlan:
     """Bool mask inside a partial block: the mask function, the key length, documents
     (segment ids gathered at those indices by the caller) and, when the plan has one, the
     rank rule (threshold and rank gathered likewise). Every implementation uses it."""
-    allowed = self.mask.elements(q_index, k_index) & (k_index < self.kv_len) & (q_index < self.q_len)
+    if self.document_positions:
+      if q_segment is None:
+        raise ValueError('this plan reads positions within documents: pass q_segment and k_segment')
+      allowed = self.mask.elements(q_index - q_segment, k_index - k_segment)
+    else:
+      allowed = self.mask.elements(q_index, k_index)
+    allowed = allowed & (k_index < self.kv_len) & (q_index < self.q_len)
     if q_segment is not None:
       allowed = allowed & (q_segment == k_segment)
     if self.has_rank_rule:
@@ -162,19 +177,24 @@ def segment_block_kinds(q_segment_ids, kv_segment_ids, block_q, block_kv):
   return jnp.where(single, FULL, jnp.where(overlap, PARTIAL, EMPTY))
 
 
-def mask_block_kinds(mask, q_len, kv_len, block_q, block_kv):
-  """[nQ, nK] kinds of a mask function, with the ragged last blocks made partial."""
-  nq, nk = num_blocks(q_len, block_q), num_blocks(kv_len, block_kv)
-  q0 = (jnp.arange(nq) * block_q)[:, None]
-  k0 = (jnp.arange(nk) * block_kv)[None, :]
-  q1, k1 = jnp.minimum(q0 + block_q, q_len), jnp.minimum(k0 + block_kv, kv_len)
-  kinds = mask.block_kind(q0, q1, k0, k1)
+def block_bounds(length, block):
+  """(first, end) row indices of each block, the last one cut at `length`."""
+  first = jnp.arange(num_blocks(length, block), dtype=jnp.int32) * block
+  return first, jnp.minimum(first + block, length)
+
+
+def mask_block_kinds(mask, q_len, kv_len, block_q, block_kv, shift=0):
+  """[nQ, nK] kinds of a mask function, with the ragged last blocks made partial; with
+  `shift` (broadcast against [nQ, nK]) the tiles of positions index - shift."""
+  (q0, q1), (k0, k1) = block_bounds(q_len, block_q), block_bounds(kv_len, block_kv)
+  q0, q1, k0, k1 = q0[:, None], q1[:, None], k0[None, :], k1[None, :]
+  kinds = mask.block_kind(q0 - shift, q1 - shift, k0 - shift, k1 - shift)
   ragged = (q1 - q0 < block_q) | (k1 - k0 < block_kv)  # kernels mask the padding there
   return jnp.where(ragged & (kinds == FULL), PARTIAL, kinds)
 
 
 def from_kinds(kinds, mask, q_len, kv_len, block_q, block_kv, q_segment_ids=None, kv_segment_ids=None,
-               q_threshold=None, key_rank=None):
+               q_threshold=None, key_rank=None, document_positions=False):
   """A plan from a [B, Hp, nQ, nK] block classification, with the rank rule if
   q_threshold [B, Hp, Tq] and key_rank [B, Hp, Tk] are given."""
   if (q_threshold is None) != (key_rank is None):
@@ -188,7 +208,7 @@ def from_kinds(kinds, mask, q_len, kv_len, block_q, block_kv, q_segment_ids=None
   kv_count, kv_index, kv_full = compact(kinds)
   q_count, q_index, q_full = compact(jnp.swapaxes(kinds, -1, -2))
   return BlockSparsePlan(kv_count, kv_index, kv_full, q_count, q_index, q_full, q_segment_ids, kv_segment_ids,
-                         mask, q_len, kv_len, block_q, block_kv, q_threshold, key_rank)
+                         mask, q_len, kv_len, block_q, block_kv, q_threshold, key_rank, document_positions)
 
 
 def combined_kinds(mask, q_len, kv_len, block_q, block_kv, batch, q_segment_ids, kv_segment_ids):
@@ -198,6 +218,34 @@ def combined_kinds(mask, q_len, kv_len, block_q, block_kv, batch, q_segment_ids,
   if q_segment_ids is not None:
     kinds = jnp.minimum(kinds, segment_block_kinds(q_segment_ids, kv_segment_ids, block_q, block_kv)[:, None])
   return kinds
+
+
+def document_starts(segment_ids):
+  """[B, T] int32: the row index of each token's document start, a document being a run of
+  equal segment ids."""
+  t = segment_ids.shape[1]
+  index = jnp.arange(t, dtype=jnp.int32)
+  begins = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  return jax.lax.cummax(jnp.where(begins, index, 0), axis=1)
+
+
+def document_block_kinds(mask, starts, block_q, block_kv):
+  """[B, nQ, nK] kinds of `mask` over positions within documents (starts [B, T] from
+  document_starts; queries and keys share the row). A tile whose q and kv blocks each lie
+  in one and the same document is the mask's tile at those positions; any other tile that
+  shares a document is partial, unless the mask's shift-invariant parts (causality, a
+  window) rule it out."""
+  length = starts.shape[1]
+  (q0, q1), (k0, k1) = block_bounds(length, block_q), block_bounds(length, block_kv)
+  q_start, k_start = starts[:, q0], starts[:, k0]
+  q_single, k_single = q_start == starts[:, q1 - 1], k_start == starts[:, k1 - 1]
+  one_document = q_single[:, :, None] & k_single[:, None, :] & (q_start[:, :, None] == k_start[:, None, :])
+  inside = mask_block_kinds(mask, length, length, block_q, block_kv, shift=q_start[:, :, None])
+  invariant = shift_invariant_part(mask)
+  across = PARTIAL if invariant is None else jnp.minimum(mask_block_kinds(invariant, length, length, block_q,
+                                                                          block_kv), PARTIAL)
+  kinds = jnp.where(one_document, inside, across)
+  return jnp.minimum(kinds, segment_block_kinds(starts, starts, block_q, block_kv))
 
 
 def check_segments(q_segment_ids, kv_segment_ids, segment_ids):
@@ -210,10 +258,18 @@ def check_segments(q_segment_ids, kv_segment_ids, segment_ids):
 
 
 def plan_from_mask(mask, *, q_len, kv_len=None, block_q=128, block_kv=128, batch=1, segment_ids=None,
-                   q_segment_ids=None, kv_segment_ids=None):
-  """The plan of a mask function (shared by all heads), with documents if segment ids are given."""
+                   q_segment_ids=None, kv_segment_ids=None, document_positions=False):
+  """The plan of a mask function (shared by all heads), with documents if segment ids are
+  given; with document_positions the mask reads positions within documents (module doc:
+  the same plan unless the mask depends on more than q - k)."""
   kv_len = q_len if kv_len is None else kv_len
   q_seg, kv_seg = check_segments(q_segment_ids, kv_segment_ids, segment_ids)
+  if document_positions and q_seg is not None and not mask.shift_invariant():
+    if segment_ids is None or kv_len != q_len:
+      raise ValueError('document_positions needs self-attention over one row: pass segment_ids, not q/kv ids')
+    starts = document_starts(q_seg)
+    kinds = document_block_kinds(mask, starts, block_q, block_kv)[:, None]
+    return from_kinds(kinds, mask, q_len, kv_len, block_q, block_kv, starts, starts, document_positions=True)
   if q_seg is not None:
     batch = q_seg.shape[0]
   kinds = combined_kinds(mask, q_len, kv_len, block_q, block_kv, batch, q_seg, kv_seg)
@@ -236,10 +292,8 @@ def plan_from_block_mask(block_mask, *, q_len, kv_len=None, block_q=128, block_k
 def diagonal_blocks(q_len, kv_len, block_q, block_kv):
   """[nQ, nK] bool: the blocks holding some element q == k. Both ranges end at the lengths:
   a ragged last block must not claim the diagonal of its padding."""
-  q_start = jnp.arange(num_blocks(q_len, block_q))[:, None] * block_q
-  k_start = jnp.arange(num_blocks(kv_len, block_kv))[None, :] * block_kv
-  q_end, k_end = jnp.minimum(q_start + block_q, q_len), jnp.minimum(k_start + block_kv, kv_len)
-  return (q_start < k_end) & (k_start < q_end)
+  (q_start, q_end), (k_start, k_end) = block_bounds(q_len, block_q), block_bounds(kv_len, block_kv)
+  return (q_start[:, None] < k_end[None, :]) & (k_start[None, :] < q_end[:, None])
 
 
 def plan_from_block_scores(scores, keep, *, q_len, kv_len=None, block_q=128, block_kv=128, mask=Causal(),

@@ -19,6 +19,9 @@ class LocalAttention(Mechanism):
   """Base of the mechanisms that attend through a static mask function of positions."""
   argument_meaning = ('size', 256)
   placement = CUSTOM  # context parallelism: each device gathers only the kv shards its window reaches
+  # True: the mask reads positions within each packed document (plan.py), as decoding a
+  # document alone does; False: positions in the packed row (block_local's chunks).
+  document_positions = False
 
   @property
   def size(self):
@@ -29,7 +32,8 @@ class LocalAttention(Mechanism):
 
   def forward(self, q, k, v, ctx):
     block = self.block_size
-    plan = plan_from_mask(self.mask(), q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=ctx.segment_ids)
+    plan = plan_from_mask(self.mask(), q_len=q.shape[1], block_q=block, block_kv=block, segment_ids=ctx.segment_ids,
+                          document_positions=self.document_positions)
     return block_sparse_attention(q, k, v, plan, scale=softmax_scale(q, ctx)), no_aux()
 
   def sharded_forward(self, placement, q, k, v, ctx):

@@ -62,7 +62,9 @@ def mean_visible_keys(mask, seq_len):
 
 class PatternAttention(LocalAttention):
   """A causal static pattern: subclasses give `pattern(argument, options)`, the mask
-  function of a layer (options: model.attention), to which causality is added."""
+  function of a layer (options: model.attention), to which causality is added. The
+  pattern restarts with every packed document (its positions are the document's)."""
+  document_positions = True
 
   @classmethod
   def pattern(cls, argument, options):
@@ -189,6 +191,9 @@ class Neighborhood3DAttention(GridNeighborhoodAttention):
 @register('fixed')
 class FixedAttention(PatternAttention):
   argument_meaning = ('stride', 128)
+  # Chunks are cut in the packed row, as block_local's are: the gathered summary keys are
+  # a static gather of row positions, the same for every row whatever its documents.
+  document_positions = False
   options_section = 'fixed'
   OPTIONS = {
       'summary': Option(8, 'last tokens of every chunk that later queries see (c in the paper)',
