@@ -40,6 +40,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from sparseformer.distributed import host_device_flags  # noqa: E402 (after the path)
+
 CONFIG = os.path.join(REPO, 'configs', 'masformer_125m.py')
 DATASET = 'sparseformer_text/books'
 MULTICAST_OFF = {'NCCL_NVLS_ENABLE': '0', 'TORCH_SYMM_MEM_DISABLE_MULTICAST': '1', 'NVSHMEM_DISABLE_NVLS': '1'}
@@ -200,8 +202,7 @@ def phase_env(args, device_count, *, shares_devices, first=0):
          'SPARSEFORMER_COMPILATION_CACHE': os.environ.get('SPARSEFORMER_COMPILATION_CACHE',
                                                           os.path.join(os.path.abspath(args.out), 'jax_cache'))}
   if args.quick:
-    flags = [f for f in env.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
-    env['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={device_count}'])
+    env['XLA_FLAGS'] = host_device_flags(device_count, env.get('XLA_FLAGS', ''))
     env['JAX_PLATFORMS'] = 'cpu'
   else:
     env['CUDA_VISIBLE_DEVICES'] = ','.join(args.visible_gpus[first:first + device_count])

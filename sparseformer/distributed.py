@@ -154,3 +154,9 @@ def sync(name):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def host_device_flags(count, xla_flags=''):
+  """XLA_FLAGS that make jax see `count` CPU devices, the other flags of `xla_flags` kept."""
+  kept = [flag for flag in xla_flags.split() if 'xla_force_host_platform_device_count' not in flag]
+  return ' '.join(kept + [f'--xla_force_host_platform_device_count={count}'])

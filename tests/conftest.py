@@ -14,6 +14,15 @@ import tempfile
 # at most 4 interpret threads at once, so 16 leaves room.
 os.environ['PJRT_NPROC'] = str(max(16, os.cpu_count() or 1, int(os.environ.get('PJRT_NPROC') or 0)))
 
+# The tests' arrays are tiny: XLA's CPU backend spends far longer optimising the machine code
+# (LLVM) than running it. Without those passes the suite takes about half the time; the
+# computations are the same (the HLO passes and the float semantics do not change). Set in
+# the environment, so every xdist worker and child process inherits it (children that set
+# their own device count keep it: sparseformer.distributed.host_device_flags).
+TEST_XLA_FLAGS = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true')
+os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', '')] + [
+    flag for flag in TEST_XLA_FLAGS if flag.split('=')[0] not in os.environ.get('XLA_FLAGS', '')]).strip()
+
 import jax  # noqa: E402  (after PJRT_NPROC)
 import pytest  # noqa: E402
 

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from sparseformer.distributed import host_device_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,7 +38,7 @@ def tiny_window_model(axes, vocab_size, **model_fields):
 def results_on_8_cpu_devices(script, cases, timeout=300):
   """Runs `script` (python -c) with json.dumps(cases) as its argument in a child that sees 8
   CPU devices; returns the JSON it prints on its last line starting with 'RESULTS '."""
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'PYTHONPATH': ROOT,
+  env = {**os.environ, 'XLA_FLAGS': host_device_flags(8, os.environ.get('XLA_FLAGS', '')), 'PYTHONPATH': ROOT,
          'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', script, json.dumps(cases)], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=timeout)

@@ -16,6 +16,7 @@ import pytest
 
 from sparseformer.model.attention.context_parallel import QueryOffset, previous_shards
 from pallas_kernels.block_sparse_attention import masks
+from sparseformer.distributed import host_device_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +77,7 @@ print('all equal')
 
 def check_sharded_equals_unsharded(cases):
   """cases: 'mask/rows' names of the script's tables, run in one subprocess of 4 devices."""
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'PYTHONPATH': ROOT}
+  env = {**os.environ, 'XLA_FLAGS': host_device_flags(4, os.environ.get('XLA_FLAGS', '')), 'PYTHONPATH': ROOT}
   result = subprocess.run([sys.executable, '-c', SHARDED_EQUALS_UNSHARDED, ','.join(cases)], capture_output=True,
                           text=True, cwd=ROOT, env=env)
   assert result.returncode == 0, result.stdout + result.stderr[-4000:]
@@ -213,7 +214,7 @@ def check_layers_sharded_equal_unsharded(mesh, cases):
   """Each case's layer, jitted within the placement of `mesh` (8 fake CPU devices, inputs
   placed by the rules), equals the layer on one device: output, aux and the gradients of
   every parameter and input, |sharded - unsharded| <= 2e-5 + 2e-5 |unsharded| (float32)."""
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'PYTHONPATH': ROOT,
+  env = {**os.environ, 'XLA_FLAGS': host_device_flags(8, os.environ.get('XLA_FLAGS', '')), 'PYTHONPATH': ROOT,
          'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', MECHANISM_SHARDED_EQUALS_UNSHARDED, json.dumps(mesh), ','.join(cases)],
                           capture_output=True, text=True, cwd=ROOT, env=env)

@@ -18,6 +18,7 @@ from train_helpers import ROOT, logged_losses, run_script, tiny_argv
 
 from sparseformer import config as config_lib
 from sparseformer.config import base_config
+from sparseformer.distributed import host_device_flags
 from sparseformer.errors import UserError
 from sparseformer.model import resolve_dims
 from sparseformer.model.attention import AttentionContext, get_mechanism, routing
@@ -376,7 +377,7 @@ print('replicas agree')
 
 
 def test_centroids_are_identical_across_replicas_and_equal_the_whole_batch_update():
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+  env = {**os.environ, 'XLA_FLAGS': host_device_flags(8, os.environ.get('XLA_FLAGS', '')),
          'PYTHONPATH': os.pathsep.join([ROOT, os.path.join(ROOT, 'tests'), os.environ.get('PYTHONPATH', '')])}
   result = subprocess.run([sys.executable, '-c', REPLICA_CHECK], capture_output=True, text=True, cwd=ROOT, env=env)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from sparseformer.distributed import host_device_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RTOL = 1e-5
 
@@ -137,7 +139,7 @@ WINDOW_AND_DENSE = ('window:80', 'dense')
 def run_cases(cases, layers=WINDOW_AND_DENSE):
   """{case name: [loss of each step]} from one subprocess with 8 CPU devices, the model's
   layers being `layers`."""
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'PYTHONPATH': ROOT,
+  env = {**os.environ, 'XLA_FLAGS': host_device_flags(8, os.environ.get('XLA_FLAGS', '')), 'PYTHONPATH': ROOT,
          'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', RUN_MESHES, json.dumps([SINGLE] + cases), json.dumps(layers)],
                           capture_output=True, text=True, cwd=ROOT, env=env)

@@ -16,6 +16,7 @@ from sparseformer import data
 from sparseformer.cli.eval import eval_command, load_run_config
 from sparseformer.cli.main import run_command
 from sparseformer.cli.train import train_command
+from sparseformer.distributed import host_device_flags
 from sparseformer.training.checkpoint import Checkpointer
 from sparseformer.training.setup import prepare_run
 from sparseformer.training.state import abstract_model_arrays
@@ -117,7 +118,7 @@ def test_bad_input_is_one_line_exit_2_and_no_workdir(tmp_path, data_dir, capsys,
 def test_batch_inconsistent_with_the_mesh(tmp_path, data_dir):
   workdir = tmp_path / 'never'
   result = run_script('train.py', tiny_argv(workdir, data_dir, train__global_batch_size=3),
-                      env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+                      env={'XLA_FLAGS': host_device_flags(2, os.environ.get('XLA_FLAGS', ''))})
   assert_one_line_error(result, 'not divisible by the 2 batch shards', workdir)
 
 

@@ -28,6 +28,7 @@ import sys
 from sparseformer import config as config_lib
 from sparseformer.cli.args import describe_fields, parse_args
 from sparseformer.cli.main import run_command
+from sparseformer.distributed import host_device_flags
 from sparseformer.errors import UserError
 
 PLATFORMS = ('cpu', 'gpu', 'tpu')
@@ -83,8 +84,7 @@ def measure_peak(parts, compiled, steps, vocab_size, seed=0):
 
 def simulate_devices(count):
   """Make jax see `count` CPU devices; must run before jax initialises its backends."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
-  os.environ['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={count}'])
+  os.environ['XLA_FLAGS'] = host_device_flags(count, os.environ.get('XLA_FLAGS', ''))
   os.environ['JAX_PLATFORMS'] = 'cpu'
 
 
