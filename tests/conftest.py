@@ -15,11 +15,13 @@ import tempfile
 os.environ['PJRT_NPROC'] = str(max(16, os.cpu_count() or 1, int(os.environ.get('PJRT_NPROC') or 0)))
 
 # The tests' arrays are tiny: XLA's CPU backend spends far longer optimising the machine code
-# (LLVM) than running it. Without those passes the suite takes about half the time; the
-# computations are the same (the HLO passes and the float semantics do not change). Set in
-# the environment, so every xdist worker and child process inherits it (children that set
-# their own device count keep it: sparseformer.distributed.host_device_flags).
-TEST_XLA_FLAGS = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true')
+# (LLVM) than running it. Without LLVM's expensive passes the suite takes about a third less
+# time, and the computations are the same (the HLO passes and the float semantics do not
+# change). (--xla_backend_optimization_level=0 saves more, but there a dense oracle's
+# gradients came out inf where the default build gives finite ones.) Set in the environment, so every xdist worker and child
+# process inherits it (children that set their own device count keep it:
+# sparseformer.distributed.host_device_flags).
+TEST_XLA_FLAGS = ('--xla_llvm_disable_expensive_passes=true',)
 os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', '')] + [
     flag for flag in TEST_XLA_FLAGS if flag.split('=')[0] not in os.environ.get('XLA_FLAGS', '')]).strip()
 
@@ -43,6 +45,13 @@ if _OWN_CACHE:
 # Runs made in a test's own process (train.py's main, called in-process) would otherwise use
 # the user's cache (~/.cache/sparseformer/jax) and reuse compiles of earlier test runs.
 os.environ['SPARSEFORMER_COMPILATION_CACHE'] = os.environ['SPARSEFORMER_TEST_COMPILATION_CACHE']
+# The workers use it too, for every compile however quick: tests build the same computations
+# (oracles, eager ops of one shape, the same layer under other names) again and again, and
+# a test's functions are new objects each time, so jax's in-memory cache misses where this
+# one hits (about a fifth of the suite's time).
+jax.config.update('jax_compilation_cache_dir', os.environ['SPARSEFORMER_TEST_COMPILATION_CACHE'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 def pytest_unconfigure(config):
