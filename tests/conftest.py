@@ -45,13 +45,6 @@ if _OWN_CACHE:
 # Runs made in a test's own process (train.py's main, called in-process) would otherwise use
 # the user's cache (~/.cache/sparseformer/jax) and reuse compiles of earlier test runs.
 os.environ['SPARSEFORMER_COMPILATION_CACHE'] = os.environ['SPARSEFORMER_TEST_COMPILATION_CACHE']
-# The workers use it too, for every compile however quick: tests build the same computations
-# (oracles, eager ops of one shape, the same layer under other names) again and again, and
-# a test's functions are new objects each time, so jax's in-memory cache misses where this
-# one hits (about a fifth of the suite's time).
-jax.config.update('jax_compilation_cache_dir', os.environ['SPARSEFORMER_TEST_COMPILATION_CACHE'])
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 def pytest_unconfigure(config):
