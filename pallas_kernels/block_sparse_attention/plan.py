@@ -9,9 +9,10 @@ transposed (per kv block, the q blocks that visit it) for the dK/dV pass.
 With `document_positions` the mask reads each token's position within its document
 (index - the index of its document's first token), not its index in the packed row, so a
 pattern anchored at position 0 (global tokens, grid rows, frames) restarts with every
-document, as it does when one document is decoded alone. The plan's segment ids then hold
-each token's document start (a distinct value per document, as ids are), and
-element_mask subtracts them: kernels need nothing new.
+document, as it does when one document is decoded alone. A document is then a run of
+equal segment ids (packed rows hold nothing else; an id reused by two runs makes two
+documents). The plan's segment ids hold each token's document start (a distinct value per
+document, as ids are), and element_mask subtracts them: kernels need nothing new.
 
 An optional data-dependent rule joins the element mask: with `key_rank` [B, Hp, Tk] and
 `q_threshold` [B, Hp, Tq] (int32) a key is visible to a query only where
