@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.block_sparse_attention.plan import document_starts
 from sparseformer.model.attention import kv_cache
 from sparseformer.model.attention.compressed_scores import (compressed_after_prompt, compressed_after_token,
                                                             compressed_key_segments, expand_to, selection_scores,
@@ -48,9 +49,7 @@ def selection_documents(segment_ids, batch, length, block, select_block):
   key_last = segment_ids[:, np.minimum((np.arange(ns) + 1) * select_block, length) - 1]
   same = query_first[:, :, None] == key_last[:, None, :]
   allowed = causal & (same | (np.arange(ns)[None, :] == own[:, None]))
-  position = jnp.arange(length)
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-  document_start = jax.lax.cummax(jnp.where(starts, position, 0), axis=1)[:, np.arange(nq) * block]
+  document_start = document_starts(segment_ids)[:, np.arange(nq) * block]
   return allowed, document_start // select_block
 
 

@@ -31,7 +31,8 @@ from jax import lax
 
 from pallas_kernels.block_sparse_attention import masks
 from pallas_kernels.block_sparse_attention.masks import EMPTY, PARTIAL
-from pallas_kernels.block_sparse_attention.plan import combined_kinds, from_kinds, num_blocks, plan_from_block_mask
+from pallas_kernels.block_sparse_attention.plan import (combined_kinds, document_starts, from_kinds, num_blocks,
+                                                        plan_from_block_mask)
 from sparseformer.errors import UserError
 
 KEEP_ALL = -1  # threshold of a query whose prefix has at most w keys
@@ -85,13 +86,6 @@ def _chunk_thresholds(top, carry_valid, chunk_ranks, start, window):
   return jnp.maximum(from_carry, from_chunk)
 
 
-def _document_starts(chunk_segments):
-  """[B, c]: index in the chunk where each position's document starts (contiguous ids)."""
-  c = chunk_segments.shape[-1]
-  boundary = jnp.concatenate([jnp.ones_like(chunk_segments[:, :1], bool),
-                              chunk_segments[:, 1:] != chunk_segments[:, :-1]], axis=1)
-  return lax.cummax(jnp.where(boundary, jnp.arange(c), 0), axis=1)
-
 
 def query_thresholds(ranks, window, segment_ids=None, chunk=128):
   """threshold_i [B, H, T] int32: the `window`-th largest rank among the keys j <= i of
@@ -105,7 +99,7 @@ def query_thresholds(ranks, window, segment_ids=None, chunk=128):
     top, top_segment = carry  # [B, H, w] ranks of the current document's prefix, descending; [B] its id
     chunk_ranks, chunk_segments = chunk_inputs  # [B, H, c], [B, c]
     carry_valid = top_segment[:, None] == chunk_segments
-    thresholds = _chunk_thresholds(top, carry_valid, chunk_ranks, _document_starts(chunk_segments), window)
+    thresholds = _chunk_thresholds(top, carry_valid, chunk_ranks, document_starts(chunk_segments), window)
     return _carried_top(top, top_segment, chunk_ranks, chunk_segments, window), thresholds
 
   init = (jnp.full((b, h, window), KEEP_ALL, jnp.int32), segments[:, 0])
@@ -276,9 +270,7 @@ def document_prefix_lengths(segment_ids, length, batch):
   positions = jnp.arange(length)
   if segment_ids is None:
     return jnp.broadcast_to(positions + 1, (batch, length))
-  starts = jnp.concatenate([jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-  start = lax.cummax(jnp.where(starts, positions, 0), axis=1)
-  return positions - start + 1
+  return positions - document_starts(segment_ids) + 1
 
 
 def kept_fraction(thresholds, window, segment_ids):

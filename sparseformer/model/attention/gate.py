@@ -30,6 +30,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_sparse_attention.plan import document_starts
 from sparseformer.model import rope
 
 POOLS = ('avg', 'max', 'min')
@@ -90,9 +91,7 @@ def block_documents(segment_ids, length, block, batch=1):
   meets = (first[:, :, None] == last[:, None, :]) & (first != 0)[:, :, None] & (index[None, :] < index[:, None])
   allowed = meets | diagonal
   # The block holding the first token of each query block's first document (its sink).
-  position = jnp.arange(length)
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-  document_start = jax.lax.cummax(jnp.where(starts, position, 0), axis=1)[:, index * block] // block
+  document_start = document_starts(segment_ids)[:, index * block] // block
   forced = diagonal | ((index[None, None, :] == document_start[:, :, None]) & allowed)
   return BlockDocuments(query_tokens, previous_query_tokens, key_tokens, allowed, forced,
                         jnp.broadcast_to(diagonal, allowed.shape))
